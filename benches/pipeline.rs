@@ -1,0 +1,90 @@
+//! The pipeline's stages in process, on 50 payer keys.
+//!
+//! - `recover/raw`: one secp256k1 public-key recovery (libsecp256k1): the
+//!   bound of the hot path.
+//! - `verify/stateless`: stage 1 for one payment — EIP-712 digest with a
+//!   cached domain separator, recovery and the x402 rule checks.
+//! - `pipeline/verify_commit`: the whole pipeline (verifier threads, payer
+//!   shards, fsync'd group commit to RocksDB in a temp dir), 4,096 payments
+//!   in flight, throughput per payment.
+//! - `pipeline/verify_only`: the same with the ledger's fsync turned off, to
+//!   show what durability costs.
+
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use x402_benches::{merchant, signed_submissions};
+use x402_engine::{
+    balance::ConfiguredBalances,
+    domain::PaymentInput,
+    ledger::{Ledger, RocksLedger, RocksOptions},
+    payer::Payer,
+    pipeline::{Pipeline, PipelineConfig, SubmitOutcome},
+    verify::{Verifier, recover_signer},
+};
+
+fn stateless(c: &mut Criterion) {
+    let payers: Vec<Payer> = (0..50).map(|_| Payer::random()).collect();
+    let submissions = signed_submissions(&payers, 1024);
+    let merchant = merchant();
+
+    let PaymentInput::Exact(first) = &submissions[0].input else { unreachable!() };
+    let signature: [u8; 65] = first.signature.as_slice().try_into().unwrap();
+    let mut verifier = Verifier::default();
+    let digest = verifier.verify(&merchant, submissions[0].clone(), x402_benches::now()).unwrap().digest;
+    c.bench_function("recover/raw", |b| b.iter(|| recover_signer(&signature, digest).unwrap()));
+
+    let mut group = c.benchmark_group("verify");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    group.bench_function("stateless", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 1) % submissions.len();
+                submissions[i].clone()
+            },
+            |s| verifier.verify(&merchant, s, x402_benches::now()).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn whole_pipeline(c: &mut Criterion) {
+    const IN_FLIGHT: usize = 4096;
+    let payers: Vec<Payer> = (0..50).map(|_| Payer::random()).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let merchant = Arc::new(merchant());
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(IN_FLIGHT as u64));
+    group.sample_size(10);
+    for (name, sync) in [("verify_commit", true), ("verify_only", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger: Arc<dyn Ledger> = Arc::new(RocksLedger::open(dir.path(), RocksOptions { sync }).unwrap());
+        let pipeline =
+            Pipeline::start(&PipelineConfig::default(), ledger, Arc::new(ConfiguredBalances::new(None))).unwrap();
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter_custom(|iters| {
+                let batches: Vec<_> = (0..iters).map(|_| signed_submissions(&payers, IN_FLIGHT)).collect();
+                let started = std::time::Instant::now();
+                runtime.block_on(async {
+                    for batch in batches {
+                        let receivers: Vec<_> = batch
+                            .into_iter()
+                            .map(|s| pipeline.try_submit(merchant.clone(), s).expect("queue holds a batch"))
+                            .collect();
+                        for rx in receivers {
+                            assert!(matches!(rx.await.unwrap(), SubmitOutcome::Accepted { .. }));
+                        }
+                    }
+                });
+                started.elapsed()
+            })
+        });
+        pipeline.shutdown();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, stateless, whole_pipeline);
+criterion_main!(benches);

@@ -1,0 +1,137 @@
+//! EIP-3009 `transferWithAuthorization`: the typed data a payer signs for an
+//! x402 `exact` payment, and the token functions that settle it.
+
+use alloy::{
+    primitives::{Address, B256, U256, keccak256},
+    sol,
+    sol_types::{Eip712Domain, SolStruct},
+};
+
+sol! {
+    /// The EIP-712 struct a payer signs (EIP-3009).
+    #[derive(Debug, PartialEq, Eq)]
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+
+    /// The EIP-3009 surface of a USDC-like token that settlement uses.
+    #[derive(Debug)]
+    interface IEip3009 {
+        event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
+        event AuthorizationCanceled(address indexed authorizer, bytes32 indexed nonce);
+        event Transfer(address indexed from, address indexed to, uint256 value);
+
+        function transferWithAuthorization(
+            address from,
+            address to,
+            uint256 value,
+            uint256 validAfter,
+            uint256 validBefore,
+            bytes32 nonce,
+            uint8 v,
+            bytes32 r,
+            bytes32 s
+        ) external;
+
+        function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
+
+        function balanceOf(address account) external view returns (uint256);
+    }
+}
+
+/// A token's EIP-712 domain with its separator computed once.
+///
+/// Hashing the domain costs as much as hashing the message; verifiers keep
+/// one of these per (chain, token, name, version) and reuse it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eip3009Domain {
+    separator: B256,
+}
+
+impl Eip3009Domain {
+    /// The domain `{name, version, chainId, verifyingContract: token}`.
+    pub fn new(name: &str, version: &str, chain_id: u64, token: Address) -> Self {
+        let domain = Eip712Domain::new(
+            Some(name.to_owned().into()),
+            Some(version.to_owned().into()),
+            Some(U256::from(chain_id)),
+            Some(token),
+            None,
+        );
+        Self { separator: domain.separator() }
+    }
+
+    /// The domain separator.
+    pub const fn separator(&self) -> B256 {
+        self.separator
+    }
+
+    /// The EIP-712 digest the payer signed:
+    /// `keccak256(0x1901 || domainSeparator || hashStruct(message))`.
+    pub fn signing_hash(&self, message: &TransferWithAuthorization) -> B256 {
+        let mut buf = [0u8; 66];
+        buf[0] = 0x19;
+        buf[1] = 0x01;
+        buf[2..34].copy_from_slice(self.separator.as_slice());
+        buf[34..].copy_from_slice(message.eip712_hash_struct().as_slice());
+        keccak256(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::{address, b256};
+
+    /// `anvil_eip3009` in `shared/x402/vectors.json`.
+    #[test]
+    fn anvil_vector_digest() {
+        let domain = Eip3009Domain::new(
+            "USD Coin",
+            "2",
+            31337,
+            address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
+        );
+        assert_eq!(
+            domain.separator(),
+            b256!("0xfc557a58e1177dd0b729c40130003009d1ffed5a502b494889e2711c7726dd52")
+        );
+        let message = TransferWithAuthorization {
+            from: address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+            to: address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+            value: U256::from(10_000),
+            validAfter: U256::ZERO,
+            validBefore: U256::from(1_999_999_999u64),
+            nonce: B256::repeat_byte(0x11),
+        };
+        assert_eq!(
+            message.eip712_hash_struct(),
+            b256!("0x5a879879e110caae0de5bf507091d2816f15e95f8eb89e07e2cecc8eac8ab204")
+        );
+        assert_eq!(
+            domain.signing_hash(&message),
+            b256!("0xd93f977ef4729e23e1750880476907e01c90f0c7c02d4a7610678f539dff31db")
+        );
+    }
+
+    /// `spec_example_eip3009` in `shared/x402/vectors.json`: the domain of
+    /// USDC on Base Sepolia.
+    #[test]
+    fn spec_vector_domain() {
+        let domain = Eip3009Domain::new(
+            "USDC",
+            "2",
+            84532,
+            address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+        );
+        assert_eq!(
+            domain.separator(),
+            b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818")
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! Channel configuration, channel id and voucher digests.
+
+use alloy::{
+    primitives::{Address, B256, U256},
+    sol,
+    sol_types::{Eip712Domain, SolStruct},
+};
+
+sol! {
+    /// The immutable terms of a channel; its EIP-712 digest is the channel id.
+    #[derive(Debug, PartialEq, Eq)]
+    struct ChannelConfig {
+        address payer;
+        address payerAuthorizer;
+        address receiver;
+        address receiverAuthorizer;
+        address token;
+        uint40 withdrawDelay;
+        bytes32 salt;
+    }
+
+    /// A cumulative voucher: the receiver may claim up to `maxClaimableAmount`
+    /// from the channel in total.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Voucher {
+        bytes32 channelId;
+        uint128 maxClaimableAmount;
+    }
+}
+
+/// The EIP-712 domain of one deployed channel contract.
+#[derive(Debug, Clone)]
+pub struct ChannelDomain {
+    domain: Eip712Domain,
+}
+
+impl ChannelDomain {
+    /// EIP-712 domain name of the `batch-settlement` contract.
+    pub const NAME: &'static str = "x402 Batch Settlement";
+    /// EIP-712 domain version of the `batch-settlement` contract.
+    pub const VERSION: &'static str = "1";
+
+    /// The domain of the contract at `contract` on `chain_id`.
+    pub fn new(chain_id: u64, contract: Address) -> Self {
+        Self {
+            domain: Eip712Domain::new(
+                Some(Self::NAME.into()),
+                Some(Self::VERSION.into()),
+                Some(U256::from(chain_id)),
+                Some(contract),
+                None,
+            ),
+        }
+    }
+
+    /// The channel id: the EIP-712 digest of the config, domain included.
+    pub fn channel_id(&self, config: &ChannelConfig) -> B256 {
+        config.eip712_signing_hash(&self.domain)
+    }
+
+    /// The digest the payer's authorizer signs for a voucher.
+    pub fn voucher_digest(&self, voucher: &Voucher) -> B256 {
+        voucher.eip712_signing_hash(&self.domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::{address, aliases::U40, b256};
+
+    /// `batch_settlement` in `shared/x402/vectors.json`.
+    #[test]
+    fn vector_channel_id_and_voucher_digest() {
+        let domain = ChannelDomain::new(84532, address!("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"));
+        let config = ChannelConfig {
+            payer: address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+            payerAuthorizer: address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+            receiver: address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+            receiverAuthorizer: address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+            token: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+            withdrawDelay: U40::from(900),
+            salt: B256::ZERO,
+        };
+        let id = domain.channel_id(&config);
+        assert_eq!(id, b256!("0x29ccd7626a1289e60f2284c95763b20cf4a944f591a4f613133e6cf22eb9196d"));
+        let voucher = Voucher { channelId: id, maxClaimableAmount: 5000 };
+        assert_eq!(
+            domain.voucher_digest(&voucher),
+            b256!("0x13a53a592689cfe97daf1169e2fb957a9694c5ecb9c648f1797b724c72786a28")
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Configuration: one TOML file, environment overrides and CLI flags (the
+//! last two applied by `main.rs`). Secrets come from the environment or
+//! files and are never logged.
+//!
+//! `engine/x402d.example.toml` is the committed, tested example.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use alloy::primitives::{Address, U256};
+use serde::Deserialize;
+
+use crate::{
+    Error, Result,
+    balance::ConfiguredBalances,
+    domain::{AcceptedAsset, Network, SettlementPolicy},
+    engine::MerchantUpdate,
+    pipeline::PipelineConfig,
+    verify::{MinValidity, parse_decimal_u256},
+};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub ledger: LedgerConfig,
+    pub pipeline: PipelineSection,
+    pub auth: AuthConfig,
+    pub balances: BalancesConfig,
+    pub merchants: Vec<MerchantConfig>,
+}
+
+/// Listeners.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listener (payments, merchant admin, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// HTTP listener (`/metrics`, `/healthz`).
+    pub http_addr: SocketAddr,
+    /// TLS for the gRPC listener; plaintext when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8402)),
+            tls: None,
+        }
+    }
+}
+
+/// PEM certificate chain and private key.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Where the ledger lives.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    pub path: PathBuf,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::from("x402d-data") }
+    }
+}
+
+/// Pipeline sizing; see [`PipelineConfig`].
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSection {
+    pub verifiers: usize,
+    pub shards: usize,
+    pub queue_capacity: usize,
+    pub max_group: usize,
+    pub replay_retention_secs: u64,
+    pub min_validity_secs: MinValiditySection,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        let d = PipelineConfig::default();
+        Self {
+            verifiers: d.verifiers,
+            shards: d.shards,
+            queue_capacity: d.queue_capacity,
+            max_group: d.max_group,
+            replay_retention_secs: d.replay_retention_secs,
+            min_validity_secs: MinValiditySection::default(),
+        }
+    }
+}
+
+/// Seconds of validity a payment must have left, per strategy.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MinValiditySection {
+    pub direct: u64,
+    pub batched: u64,
+    pub channel: u64,
+}
+
+impl Default for MinValiditySection {
+    fn default() -> Self {
+        let d = MinValidity::default();
+        Self { direct: d.direct, batched: d.batched, channel: d.channel }
+    }
+}
+
+impl PipelineSection {
+    pub fn to_pipeline(&self) -> PipelineConfig {
+        let m = &self.min_validity_secs;
+        PipelineConfig {
+            verifiers: self.verifiers,
+            shards: self.shards,
+            queue_capacity: self.queue_capacity,
+            max_group: self.max_group,
+            min_validity: MinValidity { direct: m.direct, batched: m.batched, channel: m.channel },
+            replay_retention_secs: self.replay_retention_secs,
+        }
+    }
+}
+
+/// Where the admin key comes from.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The key itself; set only by code (`x402d dev`, tests), never read
+    /// from a file.
+    #[serde(skip)]
+    pub admin_key: Option<String>,
+    /// Environment variable holding the admin key.
+    pub admin_key_env: Option<String>,
+    /// File holding the admin key (trailing whitespace ignored).
+    pub admin_key_file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { admin_key: None, admin_key_env: Some("X402D_ADMIN_KEY".into()), admin_key_file: None }
+    }
+}
+
+/// Payer balances until the chain layer provides them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalancesConfig {
+    /// Everyone's balance: `"unlimited"` or atomic units in decimal.
+    pub default: String,
+    pub accounts: Vec<BalanceAccount>,
+}
+
+impl Default for BalancesConfig {
+    fn default() -> Self {
+        Self { default: "unlimited".into(), accounts: Vec::new() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceAccount {
+    pub network: String,
+    pub token: String,
+    pub owner: String,
+    pub amount: String,
+}
+
+/// A merchant defined in the file; upserted at start.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantConfig {
+    pub id: String,
+    #[serde(default)]
+    pub pay_to: Vec<String>,
+    #[serde(default)]
+    pub assets: Vec<AssetConfig>,
+    pub policy: PolicyConfig,
+    /// The key itself; set only by code (`x402d dev`, tests).
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    /// Environment variable holding the merchant's API key.
+    pub api_key_env: Option<String>,
+    /// File holding the merchant's API key.
+    pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AssetConfig {
+    pub network: String,
+    pub asset: String,
+}
+
+/// A settlement strategy and its parameters.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PolicyConfig {
+    Direct,
+    Batched { max_rows: u32, max_wait_ms: u64 },
+    Channel { claim_interval_secs: u64, claim_threshold: String },
+}
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The admin key, from the environment or a file.
+    pub fn admin_key(&self) -> Result<Option<String>> {
+        if let Some(key) = &self.auth.admin_key {
+            return Ok(Some(key.clone()));
+        }
+        read_secret("auth.admin_key", self.auth.admin_key_env.as_deref(), self.auth.admin_key_file.as_deref())
+    }
+
+    /// The balance source the file describes.
+    pub fn balances(&self) -> Result<ConfiguredBalances> {
+        let default = match self.balances.default.as_str() {
+            "unlimited" => None,
+            amount => Some(decimal("balances.default", amount)?),
+        };
+        let mut balances = ConfiguredBalances::new(default);
+        for (i, a) in self.balances.accounts.iter().enumerate() {
+            let field = |name: &str| format!("balances.accounts[{i}].{name}");
+            balances = balances.with_account(
+                network(&field("network"), &a.network)?.chain_id(),
+                address(&field("token"), &a.token)?,
+                address(&field("owner"), &a.owner)?,
+                decimal(&field("amount"), &a.amount)?,
+            );
+        }
+        Ok(balances)
+    }
+
+    /// The merchants the file defines, with their keys read.
+    pub fn merchant_updates(&self) -> Result<Vec<MerchantUpdate>> {
+        self.merchants
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let field = |name: &str| format!("merchants[{i}].{name}");
+                crate::domain::validate_merchant_id(&m.id).map_err(|msg| Error::Config(format!("{}: {msg}", field("id"))))?;
+                let policy = match &m.policy {
+                    PolicyConfig::Direct => SettlementPolicy::Direct,
+                    PolicyConfig::Batched { max_rows, max_wait_ms } => {
+                        if *max_rows == 0 {
+                            return Err(Error::Config(format!("{}: must be at least 1", field("policy.max_rows"))));
+                        }
+                        SettlementPolicy::Batched { max_rows: *max_rows, max_wait_ms: *max_wait_ms }
+                    }
+                    PolicyConfig::Channel { claim_interval_secs, claim_threshold } => SettlementPolicy::Channel {
+                        claim_interval_secs: *claim_interval_secs,
+                        claim_threshold: decimal(&field("policy.claim_threshold"), claim_threshold)?,
+                    },
+                };
+                Ok(MerchantUpdate {
+                    id: m.id.clone(),
+                    pay_to: m.pay_to.iter().map(|a| address(&field("pay_to"), a)).collect::<Result<_>>()?,
+                    assets: m
+                        .assets
+                        .iter()
+                        .map(|a| {
+                            Ok(AcceptedAsset {
+                                chain_id: network(&field("assets.network"), &a.network)?.chain_id(),
+                                asset: address(&field("assets.asset"), &a.asset)?,
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                    policy,
+                    api_key: match &m.api_key {
+                        Some(key) => Some(key.clone()),
+                        None => read_secret(&field("api_key"), m.api_key_env.as_deref(), m.api_key_file.as_deref())?,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// Reads a secret from the environment variable `env` or else `file`.
+fn read_secret(field: &str, env: Option<&str>, file: Option<&Path>) -> Result<Option<String>> {
+    if let Some(var) = env {
+        if let Ok(value) = std::env::var(var) {
+            let value = value.trim().to_owned();
+            if !value.is_empty() {
+                return Ok(Some(value));
+            }
+        }
+    }
+    if let Some(path) = file {
+        let value = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{field}: cannot read {}: {e}", path.display())))?;
+        let value = value.trim().to_owned();
+        if value.is_empty() {
+            return Err(Error::Config(format!("{field}: {} is empty", path.display())));
+        }
+        return Ok(Some(value));
+    }
+    Ok(None)
+}
+
+fn address(field: &str, s: &str) -> Result<Address> {
+    Address::from_str(s).map_err(|_| Error::Config(format!("{field}: {s:?} is not a 20-byte hex address")))
+}
+
+fn network(field: &str, s: &str) -> Result<Network> {
+    Network::parse(s).ok_or_else(|| Error::Config(format!("{field}: {s:?} is not eip155:<chain id>")))
+}
+
+fn decimal(field: &str, s: &str) -> Result<U256> {
+    parse_decimal_u256(s).ok_or_else(|| Error::Config(format!("{field}: {s:?} is not a decimal amount")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../x402d.example.toml");
+
+    #[test]
+    fn example_config_parses_and_resolves() {
+        let config = Config::from_toml(EXAMPLE).unwrap();
+        assert_ne!(config, Config::default(), "the example sets values");
+        assert!(config.server.tls.is_none());
+        assert_eq!(config.merchants.len(), 3);
+        let updates = config.merchant_updates().unwrap();
+        assert_eq!(updates[0].policy, SettlementPolicy::Direct);
+        assert_eq!(updates[1].policy, SettlementPolicy::Batched { max_rows: 250, max_wait_ms: 2000 });
+        assert!(matches!(updates[2].policy, SettlementPolicy::Channel { claim_interval_secs: 60, .. }));
+        config.balances().unwrap();
+        let pipeline = config.pipeline.to_pipeline();
+        assert_eq!(pipeline.shards, config.pipeline.shards);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let err = Config::from_toml("[server]\ngrpc_adr = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("grpc_adr"), "{err}");
+        let config = Config::from_toml(
+            "[[merchants]]\nid = \"m\"\npay_to = [\"0x12\"]\npolicy = { strategy = \"direct\" }\n",
+        )
+        .unwrap();
+        let err = config.merchant_updates().unwrap_err();
+        assert!(err.to_string().contains("merchants[0].pay_to"), "{err}");
+        let config = Config::from_toml("[balances]\ndefault = \"lots\"\n").unwrap();
+        assert!(config.balances().unwrap_err().to_string().contains("balances.default"));
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.key");
+        std::fs::write(&path, "file-admin-key-0123456789\n").unwrap();
+        let config = Config {
+            auth: AuthConfig {
+                admin_key: None,
+                admin_key_env: Some("X402D_TEST_UNSET_VARIABLE".into()),
+                admin_key_file: Some(path),
+            },
+            ..Config::default()
+        };
+        assert_eq!(config.admin_key().unwrap().as_deref(), Some("file-admin-key-0123456789"));
+    }
+}

@@ -1,0 +1,300 @@
+//! Domain types: payments, their ids and states, merchants and settlement
+//! policies. Everything inside the engine works on these; the gRPC adapter
+//! converts at the edge.
+
+use std::fmt;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+
+/// Unix time in milliseconds.
+pub(crate) fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The id of an `exact` payment: `keccak256(chainId ‖ token ‖ from ‖ nonce)`
+/// with the chain id as a 32-byte big-endian word and addresses as 20 bytes.
+///
+/// It names the same thing the token contract uses to refuse a replay (an
+/// authorizer's nonce on one token on one chain), so the engine's replay
+/// index and the chain agree on what "the same payment" is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PaymentId(pub B256);
+
+impl PaymentId {
+    /// Computes the id of the payment of `from`'s `nonce` on `token`.
+    pub fn new(chain_id: u64, token: Address, from: Address, nonce: B256) -> Self {
+        let mut buf = [0u8; 32 + 20 + 20 + 32];
+        buf[24..32].copy_from_slice(&chain_id.to_be_bytes());
+        buf[32..52].copy_from_slice(token.as_slice());
+        buf[52..72].copy_from_slice(from.as_slice());
+        buf[72..].copy_from_slice(nonce.as_slice());
+        Self(keccak256(buf))
+    }
+}
+
+impl fmt::Debug for PaymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PaymentId({})", self.0)
+    }
+}
+
+impl fmt::Display for PaymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A CAIP-2 EVM network id, `eip155:<chainId>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Network(pub u64);
+
+impl Network {
+    /// Parses `eip155:<decimal chain id>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let id = s.strip_prefix("eip155:")?;
+        if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        id.parse().ok().map(Self)
+    }
+
+    /// The chain id.
+    pub const fn chain_id(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "eip155:{}", self.0)
+    }
+}
+
+/// The x402 `PaymentRequirements` of a resource, as the resource server
+/// asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requirements {
+    pub scheme: String,
+    pub network: String,
+    pub amount: U256,
+    pub asset: Address,
+    pub pay_to: Address,
+    pub max_timeout_seconds: u64,
+    /// The token's EIP-712 domain name (`extra.name`).
+    pub eip712_name: String,
+    /// The token's EIP-712 domain version (`extra.version`).
+    pub eip712_version: String,
+}
+
+/// An EIP-3009 `TransferWithAuthorization` as the payer signed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorization {
+    pub from: Address,
+    pub to: Address,
+    pub value: U256,
+    pub valid_after: U256,
+    pub valid_before: U256,
+    pub nonce: B256,
+}
+
+impl Authorization {
+    /// `validBefore` in seconds, saturated to `u64::MAX`.
+    pub fn valid_before_secs(&self) -> u64 {
+        self.valid_before.saturating_to()
+    }
+
+    /// `validAfter` in seconds, saturated to `u64::MAX`.
+    pub fn valid_after_secs(&self) -> u64 {
+        self.valid_after.saturating_to()
+    }
+}
+
+/// A typed x402 `exact` payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExactPayload {
+    /// The network the payer signed for (`accepted.network`).
+    pub network: String,
+    pub authorization: Authorization,
+    /// As sent: 65 bytes `r ‖ s ‖ v` for an EOA; anything else is refused.
+    pub signature: Vec<u8>,
+}
+
+/// The payment part of a submit: typed, or the raw `PAYMENT-SIGNATURE`
+/// header (decoded by a verifier thread, off the async runtime).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PaymentInput {
+    Exact(ExactPayload),
+    Header(String),
+}
+
+/// One payment as a gateway submits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    pub requirements: Requirements,
+    pub input: PaymentInput,
+}
+
+/// Where a payment stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PaymentState {
+    Accepted,
+    Queued,
+    Submitted,
+    Confirmed,
+    Failed,
+    Expired,
+}
+
+impl PaymentState {
+    /// Whether the payment is still owed: its value stays reserved against
+    /// the payer's balance until it is settled or given up.
+    pub const fn is_open(self) -> bool {
+        matches!(self, Self::Accepted | Self::Queued | Self::Submitted)
+    }
+}
+
+/// A payment's state with what settlement has learned about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentStatus {
+    pub state: PaymentState,
+    pub transaction: Option<B256>,
+    pub block: Option<u64>,
+    pub failure_reason: Option<String>,
+    pub updated_at_ms: u64,
+}
+
+impl PaymentStatus {
+    /// A status with no settlement details.
+    pub const fn new(state: PaymentState, updated_at_ms: u64) -> Self {
+        Self { state, transaction: None, block: None, failure_reason: None, updated_at_ms }
+    }
+}
+
+/// How a merchant's payments are settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettlementPolicy {
+    /// One `transferWithAuthorization` transaction per payment.
+    Direct,
+    /// Many payments per Multicall3 transaction.
+    Batched { max_rows: u32, max_wait_ms: u64 },
+    /// x402 `batch-settlement` channels, claimed periodically.
+    Channel { claim_interval_secs: u64, claim_threshold: U256 },
+}
+
+impl SettlementPolicy {
+    /// The strategy's name, a bounded metric label.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Batched { .. } => "batched",
+            Self::Channel { .. } => "channel",
+        }
+    }
+}
+
+/// A network and token a merchant accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptedAsset {
+    pub chain_id: u64,
+    pub asset: Address,
+}
+
+/// Checks a merchant id: 1–64 characters of `[A-Za-z0-9_.-]`.
+pub fn validate_merchant_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("must be 1 to 64 characters");
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return Err("may contain only letters, digits, '_', '.' and '-'");
+    }
+    Ok(())
+}
+
+/// A merchant: who is paid, how, and how it authenticates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Merchant {
+    pub id: String,
+    /// Small number assigned at creation; keys the pending queue.
+    pub number: u32,
+    pub pay_to: Vec<Address>,
+    /// Accepted networks and tokens; empty accepts any.
+    pub assets: Vec<AcceptedAsset>,
+    pub policy: SettlementPolicy,
+    /// SHA-256 of the API key; the key itself is never stored.
+    pub api_key_sha256: Option<[u8; 32]>,
+    pub updated_at_ms: u64,
+}
+
+impl Merchant {
+    /// Whether the merchant accepts `asset` on `chain_id`.
+    pub fn accepts(&self, chain_id: u64, asset: Address) -> bool {
+        self.assets.is_empty() || self.assets.iter().any(|a| a.chain_id == chain_id && a.asset == asset)
+    }
+}
+
+/// A payment accepted and recorded in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub id: PaymentId,
+    pub merchant_id: String,
+    pub merchant_number: u32,
+    pub chain_id: u64,
+    pub asset: Address,
+    pub eip712_name: String,
+    pub eip712_version: String,
+    pub authorization: Authorization,
+    pub signature: Vec<u8>,
+    /// The EIP-712 digest the payer signed; two submits of one payment id
+    /// are the same payment exactly when their digests are equal.
+    pub digest: B256,
+    pub policy: SettlementPolicy,
+    pub status: PaymentStatus,
+    pub accepted_at_ms: u64,
+}
+
+/// An entry of the settlement queue: a merchant's payment ordered by the
+/// deadline by which it must be on chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PendingKey {
+    pub merchant_number: u32,
+    /// `validBefore`, seconds.
+    pub deadline: u64,
+    pub id: PaymentId,
+}
+
+/// A payment state change, in ledger order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettlementEvent {
+    pub sequence: u64,
+    pub merchant_number: u32,
+    pub payment_id: PaymentId,
+    pub status: PaymentStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::address;
+
+    #[test]
+    fn network_parses_caip2() {
+        assert_eq!(Network::parse("eip155:8453"), Some(Network(8453)));
+        assert_eq!(Network::parse("eip155:31337").unwrap().to_string(), "eip155:31337");
+        for bad in ["eip155:", "eip155:-1", "eip155:0x1", "solana:1", "8453", "eip155:99999999999999999999999"] {
+            assert_eq!(Network::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn payment_id_depends_on_every_part() {
+        let token = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+        let from = address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+        let base = PaymentId::new(1, token, from, B256::ZERO);
+        assert_ne!(base, PaymentId::new(2, token, from, B256::ZERO));
+        assert_ne!(base, PaymentId::new(1, from, token, B256::ZERO));
+        assert_ne!(base, PaymentId::new(1, token, from, B256::repeat_byte(1)));
+        assert_eq!(base, PaymentId::new(1, token, from, B256::ZERO));
+    }
+}

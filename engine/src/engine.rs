@@ -1,0 +1,150 @@
+//! [`Engine`]: the ledger, the pipeline and the merchants, put together.
+//! The gRPC and HTTP adapters are thin layers over it.
+
+use std::sync::Arc;
+
+use alloy::primitives::Address;
+use tokio::sync::{Mutex, oneshot, watch};
+
+use crate::{
+    Error, Result,
+    balance::BalanceSource,
+    domain::{
+        AcceptedAsset, Merchant, PaymentId, PaymentRecord, SettlementEvent, SettlementPolicy, Submission, unix_millis,
+    },
+    ledger::Ledger,
+    merchants::{MerchantRegistry, hash_api_key},
+    pipeline::{Overloaded, Pipeline, PipelineConfig, SubmitOutcome},
+};
+
+/// A merchant as an administrator sets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MerchantUpdate {
+    pub id: String,
+    pub pay_to: Vec<Address>,
+    pub assets: Vec<AcceptedAsset>,
+    pub policy: SettlementPolicy,
+    /// A new API key in plain text; `None` keeps the current one.
+    pub api_key: Option<String>,
+}
+
+/// The running engine.
+#[derive(Debug)]
+pub struct Engine {
+    ledger: Arc<dyn Ledger>,
+    pipeline: Pipeline,
+    merchants: MerchantRegistry,
+    admin_key_sha256: Option<[u8; 32]>,
+    /// Serialises merchant writes (rare; never on the payment path).
+    merchant_writes: Mutex<()>,
+}
+
+impl Engine {
+    /// Starts the engine on `ledger`: loads merchants, rebuilds the pipeline
+    /// state and starts its threads. `admin_key` enables merchant admin.
+    pub fn start(
+        ledger: Arc<dyn Ledger>,
+        balances: Arc<dyn BalanceSource>,
+        pipeline: &PipelineConfig,
+        admin_key: Option<&str>,
+    ) -> Result<Self> {
+        let merchants = MerchantRegistry::new(ledger.merchants()?);
+        let pipeline = Pipeline::start(pipeline, ledger.clone(), balances)?;
+        Ok(Self {
+            ledger,
+            pipeline,
+            merchants,
+            admin_key_sha256: admin_key.map(hash_api_key),
+            merchant_writes: Mutex::new(()),
+        })
+    }
+
+    /// The merchant whose API key is `key`.
+    pub fn authenticate(&self, key: &str) -> Option<Arc<Merchant>> {
+        self.merchants.authenticate(key)
+    }
+
+    /// Whether `key` is the admin key.
+    pub fn is_admin(&self, key: &str) -> bool {
+        self.admin_key_sha256.is_some_and(|h| h == hash_api_key(key))
+    }
+
+    /// The current version of a merchant (its policy may have changed since
+    /// a stream authenticated).
+    pub fn merchant(&self, id: &str) -> Option<Arc<Merchant>> {
+        self.merchants.get(id)
+    }
+
+    pub fn merchants(&self) -> Vec<Arc<Merchant>> {
+        self.merchants.list()
+    }
+
+    /// Queues a payment; see [`Pipeline::try_submit`].
+    pub fn try_submit(
+        &self,
+        merchant: Arc<Merchant>,
+        submission: Submission,
+    ) -> Result<oneshot::Receiver<SubmitOutcome>, Overloaded> {
+        self.pipeline.try_submit(merchant, submission)
+    }
+
+    /// Submits and waits for the final outcome (or `Overloaded`).
+    pub async fn submit(&self, merchant: Arc<Merchant>, submission: Submission) -> Result<SubmitOutcome, Overloaded> {
+        let rx = self.try_submit(merchant, submission)?;
+        Ok(rx.await.unwrap_or_else(|_| SubmitOutcome::Unavailable("pipeline stopped".into())))
+    }
+
+    /// Creates or updates a merchant, durably, and makes it visible.
+    pub async fn upsert_merchant(&self, update: MerchantUpdate) -> Result<Arc<Merchant>> {
+        let _guard = self.merchant_writes.lock().await;
+        let existing = self.merchants.get(&update.id);
+        let merchant = Merchant {
+            number: existing.as_ref().map_or_else(|| self.merchants.next_number(), |m| m.number),
+            api_key_sha256: match &update.api_key {
+                Some(key) => Some(hash_api_key(key)),
+                None => existing.as_ref().and_then(|m| m.api_key_sha256),
+            },
+            id: update.id,
+            pay_to: update.pay_to,
+            assets: update.assets,
+            policy: update.policy,
+            updated_at_ms: unix_millis(),
+        };
+        if let Some(hash) = merchant.api_key_sha256 {
+            if let Some(other) = self.merchants.list().into_iter().find(|m| m.api_key_sha256 == Some(hash)) {
+                if other.id != merchant.id {
+                    return Err(Error::DuplicateApiKey { merchant: other.id.clone() });
+                }
+            }
+        }
+        let written = self.pipeline.write_merchant(merchant.clone())?;
+        written.await.map_err(|_| Error::PipelineStopped)??;
+        let id = merchant.id.clone();
+        self.merchants.insert(merchant);
+        Ok(self.merchants.get(&id).expect("just inserted"))
+    }
+
+    /// A payment from the ledger.
+    pub async fn payment(&self, id: PaymentId) -> Result<Option<PaymentRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.payment(&id)).await.map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Up to `limit` events after `after`.
+    pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.events_after(after, limit))
+            .await
+            .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Follows the sequence of the last durable event.
+    pub fn event_sequence(&self) -> watch::Receiver<u64> {
+        self.pipeline.events()
+    }
+
+    /// Items waiting to be verified.
+    pub fn verify_queue_len(&self) -> usize {
+        self.pipeline.verify_queue_len()
+    }
+}

@@ -1,0 +1,274 @@
+//! Conversions between the generated `x402.engine.v1` types and domain
+//! types, and from engine errors to `tonic::Status`. The only module that
+//! names both.
+
+use alloy::primitives::{Address, B256, U256};
+use tonic::Status;
+use x402_proto::v1 as pb;
+
+use crate::{
+    Error,
+    domain::{
+        AcceptedAsset, Authorization, ExactPayload, Merchant, PaymentInput, PaymentRecord, PaymentState, PaymentStatus,
+        Requirements, SettlementEvent, SettlementPolicy, Submission,
+    },
+    engine::MerchantUpdate,
+    pipeline::SubmitOutcome,
+    reason::InvalidField,
+    verify::{MAX_HEADER_LEN, parse_decimal_u256},
+};
+
+/// Longest accepted short string (scheme, network, EIP-712 name/version, ids).
+const MAX_SHORT_STRING: usize = 256;
+/// Longest accepted signature: room for an ERC-6492 wrapper to be named in
+/// the rejection, no more.
+const MAX_SIGNATURE_LEN: usize = 4096;
+
+pub(super) fn invalid_argument(err: &InvalidField) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+pub(super) fn status_from_error(err: &Error) -> Status {
+    match err {
+        Error::DuplicateApiKey { .. } => Status::already_exists(err.to_string()),
+        Error::PipelineStopped => Status::unavailable(err.to_string()),
+        Error::Config(_) => Status::invalid_argument(err.to_string()),
+        _ if err.is_retryable() => Status::unavailable(err.to_string()),
+        _ => Status::internal(err.to_string()),
+    }
+}
+
+fn short_string(field: &'static str, value: String) -> Result<String, InvalidField> {
+    if value.len() > MAX_SHORT_STRING {
+        return Err(InvalidField::new(field, format!("is longer than {MAX_SHORT_STRING} bytes")));
+    }
+    Ok(value)
+}
+
+fn address(field: &'static str, bytes: &[u8]) -> Result<Address, InvalidField> {
+    if bytes.len() != 20 {
+        return Err(InvalidField::new(field, format!("must be 20 bytes, got {}", bytes.len())));
+    }
+    Ok(Address::from_slice(bytes))
+}
+
+fn word(field: &'static str, bytes: &[u8]) -> Result<B256, InvalidField> {
+    if bytes.len() != 32 {
+        return Err(InvalidField::new(field, format!("must be 32 bytes, got {}", bytes.len())));
+    }
+    Ok(B256::from_slice(bytes))
+}
+
+fn decimal(field: &'static str, value: &str) -> Result<U256, InvalidField> {
+    parse_decimal_u256(value).ok_or_else(|| InvalidField::new(field, format!("{value:.80?} is not a decimal uint256")))
+}
+
+fn requirements(req: Option<pb::PaymentRequirements>) -> Result<Requirements, InvalidField> {
+    let r = req.ok_or_else(|| InvalidField::new("requirements", "is required"))?;
+    Ok(Requirements {
+        scheme: short_string("requirements.scheme", r.scheme)?,
+        network: short_string("requirements.network", r.network)?,
+        amount: decimal("requirements.amount", &r.amount)?,
+        asset: address("requirements.asset", &r.asset)?,
+        pay_to: address("requirements.pay_to", &r.pay_to)?,
+        max_timeout_seconds: r.max_timeout_seconds,
+        eip712_name: short_string("requirements.eip712_name", r.eip712_name)?,
+        eip712_version: short_string("requirements.eip712_version", r.eip712_version)?,
+    })
+}
+
+fn exact(p: pb::ExactPayment) -> Result<ExactPayload, InvalidField> {
+    let a = p.authorization.ok_or_else(|| InvalidField::new("exact.authorization", "is required"))?;
+    if p.signature.len() > MAX_SIGNATURE_LEN {
+        return Err(InvalidField::new("exact.signature", format!("is longer than {MAX_SIGNATURE_LEN} bytes")));
+    }
+    Ok(ExactPayload {
+        network: short_string("exact.network", p.network)?,
+        authorization: Authorization {
+            from: address("exact.authorization.from", &a.from)?,
+            to: address("exact.authorization.to", &a.to)?,
+            value: decimal("exact.authorization.value", &a.value)?,
+            valid_after: U256::from(a.valid_after),
+            valid_before: U256::from(a.valid_before),
+            nonce: word("exact.authorization.nonce", &a.nonce)?,
+        },
+        signature: p.signature,
+    })
+}
+
+/// A submit request as the request id and the domain submission.
+pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
+    let requirements = requirements(req.requirements)?;
+    let input = match req.payment {
+        Some(pb::submit_request::Payment::Exact(p)) => PaymentInput::Exact(exact(p)?),
+        Some(pb::submit_request::Payment::PaymentSignatureHeader(h)) => {
+            if h.len() > MAX_HEADER_LEN {
+                return Err(InvalidField::new(
+                    "payment_signature_header",
+                    format!("is {} bytes, more than {MAX_HEADER_LEN}", h.len()),
+                ));
+            }
+            PaymentInput::Header(h)
+        }
+        None => return Err(InvalidField::new("payment", "one of exact or payment_signature_header is required")),
+    };
+    Ok(Submission { requirements, input })
+}
+
+const fn state(s: PaymentState) -> pb::PaymentState {
+    match s {
+        PaymentState::Accepted => pb::PaymentState::Accepted,
+        PaymentState::Queued => pb::PaymentState::Queued,
+        PaymentState::Submitted => pb::PaymentState::Submitted,
+        PaymentState::Confirmed => pb::PaymentState::Confirmed,
+        PaymentState::Failed => pb::PaymentState::Failed,
+        PaymentState::Expired => pb::PaymentState::Expired,
+    }
+}
+
+pub(super) fn status(s: &PaymentStatus) -> pb::PaymentStatus {
+    pb::PaymentStatus {
+        state: state(s.state) as i32,
+        transaction: s.transaction.map(|t| t.to_vec()).unwrap_or_default(),
+        block: s.block.unwrap_or_default(),
+        failure_reason: s.failure_reason.clone().unwrap_or_default(),
+        updated_at_ms: s.updated_at_ms,
+    }
+}
+
+/// The response to a submit with request id `request_id`.
+pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::SubmitResponse {
+    let mut resp = pb::SubmitResponse { request_id, ..Default::default() };
+    match outcome {
+        SubmitOutcome::Accepted { id, payer, status: s } => {
+            resp.outcome = pb::Outcome::Accepted as i32;
+            resp.payment_id = id.0.to_vec();
+            resp.payer = payer.to_vec();
+            resp.status = Some(status(&s));
+        }
+        SubmitOutcome::Duplicate { id, payer, status: s } => {
+            resp.outcome = pb::Outcome::Duplicate as i32;
+            resp.payment_id = id.0.to_vec();
+            resp.payer = payer.to_vec();
+            resp.status = Some(status(&s));
+        }
+        SubmitOutcome::Rejected { id, payer, rejection } => {
+            resp.outcome = pb::Outcome::Rejected as i32;
+            resp.payment_id = id.map(|i| i.0.to_vec()).unwrap_or_default();
+            resp.payer = payer.map(|p| p.to_vec()).unwrap_or_default();
+            resp.reason = rejection.reason.code().to_owned();
+            resp.message = rejection.message.into_owned();
+        }
+        SubmitOutcome::Invalid(field) => {
+            resp.outcome = pb::Outcome::Error as i32;
+            resp.error_code = tonic::Code::InvalidArgument as i32;
+            resp.message = field.to_string();
+        }
+        SubmitOutcome::Unavailable(message) => {
+            resp.outcome = pb::Outcome::Error as i32;
+            resp.error_code = tonic::Code::Unavailable as i32;
+            resp.message = message;
+        }
+    }
+    resp
+}
+
+pub(super) fn policy(p: &SettlementPolicy) -> pb::SettlementPolicy {
+    use pb::settlement_policy::Strategy;
+    let strategy = match p {
+        SettlementPolicy::Direct => Strategy::Direct(pb::DirectPolicy {}),
+        SettlementPolicy::Batched { max_rows, max_wait_ms } => {
+            Strategy::Batched(pb::BatchedPolicy { max_rows: *max_rows, max_wait_ms: *max_wait_ms })
+        }
+        SettlementPolicy::Channel { claim_interval_secs, claim_threshold } => Strategy::Channel(pb::ChannelPolicy {
+            claim_interval_secs: *claim_interval_secs,
+            claim_threshold: claim_threshold.to_string(),
+        }),
+    };
+    pb::SettlementPolicy { strategy: Some(strategy) }
+}
+
+fn policy_from(p: Option<pb::SettlementPolicy>) -> Result<SettlementPolicy, InvalidField> {
+    use pb::settlement_policy::Strategy;
+    match p.and_then(|p| p.strategy) {
+        Some(Strategy::Direct(_)) => Ok(SettlementPolicy::Direct),
+        Some(Strategy::Batched(b)) => {
+            if b.max_rows == 0 {
+                return Err(InvalidField::new("merchant.policy.batched.max_rows", "must be at least 1"));
+            }
+            Ok(SettlementPolicy::Batched { max_rows: b.max_rows, max_wait_ms: b.max_wait_ms })
+        }
+        Some(Strategy::Channel(c)) => Ok(SettlementPolicy::Channel {
+            claim_interval_secs: c.claim_interval_secs,
+            claim_threshold: decimal("merchant.policy.channel.claim_threshold", &c.claim_threshold)?,
+        }),
+        None => Err(InvalidField::new("merchant.policy", "one of direct, batched or channel is required")),
+    }
+}
+
+pub(super) fn merchant(m: &Merchant) -> pb::Merchant {
+    pb::Merchant {
+        id: m.id.clone(),
+        pay_to: m.pay_to.iter().map(|a| a.to_vec()).collect(),
+        assets: m
+            .assets
+            .iter()
+            .map(|a| pb::AcceptedAsset { network: format!("eip155:{}", a.chain_id), asset: a.asset.to_vec() })
+            .collect(),
+        policy: Some(policy(&m.policy)),
+        has_api_key: m.api_key_sha256.is_some(),
+        updated_at_ms: m.updated_at_ms,
+    }
+}
+
+/// Shortest API key accepted.
+const MIN_API_KEY_LEN: usize = 16;
+
+pub(super) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<MerchantUpdate, InvalidField> {
+    let m = req.merchant.ok_or_else(|| InvalidField::new("merchant", "is required"))?;
+    crate::domain::validate_merchant_id(&m.id).map_err(|msg| InvalidField::new("merchant.id", msg))?;
+    let pay_to = m.pay_to.iter().map(|a| address("merchant.pay_to", a)).collect::<Result<_, _>>()?;
+    let assets = m
+        .assets
+        .iter()
+        .map(|a| {
+            let network = crate::domain::Network::parse(&a.network)
+                .ok_or_else(|| InvalidField::new("merchant.assets.network", format!("{:?} is not eip155:<chain id>", a.network)))?;
+            Ok(AcceptedAsset { chain_id: network.chain_id(), asset: address("merchant.assets.asset", &a.asset)? })
+        })
+        .collect::<Result<_, InvalidField>>()?;
+    let api_key = match req.api_key {
+        k if k.is_empty() => None,
+        k if k.len() < MIN_API_KEY_LEN => {
+            return Err(InvalidField::new("api_key", format!("must be at least {MIN_API_KEY_LEN} characters")));
+        }
+        k => Some(short_string("api_key", k)?),
+    };
+    Ok(MerchantUpdate { id: m.id, pay_to, assets, policy: policy_from(m.policy)?, api_key })
+}
+
+pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
+    let a = &p.authorization;
+    pb::Payment {
+        payment_id: p.id.0.to_vec(),
+        merchant_id: p.merchant_id.clone(),
+        network: format!("eip155:{}", p.chain_id),
+        asset: p.asset.to_vec(),
+        authorization: Some(pb::ExactAuthorization {
+            from: a.from.to_vec(),
+            to: a.to.to_vec(),
+            value: a.value.to_string(),
+            valid_after: a.valid_after_secs(),
+            valid_before: a.valid_before_secs(),
+            nonce: a.nonce.to_vec(),
+        }),
+        signature: p.signature.clone(),
+        policy: Some(policy(&p.policy)),
+        status: Some(status(&p.status)),
+        accepted_at_ms: p.accepted_at_ms,
+    }
+}
+
+pub(super) fn event(e: &SettlementEvent) -> pb::SettlementEvent {
+    pb::SettlementEvent { sequence: e.sequence, payment_id: e.payment_id.0.to_vec(), status: Some(status(&e.status)) }
+}

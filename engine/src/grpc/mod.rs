@@ -1,0 +1,54 @@
+//! The gRPC adapter: `x402.engine.v1` services, `grpc.health.v1` and server
+//! reflection on one listener, with optional TLS.
+
+mod convert;
+mod service;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Server, ServerTlsConfig};
+use x402_proto::v1::{
+    merchant_admin_service_server::MerchantAdminServiceServer, payment_service_server::PaymentServiceServer,
+};
+
+pub use self::service::{MerchantAdminApi, PaymentApi};
+use crate::{Engine, Result};
+
+/// Largest gRPC message accepted, in bytes. A submit is well under 2 KiB.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+
+/// Serves the engine's gRPC API on `listener` until `shutdown` completes.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PaymentServiceServer<PaymentApi>>().await;
+    health.set_serving::<MerchantAdminServiceServer<MerchantAdminApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(x402_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let mut server = Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            PaymentServiceServer::new(PaymentApi::new(engine.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .add_service(
+            MerchantAdminServiceServer::new(MerchantAdminApi::new(engine)).max_decoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The conformance suite every [`Ledger`] passes, run against
+//! [`MemoryLedger`] and [`RocksLedger`], plus a differential property test
+//! that applies the same random batches to both.
+
+use alloy::primitives::{Address, B256, U256};
+use proptest::prelude::*;
+
+use super::*;
+use crate::domain::{AcceptedAsset, Authorization, PaymentState, PaymentStatus, SettlementPolicy};
+
+/// A payment whose id is derived from `seed` and whose deadline is `deadline`.
+pub(crate) fn sample_payment(seed: u8, deadline: u64) -> PaymentRecord {
+    let from = Address::repeat_byte(seed);
+    let nonce = B256::repeat_byte(seed.wrapping_mul(3));
+    let asset = Address::repeat_byte(0xaa);
+    PaymentRecord {
+        id: PaymentId::new(31337, asset, from, nonce),
+        merchant_id: "m1".into(),
+        merchant_number: 1,
+        chain_id: 31337,
+        asset,
+        eip712_name: "USD Coin".into(),
+        eip712_version: "2".into(),
+        authorization: Authorization {
+            from,
+            to: Address::repeat_byte(0xbb),
+            value: U256::from(10_000 + u64::from(seed)),
+            valid_after: U256::ZERO,
+            valid_before: U256::from(deadline),
+            nonce,
+        },
+        signature: vec![seed; 65],
+        digest: B256::repeat_byte(seed.wrapping_add(1)),
+        policy: SettlementPolicy::Direct,
+        status: PaymentStatus::new(PaymentState::Queued, 1_700_000_000_000),
+        accepted_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn sample_merchant(id: &str, number: u32) -> Merchant {
+    Merchant {
+        id: id.into(),
+        number,
+        pay_to: vec![Address::repeat_byte(0xbb)],
+        assets: vec![AcceptedAsset { chain_id: 31337, asset: Address::repeat_byte(0xaa) }],
+        policy: SettlementPolicy::Batched { max_rows: 100, max_wait_ms: 500 },
+        api_key_sha256: Some([7; 32]),
+        updated_at_ms: 5,
+    }
+}
+
+fn event(sequence: u64, p: &PaymentRecord) -> SettlementEvent {
+    SettlementEvent { sequence, merchant_number: p.merchant_number, payment_id: p.id, status: p.status.clone() }
+}
+
+fn pending_of(p: &PaymentRecord) -> PendingKey {
+    PendingKey { merchant_number: p.merchant_number, deadline: p.authorization.valid_before_secs(), id: p.id }
+}
+
+fn empty_ledger_is_empty(ledger: &dyn Ledger) {
+    assert_eq!(ledger.payment(&sample_payment(1, 1).id).unwrap(), None);
+    assert!(ledger.pending().unwrap().is_empty());
+    assert!(ledger.merchants().unwrap().is_empty());
+    assert!(ledger.events_after(0, 10).unwrap().is_empty());
+    assert_eq!(ledger.last_event_sequence().unwrap(), 0);
+    let mut n = 0;
+    ledger.for_each_payment(&mut |_| n += 1).unwrap();
+    assert_eq!(n, 0);
+}
+
+fn batch_is_applied_whole(ledger: &dyn Ledger) {
+    let payments: Vec<_> = (1..=5).map(|i| sample_payment(i, 100 - u64::from(i))).collect();
+    let mut batch = WriteBatch::default();
+    for (i, p) in payments.iter().enumerate() {
+        batch.push(Write::Payment(p.clone()));
+        batch.push(Write::Enqueue(pending_of(p)));
+        batch.push(Write::Event(event(i as u64 + 1, p)));
+    }
+    batch.push(Write::Merchant(sample_merchant("m1", 1)));
+    ledger.commit(&batch).unwrap();
+
+    for p in &payments {
+        assert_eq!(ledger.payment(&p.id).unwrap().as_ref(), Some(p));
+    }
+    let mut seen = Vec::new();
+    ledger.for_each_payment(&mut |p| seen.push(p.id)).unwrap();
+    let mut expected: Vec<_> = payments.iter().map(|p| p.id).collect();
+    expected.sort();
+    assert_eq!(seen, expected, "payments come in id order");
+
+    let pending = ledger.pending().unwrap();
+    let deadlines: Vec<_> = pending.iter().map(|k| k.deadline).collect();
+    assert_eq!(deadlines, vec![95, 96, 97, 98, 99], "queue comes in deadline order");
+    assert_eq!(ledger.merchants().unwrap(), vec![sample_merchant("m1", 1)]);
+    assert_eq!(ledger.last_event_sequence().unwrap(), 5);
+}
+
+fn updates_replace_and_dequeue_removes(ledger: &dyn Ledger) {
+    let mut p = sample_payment(9, 50);
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Payment(p.clone()));
+    batch.push(Write::Enqueue(pending_of(&p)));
+    ledger.commit(&batch).unwrap();
+
+    p.status = PaymentStatus {
+        state: PaymentState::Confirmed,
+        transaction: Some(B256::repeat_byte(1)),
+        block: Some(42),
+        failure_reason: None,
+        updated_at_ms: 9,
+    };
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Payment(p.clone()));
+    batch.push(Write::Dequeue(pending_of(&p)));
+    batch.push(Write::Merchant(sample_merchant("m2", 2)));
+    batch.push(Write::Merchant(sample_merchant("m1", 1)));
+    ledger.commit(&batch).unwrap();
+
+    assert_eq!(ledger.payment(&p.id).unwrap(), Some(p));
+    assert!(ledger.pending().unwrap().is_empty());
+    let ids: Vec<_> = ledger.merchants().unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec!["m1", "m2"], "merchants come in id order");
+}
+
+fn events_page_from_a_cursor(ledger: &dyn Ledger) {
+    let p = sample_payment(3, 10);
+    let mut batch = WriteBatch::default();
+    for seq in 1..=300 {
+        batch.push(Write::Event(event(seq, &p)));
+    }
+    ledger.commit(&batch).unwrap();
+    let page = ledger.events_after(0, 100).unwrap();
+    assert_eq!(page.len(), 100);
+    assert_eq!(page[0].sequence, 1);
+    assert_eq!(page[99].sequence, 100);
+    let page = ledger.events_after(255, 100).unwrap();
+    assert_eq!(page.iter().map(|e| e.sequence).collect::<Vec<_>>(), (256..=300).collect::<Vec<_>>());
+    assert_eq!(page[0], event(256, &p));
+    assert!(ledger.events_after(300, 100).unwrap().is_empty());
+    assert!(ledger.events_after(u64::MAX, 100).unwrap().is_empty());
+    assert_eq!(ledger.last_event_sequence().unwrap(), 300);
+}
+
+macro_rules! conformance {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn empty_ledger_is_empty() {
+                let (_dir, ledger) = $make;
+                super::empty_ledger_is_empty(&ledger);
+            }
+
+            #[test]
+            fn batch_is_applied_whole() {
+                let (_dir, ledger) = $make;
+                super::batch_is_applied_whole(&ledger);
+            }
+
+            #[test]
+            fn updates_replace_and_dequeue_removes() {
+                let (_dir, ledger) = $make;
+                super::updates_replace_and_dequeue_removes(&ledger);
+            }
+
+            #[test]
+            fn events_page_from_a_cursor() {
+                let (_dir, ledger) = $make;
+                super::events_page_from_a_cursor(&ledger);
+            }
+        }
+    };
+}
+
+fn rocks() -> (tempfile::TempDir, RocksLedger) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
+    (dir, ledger)
+}
+
+conformance!(memory, ((), MemoryLedger::new()));
+conformance!(rocksdb, rocks());
+
+fn arb_write() -> impl Strategy<Value = Write> {
+    prop_oneof![
+        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Payment(sample_payment(s, d))),
+        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Enqueue(pending_of(&sample_payment(s, d)))),
+        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Dequeue(pending_of(&sample_payment(s, d)))),
+        (0u64..64, any::<u8>()).prop_map(|(q, s)| Write::Event(event(q, &sample_payment(s, 1)))),
+        (0u8..4).prop_map(|n| Write::Merchant(sample_merchant(&format!("m{n}"), u32::from(n)))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The same batches leave both ledgers answering the same.
+    #[test]
+    fn rocks_and_memory_agree(batches in proptest::collection::vec(proptest::collection::vec(arb_write(), 0..20), 1..6)) {
+        let memory = MemoryLedger::new();
+        let (_dir, rocks) = rocks();
+        for writes in &batches {
+            let mut batch = WriteBatch::default();
+            writes.iter().cloned().for_each(|w| batch.push(w));
+            memory.commit(&batch).unwrap();
+            rocks.commit(&batch).unwrap();
+        }
+        prop_assert_eq!(memory.pending().unwrap(), rocks.pending().unwrap());
+        prop_assert_eq!(memory.merchants().unwrap(), rocks.merchants().unwrap());
+        prop_assert_eq!(memory.events_after(0, 1000).unwrap(), rocks.events_after(0, 1000).unwrap());
+        prop_assert_eq!(memory.last_event_sequence().unwrap(), rocks.last_event_sequence().unwrap());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        memory.for_each_payment(&mut |p| a.push(p)).unwrap();
+        rocks.for_each_payment(&mut |p| b.push(p)).unwrap();
+        prop_assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,91 @@
+//! [`MemoryLedger`]: the ledger in memory, for tests.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Mutex,
+};
+
+use super::{Ledger, Write, WriteBatch};
+use crate::{
+    Result,
+    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent},
+};
+
+/// A ledger that lives and dies with the process. Behaves like
+/// [`super::RocksLedger`] in everything but durability.
+#[derive(Debug, Default)]
+pub struct MemoryLedger {
+    inner: Mutex<Tables>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    payments: BTreeMap<PaymentId, PaymentRecord>,
+    pending: BTreeSet<PendingKey>,
+    merchants: BTreeMap<String, Merchant>,
+    events: BTreeMap<u64, SettlementEvent>,
+}
+
+impl MemoryLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Ledger for MemoryLedger {
+    fn commit(&self, batch: &WriteBatch) -> Result<()> {
+        let mut t = self.tables();
+        for write in batch.writes() {
+            match write {
+                Write::Payment(p) => {
+                    t.payments.insert(p.id, p.clone());
+                }
+                Write::Enqueue(key) => {
+                    t.pending.insert(*key);
+                }
+                Write::Dequeue(key) => {
+                    t.pending.remove(key);
+                }
+                Write::Event(e) => {
+                    t.events.insert(e.sequence, e.clone());
+                }
+                Write::Merchant(m) => {
+                    t.merchants.insert(m.id.clone(), m.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>> {
+        Ok(self.tables().payments.get(id).cloned())
+    }
+
+    fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
+        let payments: Vec<_> = self.tables().payments.values().cloned().collect();
+        payments.into_iter().for_each(visit);
+        Ok(())
+    }
+
+    fn pending(&self) -> Result<Vec<PendingKey>> {
+        Ok(self.tables().pending.iter().copied().collect())
+    }
+
+    fn merchants(&self) -> Result<Vec<Merchant>> {
+        Ok(self.tables().merchants.values().cloned().collect())
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let t = self.tables();
+        Ok(t.events.range(start..).take(limit).map(|(_, e)| e.clone()).collect())
+    }
+
+    fn last_event_sequence(&self) -> Result<u64> {
+        Ok(self.tables().events.keys().next_back().copied().unwrap_or(0))
+    }
+}

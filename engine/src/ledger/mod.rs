@@ -1,0 +1,97 @@
+//! The ledger: where every accepted payment, queue entry, merchant and state
+//! event is recorded durably.
+//!
+//! [`Ledger`] is the storage trait; [`RocksLedger`] is the production
+//! implementation and [`MemoryLedger`] the test one. Both pass the same
+//! conformance suite. All writes of a running engine go through one writer
+//! thread (the pipeline's committer), which also numbers events; a
+//! [`WriteBatch`] is applied atomically and, for RocksDB, fsync'd.
+
+mod memory;
+mod records;
+mod rocks;
+
+#[cfg(test)]
+mod conformance;
+
+use std::fmt;
+
+pub use memory::MemoryLedger;
+pub use rocks::{RocksLedger, RocksOptions};
+
+use crate::{
+    Result,
+    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent},
+};
+
+/// One write of a [`WriteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or replace a payment.
+    Payment(PaymentRecord),
+    /// Add a payment to its merchant's settlement queue.
+    Enqueue(PendingKey),
+    /// Take a payment off the settlement queue.
+    Dequeue(PendingKey),
+    /// Append an event; its sequence must be the next one.
+    Event(SettlementEvent),
+    /// Insert or replace a merchant.
+    Merchant(Merchant),
+}
+
+/// Writes applied together, atomically and durably.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    writes: Vec<Write>,
+}
+
+impl WriteBatch {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { writes: Vec::with_capacity(capacity) }
+    }
+
+    pub fn push(&mut self, write: Write) {
+        self.writes.push(write);
+    }
+
+    pub fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.writes.clear();
+    }
+}
+
+/// Durable storage of the engine's state.
+pub trait Ledger: Send + Sync + fmt::Debug + 'static {
+    /// Applies `batch` atomically; when this returns `Ok` the batch survives
+    /// a crash of the process or the machine.
+    fn commit(&self, batch: &WriteBatch) -> Result<()>;
+
+    /// The payment with this id.
+    fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>>;
+
+    /// Visits every payment, in id order.
+    fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()>;
+
+    /// The settlement queue, ordered by merchant, then deadline.
+    fn pending(&self) -> Result<Vec<PendingKey>>;
+
+    /// Every merchant, ordered by id.
+    fn merchants(&self) -> Result<Vec<Merchant>>;
+
+    /// Up to `limit` events with a sequence above `after`, in order.
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>>;
+
+    /// The sequence of the last event, 0 when there is none.
+    fn last_event_sequence(&self) -> Result<u64>;
+}

@@ -1,0 +1,180 @@
+//! `x402d`: the x402 settlement engine.
+//!
+//! - `x402d serve --config x402d.toml` runs it from a configuration file;
+//! - `x402d dev` runs it on embedded defaults with demo merchants and keys.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use x402_engine::{
+    config::{Config, MerchantConfig, PolicyConfig},
+    node::Node,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "x402d", version, about = "x402 settlement engine: verify, record and settle x402 payments")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run from a configuration file.
+    Serve {
+        /// TOML configuration (see engine/x402d.example.toml); defaults apply without one.
+        #[arg(long, short, env = "X402D_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Run on embedded defaults: a fresh ledger, demo merchants for every
+    /// strategy and printed keys. Nothing to configure.
+    Dev {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+}
+
+/// Flags (and environment variables) that override the file.
+#[derive(Debug, Args)]
+struct Overrides {
+    /// gRPC listen address.
+    #[arg(long, env = "X402D_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// HTTP (/metrics, /healthz) listen address.
+    #[arg(long, env = "X402D_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Ledger directory.
+    #[arg(long, env = "X402D_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    fn apply(self, config: &mut Config) {
+        if let Some(addr) = self.grpc_addr {
+            config.server.grpc_addr = addr;
+        }
+        if let Some(addr) = self.http_addr {
+            config.server.http_addr = addr;
+        }
+        if let Some(dir) = self.data_dir {
+            config.ledger.path = dir;
+        }
+    }
+}
+
+/// Demo credentials of `x402d dev`. Public on purpose: never use them elsewhere.
+const DEV_ADMIN_KEY: &str = "dev-admin-key-not-secret";
+const DEV_MERCHANTS: [(&str, &str); 3] = [
+    ("demo-direct", "dev-direct-key-not-secret"),
+    ("demo-batched", "dev-batched-key-not-secret"),
+    ("demo-channel", "dev-channel-key-not-secret"),
+];
+/// Anvil's well-known development accounts 1–4 (mnemonic "test test … junk").
+const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+const DEV_PAYER_KEYS: [&str; 3] = [
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+    "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926e",
+];
+/// The address the first contract deployed by anvil's account 0 gets.
+const DEV_TOKEN: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
+
+fn dev_config(data_dir: PathBuf) -> Config {
+    let mut config = Config::default();
+    config.ledger.path = data_dir;
+    config.auth.admin_key = Some(DEV_ADMIN_KEY.into());
+    config.merchants = DEV_MERCHANTS
+        .iter()
+        .map(|(id, key)| MerchantConfig {
+            id: (*id).into(),
+            pay_to: vec![DEV_PAY_TO.into()],
+            assets: Vec::new(),
+            policy: match *id {
+                "demo-direct" => PolicyConfig::Direct,
+                "demo-batched" => PolicyConfig::Batched { max_rows: 250, max_wait_ms: 2000 },
+                _ => PolicyConfig::Channel { claim_interval_secs: 60, claim_threshold: "1000000".into() },
+            },
+            api_key: Some((*key).into()),
+            api_key_env: None,
+            api_key_file: None,
+        })
+        .collect();
+    config
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (config, dev_dir) = match cli.command {
+        Command::Serve { config, overrides } => {
+            let mut config = match config {
+                Some(path) => Config::from_file(&path)?,
+                None => Config::default(),
+            };
+            overrides.apply(&mut config);
+            (config, None)
+        }
+        Command::Dev { overrides } => {
+            let dir = tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
+            let mut config = dev_config(dir.path().to_path_buf());
+            overrides.apply(&mut config);
+            (config, Some(dir))
+        }
+    };
+
+    let node = Node::start(&config).await.context("starting x402d")?;
+    let endpoints = node.endpoints();
+    println!("x402d listening grpc={} http={}", endpoints.grpc, endpoints.http);
+    if dev_dir.is_some() {
+        print_dev_banner(&config, endpoints.http);
+    }
+    node.wait(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn print_dev_banner(config: &Config, http: SocketAddr) {
+    println!();
+    println!("ledger      {}", config.ledger.path.display());
+    println!("admin key   {DEV_ADMIN_KEY}");
+    for (id, key) in DEV_MERCHANTS {
+        println!("merchant    {id:<13} key {key}");
+    }
+    println!("pay to      {DEV_PAY_TO}");
+    println!("token       {DEV_TOKEN} (eip155:31337, balances unlimited)");
+    for key in DEV_PAYER_KEYS {
+        println!("payer key   {key}");
+    }
+    println!("metrics     http://{http}/metrics");
+    println!();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,49 @@
+//! Metric names, in one place. Labels are bounded: reasons, stages and
+//! strategies, never an address.
+
+use crate::reason::Reason;
+
+/// Payments accepted and durably recorded.
+pub const PAYMENTS_ACCEPTED: &str = "x402d_payments_accepted_total";
+/// Payments answered DUPLICATE.
+pub const PAYMENTS_DUPLICATE: &str = "x402d_payments_duplicate_total";
+/// Payments rejected, by `reason`.
+pub const PAYMENTS_REJECTED: &str = "x402d_payments_rejected_total";
+/// Malformed submits, answered `INVALID_ARGUMENT`.
+pub const SUBMITS_INVALID: &str = "x402d_submits_invalid_total";
+/// Submits refused because the pipeline was full.
+pub const SUBMITS_OVERLOADED: &str = "x402d_submits_overloaded_total";
+/// Items waiting in a pipeline queue, by `stage`.
+pub const QUEUE_DEPTH: &str = "x402d_pipeline_queue_depth";
+/// Duration of one group commit (write + fsync).
+pub const COMMIT_SECONDS: &str = "x402d_ledger_commit_seconds";
+/// Items per group commit.
+pub const COMMIT_GROUP_SIZE: &str = "x402d_ledger_commit_group_size";
+/// Failed group commits.
+pub const COMMIT_ERRORS: &str = "x402d_ledger_commit_errors_total";
+/// Payments waiting for settlement, by `strategy`.
+pub const SETTLEMENT_QUEUE_DEPTH: &str = "x402d_settlement_queue_depth";
+
+/// Describes every metric and registers the labelled counters at zero, so a
+/// scrape shows them before the first event.
+pub fn describe() {
+    metrics::describe_counter!(PAYMENTS_ACCEPTED, "Payments verified and durably recorded");
+    metrics::describe_counter!(PAYMENTS_DUPLICATE, "Submits of an already accepted payment");
+    metrics::describe_counter!(PAYMENTS_REJECTED, "Payments rejected, by x402 reason");
+    metrics::describe_counter!(SUBMITS_INVALID, "Malformed submits");
+    metrics::describe_counter!(SUBMITS_OVERLOADED, "Submits refused because the pipeline was full");
+    metrics::describe_gauge!(QUEUE_DEPTH, "Items waiting in a pipeline queue");
+    metrics::describe_histogram!(COMMIT_SECONDS, metrics::Unit::Seconds, "Ledger group commit duration");
+    metrics::describe_histogram!(COMMIT_GROUP_SIZE, "Items per ledger group commit");
+    metrics::describe_counter!(COMMIT_ERRORS, "Failed ledger group commits");
+    metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Payments waiting for settlement");
+    metrics::counter!(PAYMENTS_ACCEPTED).absolute(0);
+    metrics::counter!(PAYMENTS_DUPLICATE).absolute(0);
+    for reason in Reason::ALL {
+        metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).absolute(0);
+    }
+}
+
+pub(crate) fn rejected(reason: Reason) {
+    metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).increment(1);
+}

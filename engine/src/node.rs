@@ -1,0 +1,119 @@
+//! Running x402d: open the ledger, start the engine, serve gRPC and HTTP,
+//! stop cleanly on a signal.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Identity, ServerTlsConfig};
+
+use crate::{
+    Engine, Error, Result,
+    balance::BalanceSource,
+    config::{Config, TlsConfig},
+    ledger::{Ledger, RocksLedger, RocksOptions},
+};
+
+/// Where a running node listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A started node; [`Node::wait`] serves until the shutdown signal.
+#[derive(Debug)]
+pub struct Node {
+    engine: Arc<Engine>,
+    endpoints: Endpoints,
+    grpc: tokio::task::JoinHandle<Result<()>>,
+    http: tokio::task::JoinHandle<Result<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Opens the ledger in `config.ledger.path`, upserts the configured
+    /// merchants and binds both listeners.
+    pub async fn start(config: &Config) -> Result<Self> {
+        let balances: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
+        let path = config.ledger.path.clone();
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
+        let ledger: Arc<dyn Ledger> = Arc::new(open_ledger(path).await?);
+        Self::start_with(config, ledger, balances).await
+    }
+
+    /// Like [`Node::start`], on a given ledger and balance source.
+    pub async fn start_with(config: &Config, ledger: Arc<dyn Ledger>, balances: Arc<dyn BalanceSource>) -> Result<Self> {
+        crate::http::prometheus();
+        let admin_key = config.admin_key()?;
+        if admin_key.is_none() {
+            tracing::warn!("no admin key configured: merchant admin is disabled");
+        }
+        let updates = config.merchant_updates()?;
+        let pipeline = config.pipeline.to_pipeline();
+        let engine = tokio::task::block_in_place(|| Engine::start(ledger, balances, &pipeline, admin_key.as_deref()))?;
+        let engine = Arc::new(engine);
+        for update in updates {
+            let id = update.id.clone();
+            let merchant = engine.upsert_merchant(update).await?;
+            tracing::info!(merchant = %id, strategy = merchant.policy.name(), has_key = merchant.api_key_sha256.is_some(), "merchant configured");
+        }
+
+        let tls = config.server.tls.as_ref().map(load_tls).transpose()?;
+        let grpc_listener = TcpListener::bind(config.server.grpc_addr).await?;
+        let http_listener = TcpListener::bind(config.server.http_addr).await?;
+        let endpoints = Endpoints { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
+
+        let (stop, stopped) = watch::channel(false);
+        let until = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let grpc = tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, until(stopped.clone())));
+        let http = tokio::spawn(crate::http::serve(http_listener, until(stopped)));
+        Ok(Self { engine, endpoints, grpc, http, stop })
+    }
+
+    pub const fn endpoints(&self) -> Endpoints {
+        self.endpoints
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` completes (or a listener fails), then stops
+    /// the listeners and lets queued work finish.
+    pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let Self { engine, grpc, http, stop, .. } = self;
+        let mut grpc = grpc;
+        let mut http = http;
+        let result = tokio::select! {
+            () = shutdown => Ok(()),
+            r = &mut grpc => flatten(r),
+            r = &mut http => flatten(r),
+        };
+        stop.send_replace(true);
+        let _ = grpc.await;
+        let _ = http.await;
+        drop(engine);
+        result
+    }
+}
+
+fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+async fn open_ledger(path: PathBuf) -> Result<RocksLedger> {
+    tokio::task::spawn_blocking(move || RocksLedger::open(path, RocksOptions::default()))
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+fn load_tls(tls: &TlsConfig) -> Result<ServerTlsConfig> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| Error::Config(format!("server.tls: cannot read {}: {e}", path.display())))
+    };
+    let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    Ok(ServerTlsConfig::new().identity(identity))
+}

@@ -1,0 +1,62 @@
+//! Signing x402 `exact` payments as a payer would: for tests, benchmarks,
+//! the load generator and demos.
+
+use alloy::{
+    primitives::{Address, B256, U256},
+    signers::{SignerSync, local::PrivateKeySigner},
+};
+use x402_chain::{Eip3009Domain, TransferWithAuthorization};
+
+use crate::domain::{Authorization, ExactPayload, Requirements};
+
+/// A payer key that signs EIP-3009 authorizations.
+#[derive(Clone, Debug)]
+pub struct Payer {
+    signer: PrivateKeySigner,
+}
+
+impl Payer {
+    pub const fn new(signer: PrivateKeySigner) -> Self {
+        Self { signer }
+    }
+
+    /// A fresh random key.
+    pub fn random() -> Self {
+        Self::new(PrivateKeySigner::random())
+    }
+
+    pub fn address(&self) -> Address {
+        self.signer.address()
+    }
+
+    /// Signs a payment of exactly what `requirements` ask, valid from
+    /// `valid_after` until `valid_before`, with `nonce`.
+    pub fn sign_exact(&self, requirements: &Requirements, valid_after: u64, valid_before: u64, nonce: B256) -> ExactPayload {
+        let authorization = Authorization {
+            from: self.address(),
+            to: requirements.pay_to,
+            value: requirements.amount,
+            valid_after: U256::from(valid_after),
+            valid_before: U256::from(valid_before),
+            nonce,
+        };
+        let signature = self.sign_authorization(requirements, &authorization);
+        ExactPayload { network: requirements.network.clone(), authorization, signature }
+    }
+
+    /// Signs `authorization` in the token domain `requirements` name. The
+    /// network must be `eip155:<chain id>`.
+    pub fn sign_authorization(&self, requirements: &Requirements, authorization: &Authorization) -> Vec<u8> {
+        let chain_id = crate::domain::Network::parse(&requirements.network).map_or(0, |n| n.chain_id());
+        let domain = Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, requirements.asset);
+        let digest = domain.signing_hash(&TransferWithAuthorization {
+            from: authorization.from,
+            to: authorization.to,
+            value: authorization.value,
+            validAfter: authorization.valid_after,
+            validBefore: authorization.valid_before,
+            nonce: authorization.nonce,
+        });
+        self.signer.sign_hash_sync(&digest).expect("local keys always sign").as_bytes().to_vec()
+    }
+}

@@ -1,0 +1,210 @@
+//! Stage 3: the group-commit writer, the ledger's one writer.
+//!
+//! It takes everything queued for it (up to `max_group` items), writes it as
+//! one `WriteBatch` with fsync, and only then sends the answers. Under load
+//! the queue fills while an fsync runs, so groups grow by themselves and the
+//! cost of a sync is shared by many payments.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use alloy::primitives::{Address, U256};
+use crossbeam::channel::{Receiver, Sender};
+use tokio::sync::{oneshot, watch};
+
+use super::{MerchantWrite, SubmitOutcome, pending_gauge, shard::ShardMsg};
+use crate::{
+    Result,
+    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
+    ledger::{Ledger, Write, WriteBatch},
+};
+
+/// Work for the committer.
+pub(crate) enum CommitItem {
+    /// Record an accepted payment, queue it for settlement, then answer ACCEPTED.
+    Payment { record: Box<PaymentRecord>, pending: PendingKey, shard: usize, reply: oneshot::Sender<SubmitOutcome> },
+    /// Answer once everything queued before it is durable (a DUPLICATE).
+    Reply { outcome: SubmitOutcome, reply: oneshot::Sender<SubmitOutcome> },
+    /// Record a merchant.
+    Merchant(MerchantWrite),
+}
+
+/// What to do once a group is durable (or failed).
+enum Done {
+    Accepted {
+        id: PaymentId,
+        payer: Address,
+        status: PaymentStatus,
+        pending: PendingKey,
+        strategy: &'static str,
+        shard: usize,
+        reservation: (u64, Address, Address),
+        value: U256,
+        reply: oneshot::Sender<SubmitOutcome>,
+    },
+    Reply(SubmitOutcome, oneshot::Sender<SubmitOutcome>),
+    Merchant(oneshot::Sender<Result<()>>),
+}
+
+pub(crate) struct Committer {
+    ledger: Arc<dyn Ledger>,
+    last_sequence: u64,
+    events: watch::Sender<u64>,
+    max_group: usize,
+    shards: Vec<Sender<ShardMsg>>,
+    /// The settlement queue in memory, with each entry's strategy.
+    book: BTreeMap<PendingKey, &'static str>,
+    /// Entries of `book` per strategy.
+    depths: HashMap<&'static str, usize>,
+}
+
+impl Committer {
+    pub(crate) fn new(
+        ledger: Arc<dyn Ledger>,
+        last_sequence: u64,
+        events: watch::Sender<u64>,
+        max_group: usize,
+        shards: Vec<Sender<ShardMsg>>,
+    ) -> Self {
+        Self { ledger, last_sequence, events, max_group: max_group.max(1), shards, book: BTreeMap::new(), depths: HashMap::new() }
+    }
+
+    /// Loads the settlement queue from the ledger.
+    pub(crate) fn restore_pending(&mut self, pending: &[PendingKey], ledger: &Arc<dyn Ledger>) -> Result<()> {
+        for key in pending {
+            let strategy = ledger.payment(&key.id)?.map_or("unknown", |p| p.policy.name());
+            self.enqueue(*key, strategy);
+        }
+        self.publish_depths();
+        Ok(())
+    }
+
+    fn enqueue(&mut self, key: PendingKey, strategy: &'static str) {
+        if self.book.insert(key, strategy).is_none() {
+            *self.depths.entry(strategy).or_default() += 1;
+        }
+    }
+
+    fn publish_depths(&self) {
+        for (strategy, depth) in &self.depths {
+            pending_gauge(strategy, *depth);
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: &Receiver<CommitItem>) {
+        let mut group = Vec::with_capacity(self.max_group);
+        let mut batch = WriteBatch::with_capacity(self.max_group * 3);
+        let mut done = Vec::with_capacity(self.max_group);
+        while let Ok(first) = rx.recv() {
+            group.push(first);
+            while group.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(item) => group.push(item),
+                    Err(_) => break,
+                }
+            }
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "commit").set(rx.len() as f64);
+            self.commit_group(&mut group, &mut batch, &mut done);
+        }
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<CommitItem>, batch: &mut WriteBatch, done: &mut Vec<Done>) {
+        let first_sequence = self.last_sequence;
+        let mut sequence = first_sequence;
+        for item in group.drain(..) {
+            match item {
+                CommitItem::Payment { record, pending, shard, reply } => {
+                    sequence += 1;
+                    let record = *record;
+                    done.push(Done::Accepted {
+                        id: record.id,
+                        payer: record.authorization.from,
+                        status: record.status.clone(),
+                        pending,
+                        strategy: record.policy.name(),
+                        shard,
+                        reservation: (record.chain_id, record.asset, record.authorization.from),
+                        value: record.authorization.value,
+                        reply,
+                    });
+                    batch.push(Write::Event(SettlementEvent {
+                        sequence,
+                        merchant_number: record.merchant_number,
+                        payment_id: record.id,
+                        status: record.status.clone(),
+                    }));
+                    batch.push(Write::Enqueue(pending));
+                    batch.push(Write::Payment(record));
+                }
+                CommitItem::Reply { outcome, reply } => done.push(Done::Reply(outcome, reply)),
+                CommitItem::Merchant((merchant, reply)) => {
+                    batch.push(Write::Merchant(merchant));
+                    done.push(Done::Merchant(reply));
+                }
+            }
+        }
+
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            let started = Instant::now();
+            let result = self.ledger.commit(batch);
+            metrics::histogram!(crate::metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::metrics::COMMIT_GROUP_SIZE).record(done.len() as f64);
+            result
+        };
+        batch.clear();
+
+        match result {
+            Ok(()) => {
+                self.last_sequence = sequence;
+                let mut accepted = 0u64;
+                for item in done.drain(..) {
+                    match item {
+                        Done::Accepted { id, payer, status, pending, strategy, reply, .. } => {
+                            accepted += 1;
+                            self.enqueue(pending, strategy);
+                            let _ = reply.send(SubmitOutcome::Accepted { id, payer, status });
+                        }
+                        Done::Reply(outcome, reply) => {
+                            let _ = reply.send(outcome);
+                        }
+                        Done::Merchant(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                if accepted > 0 {
+                    metrics::counter!(crate::metrics::PAYMENTS_ACCEPTED).increment(accepted);
+                    self.publish_depths();
+                }
+                if sequence != first_sequence {
+                    self.events.send_replace(sequence);
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, items = done.len(), "group commit failed; nothing in it was accepted");
+                metrics::counter!(crate::metrics::COMMIT_ERRORS).increment(1);
+                let err = Arc::new(err);
+                let message = format!("ledger write failed: {err}");
+                for item in done.drain(..) {
+                    match item {
+                        Done::Accepted { id, shard, reservation, value, reply, .. } => {
+                            let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
+                            let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
+                        }
+                        Done::Reply(_, reply) => {
+                            let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
+                        }
+                        Done::Merchant(reply) => {
+                            let _ = reply.send(Err(crate::Error::Commit(err.clone())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

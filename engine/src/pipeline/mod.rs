@@ -1,0 +1,291 @@
+//! The verification pipeline: stateless verify → stateful checks sharded by
+//! payer → group commit → ack.
+//!
+//! ```text
+//!  submit ──► [verify queue] ──► verifier threads ──► [shard queues] ──► payer shards ──► [commit queue] ──► committer
+//!  (async)     bounded MPMC      decode, steps 1–8,    bounded, one       replay index,      bounded          WriteBatch + fsync,
+//!                                EIP-712 + ecrecover   per shard          reservations                        then the acks
+//!     ▲                                                                                                          │
+//!     └───────────────────────────────────── oneshot: ACCEPTED / DUPLICATE / REJECTED ◄──────────────────────────┘
+//! ```
+//!
+//! No mutex on the hot path: every piece of mutable state has one owner
+//! thread (a shard owns its payers' replay entries and reservations, the
+//! committer owns the event sequence and the settlement queue book), and
+//! work moves between owners over bounded crossbeam channels. A payment is
+//! answered ACCEPTED only after the group that records it is fsync'd; a
+//! DUPLICATE is answered only after the group that recorded the original.
+
+mod committer;
+mod shard;
+
+use std::{
+    sync::Arc,
+    thread::{self, JoinHandle},
+};
+
+use alloy::primitives::Address;
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use tokio::sync::{oneshot, watch};
+
+use self::{
+    committer::{CommitItem, Committer},
+    shard::{Shard, ShardMsg},
+};
+use crate::{
+    Error, Result,
+    balance::BalanceSource,
+    domain::{Merchant, PaymentId, PaymentStatus, Submission},
+    ledger::Ledger,
+    reason::{InvalidField, Rejection},
+    verify::{MinValidity, Refusal, Verifier},
+};
+
+/// Pipeline sizing.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Verifier threads (stage 1); 0 means one per core.
+    pub verifiers: usize,
+    /// Payer shards (stage 2), one thread each.
+    pub shards: usize,
+    /// Capacity of each queue between stages.
+    pub queue_capacity: usize,
+    /// Most items in one group commit.
+    pub max_group: usize,
+    /// Minimum validity left per settlement strategy.
+    pub min_validity: MinValidity,
+    /// How long after `validBefore` a payment stays in the in-memory replay
+    /// window (it is in the ledger forever).
+    pub replay_retention_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            verifiers: 0,
+            shards: 2,
+            queue_capacity: 65_536,
+            max_group: 4096,
+            min_validity: MinValidity::default(),
+            replay_retention_secs: 3600,
+        }
+    }
+}
+
+/// What a submit came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Verified and durably recorded.
+    Accepted { id: PaymentId, payer: Address, status: PaymentStatus },
+    /// The same payment was accepted before; this is where it stands.
+    Duplicate { id: PaymentId, payer: Address, status: PaymentStatus },
+    /// A verification rule failed.
+    Rejected { id: Option<PaymentId>, payer: Option<Address>, rejection: Rejection },
+    /// The request is malformed.
+    Invalid(InvalidField),
+    /// The ledger could not record it; nothing was accepted. Retryable.
+    Unavailable(String),
+}
+
+impl From<Refusal> for SubmitOutcome {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Rejected { id, payer, rejection } => Self::Rejected { id, payer, rejection },
+            Refusal::Invalid(field) => Self::Invalid(field),
+        }
+    }
+}
+
+/// The pipeline is full; the submission is handed back.
+#[derive(Debug)]
+pub struct Overloaded(pub Submission);
+
+struct VerifyJob {
+    merchant: Arc<Merchant>,
+    submission: Submission,
+    reply: oneshot::Sender<SubmitOutcome>,
+}
+
+/// A request to the committer that is not a payment: a merchant write.
+pub(crate) type MerchantWrite = (Merchant, oneshot::Sender<Result<()>>);
+
+/// A running pipeline. Dropping it (or [`Pipeline::shutdown`]) stops the
+/// threads once the queued work is done.
+pub struct Pipeline {
+    verify_tx: Option<Sender<VerifyJob>>,
+    commit_tx: Option<Sender<CommitItem>>,
+    threads: Vec<JoinHandle<()>>,
+    events: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("threads", &self.threads.len()).finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Rebuilds the in-memory state (replay window, reservations, settlement
+    /// queue) from `ledger` and starts the threads.
+    pub fn start(config: &PipelineConfig, ledger: Arc<dyn Ledger>, balances: Arc<dyn BalanceSource>) -> Result<Self> {
+        let verifiers = match config.verifiers {
+            0 => thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let shards = config.shards.max(1);
+        let cap = config.queue_capacity.max(1);
+
+        let (verify_tx, verify_rx) = channel::bounded::<VerifyJob>(cap);
+        let (commit_tx, commit_rx) = channel::bounded::<CommitItem>(cap);
+        let mut shard_txs = Vec::with_capacity(shards);
+        let mut shard_rxs = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (tx, rx) = channel::bounded::<ShardMsg>(cap);
+            shard_txs.push(tx);
+            shard_rxs.push(rx);
+        }
+
+        // Rebuild state from the ledger before any thread runs.
+        let now = crate::domain::unix_millis() / 1000;
+        let mut shard_states: Vec<Shard> = (0..shards)
+            .map(|i| Shard::new(i, balances.clone(), commit_tx.clone(), config.replay_retention_secs))
+            .collect();
+        ledger.for_each_payment(&mut |record| {
+            let i = shard_of(record.authorization.from, shards);
+            shard_states[i].restore(&record, now);
+        })?;
+        let pending = ledger.pending()?;
+        let last_sequence = ledger.last_event_sequence()?;
+        let (events_tx, events_rx) = watch::channel(last_sequence);
+        let mut committer = Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
+        committer.restore_pending(&pending, &ledger)?;
+        tracing::info!(
+            replay_entries = shard_states.iter().map(Shard::replay_len).sum::<usize>(),
+            pending = pending.len(),
+            last_sequence,
+            "pipeline state rebuilt from the ledger"
+        );
+
+        let mut threads = Vec::new();
+        for (i, (state, rx)) in shard_states.into_iter().zip(shard_rxs).enumerate() {
+            threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx))?);
+        }
+        let shard_txs = Arc::new(shard_txs);
+        for i in 0..verifiers {
+            let rx = verify_rx.clone();
+            let shard_txs = shard_txs.clone();
+            let mut verifier = Verifier::new(config.min_validity);
+            threads.push(spawn(format!("x402d-verify-{i}"), move || {
+                run_verifier(&mut verifier, &rx, &shard_txs);
+            })?);
+        }
+        threads.push(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
+
+        Ok(Self { verify_tx: Some(verify_tx), commit_tx: Some(commit_tx), threads, events: events_rx })
+    }
+
+    /// Queues `submission` for `merchant`; the receiver yields the outcome
+    /// once it is final (for an accepted payment: once it is on disk).
+    pub fn try_submit(
+        &self,
+        merchant: Arc<Merchant>,
+        submission: Submission,
+    ) -> Result<oneshot::Receiver<SubmitOutcome>, Overloaded> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.verify_tx.as_ref().expect("set until shutdown");
+        match tx.try_send(VerifyJob { merchant, submission, reply }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                metrics::counter!(crate::metrics::SUBMITS_OVERLOADED).increment(1);
+                Err(Overloaded(job.submission))
+            }
+        }
+    }
+
+    /// Records `merchant` durably, through the same writer as payments.
+    pub(crate) fn write_merchant(&self, merchant: Merchant) -> Result<oneshot::Receiver<Result<()>>> {
+        let (reply, rx) = oneshot::channel();
+        self.commit_tx
+            .as_ref()
+            .expect("set until shutdown")
+            .send(CommitItem::Merchant((merchant, reply)))
+            .map_err(|_| Error::PipelineStopped)?;
+        Ok(rx)
+    }
+
+    /// Follows the sequence of the last durable event.
+    pub fn events(&self) -> watch::Receiver<u64> {
+        self.events.clone()
+    }
+
+    /// Items waiting in the verify queue.
+    pub fn verify_queue_len(&self) -> usize {
+        self.verify_tx.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Stops accepting work, lets queued work finish and joins the threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.verify_tx.take();
+        self.commit_tx.take();
+        for handle in self.threads.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a pipeline thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    Ok(thread::Builder::new().name(name).spawn(f)?)
+}
+
+/// The shard that owns `payer`. Addresses are hashes, so their leading bytes
+/// spread evenly.
+fn shard_of(payer: Address, shards: usize) -> usize {
+    let lead = u64::from_be_bytes(payer[..8].try_into().expect("8 bytes"));
+    (lead % shards as u64) as usize
+}
+
+fn run_verifier(verifier: &mut Verifier, rx: &Receiver<VerifyJob>, shards: &[Sender<ShardMsg>]) {
+    metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(0.0);
+    let mut since_gauge = 0u32;
+    while let Ok(job) = rx.recv() {
+        since_gauge += 1;
+        if since_gauge == 1024 {
+            since_gauge = 0;
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(rx.len() as f64);
+        }
+        let now = crate::domain::unix_millis() / 1000;
+        let VerifyJob { merchant, submission, reply } = job;
+        match verifier.verify(&merchant, submission, now) {
+            Ok(verified) => {
+                let shard = shard_of(verified.payer(), shards.len());
+                if shards[shard].send(ShardMsg::Payment { merchant, verified, reply }).is_err() {
+                    return;
+                }
+            }
+            Err(refusal) => {
+                match &refusal {
+                    Refusal::Rejected { rejection, .. } => crate::metrics::rejected(rejection.reason),
+                    Refusal::Invalid(_) => metrics::counter!(crate::metrics::SUBMITS_INVALID).increment(1),
+                }
+                let _ = reply.send(refusal.into());
+            }
+        }
+    }
+}
+
+/// Keys of the settlement queue, by strategy, for the queue-depth gauge.
+pub(crate) fn pending_gauge(strategy: &'static str, depth: usize) {
+    metrics::gauge!(crate::metrics::SETTLEMENT_QUEUE_DEPTH, "strategy" => strategy).set(depth as f64);
+}

@@ -1,0 +1,230 @@
+//! Stage 2: the stateful checks, one owner thread per payer shard.
+//!
+//! A shard owns, for its payers, the in-memory replay window (payment id →
+//! digest and status) and the reservations (value of accepted payments not
+//! yet settled, per chain, token and payer). Because only this thread
+//! touches them, checks and updates need no lock, and two submits of one
+//! payment can never both pass.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use alloy::primitives::{Address, B256, U256};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::oneshot;
+
+use super::{SubmitOutcome, committer::CommitItem};
+use crate::{
+    balance::BalanceSource,
+    domain::{Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
+    reason::{Reason, Rejection},
+    verify::Verified,
+};
+
+/// Messages a shard handles.
+pub(crate) enum ShardMsg {
+    /// A payment that passed stage 1.
+    Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
+    /// The commit that would have recorded `id` failed: forget it.
+    Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
+}
+
+/// Reservations are per (chain, token, payer).
+pub(crate) type ReservationKey = (u64, Address, Address);
+
+struct ReplayEntry {
+    digest: B256,
+    payer: Address,
+    valid_before: u64,
+    status: PaymentStatus,
+}
+
+pub(crate) struct Shard {
+    index: usize,
+    replay: HashMap<PaymentId, ReplayEntry>,
+    reserved: HashMap<ReservationKey, U256>,
+    balances: Arc<dyn BalanceSource>,
+    commit: Sender<CommitItem>,
+    retention_secs: u64,
+}
+
+impl Shard {
+    /// Sweep the replay window this often when idle or busy.
+    const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+    pub(crate) fn new(
+        index: usize,
+        balances: Arc<dyn BalanceSource>,
+        commit: Sender<CommitItem>,
+        retention_secs: u64,
+    ) -> Self {
+        Self { index, replay: HashMap::new(), reserved: HashMap::new(), balances, commit, retention_secs }
+    }
+
+    pub(crate) fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// Adds a payment read from the ledger at start.
+    pub(crate) fn restore(&mut self, record: &PaymentRecord, now: u64) {
+        let valid_before = record.authorization.valid_before_secs();
+        if record.status.state.is_open() {
+            *self.reserved.entry((record.chain_id, record.asset, record.authorization.from)).or_default() +=
+                record.authorization.value;
+        }
+        if valid_before.saturating_add(self.retention_secs) >= now {
+            self.replay.insert(
+                record.id,
+                ReplayEntry {
+                    digest: record.digest,
+                    payer: record.authorization.from,
+                    valid_before,
+                    status: record.status.clone(),
+                },
+            );
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: &Receiver<ShardMsg>) {
+        let stage = format!("shard-{}", self.index);
+        let mut last_sweep = std::time::Instant::now();
+        let mut handled = 0u32;
+        loop {
+            match rx.recv_timeout(Self::SWEEP_EVERY) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        return;
+                    }
+                    handled = handled.wrapping_add(1);
+                    if handled % 1024 == 0 {
+                        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => stage.clone()).set(rx.len() as f64);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if last_sweep.elapsed() >= Self::SWEEP_EVERY {
+                self.sweep(unix_millis() / 1000);
+                last_sweep = std::time::Instant::now();
+            }
+        }
+    }
+
+    /// Handles one message; false when the committer is gone.
+    fn handle(&mut self, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Payment { merchant, verified, reply } => {
+                let item = self.check(&merchant, verified, reply);
+                match item {
+                    Some(item) => self.commit.send(item).is_ok(),
+                    None => true,
+                }
+            }
+            ShardMsg::Revert { id, reservation, value } => {
+                self.replay.remove(&id);
+                self.release(reservation, value);
+                true
+            }
+        }
+    }
+
+    /// Step 9 from local state. Returns what the committer must do, or
+    /// `None` when the submit was answered here.
+    fn check(
+        &mut self,
+        merchant: &Merchant,
+        verified: Verified,
+        reply: oneshot::Sender<SubmitOutcome>,
+    ) -> Option<CommitItem> {
+        let payer = verified.payer();
+        let id = verified.id;
+        if let Some(entry) = self.replay.get(&id) {
+            if entry.digest == verified.digest {
+                metrics::counter!(crate::metrics::PAYMENTS_DUPLICATE).increment(1);
+                // Answered by the committer, after the original's group is durable.
+                let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone() };
+                return Some(CommitItem::Reply { outcome, reply });
+            }
+            return self.reject(
+                reply,
+                id,
+                payer,
+                Reason::NonceAlreadyUsed,
+                format!("nonce {} of {payer} was already used by another payment", verified.payload.authorization.nonce),
+            );
+        }
+
+        let value = verified.payload.authorization.value;
+        let key = (verified.chain_id, verified.requirements.asset, payer);
+        let reserved = self.reserved.get(&key).copied().unwrap_or_default();
+        if let Some(balance) = self.balances.balance(key.0, key.1, key.2) {
+            let needed = reserved.saturating_add(value);
+            if needed > balance {
+                return self.reject(
+                    reply,
+                    id,
+                    payer,
+                    Reason::InsufficientBalance,
+                    format!("balance {balance} does not cover {value} on top of {reserved} pending"),
+                );
+            }
+        }
+
+        let now_ms = unix_millis();
+        let status = PaymentStatus::new(PaymentState::Queued, now_ms);
+        let valid_before = verified.payload.authorization.valid_before_secs();
+        self.replay.insert(id, ReplayEntry { digest: verified.digest, payer, valid_before, status: status.clone() });
+        *self.reserved.entry(key).or_default() += value;
+
+        let Verified { requirements, payload, digest, chain_id, .. } = verified;
+        let record = PaymentRecord {
+            id,
+            merchant_id: merchant.id.clone(),
+            merchant_number: merchant.number,
+            chain_id,
+            asset: requirements.asset,
+            eip712_name: requirements.eip712_name,
+            eip712_version: requirements.eip712_version,
+            authorization: payload.authorization,
+            signature: payload.signature,
+            digest,
+            policy: merchant.policy.clone(),
+            status,
+            accepted_at_ms: now_ms,
+        };
+        let pending = PendingKey { merchant_number: merchant.number, deadline: valid_before, id };
+        Some(CommitItem::Payment { record: Box::new(record), pending, shard: self.index, reply })
+    }
+
+    fn reject(
+        &self,
+        reply: oneshot::Sender<SubmitOutcome>,
+        id: PaymentId,
+        payer: Address,
+        reason: Reason,
+        message: String,
+    ) -> Option<CommitItem> {
+        crate::metrics::rejected(reason);
+        let _ = reply.send(SubmitOutcome::Rejected {
+            id: Some(id),
+            payer: Some(payer),
+            rejection: Rejection::new(reason, message),
+        });
+        None
+    }
+
+    fn release(&mut self, key: ReservationKey, value: U256) {
+        if let Some(reserved) = self.reserved.get_mut(&key) {
+            *reserved = reserved.saturating_sub(value);
+            if reserved.is_zero() {
+                self.reserved.remove(&key);
+            }
+        }
+    }
+
+    /// Drops replay entries past `validBefore` + retention: no new submit of
+    /// them can pass stage 1 any more, and the ledger keeps them.
+    fn sweep(&mut self, now: u64) {
+        let retention = self.retention_secs;
+        self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
+    }
+}

@@ -1,0 +1,101 @@
+//! Why a payment is refused: stable x402 reason codes plus a human message.
+//!
+//! Rejections are data, not errors: verification returning one is the engine
+//! working as intended.
+
+use std::{borrow::Cow, fmt};
+
+/// An x402 `exact`-scheme reason code, in the order verification checks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Step 1: the scheme is not `exact`.
+    Scheme,
+    /// Step 2: `extra.name` or `extra.version` is missing.
+    MissingEip712Domain,
+    /// Step 3: the payload's network is not the requirements' network.
+    NetworkMismatch,
+    /// The network or token is not one this merchant accepts.
+    InvalidNetwork,
+    /// Step 4: the signature does not recover to `authorization.from`.
+    Signature,
+    /// Step 5: `authorization.to` is not `payTo` (or `payTo` is not the merchant's).
+    RecipientMismatch,
+    /// Step 6: `validBefore` is too close (or past).
+    ValidBefore,
+    /// Step 7: `validAfter` is in the future.
+    ValidAfter,
+    /// Step 8: `authorization.value` is not the required amount.
+    Value,
+    /// Step 9: the nonce was spent by a different payment.
+    NonceAlreadyUsed,
+    /// Step 9: the payer's balance minus pending payments does not cover it.
+    InsufficientBalance,
+}
+
+impl Reason {
+    /// Every reason, for metrics pre-registration and tests.
+    pub const ALL: [Self; 11] = [
+        Self::Scheme,
+        Self::MissingEip712Domain,
+        Self::NetworkMismatch,
+        Self::InvalidNetwork,
+        Self::Signature,
+        Self::RecipientMismatch,
+        Self::ValidBefore,
+        Self::ValidAfter,
+        Self::Value,
+        Self::NonceAlreadyUsed,
+        Self::InsufficientBalance,
+    ];
+
+    /// The x402 reason code.
+    pub const fn code(self) -> &'static str {
+        match self {
+            Self::Scheme => "invalid_exact_evm_scheme",
+            Self::MissingEip712Domain => "invalid_exact_evm_missing_eip712_domain",
+            Self::NetworkMismatch => "invalid_exact_evm_network_mismatch",
+            Self::InvalidNetwork => "invalid_network",
+            Self::Signature => "invalid_exact_evm_signature",
+            Self::RecipientMismatch => "invalid_exact_evm_recipient_mismatch",
+            Self::ValidBefore => "invalid_exact_evm_payload_authorization_valid_before",
+            Self::ValidAfter => "invalid_exact_evm_payload_authorization_valid_after",
+            Self::Value => "invalid_exact_evm_authorization_value",
+            Self::NonceAlreadyUsed => "invalid_exact_evm_nonce_already_used",
+            Self::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refused payment: the reason code and what exactly was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub message: Cow<'static, str>,
+}
+
+impl Rejection {
+    pub(crate) fn new(reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { reason, message: message.into() }
+    }
+}
+
+/// A request that cannot be processed as sent: the field and what is wrong
+/// with it. Answered as `INVALID_ARGUMENT`; changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidField {
+    pub field: Cow<'static, str>,
+    pub message: Cow<'static, str>,
+}
+
+impl InvalidField {
+    pub(crate) fn new(field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}

@@ -1,0 +1,454 @@
+//! Stage 1 of the pipeline: stateless verification of an x402 `exact`
+//! payment, steps 1–8 of the protocol, entirely local.
+//!
+//! A [`Verifier`] is owned by one verifier thread; it caches EIP-712 domain
+//! separators so a payment costs one struct hash and one public-key recovery.
+
+use std::collections::HashMap;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use base64::Engine as _;
+use secp256k1::{
+    Message,
+    ecdsa::{RecoverableSignature, RecoveryId},
+};
+use serde::Deserialize;
+use x402_chain::{Eip3009Domain, TransferWithAuthorization};
+
+use crate::{
+    domain::{Authorization, ExactPayload, Merchant, Network, PaymentId, PaymentInput, Requirements, Submission},
+    reason::{InvalidField, Reason, Rejection},
+};
+
+/// The largest `PAYMENT-SIGNATURE` header accepted, in bytes.
+pub const MAX_HEADER_LEN: usize = 16 * 1024;
+
+/// `validBefore` must leave at least this many seconds (x402 step 6).
+const MIN_VALID_BEFORE_MARGIN: u64 = 6;
+
+/// Half the secp256k1 group order: the largest `s` a canonical (low-s)
+/// signature may have. USDC rejects anything above it.
+const SECP256K1_HALF_ORDER: U256 =
+    U256::from_be_bytes(alloy::primitives::hex!("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0"));
+
+/// ERC-6492 wraps signatures of undeployed smart wallets and ends with this.
+const ERC6492_MAGIC: [u8; 32] = alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
+
+/// A payment that passed steps 1–8.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub id: PaymentId,
+    pub chain_id: u64,
+    pub requirements: Requirements,
+    pub payload: ExactPayload,
+    /// The EIP-712 digest the payer signed.
+    pub digest: B256,
+}
+
+impl Verified {
+    /// The payer, recovered from the signature.
+    pub const fn payer(&self) -> Address {
+        self.payload.authorization.from
+    }
+}
+
+/// Why stage 1 refused a submit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A verification rule failed.
+    Rejected { id: Option<PaymentId>, payer: Option<Address>, rejection: Rejection },
+    /// The request is malformed.
+    Invalid(InvalidField),
+}
+
+impl From<InvalidField> for Refusal {
+    fn from(value: InvalidField) -> Self {
+        Self::Invalid(value)
+    }
+}
+
+/// Minimum seconds of validity a payment must have left when accepted, per
+/// settlement strategy: a strategy that settles later needs more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinValidity {
+    pub direct: u64,
+    pub batched: u64,
+    pub channel: u64,
+}
+
+impl Default for MinValidity {
+    fn default() -> Self {
+        Self { direct: MIN_VALID_BEFORE_MARGIN, batched: 30, channel: 60 }
+    }
+}
+
+impl MinValidity {
+    fn for_policy(&self, policy: &crate::domain::SettlementPolicy) -> u64 {
+        use crate::domain::SettlementPolicy::*;
+        let secs = match policy {
+            Direct => self.direct,
+            Batched { .. } => self.batched,
+            Channel { .. } => self.channel,
+        };
+        secs.max(MIN_VALID_BEFORE_MARGIN)
+    }
+}
+
+/// Stateless `exact` verification with a cache of domain separators.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    domains: HashMap<(u64, Address), Vec<(String, String, Eip3009Domain)>>,
+    min_validity: MinValidity,
+}
+
+impl Verifier {
+    /// Upper bound on cached domains; the cache is dropped when it grows past it.
+    const MAX_DOMAINS: usize = 4096;
+
+    pub fn new(min_validity: MinValidity) -> Self {
+        Self { domains: HashMap::new(), min_validity }
+    }
+
+    /// Runs steps 1–8 for `merchant` at unix time `now`.
+    pub fn verify(&mut self, merchant: &Merchant, submission: Submission, now: u64) -> Result<Verified, Refusal> {
+        let Submission { requirements, input } = submission;
+        let (payload, accepted_scheme) = match input {
+            PaymentInput::Exact(payload) => (payload, None),
+            PaymentInput::Header(header) => {
+                let decoded = decode_header(&header)?;
+                (decoded.payload, Some(decoded.scheme))
+            }
+        };
+        let auth = &payload.authorization;
+        let reject = |id: Option<PaymentId>, reason, message: String| Refusal::Rejected {
+            id,
+            payer: None,
+            rejection: Rejection::new(reason, message),
+        };
+
+        // 1. scheme
+        if requirements.scheme != "exact" || accepted_scheme.as_deref().is_some_and(|s| s != "exact") {
+            let got = accepted_scheme.filter(|s| s != "exact").unwrap_or_else(|| requirements.scheme.clone());
+            return Err(reject(None, Reason::Scheme, format!("scheme {got:?} is not \"exact\"")));
+        }
+        // 2. token EIP-712 domain
+        if requirements.eip712_name.is_empty() || requirements.eip712_version.is_empty() {
+            return Err(reject(None, Reason::MissingEip712Domain, "extra.name and extra.version are required".into()));
+        }
+        // 3. network
+        if payload.network != requirements.network {
+            return Err(reject(
+                None,
+                Reason::NetworkMismatch,
+                format!("payload network {:?} differs from required {:?}", payload.network, requirements.network),
+            ));
+        }
+        let Some(network) = Network::parse(&requirements.network) else {
+            return Err(reject(
+                None,
+                Reason::InvalidNetwork,
+                format!("network {:?} is not an eip155 network", requirements.network),
+            ));
+        };
+        let chain_id = network.chain_id();
+        let id = PaymentId::new(chain_id, requirements.asset, auth.from, auth.nonce);
+        if !merchant.accepts(chain_id, requirements.asset) {
+            return Err(reject(
+                Some(id),
+                Reason::InvalidNetwork,
+                format!("merchant does not accept token {} on {network}", requirements.asset),
+            ));
+        }
+        // 4. signature
+        let domain = self.domain(chain_id, &requirements);
+        let digest = domain.signing_hash(&TransferWithAuthorization {
+            from: auth.from,
+            to: auth.to,
+            value: auth.value,
+            validAfter: auth.valid_after,
+            validBefore: auth.valid_before,
+            nonce: auth.nonce,
+        });
+        if let Err(message) = check_signature(&payload.signature, digest, auth.from) {
+            return Err(reject(Some(id), Reason::Signature, message));
+        }
+        let signed = |reason, message: String| Refusal::Rejected {
+            id: Some(id),
+            payer: Some(auth.from),
+            rejection: Rejection::new(reason, message),
+        };
+        // 5. recipient
+        if auth.to != requirements.pay_to {
+            return Err(signed(
+                Reason::RecipientMismatch,
+                format!("authorization.to {} is not payTo {}", auth.to, requirements.pay_to),
+            ));
+        }
+        if !merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to) {
+            return Err(signed(
+                Reason::RecipientMismatch,
+                format!("payTo {} is not an address of merchant {:?}", requirements.pay_to, merchant.id),
+            ));
+        }
+        // 6. validBefore, with the strategy's minimum remaining validity
+        let min_left = self.min_validity.for_policy(&merchant.policy);
+        if auth.valid_before_secs() < now.saturating_add(min_left) {
+            return Err(signed(
+                Reason::ValidBefore,
+                format!(
+                    "validBefore {} leaves less than the {min_left} s the {} strategy needs (now {now})",
+                    auth.valid_before,
+                    merchant.policy.name()
+                ),
+            ));
+        }
+        // 7. validAfter
+        if auth.valid_after_secs() > now {
+            return Err(signed(Reason::ValidAfter, format!("validAfter {} is after now ({now})", auth.valid_after)));
+        }
+        // 8. value
+        if auth.value != requirements.amount {
+            return Err(signed(
+                Reason::Value,
+                format!("authorization.value {} is not the required amount {}", auth.value, requirements.amount),
+            ));
+        }
+        Ok(Verified { id, chain_id, requirements, payload, digest })
+    }
+
+    fn domain(&mut self, chain_id: u64, req: &Requirements) -> &Eip3009Domain {
+        if self.domains.len() >= Self::MAX_DOMAINS {
+            self.domains.clear();
+        }
+        let entries = self.domains.entry((chain_id, req.asset)).or_default();
+        let pos = match entries.iter().position(|(n, v, _)| *n == req.eip712_name && *v == req.eip712_version) {
+            Some(pos) => pos,
+            None => {
+                let domain = Eip3009Domain::new(&req.eip712_name, &req.eip712_version, chain_id, req.asset);
+                entries.push((req.eip712_name.clone(), req.eip712_version.clone(), domain));
+                entries.len() - 1
+            }
+        };
+        &entries[pos].2
+    }
+}
+
+/// Checks that `signature` is a canonical 65-byte ECDSA signature of `digest`
+/// by `expected`.
+pub fn check_signature(signature: &[u8], digest: B256, expected: Address) -> Result<(), String> {
+    if signature.len() != 65 {
+        if signature.len() >= 32 && signature[signature.len() - 32..] == ERC6492_MAGIC {
+            return Err("ERC-6492 smart-wallet signatures need an on-chain check and are not accepted".into());
+        }
+        return Err(format!(
+            "signature is {} bytes, not 65 (smart-contract wallet signatures need an on-chain check and are not accepted)",
+            signature.len()
+        ));
+    }
+    let recovered = recover_signer(signature.try_into().expect("length checked"), digest)?;
+    if recovered != expected {
+        return Err(format!("signature recovers to {recovered}, not authorization.from {expected}"));
+    }
+    Ok(())
+}
+
+/// Recovers the address that signed `digest` with a 65-byte `r ‖ s ‖ v`
+/// signature, refusing high-`s` (malleable) signatures.
+pub fn recover_signer(signature: &[u8; 65], digest: B256) -> Result<Address, String> {
+    let s = U256::from_be_slice(&signature[32..64]);
+    if s > SECP256K1_HALF_ORDER {
+        return Err("signature s is above half the curve order (malleable); tokens reject it".into());
+    }
+    let parity = match signature[64] {
+        0 | 27 => 0,
+        1 | 28 => 1,
+        v => return Err(format!("signature v is {v}, not 27/28 or 0/1")),
+    };
+    let recid = RecoveryId::try_from(parity).expect("0 or 1");
+    let sig = RecoverableSignature::from_compact(&signature[..64], recid)
+        .map_err(|_| "signature r or s is out of range".to_owned())?;
+    let key = secp256k1::SECP256K1
+        .recover_ecdsa(Message::from_digest(digest.0), &sig)
+        .map_err(|_| "signature does not recover to a public key".to_owned())?;
+    let uncompressed = key.serialize_uncompressed();
+    Ok(Address::from_slice(&keccak256(&uncompressed[1..])[12..]))
+}
+
+/// A decoded `PAYMENT-SIGNATURE` header.
+struct DecodedHeader {
+    scheme: String,
+    payload: ExactPayload,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeaderJson {
+    x402_version: u32,
+    accepted: AcceptedJson,
+    payload: PayloadJson,
+}
+
+#[derive(Deserialize)]
+struct AcceptedJson {
+    scheme: String,
+    network: String,
+}
+
+#[derive(Deserialize)]
+struct PayloadJson {
+    signature: String,
+    authorization: AuthorizationJson,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuthorizationJson {
+    from: String,
+    to: String,
+    value: Uint,
+    valid_after: Uint,
+    valid_before: Uint,
+    nonce: String,
+}
+
+/// A uint256 as x402 sends it: a decimal string (numbers accepted too).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Uint {
+    Str(String),
+    Num(u64),
+}
+
+fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
+    const FIELD: &str = "payment_signature_header";
+    if header.len() > MAX_HEADER_LEN {
+        return Err(InvalidField::new(FIELD, format!("is {} bytes, more than {MAX_HEADER_LEN}", header.len())));
+    }
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(header.trim())
+        .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))?;
+    let parsed: HeaderJson =
+        serde_json::from_slice(&json).map_err(|e| InvalidField::new(FIELD, format!("is not an x402 PaymentPayload: {e}")))?;
+    if parsed.x402_version != 2 {
+        return Err(InvalidField::new(
+            format!("{FIELD}.x402Version"),
+            format!("is {}, only 2 is supported", parsed.x402_version),
+        ));
+    }
+    let a = parsed.payload.authorization;
+    let field = |name: &str| format!("{FIELD}.payload.authorization.{name}");
+    let authorization = Authorization {
+        from: parse_address(&a.from).ok_or_else(|| InvalidField::new(field("from"), "is not a 20-byte hex address"))?,
+        to: parse_address(&a.to).ok_or_else(|| InvalidField::new(field("to"), "is not a 20-byte hex address"))?,
+        value: parse_uint(&a.value).ok_or_else(|| InvalidField::new(field("value"), "is not a uint256"))?,
+        valid_after: parse_uint(&a.valid_after).ok_or_else(|| InvalidField::new(field("validAfter"), "is not a uint256"))?,
+        valid_before: parse_uint(&a.valid_before)
+            .ok_or_else(|| InvalidField::new(field("validBefore"), "is not a uint256"))?,
+        nonce: parse_b256(&a.nonce).ok_or_else(|| InvalidField::new(field("nonce"), "is not 32 hex bytes"))?,
+    };
+    let signature = parse_hex(&parsed.payload.signature)
+        .ok_or_else(|| InvalidField::new(format!("{FIELD}.payload.signature"), "is not 0x-hex"))?;
+    Ok(DecodedHeader {
+        scheme: parsed.accepted.scheme,
+        payload: ExactPayload { network: parsed.accepted.network, authorization, signature },
+    })
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    hex::decode(s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?).ok()
+}
+
+fn parse_address(s: &str) -> Option<Address> {
+    let bytes = parse_hex(s)?;
+    (bytes.len() == 20).then(|| Address::from_slice(&bytes))
+}
+
+fn parse_b256(s: &str) -> Option<B256> {
+    let bytes = parse_hex(s)?;
+    (bytes.len() == 32).then(|| B256::from_slice(&bytes))
+}
+
+fn parse_uint(v: &Uint) -> Option<U256> {
+    match v {
+        Uint::Num(n) => Some(U256::from(*n)),
+        Uint::Str(s) => parse_decimal_u256(s),
+    }
+}
+
+/// Parses a decimal uint256 as x402 writes amounts (no sign, no exponent).
+pub fn parse_decimal_u256(s: &str) -> Option<U256> {
+    if s.is_empty() || s.len() > 78 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    U256::from_str_radix(s, 10).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::{address, b256, hex};
+
+    /// `anvil_eip3009` in `shared/x402/vectors.json`: the signature recovers
+    /// to the signer.
+    #[test]
+    fn anvil_vector_recovers() {
+        let sig = hex!(
+            "09f9b29ae465f75ab78981cb81948435c0e2c7a9a2879b365657fe801b0da6cb5b8a20b141ef90128c7c2012d93f4e7c72eec04a36e3cb120f7bc696029c61141b"
+        );
+        let digest = b256!("0xd93f977ef4729e23e1750880476907e01c90f0c7c02d4a7610678f539dff31db");
+        let signer = address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+        assert_eq!(recover_signer(&sig, digest).unwrap(), signer);
+        // v as 0/1 is normalised.
+        let mut v01 = sig;
+        v01[64] = 0;
+        assert_eq!(recover_signer(&v01, digest).unwrap(), signer);
+        // The malleated twin (n - s, flipped v) is refused.
+        let n = U256::from_be_bytes(hex!("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141"));
+        let mut high = sig;
+        high[32..64].copy_from_slice(&(n - U256::from_be_slice(&sig[32..64])).to_be_bytes::<32>());
+        high[64] = 28;
+        assert!(recover_signer(&high, digest).unwrap_err().contains("half the curve order"));
+        // A different digest recovers someone else.
+        assert_ne!(recover_signer(&sig, B256::ZERO).ok(), Some(signer));
+    }
+
+    /// `permit2_exact_cross_sdk` in `shared/x402/vectors.json`: anvil key 0's
+    /// signature over the given digest recovers to it.
+    #[test]
+    fn permit2_vector_recovers() {
+        let sig = hex!(
+            "71d701457d5c4c4ccb48ce0cbf1ff80dd2237c2e7a04272043b99e1c667e370d096fec3610f7c96c264294e25eff53a99eb8fd7ed25621b65e23e79a1c41abf51c"
+        );
+        let digest = b256!("0x93f7d7cc192fe78957fc114318393187c2fc5194c6d9ac26aba364559fac39d2");
+        assert_eq!(recover_signer(&sig, digest).unwrap(), address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"));
+    }
+
+    /// `batch_settlement` voucher in `shared/x402/vectors.json`.
+    #[test]
+    fn voucher_vector_recovers() {
+        let sig = hex!(
+            "425af900f98c8b391b0120c8dcaa02a0f9923b083dba75a9874629d3ae69c44f0fa8b92d0a3aa35fe24317d689fb54bdd55f92125851731b9621752ebd76ba9a1c"
+        );
+        let digest = b256!("0x13a53a592689cfe97daf1169e2fb957a9694c5ecb9c648f1797b724c72786a28");
+        assert_eq!(recover_signer(&sig, digest).unwrap(), address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"));
+    }
+
+    #[test]
+    fn smart_wallet_signatures_are_refused_clearly() {
+        let mut wrapped = vec![0u8; 200];
+        wrapped[168..].copy_from_slice(&ERC6492_MAGIC);
+        let err = check_signature(&wrapped, B256::ZERO, Address::ZERO).unwrap_err();
+        assert!(err.contains("ERC-6492"), "{err}");
+        let err = check_signature(&[0u8; 64], B256::ZERO, Address::ZERO).unwrap_err();
+        assert!(err.contains("64 bytes"), "{err}");
+    }
+
+    #[test]
+    fn decimal_parsing() {
+        assert_eq!(parse_decimal_u256("10000"), Some(U256::from(10_000)));
+        assert_eq!(parse_decimal_u256(&U256::MAX.to_string()), Some(U256::MAX));
+        for bad in ["", "-1", "1e6", "0x10", " 1", "115792089237316195423570985008687907853269984665640564039457584007913129639936"] {
+            assert_eq!(parse_decimal_u256(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The rest of the API: resumable settlement watches, merchant admin with
+//! runtime strategy changes, health, reflection, TLS and metrics.
+
+use std::time::Duration;
+
+use tonic::Code;
+use x402_engine::{config::PolicyConfig, payer::Payer};
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+async fn next_events(stream: &mut tonic::Streaming<pb::SettlementEvent>, n: usize) -> Vec<pb::SettlementEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("stream open");
+        out.push(event);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_settlements_resumes_from_a_cursor_and_shows_only_own_payments() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let addr = node.endpoints().grpc;
+    let mut m1 = payments(addr, M1_KEY).await;
+    let mut m2 = payments(addr, M2_KEY).await;
+    let payer = Payer::random();
+
+    // m1 watches live from the start.
+    let mut live = m1.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let mut m1_ids = Vec::new();
+    for i in 0..10 {
+        let resp = m1.submit(signed_submit(&payer, PAY_TO, i)).await.unwrap().into_inner();
+        m1_ids.push(resp.payment_id);
+        // Interleave a payment of m2, which m1 must not see.
+        let resp = m2.submit(signed_submit(&payer, PAY_TO_2, i)).await.unwrap().into_inner();
+        assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+    }
+    let events = next_events(&mut live, 10).await;
+    assert_eq!(events.iter().map(|e| e.payment_id.clone()).collect::<Vec<_>>(), m1_ids);
+    assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    assert!(events.iter().all(|e| e.status.as_ref().unwrap().state == pb::PaymentState::Queued as i32));
+
+    // A client that saw five reconnects after the fifth and misses nothing.
+    let cursor = events[4].sequence;
+    drop(live);
+    let mut resumed =
+        m1.watch_settlements(pb::WatchSettlementsRequest { after_sequence: cursor }).await.unwrap().into_inner();
+    let again = next_events(&mut resumed, 5).await;
+    assert_eq!(again, events[5..].to_vec());
+    // ... and keeps receiving new ones.
+    let resp = m1.submit(signed_submit(&payer, PAY_TO, 99)).await.unwrap().into_inner();
+    let new = next_events(&mut resumed, 1).await;
+    assert_eq!(new[0].payment_id, resp.payment_id);
+    assert!(new[0].sequence > events[9].sequence);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merchant_admin_and_runtime_strategy_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let addr = node.endpoints().grpc;
+    let mut admin = admin(addr, ADMIN_KEY).await;
+
+    let listed = admin.list_merchants(pb::ListMerchantsRequest {}).await.unwrap().into_inner().merchants;
+    assert_eq!(listed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
+    assert!(listed.iter().all(|m| m.has_api_key));
+
+    let direct = pb::SettlementPolicy { strategy: Some(pb::settlement_policy::Strategy::Direct(pb::DirectPolicy {})) };
+    let new_key = "test-merchant-new-key-0123";
+    let created = admin
+        .upsert_merchant(pb::UpsertMerchantRequest {
+            merchant: Some(pb::Merchant {
+                id: "m9".into(),
+                pay_to: vec![PAY_TO.to_vec()],
+                policy: Some(direct),
+                ..Default::default()
+            }),
+            api_key: new_key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.has_api_key);
+    assert_eq!(admin.get_merchant(pb::GetMerchantRequest { id: "m9".into() }).await.unwrap().into_inner(), created);
+
+    let payer = Payer::random();
+    let mut m9 = payments(addr, new_key).await;
+    let first = m9.submit(signed_submit(&payer, PAY_TO, 1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&first), pb::Outcome::Accepted, "{first:?}");
+
+    // Switch to batched while the merchant's stream stays open.
+    let batched = pb::SettlementPolicy {
+        strategy: Some(pb::settlement_policy::Strategy::Batched(pb::BatchedPolicy { max_rows: 50, max_wait_ms: 250 })),
+    };
+    admin
+        .upsert_merchant(pb::UpsertMerchantRequest {
+            merchant: Some(pb::Merchant { id: "m9".into(), pay_to: vec![PAY_TO.to_vec()], policy: Some(batched.clone()), ..Default::default() }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let second = m9.submit(signed_submit(&payer, PAY_TO, 2)).await.unwrap().into_inner();
+    let get = |id: Vec<u8>| pb::GetPaymentRequest { payment_id: id };
+    let p1 = m9.get_payment(get(first.payment_id)).await.unwrap().into_inner();
+    let p2 = m9.get_payment(get(second.payment_id)).await.unwrap().into_inner();
+    assert!(matches!(p1.policy.unwrap().strategy, Some(pb::settlement_policy::Strategy::Direct(_))));
+    assert_eq!(p2.policy.unwrap(), batched, "a payment is queued under the strategy in force");
+
+    // Bad admin input is INVALID_ARGUMENT naming the field; a taken key is refused.
+    let status = admin
+        .upsert_merchant(pb::UpsertMerchantRequest {
+            merchant: Some(pb::Merchant { id: "bad id!".into(), ..Default::default() }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("merchant.id"), "{}", status.message());
+    let status = admin
+        .upsert_merchant(pb::UpsertMerchantRequest {
+            merchant: Some(pb::Merchant { id: "m10".into(), policy: Some(batched), ..Default::default() }),
+            api_key: M1_KEY.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let status = admin.get_merchant(pb::GetMerchantRequest { id: "nobody".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let endpoints = node.endpoints();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(endpoints.grpc).await);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "x402.engine.v1.PaymentService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel(endpoints.grpc).await);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = responses.message().await.unwrap().unwrap().message_response else {
+        panic!("list services answered");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["x402.engine.v1.PaymentService", "x402.engine.v1.MerchantAdminService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    }
+
+    let mut m1 = payments(endpoints.grpc, M1_KEY).await;
+    let payer = Payer::random();
+    m1.submit(signed_submit(&payer, PAY_TO, 1)).await.unwrap();
+    let mut bad = signed_submit(&payer, PAY_TO, 2);
+    bad.requirements.as_mut().unwrap().amount = "1".into();
+    m1.submit(bad).await.unwrap();
+
+    let body = reqwest::get(format!("http://{}/metrics", endpoints.http)).await.unwrap().text().await.unwrap();
+    for needle in [
+        "x402d_payments_accepted_total",
+        "x402d_payments_rejected_total{reason=\"invalid_exact_evm_authorization_value\"}",
+        "x402d_ledger_commit_seconds_bucket",
+        "x402d_pipeline_queue_depth",
+        "x402d_settlement_queue_depth{strategy=\"direct\"}",
+    ] {
+        assert!(body.contains(needle), "{needle} in /metrics:\n{body}");
+    }
+    let ok = reqwest::get(format!("http://{}/healthz", endpoints.http)).await.unwrap();
+    assert!(ok.status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_pem = cert.cert.pem();
+    std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut config = config_value(dir.path());
+    config.server.tls = Some(x402_engine::config::TlsConfig {
+        cert_file: dir.path().join("cert.pem"),
+        key_file: dir.path().join("key.pem"),
+    });
+    config.merchants.push(merchant_config("m3", PAY_TO, "test-merchant-three-key-01", PolicyConfig::Direct));
+    let node = start_node(&config).await;
+    let port = node.endpoints().grpc.port();
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert_pem))
+        .domain_name("localhost");
+    let channel = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS handshake");
+    let bearer: tonic::metadata::MetadataValue<_> = "Bearer test-merchant-three-key-01".parse().unwrap();
+    let mut client = x402_proto::v1::payment_service_client::PaymentServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        },
+    );
+    let resp = client.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+
+    // Plaintext is refused by a TLS listener.
+    let plain = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await;
+    if let Ok(plain) = plain {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(plain);
+        assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! Test harness: x402d processes and in-process nodes on free loopback
+//! ports, authenticated clients, and signed payments.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use alloy::primitives::{Address, B256, U256, address};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use x402_engine::{
+    config::{Config, MerchantConfig, PolicyConfig},
+    domain::{ExactPayload, Requirements},
+    node::Node,
+    payer::Payer,
+};
+use x402_proto::v1::{
+    self as pb, merchant_admin_service_client::MerchantAdminServiceClient, payment_service_client::PaymentServiceClient,
+};
+
+pub(crate) const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub(crate) const M1_KEY: &str = "test-merchant-one-key-0123";
+pub(crate) const M2_KEY: &str = "test-merchant-two-key-0123";
+pub(crate) const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
+pub(crate) const PAY_TO_2: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+pub(crate) const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+pub(crate) const NETWORK: &str = "eip155:31337";
+pub(crate) const AMOUNT: u64 = 10_000;
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A config for tests: ledger under `dir`, two direct merchants `m1` and `m2`.
+pub(crate) fn config(dir: &Path) -> String {
+    format!(
+        r#"
+[ledger]
+path = "{ledger}"
+
+[pipeline]
+shards = 2
+
+[[merchants]]
+id = "m1"
+pay_to = ["{PAY_TO}"]
+policy = {{ strategy = "direct" }}
+api_key_env = "X402D_TEST_M1_KEY"
+
+[[merchants]]
+id = "m2"
+pay_to = ["{PAY_TO_2}"]
+policy = {{ strategy = "batched", max_rows = 100, max_wait_ms = 500 }}
+api_key_env = "X402D_TEST_M2_KEY"
+"#,
+        ledger = dir.join("ledger").display()
+    )
+}
+
+/// The same configuration as [`config`], as a value with inline keys, for
+/// in-process nodes.
+pub(crate) fn config_value(dir: &Path) -> Config {
+    let mut config = Config::from_toml(&config(dir)).unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.auth.admin_key = Some(ADMIN_KEY.into());
+    config.merchants[0].api_key = Some(M1_KEY.into());
+    config.merchants[1].api_key = Some(M2_KEY.into());
+    config
+}
+
+pub(crate) fn merchant_config(id: &str, pay_to: Address, key: &str, policy: PolicyConfig) -> MerchantConfig {
+    MerchantConfig {
+        id: id.into(),
+        pay_to: vec![pay_to.to_string()],
+        assets: Vec::new(),
+        policy,
+        api_key: Some(key.into()),
+        api_key_env: None,
+        api_key_file: None,
+    }
+}
+
+/// An `x402d serve` process.
+pub(crate) struct Daemon {
+    child: Child,
+    pub(crate) grpc: SocketAddr,
+    #[allow(dead_code, reason = "kept for tests of the HTTP listener")]
+    pub(crate) http: SocketAddr,
+}
+
+impl Daemon {
+    /// Writes `config` to `dir/x402d.toml` and starts `x402d serve` on free ports.
+    pub(crate) fn start(dir: &Path, config: &str) -> Self {
+        let path: PathBuf = dir.join("x402d.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_x402d"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .env("X402D_ADMIN_KEY", ADMIN_KEY)
+            .env("X402D_TEST_M1_KEY", M1_KEY)
+            .env("X402D_TEST_M2_KEY", M2_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("x402d starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.strip_prefix("x402d listening ") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("x402d prints its endpoints");
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key))
+                .unwrap_or_else(|| panic!("{key} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        Self { grpc: addr("grpc="), http: addr("http="), child }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub(crate) fn stop(&mut self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "x402d exits cleanly on SIGTERM: {status}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An in-process node.
+pub(crate) async fn start_node(config: &Config) -> Node {
+    Node::start(config).await.expect("node starts")
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub(crate) type Payments = PaymentServiceClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Admin = MerchantAdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub(crate) async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connects")
+}
+
+fn bearer(key: &str) -> Bearer {
+    Bearer(format!("Bearer {key}").parse().unwrap())
+}
+
+pub(crate) async fn payments(addr: SocketAddr, key: &str) -> Payments {
+    PaymentServiceClient::with_interceptor(channel(addr).await, bearer(key))
+}
+
+pub(crate) async fn admin(addr: SocketAddr, key: &str) -> Admin {
+    MerchantAdminServiceClient::with_interceptor(channel(addr).await, bearer(key))
+}
+
+pub(crate) fn requirements(pay_to: Address) -> Requirements {
+    Requirements {
+        scheme: "exact".into(),
+        network: NETWORK.into(),
+        amount: U256::from(AMOUNT),
+        asset: TOKEN,
+        pay_to,
+        max_timeout_seconds: 60,
+        eip712_name: "USD Coin".into(),
+        eip712_version: "2".into(),
+    }
+}
+
+pub(crate) fn pb_requirements(r: &Requirements) -> pb::PaymentRequirements {
+    pb::PaymentRequirements {
+        scheme: r.scheme.clone(),
+        network: r.network.clone(),
+        amount: r.amount.to_string(),
+        asset: r.asset.to_vec(),
+        pay_to: r.pay_to.to_vec(),
+        max_timeout_seconds: r.max_timeout_seconds,
+        eip712_name: r.eip712_name.clone(),
+        eip712_version: r.eip712_version.clone(),
+    }
+}
+
+pub(crate) fn pb_exact(p: &ExactPayload) -> pb::ExactPayment {
+    let a = &p.authorization;
+    pb::ExactPayment {
+        network: p.network.clone(),
+        authorization: Some(pb::ExactAuthorization {
+            from: a.from.to_vec(),
+            to: a.to.to_vec(),
+            value: a.value.to_string(),
+            valid_after: a.valid_after.to(),
+            valid_before: a.valid_before.to(),
+            nonce: a.nonce.to_vec(),
+        }),
+        signature: p.signature.clone(),
+    }
+}
+
+/// A signed, valid payment to `pay_to` as a typed submit.
+pub(crate) fn signed_submit(payer: &Payer, pay_to: Address, request_id: u64) -> pb::SubmitRequest {
+    let req = requirements(pay_to);
+    let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+    pb::SubmitRequest {
+        request_id,
+        requirements: Some(pb_requirements(&req)),
+        payment: Some(pb::submit_request::Payment::Exact(pb_exact(&payload))),
+    }
+}
+
+pub(crate) fn outcome(resp: &pb::SubmitResponse) -> pb::Outcome {
+    pb::Outcome::try_from(resp.outcome).unwrap()
+}
+
+/// Streams `requests` over one `SubmitStream` and returns the responses
+/// ordered by request id.
+pub(crate) async fn stream_all(client: &mut Payments, requests: Vec<pb::SubmitRequest>) -> Vec<pb::SubmitResponse> {
+    let n = requests.len();
+    let mut responses = client
+        .submit_stream(tokio_stream::iter(requests))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut out = Vec::with_capacity(n);
+    while let Some(resp) = responses.message().await.expect("stream stays up") {
+        out.push(resp);
+    }
+    assert_eq!(out.len(), n, "one response per request");
+    out.sort_by_key(|r| r.request_id);
+    out
+}
+
+pub(crate) fn random_nonce() -> B256 {
+    B256::from(rand::random::<[u8; 32]>())
+}

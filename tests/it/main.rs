@@ -1,0 +1,8 @@
+//! Integration tests of x402d: real `x402d` processes or in-process nodes,
+//! a real RocksDB, real gRPC clients over loopback.
+
+mod api;
+mod common;
+mod crash;
+mod rejections;
+mod stream;
