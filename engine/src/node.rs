@@ -45,6 +45,9 @@ impl Node {
     /// Like [`Node::start`], on a given ledger and balance source.
     pub async fn start_with(config: &Config, ledger: Arc<dyn Ledger>, balances: Arc<dyn BalanceSource>) -> Result<Self> {
         crate::http::prometheus();
+        // Two TLS backends are linked (ring for tonic, aws-lc-rs for alloy's
+        // HTTP client), so rustls needs to be told which one to use.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let admin_key = config.admin_key()?;
         if admin_key.is_none() {
             tracing::warn!("no admin key configured: merchant admin is disabled");

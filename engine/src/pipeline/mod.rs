@@ -113,14 +113,21 @@ pub(crate) type MerchantWrite = (Merchant, oneshot::Sender<Result<()>>);
 /// threads once the queued work is done.
 pub struct Pipeline {
     verify_tx: Option<Sender<VerifyJob>>,
+    shard_txs: Vec<Sender<ShardMsg>>,
     commit_tx: Option<Sender<CommitItem>>,
-    threads: Vec<JoinHandle<()>>,
+    /// Joined in this order on shutdown: each stage drains before the next stops.
+    verifier_threads: Vec<JoinHandle<()>>,
+    shard_threads: Vec<JoinHandle<()>>,
+    committer_thread: Option<JoinHandle<()>>,
     events: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("threads", &self.threads.len()).finish_non_exhaustive()
+        f.debug_struct("Pipeline")
+            .field("verifiers", &self.verifier_threads.len())
+            .field("shards", &self.shard_threads.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,22 +173,29 @@ impl Pipeline {
             "pipeline state rebuilt from the ledger"
         );
 
-        let mut threads = Vec::new();
+        let mut pipeline = Self {
+            verify_tx: Some(verify_tx),
+            shard_txs: shard_txs.clone(),
+            commit_tx: Some(commit_tx),
+            verifier_threads: Vec::new(),
+            shard_threads: Vec::new(),
+            committer_thread: None,
+            events: events_rx,
+        };
+        pipeline.committer_thread = Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
         for (i, (state, rx)) in shard_states.into_iter().zip(shard_rxs).enumerate() {
-            threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx))?);
+            pipeline.shard_threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx))?);
         }
         let shard_txs = Arc::new(shard_txs);
         for i in 0..verifiers {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity);
-            threads.push(spawn(format!("x402d-verify-{i}"), move || {
+            pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
                 run_verifier(&mut verifier, &rx, &shard_txs);
             })?);
         }
-        threads.push(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
-
-        Ok(Self { verify_tx: Some(verify_tx), commit_tx: Some(commit_tx), threads, events: events_rx })
+        Ok(pipeline)
     }
 
     /// Queues `submission` for `merchant`; the receiver yields the outcome
@@ -228,14 +242,25 @@ impl Pipeline {
         self.stop();
     }
 
+    /// Stops stage by stage: verifiers drain their queue and exit, then the
+    /// shards (told to stop, since the committer holds senders to them for
+    /// reverts), then the committer once every sender to it is gone.
     fn stop(&mut self) {
-        self.verify_tx.take();
-        self.commit_tx.take();
-        for handle in self.threads.drain(..) {
-            if handle.join().is_err() {
-                tracing::error!("a pipeline thread panicked");
+        fn join(handles: impl IntoIterator<Item = JoinHandle<()>>) {
+            for handle in handles {
+                if handle.join().is_err() {
+                    tracing::error!("a pipeline thread panicked");
+                }
             }
         }
+        self.verify_tx.take();
+        join(self.verifier_threads.drain(..));
+        for tx in self.shard_txs.drain(..) {
+            let _ = tx.send(ShardMsg::Stop);
+        }
+        join(self.shard_threads.drain(..));
+        self.commit_tx.take();
+        join(self.committer_thread.take());
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) enum ShardMsg {
     Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
     /// The commit that would have recorded `id` failed: forget it.
     Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
+    /// Finish: everything queued before this has been handled.
+    Stop,
 }
 
 /// Reservations are per (chain, token, payer).
@@ -109,7 +111,7 @@ impl Shard {
         }
     }
 
-    /// Handles one message; false when the committer is gone.
+    /// Handles one message; false when the shard should stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
             ShardMsg::Payment { merchant, verified, reply } => {
@@ -124,6 +126,7 @@ impl Shard {
                 self.release(reservation, value);
                 true
             }
+            ShardMsg::Stop => false,
         }
     }
 
