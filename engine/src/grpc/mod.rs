@@ -7,8 +7,7 @@ mod service;
 use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use x402_proto::v1::{
     merchant_admin_service_server::MerchantAdminServiceServer, payment_service_server::PaymentServiceServer,
 };
@@ -34,7 +33,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let mut server = Server::builder().tcp_nodelay(true);
+    let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
@@ -48,7 +47,8 @@ pub async fn serve(
         .add_service(
             MerchantAdminServiceServer::new(MerchantAdminApi::new(engine)).max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Acks are small writes: without TCP_NODELAY each waits for the peer's delayed ACK.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;
     Ok(())
 }
