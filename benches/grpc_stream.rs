@@ -75,11 +75,16 @@ fn grpc_stream(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let batches: Vec<Vec<pb::SubmitRequest>> = (0..iters)
                 .map(|_| {
-                    signed_submissions(&payers, PER_ITER).into_iter().enumerate().map(|(i, s)| to_request(i as u64, s)).collect()
+                    signed_submissions(&payers, PER_ITER)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, s)| to_request(i as u64, s))
+                        .collect()
                 })
                 .collect();
             runtime.block_on(async {
-                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+                let channel =
+                    tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
                 let bearer = bearer.clone();
                 let mut client = PaymentServiceClient::with_interceptor(channel, move |mut req: Request<()>| {
                     req.metadata_mut().insert("authorization", bearer.clone());

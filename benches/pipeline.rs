@@ -15,7 +15,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use x402_benches::{merchant, signed_submissions};
 use x402_engine::{
-    balance::ConfiguredBalances,
+    balance::{BalanceSource, ConfiguredBalances},
     domain::PaymentInput,
     ledger::{Ledger, RocksLedger, RocksOptions},
     payer::Payer,
@@ -61,8 +61,8 @@ fn whole_pipeline(c: &mut Criterion) {
     for (name, sync) in [("verify_commit", true), ("verify_only", false)] {
         let dir = tempfile::tempdir().unwrap();
         let ledger: Arc<dyn Ledger> = Arc::new(RocksLedger::open(dir.path(), RocksOptions { sync }).unwrap());
-        let pipeline =
-            Pipeline::start(&PipelineConfig::default(), ledger, Arc::new(ConfiguredBalances::new(None))).unwrap();
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let pipeline = Pipeline::start(&PipelineConfig::default(), &ledger, &balances).unwrap();
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter_custom(|iters| {
                 let batches: Vec<_> = (0..iters).map(|_| signed_submissions(&payers, IN_FLIGHT)).collect();

@@ -91,16 +91,8 @@ mod tests {
     /// `anvil_eip3009` in `shared/x402/vectors.json`.
     #[test]
     fn anvil_vector_digest() {
-        let domain = Eip3009Domain::new(
-            "USD Coin",
-            "2",
-            31337,
-            address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
-        );
-        assert_eq!(
-            domain.separator(),
-            b256!("0xfc557a58e1177dd0b729c40130003009d1ffed5a502b494889e2711c7726dd52")
-        );
+        let domain = Eip3009Domain::new("USD Coin", "2", 31337, address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"));
+        assert_eq!(domain.separator(), b256!("0xfc557a58e1177dd0b729c40130003009d1ffed5a502b494889e2711c7726dd52"));
         let message = TransferWithAuthorization {
             from: address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
             to: address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
@@ -123,15 +115,7 @@ mod tests {
     /// USDC on Base Sepolia.
     #[test]
     fn spec_vector_domain() {
-        let domain = Eip3009Domain::new(
-            "USDC",
-            "2",
-            84532,
-            address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
-        );
-        assert_eq!(
-            domain.separator(),
-            b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818")
-        );
+        let domain = Eip3009Domain::new("USDC", "2", 84532, address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"));
+        assert_eq!(domain.separator(), b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818"));
     }
 }

@@ -215,8 +215,8 @@ pub enum PolicyConfig {
 impl Config {
     /// Reads and parses a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
             other => other,
@@ -262,7 +262,8 @@ impl Config {
             .enumerate()
             .map(|(i, m)| {
                 let field = |name: &str| format!("merchants[{i}].{name}");
-                crate::domain::validate_merchant_id(&m.id).map_err(|msg| Error::Config(format!("{}: {msg}", field("id"))))?;
+                crate::domain::validate_merchant_id(&m.id)
+                    .map_err(|msg| Error::Config(format!("{}: {msg}", field("id"))))?;
                 let policy = match &m.policy {
                     PolicyConfig::Direct => SettlementPolicy::Direct,
                     PolicyConfig::Batched { max_rows, max_wait_ms } => {
@@ -302,13 +303,11 @@ impl Config {
 
 /// Reads a secret from the environment variable `env` or else `file`.
 fn read_secret(field: &str, env: Option<&str>, file: Option<&Path>) -> Result<Option<String>> {
-    if let Some(var) = env {
-        if let Ok(value) = std::env::var(var) {
-            let value = value.trim().to_owned();
-            if !value.is_empty() {
-                return Ok(Some(value));
-            }
-        }
+    if let Some(var) = env
+        && let Ok(value) = std::env::var(var)
+        && !value.trim().is_empty()
+    {
+        return Ok(Some(value.trim().to_owned()));
     }
     if let Some(path) = file {
         let value = std::fs::read_to_string(path)
@@ -359,10 +358,9 @@ mod tests {
     fn unknown_fields_and_bad_values_are_named() {
         let err = Config::from_toml("[server]\ngrpc_adr = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(err.to_string().contains("grpc_adr"), "{err}");
-        let config = Config::from_toml(
-            "[[merchants]]\nid = \"m\"\npay_to = [\"0x12\"]\npolicy = { strategy = \"direct\" }\n",
-        )
-        .unwrap();
+        let config =
+            Config::from_toml("[[merchants]]\nid = \"m\"\npay_to = [\"0x12\"]\npolicy = { strategy = \"direct\" }\n")
+                .unwrap();
         let err = config.merchant_updates().unwrap_err();
         assert!(err.to_string().contains("merchants[0].pay_to"), "{err}");
         let config = Config::from_toml("[balances]\ndefault = \"lots\"\n").unwrap();

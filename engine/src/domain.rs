@@ -8,9 +8,7 @@ use alloy::primitives::{Address, B256, U256, keccak256};
 
 /// Unix time in milliseconds.
 pub(crate) fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The id of an `exact` payment: `keccak256(chainId ‖ token ‖ from ‖ nonce)`

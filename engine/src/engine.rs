@@ -44,12 +44,12 @@ impl Engine {
     /// state and starts its threads. `admin_key` enables merchant admin.
     pub fn start(
         ledger: Arc<dyn Ledger>,
-        balances: Arc<dyn BalanceSource>,
+        balances: &Arc<dyn BalanceSource>,
         pipeline: &PipelineConfig,
         admin_key: Option<&str>,
     ) -> Result<Self> {
         let merchants = MerchantRegistry::new(ledger.merchants()?);
-        let pipeline = Pipeline::start(pipeline, ledger.clone(), balances)?;
+        let pipeline = Pipeline::start(pipeline, &ledger, balances)?;
         Ok(Self {
             ledger,
             pipeline,
@@ -110,12 +110,11 @@ impl Engine {
             policy: update.policy,
             updated_at_ms: unix_millis(),
         };
-        if let Some(hash) = merchant.api_key_sha256 {
-            if let Some(other) = self.merchants.list().into_iter().find(|m| m.api_key_sha256 == Some(hash)) {
-                if other.id != merchant.id {
-                    return Err(Error::DuplicateApiKey { merchant: other.id.clone() });
-                }
-            }
+        if let Some(hash) = merchant.api_key_sha256
+            && let Some(other) = self.merchants.list().into_iter().find(|m| m.api_key_sha256 == Some(hash))
+            && other.id != merchant.id
+        {
+            return Err(Error::DuplicateApiKey { merchant: other.id.clone() });
         }
         let written = self.pipeline.write_merchant(merchant.clone())?;
         written.await.map_err(|_| Error::PipelineStopped)??;

@@ -21,7 +21,7 @@ pub enum Error {
     Schema { found: u32, expected: u32 },
     /// A group commit failed; nothing in it was recorded.
     #[error("ledger commit failed: {0}")]
-    Commit(std::sync::Arc<Error>),
+    Commit(std::sync::Arc<Self>),
     /// The pipeline has stopped (shutdown or a thread died).
     #[error("pipeline stopped")]
     PipelineStopped,

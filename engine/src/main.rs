@@ -124,7 +124,8 @@ async fn main() -> anyhow::Result<()> {
             (config, None)
         }
         Command::Dev { overrides } => {
-            let dir = tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
+            let dir =
+                tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
             let mut config = dev_config(dir.path().to_path_buf());
             overrides.apply(&mut config);
             (config, Some(dir))

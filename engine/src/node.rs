@@ -36,14 +36,17 @@ impl Node {
     pub async fn start(config: &Config) -> Result<Self> {
         let balances: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
         let path = config.ledger.path.clone();
-        std::fs::create_dir_all(&path)
-            .map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
+        std::fs::create_dir_all(&path).map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
         let ledger: Arc<dyn Ledger> = Arc::new(open_ledger(path).await?);
         Self::start_with(config, ledger, balances).await
     }
 
     /// Like [`Node::start`], on a given ledger and balance source.
-    pub async fn start_with(config: &Config, ledger: Arc<dyn Ledger>, balances: Arc<dyn BalanceSource>) -> Result<Self> {
+    pub async fn start_with(
+        config: &Config,
+        ledger: Arc<dyn Ledger>,
+        balances: Arc<dyn BalanceSource>,
+    ) -> Result<Self> {
         crate::http::prometheus();
         // Two TLS backends are linked (ring for tonic, aws-lc-rs for alloy's
         // HTTP client), so rustls needs to be told which one to use.
@@ -54,7 +57,7 @@ impl Node {
         }
         let updates = config.merchant_updates()?;
         let pipeline = config.pipeline.to_pipeline();
-        let engine = tokio::task::block_in_place(|| Engine::start(ledger, balances, &pipeline, admin_key.as_deref()))?;
+        let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &pipeline, admin_key.as_deref()))?;
         let engine = Arc::new(engine);
         for update in updates {
             let id = update.id.clone();

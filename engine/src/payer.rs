@@ -31,7 +31,13 @@ impl Payer {
 
     /// Signs a payment of exactly what `requirements` ask, valid from
     /// `valid_after` until `valid_before`, with `nonce`.
-    pub fn sign_exact(&self, requirements: &Requirements, valid_after: u64, valid_before: u64, nonce: B256) -> ExactPayload {
+    pub fn sign_exact(
+        &self,
+        requirements: &Requirements,
+        valid_after: u64,
+        valid_before: u64,
+        nonce: B256,
+    ) -> ExactPayload {
         let authorization = Authorization {
             from: self.address(),
             to: requirements.pay_to,
@@ -48,7 +54,8 @@ impl Payer {
     /// network must be `eip155:<chain id>`.
     pub fn sign_authorization(&self, requirements: &Requirements, authorization: &Authorization) -> Vec<u8> {
         let chain_id = crate::domain::Network::parse(&requirements.network).map_or(0, |n| n.chain_id());
-        let domain = Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, requirements.asset);
+        let domain =
+            Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, requirements.asset);
         let digest = domain.signing_hash(&TransferWithAuthorization {
             from: authorization.from,
             to: authorization.to,

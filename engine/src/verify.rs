@@ -32,7 +32,8 @@ const SECP256K1_HALF_ORDER: U256 =
     U256::from_be_bytes(alloy::primitives::hex!("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0"));
 
 /// ERC-6492 wraps signatures of undeployed smart wallets and ends with this.
-const ERC6492_MAGIC: [u8; 32] = alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
+const ERC6492_MAGIC: [u8; 32] =
+    alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
 
 /// A payment that passed steps 1–8.
 #[derive(Clone, Debug)]
@@ -94,10 +95,13 @@ impl MinValidity {
     }
 }
 
+/// Token domains by (chain, token), then by (name, version).
+type DomainCache = HashMap<(u64, Address), Vec<(String, String, Eip3009Domain)>>;
+
 /// Stateless `exact` verification with a cache of domain separators.
 #[derive(Debug, Default)]
 pub struct Verifier {
-    domains: HashMap<(u64, Address), Vec<(String, String, Eip3009Domain)>>,
+    domains: DomainCache,
     min_validity: MinValidity,
 }
 
@@ -327,8 +331,8 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     let json = base64::engine::general_purpose::STANDARD
         .decode(header.trim())
         .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))?;
-    let parsed: HeaderJson =
-        serde_json::from_slice(&json).map_err(|e| InvalidField::new(FIELD, format!("is not an x402 PaymentPayload: {e}")))?;
+    let parsed: HeaderJson = serde_json::from_slice(&json)
+        .map_err(|e| InvalidField::new(FIELD, format!("is not an x402 PaymentPayload: {e}")))?;
     if parsed.x402_version != 2 {
         return Err(InvalidField::new(
             format!("{FIELD}.x402Version"),
@@ -341,7 +345,8 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
         from: parse_address(&a.from).ok_or_else(|| InvalidField::new(field("from"), "is not a 20-byte hex address"))?,
         to: parse_address(&a.to).ok_or_else(|| InvalidField::new(field("to"), "is not a 20-byte hex address"))?,
         value: parse_uint(&a.value).ok_or_else(|| InvalidField::new(field("value"), "is not a uint256"))?,
-        valid_after: parse_uint(&a.valid_after).ok_or_else(|| InvalidField::new(field("validAfter"), "is not a uint256"))?,
+        valid_after: parse_uint(&a.valid_after)
+            .ok_or_else(|| InvalidField::new(field("validAfter"), "is not a uint256"))?,
         valid_before: parse_uint(&a.valid_before)
             .ok_or_else(|| InvalidField::new(field("validBefore"), "is not a uint256"))?,
         nonce: parse_b256(&a.nonce).ok_or_else(|| InvalidField::new(field("nonce"), "is not 32 hex bytes"))?,
@@ -447,7 +452,14 @@ mod tests {
     fn decimal_parsing() {
         assert_eq!(parse_decimal_u256("10000"), Some(U256::from(10_000)));
         assert_eq!(parse_decimal_u256(&U256::MAX.to_string()), Some(U256::MAX));
-        for bad in ["", "-1", "1e6", "0x10", " 1", "115792089237316195423570985008687907853269984665640564039457584007913129639936"] {
+        for bad in [
+            "",
+            "-1",
+            "1e6",
+            "0x10",
+            " 1",
+            "115792089237316195423570985008687907853269984665640564039457584007913129639936",
+        ] {
             assert_eq!(parse_decimal_u256(bad), None, "{bad:?}");
         }
     }

@@ -100,7 +100,12 @@ async fn merchant_admin_and_runtime_strategy_change() {
     };
     admin
         .upsert_merchant(pb::UpsertMerchantRequest {
-            merchant: Some(pb::Merchant { id: "m9".into(), pay_to: vec![PAY_TO.to_vec()], policy: Some(batched.clone()), ..Default::default() }),
+            merchant: Some(pb::Merchant {
+                id: "m9".into(),
+                pay_to: vec![PAY_TO.to_vec()],
+                policy: Some(batched.clone()),
+                ..Default::default()
+            }),
             api_key: String::new(),
         })
         .await
@@ -149,13 +154,18 @@ async fn health_reflection_and_metrics() {
     assert_eq!(resp.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse,
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut reflection = ServerReflectionClient::new(channel(endpoints.grpc).await);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut responses = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = responses.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
         panic!("list services answered");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();

@@ -253,11 +253,7 @@ pub(crate) fn outcome(resp: &pb::SubmitResponse) -> pb::Outcome {
 /// ordered by request id.
 pub(crate) async fn stream_all(client: &mut Payments, requests: Vec<pb::SubmitRequest>) -> Vec<pb::SubmitResponse> {
     let n = requests.len();
-    let mut responses = client
-        .submit_stream(tokio_stream::iter(requests))
-        .await
-        .expect("stream opens")
-        .into_inner();
+    let mut responses = client.submit_stream(tokio_stream::iter(requests)).await.expect("stream opens").into_inner();
     let mut out = Vec::with_capacity(n);
     while let Some(resp) = responses.message().await.expect("stream stays up") {
         out.push(resp);

@@ -287,30 +287,55 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
         s
     };
     expect_invalid(&mut f.m1, with(&|s| s.requirements = None), "requirements").await;
-    expect_invalid(&mut f.m1, with(&|s| s.requirements.as_mut().unwrap().amount = "12a".into()), "requirements.amount").await;
-    expect_invalid(&mut f.m1, with(&|s| s.requirements.as_mut().unwrap().asset.pop().map(drop).unwrap()), "requirements.asset").await;
+    expect_invalid(&mut f.m1, with(&|s| s.requirements.as_mut().unwrap().amount = "12a".into()), "requirements.amount")
+        .await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| s.requirements.as_mut().unwrap().asset.pop().map(drop).unwrap()),
+        "requirements.asset",
+    )
+    .await;
     expect_invalid(&mut f.m1, with(&|s| s.requirements.as_mut().unwrap().pay_to.clear()), "requirements.pay_to").await;
-    expect_invalid(&mut f.m1, with(&|s| s.requirements.as_mut().unwrap().eip712_name = "x".repeat(1000)), "requirements.eip712_name").await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| s.requirements.as_mut().unwrap().eip712_name = "x".repeat(1000)),
+        "requirements.eip712_name",
+    )
+    .await;
     expect_invalid(&mut f.m1, with(&|s| s.payment = None), "payment").await;
     expect_invalid(&mut f.m1, with(&|s| exact(s).authorization = None), "exact.authorization").await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().from.push(0)), "exact.authorization.from").await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().to.clear()), "exact.authorization.to").await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().value = "-5".into()), "exact.authorization.value").await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().nonce.truncate(31)), "exact.authorization.nonce").await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| exact(s).authorization.as_mut().unwrap().from.push(0)),
+        "exact.authorization.from",
+    )
+    .await;
+    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().to.clear()), "exact.authorization.to")
+        .await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| exact(s).authorization.as_mut().unwrap().value = "-5".into()),
+        "exact.authorization.value",
+    )
+    .await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| exact(s).authorization.as_mut().unwrap().nonce.truncate(31)),
+        "exact.authorization.nonce",
+    )
+    .await;
     expect_invalid(&mut f.m1, with(&|s| exact(s).signature = vec![0; 5000]), "exact.signature").await;
     expect_invalid(&mut f.m1, header_submit(&req, "A".repeat(17_000)), "payment_signature_header").await;
     expect_invalid(&mut f.m1, header_submit(&req, "not base64!".into()), "payment_signature_header").await;
     let not_x402 = base64::engine::general_purpose::STANDARD.encode(r#"{"hello": "world"}"#);
     expect_invalid(&mut f.m1, header_submit(&req, not_x402), "payment_signature_header").await;
-    let v1 = base64::engine::general_purpose::STANDARD.encode(
-        decode_b64(&header_of(&req, &valid(&f.payer, &req)))
-            .replace("\"x402Version\":2", "\"x402Version\":1"),
-    );
+    let v1 = base64::engine::general_purpose::STANDARD
+        .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replace("\"x402Version\":2", "\"x402Version\":1"));
     expect_invalid(&mut f.m1, header_submit(&req, v1), "payment_signature_header.x402Version").await;
-    let bad_from = base64::engine::general_purpose::STANDARD.encode(
-        decode_b64(&header_of(&req, &valid(&f.payer, &req))).replacen("\"from\":\"0x", "\"from\":\"0xzz", 1),
-    );
-    expect_invalid(&mut f.m1, header_submit(&req, bad_from), "payment_signature_header.payload.authorization.from").await;
+    let bad_from = base64::engine::general_purpose::STANDARD
+        .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replacen("\"from\":\"0x", "\"from\":\"0xzz", 1));
+    expect_invalid(&mut f.m1, header_submit(&req, bad_from), "payment_signature_header.payload.authorization.from")
+        .await;
 
     // Nothing of the above was recorded: the good payment is still new.
     let resp = f.m1.submit(good.clone()).await.unwrap().into_inner();
@@ -357,7 +382,8 @@ async fn authentication_and_permissions() {
     // A merchant key does not administer.
     let status = admin(addr, M1_KEY).await.list_merchants(pb::ListMerchantsRequest {}).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    let status = admin(addr, "no-such-key-000000000").await.list_merchants(pb::ListMerchantsRequest {}).await.unwrap_err();
+    let status =
+        admin(addr, "no-such-key-000000000").await.list_merchants(pb::ListMerchantsRequest {}).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // A merchant reads only its own payments.

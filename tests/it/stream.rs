@@ -36,9 +36,15 @@ fn tampered(original: &pb::SubmitRequest, request_id: u64) -> Vec<(pb::SubmitReq
         "invalid_exact_evm_signature",
     );
     // The price alone: the signature holds, the value does not match.
-    add(&|r| r.requirements.as_mut().unwrap().amount = (AMOUNT * 2).to_string(), "invalid_exact_evm_authorization_value");
+    add(
+        &|r| r.requirements.as_mut().unwrap().amount = (AMOUNT * 2).to_string(),
+        "invalid_exact_evm_authorization_value",
+    );
     // The recipient in the signed authorization.
-    add(&|r| exact_mut(r).authorization.as_mut().unwrap().to = Address::repeat_byte(0x66).to_vec(), "invalid_exact_evm_signature");
+    add(
+        &|r| exact_mut(r).authorization.as_mut().unwrap().to = Address::repeat_byte(0x66).to_vec(),
+        "invalid_exact_evm_signature",
+    );
     // The recipient in the requirements only: to != payTo.
     add(&|r| r.requirements.as_mut().unwrap().pay_to = PAY_TO_2.to_vec(), "invalid_exact_evm_recipient_mismatch");
     // One bit of the signature.
@@ -63,9 +69,8 @@ async fn ten_thousand_payments_accepted_replayed_tampered_and_kept_across_restar
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     let payers: Vec<Payer> = (0..PAYERS).map(|_| Payer::random()).collect();
-    let requests: Vec<pb::SubmitRequest> = (0..PAYERS * PER_PAYER)
-        .map(|i| signed_submit(&payers[i % PAYERS], PAY_TO, i as u64))
-        .collect();
+    let requests: Vec<pb::SubmitRequest> =
+        (0..PAYERS * PER_PAYER).map(|i| signed_submit(&payers[i % PAYERS], PAY_TO, i as u64)).collect();
 
     let mut daemon = Daemon::start(dir.path(), &config);
     let mut client = payments(daemon.grpc, M1_KEY).await;
@@ -94,7 +99,8 @@ async fn ten_thousand_payments_accepted_replayed_tampered_and_kept_across_restar
     for original in requests.iter().step_by(97) {
         tampers.extend(tampered(original, 1_000_000 + tampers.len() as u64 * 10));
     }
-    let expected: std::collections::HashMap<u64, &str> = tampers.iter().map(|(r, reason)| (r.request_id, *reason)).collect();
+    let expected: std::collections::HashMap<u64, &str> =
+        tampers.iter().map(|(r, reason)| (r.request_id, *reason)).collect();
     let answers = stream_all(&mut client, tampers.into_iter().map(|(r, _)| r).collect()).await;
     for resp in &answers {
         assert_eq!(outcome(resp), pb::Outcome::Rejected, "{resp:?}");

@@ -232,8 +232,9 @@ pub(super) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<Merchant
         .assets
         .iter()
         .map(|a| {
-            let network = crate::domain::Network::parse(&a.network)
-                .ok_or_else(|| InvalidField::new("merchant.assets.network", format!("{:?} is not eip155:<chain id>", a.network)))?;
+            let network = crate::domain::Network::parse(&a.network).ok_or_else(|| {
+                InvalidField::new("merchant.assets.network", format!("{:?} is not eip155:<chain id>", a.network))
+            })?;
             Ok(AcceptedAsset { chain_id: network.chain_id(), asset: address("merchant.assets.asset", &a.asset)? })
         })
         .collect::<Result<_, InvalidField>>()?;

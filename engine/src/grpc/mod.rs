@@ -41,8 +41,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            PaymentServiceServer::new(PaymentApi::new(engine.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            PaymentServiceServer::new(PaymentApi::new(engine.clone())).max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             MerchantAdminServiceServer::new(MerchantAdminApi::new(engine)).max_decoding_message_size(MAX_MESSAGE_SIZE),

@@ -7,7 +7,9 @@ use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use x402_proto::v1::{self as pb, merchant_admin_service_server::MerchantAdminService, payment_service_server::PaymentService};
+use x402_proto::v1::{
+    self as pb, merchant_admin_service_server::MerchantAdminService, payment_service_server::PaymentService,
+};
 
 use super::convert;
 use crate::{
@@ -96,7 +98,7 @@ impl PaymentService for PaymentApi {
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
-            let mut stalled: Option<(u64, Submission)> = None;
+            let mut stalled: Option<(u64, Box<Submission>)> = None;
             let mut inbound_open = true;
             loop {
                 let can_read = inbound_open && stalled.is_none() && in_flight.len() < MAX_IN_FLIGHT_PER_STREAM;
@@ -110,7 +112,7 @@ impl PaymentService for PaymentApi {
                     () = tokio::time::sleep(OVERLOAD_RETRY), if stalled.is_some() => {
                         let (request_id, submission) = stalled.take().expect("checked");
                         let Some(merchant) = engine.merchant(&merchant_id) else { return };
-                        match engine.try_submit(merchant, submission) {
+                        match engine.try_submit(merchant, *submission) {
                             Ok(rx) => in_flight.push(wait(request_id, rx)),
                             Err(Overloaded(submission)) => stalled = Some((request_id, submission)),
                         }

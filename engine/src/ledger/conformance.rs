@@ -72,7 +72,7 @@ fn batch_is_applied_whole(ledger: &dyn Ledger) {
     let payments: Vec<_> = (1..=5).map(|i| sample_payment(i, 100 - u64::from(i))).collect();
     let mut batch = WriteBatch::default();
     for (i, p) in payments.iter().enumerate() {
-        batch.push(Write::Payment(p.clone()));
+        batch.push(Write::Payment(Box::new(p.clone())));
         batch.push(Write::Enqueue(pending_of(p)));
         batch.push(Write::Event(event(i as u64 + 1, p)));
     }
@@ -98,7 +98,7 @@ fn batch_is_applied_whole(ledger: &dyn Ledger) {
 fn updates_replace_and_dequeue_removes(ledger: &dyn Ledger) {
     let mut p = sample_payment(9, 50);
     let mut batch = WriteBatch::default();
-    batch.push(Write::Payment(p.clone()));
+    batch.push(Write::Payment(Box::new(p.clone())));
     batch.push(Write::Enqueue(pending_of(&p)));
     ledger.commit(&batch).unwrap();
 
@@ -110,7 +110,7 @@ fn updates_replace_and_dequeue_removes(ledger: &dyn Ledger) {
         updated_at_ms: 9,
     };
     let mut batch = WriteBatch::default();
-    batch.push(Write::Payment(p.clone()));
+    batch.push(Write::Payment(Box::new(p.clone())));
     batch.push(Write::Dequeue(pending_of(&p)));
     batch.push(Write::Merchant(sample_merchant("m2", 2)));
     batch.push(Write::Merchant(sample_merchant("m1", 1)));
@@ -184,7 +184,7 @@ conformance!(rocksdb, rocks());
 
 fn arb_write() -> impl Strategy<Value = Write> {
     prop_oneof![
-        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Payment(sample_payment(s, d))),
+        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Payment(Box::new(sample_payment(s, d)))),
         (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Enqueue(pending_of(&sample_payment(s, d)))),
         (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Dequeue(pending_of(&sample_payment(s, d)))),
         (0u64..64, any::<u8>()).prop_map(|(q, s)| Write::Event(event(q, &sample_payment(s, 1)))),

@@ -42,7 +42,7 @@ impl Ledger for MemoryLedger {
         for write in batch.writes() {
             match write {
                 Write::Payment(p) => {
-                    t.payments.insert(p.id, p.clone());
+                    t.payments.insert(p.id, (**p).clone());
                 }
                 Write::Enqueue(key) => {
                     t.pending.insert(*key);

@@ -28,7 +28,7 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Insert or replace a payment.
-    Payment(PaymentRecord),
+    Payment(Box<PaymentRecord>),
     /// Add a payment to its merchant's settlement queue.
     Enqueue(PendingKey),
     /// Take a payment off the settlement queue.

@@ -146,8 +146,9 @@ impl Ledger for RocksLedger {
             .take(limit)
             .map(|item| {
                 let (key, value) = item?;
-                let sequence =
-                    u64::from_be_bytes(key.as_ref().try_into().map_err(|_| Error::Corrupt("event key is not 8 bytes"))?);
+                let sequence = u64::from_be_bytes(
+                    key.as_ref().try_into().map_err(|_| Error::Corrupt("event key is not 8 bytes"))?,
+                );
                 records::decode_event(sequence, &value)
             })
             .collect()
@@ -174,7 +175,7 @@ mod tests {
         {
             let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
             let mut batch = WriteBatch::default();
-            batch.push(super::super::Write::Payment(super::super::conformance::sample_payment(1, 1)));
+            batch.push(super::super::Write::Payment(Box::new(super::super::conformance::sample_payment(1, 1))));
             ledger.commit(&batch).unwrap();
         }
         let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();

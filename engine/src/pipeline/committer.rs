@@ -69,7 +69,15 @@ impl Committer {
         max_group: usize,
         shards: Vec<Sender<ShardMsg>>,
     ) -> Self {
-        Self { ledger, last_sequence, events, max_group: max_group.max(1), shards, book: BTreeMap::new(), depths: HashMap::new() }
+        Self {
+            ledger,
+            last_sequence,
+            events,
+            max_group: max_group.max(1),
+            shards,
+            book: BTreeMap::new(),
+            depths: HashMap::new(),
+        }
     }
 
     /// Loads the settlement queue from the ledger.
@@ -118,7 +126,6 @@ impl Committer {
             match item {
                 CommitItem::Payment { record, pending, shard, reply } => {
                     sequence += 1;
-                    let record = *record;
                     done.push(Done::Accepted {
                         id: record.id,
                         payer: record.authorization.from,

@@ -98,7 +98,7 @@ impl From<Refusal> for SubmitOutcome {
 
 /// The pipeline is full; the submission is handed back.
 #[derive(Debug)]
-pub struct Overloaded(pub Submission);
+pub struct Overloaded(pub Box<Submission>);
 
 struct VerifyJob {
     merchant: Arc<Merchant>,
@@ -134,7 +134,7 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// Rebuilds the in-memory state (replay window, reservations, settlement
     /// queue) from `ledger` and starts the threads.
-    pub fn start(config: &PipelineConfig, ledger: Arc<dyn Ledger>, balances: Arc<dyn BalanceSource>) -> Result<Self> {
+    pub fn start(config: &PipelineConfig, ledger: &Arc<dyn Ledger>, balances: &Arc<dyn BalanceSource>) -> Result<Self> {
         let verifiers = match config.verifiers {
             0 => thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
@@ -164,8 +164,9 @@ impl Pipeline {
         let pending = ledger.pending()?;
         let last_sequence = ledger.last_event_sequence()?;
         let (events_tx, events_rx) = watch::channel(last_sequence);
-        let mut committer = Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
-        committer.restore_pending(&pending, &ledger)?;
+        let mut committer =
+            Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
+        committer.restore_pending(&pending, ledger)?;
         tracing::info!(
             replay_entries = shard_states.iter().map(Shard::replay_len).sum::<usize>(),
             pending = pending.len(),
@@ -211,7 +212,7 @@ impl Pipeline {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                 metrics::counter!(crate::metrics::SUBMITS_OVERLOADED).increment(1);
-                Err(Overloaded(job.submission))
+                Err(Overloaded(Box::new(job.submission)))
             }
         }
     }

@@ -21,6 +21,10 @@ use crate::{
 };
 
 /// Messages a shard handles.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "`Payment` is nearly every message; boxing it would cost an allocation per payment"
+)]
 pub(crate) enum ShardMsg {
     /// A payment that passed stage 1.
     Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
@@ -97,7 +101,7 @@ impl Shard {
                         return;
                     }
                     handled = handled.wrapping_add(1);
-                    if handled % 1024 == 0 {
+                    if handled.is_multiple_of(1024) {
                         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => stage.clone()).set(rx.len() as f64);
                     }
                 }
@@ -152,7 +156,10 @@ impl Shard {
                 id,
                 payer,
                 Reason::NonceAlreadyUsed,
-                format!("nonce {} of {payer} was already used by another payment", verified.payload.authorization.nonce),
+                format!(
+                    "nonce {} of {payer} was already used by another payment",
+                    verified.payload.authorization.nonce
+                ),
             );
         }
 
