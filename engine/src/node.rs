@@ -13,6 +13,9 @@ use crate::{
     ledger::{Ledger, RocksLedger, RocksOptions},
 };
 
+/// How long open streams may delay a shutdown.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where a running node listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoints {
@@ -99,9 +102,16 @@ impl Node {
             r = &mut http => flatten(r),
         };
         stop.send_replace(true);
-        let _ = grpc.await;
-        let _ = http.await;
-        drop(engine);
+        // Unary calls finish; long-lived streams (watches) would hold a
+        // graceful shutdown forever, so they get a grace period.
+        for task in [&mut grpc, &mut http] {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut *task).await.is_err() {
+                task.abort();
+            }
+        }
+        // Dropping the engine joins the pipeline threads once queued work is
+        // recorded: blocking work, off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
         result
     }
 }

@@ -28,10 +28,12 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PaymentServiceServer<PaymentApi>>().await;
     health.set_serving::<MerchantAdminServiceServer<MerchantAdminApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(x402_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(x402_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
     let mut server = Server::builder();
     if let Some(tls) = tls {
@@ -39,7 +41,8 @@ pub async fn serve(
     }
     server
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             PaymentServiceServer::new(PaymentApi::new(engine.clone())).max_decoding_message_size(MAX_MESSAGE_SIZE),
         )

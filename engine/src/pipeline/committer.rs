@@ -6,7 +6,7 @@
 //! cost of a sync is shared by many payments.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Instant,
 };
@@ -59,6 +59,9 @@ pub(crate) struct Committer {
     book: BTreeMap<PendingKey, &'static str>,
     /// Entries of `book` per strategy.
     depths: HashMap<&'static str, usize>,
+    /// Payments whose group commit failed. A DUPLICATE of one that a shard
+    /// answered before it learned of the failure must not be sent.
+    reverted: HashSet<PaymentId>,
 }
 
 impl Committer {
@@ -77,6 +80,7 @@ impl Committer {
             shards,
             book: BTreeMap::new(),
             depths: HashMap::new(),
+            reverted: HashSet::new(),
         }
     }
 
@@ -173,10 +177,21 @@ impl Committer {
                     match item {
                         Done::Accepted { id, payer, status, pending, strategy, reply, .. } => {
                             accepted += 1;
+                            if !self.reverted.is_empty() {
+                                self.reverted.remove(&id);
+                            }
                             self.enqueue(pending, strategy);
                             let _ = reply.send(SubmitOutcome::Accepted { id, payer, status });
                         }
                         Done::Reply(outcome, reply) => {
+                            let outcome = match outcome {
+                                SubmitOutcome::Duplicate { id, .. } if self.reverted.contains(&id) => {
+                                    SubmitOutcome::Unavailable(
+                                        "the original submit of this payment was not recorded; retry".into(),
+                                    )
+                                }
+                                outcome => outcome,
+                            };
                             let _ = reply.send(outcome);
                         }
                         Done::Merchant(reply) => {
@@ -200,6 +215,7 @@ impl Committer {
                 for item in done.drain(..) {
                     match item {
                         Done::Accepted { id, shard, reservation, value, reply, .. } => {
+                            self.reverted.insert(id);
                             let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }

@@ -315,3 +315,148 @@ fn run_verifier(verifier: &mut Verifier, rx: &Receiver<VerifyJob>, shards: &[Sen
 pub(crate) fn pending_gauge(strategy: &'static str, depth: usize) {
     metrics::gauge!(crate::metrics::SETTLEMENT_QUEUE_DEPTH, "strategy" => strategy).set(depth as f64);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use alloy::primitives::{B256, U256, address};
+
+    use super::*;
+    use crate::{
+        balance::ConfiguredBalances,
+        domain::{PaymentInput, Requirements, SettlementPolicy},
+        ledger::{MemoryLedger, WriteBatch},
+        payer::Payer,
+        reason::Reason,
+    };
+
+    /// A memory ledger whose commits fail while `failing` is set.
+    #[derive(Debug, Default)]
+    struct FlakyLedger {
+        inner: MemoryLedger,
+        failing: AtomicBool,
+    }
+
+    impl Ledger for FlakyLedger {
+        fn commit(&self, batch: &WriteBatch) -> Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Error::Io(std::io::Error::other("disk on fire")));
+            }
+            self.inner.commit(batch)
+        }
+        fn payment(&self, id: &PaymentId) -> Result<Option<crate::domain::PaymentRecord>> {
+            self.inner.payment(id)
+        }
+        fn for_each_payment(&self, visit: &mut dyn FnMut(crate::domain::PaymentRecord)) -> Result<()> {
+            self.inner.for_each_payment(visit)
+        }
+        fn pending(&self) -> Result<Vec<crate::domain::PendingKey>> {
+            self.inner.pending()
+        }
+        fn merchants(&self) -> Result<Vec<Merchant>> {
+            self.inner.merchants()
+        }
+        fn events_after(&self, after: u64, limit: usize) -> Result<Vec<crate::domain::SettlementEvent>> {
+            self.inner.events_after(after, limit)
+        }
+        fn last_event_sequence(&self) -> Result<u64> {
+            self.inner.last_event_sequence()
+        }
+    }
+
+    const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
+
+    fn merchant() -> Arc<Merchant> {
+        Arc::new(Merchant {
+            id: "m".into(),
+            number: 1,
+            pay_to: vec![PAY_TO],
+            assets: Vec::new(),
+            policy: SettlementPolicy::Direct,
+            api_key_sha256: None,
+            updated_at_ms: 0,
+        })
+    }
+
+    fn submission(payer: &Payer, nonce: u8) -> Submission {
+        let requirements = Requirements {
+            scheme: "exact".into(),
+            network: "eip155:31337".into(),
+            amount: U256::from(100),
+            asset: address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
+            pay_to: PAY_TO,
+            max_timeout_seconds: 60,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+        };
+        let now = crate::domain::unix_millis() / 1000;
+        let payload = payer.sign_exact(&requirements, now - 60, now + 600, B256::repeat_byte(nonce));
+        Submission { requirements, input: PaymentInput::Exact(payload) }
+    }
+
+    fn start(ledger: &Arc<FlakyLedger>, payer: &Payer, balance: u64) -> Pipeline {
+        let balances = ConfiguredBalances::new(None).with_account(
+            31337,
+            address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
+            payer.address(),
+            U256::from(balance),
+        );
+        let ledger: Arc<dyn Ledger> = ledger.clone();
+        let balances: Arc<dyn BalanceSource> = Arc::new(balances);
+        let config = PipelineConfig { verifiers: 2, shards: 3, ..PipelineConfig::default() };
+        Pipeline::start(&config, &ledger, &balances).unwrap()
+    }
+
+    fn submit(pipeline: &Pipeline, s: Submission) -> SubmitOutcome {
+        pipeline.try_submit(merchant(), s).unwrap().blocking_recv().unwrap()
+    }
+
+    #[test]
+    fn a_failed_commit_accepts_nothing_and_forgets_the_payment() {
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        // The balance covers exactly one payment: a leaked reservation would show.
+        let pipeline = start(&ledger, &payer, 100);
+        ledger.failing.store(true, Ordering::SeqCst);
+        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Unavailable(_)));
+        ledger.failing.store(false, Ordering::SeqCst);
+        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Accepted { .. }));
+        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Duplicate { .. }));
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 2)) else {
+            panic!("the second payment exceeds the balance");
+        };
+        assert_eq!(rejection.reason, Reason::InsufficientBalance);
+    }
+
+    #[test]
+    fn state_is_rebuilt_from_the_ledger() {
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let ids: Vec<_> = {
+            let pipeline = start(&ledger, &payer, 300);
+            (1..=3)
+                .map(|n| match submit(&pipeline, submission(&payer, n)) {
+                    SubmitOutcome::Accepted { id, .. } => id,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(ledger.pending().unwrap().len(), 3);
+        assert_eq!(ledger.last_event_sequence().unwrap(), 3);
+
+        let pipeline = start(&ledger, &payer, 300);
+        for (n, id) in (1..=3).zip(&ids) {
+            match submit(&pipeline, submission(&payer, n)) {
+                SubmitOutcome::Duplicate { id: dup, .. } => assert_eq!(&dup, id),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The three restored reservations use up the balance.
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 4)) else {
+            panic!("reservations were restored");
+        };
+        assert_eq!(rejection.reason, Reason::InsufficientBalance);
+        assert_eq!(*pipeline.events().borrow(), 3);
+    }
+}
