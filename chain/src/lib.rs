@@ -1,13 +1,19 @@
 //! Chain access for the x402 settlement engine.
 //!
 //! Today this crate holds the contract-facing types the engine verifies
-//! against: the EIP-3009 `TransferWithAuthorization` struct, its EIP-712
-//! digest with a cached domain separator, and the token interface the
-//! settlement layer calls. The `Chain` trait, its alloy implementation and
-//! the transaction manager build on these.
+//! against (the EIP-3009 `TransferWithAuthorization` struct and its EIP-712
+//! digest with a cached domain separator), bindings of the contracts in
+//! `chain/contracts/` (an EIP-3009 test token and Multicall3, compiled
+//! offline with solc-js), and a harness that runs a local anvil node. The
+//! `Chain` trait, its alloy implementation and the transaction manager build
+//! on these.
 //!
 //! No feature flags.
 
+pub mod anvil;
+pub mod contracts;
 pub mod eip3009;
+mod error;
 
 pub use eip3009::{Eip3009Domain, TransferWithAuthorization};
+pub use error::{Error, Result};

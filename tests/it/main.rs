@@ -2,6 +2,7 @@
 //! a real RocksDB, real gRPC clients over loopback.
 
 mod api;
+mod chain;
 mod common;
 mod crash;
 mod rejections;

@@ -1,7 +1,7 @@
 //! 10,000 payments from 50 payers over one `SubmitStream`, their replays,
 //! tampered copies, and a restart on the same data directory.
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::Address;
 use x402_engine::payer::Payer;
 use x402_proto::v1::{self as pb, submit_request::Payment};
 
@@ -111,10 +111,10 @@ async fn ten_thousand_payments_accepted_replayed_tampered_and_kept_across_restar
     {
         let payer = &payers[0];
         let req = requirements(PAY_TO);
-        let nonce = alloy::primitives::B256::from_slice(&exact_mut(&mut reuse).authorization.as_ref().unwrap().nonce);
-        let mut payload = payer.sign_exact(&req, now() - 600, now() + 3600, nonce);
-        payload.authorization.valid_before = U256::from(now() + 3599);
-        payload.signature = payer.sign_authorization(&req, &payload.authorization);
+        let original = exact_mut(&mut reuse).authorization.clone().unwrap();
+        let nonce = alloy::primitives::B256::from_slice(&original.nonce);
+        // Same nonce, a different validBefore: another payment.
+        let payload = payer.sign_exact(&req, original.valid_after, original.valid_before - 1, nonce);
         reuse.payment = Some(Payment::Exact(pb_exact(&payload)));
     }
     let resp = client.submit(reuse).await.unwrap().into_inner();

@@ -418,11 +418,12 @@ mod tests {
         let payer = Payer::random();
         // The balance covers exactly one payment: a leaked reservation would show.
         let pipeline = start(&ledger, &payer, 100);
+        let first = submission(&payer, 1);
         ledger.failing.store(true, Ordering::SeqCst);
-        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Unavailable(_)));
+        assert!(matches!(submit(&pipeline, first.clone()), SubmitOutcome::Unavailable(_)));
         ledger.failing.store(false, Ordering::SeqCst);
-        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Accepted { .. }));
-        assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Duplicate { .. }));
+        assert!(matches!(submit(&pipeline, first.clone()), SubmitOutcome::Accepted { .. }));
+        assert!(matches!(submit(&pipeline, first), SubmitOutcome::Duplicate { .. }));
         let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 2)) else {
             panic!("the second payment exceeds the balance");
         };
@@ -433,10 +434,13 @@ mod tests {
     fn state_is_rebuilt_from_the_ledger() {
         let ledger = Arc::new(FlakyLedger::default());
         let payer = Payer::random();
+        // Signed once: a resubmit must be byte-identical to be a duplicate.
+        let submissions: Vec<_> = (1..=3).map(|n| submission(&payer, n)).collect();
         let ids: Vec<_> = {
             let pipeline = start(&ledger, &payer, 300);
-            (1..=3)
-                .map(|n| match submit(&pipeline, submission(&payer, n)) {
+            submissions
+                .iter()
+                .map(|s| match submit(&pipeline, s.clone()) {
                     SubmitOutcome::Accepted { id, .. } => id,
                     other => panic!("{other:?}"),
                 })
@@ -446,8 +450,8 @@ mod tests {
         assert_eq!(ledger.last_event_sequence().unwrap(), 3);
 
         let pipeline = start(&ledger, &payer, 300);
-        for (n, id) in (1..=3).zip(&ids) {
-            match submit(&pipeline, submission(&payer, n)) {
+        for (s, id) in submissions.iter().zip(&ids) {
+            match submit(&pipeline, s.clone()) {
                 SubmitOutcome::Duplicate { id: dup, .. } => assert_eq!(&dup, id),
                 other => panic!("{other:?}"),
             }
