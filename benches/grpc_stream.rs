@@ -8,44 +8,13 @@ use tonic::{Request, metadata::MetadataValue};
 use x402_benches::{MERCHANT_KEY, PAY_TO, signed_submissions};
 use x402_engine::{
     config::{Config, MerchantConfig, PolicyConfig},
-    domain::PaymentInput,
+    grpc::submit_request,
     node::Node,
     payer::Payer,
 };
 use x402_proto::v1::{self as pb, payment_service_client::PaymentServiceClient};
 
 const PER_ITER: usize = 8192;
-
-fn to_request(id: u64, s: x402_engine::domain::Submission) -> pb::SubmitRequest {
-    let r = &s.requirements;
-    let PaymentInput::Exact(p) = s.input else { unreachable!() };
-    let a = &p.authorization;
-    pb::SubmitRequest {
-        request_id: id,
-        requirements: Some(pb::PaymentRequirements {
-            scheme: r.scheme.clone(),
-            network: r.network.clone(),
-            amount: r.amount.to_string(),
-            asset: r.asset.to_vec(),
-            pay_to: r.pay_to.to_vec(),
-            max_timeout_seconds: r.max_timeout_seconds,
-            eip712_name: r.eip712_name.clone(),
-            eip712_version: r.eip712_version.clone(),
-        }),
-        payment: Some(pb::submit_request::Payment::Exact(pb::ExactPayment {
-            network: p.network.clone(),
-            authorization: Some(pb::ExactAuthorization {
-                from: a.from.to_vec(),
-                to: a.to.to_vec(),
-                value: a.value.to_string(),
-                valid_after: a.valid_after.to(),
-                valid_before: a.valid_before.to(),
-                nonce: a.nonce.to_vec(),
-            }),
-            signature: p.signature,
-        })),
-    }
-}
 
 fn grpc_stream(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -78,7 +47,7 @@ fn grpc_stream(c: &mut Criterion) {
                     signed_submissions(&payers, PER_ITER)
                         .into_iter()
                         .enumerate()
-                        .map(|(i, s)| to_request(i as u64, s))
+                        .map(|(i, s)| submit_request(i as u64, &s))
                         .collect()
                 })
                 .collect();

@@ -33,11 +33,7 @@ async fn accepted_payments_settle_on_a_real_token() {
     let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
     let req = requirements(PAY_TO);
     let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
-    let submit = pb::SubmitRequest {
-        request_id: 1,
-        requirements: Some(pb_requirements(&req)),
-        payment: Some(pb::submit_request::Payment::Exact(pb_exact(&payload))),
-    };
+    let submit = exact_submit(1, &req, &payload);
     let resp = m1.submit(submit).await.unwrap().into_inner();
     assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
 
@@ -76,15 +72,7 @@ async fn accepted_payments_settle_on_a_real_token() {
     high[64] = if high[64] == 27 { 28 } else { 27 };
     let mut malleated = fresh.clone();
     malleated.signature = high.clone();
-    let resp = m1
-        .submit(pb::SubmitRequest {
-            request_id: 2,
-            requirements: Some(pb_requirements(&req)),
-            payment: Some(pb::submit_request::Payment::Exact(pb_exact(&malleated))),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = m1.submit(exact_submit(2, &req, &malleated)).await.unwrap().into_inner();
     assert_eq!(resp.reason, "invalid_exact_evm_signature", "{resp:?}");
     let f = &fresh.authorization;
     let call = token.transferWithAuthorization_0(

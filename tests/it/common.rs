@@ -19,7 +19,8 @@ use tonic::{
 };
 use x402_engine::{
     config::{Config, MerchantConfig, PolicyConfig},
-    domain::{ExactPayload, Requirements},
+    domain::{ExactPayload, PaymentInput, Requirements, Submission},
+    grpc::submit_request,
     node::Node,
     payer::Payer,
 };
@@ -205,44 +206,21 @@ pub(crate) fn requirements(pay_to: Address) -> Requirements {
     }
 }
 
-pub(crate) fn pb_requirements(r: &Requirements) -> pb::PaymentRequirements {
-    pb::PaymentRequirements {
-        scheme: r.scheme.clone(),
-        network: r.network.clone(),
-        amount: r.amount.to_string(),
-        asset: r.asset.to_vec(),
-        pay_to: r.pay_to.to_vec(),
-        max_timeout_seconds: r.max_timeout_seconds,
-        eip712_name: r.eip712_name.clone(),
-        eip712_version: r.eip712_version.clone(),
-    }
+/// A typed submit of `payload` for `req`, as a Rust gateway sends it.
+pub(crate) fn exact_submit(request_id: u64, req: &Requirements, payload: &ExactPayload) -> pb::SubmitRequest {
+    submit_request(request_id, &Submission { requirements: req.clone(), input: PaymentInput::Exact(payload.clone()) })
 }
 
-pub(crate) fn pb_exact(p: &ExactPayload) -> pb::ExactPayment {
-    let a = &p.authorization;
-    pb::ExactPayment {
-        network: p.network.clone(),
-        authorization: Some(pb::ExactAuthorization {
-            from: a.from.to_vec(),
-            to: a.to.to_vec(),
-            value: a.value.to_string(),
-            valid_after: a.valid_after.to(),
-            valid_before: a.valid_before.to(),
-            nonce: a.nonce.to_vec(),
-        }),
-        signature: p.signature.clone(),
-    }
+/// A submit of the raw `PAYMENT-SIGNATURE` header for `req`.
+pub(crate) fn header_submit(request_id: u64, req: &Requirements, header: String) -> pb::SubmitRequest {
+    submit_request(request_id, &Submission { requirements: req.clone(), input: PaymentInput::Header(header) })
 }
 
 /// A signed, valid payment to `pay_to` as a typed submit.
 pub(crate) fn signed_submit(payer: &Payer, pay_to: Address, request_id: u64) -> pb::SubmitRequest {
     let req = requirements(pay_to);
     let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
-    pb::SubmitRequest {
-        request_id,
-        requirements: Some(pb_requirements(&req)),
-        payment: Some(pb::submit_request::Payment::Exact(pb_exact(&payload))),
-    }
+    exact_submit(request_id, &req, &payload)
 }
 
 pub(crate) fn outcome(resp: &pb::SubmitResponse) -> pb::Outcome {

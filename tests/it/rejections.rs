@@ -33,11 +33,7 @@ async fn fixture_with(adjust: impl FnOnce(&mut x402_engine::config::Config)) -> 
 }
 
 fn submit_of(req: &Requirements, payload: &ExactPayload) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        request_id: 7,
-        requirements: Some(pb_requirements(req)),
-        payment: Some(Payment::Exact(pb_exact(payload))),
-    }
+    exact_submit(7, req, payload)
 }
 
 fn valid(payer: &Payer, req: &Requirements) -> ExactPayload {
@@ -240,12 +236,8 @@ fn header_of(req: &Requirements, payload: &ExactPayload) -> String {
     base64::engine::general_purpose::STANDARD.encode(json.to_string())
 }
 
-fn header_submit(req: &Requirements, header: String) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        request_id: 9,
-        requirements: Some(pb_requirements(req)),
-        payment: Some(Payment::PaymentSignatureHeader(header)),
-    }
+fn header_submit_of(req: &Requirements, header: String) -> pb::SubmitRequest {
+    header_submit(9, req, header)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,19 +246,19 @@ async fn raw_header_is_verified_like_typed() {
     let req = requirements(PAY_TO);
     let payload = valid(&f.payer, &req);
     let header = header_of(&req, &payload);
-    let resp = f.m1.submit(header_submit(&req, header.clone())).await.unwrap().into_inner();
+    let resp = f.m1.submit(header_submit_of(&req, header.clone())).await.unwrap().into_inner();
     assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
     // The same payment typed is the same payment.
     let resp = f.m1.submit(submit_of(&req, &payload)).await.unwrap().into_inner();
     assert_eq!(outcome(&resp), pb::Outcome::Duplicate, "{resp:?}");
-    let resp = f.m1.submit(header_submit(&req, header)).await.unwrap().into_inner();
+    let resp = f.m1.submit(header_submit_of(&req, header)).await.unwrap().into_inner();
     assert_eq!(outcome(&resp), pb::Outcome::Duplicate, "{resp:?}");
     // A tampered header is rejected with the reason.
     let mut tampered = payload.clone();
     tampered.authorization.value = U256::from(1);
     let mut cheap = req.clone();
     cheap.amount = U256::from(1);
-    let resp = f.m1.submit(header_submit(&cheap, header_of(&cheap, &tampered))).await.unwrap().into_inner();
+    let resp = f.m1.submit(header_submit_of(&cheap, header_of(&cheap, &tampered))).await.unwrap().into_inner();
     assert_eq!(resp.reason, "invalid_exact_evm_signature", "{resp:?}");
 }
 
@@ -325,16 +317,16 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     )
     .await;
     expect_invalid(&mut f.m1, with(&|s| exact(s).signature = vec![0; 5000]), "exact.signature").await;
-    expect_invalid(&mut f.m1, header_submit(&req, "A".repeat(17_000)), "payment_signature_header").await;
-    expect_invalid(&mut f.m1, header_submit(&req, "not base64!".into()), "payment_signature_header").await;
+    expect_invalid(&mut f.m1, header_submit_of(&req, "A".repeat(17_000)), "payment_signature_header").await;
+    expect_invalid(&mut f.m1, header_submit_of(&req, "not base64!".into()), "payment_signature_header").await;
     let not_x402 = base64::engine::general_purpose::STANDARD.encode(r#"{"hello": "world"}"#);
-    expect_invalid(&mut f.m1, header_submit(&req, not_x402), "payment_signature_header").await;
+    expect_invalid(&mut f.m1, header_submit_of(&req, not_x402), "payment_signature_header").await;
     let v1 = base64::engine::general_purpose::STANDARD
         .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replace("\"x402Version\":2", "\"x402Version\":1"));
-    expect_invalid(&mut f.m1, header_submit(&req, v1), "payment_signature_header.x402Version").await;
+    expect_invalid(&mut f.m1, header_submit_of(&req, v1), "payment_signature_header.x402Version").await;
     let bad_from = base64::engine::general_purpose::STANDARD
         .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replacen("\"from\":\"0x", "\"from\":\"0xzz", 1));
-    expect_invalid(&mut f.m1, header_submit(&req, bad_from), "payment_signature_header.payload.authorization.from")
+    expect_invalid(&mut f.m1, header_submit_of(&req, bad_from), "payment_signature_header.payload.authorization.from")
         .await;
 
     // Nothing of the above was recorded: the good payment is still new.

@@ -115,7 +115,7 @@ async fn ten_thousand_payments_accepted_replayed_tampered_and_kept_across_restar
         let nonce = alloy::primitives::B256::from_slice(&original.nonce);
         // Same nonce, a different validBefore: another payment.
         let payload = payer.sign_exact(&req, original.valid_after, original.valid_before - 1, nonce);
-        reuse.payment = Some(Payment::Exact(pb_exact(&payload)));
+        reuse.payment = exact_submit(0, &req, &payload).payment;
     }
     let resp = client.submit(reuse).await.unwrap().into_inner();
     assert_eq!(resp.reason, "invalid_exact_evm_nonce_already_used", "{resp:?}");

@@ -96,7 +96,7 @@ fn exact(p: pb::ExactPayment) -> Result<ExactPayload, InvalidField> {
     })
 }
 
-/// A submit request as the request id and the domain submission.
+/// The domain submission of a submit request.
 pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
     let requirements = requirements(req.requirements)?;
     let input = match req.payment {
@@ -267,6 +267,44 @@ pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
         policy: Some(policy(&p.policy)),
         status: Some(status(&p.status)),
         accepted_at_ms: p.accepted_at_ms,
+    }
+}
+
+/// The request a gateway sends for `submission`: the inverse of
+/// [`submission`], for Rust clients (the load generator, tests, benches).
+pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitRequest {
+    let r = &submission.requirements;
+    let payment = match &submission.input {
+        PaymentInput::Exact(p) => {
+            let a = &p.authorization;
+            pb::submit_request::Payment::Exact(pb::ExactPayment {
+                network: p.network.clone(),
+                authorization: Some(pb::ExactAuthorization {
+                    from: a.from.to_vec(),
+                    to: a.to.to_vec(),
+                    value: a.value.to_string(),
+                    valid_after: a.valid_after_secs(),
+                    valid_before: a.valid_before_secs(),
+                    nonce: a.nonce.to_vec(),
+                }),
+                signature: p.signature.clone(),
+            })
+        }
+        PaymentInput::Header(h) => pb::submit_request::Payment::PaymentSignatureHeader(h.clone()),
+    };
+    pb::SubmitRequest {
+        request_id,
+        requirements: Some(pb::PaymentRequirements {
+            scheme: r.scheme.clone(),
+            network: r.network.clone(),
+            amount: r.amount.to_string(),
+            asset: r.asset.to_vec(),
+            pay_to: r.pay_to.to_vec(),
+            max_timeout_seconds: r.max_timeout_seconds,
+            eip712_name: r.eip712_name.clone(),
+            eip712_version: r.eip712_version.clone(),
+        }),
+        payment: Some(payment),
     }
 }
 

@@ -12,7 +12,10 @@ use x402_proto::v1::{
     merchant_admin_service_server::MerchantAdminServiceServer, payment_service_server::PaymentServiceServer,
 };
 
-pub use self::service::{MerchantAdminApi, PaymentApi};
+pub use self::{
+    convert::submit_request,
+    service::{MerchantAdminApi, PaymentApi},
+};
 use crate::{Engine, Result};
 
 /// Largest gRPC message accepted, in bytes. A submit is well under 2 KiB.
