@@ -1,5 +1,7 @@
 //! The chain crate's error type.
 
+use alloy::transports::TransportError;
+
 /// `Result` with the chain crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -9,4 +11,20 @@ pub enum Error {
     /// The local anvil node could not be installed or started.
     #[error("anvil: {0}")]
     Anvil(String),
+    /// A JSON-RPC call failed.
+    #[error("rpc: {0}")]
+    Rpc(#[from] TransportError),
+    /// A contract call or deployment failed.
+    #[error("contract: {0}")]
+    Contract(#[from] alloy::contract::Error),
+    /// A sent transaction could not be followed to its receipt.
+    #[error("pending transaction: {0}")]
+    PendingTransaction(#[from] alloy::providers::PendingTransactionError),
+}
+
+impl Error {
+    /// Whether retrying later may succeed (the node may come back).
+    pub const fn is_retryable(&self) -> bool {
+        matches!(self, Self::Rpc(_) | Self::PendingTransaction(_))
+    }
 }

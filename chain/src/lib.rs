@@ -12,6 +12,7 @@
 
 pub mod anvil;
 pub mod contracts;
+pub mod devnet;
 pub mod eip3009;
 mod error;
 

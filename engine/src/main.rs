@@ -5,11 +5,19 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use alloy::{
+    primitives::{Address, U256},
+    signers::local::PrivateKeySigner,
+};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use x402_chain::{
+    anvil::Anvil,
+    devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet},
+};
 use x402_engine::{
-    config::{Config, MerchantConfig, PolicyConfig},
+    config::{AssetConfig, Config, MerchantConfig, PolicyConfig},
     node::Node,
 };
 
@@ -30,8 +38,9 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
-    /// Run on embedded defaults: a fresh ledger, demo merchants for every
-    /// strategy and printed keys. Nothing to configure.
+    /// Run on embedded defaults: a local anvil chain with the test token and
+    /// Multicall3, funded test payers, a fresh ledger, demo merchants for
+    /// every strategy and printed keys. Nothing to configure.
     Dev {
         #[command(flatten)]
         overrides: Overrides,
@@ -75,15 +84,14 @@ const DEV_MERCHANTS: [(&str, &str); 3] = [
 ];
 /// Anvil's well-known development accounts 1–4 (mnemonic "test test … junk").
 const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+/// Test tokens minted to each dev payer: 1,000 (6 decimals).
+const DEV_MINT: u64 = 1_000_000_000;
 const DEV_PAYER_KEYS: [&str; 3] = [
     "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
     "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
     "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926e",
 ];
-/// The address the first contract deployed by anvil's account 0 gets.
-const DEV_TOKEN: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
-
-fn dev_config(data_dir: PathBuf) -> Config {
+fn dev_config(data_dir: PathBuf, devnet: &Devnet) -> Config {
     let mut config = Config::default();
     config.ledger.path = data_dir;
     config.auth.admin_key = Some(DEV_ADMIN_KEY.into());
@@ -92,7 +100,10 @@ fn dev_config(data_dir: PathBuf) -> Config {
         .map(|(id, key)| MerchantConfig {
             id: (*id).into(),
             pay_to: vec![DEV_PAY_TO.into()],
-            assets: Vec::new(),
+            assets: vec![AssetConfig {
+                network: format!("eip155:{}", devnet.chain_id),
+                asset: devnet.token.to_string(),
+            }],
             policy: match *id {
                 "demo-direct" => PolicyConfig::Direct,
                 "demo-batched" => PolicyConfig::Batched { max_rows: 250, max_wait_ms: 2000 },
@@ -114,7 +125,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let (config, dev_dir) = match cli.command {
+    // Kept alive until the node stops: the dev ledger directory and chain.
+    let mut devnet = None;
+    let (config, _dev_dir) = match cli.command {
         Command::Serve { config, overrides } => {
             let mut config = match config {
                 Some(path) => Config::from_file(&path)?,
@@ -126,7 +139,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev { overrides } => {
             let dir =
                 tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
-            let mut config = dev_config(dir.path().to_path_buf());
+            let (anvil, chain) = start_devnet().await?;
+            let mut config = dev_config(dir.path().to_path_buf(), &chain);
+            devnet = Some((anvil, chain));
             overrides.apply(&mut config);
             (config, Some(dir))
         }
@@ -135,15 +150,25 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::start(&config).await.context("starting x402d")?;
     let endpoints = node.endpoints();
     println!("x402d listening grpc={} http={}", endpoints.grpc, endpoints.http);
-    if dev_dir.is_some() {
-        print_dev_banner(&config, endpoints.http);
+    if let Some((anvil, chain)) = &devnet {
+        print_dev_banner(&config, endpoints.http, anvil.endpoint(), chain);
     }
     node.wait(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-fn print_dev_banner(config: &Config, http: SocketAddr) {
+/// Starts anvil and deploys the token and Multicall3, funding the dev payers.
+async fn start_devnet() -> anyhow::Result<(Anvil, Devnet)> {
+    let anvil = tokio::task::spawn_blocking(|| Anvil::spawn(&[])).await?.context("starting anvil")?;
+    let payers: Vec<Address> =
+        DEV_PAYER_KEYS.iter().map(|k| k.parse::<PrivateKeySigner>().map(|s| s.address())).collect::<Result<_, _>>()?;
+    let chain =
+        devnet::deploy(anvil.endpoint(), &payers, U256::from(DEV_MINT)).await.context("deploying the dev contracts")?;
+    Ok((anvil, chain))
+}
+
+fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet) {
     println!();
     println!("ledger      {}", config.ledger.path.display());
     println!("admin key   {DEV_ADMIN_KEY}");
@@ -151,10 +176,13 @@ fn print_dev_banner(config: &Config, http: SocketAddr) {
         println!("merchant    {id:<13} key {key}");
     }
     println!("pay to      {DEV_PAY_TO}");
-    println!("token       {DEV_TOKEN} (eip155:31337, balances unlimited)");
+    println!("chain       {rpc} (eip155:{}, anvil)", chain.chain_id);
+    println!("token       {} (\"{DEV_TOKEN_NAME}\" version {DEV_TOKEN_VERSION}, 6 decimals)", chain.token);
+    println!("multicall3  {}", chain.multicall);
     for key in DEV_PAYER_KEYS {
-        println!("payer key   {key}");
+        println!("payer key   {key} (holds {} tokens)", DEV_MINT / 1_000_000);
     }
+    println!("balances    not yet read from the chain: the engine treats them as unlimited");
     println!("metrics     http://{http}/metrics");
     println!();
 }

@@ -91,9 +91,11 @@ pub(crate) fn merchant_config(id: &str, pay_to: Address, key: &str, policy: Poli
     }
 }
 
-/// An `x402d serve` process.
+/// An `x402d` process.
 pub(crate) struct Daemon {
     child: Child,
+    /// What it printed on stdout up to the end of its banner.
+    pub(crate) banner: Vec<String>,
     pub(crate) grpc: SocketAddr,
     #[allow(dead_code, reason = "kept for tests of the HTTP listener")]
     pub(crate) http: SocketAddr,
@@ -104,9 +106,18 @@ impl Daemon {
     pub(crate) fn start(dir: &Path, config: &str) -> Self {
         let path: PathBuf = dir.join("x402d.toml");
         std::fs::write(&path, config).unwrap();
+        Self::spawn(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()], "x402d listening")
+    }
+
+    /// Starts `x402d dev` on free ports and reads its banner.
+    pub(crate) fn dev() -> Self {
+        Self::spawn(&["dev".as_ref()], "metrics ")
+    }
+
+    /// Runs x402d with `args` and reads stdout until a line starting with `last`.
+    fn spawn(args: &[&std::ffi::OsStr], last: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_x402d"))
-            .args(["serve", "--config"])
-            .arg(&path)
+            .args(args)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("X402D_ADMIN_KEY", ADMIN_KEY)
             .env("X402D_TEST_M1_KEY", M1_KEY)
@@ -121,12 +132,20 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Some(rest) = line.strip_prefix("x402d listening ") {
-                    let _ = tx.send(rest.to_owned());
+                if tx.send(line).is_err() {
+                    return;
                 }
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("x402d prints its endpoints");
+        let mut banner = Vec::new();
+        while !banner.last().is_some_and(|l: &String| l.starts_with(last)) {
+            banner.push(rx.recv_timeout(Duration::from_secs(60)).expect("x402d prints its banner"));
+        }
+        let line = banner
+            .iter()
+            .find_map(|l| l.strip_prefix("x402d listening "))
+            .expect("x402d prints its endpoints")
+            .to_owned();
         let addr = |key: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(key))
@@ -134,13 +153,22 @@ impl Daemon {
                 .parse()
                 .unwrap()
         };
-        Self { grpc: addr("grpc="), http: addr("http="), child }
+        Self { grpc: addr("grpc="), http: addr("http="), child, banner }
     }
 
     /// SIGKILL: no shutdown code runs.
     pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The value of the banner line that starts with `label`.
+    pub(crate) fn banner_value(&self, label: &str) -> &str {
+        self.banner
+            .iter()
+            .find_map(|l| l.strip_prefix(label))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{label} in {:?}", self.banner))
     }
 
     /// SIGTERM and wait for a clean exit.

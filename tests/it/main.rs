@@ -5,5 +5,6 @@ mod api;
 mod chain;
 mod common;
 mod crash;
+mod dev;
 mod rejections;
 mod stream;

@@ -1,0 +1,79 @@
+//! A ready-to-use local chain: the test token at its well-known address,
+//! Multicall3 at its canonical address, and funded test payers. Used by
+//! `x402d dev` and by tests.
+
+use alloy::{
+    network::EthereumWallet,
+    primitives::{Address, Bytes, U256},
+    providers::{Provider, ProviderBuilder, ext::AnvilApi},
+    signers::local::PrivateKeySigner,
+};
+
+use crate::{
+    Result,
+    contracts::{MULTICALL3_ADDRESS, Multicall3, X402TestToken},
+};
+
+/// Anvil's funded development account 0; it deploys, so the token lands at
+/// [`DEV_TOKEN_ADDRESS`]. A public test key: never use it on a real chain.
+pub const DEV_DEPLOYER_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+/// Where the first contract deployed by anvil's account 0 lands.
+pub const DEV_TOKEN_ADDRESS: Address = alloy::primitives::address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+/// The token's EIP-712 name and version (those of USDC).
+pub const DEV_TOKEN_NAME: &str = "USD Coin";
+pub const DEV_TOKEN_VERSION: &str = "2";
+
+/// What [`deploy`] set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Devnet {
+    pub chain_id: u64,
+    pub token: Address,
+    pub multicall: Address,
+}
+
+/// Deploys the test token with [`DEV_DEPLOYER_KEY`], puts Multicall3's code
+/// at its canonical address and mints `amount` to each of `payers`, on the
+/// anvil node at `endpoint`.
+pub async fn deploy(endpoint: &str, payers: &[Address], amount: U256) -> Result<Devnet> {
+    let deployer: PrivateKeySigner = DEV_DEPLOYER_KEY.parse().expect("a valid key");
+    let url = endpoint.parse().map_err(|e| crate::Error::Anvil(format!("bad endpoint {endpoint}: {e}")))?;
+    let provider = ProviderBuilder::new().wallet(EthereumWallet::from(deployer)).connect_http(url);
+    let chain_id = provider.get_chain_id().await?;
+
+    let token = X402TestToken::deploy(&provider, DEV_TOKEN_NAME.into(), DEV_TOKEN_VERSION.into()).await?;
+    for payer in payers {
+        token.mint(*payer, amount).send().await?.get_receipt().await?;
+    }
+    provider.anvil_set_code(MULTICALL3_ADDRESS, Multicall3::DEPLOYED_BYTECODE.clone()).await?;
+    Ok(Devnet { chain_id, token: *token.address(), multicall: MULTICALL3_ADDRESS })
+}
+
+/// The code at `address`, to check a deployment.
+pub async fn code_at(endpoint: &str, address: Address) -> Result<Bytes> {
+    let url = endpoint.parse().map_err(|e| crate::Error::Anvil(format!("bad endpoint {endpoint}: {e}")))?;
+    Ok(ProviderBuilder::new().connect_http(url).get_code_at(address).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::anvil::Anvil;
+
+    #[tokio::test]
+    async fn deploys_token_multicall_and_funds_payers() {
+        let anvil = Anvil::spawn(&[]).unwrap();
+        let payers = [Address::repeat_byte(1), Address::repeat_byte(2)];
+        let devnet = deploy(anvil.endpoint(), &payers, U256::from(5_000_000)).await.unwrap();
+        assert_eq!(devnet, Devnet { chain_id: 31337, token: DEV_TOKEN_ADDRESS, multicall: MULTICALL3_ADDRESS });
+
+        let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+        let token = X402TestToken::new(devnet.token, &provider);
+        for payer in payers {
+            assert_eq!(token.balanceOf(payer).call().await.unwrap(), U256::from(5_000_000));
+        }
+        assert_eq!(token.name().call().await.unwrap(), DEV_TOKEN_NAME);
+        let multicall = Multicall3::new(devnet.multicall, &provider);
+        assert_eq!(multicall.getChainId().call().await.unwrap(), U256::from(31337));
+        assert!(!code_at(anvil.endpoint(), devnet.multicall).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,49 @@
+//! `x402d dev`: the embedded defaults on a fresh machine — a local chain
+//! with the token and Multicall3, funded payers, demo merchants that take
+//! payments, and a clean stop that takes the chain down with it.
+
+use alloy::{
+    primitives::{Address, U256},
+    providers::{Provider, ProviderBuilder},
+    signers::local::PrivateKeySigner,
+};
+use x402_chain::contracts::{MULTICALL3_ADDRESS, X402TestToken};
+use x402_engine::payer::Payer;
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_a_funded_chain_and_accepts_payments() {
+    let mut daemon = Daemon::dev();
+    let rpc = daemon.banner_value("chain").split_whitespace().next().unwrap().to_owned();
+    let token: Address = daemon.banner_value("token").split_whitespace().next().unwrap().parse().unwrap();
+    let payer_key = daemon.banner_value("payer key").split_whitespace().next().unwrap().to_owned();
+    let merchant_key = daemon
+        .banner
+        .iter()
+        .find(|l| l.contains("demo-direct"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_owned();
+
+    // The chain has the token, Multicall3 and funded payers.
+    let provider = ProviderBuilder::new().connect_http(rpc.parse().unwrap());
+    assert_eq!(provider.get_chain_id().await.unwrap(), 31337);
+    assert!(!provider.get_code_at(MULTICALL3_ADDRESS).await.unwrap().is_empty());
+    let signer: PrivateKeySigner = payer_key.parse().unwrap();
+    let balance = X402TestToken::new(token, &provider).balanceOf(signer.address()).call().await.unwrap();
+    assert_eq!(balance, U256::from(1_000_000_000u64));
+
+    // A demo merchant takes a payment from a dev payer.
+    let mut client = payments(daemon.grpc, &merchant_key).await;
+    let mut req = requirements(PAY_TO);
+    req.asset = token;
+    let payload = Payer::new(signer).sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+    let resp = client.submit(exact_submit(1, &req, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+
+    // Stopping x402d stops its chain.
+    daemon.stop();
+    assert!(provider.get_chain_id().await.is_err(), "anvil is gone with x402d");
+}
