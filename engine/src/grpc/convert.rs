@@ -270,8 +270,8 @@ pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
     }
 }
 
-/// The request a gateway sends for `submission`: the inverse of
-/// [`submission`], for Rust clients (the load generator, tests, benches).
+/// The request a gateway sends for `submission`: the inverse of the
+/// server's conversion, for Rust clients (the load generator, tests, benches).
 pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitRequest {
     let r = &submission.requirements;
     let payment = match &submission.input {
