@@ -1,6 +1,9 @@
 //! EIP-3009 `transferWithAuthorization`: the typed data a payer signs for an
 //! x402 `exact` payment, and the token functions that settle it.
 
+// The generated contract bindings mirror the token's 9-argument functions.
+#![allow(clippy::too_many_arguments)]
+
 use alloy::{
     primitives::{Address, B256, U256, keccak256},
     sol,
@@ -21,6 +24,8 @@ sol! {
 
     /// The EIP-3009 surface of a USDC-like token that settlement uses.
     #[derive(Debug)]
+    #[sol(rpc)]
+    #[allow(missing_debug_implementations)]
     interface IEip3009 {
         event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
         event AuthorizationCanceled(address indexed authorizer, bytes32 indexed nonce);

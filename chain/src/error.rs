@@ -17,6 +17,15 @@ pub enum Error {
     /// A contract call or deployment failed.
     #[error("contract: {0}")]
     Contract(#[from] alloy::contract::Error),
+    /// A transaction could not be signed.
+    #[error("signing: {0}")]
+    Sign(String),
+    /// The node has seen this signer's nonce used: sign the call again.
+    #[error("nonce {nonce} of {signer} is already used on chain")]
+    NonceTooLow { signer: alloy::primitives::Address, nonce: u64 },
+    /// A setting is wrong.
+    #[error("config: {0}")]
+    Config(String),
     /// A sent transaction could not be followed to its receipt.
     #[error("pending transaction: {0}")]
     PendingTransaction(#[from] alloy::providers::PendingTransactionError),
@@ -25,6 +34,6 @@ pub enum Error {
 impl Error {
     /// Whether retrying later may succeed (the node may come back).
     pub const fn is_retryable(&self) -> bool {
-        matches!(self, Self::Rpc(_) | Self::PendingTransaction(_))
+        matches!(self, Self::Rpc(_) | Self::PendingTransaction(_) | Self::NonceTooLow { .. })
     }
 }

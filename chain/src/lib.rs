@@ -15,6 +15,8 @@ pub mod contracts;
 pub mod devnet;
 pub mod eip3009;
 mod error;
+pub mod tx;
 
 pub use eip3009::{Eip3009Domain, TransferWithAuthorization};
 pub use error::{Error, Result};
+pub use tx::{AlloyChain, SignedTx, TxConfig};

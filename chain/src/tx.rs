@@ -1,0 +1,352 @@
+//! [`AlloyChain`]: reads and transactions on an EVM node through alloy.
+//!
+//! The transaction manager owns everything that makes a settlement
+//! transaction: a pool of signer keys, each with a locally tracked nonce
+//! (fetched once, then counted here, resynced when the node disagrees),
+//! EIP-1559 fees from the node, and gas limits estimated once per call kind
+//! (function selector) and cached with a safety margin.
+//!
+//! Signing and broadcasting are separate steps so the caller can write the
+//! signed raw transaction to its ledger (a write-ahead intent) before it
+//! leaves the process; after a crash the same bytes can be rebroadcast.
+//! Receipts are polled at a short configurable interval, not alloy's
+//! multi-second default for remote nodes.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use alloy::{
+    eips::eip2718::Encodable2718,
+    network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder},
+    primitives::{Address, B256, Bytes, U256},
+    providers::{Provider, ProviderBuilder, RootProvider},
+    rpc::types::{TransactionReceipt, TransactionRequest},
+    signers::local::PrivateKeySigner,
+};
+use tokio::sync::Mutex;
+
+use crate::{Error, Result, eip3009::IEip3009};
+
+/// Transaction manager settings.
+#[derive(Clone, Debug)]
+pub struct TxConfig {
+    /// How often to ask for a receipt.
+    pub receipt_poll: Duration,
+    /// Blocks on top of the including block before a receipt counts.
+    pub confirmations: u64,
+    /// Added to estimated gas limits, in percent.
+    pub gas_margin_percent: u64,
+}
+
+impl Default for TxConfig {
+    fn default() -> Self {
+        Self { receipt_poll: Duration::from_millis(200), confirmations: 1, gas_margin_percent: 25 }
+    }
+}
+
+/// A signed transaction, ready to record and broadcast.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedTx {
+    pub hash: B256,
+    /// The EIP-2718 encoding, as broadcast.
+    pub raw: Bytes,
+    pub signer: Address,
+    pub nonce: u64,
+    pub to: Address,
+    pub gas_limit: u64,
+    pub max_fee_per_gas: u128,
+    pub max_priority_fee_per_gas: u128,
+}
+
+/// An EVM node and the keys that pay for settlement transactions.
+#[derive(Debug)]
+pub struct AlloyChain {
+    provider: RootProvider,
+    chain_id: u64,
+    signers: Vec<(Address, EthereumWallet)>,
+    next_signer: AtomicUsize,
+    /// Next nonce per signer, once known.
+    nonces: Mutex<HashMap<Address, u64>>,
+    /// Gas limit per function selector.
+    gas: Mutex<HashMap<[u8; 4], u64>>,
+    config: TxConfig,
+}
+
+impl AlloyChain {
+    /// Connects to the JSON-RPC endpoint `url` with `signers` paying for
+    /// transactions.
+    pub async fn connect(url: &str, signers: Vec<PrivateKeySigner>, config: TxConfig) -> Result<Self> {
+        let url = url.parse().map_err(|e| Error::Config(format!("rpc url {url:?}: {e}")))?;
+        let provider = ProviderBuilder::default().connect_http(url);
+        let chain_id = provider.get_chain_id().await?;
+        let signers = signers.into_iter().map(|s| (s.address(), EthereumWallet::from(s))).collect();
+        Ok(Self {
+            provider,
+            chain_id,
+            signers,
+            next_signer: AtomicUsize::new(0),
+            nonces: Mutex::new(HashMap::new()),
+            gas: Mutex::new(HashMap::new()),
+            config,
+        })
+    }
+
+    pub const fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    /// The signer addresses, in pool order.
+    pub fn signers(&self) -> Vec<Address> {
+        self.signers.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// `owner`'s balance of `token`.
+    pub async fn token_balance(&self, token: Address, owner: Address) -> Result<U256> {
+        Ok(IEip3009::new(token, &self.provider).balanceOf(owner).call().await?)
+    }
+
+    /// Whether `authorizer`'s EIP-3009 `nonce` on `token` is spent (or cancelled).
+    pub async fn authorization_state(&self, token: Address, authorizer: Address, nonce: B256) -> Result<bool> {
+        Ok(IEip3009::new(token, &self.provider).authorizationState(authorizer, nonce).call().await?)
+    }
+
+    /// The latest block number.
+    pub async fn block_number(&self) -> Result<u64> {
+        Ok(self.provider.get_block_number().await?)
+    }
+
+    /// Signs a call of `to` with `input` by the next signer of the pool,
+    /// with its next nonce, current fees and a cached gas limit. Nothing is
+    /// sent.
+    pub async fn sign_call(&self, to: Address, input: Bytes) -> Result<SignedTx> {
+        let index = self.next_signer.fetch_add(1, Ordering::Relaxed) % self.signers.len().max(1);
+        let (signer, wallet) = self.signers.get(index).ok_or_else(|| Error::Config("no signer keys".into()))?;
+        let gas_limit = self.gas_limit(*signer, to, &input).await?;
+        let fees = self.provider.estimate_eip1559_fees().await?;
+        let nonce = self.take_nonce(*signer).await?;
+        let request = TransactionRequest::default()
+            .with_from(*signer)
+            .with_to(to)
+            .with_input(input)
+            .with_chain_id(self.chain_id)
+            .with_nonce(nonce)
+            .with_gas_limit(gas_limit)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        let envelope = request.build(wallet).await.map_err(|e| Error::Sign(e.to_string()))?;
+        Ok(SignedTx {
+            hash: *envelope.tx_hash(),
+            raw: envelope.encoded_2718().into(),
+            signer: *signer,
+            nonce,
+            to,
+            gas_limit,
+            max_fee_per_gas: fees.max_fee_per_gas,
+            max_priority_fee_per_gas: fees.max_priority_fee_per_gas,
+        })
+    }
+
+    /// Sends a signed transaction. Sending one the node already has is not
+    /// an error, so a rebroadcast after a crash is safe. A nonce the node
+    /// has already seen used resyncs the signer's nonce and answers
+    /// [`Error::NonceTooLow`]: sign again.
+    pub async fn broadcast(&self, tx: &SignedTx) -> Result<()> {
+        match self.provider.send_raw_transaction(&tx.raw).await {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let message = err.to_string().to_lowercase();
+                if message.contains("already known") || message.contains("already imported") {
+                    return Ok(());
+                }
+                if message.contains("nonce too low") {
+                    // Mined already (a rebroadcast)? Then all is well.
+                    if self.provider.get_transaction_receipt(tx.hash).await?.is_some() {
+                        return Ok(());
+                    }
+                    self.resync_nonce(tx.signer).await?;
+                    return Err(Error::NonceTooLow { signer: tx.signer, nonce: tx.nonce });
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    /// The receipt of `hash` once it has [`TxConfig::confirmations`] blocks,
+    /// polling until `timeout`; `None` if it did not come in time.
+    pub async fn wait_receipt(&self, hash: B256, timeout: Duration) -> Result<Option<TransactionReceipt>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(receipt) = self.receipt(hash).await? {
+                return Ok(Some(receipt));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(self.config.receipt_poll).await;
+        }
+    }
+
+    /// The receipt of `hash` if it is included with enough confirmations.
+    pub async fn receipt(&self, hash: B256) -> Result<Option<TransactionReceipt>> {
+        let Some(receipt) = self.provider.get_transaction_receipt(hash).await? else { return Ok(None) };
+        let Some(included) = receipt.block_number else { return Ok(None) };
+        let head = self.block_number().await?;
+        let depth = head.saturating_sub(included) + 1;
+        Ok((depth >= self.config.confirmations).then_some(receipt))
+    }
+
+    /// Forgets `signer`'s local nonce; the next transaction asks the node.
+    pub async fn resync_nonce(&self, signer: Address) -> Result<()> {
+        let pending = self.provider.get_transaction_count(signer).pending().await?;
+        self.nonces.lock().await.insert(signer, pending);
+        tracing::debug!(%signer, pending, "nonce resynced from the node");
+        Ok(())
+    }
+
+    async fn take_nonce(&self, signer: Address) -> Result<u64> {
+        let mut nonces = self.nonces.lock().await;
+        let next = match nonces.get(&signer) {
+            Some(n) => *n,
+            None => self.provider.get_transaction_count(signer).pending().await?,
+        };
+        nonces.insert(signer, next + 1);
+        Ok(next)
+    }
+
+    async fn gas_limit(&self, from: Address, to: Address, input: &Bytes) -> Result<u64> {
+        let selector: [u8; 4] = input.get(..4).and_then(|s| s.try_into().ok()).unwrap_or_default();
+        if let Some(gas) = self.gas.lock().await.get(&selector) {
+            return Ok(*gas);
+        }
+        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input.clone());
+        let estimate = self.provider.estimate_gas(request).await?;
+        let gas = estimate + estimate * self.config.gas_margin_percent / 100;
+        self.gas.lock().await.insert(selector, gas);
+        Ok(gas)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::{providers::ext::AnvilApi, signers::SignerSync, sol_types::SolCall};
+
+    use super::*;
+    use crate::{
+        Eip3009Domain, TransferWithAuthorization,
+        anvil::Anvil,
+        devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION},
+    };
+
+    struct Setup {
+        anvil: Anvil,
+        token: Address,
+        payer: PrivateKeySigner,
+        pay_to: Address,
+    }
+
+    async fn setup() -> Setup {
+        let anvil = Anvil::spawn(&[]).unwrap();
+        let payer = PrivateKeySigner::random();
+        let devnet = devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000_000u64)).await.unwrap();
+        Setup { anvil, token: devnet.token, payer, pay_to: Address::repeat_byte(0x77) }
+    }
+
+    /// Random signer keys with ether from anvil.
+    async fn funded_signers(endpoint: &str, n: usize) -> Vec<PrivateKeySigner> {
+        let provider = ProviderBuilder::new().connect_http(endpoint.parse().unwrap());
+        let mut signers = Vec::new();
+        for _ in 0..n {
+            let signer = PrivateKeySigner::random();
+            provider.anvil_set_balance(signer.address(), U256::from(10u128.pow(20))).await.unwrap();
+            signers.push(signer);
+        }
+        signers
+    }
+
+    /// Calldata of `transferWithAuthorization` for a fresh authorization.
+    fn authorization_call(s: &Setup, value: u64, nonce: B256) -> Bytes {
+        let message = TransferWithAuthorization {
+            from: s.payer.address(),
+            to: s.pay_to,
+            value: U256::from(value),
+            validAfter: U256::ZERO,
+            validBefore: U256::from(u64::MAX),
+            nonce,
+        };
+        let digest = Eip3009Domain::new(DEV_TOKEN_NAME, DEV_TOKEN_VERSION, 31337, s.token).signing_hash(&message);
+        let sig = s.payer.sign_hash_sync(&digest).unwrap();
+        IEip3009::transferWithAuthorizationCall {
+            from: message.from,
+            to: message.to,
+            value: message.value,
+            validAfter: message.validAfter,
+            validBefore: message.validBefore,
+            nonce,
+            v: if sig.v() { 28 } else { 27 },
+            r: sig.r().into(),
+            s: sig.s().into(),
+        }
+        .abi_encode()
+        .into()
+    }
+
+    #[tokio::test]
+    async fn settles_authorizations_through_a_signer_pool() {
+        let s = setup().await;
+        let signers = funded_signers(s.anvil.endpoint(), 3).await;
+        let chain = AlloyChain::connect(s.anvil.endpoint(), signers, TxConfig::default()).await.unwrap();
+        assert_eq!(chain.chain_id(), 31337);
+
+        let mut sent = Vec::new();
+        for i in 0..30u8 {
+            let tx = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(i))).await.unwrap();
+            chain.broadcast(&tx).await.unwrap();
+            // Sending the same bytes again (a rebroadcast after a crash) is harmless.
+            chain.broadcast(&tx).await.unwrap();
+            sent.push(tx);
+        }
+        for tx in &sent {
+            let receipt = chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
+            assert!(receipt.status(), "{tx:?}");
+        }
+        assert_eq!(chain.token_balance(s.token, s.pay_to).await.unwrap(), U256::from(3000));
+        for i in 0..30u8 {
+            assert!(chain.authorization_state(s.token, s.payer.address(), B256::repeat_byte(i)).await.unwrap());
+        }
+        // Each signer's nonces are consecutive from 0: no gaps, no reuse.
+        for signer in chain.signers() {
+            let mut nonces: Vec<_> = sent.iter().filter(|t| t.signer == signer).map(|t| t.nonce).collect();
+            nonces.sort_unstable();
+            assert_eq!(nonces, (0..10).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nonce_used_elsewhere_is_resynced() {
+        let s = setup().await;
+        let signer = funded_signers(s.anvil.endpoint(), 1).await.remove(0);
+        let chain = AlloyChain::connect(s.anvil.endpoint(), vec![signer.clone()], TxConfig::default()).await.unwrap();
+        let first = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(1))).await.unwrap();
+        chain.broadcast(&first).await.unwrap();
+        chain.wait_receipt(first.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
+
+        // The same key sends a transaction behind the manager's back.
+        let other = ProviderBuilder::new().wallet(signer).connect_http(s.anvil.endpoint().parse().unwrap());
+        let tx = TransactionRequest::default().with_to(Address::repeat_byte(9)).with_value(U256::from(1));
+        other.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+
+        let stale = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2))).await.unwrap();
+        assert_eq!(stale.nonce, 1);
+        let err = chain.broadcast(&stale).await.unwrap_err();
+        assert!(matches!(err, Error::NonceTooLow { nonce: 1, .. }), "{err}");
+        assert!(err.is_retryable());
+        let fresh = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2))).await.unwrap();
+        assert_eq!(fresh.nonce, 2);
+        chain.broadcast(&fresh).await.unwrap();
+        let receipt = chain.wait_receipt(fresh.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
+        assert!(receipt.status());
+    }
+}
