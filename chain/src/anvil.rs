@@ -80,10 +80,6 @@ impl Anvil {
         &self.endpoint
     }
 
-    /// The process id, for fault tests that stop and resume the node.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Anvil {

@@ -142,8 +142,4 @@ impl Engine {
         self.pipeline.events()
     }
 
-    /// Items waiting to be verified.
-    pub fn verify_queue_len(&self) -> usize {
-        self.pipeline.verify_queue_len()
-    }
 }

@@ -233,11 +233,6 @@ impl Pipeline {
         self.events.clone()
     }
 
-    /// Items waiting in the verify queue.
-    pub fn verify_queue_len(&self) -> usize {
-        self.verify_tx.as_ref().map_or(0, Sender::len)
-    }
-
     /// Stops accepting work, lets queued work finish and joins the threads.
     pub fn shutdown(mut self) {
         self.stop();
