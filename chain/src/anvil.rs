@@ -79,7 +79,6 @@ impl Anvil {
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
-
 }
 
 impl Drop for Anvil {

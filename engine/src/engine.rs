@@ -141,5 +141,4 @@ impl Engine {
     pub fn event_sequence(&self) -> watch::Receiver<u64> {
         self.pipeline.events()
     }
-
 }

@@ -248,21 +248,24 @@ pub(super) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<Merchant
     Ok(MerchantUpdate { id: m.id, pay_to, assets, policy: policy_from(m.policy)?, api_key })
 }
 
+fn authorization(a: &Authorization) -> pb::ExactAuthorization {
+    pb::ExactAuthorization {
+        from: a.from.to_vec(),
+        to: a.to.to_vec(),
+        value: a.value.to_string(),
+        valid_after: a.valid_after_secs(),
+        valid_before: a.valid_before_secs(),
+        nonce: a.nonce.to_vec(),
+    }
+}
+
 pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
-    let a = &p.authorization;
     pb::Payment {
         payment_id: p.id.0.to_vec(),
         merchant_id: p.merchant_id.clone(),
         network: format!("eip155:{}", p.chain_id),
         asset: p.asset.to_vec(),
-        authorization: Some(pb::ExactAuthorization {
-            from: a.from.to_vec(),
-            to: a.to.to_vec(),
-            value: a.value.to_string(),
-            valid_after: a.valid_after_secs(),
-            valid_before: a.valid_before_secs(),
-            nonce: a.nonce.to_vec(),
-        }),
+        authorization: Some(authorization(&p.authorization)),
         signature: p.signature.clone(),
         policy: Some(policy(&p.policy)),
         status: Some(status(&p.status)),
@@ -275,21 +278,11 @@ pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
 pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitRequest {
     let r = &submission.requirements;
     let payment = match &submission.input {
-        PaymentInput::Exact(p) => {
-            let a = &p.authorization;
-            pb::submit_request::Payment::Exact(pb::ExactPayment {
-                network: p.network.clone(),
-                authorization: Some(pb::ExactAuthorization {
-                    from: a.from.to_vec(),
-                    to: a.to.to_vec(),
-                    value: a.value.to_string(),
-                    valid_after: a.valid_after_secs(),
-                    valid_before: a.valid_before_secs(),
-                    nonce: a.nonce.to_vec(),
-                }),
-                signature: p.signature.clone(),
-            })
-        }
+        PaymentInput::Exact(p) => pb::submit_request::Payment::Exact(pb::ExactPayment {
+            network: p.network.clone(),
+            authorization: Some(authorization(&p.authorization)),
+            signature: p.signature.clone(),
+        }),
         PaymentInput::Header(h) => pb::submit_request::Payment::PaymentSignatureHeader(h.clone()),
     };
     pb::SubmitRequest {
