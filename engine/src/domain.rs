@@ -262,6 +262,53 @@ pub struct PendingKey {
     pub id: PaymentId,
 }
 
+/// Where a transaction intent stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntentState {
+    /// Signed, perhaps broadcast; no version of it is known to be mined.
+    Pending,
+    /// One version (`tx`) was mined in `block`; `success` is its receipt status.
+    Included { tx: B256, block: u64, success: bool },
+    /// Given up: its nonce was taken by another transaction.
+    Abandoned,
+}
+
+/// A settlement transaction, recorded with its signed bytes **before** it
+/// is broadcast, so that after a crash it is resolved (receipt by hash,
+/// `authorizationState`, or rebroadcast) and its payments are settled once,
+/// never twice and never forgotten.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxIntent {
+    pub chain_id: u64,
+    pub signer: Address,
+    pub nonce: u64,
+    /// Every signed version, oldest first: a fee bump replaces a stuck
+    /// transaction at the same nonce, so at most one of them is mined.
+    pub tx_hashes: Vec<B256>,
+    /// The latest version's signed EIP-2718 bytes.
+    pub raw: Vec<u8>,
+    /// The payments it settles.
+    pub payments: Vec<PaymentId>,
+    pub state: IntentState,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl TxIntent {
+    /// The ledger key: one intent per signer nonce on a chain.
+    pub const fn key(&self) -> IntentKey {
+        IntentKey { chain_id: self.chain_id, signer: self.signer, nonce: self.nonce }
+    }
+}
+
+/// Identifies a [`TxIntent`]: a signer's nonce on a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IntentKey {
+    pub chain_id: u64,
+    pub signer: Address,
+    pub nonce: u64,
+}
+
 /// A payment state change, in ledger order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettlementEvent {

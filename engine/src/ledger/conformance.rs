@@ -6,7 +6,7 @@ use alloy::primitives::{Address, B256, U256};
 use proptest::prelude::*;
 
 use super::*;
-use crate::domain::{AcceptedAsset, Authorization, PaymentState, PaymentStatus, SettlementPolicy};
+use crate::domain::{AcceptedAsset, Authorization, IntentState, PaymentState, PaymentStatus, SettlementPolicy};
 
 /// A payment whose id is derived from `seed` and whose deadline is `deadline`.
 pub(crate) fn sample_payment(seed: u8, deadline: u64) -> PaymentRecord {
@@ -141,6 +141,45 @@ fn events_page_from_a_cursor(ledger: &dyn Ledger) {
     assert_eq!(ledger.last_event_sequence().unwrap(), 300);
 }
 
+fn sample_intent(signer: u8, nonce: u64, state: IntentState) -> TxIntent {
+    TxIntent {
+        chain_id: 31337,
+        signer: Address::repeat_byte(signer),
+        nonce,
+        tx_hashes: vec![B256::repeat_byte(signer), B256::repeat_byte(signer.wrapping_add(1))],
+        raw: vec![0x02, signer, 0xff],
+        payments: vec![sample_payment(signer, 5).id, sample_payment(signer.wrapping_add(7), 5).id],
+        state,
+        created_at_ms: 10,
+        updated_at_ms: 11,
+    }
+}
+
+fn intents_are_kept_in_signer_nonce_order(ledger: &dyn Ledger) {
+    let mut batch = WriteBatch::default();
+    // Nonce 256 after 255: big-endian keys sort numerically.
+    for (signer, nonce) in [(2u8, 256u64), (1, 7), (2, 255)] {
+        batch.push(Write::Intent(Box::new(sample_intent(signer, nonce, IntentState::Pending))));
+    }
+    ledger.commit(&batch).unwrap();
+    let keys: Vec<_> = ledger.intents().unwrap().iter().map(|i| (i.signer, i.nonce)).collect();
+    assert_eq!(
+        keys,
+        vec![(Address::repeat_byte(1), 7), (Address::repeat_byte(2), 255), (Address::repeat_byte(2), 256)]
+    );
+    // Resolving one replaces it.
+    let included = IntentState::Included { tx: B256::repeat_byte(2), block: 99, success: true };
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Intent(Box::new(sample_intent(2, 255, included))));
+    batch.push(Write::Intent(Box::new(sample_intent(1, 7, IntentState::Abandoned))));
+    ledger.commit(&batch).unwrap();
+    let intents = ledger.intents().unwrap();
+    assert_eq!(intents.len(), 3);
+    assert_eq!(intents[0], sample_intent(1, 7, IntentState::Abandoned));
+    assert_eq!(intents[1], sample_intent(2, 255, included));
+    assert_eq!(intents[2], sample_intent(2, 256, IntentState::Pending));
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -169,6 +208,12 @@ macro_rules! conformance {
                 let (_dir, ledger) = $make;
                 super::events_page_from_a_cursor(&ledger);
             }
+
+            #[test]
+            fn intents_are_kept_in_signer_nonce_order() {
+                let (_dir, ledger) = $make;
+                super::intents_are_kept_in_signer_nonce_order(&ledger);
+            }
         }
     };
 }
@@ -189,6 +234,14 @@ fn arb_write() -> impl Strategy<Value = Write> {
         (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Dequeue(pending_of(&sample_payment(s, d)))),
         (0u64..64, any::<u8>()).prop_map(|(q, s)| Write::Event(event(q, &sample_payment(s, 1)))),
         (0u8..4).prop_map(|n| Write::Merchant(sample_merchant(&format!("m{n}"), u32::from(n)))),
+        (0u8..3, 0u64..4, any::<bool>()).prop_map(|(s, n, done)| {
+            let state = if done {
+                IntentState::Included { tx: B256::repeat_byte(s), block: n, success: true }
+            } else {
+                IntentState::Pending
+            };
+            Write::Intent(Box::new(sample_intent(s, n, state)))
+        }),
     ]
 }
 
@@ -210,6 +263,7 @@ proptest! {
         prop_assert_eq!(memory.merchants().unwrap(), rocks.merchants().unwrap());
         prop_assert_eq!(memory.events_after(0, 1000).unwrap(), rocks.events_after(0, 1000).unwrap());
         prop_assert_eq!(memory.last_event_sequence().unwrap(), rocks.last_event_sequence().unwrap());
+        prop_assert_eq!(memory.intents().unwrap(), rocks.intents().unwrap());
         let (mut a, mut b) = (Vec::new(), Vec::new());
         memory.for_each_payment(&mut |p| a.push(p)).unwrap();
         rocks.for_each_payment(&mut |p| b.push(p)).unwrap();

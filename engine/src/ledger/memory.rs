@@ -8,7 +8,7 @@ use std::{
 use super::{Ledger, Write, WriteBatch};
 use crate::{
     Result,
-    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent},
+    domain::{IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 /// A ledger that lives and dies with the process. Behaves like
@@ -24,6 +24,7 @@ struct Tables {
     pending: BTreeSet<PendingKey>,
     merchants: BTreeMap<String, Merchant>,
     events: BTreeMap<u64, SettlementEvent>,
+    intents: BTreeMap<IntentKey, TxIntent>,
 }
 
 impl MemoryLedger {
@@ -56,6 +57,9 @@ impl Ledger for MemoryLedger {
                 Write::Merchant(m) => {
                     t.merchants.insert(m.id.clone(), m.clone());
                 }
+                Write::Intent(i) => {
+                    t.intents.insert(i.key(), (**i).clone());
+                }
             }
         }
         Ok(())
@@ -87,5 +91,9 @@ impl Ledger for MemoryLedger {
 
     fn last_event_sequence(&self) -> Result<u64> {
         Ok(self.tables().events.keys().next_back().copied().unwrap_or(0))
+    }
+
+    fn intents(&self) -> Result<Vec<TxIntent>> {
+        Ok(self.tables().intents.values().cloned().collect())
     }
 }

@@ -21,7 +21,7 @@ pub use rocks::{RocksLedger, RocksOptions};
 
 use crate::{
     Result,
-    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent},
+    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 /// One write of a [`WriteBatch`].
@@ -37,6 +37,8 @@ pub enum Write {
     Event(SettlementEvent),
     /// Insert or replace a merchant.
     Merchant(Merchant),
+    /// Insert or replace a transaction intent.
+    Intent(Box<TxIntent>),
 }
 
 /// Writes applied together, atomically and durably.
@@ -94,4 +96,7 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
 
     /// The sequence of the last event, 0 when there is none.
     fn last_event_sequence(&self) -> Result<u64>;
+
+    /// Every transaction intent, ordered by chain, signer, then nonce.
+    fn intents(&self) -> Result<Vec<TxIntent>>;
 }

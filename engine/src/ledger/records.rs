@@ -11,8 +11,8 @@ use prost::Message;
 use crate::{
     Error, Result,
     domain::{
-        AcceptedAsset, Authorization, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey,
-        SettlementEvent, SettlementPolicy,
+        AcceptedAsset, Authorization, IntentKey, IntentState, Merchant, PaymentId, PaymentRecord, PaymentState,
+        PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
     },
 };
 
@@ -326,6 +326,87 @@ pub(super) fn decode_event(sequence: u64, bytes: &[u8]) -> Result<SettlementEven
         payment_id: PaymentId(word(&e.payment_id)?),
         status: status_from(e.status)?,
     })
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct IntentV1 {
+    #[prost(uint64, tag = "1")]
+    chain_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    signer: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    nonce: u64,
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    tx_hashes: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", tag = "5")]
+    raw: Vec<u8>,
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    payments: Vec<Vec<u8>>,
+    /// 1 pending, 2 included, 3 abandoned.
+    #[prost(uint32, tag = "7")]
+    state: u32,
+    #[prost(bytes = "vec", tag = "8")]
+    included_tx: Vec<u8>,
+    #[prost(uint64, tag = "9")]
+    included_block: u64,
+    #[prost(bool, tag = "10")]
+    included_success: bool,
+    #[prost(uint64, tag = "11")]
+    created_at_ms: u64,
+    #[prost(uint64, tag = "12")]
+    updated_at_ms: u64,
+}
+
+pub(super) fn encode_intent(i: &TxIntent) -> Vec<u8> {
+    let (state, included_tx, included_block, included_success) = match i.state {
+        IntentState::Pending => (1, Vec::new(), 0, false),
+        IntentState::Included { tx, block, success } => (2, tx.to_vec(), block, success),
+        IntentState::Abandoned => (3, Vec::new(), 0, false),
+    };
+    versioned(&IntentV1 {
+        chain_id: i.chain_id,
+        signer: i.signer.to_vec(),
+        nonce: i.nonce,
+        tx_hashes: i.tx_hashes.iter().map(|h| h.to_vec()).collect(),
+        raw: i.raw.clone(),
+        payments: i.payments.iter().map(|p| p.0.to_vec()).collect(),
+        state,
+        included_tx,
+        included_block,
+        included_success,
+        created_at_ms: i.created_at_ms,
+        updated_at_ms: i.updated_at_ms,
+    })
+}
+
+pub(super) fn decode_intent(bytes: &[u8]) -> Result<TxIntent> {
+    let i = IntentV1::decode(unversioned(bytes)?)?;
+    let state = match i.state {
+        1 => IntentState::Pending,
+        2 => IntentState::Included { tx: word(&i.included_tx)?, block: i.included_block, success: i.included_success },
+        3 => IntentState::Abandoned,
+        _ => return Err(Error::Corrupt("unknown intent state")),
+    };
+    Ok(TxIntent {
+        chain_id: i.chain_id,
+        signer: address(&i.signer)?,
+        nonce: i.nonce,
+        tx_hashes: i.tx_hashes.iter().map(|h| word(h)).collect::<Result<_>>()?,
+        raw: i.raw,
+        payments: i.payments.iter().map(|p| word(p).map(PaymentId)).collect::<Result<_>>()?,
+        state,
+        created_at_ms: i.created_at_ms,
+        updated_at_ms: i.updated_at_ms,
+    })
+}
+
+/// `chain_id ‖ signer ‖ nonce`, 36 bytes big-endian.
+pub(super) fn intent_key(key: &IntentKey) -> [u8; 36] {
+    let mut out = [0u8; 36];
+    out[..8].copy_from_slice(&key.chain_id.to_be_bytes());
+    out[8..28].copy_from_slice(key.signer.as_slice());
+    out[28..].copy_from_slice(&key.nonce.to_be_bytes());
+    out
 }
 
 /// `merchant_number ‖ deadline ‖ id`, 44 bytes big-endian.

@@ -12,7 +12,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode,
 use super::{Ledger, WriteBatch, records};
 use crate::{
     Error, Result,
-    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent},
+    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 const CF_PAYMENTS: &str = "payments";
@@ -20,7 +20,7 @@ const CF_PENDING: &str = "pending";
 const CF_MERCHANTS: &str = "merchants";
 const CF_EVENTS: &str = "events";
 const CF_META: &str = "meta";
-/// Reserved for payment channels and transaction intents.
+/// Reserved for payment channels.
 const CF_CHANNELS: &str = "channels";
 const CF_INTENTS: &str = "intents";
 const COLUMN_FAMILIES: [&str; 7] = [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS];
@@ -104,6 +104,9 @@ impl Ledger for RocksLedger {
                 Write::Dequeue(key) => wb.delete_cf(self.cf(CF_PENDING), records::pending_key(key)),
                 Write::Event(e) => wb.put_cf(self.cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e)),
                 Write::Merchant(m) => wb.put_cf(self.cf(CF_MERCHANTS), m.id.as_bytes(), records::encode_merchant(m)),
+                Write::Intent(i) => {
+                    wb.put_cf(self.cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
+                }
             }
         }
         let mut wo = WriteOptions::default();
@@ -151,6 +154,13 @@ impl Ledger for RocksLedger {
                 );
                 records::decode_event(sequence, &value)
             })
+            .collect()
+    }
+
+    fn intents(&self) -> Result<Vec<TxIntent>> {
+        self.db
+            .iterator_cf(self.cf(CF_INTENTS), IteratorMode::Start)
+            .map(|item| records::decode_intent(&item?.1))
             .collect()
     }
 

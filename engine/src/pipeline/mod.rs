@@ -358,6 +358,9 @@ mod tests {
         fn last_event_sequence(&self) -> Result<u64> {
             self.inner.last_event_sequence()
         }
+        fn intents(&self) -> Result<Vec<crate::domain::TxIntent>> {
+            self.inner.intents()
+        }
     }
 
     const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
