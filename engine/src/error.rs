@@ -22,6 +22,9 @@ pub enum Error {
     /// A group commit failed; nothing in it was recorded.
     #[error("ledger commit failed: {0}")]
     Commit(std::sync::Arc<Self>),
+    /// A settlement update names a payment the ledger does not have.
+    #[error("no payment {0}")]
+    UnknownPayment(crate::domain::PaymentId),
     /// The pipeline has stopped (shutdown or a thread died).
     #[error("pipeline stopped")]
     PipelineStopped,

@@ -15,10 +15,14 @@ use alloy::primitives::{Address, U256};
 use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
-use super::{MerchantWrite, SubmitOutcome, pending_gauge, shard::ShardMsg};
+use super::{
+    MerchantWrite, SubmitOutcome, Transition, pending_gauge,
+    shard::{ReservationKey, ShardMsg},
+    shard_of,
+};
 use crate::{
-    Result,
-    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
+    Error, Result,
+    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent, TxIntent},
     ledger::{Ledger, Write, WriteBatch},
 };
 
@@ -30,6 +34,8 @@ pub(crate) enum CommitItem {
     Reply { outcome: SubmitOutcome, reply: oneshot::Sender<SubmitOutcome> },
     /// Record a merchant.
     Merchant(MerchantWrite),
+    /// Record settlement progress: transaction intents and payment state changes.
+    Settlement { intents: Vec<TxIntent>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
 }
 
 /// What to do once a group is durable (or failed).
@@ -47,6 +53,20 @@ enum Done {
     },
     Reply(SubmitOutcome, oneshot::Sender<SubmitOutcome>),
     Merchant(oneshot::Sender<Result<()>>),
+    Settlement {
+        settled: Vec<Settled>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// A recorded state change, to pass on to the payer's shard once durable.
+struct Settled {
+    id: PaymentId,
+    status: PaymentStatus,
+    pending: PendingKey,
+    /// The reservation to release when the payment is no longer owed.
+    release: Option<(ReservationKey, U256)>,
+    shard: usize,
 }
 
 pub(crate) struct Committer {
@@ -98,6 +118,64 @@ impl Committer {
         if self.book.insert(key, strategy).is_none() {
             *self.depths.entry(strategy).or_default() += 1;
         }
+    }
+
+    fn dequeue(&mut self, key: &PendingKey) {
+        if let Some(strategy) = self.book.remove(key)
+            && let Some(depth) = self.depths.get_mut(strategy)
+        {
+            *depth = depth.saturating_sub(1);
+        }
+    }
+
+    /// The writes of a settlement update, or why it cannot be applied (then
+    /// nothing of it is written).
+    fn settlement_writes(
+        &self,
+        intents: Vec<TxIntent>,
+        transitions: Vec<Transition>,
+        sequence: &mut u64,
+        batch: &mut WriteBatch,
+    ) -> Result<Vec<Settled>> {
+        let mut records = Vec::with_capacity(transitions.len());
+        for t in transitions {
+            let record = self.ledger.payment(&t.id)?.ok_or(Error::UnknownPayment(t.id))?;
+            records.push((record, t.status));
+        }
+        for intent in intents {
+            batch.push(Write::Intent(Box::new(intent)));
+        }
+        let mut settled = Vec::with_capacity(records.len());
+        for (mut record, status) in records {
+            *sequence += 1;
+            let payer = record.authorization.from;
+            let pending = PendingKey {
+                merchant_number: record.merchant_number,
+                deadline: record.authorization.valid_before_secs(),
+                id: record.id,
+            };
+            let release = (record.status.state.is_open() && !status.state.is_open())
+                .then_some(((record.chain_id, record.asset, payer), record.authorization.value));
+            if !status.state.is_open() {
+                batch.push(Write::Dequeue(pending));
+            }
+            batch.push(Write::Event(SettlementEvent {
+                sequence: *sequence,
+                merchant_number: record.merchant_number,
+                payment_id: record.id,
+                status: status.clone(),
+            }));
+            record.status = status.clone();
+            batch.push(Write::Payment(Box::new(record)));
+            settled.push(Settled {
+                id: pending.id,
+                status,
+                pending,
+                release,
+                shard: shard_of(payer, self.shards.len()),
+            });
+        }
+        Ok(settled)
     }
 
     fn publish_depths(&self) {
@@ -155,6 +233,14 @@ impl Committer {
                     batch.push(Write::Merchant(merchant));
                     done.push(Done::Merchant(reply));
                 }
+                CommitItem::Settlement { intents, transitions, reply } => {
+                    match self.settlement_writes(intents, transitions, &mut sequence, batch) {
+                        Ok(settled) => done.push(Done::Settlement { settled, reply }),
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                        }
+                    }
+                }
             }
         }
 
@@ -171,7 +257,11 @@ impl Committer {
 
         match result {
             Ok(()) => {
+                // Published before any reply: whoever hears back can watch it.
                 self.last_sequence = sequence;
+                if sequence != first_sequence {
+                    self.events.send_replace(sequence);
+                }
                 let mut accepted = 0u64;
                 for item in done.drain(..) {
                     match item {
@@ -197,14 +287,25 @@ impl Committer {
                         Done::Merchant(reply) => {
                             let _ = reply.send(Ok(()));
                         }
+                        Done::Settlement { settled, reply } => {
+                            for s in settled {
+                                if !s.status.state.is_open() {
+                                    self.dequeue(&s.pending);
+                                }
+                                let _ = self.shards[s.shard].send(ShardMsg::Settled {
+                                    id: s.id,
+                                    status: s.status,
+                                    release: s.release,
+                                });
+                            }
+                            self.publish_depths();
+                            let _ = reply.send(Ok(()));
+                        }
                     }
                 }
                 if accepted > 0 {
                     metrics::counter!(crate::metrics::PAYMENTS_ACCEPTED).increment(accepted);
                     self.publish_depths();
-                }
-                if sequence != first_sequence {
-                    self.events.send_replace(sequence);
                 }
             }
             Err(err) => {
@@ -222,7 +323,7 @@ impl Committer {
                         Done::Reply(_, reply) => {
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
-                        Done::Merchant(reply) => {
+                        Done::Merchant(reply) | Done::Settlement { reply, .. } => {
                             let _ = reply.send(Err(crate::Error::Commit(err.clone())));
                         }
                     }

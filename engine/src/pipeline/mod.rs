@@ -96,6 +96,13 @@ impl From<Refusal> for SubmitOutcome {
     }
 }
 
+/// A payment's new settlement status, recorded by [`Pipeline::record_settlement`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub id: PaymentId,
+    pub status: PaymentStatus,
+}
+
 /// The pipeline is full; the submission is handed back.
 #[derive(Debug)]
 pub struct Overloaded(pub Box<Submission>);
@@ -224,6 +231,24 @@ impl Pipeline {
             .as_ref()
             .expect("set until shutdown")
             .send(CommitItem::Merchant((merchant, reply)))
+            .map_err(|_| Error::PipelineStopped)?;
+        Ok(rx)
+    }
+
+    /// Records settlement progress atomically: transaction intents (written
+    /// before their broadcast) and payment state changes, each with its
+    /// event. A payment that is no longer owed leaves the settlement queue
+    /// and its reservation is released.
+    pub fn record_settlement(
+        &self,
+        intents: Vec<crate::domain::TxIntent>,
+        transitions: Vec<Transition>,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let (reply, rx) = oneshot::channel();
+        self.commit_tx
+            .as_ref()
+            .expect("set until shutdown")
+            .send(CommitItem::Settlement { intents, transitions, reply })
             .map_err(|_| Error::PipelineStopped)?;
         Ok(rx)
     }
@@ -460,5 +485,60 @@ mod tests {
         };
         assert_eq!(rejection.reason, Reason::InsufficientBalance);
         assert_eq!(*pipeline.events().borrow(), 3);
+    }
+
+    #[test]
+    fn settlement_transitions_are_recorded_and_release_reservations() {
+        use crate::domain::{IntentState, PaymentState, TxIntent};
+
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let pipeline = start(&ledger, &payer, 100);
+        let first = submission(&payer, 1);
+        let SubmitOutcome::Accepted { id, .. } = submit(&pipeline, first.clone()) else { panic!("accepted") };
+        let record = |state, block: Option<u64>| -> Result<()> {
+            let mut status = PaymentStatus::new(state, 1);
+            status.transaction = Some(B256::repeat_byte(7));
+            status.block = block;
+            let intent = TxIntent {
+                chain_id: 31337,
+                signer: Address::repeat_byte(1),
+                nonce: 0,
+                tx_hashes: vec![B256::repeat_byte(7)],
+                raw: vec![2, 1],
+                payments: vec![id],
+                state: IntentState::Pending,
+                created_at_ms: 1,
+                updated_at_ms: 1,
+            };
+            pipeline.record_settlement(vec![intent], vec![Transition { id, status }])?.blocking_recv().unwrap()
+        };
+
+        // Submitted: still owed, still queued, the balance still reserved.
+        record(PaymentState::Submitted, None).unwrap();
+        assert_eq!(ledger.pending().unwrap().len(), 1);
+        assert_eq!(ledger.intents().unwrap().len(), 1);
+        assert!(matches!(submit(&pipeline, submission(&payer, 2)), SubmitOutcome::Rejected { .. }));
+
+        // Confirmed: off the queue, reservation released, a duplicate says so.
+        record(PaymentState::Confirmed, Some(42)).unwrap();
+        let stored = ledger.payment(&id).unwrap().unwrap();
+        assert_eq!(stored.status.state, PaymentState::Confirmed);
+        assert_eq!(stored.status.block, Some(42));
+        assert!(ledger.pending().unwrap().is_empty());
+        let states: Vec<_> = ledger.events_after(0, 10).unwrap().iter().map(|e| e.status.state).collect();
+        assert_eq!(states, [PaymentState::Queued, PaymentState::Submitted, PaymentState::Confirmed]);
+        assert_eq!(*pipeline.events().borrow(), 3);
+        match submit(&pipeline, first) {
+            SubmitOutcome::Duplicate { status, .. } => assert_eq!(status.state, PaymentState::Confirmed),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(submit(&pipeline, submission(&payer, 2)), SubmitOutcome::Accepted { .. }));
+
+        // An unknown payment is refused and nothing of the update is written.
+        let unknown = Transition { id: PaymentId(B256::ZERO), status: PaymentStatus::new(PaymentState::Failed, 1) };
+        let err = pipeline.record_settlement(Vec::new(), vec![unknown]).unwrap().blocking_recv().unwrap();
+        assert!(matches!(err, Err(Error::UnknownPayment(_))));
+        assert_eq!(ledger.last_event_sequence().unwrap(), 4);
     }
 }

@@ -30,6 +30,9 @@ pub(crate) enum ShardMsg {
     Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
     /// The commit that would have recorded `id` failed: forget it.
     Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
+    /// A payment's settlement status changed (durably); `release` is the
+    /// reservation to give back when it is no longer owed.
+    Settled { id: PaymentId, status: PaymentStatus, release: Option<(ReservationKey, U256)> },
     /// Finish: everything queued before this has been handled.
     Stop,
 }
@@ -128,6 +131,15 @@ impl Shard {
             ShardMsg::Revert { id, reservation, value } => {
                 self.replay.remove(&id);
                 self.release(reservation, value);
+                true
+            }
+            ShardMsg::Settled { id, status, release } => {
+                if let Some(entry) = self.replay.get_mut(&id) {
+                    entry.status = status;
+                }
+                if let Some((key, value)) = release {
+                    self.release(key, value);
+                }
                 true
             }
             ShardMsg::Stop => false,
