@@ -118,6 +118,20 @@ impl AlloyChain {
         Ok(self.provider.get_block_number().await?)
     }
 
+    /// Runs the call of `to` with `input` against the latest state, as the
+    /// first signer would send it. `Ok(Some(message))` when it reverts (the
+    /// node's message, revert reason included), `Ok(None)` when it would
+    /// succeed, `Err` when the node could not be asked.
+    pub async fn simulate(&self, to: Address, input: Bytes) -> Result<Option<String>> {
+        let from = self.signers.first().map(|(a, _)| *a).unwrap_or_default();
+        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input);
+        match self.provider.call(request).await {
+            Ok(_) => Ok(None),
+            Err(alloy::transports::RpcError::ErrorResp(payload)) => Ok(Some(payload.message.to_string())),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// Signs a call of `to` with `input` by the next signer of the pool,
     /// with its next nonce, current fees and a cached gas limit. Nothing is
     /// sent.

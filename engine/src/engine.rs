@@ -10,11 +10,12 @@ use crate::{
     Error, Result,
     balance::BalanceSource,
     domain::{
-        AcceptedAsset, Merchant, PaymentId, PaymentRecord, SettlementEvent, SettlementPolicy, Submission, unix_millis,
+        AcceptedAsset, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, SettlementPolicy, Submission,
+        TxIntent, unix_millis,
     },
     ledger::Ledger,
     merchants::{MerchantRegistry, hash_api_key},
-    pipeline::{Overloaded, Pipeline, PipelineConfig, SubmitOutcome},
+    pipeline::{Overloaded, Pipeline, PipelineConfig, SubmitOutcome, Transition},
 };
 
 /// A merchant as an administrator sets it.
@@ -135,6 +136,17 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.events_after(after, limit))
             .await
             .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// The settlement queue (every payment still owed), from the ledger.
+    pub async fn settlement_queue(&self) -> Result<Vec<PendingKey>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.pending()).await.map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Records settlement progress durably; see [`Pipeline::record_settlement`].
+    pub async fn record_settlement(&self, intents: Vec<TxIntent>, transitions: Vec<Transition>) -> Result<()> {
+        self.pipeline.record_settlement(intents, transitions)?.await.map_err(|_| Error::PipelineStopped)?
     }
 
     /// Follows the sequence of the last durable event.

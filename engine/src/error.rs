@@ -25,6 +25,9 @@ pub enum Error {
     /// A settlement update names a payment the ledger does not have.
     #[error("no payment {0}")]
     UnknownPayment(crate::domain::PaymentId),
+    /// The chain could not be read or written.
+    #[error("chain: {0}")]
+    Chain(Box<x402_chain::Error>),
     /// The pipeline has stopped (shutdown or a thread died).
     #[error("pipeline stopped")]
     PipelineStopped,

@@ -32,6 +32,7 @@ pub mod node;
 pub mod payer;
 pub mod pipeline;
 mod reason;
+pub mod settle;
 pub mod verify;
 
 pub use engine::{Engine, MerchantUpdate};

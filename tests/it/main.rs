@@ -7,4 +7,5 @@ mod common;
 mod crash;
 mod dev;
 mod rejections;
+mod settle;
 mod stream;

@@ -1,0 +1,163 @@
+//! The `direct` strategy on a real anvil chain: queued payments are settled
+//! once each, balances move by exactly the paid amounts, and the ledger and
+//! the token's `authorizationState` agree.
+
+use std::{sync::Arc, time::Duration};
+
+use alloy::{
+    primitives::{B256, U256},
+    providers::{ProviderBuilder, ext::AnvilApi},
+    signers::local::PrivateKeySigner,
+};
+use x402_chain::{AlloyChain, TxConfig, anvil::Anvil, devnet};
+use x402_engine::{
+    payer::Payer,
+    settle::{DirectSettler, SettlerConfig},
+};
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+const PAYERS: usize = 20;
+const PER_PAYER: usize = 10;
+const MINTED: u64 = 1_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_payments_settle_exactly_once_with_exact_balances() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..PAYERS).map(|_| Payer::random()).collect();
+    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+    let net = devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    assert_eq!(net.token, TOKEN);
+
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let mut signers = Vec::new();
+    for _ in 0..4 {
+        let signer = PrivateKeySigner::random();
+        provider.anvil_set_balance(signer.address(), U256::from(10u128.pow(20))).await.unwrap();
+        signers.push(signer);
+    }
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), signers, TxConfig::default()).await.unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+
+    // 200 payments to the direct merchant m1 over one stream ...
+    let requests: Vec<_> =
+        (0..PAYERS * PER_PAYER).map(|i| signed_submit(&payers[i % PAYERS], PAY_TO, i as u64)).collect();
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let accepted = stream_all(&mut m1, requests).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    // ... and a few to the batched merchant m2, which this settler must leave alone.
+    let mut m2 = payments(node.endpoints().grpc, M2_KEY).await;
+    let batched = stream_all(&mut m2, (0..5).map(|i| signed_submit(&payers[i], PAY_TO_2, i as u64)).collect()).await;
+
+    let confirmed = |p: &pb::Payment| p.status.as_ref().unwrap().state == pb::PaymentState::Confirmed as i32;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut settled = Vec::new();
+    loop {
+        settled.clear();
+        for resp in &accepted {
+            let get = pb::GetPaymentRequest { payment_id: resp.payment_id.clone() };
+            settled.push(m1.get_payment(get).await.unwrap().into_inner());
+        }
+        if settled.iter().all(confirmed) {
+            break;
+        }
+        let states: Vec<_> = settled.iter().map(|p| p.status.as_ref().unwrap().state).collect();
+        assert!(tokio::time::Instant::now() < deadline, "not all confirmed in time: {states:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    settler.abort();
+
+    // Balances moved by exactly the paid amounts.
+    let total = U256::from(AMOUNT * (PAYERS * PER_PAYER) as u64);
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), total);
+    for payer in &addresses {
+        let left = U256::from(MINTED - AMOUNT * PER_PAYER as u64);
+        assert_eq!(chain.token_balance(TOKEN, *payer).await.unwrap(), left);
+    }
+    // The ledger and the token agree on every payment, each with its own transaction.
+    let mut txs = std::collections::HashSet::new();
+    for p in &settled {
+        let a = p.authorization.as_ref().unwrap();
+        let from = alloy::primitives::Address::from_slice(&a.from);
+        let nonce = B256::from_slice(&a.nonce);
+        assert!(chain.authorization_state(TOKEN, from, nonce).await.unwrap());
+        let status = p.status.as_ref().unwrap();
+        assert!(status.block > 0);
+        assert!(txs.insert(status.transaction.clone()), "one transaction per payment");
+    }
+    // The batched merchant's payments are untouched.
+    for resp in &batched {
+        let get = pb::GetPaymentRequest { payment_id: resp.payment_id.clone() };
+        let p = m2.get_payment(get).await.unwrap().into_inner();
+        assert_eq!(p.status.unwrap().state, pb::PaymentState::Queued as i32);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let honest = Payer::random();
+    let spender = Payer::random();
+    devnet::deploy(anvil.endpoint(), &[honest.address(), spender.address()], U256::from(AMOUNT * 2)).await.unwrap();
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let signer = PrivateKeySigner::random();
+    provider.anvil_set_balance(signer.address(), U256::from(10u128.pow(20))).await.unwrap();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let requests =
+        vec![signed_submit(&honest, PAY_TO, 0), signed_submit(&spender, PAY_TO, 1), signed_submit(&honest, PAY_TO, 2)];
+    let accepted = stream_all(&mut m1, requests).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+
+    // Before settlement, the spender moves its whole balance elsewhere with
+    // an authorization of its own.
+    let mut elsewhere = requirements(alloy::primitives::Address::repeat_byte(0x99));
+    elsewhere.amount = U256::from(AMOUNT * 2);
+    let drain = spender.sign_exact(&elsewhere, now() - 600, now() + 3600, random_nonce());
+    let a = &drain.authorization;
+    let call = x402_chain::eip3009::IEip3009::transferWithAuthorizationCall {
+        from: a.from,
+        to: a.to,
+        value: a.value,
+        validAfter: a.valid_after,
+        validBefore: a.valid_before,
+        nonce: a.nonce,
+        v: drain.signature[64],
+        r: B256::from_slice(&drain.signature[..32]),
+        s: B256::from_slice(&drain.signature[32..64]),
+    };
+    let tx = chain.sign_call(TOKEN, alloy::sol_types::SolCall::abi_encode(&call).into()).await.unwrap();
+    chain.broadcast(&tx).await.unwrap();
+    assert!(chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().unwrap().status());
+
+    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let states = loop {
+        let mut states = Vec::new();
+        for resp in &accepted {
+            let get = pb::GetPaymentRequest { payment_id: resp.payment_id.clone() };
+            states.push(m1.get_payment(get).await.unwrap().into_inner().status.unwrap());
+        }
+        if states
+            .iter()
+            .all(|s| s.state == pb::PaymentState::Confirmed as i32 || s.state == pb::PaymentState::Failed as i32)
+        {
+            break states;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    settler.abort();
+    assert_eq!(states[0].state, pb::PaymentState::Confirmed as i32);
+    assert_eq!(states[2].state, pb::PaymentState::Confirmed as i32);
+    assert_eq!(states[1].state, pb::PaymentState::Failed as i32);
+    assert_eq!(states[1].failure_reason, "invalid_exact_evm_insufficient_balance");
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * 2));
+}
