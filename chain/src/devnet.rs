@@ -48,6 +48,25 @@ pub async fn deploy(endpoint: &str, payers: &[Address], amount: U256) -> Result<
     Ok(Devnet { chain_id, token: *token.address(), multicall: MULTICALL3_ADDRESS })
 }
 
+/// Switches anvil from a block per transaction to a block every `secs`.
+pub async fn set_interval_mining(endpoint: &str, secs: u64) -> Result<()> {
+    let url = endpoint.parse().map_err(|e| crate::Error::Anvil(format!("bad endpoint {endpoint}: {e}")))?;
+    let provider = ProviderBuilder::new().connect_http(url);
+    provider.anvil_set_auto_mine(false).await?;
+    provider.anvil_set_interval_mining(secs).await?;
+    Ok(())
+}
+
+/// Gives each of `accounts` 100 ether (for settlement signers).
+pub async fn fund_ether(endpoint: &str, accounts: &[Address]) -> Result<()> {
+    let url = endpoint.parse().map_err(|e| crate::Error::Anvil(format!("bad endpoint {endpoint}: {e}")))?;
+    let provider = ProviderBuilder::new().connect_http(url);
+    for account in accounts {
+        provider.anvil_set_balance(*account, U256::from(10u128.pow(20))).await?;
+    }
+    Ok(())
+}
+
 /// The code at `address`, to check a deployment.
 pub async fn code_at(endpoint: &str, address: Address) -> Result<Bytes> {
     let url = endpoint.parse().map_err(|e| crate::Error::Anvil(format!("bad endpoint {endpoint}: {e}")))?;

@@ -32,6 +32,50 @@ pub struct Config {
     pub auth: AuthConfig,
     pub balances: BalancesConfig,
     pub merchants: Vec<MerchantConfig>,
+    /// The chain payments settle on; without it payments stay queued.
+    pub chain: Option<ChainConfig>,
+}
+
+/// An EVM chain to settle on.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// JSON-RPC endpoint.
+    pub rpc_url: String,
+    /// Environment variable holding the settlement signer keys (hex,
+    /// separated by commas or whitespace).
+    pub signer_keys_env: Option<String>,
+    /// File holding the settlement signer keys, one per line.
+    pub signer_keys_file: Option<PathBuf>,
+    /// The keys themselves; set only by code (`x402d dev`, tests).
+    #[serde(skip)]
+    pub signer_keys: Vec<String>,
+    /// Receipt polling interval.
+    #[serde(default = "default_receipt_poll_ms")]
+    pub receipt_poll_ms: u64,
+    /// Blocks on top of the including block before a payment is confirmed.
+    #[serde(default = "default_confirmations")]
+    pub confirmations: u64,
+}
+
+const fn default_receipt_poll_ms() -> u64 {
+    200
+}
+
+const fn default_confirmations() -> u64 {
+    1
+}
+
+impl ChainConfig {
+    /// The signer keys, from code, the environment or the file.
+    pub fn signer_keys(&self) -> Result<Vec<String>> {
+        if !self.signer_keys.is_empty() {
+            return Ok(self.signer_keys.clone());
+        }
+        let text = read_secret("chain.signer_keys", self.signer_keys_env.as_deref(), self.signer_keys_file.as_deref())?
+            .ok_or_else(|| Error::Config("chain: signer_keys_env or signer_keys_file is required".into()))?;
+        Ok(text.split(|c: char| c == ',' || c.is_whitespace()).filter(|k| !k.is_empty()).map(str::to_owned).collect())
+    }
 }
 
 /// Listeners.
@@ -352,6 +396,9 @@ mod tests {
         config.balances().unwrap();
         let pipeline = config.pipeline.to_pipeline();
         assert_eq!(pipeline.shards, config.pipeline.shards);
+        let chain = config.chain.as_ref().expect("the example settles on a chain");
+        assert_eq!(chain.confirmations, 1);
+        assert!(chain.signer_keys().is_err(), "no keys in this test's environment, and the error says so");
     }
 
     #[test]

@@ -144,6 +144,12 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.pending()).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// Every transaction intent, from the ledger.
+    pub async fn intents(&self) -> Result<Vec<TxIntent>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.intents()).await.map_err(|_| Error::PipelineStopped)?
+    }
+
     /// Records settlement progress durably; see [`Pipeline::record_settlement`].
     pub async fn record_settlement(&self, intents: Vec<TxIntent>, transitions: Vec<Transition>) -> Result<()> {
         self.pipeline.record_settlement(intents, transitions)?.await.map_err(|_| Error::PipelineStopped)?

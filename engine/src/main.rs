@@ -17,7 +17,7 @@ use x402_chain::{
     devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet},
 };
 use x402_engine::{
-    config::{AssetConfig, Config, MerchantConfig, PolicyConfig},
+    config::{AssetConfig, ChainConfig, Config, MerchantConfig, PolicyConfig},
     node::Node,
 };
 
@@ -141,6 +141,17 @@ async fn main() -> anyhow::Result<()> {
                 tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
             let (anvil, chain) = start_devnet().await?;
             let mut config = dev_config(dir.path().to_path_buf(), &chain);
+            let signers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
+            let addresses: Vec<Address> = signers.iter().map(PrivateKeySigner::address).collect();
+            devnet::fund_ether(anvil.endpoint(), &addresses).await.context("funding settlement signers")?;
+            config.chain = Some(ChainConfig {
+                rpc_url: anvil.endpoint().to_owned(),
+                signer_keys_env: None,
+                signer_keys_file: None,
+                signer_keys: signers.iter().map(|s| s.to_bytes().to_string()).collect(),
+                receipt_poll_ms: 100,
+                confirmations: 1,
+            });
             devnet = Some((anvil, chain));
             overrides.apply(&mut config);
             (config, Some(dir))
@@ -165,6 +176,9 @@ async fn start_devnet() -> anyhow::Result<(Anvil, Devnet)> {
         DEV_PAYER_KEYS.iter().map(|k| k.parse::<PrivateKeySigner>().map(|s| s.address())).collect::<Result<_, _>>()?;
     let chain =
         devnet::deploy(anvil.endpoint(), &payers, U256::from(DEV_MINT)).await.context("deploying the dev contracts")?;
+    // From here on a block a second, as on a real chain (automine also slows
+    // down as blocks pile up).
+    devnet::set_interval_mining(anvil.endpoint(), 1).await.context("switching anvil to interval mining")?;
     Ok((anvil, chain))
 }
 
@@ -182,6 +196,7 @@ fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet
     for key in DEV_PAYER_KEYS {
         println!("payer key   {key} (holds {} tokens)", DEV_MINT / 1_000_000);
     }
+    println!("settlement  direct payments settle on this chain (batched and channel: not yet)");
     println!("balances    not yet read from the chain: the engine treats them as unlimited");
     println!("metrics     http://{http}/metrics");
     println!();

@@ -5,12 +5,14 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Identity, ServerTlsConfig};
+use x402_chain::{AlloyChain, TxConfig};
 
 use crate::{
     Engine, Error, Result,
     balance::BalanceSource,
-    config::{Config, TlsConfig},
+    config::{ChainConfig, Config, TlsConfig},
     ledger::{Ledger, RocksLedger, RocksOptions},
+    settle::{DirectSettler, SettlerConfig},
 };
 
 /// How long open streams may delay a shutdown.
@@ -31,6 +33,7 @@ pub struct Node {
     grpc: tokio::task::JoinHandle<Result<()>>,
     http: tokio::task::JoinHandle<Result<()>>,
     stop: watch::Sender<bool>,
+    settler: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -77,9 +80,16 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let settler = match &config.chain {
+            Some(chain) => Some(start_settler(&engine, chain).await?),
+            None => {
+                tracing::warn!("no [chain] configured: accepted payments stay queued");
+                None
+            }
+        };
         let grpc = tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, until(stopped.clone())));
         let http = tokio::spawn(crate::http::serve(http_listener, until(stopped)));
-        Ok(Self { engine, endpoints, grpc, http, stop })
+        Ok(Self { engine, endpoints, grpc, http, stop, settler })
     }
 
     pub const fn endpoints(&self) -> Endpoints {
@@ -93,7 +103,7 @@ impl Node {
     /// Serves until `shutdown` completes (or a listener fails), then stops
     /// the listeners and lets queued work finish.
     pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let Self { engine, grpc, http, stop, .. } = self;
+        let Self { engine, grpc, http, stop, settler, .. } = self;
         let mut grpc = grpc;
         let mut http = http;
         let result = tokio::select! {
@@ -102,6 +112,12 @@ impl Node {
             r = &mut http => flatten(r),
         };
         stop.send_replace(true);
+        // Settlement stops between steps: whatever it had recorded is resolved
+        // from the ledger's intents on the next start.
+        if let Some(settler) = settler {
+            settler.abort();
+            let _ = settler.await;
+        }
         // Unary calls finish; long-lived streams (watches) would hold a
         // graceful shutdown forever, so they get a grace period.
         for task in [&mut grpc, &mut http] {
@@ -114,6 +130,23 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
         result
     }
+}
+
+async fn start_settler(engine: &Arc<Engine>, config: &ChainConfig) -> Result<tokio::task::JoinHandle<()>> {
+    let signers = config
+        .signer_keys()?
+        .iter()
+        .map(|k| k.parse::<alloy::signers::local::PrivateKeySigner>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| Error::Config("chain: a signer key is not a 32-byte hex private key".into()))?;
+    let tx = TxConfig {
+        receipt_poll: std::time::Duration::from_millis(config.receipt_poll_ms),
+        confirmations: config.confirmations,
+        ..TxConfig::default()
+    };
+    let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await.map_err(|e| Error::Chain(Box::new(e)))?;
+    tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
+    Ok(DirectSettler::spawn(engine.clone(), Arc::new(chain), SettlerConfig::default()))
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

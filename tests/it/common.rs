@@ -104,20 +104,26 @@ pub(crate) struct Daemon {
 impl Daemon {
     /// Writes `config` to `dir/x402d.toml` and starts `x402d serve` on free ports.
     pub(crate) fn start(dir: &Path, config: &str) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub(crate) fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
         let path: PathBuf = dir.join("x402d.toml");
         std::fs::write(&path, config).unwrap();
-        Self::spawn(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()], "x402d listening")
+        Self::spawn(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()], "x402d listening", env)
     }
 
     /// Starts `x402d dev` on free ports and reads its banner.
     pub(crate) fn dev() -> Self {
-        Self::spawn(&["dev".as_ref()], "metrics ")
+        Self::spawn(&["dev".as_ref()], "metrics ", &[])
     }
 
     /// Runs x402d with `args` and reads stdout until a line starting with `last`.
-    fn spawn(args: &[&std::ffi::OsStr], last: &str) -> Self {
+    fn spawn(args: &[&std::ffi::OsStr], last: &str, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_x402d"))
             .args(args)
+            .envs(env.iter().copied())
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("X402D_ADMIN_KEY", ADMIN_KEY)
             .env("X402D_TEST_M1_KEY", M1_KEY)

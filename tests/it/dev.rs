@@ -14,7 +14,7 @@ use x402_proto::v1 as pb;
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_runs_a_funded_chain_and_accepts_payments() {
+async fn dev_runs_a_funded_chain_and_settles_payments() {
     let mut daemon = Daemon::dev();
     let rpc = daemon.banner_value("chain").split_whitespace().next().unwrap().to_owned();
     let token: Address = daemon.banner_value("token").split_whitespace().next().unwrap().parse().unwrap();
@@ -42,6 +42,23 @@ async fn dev_runs_a_funded_chain_and_accepts_payments() {
     let payload = Payer::new(signer).sign_exact(&req, now() - 600, now() + 3600, random_nonce());
     let resp = client.submit(exact_submit(1, &req, &payload)).await.unwrap().into_inner();
     assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+
+    // ... and settles it on the chain.
+    let token_contract = X402TestToken::new(token, &provider);
+    let before = token_contract.balanceOf(PAY_TO).call().await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let get = pb::GetPaymentRequest { payment_id: resp.payment_id.clone() };
+        let status = client.get_payment(get).await.unwrap().into_inner().status.unwrap();
+        if status.state == pb::PaymentState::Confirmed as i32 {
+            assert_eq!(status.transaction.len(), 32);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not confirmed in time: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let paid = token_contract.balanceOf(PAY_TO).call().await.unwrap() - before;
+    assert_eq!(paid, U256::from(AMOUNT));
 
     // Stopping x402d stops its chain.
     daemon.stop();

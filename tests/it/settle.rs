@@ -161,3 +161,74 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     assert_eq!(states[1].failure_reason, "invalid_exact_evm_insufficient_balance");
     assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_broadcast_and_receipt_settles_each_payment_once() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payer = Payer::random();
+    devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(MINTED)).await.unwrap();
+    let signer = PrivateKeySigner::random();
+    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    // From now on transactions wait in the mempool until a block is mined by hand.
+    provider.anvil_set_auto_mine(false).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[chain]\nrpc_url = \"{}\"\nsigner_keys_env = \"X402D_TEST_SIGNER_KEYS\"\nreceipt_poll_ms = 50\n",
+        config(dir.path()),
+        anvil.endpoint()
+    );
+    let key = signer.to_bytes().to_string();
+    let env = [("X402D_TEST_SIGNER_KEYS", key.as_str())];
+    let mut daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let mut m1 = payments(daemon.grpc, M1_KEY).await;
+    let accepted = stream_all(&mut m1, (0..5).map(|i| signed_submit(&payer, PAY_TO, i)).collect()).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+
+    let state_of = |client: &mut Payments, id: Vec<u8>| {
+        let mut client = client.clone();
+        async move {
+            client.get_payment(pb::GetPaymentRequest { payment_id: id }).await.unwrap().into_inner().status.unwrap()
+        }
+    };
+    // Wait until every payment is broadcast (Submitted) but none is mined.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut submitted = 0;
+        for r in &accepted {
+            if state_of(&mut m1, r.payment_id.clone()).await.state == pb::PaymentState::Submitted as i32 {
+                submitted += 1;
+            }
+        }
+        if submitted == accepted.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{submitted} submitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill();
+
+    // The transactions are mined while x402d is down ...
+    provider.anvil_mine(Some(1), None).await.unwrap();
+    provider.anvil_set_auto_mine(true).await.unwrap();
+
+    // ... and after a restart every payment is concluded from its receipt, once.
+    let daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let mut m1 = payments(daemon.grpc, M1_KEY).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for r in &accepted {
+        loop {
+            let status = state_of(&mut m1, r.payment_id.clone()).await;
+            if status.state == pb::PaymentState::Confirmed as i32 {
+                assert!(status.block > 0);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let chain = AlloyChain::connect(anvil.endpoint(), Vec::new(), TxConfig::default()).await.unwrap();
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * 5));
+    assert_eq!(chain.token_balance(TOKEN, payer.address()).await.unwrap(), U256::from(MINTED - AMOUNT * 5));
+}

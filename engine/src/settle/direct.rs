@@ -66,9 +66,35 @@ impl DirectSettler {
         let mut not_mine = HashSet::new();
         loop {
             while let Some(done) = tasks.try_join_next() {
-                if let Ok(id) = done {
-                    in_flight.remove(&id);
+                if let Ok(ids) = done {
+                    for id in ids {
+                        in_flight.remove(&id);
+                    }
                 }
+            }
+            // Transactions signed earlier (before a crash, or whose receipt
+            // did not come in time) are resolved before anything new is sent.
+            match self.engine.intents().await {
+                Ok(intents) => {
+                    for intent in intents {
+                        if intent.state != IntentState::Pending
+                            || intent.chain_id != self.chain.chain_id()
+                            || intent.payments.iter().any(|id| in_flight.contains(id))
+                        {
+                            continue;
+                        }
+                        in_flight.extend(intent.payments.iter().copied());
+                        let this = self.clone();
+                        tasks.spawn(async move {
+                            let ids = intent.payments.clone();
+                            if let Err(err) = this.resolve(intent).await {
+                                tracing::warn!(%err, "resolving a transaction intent failed; will retry");
+                            }
+                            ids
+                        });
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "reading transaction intents failed"),
             }
             match self.engine.settlement_queue().await {
                 Ok(mut queue) => {
@@ -89,11 +115,12 @@ impl DirectSettler {
                                 break;
                             }
                         };
-                        if record.policy != SettlementPolicy::Direct
-                            || record.chain_id != self.chain.chain_id()
-                            || record.status.state != PaymentState::Queued
-                        {
+                        if record.policy != SettlementPolicy::Direct || record.chain_id != self.chain.chain_id() {
                             not_mine.insert(key.id);
+                            continue;
+                        }
+                        if record.status.state != PaymentState::Queued {
+                            // Submitted: its intent is resolved above.
                             continue;
                         }
                         in_flight.insert(key.id);
@@ -103,7 +130,7 @@ impl DirectSettler {
                             if let Err(err) = this.settle(record).await {
                                 tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
                             }
-                            id
+                            vec![id]
                         });
                     }
                 }
@@ -153,8 +180,15 @@ impl DirectSettler {
             tracing::warn!(payment = %payment.id, tx = %tx.hash, "no receipt in time; the payment stays submitted");
             return Ok(());
         };
+        self.conclude(&payment, &tx, &receipt).await
+    }
+
+    /// Records what a receipt says about `payment`.
+    async fn conclude(&self, payment: &PaymentRecord, tx: &SignedTx, receipt: &TransactionReceipt) -> Result<()> {
+        let status = |state| PaymentStatus::new(state, unix_millis());
+        let calldata = transfer_call(payment);
         let block = receipt.block_number.unwrap_or_default();
-        let settled = receipt.status() && authorization_used(&receipt, &payment);
+        let settled = receipt.status() && authorization_used(receipt, payment);
         let included = IntentState::Included { tx: tx.hash, block, success: receipt.status() };
         let mut outcome = status(if settled { PaymentState::Confirmed } else { PaymentState::Failed });
         outcome.transaction = Some(tx.hash);
@@ -165,7 +199,66 @@ impl DirectSettler {
                 revert.as_deref().map_or("invalid_exact_evm_transaction_simulation_failed", classify_revert).into(),
             );
         }
-        self.record(vec![intent(&tx, &payment, included)], payment.id, outcome).await
+        self.record(vec![intent(tx, payment, included)], payment.id, outcome).await
+    }
+
+    /// Settles an intent left `Pending`: a receipt for any of its versions
+    /// concludes it; otherwise the signed bytes are sent again. If its nonce
+    /// went to another transaction, the payments go back to the queue, unless
+    /// the token shows them settled.
+    async fn resolve(&self, pending: TxIntent) -> Result<()> {
+        let Some(&latest) = pending.tx_hashes.last() else { return Ok(()) };
+        let tx = SignedTx {
+            hash: latest,
+            raw: pending.raw.clone().into(),
+            signer: pending.signer,
+            nonce: pending.nonce,
+            to: alloy::primitives::Address::ZERO,
+            gas_limit: 0,
+            max_fee_per_gas: 0,
+            max_priority_fee_per_gas: 0,
+        };
+        let mut payments = Vec::with_capacity(pending.payments.len());
+        for id in &pending.payments {
+            payments.extend(self.engine.payment(*id).await?);
+        }
+        for hash in pending.tx_hashes.iter().rev() {
+            if let Some(receipt) = self.chain.receipt(*hash).await.map_err(chain_error)? {
+                let mined = SignedTx { hash: *hash, ..tx.clone() };
+                for payment in &payments {
+                    self.conclude(payment, &mined, &receipt).await?;
+                }
+                return Ok(());
+            }
+        }
+        match self.chain.broadcast(&tx).await {
+            Ok(()) => {
+                tracing::info!(tx = %tx.hash, "rebroadcast a pending settlement transaction");
+                if let Some(receipt) =
+                    self.chain.wait_receipt(tx.hash, self.config.receipt_timeout).await.map_err(chain_error)?
+                {
+                    for payment in &payments {
+                        self.conclude(payment, &tx, &receipt).await?;
+                    }
+                }
+                Ok(())
+            }
+            Err(x402_chain::Error::NonceTooLow { .. }) => {
+                // The nonce was used by another transaction: this one can never be mined.
+                let mut abandoned = pending.clone();
+                abandoned.state = IntentState::Abandoned;
+                abandoned.updated_at_ms = unix_millis();
+                let mut transitions = Vec::new();
+                for p in &payments {
+                    let a = &p.authorization;
+                    let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await.map_err(chain_error)?;
+                    let state = if used { PaymentState::Confirmed } else { PaymentState::Queued };
+                    transitions.push(Transition { id: p.id, status: PaymentStatus::new(state, unix_millis()) });
+                }
+                self.engine.record_settlement(vec![abandoned], transitions).await
+            }
+            Err(err) => Err(chain_error(err)),
+        }
     }
 }
 
