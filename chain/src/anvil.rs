@@ -79,6 +79,11 @@ impl Anvil {
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
+
+    /// The process id, for fault tests that stop and resume the node.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Anvil {

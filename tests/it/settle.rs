@@ -232,3 +232,67 @@ async fn sigkill_between_broadcast_and_receipt_settles_each_payment_once() {
     assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * 5));
     assert_eq!(chain.token_balance(TOKEN, payer.address()).await.unwrap(), U256::from(MINTED - AMOUNT * 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_for_ten_seconds_mid_settlement_settles_each_payment_once() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..10).map(|_| Payer::random()).collect();
+    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    // A block a second, so settlement is still going on when the node stops.
+    devnet::set_interval_mining(anvil.endpoint(), 1).await.unwrap();
+    let signers: Vec<_> = (0..2).map(|_| PrivateKeySigner::random()).collect();
+    devnet::fund_ether(anvil.endpoint(), &signers.iter().map(PrivateKeySigner::address).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), signers, TxConfig::default()).await.unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let accepted =
+        stream_all(&mut m1, (0..100).map(|i| signed_submit(&payers[i % 10], PAY_TO, i as u64)).collect()).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    let config = SettlerConfig { max_in_flight: 20, ..SettlerConfig::default() };
+    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), config);
+
+    let states = |mut client: Payments| {
+        let ids: Vec<_> = accepted.iter().map(|r| r.payment_id.clone()).collect();
+        async move {
+            let mut out = Vec::new();
+            for id in ids {
+                let get = pb::GetPaymentRequest { payment_id: id };
+                out.push(client.get_payment(get).await.unwrap().into_inner().status.unwrap().state);
+            }
+            out
+        }
+    };
+    let confirmed = pb::PaymentState::Confirmed as i32;
+    // Once settlement is under way, the node stops for 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !states(m1.clone()).await.contains(&confirmed) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = anvil.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let at_stop = states(m1.clone()).await;
+    assert!(at_stop.iter().any(|s| *s != confirmed), "the stop landed mid-settlement: {at_stop:?}");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = states(m1.clone()).await;
+        if now.iter().all(|s| *s == confirmed) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    settler.abort();
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * 100));
+    for payer in &addresses {
+        assert_eq!(chain.token_balance(TOKEN, *payer).await.unwrap(), U256::from(MINTED - AMOUNT * 10));
+    }
+}
