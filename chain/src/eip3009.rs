@@ -5,9 +5,9 @@
 #![allow(clippy::too_many_arguments)]
 
 use alloy::{
-    primitives::{Address, B256, U256, keccak256},
+    primitives::{Address, B256, Bytes, U256, keccak256},
     sol,
-    sol_types::{Eip712Domain, SolStruct},
+    sol_types::{Eip712Domain, SolCall, SolStruct},
 };
 
 sol! {
@@ -47,6 +47,25 @@ sol! {
 
         function balanceOf(address account) external view returns (uint256);
     }
+}
+
+/// Calldata of `transferWithAuthorization(from, to, value, validAfter,
+/// validBefore, nonce, v, r, s)` for `message` signed with the 65-byte
+/// `r ‖ s ‖ v` `signature` (`v` as 27/28 or 0/1).
+pub fn transfer_with_authorization_calldata(message: &TransferWithAuthorization, signature: &[u8; 65]) -> Bytes {
+    IEip3009::transferWithAuthorizationCall {
+        from: message.from,
+        to: message.to,
+        value: message.value,
+        validAfter: message.validAfter,
+        validBefore: message.validBefore,
+        nonce: message.nonce,
+        v: if matches!(signature[64], 0 | 27) { 27 } else { 28 },
+        r: B256::from_slice(&signature[..32]),
+        s: B256::from_slice(&signature[32..64]),
+    }
+    .abi_encode()
+    .into()
 }
 
 /// A token's EIP-712 domain with its separator computed once.

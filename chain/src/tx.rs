@@ -245,7 +245,7 @@ impl AlloyChain {
 
 #[cfg(test)]
 mod tests {
-    use alloy::{providers::ext::AnvilApi, signers::SignerSync, sol_types::SolCall};
+    use alloy::{providers::ext::AnvilApi, signers::SignerSync};
 
     use super::*;
     use crate::{
@@ -292,19 +292,7 @@ mod tests {
         };
         let digest = Eip3009Domain::new(DEV_TOKEN_NAME, DEV_TOKEN_VERSION, 31337, s.token).signing_hash(&message);
         let sig = s.payer.sign_hash_sync(&digest).unwrap();
-        IEip3009::transferWithAuthorizationCall {
-            from: message.from,
-            to: message.to,
-            value: message.value,
-            validAfter: message.validAfter,
-            validBefore: message.validBefore,
-            nonce,
-            v: if sig.v() { 28 } else { 27 },
-            r: sig.r().into(),
-            s: sig.s().into(),
-        }
-        .abi_encode()
-        .into()
+        crate::eip3009::transfer_with_authorization_calldata(&message, &sig.as_bytes())
     }
 
     #[tokio::test]

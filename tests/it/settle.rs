@@ -122,18 +122,17 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     elsewhere.amount = U256::from(AMOUNT * 2);
     let drain = spender.sign_exact(&elsewhere, now() - 600, now() + 3600, random_nonce());
     let a = &drain.authorization;
-    let call = x402_chain::eip3009::IEip3009::transferWithAuthorizationCall {
+    let message = x402_chain::TransferWithAuthorization {
         from: a.from,
         to: a.to,
         value: a.value,
         validAfter: a.valid_after,
         validBefore: a.valid_before,
         nonce: a.nonce,
-        v: drain.signature[64],
-        r: B256::from_slice(&drain.signature[..32]),
-        s: B256::from_slice(&drain.signature[32..64]),
     };
-    let tx = chain.sign_call(TOKEN, alloy::sol_types::SolCall::abi_encode(&call).into()).await.unwrap();
+    let signature: [u8; 65] = drain.signature.as_slice().try_into().unwrap();
+    let calldata = x402_chain::eip3009::transfer_with_authorization_calldata(&message, &signature);
+    let tx = chain.sign_call(TOKEN, calldata).await.unwrap();
     chain.broadcast(&tx).await.unwrap();
     assert!(chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().unwrap().status());
 

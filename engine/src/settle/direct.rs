@@ -3,13 +3,12 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use alloy::{
-    primitives::{B256, Bytes},
-    rpc::types::TransactionReceipt,
-    sol_types::{SolCall, SolEvent},
-};
+use alloy::{primitives::Bytes, rpc::types::TransactionReceipt, sol_types::SolEvent};
 use tokio::task::JoinSet;
-use x402_chain::{AlloyChain, SignedTx, eip3009::IEip3009};
+use x402_chain::{
+    AlloyChain, SignedTx, TransferWithAuthorization,
+    eip3009::{IEip3009, transfer_with_authorization_calldata},
+};
 
 use super::classify_revert;
 use crate::{
@@ -286,27 +285,20 @@ fn intent(tx: &SignedTx, payment: &PaymentRecord, state: IntentState) -> TxInten
     }
 }
 
-/// `transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, v, r, s)`.
+/// `transferWithAuthorization` of the payment as its payer signed it.
 fn transfer_call(p: &PaymentRecord) -> Bytes {
     let a = &p.authorization;
-    let sig = &p.signature;
-    let v = match sig[64] {
-        0 | 27 => 27,
-        _ => 28,
-    };
-    IEip3009::transferWithAuthorizationCall {
+    let message = TransferWithAuthorization {
         from: a.from,
         to: a.to,
         value: a.value,
         validAfter: a.valid_after,
         validBefore: a.valid_before,
         nonce: a.nonce,
-        v,
-        r: B256::from_slice(&sig[..32]),
-        s: B256::from_slice(&sig[32..64]),
-    }
-    .abi_encode()
-    .into()
+    };
+    // Accepted payments passed verification: the signature is 65 bytes.
+    let signature: &[u8; 65] = p.signature.as_slice().try_into().expect("verified signatures are 65 bytes");
+    transfer_with_authorization_calldata(&message, signature)
 }
 
 /// Whether the receipt carries the token's `AuthorizationUsed(from, nonce)`
