@@ -5,6 +5,7 @@
 use std::fmt;
 
 use alloy::primitives::{Address, B256, U256, keccak256};
+use x402_chain::TransferWithAuthorization;
 
 /// Unix time in milliseconds.
 pub(crate) fn unix_millis() -> u64 {
@@ -106,6 +107,18 @@ impl Authorization {
     /// `validAfter` in seconds, saturated to `u64::MAX`.
     pub fn valid_after_secs(&self) -> u64 {
         self.valid_after.saturating_to()
+    }
+
+    /// The EIP-712 message the payer signs and the token checks.
+    pub const fn message(&self) -> TransferWithAuthorization {
+        TransferWithAuthorization {
+            from: self.from,
+            to: self.to,
+            value: self.value,
+            validAfter: self.valid_after,
+            validBefore: self.valid_before,
+            nonce: self.nonce,
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use alloy::{
     primitives::{Address, B256, U256},
     signers::{SignerSync, local::PrivateKeySigner},
 };
-use x402_chain::{Eip3009Domain, TransferWithAuthorization};
+use x402_chain::Eip3009Domain;
 
 use crate::domain::{Authorization, ExactPayload, Requirements};
 
@@ -56,14 +56,7 @@ impl Payer {
         let chain_id = crate::domain::Network::parse(&requirements.network).map_or(0, |n| n.chain_id());
         let domain =
             Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, requirements.asset);
-        let digest = domain.signing_hash(&TransferWithAuthorization {
-            from: authorization.from,
-            to: authorization.to,
-            value: authorization.value,
-            validAfter: authorization.valid_after,
-            validBefore: authorization.valid_before,
-            nonce: authorization.nonce,
-        });
+        let digest = domain.signing_hash(&authorization.message());
         self.signer.sign_hash_sync(&digest).expect("local keys always sign").as_bytes().to_vec()
     }
 }

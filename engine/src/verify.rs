@@ -13,7 +13,7 @@ use secp256k1::{
     ecdsa::{RecoverableSignature, RecoveryId},
 };
 use serde::Deserialize;
-use x402_chain::{Eip3009Domain, TransferWithAuthorization};
+use x402_chain::Eip3009Domain;
 
 use crate::{
     domain::{Authorization, ExactPayload, Merchant, Network, PaymentId, PaymentInput, Requirements, Submission},
@@ -165,14 +165,7 @@ impl Verifier {
         }
         // 4. signature
         let domain = self.domain(chain_id, &requirements);
-        let digest = domain.signing_hash(&TransferWithAuthorization {
-            from: auth.from,
-            to: auth.to,
-            value: auth.value,
-            validAfter: auth.valid_after,
-            validBefore: auth.valid_before,
-            nonce: auth.nonce,
-        });
+        let digest = domain.signing_hash(&auth.message());
         if let Err(message) = check_signature(&payload.signature, digest, auth.from) {
             return Err(reject(Some(id), Reason::Signature, message));
         }

@@ -121,17 +121,9 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     let mut elsewhere = requirements(alloy::primitives::Address::repeat_byte(0x99));
     elsewhere.amount = U256::from(AMOUNT * 2);
     let drain = spender.sign_exact(&elsewhere, now() - 600, now() + 3600, random_nonce());
-    let a = &drain.authorization;
-    let message = x402_chain::TransferWithAuthorization {
-        from: a.from,
-        to: a.to,
-        value: a.value,
-        validAfter: a.valid_after,
-        validBefore: a.valid_before,
-        nonce: a.nonce,
-    };
     let signature: [u8; 65] = drain.signature.as_slice().try_into().unwrap();
-    let calldata = x402_chain::eip3009::transfer_with_authorization_calldata(&message, &signature);
+    let calldata =
+        x402_chain::eip3009::transfer_with_authorization_calldata(&drain.authorization.message(), &signature);
     let tx = chain.sign_call(TOKEN, calldata).await.unwrap();
     chain.broadcast(&tx).await.unwrap();
     assert!(chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().unwrap().status());

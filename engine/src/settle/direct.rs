@@ -6,11 +6,11 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use alloy::{primitives::Bytes, rpc::types::TransactionReceipt, sol_types::SolEvent};
 use tokio::task::JoinSet;
 use x402_chain::{
-    AlloyChain, SignedTx, TransferWithAuthorization,
+    AlloyChain, SignedTx,
     eip3009::{IEip3009, transfer_with_authorization_calldata},
 };
 
-use super::classify_revert;
+use super::{SIMULATION_FAILED, classify_revert};
 use crate::{
     Engine, Error, Result,
     domain::{
@@ -185,7 +185,6 @@ impl DirectSettler {
     /// Records what a receipt says about `payment`.
     async fn conclude(&self, payment: &PaymentRecord, tx: &SignedTx, receipt: &TransactionReceipt) -> Result<()> {
         let status = |state| PaymentStatus::new(state, unix_millis());
-        let calldata = transfer_call(payment);
         let block = receipt.block_number.unwrap_or_default();
         let settled = receipt.status() && authorization_used(receipt, payment);
         let included = IntentState::Included { tx: tx.hash, block, success: receipt.status() };
@@ -193,10 +192,8 @@ impl DirectSettler {
         outcome.transaction = Some(tx.hash);
         outcome.block = Some(block);
         if !settled {
-            let revert = self.chain.simulate(payment.asset, calldata).await.map_err(chain_error)?;
-            outcome.failure_reason = Some(
-                revert.as_deref().map_or("invalid_exact_evm_transaction_simulation_failed", classify_revert).into(),
-            );
+            let revert = self.chain.simulate(payment.asset, transfer_call(payment)).await.map_err(chain_error)?;
+            outcome.failure_reason = Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
         }
         self.record(vec![intent(tx, payment, included)], payment.id, outcome).await
     }
@@ -287,18 +284,9 @@ fn intent(tx: &SignedTx, payment: &PaymentRecord, state: IntentState) -> TxInten
 
 /// `transferWithAuthorization` of the payment as its payer signed it.
 fn transfer_call(p: &PaymentRecord) -> Bytes {
-    let a = &p.authorization;
-    let message = TransferWithAuthorization {
-        from: a.from,
-        to: a.to,
-        value: a.value,
-        validAfter: a.valid_after,
-        validBefore: a.valid_before,
-        nonce: a.nonce,
-    };
     // Accepted payments passed verification: the signature is 65 bytes.
     let signature: &[u8; 65] = p.signature.as_slice().try_into().expect("verified signatures are 65 bytes");
-    transfer_with_authorization_calldata(&message, signature)
+    transfer_with_authorization_calldata(&p.authorization.message(), signature)
 }
 
 /// Whether the receipt carries the token's `AuthorizationUsed(from, nonce)`

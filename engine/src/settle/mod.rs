@@ -12,6 +12,9 @@ pub use direct::{DirectSettler, SettlerConfig};
 
 use crate::reason::Reason;
 
+/// The reason for a failure no more specific reason explains.
+pub(crate) const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simulation_failed";
+
 /// The x402 reason for a token revert message (the FiatToken v2 strings the
 /// test token shares with USDC).
 pub(crate) fn classify_revert(message: &str) -> &'static str {
@@ -27,7 +30,7 @@ pub(crate) fn classify_revert(message: &str) -> &'static str {
     } else if m.contains("invalid signature") {
         Reason::Signature.code()
     } else {
-        "invalid_exact_evm_transaction_simulation_failed"
+        SIMULATION_FAILED
     }
 }
 
