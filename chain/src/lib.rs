@@ -4,19 +4,21 @@
 //! against (the EIP-3009 `TransferWithAuthorization` struct and its EIP-712
 //! digest with a cached domain separator), bindings of the contracts in
 //! `chain/contracts/` (an EIP-3009 test token and Multicall3, compiled
-//! offline with solc-js), and a harness that runs a local anvil node. The
-//! `Chain` trait, its alloy implementation and the transaction manager build
-//! on these.
+//! offline with solc-js), a harness that runs a local anvil node, the
+//! [`Chain`] trait settlement is written against, and [`AlloyChain`], its
+//! implementation on a JSON-RPC node with a transaction manager.
 //!
 //! No feature flags.
 
 pub mod anvil;
+mod chain;
 pub mod contracts;
 pub mod devnet;
 pub mod eip3009;
 mod error;
 pub mod tx;
 
+pub use chain::{AuthorizationUsed, Chain, Receipt, TransferLog};
 pub use eip3009::{Eip3009Domain, TransferWithAuthorization};
 pub use error::{Error, Result};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

@@ -19,16 +19,22 @@ use std::{
 };
 
 use alloy::{
-    eips::eip2718::Encodable2718,
+    consensus::{Transaction, TxEnvelope},
+    eips::eip2718::{Decodable2718, Encodable2718},
     network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder},
     primitives::{Address, B256, Bytes, U256},
     providers::{Provider, ProviderBuilder, RootProvider},
-    rpc::types::{TransactionReceipt, TransactionRequest},
+    rpc::types::{Filter, TransactionReceipt, TransactionRequest},
     signers::local::PrivateKeySigner,
+    sol_types::SolEvent,
 };
 use tokio::sync::Mutex;
 
-use crate::{Error, Result, eip3009::IEip3009};
+use crate::{
+    Error, Result,
+    chain::{AuthorizationUsed, Chain, Receipt, TransferLog},
+    eip3009::IEip3009,
+};
 
 /// Transaction manager settings.
 #[derive(Clone, Debug)]
@@ -56,9 +62,34 @@ pub struct SignedTx {
     pub signer: Address,
     pub nonce: u64,
     pub to: Address,
+    /// The calldata.
+    pub input: Bytes,
     pub gas_limit: u64,
     pub max_fee_per_gas: u128,
     pub max_priority_fee_per_gas: u128,
+}
+
+impl SignedTx {
+    /// Rebuilds a signed transaction from its EIP-2718 bytes, as recorded
+    /// in a write-ahead intent, and the signer that made it.
+    pub fn from_raw(raw: Bytes, signer: Address) -> Result<Self> {
+        let envelope = decode(&raw)?;
+        Ok(Self {
+            hash: *envelope.tx_hash(),
+            signer,
+            nonce: envelope.nonce(),
+            to: envelope.to().unwrap_or_default(),
+            input: envelope.input().clone(),
+            gas_limit: envelope.gas_limit(),
+            max_fee_per_gas: envelope.max_fee_per_gas(),
+            max_priority_fee_per_gas: envelope.max_priority_fee_per_gas().unwrap_or_default(),
+            raw,
+        })
+    }
+}
+
+fn decode(raw: &Bytes) -> Result<TxEnvelope> {
+    TxEnvelope::decode_2718(&mut raw.as_ref()).map_err(|e| Error::Sign(format!("decoding a signed transaction: {e}")))
 }
 
 /// An EVM node and the keys that pay for settlement transactions.
@@ -94,122 +125,34 @@ impl AlloyChain {
         })
     }
 
-    pub const fn chain_id(&self) -> u64 {
-        self.chain_id
-    }
-
-    /// The signer addresses, in pool order.
-    pub fn signers(&self) -> Vec<Address> {
-        self.signers.iter().map(|(a, _)| *a).collect()
-    }
-
-    /// `owner`'s balance of `token`.
-    pub async fn token_balance(&self, token: Address, owner: Address) -> Result<U256> {
-        Ok(IEip3009::new(token, &self.provider).balanceOf(owner).call().await?)
-    }
-
-    /// Whether `authorizer`'s EIP-3009 `nonce` on `token` is spent (or cancelled).
-    pub async fn authorization_state(&self, token: Address, authorizer: Address, nonce: B256) -> Result<bool> {
-        Ok(IEip3009::new(token, &self.provider).authorizationState(authorizer, nonce).call().await?)
-    }
-
-    /// The latest block number.
-    pub async fn block_number(&self) -> Result<u64> {
-        Ok(self.provider.get_block_number().await?)
-    }
-
-    /// Runs the call of `to` with `input` against the latest state, as the
-    /// first signer would send it. `Ok(Some(message))` when it reverts (the
-    /// node's message, revert reason included), `Ok(None)` when it would
-    /// succeed, `Err` when the node could not be asked.
-    pub async fn simulate(&self, to: Address, input: Bytes) -> Result<Option<String>> {
-        let from = self.signers.first().map(|(a, _)| *a).unwrap_or_default();
-        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input);
-        match self.provider.call(request).await {
-            Ok(_) => Ok(None),
-            Err(alloy::transports::RpcError::ErrorResp(payload)) => Ok(Some(payload.message.to_string())),
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    /// Signs a call of `to` with `input` by the next signer of the pool,
-    /// with its next nonce, current fees and a cached gas limit. Nothing is
-    /// sent.
-    pub async fn sign_call(&self, to: Address, input: Bytes) -> Result<SignedTx> {
-        let index = self.next_signer.fetch_add(1, Ordering::Relaxed) % self.signers.len().max(1);
-        let (signer, wallet) = self.signers.get(index).ok_or_else(|| Error::Config("no signer keys".into()))?;
-        let gas_limit = self.gas_limit(*signer, to, &input).await?;
-        let fees = self.provider.estimate_eip1559_fees().await?;
-        let nonce = self.take_nonce(*signer).await?;
-        let request = TransactionRequest::default()
-            .with_from(*signer)
-            .with_to(to)
-            .with_input(input)
-            .with_chain_id(self.chain_id)
-            .with_nonce(nonce)
-            .with_gas_limit(gas_limit)
-            .with_max_fee_per_gas(fees.max_fee_per_gas)
-            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+    /// Signs `request` (nonce, gas and fees already set) with `signer`'s key.
+    async fn sign(&self, signer: Address, request: TransactionRequest) -> Result<SignedTx> {
+        let wallet = self
+            .signers
+            .iter()
+            .find(|(a, _)| *a == signer)
+            .map(|(_, w)| w)
+            .ok_or_else(|| Error::Config(format!("{signer} is not a settlement signer")))?;
+        let (to, input, nonce, gas_limit) = (
+            request.to.and_then(|k| k.to().copied()).unwrap_or_default(),
+            request.input.input().cloned().unwrap_or_default(),
+            request.nonce.unwrap_or_default(),
+            request.gas.unwrap_or_default(),
+        );
+        let (max_fee_per_gas, max_priority_fee_per_gas) =
+            (request.max_fee_per_gas.unwrap_or_default(), request.max_priority_fee_per_gas.unwrap_or_default());
         let envelope = request.build(wallet).await.map_err(|e| Error::Sign(e.to_string()))?;
         Ok(SignedTx {
             hash: *envelope.tx_hash(),
             raw: envelope.encoded_2718().into(),
-            signer: *signer,
+            signer,
             nonce,
             to,
+            input,
             gas_limit,
-            max_fee_per_gas: fees.max_fee_per_gas,
-            max_priority_fee_per_gas: fees.max_priority_fee_per_gas,
+            max_fee_per_gas,
+            max_priority_fee_per_gas,
         })
-    }
-
-    /// Sends a signed transaction. Sending one the node already has is not
-    /// an error, so a rebroadcast after a crash is safe. A nonce the node
-    /// has already seen used resyncs the signer's nonce and answers
-    /// [`Error::NonceTooLow`]: sign again.
-    pub async fn broadcast(&self, tx: &SignedTx) -> Result<()> {
-        match self.provider.send_raw_transaction(&tx.raw).await {
-            Ok(_) => Ok(()),
-            Err(err) => {
-                let message = err.to_string().to_lowercase();
-                if message.contains("already known") || message.contains("already imported") {
-                    return Ok(());
-                }
-                if message.contains("nonce too low") {
-                    // Mined already (a rebroadcast)? Then all is well.
-                    if self.provider.get_transaction_receipt(tx.hash).await?.is_some() {
-                        return Ok(());
-                    }
-                    self.resync_nonce(tx.signer).await?;
-                    return Err(Error::NonceTooLow { signer: tx.signer, nonce: tx.nonce });
-                }
-                Err(err.into())
-            }
-        }
-    }
-
-    /// The receipt of `hash` once it has [`TxConfig::confirmations`] blocks,
-    /// polling until `timeout`; `None` if it did not come in time.
-    pub async fn wait_receipt(&self, hash: B256, timeout: Duration) -> Result<Option<TransactionReceipt>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(receipt) = self.receipt(hash).await? {
-                return Ok(Some(receipt));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(self.config.receipt_poll).await;
-        }
-    }
-
-    /// The receipt of `hash` if it is included with enough confirmations.
-    pub async fn receipt(&self, hash: B256) -> Result<Option<TransactionReceipt>> {
-        let Some(receipt) = self.provider.get_transaction_receipt(hash).await? else { return Ok(None) };
-        let Some(included) = receipt.block_number else { return Ok(None) };
-        let head = self.block_number().await?;
-        let depth = head.saturating_sub(included) + 1;
-        Ok((depth >= self.config.confirmations).then_some(receipt))
     }
 
     /// Forgets `signer`'s local nonce; the next transaction asks the node.
@@ -241,6 +184,171 @@ impl AlloyChain {
         self.gas.lock().await.insert(selector, gas);
         Ok(gas)
     }
+}
+
+impl Chain for AlloyChain {
+    fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    fn signers(&self) -> Vec<Address> {
+        self.signers.iter().map(|(a, _)| *a).collect()
+    }
+
+    async fn token_balance(&self, token: Address, owner: Address) -> Result<U256> {
+        Ok(IEip3009::new(token, &self.provider).balanceOf(owner).call().await?)
+    }
+
+    async fn authorization_state(&self, token: Address, authorizer: Address, nonce: B256) -> Result<bool> {
+        Ok(IEip3009::new(token, &self.provider).authorizationState(authorizer, nonce).call().await?)
+    }
+
+    async fn block_number(&self) -> Result<u64> {
+        Ok(self.provider.get_block_number().await?)
+    }
+
+    async fn block_hash(&self, number: u64) -> Result<Option<B256>> {
+        Ok(self.provider.get_block_by_number(number.into()).await?.map(|b| b.header.hash))
+    }
+
+    async fn transfer_logs(&self, token: Address, from: u64, to: u64) -> Result<Vec<TransferLog>> {
+        let filter = Filter::new()
+            .address(token)
+            .event_signature(IEip3009::Transfer::SIGNATURE_HASH)
+            .from_block(from)
+            .to_block(to);
+        let logs = self.provider.get_logs(&filter).await?;
+        Ok(logs
+            .iter()
+            .filter_map(|log| {
+                let event = IEip3009::Transfer::decode_log(&log.inner).ok()?;
+                Some(TransferLog { block: log.block_number?, from: event.from, to: event.to, value: event.value })
+            })
+            .collect())
+    }
+
+    async fn simulate(&self, to: Address, input: Bytes) -> Result<Option<String>> {
+        match self.call(to, input).await {
+            Ok(_) => Ok(None),
+            Err(Error::Rpc(alloy::transports::RpcError::ErrorResp(payload))) => Ok(Some(payload.message.to_string())),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn call(&self, to: Address, input: Bytes) -> Result<Bytes> {
+        let from = self.signers.first().map(|(a, _)| *a).unwrap_or_default();
+        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input);
+        Ok(self.provider.call(request).await?)
+    }
+
+    async fn sign_call(&self, to: Address, input: Bytes, gas_limit: Option<u64>) -> Result<SignedTx> {
+        let index = self.next_signer.fetch_add(1, Ordering::Relaxed) % self.signers.len().max(1);
+        let signer = self.signers.get(index).map(|(a, _)| *a).ok_or_else(|| Error::Config("no signer keys".into()))?;
+        let gas_limit = match gas_limit {
+            Some(gas) => gas,
+            None => self.gas_limit(signer, to, &input).await?,
+        };
+        let fees = self.provider.estimate_eip1559_fees().await?;
+        let nonce = self.take_nonce(signer).await?;
+        let request = TransactionRequest::default()
+            .with_from(signer)
+            .with_to(to)
+            .with_input(input)
+            .with_chain_id(self.chain_id)
+            .with_nonce(nonce)
+            .with_gas_limit(gas_limit)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        self.sign(signer, request).await
+    }
+
+    async fn bump(&self, tx: &SignedTx) -> Result<SignedTx> {
+        let market = self.provider.estimate_eip1559_fees().await?;
+        // Nodes take a replacement whose fees are both at least 10% higher.
+        let raise = |old: u128| old + old / 8 + 1;
+        let priority = raise(tx.max_priority_fee_per_gas).max(market.max_priority_fee_per_gas);
+        let max_fee = raise(tx.max_fee_per_gas).max(market.max_fee_per_gas).max(priority);
+        let request = TransactionRequest::default()
+            .with_from(tx.signer)
+            .with_to(tx.to)
+            .with_input(tx.input.clone())
+            .with_chain_id(self.chain_id)
+            .with_nonce(tx.nonce)
+            .with_gas_limit(tx.gas_limit)
+            .with_max_fee_per_gas(max_fee)
+            .with_max_priority_fee_per_gas(priority);
+        self.sign(tx.signer, request).await
+    }
+
+    async fn broadcast(&self, tx: &SignedTx) -> Result<()> {
+        match self.provider.send_raw_transaction(&tx.raw).await {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let message = err.to_string().to_lowercase();
+                if message.contains("already known") || message.contains("already imported") {
+                    return Ok(());
+                }
+                if message.contains("nonce too low") {
+                    // Mined already (a rebroadcast)? Then all is well.
+                    if self.provider.get_transaction_receipt(tx.hash).await?.is_some() {
+                        return Ok(());
+                    }
+                    self.resync_nonce(tx.signer).await?;
+                    return Err(Error::NonceTooLow { signer: tx.signer, nonce: tx.nonce });
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    fn confirmations(&self) -> u64 {
+        self.config.confirmations
+    }
+
+    async fn receipt(&self, hash: B256) -> Result<Option<Receipt>> {
+        let Some(receipt) = self.provider.get_transaction_receipt(hash).await? else { return Ok(None) };
+        let (Some(block), Some(block_hash)) = (receipt.block_number, receipt.block_hash) else { return Ok(None) };
+        let head = self.block_number().await?;
+        Ok(Some(Receipt {
+            tx: hash,
+            block,
+            block_hash,
+            confirmations: (head + 1).saturating_sub(block),
+            success: receipt.status(),
+            gas_used: receipt.gas_used,
+            effective_gas_price: receipt.effective_gas_price,
+            authorizations_used: authorizations_used(&receipt),
+        }))
+    }
+
+    async fn wait_receipt(&self, hashes: &[B256], timeout: Duration) -> Result<Option<Receipt>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for hash in hashes.iter().rev() {
+                if let Some(receipt) = self.receipt(*hash).await?
+                    && receipt.confirmations >= self.config.confirmations
+                {
+                    return Ok(Some(receipt));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(self.config.receipt_poll).await;
+        }
+    }
+}
+
+/// The `AuthorizationUsed` logs of a receipt.
+fn authorizations_used(receipt: &TransactionReceipt) -> Vec<AuthorizationUsed> {
+    receipt
+        .logs()
+        .iter()
+        .filter_map(|log| {
+            let event = IEip3009::AuthorizationUsed::decode_log(&log.inner).ok()?;
+            Some(AuthorizationUsed { token: log.address(), authorizer: event.authorizer, nonce: event.nonce })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -304,15 +412,20 @@ mod tests {
 
         let mut sent = Vec::new();
         for i in 0..30u8 {
-            let tx = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(i))).await.unwrap();
+            let tx = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(i)), None).await.unwrap();
             chain.broadcast(&tx).await.unwrap();
             // Sending the same bytes again (a rebroadcast after a crash) is harmless.
             chain.broadcast(&tx).await.unwrap();
             sent.push(tx);
         }
         for tx in &sent {
-            let receipt = chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
-            assert!(receipt.status(), "{tx:?}");
+            let receipt = chain.wait_receipt(&[tx.hash], Duration::from_secs(20)).await.unwrap().expect("mined");
+            assert!(receipt.success, "{tx:?}");
+            assert!(receipt.used(
+                s.token,
+                s.payer.address(),
+                B256::repeat_byte(sent.iter().position(|t| t == tx).unwrap() as u8)
+            ));
         }
         assert_eq!(chain.token_balance(s.token, s.pay_to).await.unwrap(), U256::from(3000));
         for i in 0..30u8 {
@@ -331,24 +444,61 @@ mod tests {
         let s = setup().await;
         let signer = funded_signers(s.anvil.endpoint(), 1).await.remove(0);
         let chain = AlloyChain::connect(s.anvil.endpoint(), vec![signer.clone()], TxConfig::default()).await.unwrap();
-        let first = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(1))).await.unwrap();
+        let first = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(1)), None).await.unwrap();
         chain.broadcast(&first).await.unwrap();
-        chain.wait_receipt(first.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
+        chain.wait_receipt(&[first.hash], Duration::from_secs(20)).await.unwrap().expect("mined");
 
         // The same key sends a transaction behind the manager's back.
         let other = ProviderBuilder::new().wallet(signer).connect_http(s.anvil.endpoint().parse().unwrap());
         let tx = TransactionRequest::default().with_to(Address::repeat_byte(9)).with_value(U256::from(1));
         other.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
 
-        let stale = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2))).await.unwrap();
+        let stale = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2)), None).await.unwrap();
         assert_eq!(stale.nonce, 1);
         let err = chain.broadcast(&stale).await.unwrap_err();
         assert!(matches!(err, Error::NonceTooLow { nonce: 1, .. }), "{err}");
         assert!(err.is_retryable());
-        let fresh = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2))).await.unwrap();
+        let fresh = chain.sign_call(s.token, authorization_call(&s, 1, B256::repeat_byte(2)), None).await.unwrap();
         assert_eq!(fresh.nonce, 2);
         chain.broadcast(&fresh).await.unwrap();
-        let receipt = chain.wait_receipt(fresh.hash, Duration::from_secs(20)).await.unwrap().expect("mined");
-        assert!(receipt.status());
+        let receipt = chain.wait_receipt(&[fresh.hash], Duration::from_secs(20)).await.unwrap().expect("mined");
+        assert!(receipt.success);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_transaction_is_replaced_by_a_fee_bump() {
+        let s = setup().await;
+        let signer = funded_signers(s.anvil.endpoint(), 1).await.remove(0);
+        let chain = AlloyChain::connect(s.anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap();
+        let control = ProviderBuilder::new().connect_http(s.anvil.endpoint().parse().unwrap());
+        control.anvil_set_auto_mine(false).await.unwrap();
+
+        let stuck = chain.sign_call(s.token, authorization_call(&s, 5, B256::repeat_byte(1)), None).await.unwrap();
+        chain.broadcast(&stuck).await.unwrap();
+        let bumped = chain.bump(&stuck).await.unwrap();
+        assert_eq!(
+            (bumped.signer, bumped.nonce, bumped.to, bumped.gas_limit),
+            (stuck.signer, 0, s.token, stuck.gas_limit)
+        );
+        assert!(bumped.max_fee_per_gas > stuck.max_fee_per_gas * 11 / 10);
+        assert!(bumped.max_priority_fee_per_gas > stuck.max_priority_fee_per_gas * 11 / 10);
+        assert_ne!(bumped.hash, stuck.hash);
+        assert_eq!(SignedTx::from_raw(bumped.raw.clone(), bumped.signer).unwrap(), bumped);
+        // The node takes the replacement into its pool in place of the original.
+        chain.broadcast(&bumped).await.unwrap();
+        control.anvil_mine(Some(2), None).await.unwrap();
+
+        let receipt = chain.wait_receipt(&[stuck.hash, bumped.hash], Duration::from_secs(5)).await.unwrap().unwrap();
+        assert_eq!(receipt.tx, bumped.hash);
+        assert!(receipt.success && receipt.used(s.token, s.payer.address(), B256::repeat_byte(1)));
+        assert_eq!(chain.receipt(stuck.hash).await.unwrap(), None);
+        assert_eq!(chain.receipt(bumped.hash).await.unwrap().unwrap().confirmations, 2);
+        assert_eq!(chain.block_hash(receipt.block).await.unwrap(), Some(receipt.block_hash));
+        assert_eq!(chain.token_balance(s.token, s.pay_to).await.unwrap(), U256::from(5));
+        let logs = chain.transfer_logs(s.token, receipt.block, receipt.block).await.unwrap();
+        assert_eq!(
+            logs,
+            vec![TransferLog { block: receipt.block, from: s.payer.address(), to: s.pay_to, value: U256::from(5) }]
+        );
     }
 }

@@ -280,8 +280,10 @@ pub struct PendingKey {
 pub enum IntentState {
     /// Signed, perhaps broadcast; no version of it is known to be mined.
     Pending,
-    /// One version (`tx`) was mined in `block`; `success` is its receipt status.
-    Included { tx: B256, block: u64, success: bool },
+    /// One version (`tx`) was mined in `block` (hash `block_hash`, to tell
+    /// a reorg); `success` is its receipt status. Watched until it is
+    /// buried past the finality depth, then forgotten.
+    Included { tx: B256, block: u64, block_hash: B256, success: bool },
     /// Given up: its nonce was taken by another transaction.
     Abandoned,
 }

@@ -15,7 +15,7 @@ use crate::{
     },
     ledger::Ledger,
     merchants::{MerchantRegistry, hash_api_key},
-    pipeline::{Overloaded, Pipeline, PipelineConfig, SubmitOutcome, Transition},
+    pipeline::{IntentChange, Overloaded, Pipeline, PipelineConfig, SubmitOutcome, Transition},
 };
 
 /// A merchant as an administrator sets it.
@@ -151,7 +151,7 @@ impl Engine {
     }
 
     /// Records settlement progress durably; see [`Pipeline::record_settlement`].
-    pub async fn record_settlement(&self, intents: Vec<TxIntent>, transitions: Vec<Transition>) -> Result<()> {
+    pub async fn record_settlement(&self, intents: Vec<IntentChange>, transitions: Vec<Transition>) -> Result<()> {
         self.pipeline.record_settlement(intents, transitions)?.await.map_err(|_| Error::PipelineStopped)?
     }
 

@@ -23,6 +23,10 @@ pub const COMMIT_GROUP_SIZE: &str = "x402d_ledger_commit_group_size";
 pub const COMMIT_ERRORS: &str = "x402d_ledger_commit_errors_total";
 /// Payments waiting for settlement, by `strategy`.
 pub const SETTLEMENT_QUEUE_DEPTH: &str = "x402d_settlement_queue_depth";
+/// Settlement transactions replaced by a fee bump.
+pub const FEE_BUMPS: &str = "x402d_settlement_fee_bumps_total";
+/// Included settlement transactions whose block a reorg replaced.
+pub const REORGS: &str = "x402d_settlement_reorgs_total";
 
 /// Describes every metric and registers the labelled counters at zero, so a
 /// scrape shows them before the first event.
@@ -37,8 +41,12 @@ pub fn describe() {
     metrics::describe_histogram!(COMMIT_GROUP_SIZE, "Items per ledger group commit");
     metrics::describe_counter!(COMMIT_ERRORS, "Failed ledger group commits");
     metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Payments waiting for settlement");
+    metrics::describe_counter!(FEE_BUMPS, "Settlement transactions replaced by a fee bump");
+    metrics::describe_counter!(REORGS, "Included settlement transactions whose block a reorg replaced");
     metrics::counter!(PAYMENTS_ACCEPTED).absolute(0);
     metrics::counter!(PAYMENTS_DUPLICATE).absolute(0);
+    metrics::counter!(FEE_BUMPS).absolute(0);
+    metrics::counter!(REORGS).absolute(0);
     for reason in Reason::ALL {
         metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).absolute(0);
     }

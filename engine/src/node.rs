@@ -5,14 +5,14 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Identity, ServerTlsConfig};
-use x402_chain::{AlloyChain, TxConfig};
+use x402_chain::{AlloyChain, Chain, TxConfig};
 
 use crate::{
     Engine, Error, Result,
     balance::BalanceSource,
     config::{ChainConfig, Config, TlsConfig},
     ledger::{Ledger, RocksLedger, RocksOptions},
-    settle::{DirectSettler, SettlerConfig},
+    settle::{Settler, SettlerConfig},
 };
 
 /// How long open streams may delay a shutdown.
@@ -146,7 +146,7 @@ async fn start_settler(engine: &Arc<Engine>, config: &ChainConfig) -> Result<tok
     };
     let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await.map_err(|e| Error::Chain(Box::new(e)))?;
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
-    Ok(DirectSettler::spawn(engine.clone(), Arc::new(chain), SettlerConfig::default()))
+    Ok(Settler::spawn(engine.clone(), Arc::new(chain), SettlerConfig::default()))
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

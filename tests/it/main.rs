@@ -6,6 +6,7 @@ mod chain;
 mod common;
 mod crash;
 mod dev;
+mod faults;
 mod rejections;
 mod settle;
 mod stream;

@@ -9,10 +9,10 @@ use alloy::{
     providers::{ProviderBuilder, ext::AnvilApi},
     signers::local::PrivateKeySigner,
 };
-use x402_chain::{AlloyChain, TxConfig, anvil::Anvil, devnet};
+use x402_chain::{AlloyChain, Chain, TxConfig, anvil::Anvil, devnet};
 use x402_engine::{
     payer::Payer,
-    settle::{DirectSettler, SettlerConfig},
+    settle::{Settler, SettlerConfig},
 };
 use x402_proto::v1 as pb;
 
@@ -41,7 +41,7 @@ async fn direct_payments_settle_exactly_once_with_exact_balances() {
 
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&config_value(dir.path())).await;
-    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
 
     // 200 payments to the direct merchant m1 over one stream ...
     let requests: Vec<_> =
@@ -124,11 +124,11 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     let signature: [u8; 65] = drain.signature.as_slice().try_into().unwrap();
     let calldata =
         x402_chain::eip3009::transfer_with_authorization_calldata(&drain.authorization.message(), &signature);
-    let tx = chain.sign_call(TOKEN, calldata).await.unwrap();
+    let tx = chain.sign_call(TOKEN, calldata, None).await.unwrap();
     chain.broadcast(&tx).await.unwrap();
-    assert!(chain.wait_receipt(tx.hash, Duration::from_secs(20)).await.unwrap().unwrap().status());
+    assert!(chain.wait_receipt(&[tx.hash], Duration::from_secs(20)).await.unwrap().unwrap().success);
 
-    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let states = loop {
         let mut states = Vec::new();
@@ -245,7 +245,7 @@ async fn a_node_that_stops_for_ten_seconds_mid_settlement_settles_each_payment_o
         stream_all(&mut m1, (0..100).map(|i| signed_submit(&payers[i % 10], PAY_TO, i as u64)).collect()).await;
     assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
     let config = SettlerConfig { max_in_flight: 20, ..SettlerConfig::default() };
-    let settler = DirectSettler::spawn(node.engine().clone(), chain.clone(), config);
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), config);
 
     let states = |mut client: Payments| {
         let ids: Vec<_> = accepted.iter().map(|r| r.payment_id.clone()).collect();

@@ -168,7 +168,8 @@ fn intents_are_kept_in_signer_nonce_order(ledger: &dyn Ledger) {
         vec![(Address::repeat_byte(1), 7), (Address::repeat_byte(2), 255), (Address::repeat_byte(2), 256)]
     );
     // Resolving one replaces it.
-    let included = IntentState::Included { tx: B256::repeat_byte(2), block: 99, success: true };
+    let included =
+        IntentState::Included { tx: B256::repeat_byte(2), block: 99, block_hash: B256::repeat_byte(3), success: true };
     let mut batch = WriteBatch::default();
     batch.push(Write::Intent(Box::new(sample_intent(2, 255, included))));
     batch.push(Write::Intent(Box::new(sample_intent(1, 7, IntentState::Abandoned))));
@@ -178,6 +179,13 @@ fn intents_are_kept_in_signer_nonce_order(ledger: &dyn Ledger) {
     assert_eq!(intents[0], sample_intent(1, 7, IntentState::Abandoned));
     assert_eq!(intents[1], sample_intent(2, 255, included));
     assert_eq!(intents[2], sample_intent(2, 256, IntentState::Pending));
+
+    // A settled intent is forgotten once buried; the others stay.
+    let mut batch = WriteBatch::default();
+    batch.push(Write::ForgetIntent(sample_intent(2, 255, included).key()));
+    ledger.commit(&batch).unwrap();
+    let keys: Vec<_> = ledger.intents().unwrap().iter().map(|i| (i.signer, i.nonce)).collect();
+    assert_eq!(keys, vec![(Address::repeat_byte(1), 7), (Address::repeat_byte(2), 256)]);
 }
 
 macro_rules! conformance {
@@ -236,12 +244,18 @@ fn arb_write() -> impl Strategy<Value = Write> {
         (0u8..4).prop_map(|n| Write::Merchant(sample_merchant(&format!("m{n}"), u32::from(n)))),
         (0u8..3, 0u64..4, any::<bool>()).prop_map(|(s, n, done)| {
             let state = if done {
-                IntentState::Included { tx: B256::repeat_byte(s), block: n, success: true }
+                IntentState::Included {
+                    tx: B256::repeat_byte(s),
+                    block: n,
+                    block_hash: B256::repeat_byte(n as u8),
+                    success: true,
+                }
             } else {
                 IntentState::Pending
             };
             Write::Intent(Box::new(sample_intent(s, n, state)))
         }),
+        (0u8..3, 0u64..4).prop_map(|(s, n)| Write::ForgetIntent(sample_intent(s, n, IntentState::Pending).key())),
     ]
 }
 

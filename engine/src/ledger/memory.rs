@@ -60,6 +60,9 @@ impl Ledger for MemoryLedger {
                 Write::Intent(i) => {
                     t.intents.insert(i.key(), (**i).clone());
                 }
+                Write::ForgetIntent(key) => {
+                    t.intents.remove(key);
+                }
             }
         }
         Ok(())

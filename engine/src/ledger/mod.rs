@@ -21,7 +21,7 @@ pub use rocks::{RocksLedger, RocksOptions};
 
 use crate::{
     Result,
-    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
+    domain::{IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 /// One write of a [`WriteBatch`].
@@ -39,6 +39,8 @@ pub enum Write {
     Merchant(Merchant),
     /// Insert or replace a transaction intent.
     Intent(Box<TxIntent>),
+    /// Delete a transaction intent that needs no more watching.
+    ForgetIntent(IntentKey),
 }
 
 /// Writes applied together, atomically and durably.
@@ -97,6 +99,7 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// The sequence of the last event, 0 when there is none.
     fn last_event_sequence(&self) -> Result<u64>;
 
-    /// Every transaction intent, ordered by chain, signer, then nonce.
+    /// Every transaction intent not yet forgotten, ordered by chain, signer,
+    /// then nonce.
     fn intents(&self) -> Result<Vec<TxIntent>>;
 }

@@ -355,13 +355,17 @@ struct IntentV1 {
     created_at_ms: u64,
     #[prost(uint64, tag = "12")]
     updated_at_ms: u64,
+    #[prost(bytes = "vec", tag = "13")]
+    included_block_hash: Vec<u8>,
 }
 
 pub(super) fn encode_intent(i: &TxIntent) -> Vec<u8> {
-    let (state, included_tx, included_block, included_success) = match i.state {
-        IntentState::Pending => (1, Vec::new(), 0, false),
-        IntentState::Included { tx, block, success } => (2, tx.to_vec(), block, success),
-        IntentState::Abandoned => (3, Vec::new(), 0, false),
+    let (state, included_tx, included_block, included_block_hash, included_success) = match i.state {
+        IntentState::Pending => (1, Vec::new(), 0, Vec::new(), false),
+        IntentState::Included { tx, block, block_hash, success } => {
+            (2, tx.to_vec(), block, block_hash.to_vec(), success)
+        }
+        IntentState::Abandoned => (3, Vec::new(), 0, Vec::new(), false),
     };
     versioned(&IntentV1 {
         chain_id: i.chain_id,
@@ -374,6 +378,7 @@ pub(super) fn encode_intent(i: &TxIntent) -> Vec<u8> {
         included_tx,
         included_block,
         included_success,
+        included_block_hash,
         created_at_ms: i.created_at_ms,
         updated_at_ms: i.updated_at_ms,
     })
@@ -383,7 +388,12 @@ pub(super) fn decode_intent(bytes: &[u8]) -> Result<TxIntent> {
     let i = IntentV1::decode(unversioned(bytes)?)?;
     let state = match i.state {
         1 => IntentState::Pending,
-        2 => IntentState::Included { tx: word(&i.included_tx)?, block: i.included_block, success: i.included_success },
+        2 => IntentState::Included {
+            tx: word(&i.included_tx)?,
+            block: i.included_block,
+            block_hash: word(&i.included_block_hash)?,
+            success: i.included_success,
+        },
         3 => IntentState::Abandoned,
         _ => return Err(Error::Corrupt("unknown intent state")),
     };

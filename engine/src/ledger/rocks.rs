@@ -107,6 +107,9 @@ impl Ledger for RocksLedger {
                 Write::Intent(i) => {
                     wb.put_cf(self.cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
                 }
+                Write::ForgetIntent(key) => {
+                    wb.delete_cf(self.cf(CF_INTENTS), records::intent_key(key));
+                }
             }
         }
         let mut wo = WriteOptions::default();

@@ -16,13 +16,13 @@ use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    MerchantWrite, SubmitOutcome, Transition, pending_gauge,
-    shard::{ReservationKey, ShardMsg},
+    IntentChange, MerchantWrite, SubmitOutcome, Transition, pending_gauge,
+    shard::{ReservationChange, ShardMsg},
     shard_of,
 };
 use crate::{
     Error, Result,
-    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent, TxIntent},
+    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
     ledger::{Ledger, Write, WriteBatch},
 };
 
@@ -35,7 +35,7 @@ pub(crate) enum CommitItem {
     /// Record a merchant.
     Merchant(MerchantWrite),
     /// Record settlement progress: transaction intents and payment state changes.
-    Settlement { intents: Vec<TxIntent>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
+    Settlement { intents: Vec<IntentChange>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
 }
 
 /// What to do once a group is durable (or failed).
@@ -64,8 +64,11 @@ struct Settled {
     id: PaymentId,
     status: PaymentStatus,
     pending: PendingKey,
-    /// The reservation to release when the payment is no longer owed.
-    release: Option<(ReservationKey, U256)>,
+    /// Released when the payment is no longer owed; taken again when a
+    /// reorg undoes its settlement.
+    reservation: Option<ReservationChange>,
+    /// Its strategy, when the change puts it back on the settlement queue.
+    requeue: Option<&'static str>,
     shard: usize,
 }
 
@@ -132,7 +135,7 @@ impl Committer {
     /// nothing of it is written).
     fn settlement_writes(
         &self,
-        intents: Vec<TxIntent>,
+        intents: Vec<IntentChange>,
         transitions: Vec<Transition>,
         sequence: &mut u64,
         batch: &mut WriteBatch,
@@ -142,8 +145,11 @@ impl Committer {
             let record = self.ledger.payment(&t.id)?.ok_or(Error::UnknownPayment(t.id))?;
             records.push((record, t.status));
         }
-        for intent in intents {
-            batch.push(Write::Intent(Box::new(intent)));
+        for change in intents {
+            batch.push(match change {
+                IntentChange::Record(intent) => Write::Intent(Box::new(intent)),
+                IntentChange::Forget(key) => Write::ForgetIntent(key),
+            });
         }
         let mut settled = Vec::with_capacity(records.len());
         for (mut record, status) in records {
@@ -154,9 +160,17 @@ impl Committer {
                 deadline: record.authorization.valid_before_secs(),
                 id: record.id,
             };
-            let release = (record.status.state.is_open() && !status.state.is_open())
-                .then_some(((record.chain_id, record.asset, payer), record.authorization.value));
-            if !status.state.is_open() {
+            let key = (record.chain_id, record.asset, payer);
+            let value = record.authorization.value;
+            let (reservation, requeue) = match (record.status.state.is_open(), status.state.is_open()) {
+                (true, false) => (Some(ReservationChange::Release(key, value)), None),
+                (false, true) => (Some(ReservationChange::Reserve(key, value)), Some(record.policy.name())),
+                _ => (None, None),
+            };
+            if status.state.is_open() {
+                // Idempotent for a payment still queued.
+                batch.push(Write::Enqueue(pending));
+            } else {
                 batch.push(Write::Dequeue(pending));
             }
             batch.push(Write::Event(SettlementEvent {
@@ -171,7 +185,8 @@ impl Committer {
                 id: pending.id,
                 status,
                 pending,
-                release,
+                reservation,
+                requeue,
                 shard: shard_of(payer, self.shards.len()),
             });
         }
@@ -291,11 +306,13 @@ impl Committer {
                             for s in settled {
                                 if !s.status.state.is_open() {
                                     self.dequeue(&s.pending);
+                                } else if let Some(strategy) = s.requeue {
+                                    self.enqueue(s.pending, strategy);
                                 }
                                 let _ = self.shards[s.shard].send(ShardMsg::Settled {
                                     id: s.id,
                                     status: s.status,
-                                    release: s.release,
+                                    reservation: s.reservation,
                                 });
                             }
                             self.publish_depths();

@@ -103,6 +103,16 @@ pub struct Transition {
     pub status: PaymentStatus,
 }
 
+/// A change to a transaction intent, recorded by
+/// [`Pipeline::record_settlement`] together with payment transitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntentChange {
+    /// Insert or replace it.
+    Record(crate::domain::TxIntent),
+    /// Delete it: nothing about it needs watching any more.
+    Forget(crate::domain::IntentKey),
+}
+
 /// The pipeline is full; the submission is handed back.
 #[derive(Debug)]
 pub struct Overloaded(pub Box<Submission>);
@@ -241,7 +251,7 @@ impl Pipeline {
     /// and its reservation is released.
     pub fn record_settlement(
         &self,
-        intents: Vec<crate::domain::TxIntent>,
+        intents: Vec<IntentChange>,
         transitions: Vec<Transition>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
@@ -511,7 +521,10 @@ mod tests {
                 created_at_ms: 1,
                 updated_at_ms: 1,
             };
-            pipeline.record_settlement(vec![intent], vec![Transition { id, status }])?.blocking_recv().unwrap()
+            pipeline
+                .record_settlement(vec![IntentChange::Record(intent)], vec![Transition { id, status }])?
+                .blocking_recv()
+                .unwrap()
         };
 
         // Submitted: still owed, still queued, the balance still reserved.

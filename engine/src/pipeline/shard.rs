@@ -30,15 +30,24 @@ pub(crate) enum ShardMsg {
     Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
     /// The commit that would have recorded `id` failed: forget it.
     Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
-    /// A payment's settlement status changed (durably); `release` is the
-    /// reservation to give back when it is no longer owed.
-    Settled { id: PaymentId, status: PaymentStatus, release: Option<(ReservationKey, U256)> },
+    /// A payment's settlement status changed (durably), perhaps changing
+    /// what its payer owes.
+    Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
     /// Finish: everything queued before this has been handled.
     Stop,
 }
 
 /// Reservations are per (chain, token, payer).
 pub(crate) type ReservationKey = (u64, Address, Address);
+
+/// How a settlement transition changes a payer's reservations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReservationChange {
+    /// Settled or given up: no longer owed.
+    Release(ReservationKey, U256),
+    /// A reorg undid its settlement: owed again.
+    Reserve(ReservationKey, U256),
+}
 
 struct ReplayEntry {
     digest: B256,
@@ -133,12 +142,14 @@ impl Shard {
                 self.release(reservation, value);
                 true
             }
-            ShardMsg::Settled { id, status, release } => {
+            ShardMsg::Settled { id, status, reservation } => {
                 if let Some(entry) = self.replay.get_mut(&id) {
                     entry.status = status;
                 }
-                if let Some((key, value)) = release {
-                    self.release(key, value);
+                match reservation {
+                    Some(ReservationChange::Release(key, value)) => self.release(key, value),
+                    Some(ReservationChange::Reserve(key, value)) => *self.reserved.entry(key).or_default() += value,
+                    None => {}
                 }
                 true
             }

@@ -1,19 +1,264 @@
 //! Settlement: taking queued payments on chain by their merchant's strategy.
 //!
-//! [`DirectSettler`] settles `direct` payments, one `transferWithAuthorization`
-//! transaction each, earliest deadline first. Every step is recorded through
-//! the pipeline's committer before the next one: the transaction intent (with
-//! its signed bytes) and `Submitted` before the broadcast, then `Confirmed`,
-//! `Failed` or `Expired` with the receipt.
+//! One [`Settler`] per chain runs a loop over the ledger:
+//!
+//! 1. Transaction intents. A `Pending` intent not being followed (left by a
+//!    crash, or whose receipt did not come in time) is resolved: a receipt of
+//!    any of its versions concludes it, otherwise its signed bytes are sent
+//!    again and followed. An `Included` intent is watched for reorgs until
+//!    it is buried [`SettlerConfig::finality_depth`] blocks deep, then
+//!    forgotten.
+//! 2. The settlement queue, earliest deadline first: `direct` payments get a
+//!    `transferWithAuthorization` transaction each.
+//!
+//! Every chain action is recorded through the pipeline's committer before it
+//! happens: the intent with its signed bytes and `Submitted` before the
+//! broadcast (and before a fee-bumped replacement), then `Confirmed`,
+//! `Failed` or `Expired` with the receipt. A transaction waiting longer than
+//! [`SettlerConfig::stuck_after`] is replaced by a fee-bumped version at the
+//! same nonce; the intent keeps every version's hash, and whichever is mined
+//! concludes it.
 
 mod direct;
+mod track;
 
-pub use direct::{DirectSettler, SettlerConfig};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
-use crate::reason::Reason;
+use alloy::primitives::{B256, Bytes};
+use tokio::task::JoinSet;
+use x402_chain::{Chain, eip3009::transfer_with_authorization_calldata};
+
+use crate::{
+    Engine, Error, Result,
+    domain::{IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, TxIntent},
+    pipeline::{IntentChange, Transition},
+    reason::Reason,
+};
 
 /// The reason for a failure no more specific reason explains.
 pub(crate) const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simulation_failed";
+
+/// How a settler paces itself.
+#[derive(Clone, Debug)]
+pub struct SettlerConfig {
+    /// How often the ledger's intents and settlement queue are looked at.
+    pub poll: Duration,
+    /// Transactions being followed at once.
+    pub max_in_flight: usize,
+    /// How long one attempt follows a transaction before leaving it
+    /// `Pending` for the next round.
+    pub receipt_timeout: Duration,
+    /// A payment with less validity left than this is not sent: `Expired`.
+    pub expiry_margin_secs: u64,
+    /// A transaction not mined after this long is replaced by a fee bump.
+    pub stuck_after: Duration,
+    /// Fee bumps per transaction at most.
+    pub max_bumps: u32,
+    /// Blocks on top of an included transaction before a reorg is no
+    /// longer looked for and its intent is forgotten.
+    pub finality_depth: u64,
+}
+
+impl Default for SettlerConfig {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(100),
+            max_in_flight: 64,
+            receipt_timeout: Duration::from_secs(120),
+            expiry_margin_secs: 3,
+            stuck_after: Duration::from_secs(30),
+            max_bumps: 5,
+            finality_depth: 64,
+        }
+    }
+}
+
+/// Settles the queued payments of one chain.
+#[derive(Debug)]
+pub struct Settler<C> {
+    engine: Arc<Engine>,
+    chain: Arc<C>,
+    config: SettlerConfig,
+}
+
+impl<C: Chain> Settler<C> {
+    /// Starts settling in the background until the handle is aborted.
+    pub fn spawn(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> tokio::task::JoinHandle<()> {
+        let settler = Arc::new(Self { engine, chain, config });
+        tokio::spawn(settler.run())
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut tasks = JoinSet::new();
+        // Payments (and so intents) a task is working on.
+        let mut in_flight = HashSet::new();
+        // Payments this settler does not handle (other strategy or chain).
+        let mut not_mine = HashSet::new();
+        let mut watched_head = None;
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(ids) = done {
+                    for id in ids {
+                        in_flight.remove(&id);
+                    }
+                }
+            }
+            if let Err(err) = self.intents_round(&mut tasks, &mut in_flight, &mut watched_head).await {
+                tracing::warn!(%err, "looking at transaction intents failed; will retry");
+            }
+            if let Err(err) = self.queue_round(&mut tasks, &mut in_flight, &mut not_mine).await {
+                tracing::warn!(%err, "reading the settlement queue failed; will retry");
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// Resolves pending intents nobody follows and, when the head moved,
+    /// checks included ones for reorgs.
+    async fn intents_round(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Vec<PaymentId>>,
+        in_flight: &mut HashSet<PaymentId>,
+        watched_head: &mut Option<B256>,
+    ) -> Result<()> {
+        let intents = self.engine.intents().await?;
+        let mut included = Vec::new();
+        for intent in intents {
+            if intent.chain_id != self.chain.chain_id() || intent.payments.iter().any(|id| in_flight.contains(id)) {
+                continue;
+            }
+            match intent.state {
+                IntentState::Pending => {
+                    in_flight.extend(intent.payments.iter().copied());
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        let ids = intent.payments.clone();
+                        if let Err(err) = this.resolve(intent).await {
+                            tracing::warn!(%err, "resolving a transaction intent failed; will retry");
+                        }
+                        ids
+                    });
+                }
+                IntentState::Included { .. } => included.push(intent),
+                // Left by an older version: its payments were dealt with.
+                IntentState::Abandoned => self.forget(&intent).await?,
+            }
+        }
+        if included.is_empty() {
+            return Ok(());
+        }
+        // A reorg may keep the head's number: compare hashes.
+        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let head_hash = self.chain.block_hash(head).await.map_err(chain_error)?;
+        if *watched_head == head_hash {
+            return Ok(());
+        }
+        let mut hashes = HashMap::new();
+        for intent in included {
+            let IntentState::Included { block, block_hash, .. } = intent.state else { continue };
+            let canonical = match hashes.get(&block) {
+                Some(hash) => *hash,
+                None => {
+                    let hash = self.chain.block_hash(block).await.map_err(chain_error)?;
+                    hashes.insert(block, hash);
+                    hash
+                }
+            };
+            if canonical != Some(block_hash) {
+                in_flight.extend(intent.payments.iter().copied());
+                let this = self.clone();
+                tasks.spawn(async move {
+                    let ids = intent.payments.clone();
+                    if let Err(err) = this.reorged(intent).await {
+                        tracing::warn!(%err, "re-settling after a reorg failed; will retry");
+                    }
+                    ids
+                });
+            } else if head >= block + self.config.finality_depth {
+                self.forget(&intent).await?;
+            }
+        }
+        *watched_head = head_hash;
+        Ok(())
+    }
+
+    /// Starts settling queued payments of this chain, earliest deadline first.
+    async fn queue_round(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Vec<PaymentId>>,
+        in_flight: &mut HashSet<PaymentId>,
+        not_mine: &mut HashSet<PaymentId>,
+    ) -> Result<()> {
+        let mut queue = self.engine.settlement_queue().await?;
+        queue.sort_by_key(|k| (k.deadline, k.id));
+        not_mine.retain(|id| queue.iter().any(|k| k.id == *id));
+        for key in queue {
+            if in_flight.len() >= self.config.max_in_flight {
+                break;
+            }
+            if in_flight.contains(&key.id) || not_mine.contains(&key.id) {
+                continue;
+            }
+            let Some(record) = self.engine.payment(key.id).await? else { continue };
+            if record.policy != SettlementPolicy::Direct || record.chain_id != self.chain.chain_id() {
+                not_mine.insert(key.id);
+                continue;
+            }
+            if record.status.state != PaymentState::Queued {
+                // Submitted: its intent is resolved above.
+                continue;
+            }
+            in_flight.insert(key.id);
+            let this = self.clone();
+            tasks.spawn(async move {
+                let id = record.id;
+                if let Err(err) = this.settle_direct(record).await {
+                    tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
+                }
+                vec![id]
+            });
+        }
+        Ok(())
+    }
+
+    /// Records intents and payment transitions in one durable write.
+    async fn record(&self, intents: Vec<IntentChange>, transitions: Vec<Transition>) -> Result<()> {
+        self.engine.record_settlement(intents, transitions).await
+    }
+
+    /// Forgets an intent that needs no more watching.
+    async fn forget(&self, intent: &TxIntent) -> Result<()> {
+        self.record(vec![IntentChange::Forget(intent.key())], Vec::new()).await
+    }
+}
+
+fn chain_error(err: x402_chain::Error) -> Error {
+    Error::Chain(Box::new(err))
+}
+
+/// A status stamped now.
+fn status(state: PaymentState) -> PaymentStatus {
+    PaymentStatus::new(state, crate::domain::unix_millis())
+}
+
+/// `state` with the transaction that led to it.
+fn status_with_tx(state: PaymentState, tx: B256, block: Option<u64>) -> PaymentStatus {
+    let mut status = status(state);
+    status.transaction = Some(tx);
+    status.block = block;
+    status
+}
+
+/// `transferWithAuthorization` of the payment as its payer signed it.
+fn transfer_call(p: &PaymentRecord) -> Bytes {
+    // Accepted payments passed verification: the signature is 65 bytes.
+    let signature: &[u8; 65] = p.signature.as_slice().try_into().expect("verified signatures are 65 bytes");
+    transfer_with_authorization_calldata(&p.authorization.message(), signature)
+}
 
 /// The x402 reason for a token revert message (the FiatToken v2 strings the
 /// test token shares with USDC).

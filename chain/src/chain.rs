@@ -1,0 +1,132 @@
+//! [`Chain`]: what settlement needs from an EVM node and its signer keys.
+//!
+//! The engine's settlers and balance cache are written against this trait.
+//! [`AlloyChain`](crate::AlloyChain) implements it on a JSON-RPC node; unit
+//! tests may implement it in memory.
+
+use std::{future::Future, time::Duration};
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+
+use crate::{Result, SignedTx};
+
+/// A mined transaction, reduced to what settlement decides on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub tx: B256,
+    pub block: u64,
+    /// The including block's hash: a reorg shows as a different hash at
+    /// `block`.
+    pub block_hash: B256,
+    /// Blocks from the including block to the head, both counted.
+    pub confirmations: u64,
+    /// Whether the transaction as a whole succeeded.
+    pub success: bool,
+    pub gas_used: u64,
+    pub effective_gas_price: u128,
+    /// Every EIP-3009 `AuthorizationUsed(authorizer, nonce)` log, with the
+    /// token that emitted it: the proof of which authorizations it settled.
+    pub authorizations_used: Vec<AuthorizationUsed>,
+}
+
+impl Receipt {
+    /// Whether this transaction spent `authorizer`'s `nonce` on `token`.
+    pub fn used(&self, token: Address, authorizer: Address, nonce: B256) -> bool {
+        self.authorizations_used.iter().any(|u| u.token == token && u.authorizer == authorizer && u.nonce == nonce)
+    }
+}
+
+/// An `AuthorizationUsed` log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AuthorizationUsed {
+    pub token: Address,
+    pub authorizer: Address,
+    pub nonce: B256,
+}
+
+/// A token `Transfer` log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferLog {
+    pub block: u64,
+    pub from: Address,
+    pub to: Address,
+    pub value: U256,
+}
+
+/// An EVM chain, read and written through a pool of settlement signers.
+///
+/// Methods return `Send` futures so settlers can run them on spawned tasks.
+pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
+    /// The chain id the node reported on connect.
+    fn chain_id(&self) -> u64;
+
+    /// The settlement signer addresses, in pool order.
+    fn signers(&self) -> Vec<Address>;
+
+    /// `owner`'s balance of `token`.
+    fn token_balance(&self, token: Address, owner: Address) -> impl Future<Output = Result<U256>> + Send;
+
+    /// Whether `authorizer`'s EIP-3009 `nonce` on `token` is spent (or cancelled).
+    fn authorization_state(
+        &self,
+        token: Address,
+        authorizer: Address,
+        nonce: B256,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The latest block number.
+    fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The canonical hash of block `number`, `None` past the head.
+    fn block_hash(&self, number: u64) -> impl Future<Output = Result<Option<B256>>> + Send;
+
+    /// `token`'s `Transfer` logs in blocks `from..=to`.
+    fn transfer_logs(
+        &self,
+        token: Address,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<TransferLog>>> + Send;
+
+    /// Runs the call of `to` with `input` against the latest state, as the
+    /// first signer would send it. `Ok(Some(message))` when it reverts (the
+    /// node's message, revert reason included), `Ok(None)` when it would
+    /// succeed, `Err` when the node could not be asked.
+    fn simulate(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Runs the call of `to` with `input` against the latest state and
+    /// returns its output (a revert is an error).
+    fn call(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Signs a call of `to` with `input` by the next signer of the pool,
+    /// with its next nonce, current fees and a gas limit (`gas_limit`, or an
+    /// estimate cached per function selector). Nothing is sent.
+    fn sign_call(
+        &self,
+        to: Address,
+        input: Bytes,
+        gas_limit: Option<u64>,
+    ) -> impl Future<Output = Result<SignedTx>> + Send;
+
+    /// Signs a replacement of `tx`: same signer, nonce, call and gas limit,
+    /// fees raised enough for nodes to accept it in place of the original
+    /// (and at least to the current market). Nothing is sent.
+    fn bump(&self, tx: &SignedTx) -> impl Future<Output = Result<SignedTx>> + Send;
+
+    /// Sends a signed transaction. Sending one the node already has is not
+    /// an error, so a rebroadcast after a crash is safe. A nonce the node
+    /// has already seen used answers [`Error::NonceTooLow`](crate::Error::NonceTooLow)
+    /// (and resyncs the signer's local nonce): sign again.
+    fn broadcast(&self, tx: &SignedTx) -> impl Future<Output = Result<()>> + Send;
+
+    /// The confirmation depth a receipt needs before settlement counts on it.
+    fn confirmations(&self) -> u64;
+
+    /// The receipt of `hash` if it is included, at any depth.
+    fn receipt(&self, hash: B256) -> impl Future<Output = Result<Option<Receipt>>> + Send;
+
+    /// Polls [`Chain::receipt`] for any of `hashes` (versions of one
+    /// transaction) until one has [`Chain::confirmations`], or until
+    /// `timeout`; `None` if none did in time.
+    fn wait_receipt(&self, hashes: &[B256], timeout: Duration) -> impl Future<Output = Result<Option<Receipt>>> + Send;
+}

@@ -1,0 +1,228 @@
+//! Following settlement transactions from signature to finality, whatever
+//! strategy made them: write-ahead intents, broadcast, fee bumps, receipts,
+//! per-payment outcomes, crash recovery and reorgs.
+
+use std::time::Instant;
+
+use alloy::primitives::B256;
+use x402_chain::{Chain, Receipt, SignedTx};
+
+use super::{SIMULATION_FAILED, Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
+use crate::{
+    Result,
+    domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
+    pipeline::{IntentChange, Transition},
+};
+
+impl TxIntent {
+    /// A freshly signed transaction settling `payments`.
+    fn pending(chain_id: u64, tx: &SignedTx, payments: Vec<PaymentId>) -> Self {
+        let now = unix_millis();
+        Self {
+            chain_id,
+            signer: tx.signer,
+            nonce: tx.nonce,
+            tx_hashes: vec![tx.hash],
+            raw: tx.raw.to_vec(),
+            payments,
+            state: IntentState::Pending,
+            created_at_ms: now,
+            updated_at_ms: now,
+        }
+    }
+}
+
+/// Every payment of `intent` back to (or still) `Submitted` with `tx`.
+fn submitted(payments: &[PaymentId], tx: B256) -> Vec<Transition> {
+    payments
+        .iter()
+        .map(|id| Transition { id: *id, status: status_with_tx(PaymentState::Submitted, tx, None) })
+        .collect()
+}
+
+impl<C: Chain> Settler<C> {
+    /// Records `tx` as a pending intent for `payments` together with
+    /// `transitions` (write-ahead), broadcasts it and follows it. A nonce
+    /// the node has seen used (another sender of the same key) is replaced
+    /// by a fresh signature under the next nonce, recorded again first.
+    pub(super) async fn send(
+        &self,
+        tx: SignedTx,
+        payments: Vec<PaymentId>,
+        transitions: Vec<Transition>,
+    ) -> Result<()> {
+        let chain_id = self.chain.chain_id();
+        let mut tx = tx;
+        let mut intent = TxIntent::pending(chain_id, &tx, payments);
+        let mut changes = vec![IntentChange::Record(intent.clone())];
+        let mut transitions = transitions;
+        loop {
+            self.record(changes, transitions).await?;
+            match self.chain.broadcast(&tx).await {
+                Ok(()) => break,
+                Err(x402_chain::Error::NonceTooLow { .. }) => {
+                    let fresh =
+                        self.chain.sign_call(tx.to, tx.input.clone(), Some(tx.gas_limit)).await.map_err(chain_error)?;
+                    let stale = intent.key();
+                    intent = TxIntent::pending(chain_id, &fresh, intent.payments);
+                    changes = vec![IntentChange::Forget(stale), IntentChange::Record(intent.clone())];
+                    transitions = submitted(&intent.payments, fresh.hash);
+                    tx = fresh;
+                }
+                // Recorded but perhaps not sent: the next round resolves it.
+                Err(err) => return Err(chain_error(err)),
+            }
+        }
+        self.follow(intent, tx).await
+    }
+
+    /// Waits for a receipt of any version of `tx`, replacing it with a fee
+    /// bump each time it waited [`SettlerConfig::stuck_after`] unmined.
+    /// Leaves the intent `Pending` after [`SettlerConfig::receipt_timeout`].
+    ///
+    /// [`SettlerConfig::stuck_after`]: super::SettlerConfig::stuck_after
+    /// [`SettlerConfig::receipt_timeout`]: super::SettlerConfig::receipt_timeout
+    async fn follow(&self, intent: TxIntent, tx: SignedTx) -> Result<()> {
+        let started = Instant::now();
+        let (mut intent, mut tx) = (intent, tx);
+        loop {
+            let left = self.config.receipt_timeout.saturating_sub(started.elapsed());
+            let wait = self.config.stuck_after.min(left);
+            if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, wait).await.map_err(chain_error)? {
+                return self.conclude(&intent, &receipt).await;
+            }
+            if started.elapsed() >= self.config.receipt_timeout {
+                tracing::warn!(tx = %tx.hash, "no receipt in time; the intent stays pending");
+                return Ok(());
+            }
+            let bumps = intent.tx_hashes.len().saturating_sub(1);
+            if bumps >= self.config.max_bumps as usize || self.any_included(&intent).await? {
+                continue;
+            }
+            // Stuck: replace it at the same nonce with higher fees, recorded first.
+            let bumped = self.chain.bump(&tx).await.map_err(chain_error)?;
+            intent.tx_hashes.push(bumped.hash);
+            intent.raw = bumped.raw.to_vec();
+            intent.updated_at_ms = unix_millis();
+            let transitions = submitted(&intent.payments, bumped.hash);
+            self.record(vec![IntentChange::Record(intent.clone())], transitions).await?;
+            metrics::counter!(crate::metrics::FEE_BUMPS).increment(1);
+            tracing::info!(
+                stuck = %tx.hash, replacement = %bumped.hash, max_fee = bumped.max_fee_per_gas,
+                "replaced a stuck settlement transaction"
+            );
+            match self.chain.broadcast(&bumped).await {
+                // NonceTooLow: an earlier version was mined meanwhile.
+                Ok(()) | Err(x402_chain::Error::NonceTooLow { .. }) => {}
+                Err(err) => tracing::warn!(%err, "the replacement was not accepted; will bump again"),
+            }
+            tx = bumped;
+        }
+    }
+
+    /// Whether any version of `intent` is mined, at any depth.
+    async fn any_included(&self, intent: &TxIntent) -> Result<bool> {
+        for hash in &intent.tx_hashes {
+            if self.chain.receipt(*hash).await.map_err(chain_error)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records what a receipt says about each payment of `intent`:
+    /// `Confirmed` when the receipt carries the token's
+    /// `AuthorizationUsed(from, nonce)` for it (the settlement's proof,
+    /// unambiguous where `Transfer` logs are not), `Failed` with the reason
+    /// a fresh simulation gives otherwise.
+    async fn conclude(&self, intent: &TxIntent, receipt: &Receipt) -> Result<()> {
+        let mut transitions = Vec::with_capacity(intent.payments.len());
+        for id in &intent.payments {
+            let Some(p) = self.engine.payment(*id).await? else { continue };
+            let a = &p.authorization;
+            let status = if receipt.success && receipt.used(p.asset, a.from, a.nonce) {
+                status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block))
+            } else {
+                let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
+                let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
+                failed.failure_reason = Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
+                failed
+            };
+            transitions.push(Transition { id: *id, status });
+        }
+        let change = if self.config.finality_depth == 0 {
+            IntentChange::Forget(intent.key())
+        } else {
+            let mut included = intent.clone();
+            included.state = IntentState::Included {
+                tx: receipt.tx,
+                block: receipt.block,
+                block_hash: receipt.block_hash,
+                success: receipt.success,
+            };
+            included.updated_at_ms = unix_millis();
+            IntentChange::Record(included)
+        };
+        self.record(vec![change], transitions).await
+    }
+
+    /// Settles an intent left `Pending`: a receipt for any of its versions
+    /// concludes it; otherwise the latest signed bytes are sent again and
+    /// followed. If its nonce went to another transaction it is abandoned.
+    pub(super) async fn resolve(&self, intent: TxIntent) -> Result<()> {
+        let tx = SignedTx::from_raw(intent.raw.clone().into(), intent.signer).map_err(chain_error)?;
+        let now = std::time::Duration::ZERO;
+        if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, now).await.map_err(chain_error)? {
+            return self.conclude(&intent, &receipt).await;
+        }
+        match self.chain.broadcast(&tx).await {
+            Ok(()) => tracing::info!(tx = %tx.hash, "rebroadcast a pending settlement transaction"),
+            Err(x402_chain::Error::NonceTooLow { .. }) if !self.any_included(&intent).await? => {
+                return self.abandon(intent).await;
+            }
+            Err(x402_chain::Error::NonceTooLow { .. }) => {}
+            Err(err) => return Err(chain_error(err)),
+        }
+        self.follow(intent, tx).await
+    }
+
+    /// Gives up an intent whose nonce another transaction took: it can
+    /// never be mined. Each payment whose authorization the token shows
+    /// spent is `Confirmed` (someone settled it); the others are queued
+    /// again.
+    async fn abandon(&self, intent: TxIntent) -> Result<()> {
+        let mut transitions = Vec::with_capacity(intent.payments.len());
+        for id in &intent.payments {
+            let Some(p) = self.engine.payment(*id).await? else { continue };
+            let a = &p.authorization;
+            let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await.map_err(chain_error)?;
+            let state = if used { PaymentState::Confirmed } else { PaymentState::Queued };
+            transitions.push(Transition { id: *id, status: status(state) });
+        }
+        tracing::warn!(signer = %intent.signer, nonce = intent.nonce, "a settlement transaction's nonce was taken; abandoned");
+        self.record(vec![IntentChange::Forget(intent.key())], transitions).await
+    }
+
+    /// An included intent whose block left the canonical chain: concluded
+    /// again from its new receipt if it was mined again deep enough, else
+    /// back to `Pending` (its payments `Submitted`, owed again) so the next
+    /// round rebroadcasts its signed bytes.
+    pub(super) async fn reorged(&self, intent: TxIntent) -> Result<()> {
+        metrics::counter!(crate::metrics::REORGS).increment(1);
+        for hash in intent.tx_hashes.iter().rev() {
+            if let Some(receipt) = self.chain.receipt(*hash).await.map_err(chain_error)?
+                && receipt.confirmations >= self.chain.confirmations()
+            {
+                tracing::warn!(tx = %hash, block = receipt.block, "a reorg moved a settlement transaction");
+                return self.conclude(&intent, &receipt).await;
+            }
+        }
+        let latest = intent.tx_hashes.last().copied().unwrap_or_default();
+        tracing::warn!(tx = %latest, "a reorg dropped a settlement transaction; it will be sent again");
+        let mut pending = intent;
+        pending.state = IntentState::Pending;
+        pending.updated_at_ms = unix_millis();
+        let transitions = submitted(&pending.payments, latest);
+        self.record(vec![IntentChange::Record(pending)], transitions).await
+    }
+}

@@ -1,0 +1,159 @@
+//! Chain faults under the settler, on a real anvil: transactions stuck in
+//! the mempool are replaced by fee bumps, and a reorg that drops confirmed
+//! settlements has them sent again. Either way every payment ends settled
+//! exactly once.
+
+use std::{sync::Arc, time::Duration};
+
+use alloy::{
+    primitives::{B256, U256},
+    providers::{ProviderBuilder, RootProvider, ext::AnvilApi},
+    rpc::types::anvil::ReorgOptions,
+    signers::local::PrivateKeySigner,
+};
+use x402_chain::{AlloyChain, Chain, TxConfig, anvil::Anvil, devnet};
+use x402_engine::{
+    domain::{IntentState, PaymentId},
+    node::Node,
+    payer::Payer,
+    settle::{Settler, SettlerConfig},
+};
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+const MINTED: u64 = 1_000_000;
+
+struct Setup {
+    anvil: Anvil,
+    control: RootProvider,
+    chain: Arc<AlloyChain>,
+    payers: Vec<Payer>,
+    node: Node,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(payers: usize) -> Setup {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
+    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    let signer = PrivateKeySigner::random();
+    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+    let control = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    Setup { anvil, control, chain, payers, node, _dir: dir }
+}
+
+/// Submits one payment per payer to the direct merchant.
+async fn submit_all(s: &Setup) -> Vec<PaymentId> {
+    let mut m1 = payments(s.node.endpoints().grpc, M1_KEY).await;
+    let requests = s.payers.iter().enumerate().map(|(i, p)| signed_submit(p, PAY_TO, i as u64)).collect();
+    let accepted = stream_all(&mut m1, requests).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    accepted.iter().map(|r| PaymentId(B256::from_slice(&r.payment_id))).collect()
+}
+
+/// Waits until every payment is `Confirmed`; returns their (tx, block).
+async fn all_confirmed(s: &Setup, ids: &[PaymentId]) -> Vec<(B256, u64)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut out = Vec::new();
+        for id in ids {
+            let record = s.node.engine().payment(*id).await.unwrap().unwrap();
+            if record.status.state == x402_engine::domain::PaymentState::Confirmed {
+                out.push((record.status.transaction.unwrap(), record.status.block.unwrap()));
+            }
+        }
+        if out.len() == ids.len() {
+            return out;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} of {} confirmed", out.len(), ids.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The token moved exactly one payment per payer, and spent every nonce.
+async fn settled_once(s: &Setup) {
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT * s.payers.len() as u64));
+    for payer in &s.payers {
+        assert_eq!(s.chain.token_balance(TOKEN, payer.address()).await.unwrap(), U256::from(MINTED - AMOUNT));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_transactions_are_replaced_by_fee_bumps() {
+    let s = setup(5).await;
+    // Nothing is mined until the test says so.
+    s.control.anvil_set_auto_mine(false).await.unwrap();
+    let config = SettlerConfig { stuck_after: Duration::from_millis(800), ..SettlerConfig::default() };
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), config);
+    let ids = submit_all(&s).await;
+
+    // Each transaction waits unmined and is replaced, recorded before it is sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let intents = s.node.engine().intents().await.unwrap();
+        let bumped = intents.iter().filter(|i| i.tx_hashes.len() >= 2).count();
+        if intents.len() == ids.len() && bumped == ids.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{bumped} of {} intents bumped", intents.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.control.anvil_mine(Some(3), None).await.unwrap();
+    devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
+
+    let confirmed = all_confirmed(&s, &ids).await;
+    settler.abort();
+    let intents = s.node.engine().intents().await.unwrap();
+    for (tx, _) in &confirmed {
+        // Mined as a replacement, not as first sent.
+        let intent = intents.iter().find(|i| i.tx_hashes.contains(tx)).expect("an intent per transaction");
+        assert_ne!(intent.tx_hashes[0], *tx);
+        assert!(matches!(intent.state, IntentState::Included { tx: t, success: true, .. } if t == *tx));
+    }
+    settled_once(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_that_drops_settlements_has_them_sent_again() {
+    let s = setup(8).await;
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let ids = submit_all(&s).await;
+    let before = all_confirmed(&s, &ids).await;
+    let first = before.iter().map(|(_, block)| *block).min().unwrap();
+
+    // Replace every block from the first settlement on with empty ones.
+    let head = s.chain.block_number().await.unwrap();
+    let depth = head - first + 1;
+    s.control.anvil_reorg(ReorgOptions { depth, tx_block_pairs: Vec::new() }).await.unwrap();
+    let dropped = s.chain.token_balance(TOKEN, PAY_TO).await.unwrap();
+    assert!(dropped < U256::from(AMOUNT * ids.len() as u64), "the reorg undid settlements");
+
+    // The settler notices, reopens the payments and sends the same signed
+    // transactions again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let now = all_confirmed(&s, &ids).await;
+        let mut moved = true;
+        for ((_, old), (_, new)) in before.iter().zip(&now) {
+            moved &= new != old && s.chain.block_hash(*new).await.unwrap().is_some();
+        }
+        if moved && s.chain.token_balance(TOKEN, PAY_TO).await.unwrap() == U256::from(AMOUNT * ids.len() as u64) {
+            break now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not re-settled: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    settler.abort();
+    for ((tx_before, _), (tx_after, block)) in before.iter().zip(&after) {
+        // The same signed bytes: one transaction per payment, ever.
+        assert_eq!(tx_before, tx_after);
+        let receipt = s.chain.receipt(*tx_after).await.unwrap().unwrap();
+        assert_eq!(receipt.block, *block);
+    }
+    settled_once(&s).await;
+}
