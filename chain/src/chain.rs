@@ -98,6 +98,12 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// returns its output (a revert is an error).
     fn call(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Bytes>> + Send;
 
+    /// The gas `to` with `input` takes now, plus the configured margin.
+    fn estimate_gas(&self, to: Address, input: Bytes) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The latest block's gas limit.
+    fn block_gas_limit(&self) -> impl Future<Output = Result<u64>> + Send;
+
     /// Signs a call of `to` with `input` by the next signer of the pool,
     /// with its next nonce, current fees and a gas limit (`gas_limit`, or an
     /// estimate cached per function selector). Nothing is sent.

@@ -22,6 +22,13 @@ sol! {
         bytes32 nonce;
     }
 
+    /// The EIP-712 struct a payer signs to cancel an unused authorization.
+    #[derive(Debug, PartialEq, Eq)]
+    struct CancelAuthorization {
+        address authorizer;
+        bytes32 nonce;
+    }
+
     /// The EIP-3009 surface of a USDC-like token that settlement uses.
     #[derive(Debug)]
     #[sol(rpc)]
@@ -43,16 +50,32 @@ sol! {
             bytes32 s
         ) external;
 
+        function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
+
         function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
 
         function balanceOf(address account) external view returns (uint256);
     }
 }
 
+/// `(v, r, s)` of a 65-byte `r ‖ s ‖ v` signature, `v` as 27/28.
+fn split_signature(signature: &[u8; 65]) -> (u8, B256, B256) {
+    let v = if matches!(signature[64], 0 | 27) { 27 } else { 28 };
+    (v, B256::from_slice(&signature[..32]), B256::from_slice(&signature[32..64]))
+}
+
+/// Calldata of `cancelAuthorization(authorizer, nonce, v, r, s)` for a
+/// [`CancelAuthorization`] signed with the 65-byte `signature`.
+pub fn cancel_authorization_calldata(authorizer: Address, nonce: B256, signature: &[u8; 65]) -> Bytes {
+    let (v, r, s) = split_signature(signature);
+    IEip3009::cancelAuthorizationCall { authorizer, nonce, v, r, s }.abi_encode().into()
+}
+
 /// Calldata of `transferWithAuthorization(from, to, value, validAfter,
 /// validBefore, nonce, v, r, s)` for `message` signed with the 65-byte
 /// `r ‖ s ‖ v` `signature` (`v` as 27/28 or 0/1).
 pub fn transfer_with_authorization_calldata(message: &TransferWithAuthorization, signature: &[u8; 65]) -> Bytes {
+    let (v, r, s) = split_signature(signature);
     IEip3009::transferWithAuthorizationCall {
         from: message.from,
         to: message.to,
@@ -60,9 +83,9 @@ pub fn transfer_with_authorization_calldata(message: &TransferWithAuthorization,
         validAfter: message.validAfter,
         validBefore: message.validBefore,
         nonce: message.nonce,
-        v: if matches!(signature[64], 0 | 27) { 27 } else { 28 },
-        r: B256::from_slice(&signature[..32]),
-        s: B256::from_slice(&signature[32..64]),
+        v,
+        r,
+        s,
     }
     .abi_encode()
     .into()
@@ -95,9 +118,9 @@ impl Eip3009Domain {
         self.separator
     }
 
-    /// The EIP-712 digest the payer signed:
-    /// `keccak256(0x1901 || domainSeparator || hashStruct(message))`.
-    pub fn signing_hash(&self, message: &TransferWithAuthorization) -> B256 {
+    /// The EIP-712 digest of `message` in this domain (for a payment, what
+    /// the payer signed): `keccak256(0x1901 || domainSeparator || hashStruct(message))`.
+    pub fn signing_hash<T: SolStruct>(&self, message: &T) -> B256 {
         let mut buf = [0u8; 66];
         buf[0] = 0x19;
         buf[1] = 0x01;

@@ -17,6 +17,9 @@ pub enum Error {
     /// A contract call or deployment failed.
     #[error("contract: {0}")]
     Contract(#[from] alloy::contract::Error),
+    /// A node or contract answered something that does not decode.
+    #[error("decoding: {0}")]
+    Decode(String),
     /// A transaction could not be signed.
     #[error("signing: {0}")]
     Sign(String),

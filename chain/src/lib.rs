@@ -11,6 +11,7 @@
 //! No feature flags.
 
 pub mod anvil;
+pub mod batch;
 mod chain;
 pub mod contracts;
 pub mod devnet;
@@ -19,6 +20,6 @@ mod error;
 pub mod tx;
 
 pub use chain::{AuthorizationUsed, Chain, Receipt, TransferLog};
-pub use eip3009::{Eip3009Domain, TransferWithAuthorization};
+pub use eip3009::{CancelAuthorization, Eip3009Domain, TransferWithAuthorization};
 pub use error::{Error, Result};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

@@ -173,14 +173,13 @@ impl AlloyChain {
         Ok(next)
     }
 
-    async fn gas_limit(&self, from: Address, to: Address, input: &Bytes) -> Result<u64> {
+    /// The estimated gas (with margin) of a call kind, cached per selector.
+    async fn gas_limit(&self, to: Address, input: &Bytes) -> Result<u64> {
         let selector: [u8; 4] = input.get(..4).and_then(|s| s.try_into().ok()).unwrap_or_default();
         if let Some(gas) = self.gas.lock().await.get(&selector) {
             return Ok(*gas);
         }
-        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input.clone());
-        let estimate = self.provider.estimate_gas(request).await?;
-        let gas = estimate + estimate * self.config.gas_margin_percent / 100;
+        let gas = self.estimate_gas(to, input.clone()).await?;
         self.gas.lock().await.insert(selector, gas);
         Ok(gas)
     }
@@ -241,12 +240,24 @@ impl Chain for AlloyChain {
         Ok(self.provider.call(request).await?)
     }
 
+    async fn estimate_gas(&self, to: Address, input: Bytes) -> Result<u64> {
+        let from = self.signers.first().map(|(a, _)| *a).unwrap_or_default();
+        let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input);
+        let estimate = self.provider.estimate_gas(request).await?;
+        Ok(estimate + estimate * self.config.gas_margin_percent / 100)
+    }
+
+    async fn block_gas_limit(&self) -> Result<u64> {
+        let block = self.provider.get_block_by_number(alloy::eips::BlockNumberOrTag::Latest).await?;
+        block.map(|b| b.header.gas_limit).ok_or_else(|| Error::Decode("the node has no latest block".into()))
+    }
+
     async fn sign_call(&self, to: Address, input: Bytes, gas_limit: Option<u64>) -> Result<SignedTx> {
         let index = self.next_signer.fetch_add(1, Ordering::Relaxed) % self.signers.len().max(1);
         let signer = self.signers.get(index).map(|(a, _)| *a).ok_or_else(|| Error::Config("no signer keys".into()))?;
         let gas_limit = match gas_limit {
             Some(gas) => gas,
-            None => self.gas_limit(signer, to, &input).await?,
+            None => self.gas_limit(to, &input).await?,
         };
         let fees = self.provider.estimate_eip1559_fees().await?;
         let nonce = self.take_nonce(signer).await?;

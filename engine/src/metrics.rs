@@ -23,6 +23,12 @@ pub const COMMIT_GROUP_SIZE: &str = "x402d_ledger_commit_group_size";
 pub const COMMIT_ERRORS: &str = "x402d_ledger_commit_errors_total";
 /// Payments waiting for settlement, by `strategy`.
 pub const SETTLEMENT_QUEUE_DEPTH: &str = "x402d_settlement_queue_depth";
+/// Rows per settlement batch.
+pub const BATCH_ROWS: &str = "x402d_settlement_batch_rows";
+/// Gas per confirmed payment, by `strategy`.
+pub const GAS_PER_PAYMENT: &str = "x402d_settlement_gas_per_payment";
+/// Time from acceptance to confirmation, by `strategy`.
+pub const ACCEPT_TO_CONFIRM_SECONDS: &str = "x402d_settlement_accept_to_confirm_seconds";
 /// Settlement transactions replaced by a fee bump.
 pub const FEE_BUMPS: &str = "x402d_settlement_fee_bumps_total";
 /// Included settlement transactions whose block a reorg replaced.
@@ -41,6 +47,13 @@ pub fn describe() {
     metrics::describe_histogram!(COMMIT_GROUP_SIZE, "Items per ledger group commit");
     metrics::describe_counter!(COMMIT_ERRORS, "Failed ledger group commits");
     metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Payments waiting for settlement");
+    metrics::describe_histogram!(BATCH_ROWS, "Rows per settlement batch transaction");
+    metrics::describe_histogram!(GAS_PER_PAYMENT, "Gas per confirmed payment");
+    metrics::describe_histogram!(
+        ACCEPT_TO_CONFIRM_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from a payment's acceptance to its confirmation"
+    );
     metrics::describe_counter!(FEE_BUMPS, "Settlement transactions replaced by a fee bump");
     metrics::describe_counter!(REORGS, "Included settlement transactions whose block a reorg replaced");
     metrics::counter!(PAYMENTS_ACCEPTED).absolute(0);

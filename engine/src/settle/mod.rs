@@ -9,7 +9,9 @@
 //!    it is buried [`SettlerConfig::finality_depth`] blocks deep, then
 //!    forgotten.
 //! 2. The settlement queue, earliest deadline first: `direct` payments get a
-//!    `transferWithAuthorization` transaction each.
+//!    `transferWithAuthorization` transaction each; `batched` payments
+//!    gather per token into Multicall3 `aggregate3` transactions (see
+//!    [`batched`]).
 //!
 //! Every chain action is recorded through the pipeline's committer before it
 //! happens: the intent with its signed bytes and `Submitted` before the
@@ -19,18 +21,22 @@
 //! same nonce; the intent keeps every version's hash, and whichever is mined
 //! concludes it.
 
+pub mod batched;
 mod direct;
 mod track;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
-use alloy::primitives::{B256, Bytes};
+use alloy::primitives::{Address, B256, Bytes};
 use tokio::task::JoinSet;
-use x402_chain::{Chain, eip3009::transfer_with_authorization_calldata};
+use x402_chain::{Chain, contracts::MULTICALL3_ADDRESS, eip3009::transfer_with_authorization_calldata};
 
 use crate::{
     Engine, Error, Result,
@@ -47,7 +53,7 @@ pub(crate) const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simula
 pub struct SettlerConfig {
     /// How often the ledger's intents and settlement queue are looked at.
     pub poll: Duration,
-    /// Transactions being followed at once.
+    /// Transactions (direct or batch) being worked on at once.
     pub max_in_flight: usize,
     /// How long one attempt follows a transaction before leaving it
     /// `Pending` for the next round.
@@ -61,6 +67,10 @@ pub struct SettlerConfig {
     /// Blocks on top of an included transaction before a reorg is no
     /// longer looked for and its intent is forgotten.
     pub finality_depth: u64,
+    /// The Multicall3 contract batches go through.
+    pub multicall: Address,
+    /// A batch is sent once its earliest `validBefore` is this close.
+    pub batch_deadline_margin_secs: u64,
 }
 
 impl Default for SettlerConfig {
@@ -73,6 +83,8 @@ impl Default for SettlerConfig {
             stuck_after: Duration::from_secs(30),
             max_bumps: 5,
             finality_depth: 64,
+            multicall: MULTICALL3_ADDRESS,
+            batch_deadline_margin_secs: 20,
         }
     }
 }
@@ -83,12 +95,22 @@ pub struct Settler<C> {
     engine: Arc<Engine>,
     chain: Arc<C>,
     config: SettlerConfig,
+    /// Gas per batch row, from the last batch estimate.
+    row_gas: AtomicU64,
+    /// The chain's block gas limit, once read (0 before).
+    block_gas_limit: AtomicU64,
 }
 
 impl<C: Chain> Settler<C> {
     /// Starts settling in the background until the handle is aborted.
     pub fn spawn(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> tokio::task::JoinHandle<()> {
-        let settler = Arc::new(Self { engine, chain, config });
+        let settler = Arc::new(Self {
+            engine,
+            chain,
+            config,
+            row_gas: AtomicU64::new(batched::INITIAL_ROW_GAS),
+            block_gas_limit: AtomicU64::new(0),
+        });
         tokio::spawn(settler.run())
     }
 
@@ -186,7 +208,9 @@ impl<C: Chain> Settler<C> {
         Ok(())
     }
 
-    /// Starts settling queued payments of this chain, earliest deadline first.
+    /// Starts settling queued payments of this chain, earliest deadline
+    /// first: each `direct` one on its own, `batched` ones per token once a
+    /// batch is due.
     async fn queue_round(
         self: &Arc<Self>,
         tasks: &mut JoinSet<Vec<PaymentId>>,
@@ -196,15 +220,13 @@ impl<C: Chain> Settler<C> {
         let mut queue = self.engine.settlement_queue().await?;
         queue.sort_by_key(|k| (k.deadline, k.id));
         not_mine.retain(|id| queue.iter().any(|k| k.id == *id));
+        let mut batches: HashMap<Address, Vec<PaymentRecord>> = HashMap::new();
         for key in queue {
-            if in_flight.len() >= self.config.max_in_flight {
-                break;
-            }
             if in_flight.contains(&key.id) || not_mine.contains(&key.id) {
                 continue;
             }
             let Some(record) = self.engine.payment(key.id).await? else { continue };
-            if record.policy != SettlementPolicy::Direct || record.chain_id != self.chain.chain_id() {
+            if record.chain_id != self.chain.chain_id() || matches!(record.policy, SettlementPolicy::Channel { .. }) {
                 not_mine.insert(key.id);
                 continue;
             }
@@ -212,17 +234,60 @@ impl<C: Chain> Settler<C> {
                 // Submitted: its intent is resolved above.
                 continue;
             }
-            in_flight.insert(key.id);
-            let this = self.clone();
-            tasks.spawn(async move {
-                let id = record.id;
-                if let Err(err) = this.settle_direct(record).await {
-                    tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
+            match record.policy {
+                SettlementPolicy::Direct if tasks.len() < self.config.max_in_flight => {
+                    in_flight.insert(key.id);
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        let id = record.id;
+                        if let Err(err) = this.settle_direct(record).await {
+                            tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
+                        }
+                        vec![id]
+                    });
                 }
-                vec![id]
-            });
+                SettlementPolicy::Batched { .. } => batches.entry(record.asset).or_default().push(record),
+                _ => {}
+            }
+        }
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let gas_cap_rows = self.gas_cap_rows().await?;
+        let now_ms = crate::domain::unix_millis();
+        for (token, mut rows) in batches {
+            while let Some(take) = self.batch_due(&rows, now_ms, gas_cap_rows) {
+                if tasks.len() >= self.config.max_in_flight {
+                    return Ok(());
+                }
+                let rest = rows.split_off(take.min(rows.len()));
+                let batch = std::mem::replace(&mut rows, rest);
+                let ids: Vec<_> = batch.iter().map(|r| r.id).collect();
+                in_flight.extend(ids.iter().copied());
+                let this = self.clone();
+                tasks.spawn(async move {
+                    if let Err(err) = this.settle_batch(token, batch).await {
+                        tracing::warn!(%err, %token, "settling a batch failed; will retry");
+                    }
+                    ids
+                });
+                if rows.is_empty() {
+                    break;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// How many batch rows fit under half the block gas limit.
+    async fn gas_cap_rows(&self) -> Result<usize> {
+        let mut limit = self.block_gas_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            limit = self.chain.block_gas_limit().await.map_err(chain_error)?;
+            self.block_gas_limit.store(limit, Ordering::Relaxed);
+        }
+        let row_gas = self.row_gas.load(Ordering::Relaxed).max(1);
+        Ok(usize::try_from(limit / 2 / row_gas).unwrap_or(usize::MAX).max(1))
     }
 
     /// Records intents and payment transitions in one durable write.

@@ -10,7 +10,7 @@ use x402_chain::{Chain, Receipt, SignedTx};
 use super::{SIMULATION_FAILED, Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Result,
-    domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
+    domain::{IntentState, PaymentId, PaymentState, SettlementPolicy, TxIntent, unix_millis},
     pipeline::{IntentChange, Transition},
 };
 
@@ -133,22 +133,45 @@ impl<C: Chain> Settler<C> {
     /// Records what a receipt says about each payment of `intent`:
     /// `Confirmed` when the receipt carries the token's
     /// `AuthorizationUsed(from, nonce)` for it (the settlement's proof,
-    /// unambiguous where `Transfer` logs are not), `Failed` with the reason
-    /// a fresh simulation gives otherwise.
+    /// unambiguous where `Transfer` logs are not). Otherwise a fresh
+    /// simulation of the payment alone decides: `Failed` with its reason,
+    /// or, for a batch row that would now succeed (it failed for a passing
+    /// reason, such as running out of gas), back to the queue for a later
+    /// batch.
     async fn conclude(&self, intent: &TxIntent, receipt: &Receipt) -> Result<()> {
         let mut transitions = Vec::with_capacity(intent.payments.len());
+        let now_ms = unix_millis();
+        let mut confirmed = 0u64;
+        let mut strategy = "direct";
         for id in &intent.payments {
             let Some(p) = self.engine.payment(*id).await? else { continue };
             let a = &p.authorization;
+            strategy = p.policy.name();
             let status = if receipt.success && receipt.used(p.asset, a.from, a.nonce) {
+                confirmed += 1;
+                let seconds = now_ms.saturating_sub(p.accepted_at_ms) as f64 / 1000.0;
+                metrics::histogram!(crate::metrics::ACCEPT_TO_CONFIRM_SECONDS, "strategy" => strategy).record(seconds);
                 status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block))
+            } else if p.status.state == PaymentState::Confirmed && p.status.transaction != Some(receipt.tx) {
+                // Settled by another transaction: this one cannot undo it.
+                continue;
             } else {
                 let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
-                let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
-                failed.failure_reason = Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
-                failed
+                match revert {
+                    None if matches!(p.policy, SettlementPolicy::Batched { .. }) => status(PaymentState::Queued),
+                    revert => {
+                        let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
+                        failed.failure_reason =
+                            Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
+                        failed
+                    }
+                }
             };
             transitions.push(Transition { id: *id, status });
+        }
+        if confirmed > 0 {
+            let gas = receipt.gas_used as f64 / confirmed as f64;
+            metrics::histogram!(crate::metrics::GAS_PER_PAYMENT, "strategy" => strategy).record(gas);
         }
         let change = if self.config.finality_depth == 0 {
             IntentChange::Forget(intent.key())

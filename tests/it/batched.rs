@@ -1,0 +1,304 @@
+//! The `batched` strategy on a real anvil chain: many payments per
+//! Multicall3 `aggregate3` transaction, rows sabotaged before sending or
+//! between simulation and inclusion failing alone with their reason, and a
+//! crash after a batch's broadcast.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use alloy::{
+    network::TransactionBuilder,
+    primitives::{Address, B256, Bytes, U256},
+    providers::{Provider, ProviderBuilder, RootProvider, ext::AnvilApi},
+    rpc::types::TransactionRequest,
+    signers::local::PrivateKeySigner,
+};
+use x402_chain::{
+    AlloyChain, Chain, TxConfig,
+    anvil::Anvil,
+    devnet,
+    eip3009::{cancel_authorization_calldata, transfer_with_authorization_calldata},
+};
+use x402_engine::{
+    config::PolicyConfig,
+    domain::{Authorization, ExactPayload, PaymentId, PaymentRecord, PaymentState},
+    node::Node,
+    payer::Payer,
+    settle::{Settler, SettlerConfig},
+};
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+const MINTED: u64 = AMOUNT * 10;
+const ELSEWHERE: Address = Address::repeat_byte(0x99);
+
+struct Setup {
+    anvil: Anvil,
+    control: RootProvider,
+    chain: Arc<AlloyChain>,
+    payers: Vec<Payer>,
+    node: Node,
+    _dir: tempfile::TempDir,
+}
+
+/// Anvil with the token, `payers` payers holding `MINTED` each, and an
+/// in-process node whose merchant m2 batches up to `max_rows`.
+async fn setup(payers: usize, max_rows: u32, max_wait_ms: u64) -> Setup {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
+    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    let signers: Vec<_> = (0..2).map(|_| PrivateKeySigner::random()).collect();
+    devnet::fund_ether(anvil.endpoint(), &signers.iter().map(PrivateKeySigner::address).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), signers, TxConfig::default()).await.unwrap());
+    let control = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    config.merchants[1].policy = PolicyConfig::Batched { max_rows, max_wait_ms };
+    let node = start_node(&config).await;
+    Setup { anvil, control, chain, payers, node, _dir: dir }
+}
+
+/// A payment by `payer` to m2, signed here so the test knows its nonce.
+fn payment(payer: &Payer) -> ExactPayload {
+    payer.sign_exact(&requirements(PAY_TO_2), now() - 600, now() + 3600, random_nonce())
+}
+
+async fn submit(s: &Setup, payloads: &[ExactPayload]) -> Vec<PaymentId> {
+    let mut m2 = payments(s.node.endpoints().grpc, M2_KEY).await;
+    let req = requirements(PAY_TO_2);
+    let requests = payloads.iter().enumerate().map(|(i, p)| exact_submit(i as u64, &req, p)).collect();
+    let accepted = stream_all(&mut m2, requests).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    accepted.iter().map(|r| PaymentId(B256::from_slice(&r.payment_id))).collect()
+}
+
+async fn records(s: &Setup, ids: &[PaymentId]) -> Vec<PaymentRecord> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(s.node.engine().payment(*id).await.unwrap().unwrap());
+    }
+    out
+}
+
+/// Waits until no payment is open any more.
+async fn concluded(s: &Setup, ids: &[PaymentId]) -> Vec<PaymentRecord> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = records(s, ids).await;
+        let open = now.iter().filter(|r| r.status.state.is_open()).count();
+        if open == 0 {
+            return now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{open} of {} still open", ids.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every payment is `Submitted`.
+async fn submitted(s: &Setup, ids: &[PaymentId]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !records(s, ids).await.iter().all(|r| r.status.state == PaymentState::Submitted) {
+        assert!(tokio::time::Instant::now() < deadline, "not all submitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `input` to the token from a key of its own, with a priority fee
+/// far above the settler's so that it goes first in a block; not awaited.
+async fn send_ahead(s: &Setup, input: Bytes) -> B256 {
+    let key = PrivateKeySigner::random();
+    s.control.anvil_set_balance(key.address(), U256::from(10u128.pow(20))).await.unwrap();
+    let provider = ProviderBuilder::new().wallet(key).connect_http(s.anvil.endpoint().parse().unwrap());
+    let tx = TransactionRequest::default()
+        .with_to(TOKEN)
+        .with_input(input)
+        .with_gas_limit(200_000)
+        .with_max_fee_per_gas(500_000_000_000)
+        .with_max_priority_fee_per_gas(100_000_000_000);
+    *provider.send_transaction(tx).await.unwrap().tx_hash()
+}
+
+/// Spends the payment's nonce on a different transfer, drains the second
+/// payer's balance, and cancels the third payment's authorization: each
+/// with a transaction of the payer's own.
+async fn sabotage(s: &Setup, rows: [(&Payer, &ExactPayload); 3]) -> Vec<B256> {
+    let req = requirements(ELSEWHERE);
+    let [(used_by, used), (drained_by, _), (cancelled_by, cancelled)] = rows;
+
+    let same_nonce = used_by.sign_exact(&req, now() - 600, now() + 3600, used.authorization.nonce);
+    let sig: [u8; 65] = same_nonce.signature.as_slice().try_into().unwrap();
+    let spend = transfer_with_authorization_calldata(&same_nonce.authorization.message(), &sig);
+
+    let all = Authorization { value: U256::from(MINTED), ..payment(drained_by).authorization };
+    let all = Authorization { to: ELSEWHERE, ..all };
+    let sig: [u8; 65] = drained_by.sign_authorization(&req, &all).as_slice().try_into().unwrap();
+    let drain = transfer_with_authorization_calldata(&all.message(), &sig);
+
+    let nonce = cancelled.authorization.nonce;
+    let sig = cancelled_by.sign_cancel(&requirements(PAY_TO_2), nonce);
+    let cancel = cancel_authorization_calldata(cancelled_by.address(), nonce, &sig);
+
+    let mut hashes = Vec::new();
+    for input in [spend, drain, cancel] {
+        hashes.push(send_ahead(s, input).await);
+    }
+    hashes
+}
+
+/// The three sabotaged rows failed with their reasons, every other row is
+/// confirmed in one successful batch, and the merchant got exactly those.
+async fn three_failed_rest_confirmed(s: &Setup, settled: &[PaymentRecord]) {
+    let reason = |i: usize| settled[i].status.failure_reason.clone().unwrap_or_default();
+    assert_eq!(settled[0].status.state, PaymentState::Failed);
+    assert_eq!(reason(0), "invalid_exact_evm_nonce_already_used");
+    assert_eq!(settled[1].status.state, PaymentState::Failed);
+    assert_eq!(reason(1), "invalid_exact_evm_insufficient_balance");
+    assert_eq!(settled[2].status.state, PaymentState::Failed);
+    assert_eq!(reason(2), "invalid_exact_evm_nonce_already_used");
+    let rest = &settled[3..];
+    assert!(rest.iter().all(|r| r.status.state == PaymentState::Confirmed), "{rest:?}");
+    let txs: HashSet<_> = rest.iter().map(|r| r.status.transaction.unwrap()).collect();
+    assert_eq!(txs.len(), 1, "one batch");
+    let receipt = s.chain.receipt(*txs.iter().next().unwrap()).await.unwrap().unwrap();
+    assert!(receipt.success, "the batch as a whole did not revert");
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * rest.len() as u64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_payments_settle_in_at_most_five_transactions() {
+    let s = setup(100, 250, 2_000).await;
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let payloads: Vec<_> = (0..1000).map(|i| payment(&s.payers[i % 100])).collect();
+    let ids = submit(&s, &payloads).await;
+    let settled = concluded(&s, &ids).await;
+    settler.abort();
+
+    assert!(settled.iter().all(|r| r.status.state == PaymentState::Confirmed));
+    let txs: HashSet<_> = settled.iter().map(|r| r.status.transaction.unwrap()).collect();
+    assert!(txs.len() <= 5, "{} transactions", txs.len());
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * 1000));
+    for payer in &s.payers {
+        assert_eq!(s.chain.token_balance(TOKEN, payer.address()).await.unwrap(), U256::ZERO);
+    }
+    for (record, payload) in settled.iter().zip(&payloads) {
+        let a = &payload.authorization;
+        assert!(s.chain.authorization_state(TOKEN, a.from, a.nonce).await.unwrap());
+        let receipt = s.chain.receipt(record.status.transaction.unwrap()).await.unwrap().unwrap();
+        assert!(receipt.used(TOKEN, a.from, a.nonce));
+        assert_eq!(receipt.block, record.status.block.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_sabotaged_before_sending_fail_alone() {
+    let s = setup(20, 100, 300).await;
+    let payloads: Vec<_> = s.payers.iter().map(payment).collect();
+    let ids = submit(&s, &payloads).await;
+    let sabotage_txs =
+        sabotage(&s, [(&s.payers[0], &payloads[0]), (&s.payers[1], &payloads[1]), (&s.payers[2], &payloads[2])]).await;
+    for tx in sabotage_txs {
+        assert!(s.chain.wait_receipt(&[tx], Duration::from_secs(10)).await.unwrap().unwrap().success);
+    }
+
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let settled = concluded(&s, &ids).await;
+    settler.abort();
+    three_failed_rest_confirmed(&s, &settled).await;
+    // Taken out before sending: the failed rows name no transaction.
+    assert!(settled[..3].iter().all(|r| r.status.transaction.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_sabotaged_between_simulation_and_inclusion_fail_alone() {
+    let s = setup(20, 100, 300).await;
+    // Transactions wait in the mempool until the test mines.
+    s.control.anvil_set_auto_mine(false).await.unwrap();
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let payloads: Vec<_> = s.payers.iter().map(payment).collect();
+    let ids = submit(&s, &payloads).await;
+    // The batch was simulated clean and is broadcast; now the payers strike,
+    // paying more for their transactions to go first.
+    submitted(&s, &ids).await;
+    sabotage(&s, [(&s.payers[0], &payloads[0]), (&s.payers[1], &payloads[1]), (&s.payers[2], &payloads[2])]).await;
+    s.control.anvil_mine(Some(1), None).await.unwrap();
+    devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
+
+    let settled = concluded(&s, &ids).await;
+    settler.abort();
+    three_failed_rest_confirmed(&s, &settled).await;
+    // They were in the batch: the failed rows name its transaction.
+    let batch = settled[3].status.transaction;
+    assert!(settled[..3].iter().all(|r| r.status.transaction == batch));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_a_batch_broadcast_settles_each_row_once() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..10).map(|_| Payer::random()).collect();
+    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    let signer = PrivateKeySigner::random();
+    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+    let control: RootProvider = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
+    control.anvil_set_auto_mine(false).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[chain]\nrpc_url = \"{}\"\nsigner_keys_env = \"X402D_TEST_SIGNER_KEYS\"\nreceipt_poll_ms = 50\n",
+        config(dir.path()),
+        anvil.endpoint()
+    );
+    let key = signer.to_bytes().to_string();
+    let env = [("X402D_TEST_SIGNER_KEYS", key.as_str())];
+    let mut daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let mut m2 = payments(daemon.grpc, M2_KEY).await;
+    let requests = (0..50).map(|i| signed_submit(&payers[i % 10], PAY_TO_2, i as u64)).collect();
+    let accepted = stream_all(&mut m2, requests).await;
+    assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+
+    let statuses = |client: &Payments| {
+        let mut client = client.clone();
+        let ids: Vec<_> = accepted.iter().map(|r| r.payment_id.clone()).collect();
+        async move {
+            let mut out = Vec::new();
+            for id in ids {
+                let get = pb::GetPaymentRequest { payment_id: id };
+                out.push(client.get_payment(get).await.unwrap().into_inner().status.unwrap());
+            }
+            out
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !statuses(&m2).await.iter().all(|s| s.state == pb::PaymentState::Submitted as i32) {
+        assert!(tokio::time::Instant::now() < deadline, "the batch was not broadcast");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill();
+    // Mined while x402d is down.
+    control.anvil_mine(Some(1), None).await.unwrap();
+    control.anvil_set_auto_mine(true).await.unwrap();
+
+    let daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let m2 = payments(daemon.grpc, M2_KEY).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let now = statuses(&m2).await;
+        if now.iter().all(|s| s.state == pb::PaymentState::Confirmed as i32) {
+            break now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let txs: HashSet<_> = done.iter().map(|s| s.transaction.clone()).collect();
+    assert_eq!(txs.len(), 1, "the one batch, concluded after the restart");
+    let chain = AlloyChain::connect(anvil.endpoint(), Vec::new(), TxConfig::default()).await.unwrap();
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * 50));
+    for payer in &addresses {
+        assert_eq!(chain.token_balance(TOKEN, *payer).await.unwrap(), U256::from(MINTED - AMOUNT * 5));
+    }
+    // One transaction was ever sent by the settlement key.
+    assert_eq!(control.get_transaction_count(signer.address()).await.unwrap(), 1);
+}
