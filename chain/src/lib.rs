@@ -17,6 +17,7 @@ pub mod contracts;
 pub mod devnet;
 pub mod eip3009;
 mod error;
+pub mod gas;
 pub mod tx;
 
 pub use chain::{AuthorizationUsed, Chain, Receipt, TransferLog};

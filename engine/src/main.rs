@@ -1,7 +1,8 @@
 //! `x402d`: the x402 settlement engine.
 //!
 //! - `x402d serve --config x402d.toml` runs it from a configuration file;
-//! - `x402d dev` runs it on embedded defaults with demo merchants and keys.
+//! - `x402d dev` runs it on embedded defaults with demo merchants and keys;
+//! - `x402d gas-report` measures settlement gas per payment on a local anvil.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -44,6 +45,16 @@ enum Command {
     Dev {
         #[command(flatten)]
         overrides: Overrides,
+    },
+    /// Measure gas per settled payment on a local anvil: direct, and
+    /// batched through Multicall3 at each batch size.
+    GasReport {
+        /// Rows per batch to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100,500")]
+        rows: Vec<usize>,
+        /// Payments per payer in the mix, comma separated: one report each.
+        #[arg(long, value_delimiter = ',', default_value = "1,10")]
+        per_payer: Vec<usize>,
     },
 }
 
@@ -128,6 +139,13 @@ async fn main() -> anyhow::Result<()> {
     // Kept alive until the node stops: the dev ledger directory and chain.
     let mut devnet = None;
     let (config, _dev_dir) = match cli.command {
+        Command::GasReport { rows, per_payer } => {
+            for n in per_payer {
+                let report = x402_chain::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;
+                println!("{report}");
+            }
+            return Ok(());
+        }
         Command::Serve { config, overrides } => {
             let mut config = match config {
                 Some(path) => Config::from_file(&path)?,
