@@ -56,6 +56,14 @@ pub struct ChainConfig {
     /// Blocks on top of the including block before a payment is confirmed.
     #[serde(default = "default_confirmations")]
     pub confirmations: u64,
+    /// Seconds a payer balance read from the chain is used before its next
+    /// use re-reads it (in the background, the old value served meanwhile).
+    #[serde(default = "default_balance_ttl_secs")]
+    pub balance_ttl_secs: u64,
+    /// How often `Transfer` logs are read to refresh the cached balances of
+    /// the payers they name.
+    #[serde(default = "default_balance_poll_ms")]
+    pub balance_poll_ms: u64,
 }
 
 const fn default_receipt_poll_ms() -> u64 {
@@ -64,6 +72,14 @@ const fn default_receipt_poll_ms() -> u64 {
 
 const fn default_confirmations() -> u64 {
     1
+}
+
+const fn default_balance_ttl_secs() -> u64 {
+    30
+}
+
+const fn default_balance_poll_ms() -> u64 {
+    1000
 }
 
 impl ChainConfig {
@@ -398,6 +414,7 @@ mod tests {
         assert_eq!(pipeline.shards, config.pipeline.shards);
         let chain = config.chain.as_ref().expect("the example settles on a chain");
         assert_eq!(chain.confirmations, 1);
+        assert_eq!((chain.balance_ttl_secs, chain.balance_poll_ms), (30, 1000));
         assert!(chain.signer_keys().is_err(), "no keys in this test's environment, and the error says so");
     }
 

@@ -33,6 +33,8 @@ pub mod payer;
 pub mod pipeline;
 mod reason;
 pub mod settle;
+#[cfg(test)]
+mod testing;
 pub mod verify;
 
 pub use engine::{Engine, MerchantUpdate};

@@ -169,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
                 signer_keys: signers.iter().map(|s| s.to_bytes().to_string()).collect(),
                 receipt_poll_ms: 100,
                 confirmations: 1,
+                balance_ttl_secs: 30,
+                balance_poll_ms: 500,
             });
             devnet = Some((anvil, chain));
             overrides.apply(&mut config);

@@ -9,8 +9,8 @@ use x402_chain::{AlloyChain, Chain, TxConfig};
 
 use crate::{
     Engine, Error, Result,
-    balance::BalanceSource,
-    config::{ChainConfig, Config, TlsConfig},
+    balance::{BalanceSource, ChainBalances, ChainBalancesConfig},
+    config::{Config, TlsConfig},
     ledger::{Ledger, RocksLedger, RocksOptions},
     settle::{Settler, SettlerConfig},
 };
@@ -38,25 +38,50 @@ pub struct Node {
 
 impl Node {
     /// Opens the ledger in `config.ledger.path`, upserts the configured
-    /// merchants and binds both listeners.
+    /// merchants and binds both listeners. With a `[chain]`, payer balances
+    /// are read from it (cached) and payments settle on it; otherwise the
+    /// configured balances apply.
     pub async fn start(config: &Config) -> Result<Self> {
-        let balances: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
+        install_crypto_provider();
+        let chain = connect_chain(config).await?;
+        let configured: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
+        let balances: Arc<dyn BalanceSource> = match (&chain, &config.chain) {
+            (Some(chain), Some(section)) => {
+                let cache = ChainBalancesConfig {
+                    ttl: std::time::Duration::from_secs(section.balance_ttl_secs),
+                    poll: std::time::Duration::from_millis(section.balance_poll_ms.max(1)),
+                    ..ChainBalancesConfig::default()
+                };
+                tracing::info!(chain_id = chain.chain_id(), ttl = ?cache.ttl, poll = ?cache.poll, "payer balances read from the chain");
+                Arc::new(ChainBalances::new(chain.clone(), cache).with_fallback(configured))
+            }
+            _ => configured,
+        };
         let path = config.ledger.path.clone();
         std::fs::create_dir_all(&path).map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
         let ledger: Arc<dyn Ledger> = Arc::new(open_ledger(path).await?);
-        Self::start_with(config, ledger, balances).await
+        Self::run(config, ledger, balances, chain).await
     }
 
-    /// Like [`Node::start`], on a given ledger and balance source.
+    /// Like [`Node::start`], on a given ledger and balance source (a
+    /// `[chain]` is still settled on).
     pub async fn start_with(
         config: &Config,
         ledger: Arc<dyn Ledger>,
         balances: Arc<dyn BalanceSource>,
     ) -> Result<Self> {
+        install_crypto_provider();
+        let chain = connect_chain(config).await?;
+        Self::run(config, ledger, balances, chain).await
+    }
+
+    async fn run(
+        config: &Config,
+        ledger: Arc<dyn Ledger>,
+        balances: Arc<dyn BalanceSource>,
+        chain: Option<Arc<AlloyChain>>,
+    ) -> Result<Self> {
         crate::http::prometheus();
-        // Two TLS backends are linked (ring for tonic, aws-lc-rs for alloy's
-        // HTTP client), so rustls needs to be told which one to use.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let admin_key = config.admin_key()?;
         if admin_key.is_none() {
             tracing::warn!("no admin key configured: merchant admin is disabled");
@@ -80,8 +105,8 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let settler = match &config.chain {
-            Some(chain) => Some(start_settler(&engine, chain).await?),
+        let settler = match chain {
+            Some(chain) => Some(start_settler(&engine, chain)),
             None => {
                 tracing::warn!("no [chain] configured: accepted payments stay queued");
                 None
@@ -132,7 +157,16 @@ impl Node {
     }
 }
 
-async fn start_settler(engine: &Arc<Engine>, config: &ChainConfig) -> Result<tokio::task::JoinHandle<()>> {
+/// Two TLS backends are linked (ring for tonic, aws-lc-rs for alloy's HTTP
+/// client), so rustls needs to be told which one to use.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Connects to the `[chain]`, if there is one; shared by settlement and the
+/// balance cache.
+async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
+    let Some(config) = &config.chain else { return Ok(None) };
     let signers = config
         .signer_keys()?
         .iter()
@@ -145,8 +179,12 @@ async fn start_settler(engine: &Arc<Engine>, config: &ChainConfig) -> Result<tok
         ..TxConfig::default()
     };
     let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await.map_err(|e| Error::Chain(Box::new(e)))?;
+    Ok(Some(Arc::new(chain)))
+}
+
+fn start_settler(engine: &Arc<Engine>, chain: Arc<AlloyChain>) -> tokio::task::JoinHandle<()> {
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
-    Ok(Settler::spawn(engine.clone(), Arc::new(chain), SettlerConfig::default()))
+    Settler::spawn(engine.clone(), chain, SettlerConfig::default())
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

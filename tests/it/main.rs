@@ -2,6 +2,7 @@
 //! a real RocksDB, real gRPC clients over loopback.
 
 mod api;
+mod balances;
 mod batched;
 mod chain;
 mod common;

@@ -172,7 +172,9 @@ impl Pipeline {
         // Rebuild state from the ledger before any thread runs.
         let now = crate::domain::unix_millis() / 1000;
         let mut shard_states: Vec<Shard> = (0..shards)
-            .map(|i| Shard::new(i, balances.clone(), commit_tx.clone(), config.replay_retention_secs))
+            .map(|i| {
+                Shard::new(i, balances.clone(), shard_txs[i].clone(), commit_tx.clone(), config.replay_retention_secs)
+            })
             .collect();
         ledger.for_each_payment(&mut |record| {
             let i = shard_of(record.authorization.from, shards);
@@ -359,6 +361,7 @@ mod tests {
         ledger::{MemoryLedger, WriteBatch},
         payer::Payer,
         reason::Reason,
+        testing::ManualBalances,
     };
 
     /// A memory ledger whose commits fail while `failing` is set.
@@ -553,5 +556,92 @@ mod tests {
         let err = pipeline.record_settlement(Vec::new(), vec![unknown]).unwrap().blocking_recv().unwrap();
         assert!(matches!(err, Err(Error::UnknownPayment(_))));
         assert_eq!(ledger.last_event_sequence().unwrap(), 4);
+    }
+
+    const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+
+    /// A pipeline whose balances a test hands over by hand, with one
+    /// verifier so that payments reach their shard in submit order.
+    fn start_manual(ledger: &Arc<FlakyLedger>) -> (Pipeline, Arc<ManualBalances>) {
+        let source = Arc::new(ManualBalances::default());
+        let ledger: Arc<dyn Ledger> = ledger.clone();
+        let balances: Arc<dyn BalanceSource> = source.clone();
+        let config = PipelineConfig { verifiers: 1, shards: 3, ..PipelineConfig::default() };
+        (Pipeline::start(&config, &ledger, &balances).unwrap(), source)
+    }
+
+    /// Returns once `payer`'s shard has handled everything submitted so far:
+    /// a payment of another payer of that shard, with a known balance, is
+    /// answered.
+    fn drain_shard(pipeline: &Pipeline, source: &ManualBalances, payer: &Payer) {
+        let other = std::iter::repeat_with(Payer::random)
+            .find(|p| shard_of(p.address(), 3) == shard_of(payer.address(), 3))
+            .unwrap();
+        source.complete((31337, TOKEN, other.address()), &Ok(U256::MAX));
+        assert!(matches!(submit(pipeline, submission(&other, 1)), SubmitOutcome::Accepted { .. }));
+    }
+
+    #[test]
+    fn payments_wait_for_an_unknown_balance_and_resume_in_order() {
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let key = (31337, TOKEN, payer.address());
+        let (pipeline, source) = start_manual(&ledger);
+        let first = submission(&payer, 1);
+        let queue = [first.clone(), first, submission(&payer, 2), submission(&payer, 3)];
+        let mut replies: Vec<_> = queue.into_iter().map(|s| pipeline.try_submit(merchant(), s).unwrap()).collect();
+        drain_shard(&pipeline, &source, &payer);
+        assert_eq!(source.waiting(), [key], "one lookup; the later payments wait behind the first");
+        assert!(replies.iter_mut().all(|rx| rx.try_recv().is_err()), "nothing is answered before the balance");
+
+        // Room for two payments of 100, taken in arrival order.
+        source.complete(key, &Ok(U256::from(250)));
+        let outcomes: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+        assert!(matches!(outcomes[0], SubmitOutcome::Accepted { .. }), "{outcomes:?}");
+        assert!(matches!(outcomes[1], SubmitOutcome::Duplicate { .. }), "{outcomes:?}");
+        assert!(matches!(outcomes[2], SubmitOutcome::Accepted { .. }), "{outcomes:?}");
+        let SubmitOutcome::Rejected { rejection, .. } = &outcomes[3] else { panic!("{outcomes:?}") };
+        assert_eq!(rejection.reason, Reason::InsufficientBalance);
+
+        // Known from now on: answered at once, nothing fetched.
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 4)) else {
+            panic!("the balance is used up");
+        };
+        assert_eq!(rejection.reason, Reason::InsufficientBalance);
+        assert!(source.waiting().is_empty());
+    }
+
+    #[test]
+    fn a_failed_fetch_answers_the_waiting_payments_unavailable() {
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let key = (31337, TOKEN, payer.address());
+        let (pipeline, source) = start_manual(&ledger);
+        let first = submission(&payer, 1);
+        let replies = [first.clone(), submission(&payer, 2)].map(|s| pipeline.try_submit(merchant(), s).unwrap());
+        drain_shard(&pipeline, &source, &payer);
+        let down = Arc::new(Error::Io(std::io::Error::other("node down")));
+        source.complete(key, &Err(down));
+        for rx in replies {
+            match rx.blocking_recv().unwrap() {
+                SubmitOutcome::Unavailable(message) => assert!(message.contains("node down"), "{message}"),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        // Nothing was recorded or reserved: the same payment passes once the
+        // balance is read, on a new lookup.
+        let reply = pipeline.try_submit(merchant(), first).unwrap();
+        drain_shard(&pipeline, &source, &payer);
+        assert_eq!(source.waiting(), [key]);
+        source.complete(key, &Ok(U256::from(100)));
+        assert!(matches!(reply.blocking_recv().unwrap(), SubmitOutcome::Accepted { .. }));
+
+        // A payment still waiting at shutdown is answered, not dropped.
+        let late = Payer::random();
+        let reply = pipeline.try_submit(merchant(), submission(&late, 1)).unwrap();
+        drain_shard(&pipeline, &source, &late);
+        pipeline.shutdown();
+        assert!(matches!(reply.blocking_recv().unwrap(), SubmitOutcome::Unavailable(_)));
     }
 }

@@ -5,8 +5,15 @@
 //! yet settled, per chain, token and payer). Because only this thread
 //! touches them, checks and updates need no lock, and two submits of one
 //! payment can never both pass.
+//!
+//! The shard never waits on the network: when the balance source does not
+//! have a payer's balance in memory, the payment is parked, with every later
+//! payment of the same (chain, token, payer), until the source sends the
+//! fetched balance through the shard's own queue
+//! ([`ShardMsg::Balance`]); then they are checked in arrival order. A failed
+//! fetch answers them UNAVAILABLE.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, mem, sync::Arc, time::Duration};
 
 use alloy::primitives::{Address, B256, U256};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -14,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::{SubmitOutcome, committer::CommitItem};
 use crate::{
-    balance::BalanceSource,
+    balance::{BalanceSource, Fetched, Lookup, Notifier},
     domain::{Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
     reason::{Reason, Rejection},
     verify::Verified,
@@ -33,6 +40,8 @@ pub(crate) enum ShardMsg {
     /// A payment's settlement status changed (durably), perhaps changing
     /// what its payer owes.
     Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
+    /// The balance source fetched a balance this shard asked for.
+    Balance { key: ReservationKey, fetched: Fetched },
     /// Finish: everything queued before this has been handled.
     Stop,
 }
@@ -56,11 +65,37 @@ struct ReplayEntry {
     status: PaymentStatus,
 }
 
+/// A payment waiting for its payer's balance.
+struct Parked {
+    merchant: Arc<Merchant>,
+    verified: Verified,
+    reply: oneshot::Sender<SubmitOutcome>,
+}
+
+/// What [`Shard::check`] came to.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned once per payment and moved straight on; boxing would allocate on the hot path"
+)]
+enum Checked {
+    /// The committer takes it from here.
+    Commit(CommitItem),
+    /// Answered here.
+    Answered,
+    /// The balance is being fetched: park it.
+    Wait(Verified, oneshot::Sender<SubmitOutcome>),
+}
+
 pub(crate) struct Shard {
     index: usize,
     replay: HashMap<PaymentId, ReplayEntry>,
     reserved: HashMap<ReservationKey, U256>,
     balances: Arc<dyn BalanceSource>,
+    /// Sends fetched balances to this shard's own queue.
+    notifier: Notifier,
+    /// Payments waiting for a balance, in arrival order per key.
+    parked: HashMap<ReservationKey, Vec<Parked>>,
+    parked_len: usize,
     commit: Sender<CommitItem>,
     retention_secs: u64,
 }
@@ -68,14 +103,33 @@ pub(crate) struct Shard {
 impl Shard {
     /// Sweep the replay window this often when idle or busy.
     const SWEEP_EVERY: Duration = Duration::from_secs(30);
+    /// Most payments parked at once; beyond, submits are answered UNAVAILABLE.
+    const MAX_PARKED: usize = 65_536;
 
+    /// A shard reading `inbox` (its own queue, where fetched balances arrive).
     pub(crate) fn new(
         index: usize,
         balances: Arc<dyn BalanceSource>,
+        inbox: Sender<ShardMsg>,
         commit: Sender<CommitItem>,
         retention_secs: u64,
     ) -> Self {
-        Self { index, replay: HashMap::new(), reserved: HashMap::new(), balances, commit, retention_secs }
+        // Called from the source's fetch tasks; blocks only while this
+        // shard's queue is full, as the verifiers do.
+        let notifier = Notifier::new(move |key, fetched| {
+            let _ = inbox.send(ShardMsg::Balance { key, fetched });
+        });
+        Self {
+            index,
+            replay: HashMap::new(),
+            reserved: HashMap::new(),
+            balances,
+            notifier,
+            parked: HashMap::new(),
+            parked_len: 0,
+            commit,
+            retention_secs,
+        }
     }
 
     pub(crate) fn replay_len(&self) -> usize {
@@ -130,13 +184,7 @@ impl Shard {
     /// Handles one message; false when the shard should stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Payment { merchant, verified, reply } => {
-                let item = self.check(&merchant, verified, reply);
-                match item {
-                    Some(item) => self.commit.send(item).is_ok(),
-                    None => true,
-                }
-            }
+            ShardMsg::Payment { merchant, verified, reply } => self.submit(merchant, verified, reply),
             ShardMsg::Revert { id, reservation, value } => {
                 self.replay.remove(&id);
                 self.release(reservation, value);
@@ -153,18 +201,84 @@ impl Shard {
                 }
                 true
             }
-            ShardMsg::Stop => false,
+            ShardMsg::Balance { key, fetched } => self.resume(key, &fetched),
+            ShardMsg::Stop => {
+                for Parked { reply, .. } in mem::take(&mut self.parked).into_values().flatten() {
+                    let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
+                }
+                false
+            }
         }
     }
 
-    /// Step 9 from local state. Returns what the committer must do, or
-    /// `None` when the submit was answered here.
+    /// A new payment: checked now, or parked behind earlier payments of its
+    /// key that wait for a balance. False when the committer is gone.
+    fn submit(&mut self, merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome>) -> bool {
+        let key = (verified.chain_id, verified.requirements.asset, verified.payer());
+        // Empty unless a fetch is in flight: no hashing on the usual path.
+        if !self.parked.is_empty() && self.parked.contains_key(&key) {
+            self.park(key, Parked { merchant, verified, reply });
+            return true;
+        }
+        match self.check(&merchant, verified, reply, None) {
+            Checked::Commit(item) => self.commit.send(item).is_ok(),
+            Checked::Answered => true,
+            Checked::Wait(verified, reply) => {
+                tracing::debug!(shard = self.index, payer = %key.2, "payment parked until its balance is fetched");
+                self.park(key, Parked { merchant, verified, reply });
+                true
+            }
+        }
+    }
+
+    /// Queues a payment behind `key`'s fetch, unless too many wait already.
+    fn park(&mut self, key: ReservationKey, parked: Parked) {
+        if self.parked_len >= Self::MAX_PARKED {
+            // A fetch in flight for it finds nothing parked, which is fine.
+            let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
+            return;
+        }
+        self.parked_len += 1;
+        self.parked.entry(key).or_default().push(parked);
+    }
+
+    /// The balance of `key` was fetched: its parked payments are checked, in
+    /// the order they arrived. False when the committer is gone.
+    fn resume(&mut self, key: ReservationKey, fetched: &Fetched) -> bool {
+        let Some(queue) = self.parked.remove(&key) else { return true };
+        self.parked_len -= queue.len();
+        let now = unix_millis() / 1000;
+        for Parked { merchant, verified, reply } in queue {
+            // Waiting ate into its validity; past it, it cannot settle.
+            let valid_before = verified.payload.authorization.valid_before_secs();
+            if valid_before <= now {
+                let (id, payer) = (verified.id, verified.payer());
+                let message = format!("validBefore {valid_before} passed while the payer's balance was read");
+                self.reject(reply, id, payer, Reason::ValidBefore, message);
+                continue;
+            }
+            match self.check(&merchant, verified, reply, Some(fetched)) {
+                Checked::Commit(item) => {
+                    if self.commit.send(item).is_err() {
+                        return false;
+                    }
+                }
+                Checked::Answered => {}
+                Checked::Wait(..) => unreachable!("a check given the fetched balance does not wait"),
+            }
+        }
+        true
+    }
+
+    /// Step 9 from local state, with `fetched` as the balance if given, else
+    /// the source's.
     fn check(
         &mut self,
         merchant: &Merchant,
         verified: Verified,
         reply: oneshot::Sender<SubmitOutcome>,
-    ) -> Option<CommitItem> {
+        fetched: Option<&Fetched>,
+    ) -> Checked {
         let payer = verified.payer();
         let id = verified.id;
         if let Some(entry) = self.replay.get(&id) {
@@ -172,7 +286,7 @@ impl Shard {
                 metrics::counter!(crate::metrics::PAYMENTS_DUPLICATE).increment(1);
                 // Answered by the committer, after the original's group is durable.
                 let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone() };
-                return Some(CommitItem::Reply { outcome, reply });
+                return Checked::Commit(CommitItem::Reply { outcome, reply });
             }
             return self.reject(
                 reply,
@@ -188,18 +302,29 @@ impl Shard {
 
         let value = verified.payload.authorization.value;
         let key = (verified.chain_id, verified.requirements.asset, payer);
-        let reserved = self.reserved.get(&key).copied().unwrap_or_default();
-        if let Some(balance) = self.balances.balance(key.0, key.1, key.2) {
-            let needed = reserved.saturating_add(value);
-            if needed > balance {
-                return self.reject(
-                    reply,
-                    id,
-                    payer,
-                    Reason::InsufficientBalance,
-                    format!("balance {balance} does not cover {value} on top of {reserved} pending"),
-                );
+        let balance = match fetched {
+            Some(Ok(balance)) => Lookup::Known(*balance),
+            Some(Err(e)) => {
+                let _ = reply.send(SubmitOutcome::Unavailable(e.to_string()));
+                return Checked::Answered;
             }
+            None => self.balances.lookup(key, &self.notifier),
+        };
+        match balance {
+            Lookup::Unlimited => {}
+            Lookup::Known(balance) => {
+                let reserved = self.reserved.get(&key).copied().unwrap_or_default();
+                if reserved.saturating_add(value) > balance {
+                    return self.reject(
+                        reply,
+                        id,
+                        payer,
+                        Reason::InsufficientBalance,
+                        format!("balance {balance} does not cover {value} on top of {reserved} pending"),
+                    );
+                }
+            }
+            Lookup::Pending => return Checked::Wait(verified, reply),
         }
 
         let now_ms = unix_millis();
@@ -225,7 +350,7 @@ impl Shard {
             accepted_at_ms: now_ms,
         };
         let pending = PendingKey { merchant_number: merchant.number, deadline: valid_before, id };
-        Some(CommitItem::Payment { record: Box::new(record), pending, shard: self.index, reply })
+        Checked::Commit(CommitItem::Payment { record: Box::new(record), pending, shard: self.index, reply })
     }
 
     fn reject(
@@ -235,14 +360,14 @@ impl Shard {
         payer: Address,
         reason: Reason,
         message: String,
-    ) -> Option<CommitItem> {
+    ) -> Checked {
         crate::metrics::rejected(reason);
         let _ = reply.send(SubmitOutcome::Rejected {
             id: Some(id),
             payer: Some(payer),
             rejection: Rejection::new(reason, message),
         });
-        None
+        Checked::Answered
     }
 
     fn release(&mut self, key: ReservationKey, value: U256) {

@@ -1,0 +1,104 @@
+//! Where payer balances come from.
+//!
+//! The stateful stage asks a [`BalanceSource`] for a payer's token balance
+//! and refuses a payment that the balance, minus what the payer already owes
+//! in pending payments, does not cover. It is asked on the hot path, from a
+//! shard thread that must never wait on the network, so a lookup answers
+//! from memory or says the balance is not known yet:
+//!
+//! ```text
+//!  shard ── lookup(key, notifier) ──► Known / Unlimited: checked at once
+//!    ▲                           └──► Pending: the shard parks the payment (and every
+//!    │                                later one of the same key) and the source fetches
+//!    └──── notifier(key, balance or error) ◄── fetch done: parked payments re-run in order
+//! ```
+//!
+//! [`ConfiguredBalances`] always knows (from configuration);
+//! [`ChainBalances`] caches balances read from a chain.
+
+mod chain;
+
+use std::{collections::HashMap, sync::Arc};
+
+use alloy::primitives::{Address, U256};
+
+pub use self::chain::{ChainBalances, ChainBalancesConfig};
+use crate::Error;
+
+/// Whose balance: (chain id, token, owner).
+pub type BalanceKey = (u64, Address, Address);
+
+/// What a [`BalanceSource`] knows about a balance right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Not limited: the check is skipped.
+    Unlimited,
+    /// The spendable balance.
+    Known(U256),
+    /// Not in memory. The source is fetching it and will call the notifier
+    /// it was given, once, with the result.
+    Pending,
+}
+
+/// What a fetch came to: the balance, or why it could not be read (the
+/// payments waiting for it are answered UNAVAILABLE, never accepted
+/// unchecked).
+pub type Fetched = Result<U256, Arc<Error>>;
+
+/// Reports a fetch's result to whoever was told [`Lookup::Pending`]. Cloning
+/// is a reference count; the source keeps a clone only on a miss.
+#[derive(Clone)]
+pub struct Notifier(Arc<dyn Fn(BalanceKey, Fetched) + Send + Sync>);
+
+impl Notifier {
+    pub fn new(notify: impl Fn(BalanceKey, Fetched) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(notify))
+    }
+
+    /// Delivers `fetched` for `key`. It may block briefly if the receiver
+    /// applies back-pressure (a shard's queue is bounded).
+    pub fn notify(&self, key: BalanceKey, fetched: Fetched) {
+        (self.0)(key, fetched);
+    }
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notifier")
+    }
+}
+
+/// A payer's spendable token balance.
+pub trait BalanceSource: Send + Sync + std::fmt::Debug + 'static {
+    /// The balance at `key`. On [`Lookup::Pending`] the source must call
+    /// `notifier` for `key` once the fetch it started (or joined) is done,
+    /// whether it succeeded or not; it clones `notifier` only then, so a
+    /// lookup that answers from memory costs no allocation.
+    fn lookup(&self, key: BalanceKey, notifier: &Notifier) -> Lookup;
+}
+
+/// Balances given in configuration: a default for everyone and exceptions.
+#[derive(Clone, Debug, Default)]
+pub struct ConfiguredBalances {
+    default: Option<U256>,
+    accounts: HashMap<BalanceKey, U256>,
+}
+
+impl ConfiguredBalances {
+    /// Every payer has `default` (`None`: unlimited).
+    pub fn new(default: Option<U256>) -> Self {
+        Self { default, accounts: HashMap::new() }
+    }
+
+    /// Sets `owner`'s balance of `token` on `chain_id`.
+    pub fn with_account(mut self, chain_id: u64, token: Address, owner: Address, balance: U256) -> Self {
+        self.accounts.insert((chain_id, token, owner), balance);
+        self
+    }
+}
+
+impl BalanceSource for ConfiguredBalances {
+    fn lookup(&self, key: BalanceKey, _: &Notifier) -> Lookup {
+        self.accounts.get(&key).copied().or(self.default).map_or(Lookup::Unlimited, Lookup::Known)
+    }
+}
