@@ -11,7 +11,10 @@ use alloy::{
 
 use crate::{
     Result,
-    contracts::{MULTICALL3_ADDRESS, Multicall3, X402TestToken},
+    contracts::{
+        BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, ERC3009DepositCollector, MULTICALL3_ADDRESS,
+        Multicall3, X402BatchSettlement, X402TestToken,
+    },
 };
 
 /// Anvil's funded development account 0; it deploys, so the token lands at
@@ -29,10 +32,15 @@ pub struct Devnet {
     pub chain_id: u64,
     pub token: Address,
     pub multicall: Address,
+    /// The `batch-settlement` channel contract.
+    pub channels: Address,
+    /// Its ERC-3009 deposit collector.
+    pub deposit_collector: Address,
 }
 
 /// Deploys the test token with [`DEV_DEPLOYER_KEY`], puts Multicall3's code
-/// at its canonical address and mints `amount` to each of `payers`, on the
+/// at its canonical address and the channel contract and its deposit
+/// collector at the public `batch-settlement` addresses, and mints `amount` to each of `payers`, on the
 /// anvil node at `endpoint`.
 pub async fn deploy(endpoint: &str, payers: &[Address], amount: U256) -> Result<Devnet> {
     let deployer: PrivateKeySigner = DEV_DEPLOYER_KEY.parse().expect("a valid key");
@@ -45,7 +53,26 @@ pub async fn deploy(endpoint: &str, payers: &[Address], amount: U256) -> Result<
         token.mint(*payer, amount).send().await?.get_receipt().await?;
     }
     provider.anvil_set_code(MULTICALL3_ADDRESS, Multicall3::DEPLOYED_BYTECODE.clone()).await?;
-    Ok(Devnet { chain_id, token: *token.address(), multicall: MULTICALL3_ADDRESS })
+    install_channels(&provider).await?;
+    Ok(Devnet {
+        chain_id,
+        token: *token.address(),
+        multicall: MULTICALL3_ADDRESS,
+        channels: BATCH_SETTLEMENT_ADDRESS,
+        deposit_collector: ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    })
+}
+
+/// Puts the channel contract at [`BATCH_SETTLEMENT_ADDRESS`] and a deposit
+/// collector bound to it at [`ERC3009_DEPOSIT_COLLECTOR_ADDRESS`]. The
+/// collector's runtime code embeds the channel contract's address (an
+/// immutable), so it is deployed once with that address and its code copied.
+async fn install_channels<P: Provider>(provider: &P) -> Result<()> {
+    provider.anvil_set_code(BATCH_SETTLEMENT_ADDRESS, X402BatchSettlement::DEPLOYED_BYTECODE.clone()).await?;
+    let collector = ERC3009DepositCollector::deploy(provider, BATCH_SETTLEMENT_ADDRESS).await?;
+    let code = provider.get_code_at(*collector.address()).await?;
+    provider.anvil_set_code(ERC3009_DEPOSIT_COLLECTOR_ADDRESS, code).await?;
+    Ok(())
 }
 
 /// Switches anvil from a block per transaction to a block every `secs`.
@@ -83,7 +110,16 @@ mod tests {
         let anvil = Anvil::spawn(&[]).unwrap();
         let payers = [Address::repeat_byte(1), Address::repeat_byte(2)];
         let devnet = deploy(anvil.endpoint(), &payers, U256::from(5_000_000)).await.unwrap();
-        assert_eq!(devnet, Devnet { chain_id: 31337, token: DEV_TOKEN_ADDRESS, multicall: MULTICALL3_ADDRESS });
+        assert_eq!(
+            devnet,
+            Devnet {
+                chain_id: 31337,
+                token: DEV_TOKEN_ADDRESS,
+                multicall: MULTICALL3_ADDRESS,
+                channels: BATCH_SETTLEMENT_ADDRESS,
+                deposit_collector: ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+            }
+        );
 
         let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
         let token = X402TestToken::new(devnet.token, &provider);
@@ -94,5 +130,9 @@ mod tests {
         let multicall = Multicall3::new(devnet.multicall, &provider);
         assert_eq!(multicall.getChainId().call().await.unwrap(), U256::from(31337));
         assert!(!code_at(anvil.endpoint(), devnet.multicall).await.unwrap().is_empty());
+        let channels = X402BatchSettlement::new(devnet.channels, &provider);
+        assert_eq!(channels.MIN_WITHDRAW_DELAY().call().await.unwrap(), alloy::primitives::aliases::U40::from(900));
+        let collector = ERC3009DepositCollector::new(devnet.deposit_collector, &provider);
+        assert_eq!(collector.settlement().call().await.unwrap(), devnet.channels);
     }
 }

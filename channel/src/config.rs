@@ -26,6 +26,31 @@ sol! {
         bytes32 channelId;
         uint128 maxClaimableAmount;
     }
+
+    /// A cooperative refund of up to `amount` at the channel's refund
+    /// `nonce`, signed by the receiver authorizer.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Refund {
+        bytes32 channelId;
+        uint256 nonce;
+        uint128 amount;
+    }
+
+    /// One row of a claim batch: the channel's claimed total becomes
+    /// `totalClaimed`, under a voucher for `maxClaimableAmount`.
+    #[derive(Debug, PartialEq, Eq)]
+    struct ClaimEntry {
+        bytes32 channelId;
+        uint128 maxClaimableAmount;
+        uint128 totalClaimed;
+    }
+
+    /// The rows of one `claimWithSignature`, signed together by their shared
+    /// receiver authorizer.
+    #[derive(Debug, PartialEq, Eq)]
+    struct ClaimBatch {
+        ClaimEntry[] claims;
+    }
 }
 
 /// The EIP-712 domain of one deployed channel contract.
@@ -61,6 +86,21 @@ impl ChannelDomain {
     /// The digest the payer's authorizer signs for a voucher.
     pub fn voucher_digest(&self, voucher: &Voucher) -> B256 {
         voucher.eip712_signing_hash(&self.domain)
+    }
+
+    /// The digest the receiver authorizer signs for a refund.
+    pub fn refund_digest(&self, refund: &Refund) -> B256 {
+        refund.eip712_signing_hash(&self.domain)
+    }
+
+    /// The digest the receiver authorizer signs for a batch of claims.
+    pub fn claim_batch_digest(&self, batch: &ClaimBatch) -> B256 {
+        batch.eip712_signing_hash(&self.domain)
+    }
+
+    /// The EIP-712 domain.
+    pub fn domain(&self) -> &Eip712Domain {
+        &self.domain
     }
 }
 
