@@ -13,6 +13,7 @@
 pub mod anvil;
 pub mod batch;
 mod chain;
+pub mod channel;
 pub mod contracts;
 pub mod devnet;
 pub mod eip3009;

@@ -189,6 +189,7 @@ impl PipelineSection {
             max_group: self.max_group,
             min_validity: MinValidity { direct: m.direct, batched: m.batched, channel: m.channel },
             replay_retention_secs: self.replay_retention_secs,
+            ..PipelineConfig::default()
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct ExactPayload {
 pub enum PaymentInput {
     Exact(ExactPayload),
     Header(String),
+    /// An x402 `batch-settlement` voucher.
+    Voucher(Box<crate::channels::VoucherPayload>),
 }
 
 /// One payment as a gateway submits it.
@@ -314,6 +316,21 @@ impl TxIntent {
     pub const fn key(&self) -> IntentKey {
         IntentKey { chain_id: self.chain_id, signer: self.signer, nonce: self.nonce }
     }
+}
+
+/// A `batch-settlement` channel as the engine keeps it: the channel state
+/// machine of [`x402_channel::Channel`], where its contract is, and the
+/// merchant it pays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelRecord {
+    pub chain_id: u64,
+    /// The channel contract.
+    pub contract: Address,
+    pub merchant_id: String,
+    pub channel: x402_channel::Channel,
+    /// Unix seconds of the last claim this engine made for it (0: never).
+    pub last_claim_at: u64,
+    pub updated_at_ms: u64,
 }
 
 /// Identifies a [`TxIntent`]: a signer's nonce on a chain.

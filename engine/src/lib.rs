@@ -19,6 +19,7 @@
 //! [`node`] (running it). No feature flags.
 
 pub mod balance;
+pub mod channels;
 pub mod config;
 pub mod domain;
 pub mod engine;

@@ -38,6 +38,7 @@ pub const REORGS: &str = "x402d_settlement_reorgs_total";
 /// scrape shows them before the first event.
 pub fn describe() {
     metrics::describe_counter!(PAYMENTS_ACCEPTED, "Payments verified and durably recorded");
+    metrics::describe_counter!(VOUCHERS_ACCEPTED, "batch-settlement vouchers verified and durably recorded");
     metrics::describe_counter!(PAYMENTS_DUPLICATE, "Submits of an already accepted payment");
     metrics::describe_counter!(PAYMENTS_REJECTED, "Payments rejected, by x402 reason");
     metrics::describe_counter!(SUBMITS_INVALID, "Malformed submits");
@@ -64,6 +65,9 @@ pub fn describe() {
         metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).absolute(0);
     }
 }
+
+/// Vouchers accepted (`batch-settlement`).
+pub const VOUCHERS_ACCEPTED: &str = "x402d_vouchers_accepted_total";
 
 pub(crate) fn rejected(reason: Reason) {
     metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).increment(1);

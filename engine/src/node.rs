@@ -87,7 +87,10 @@ impl Node {
             tracing::warn!("no admin key configured: merchant admin is disabled");
         }
         let updates = config.merchant_updates()?;
-        let pipeline = config.pipeline.to_pipeline();
+        let mut pipeline = config.pipeline.to_pipeline();
+        if let Some(chain) = &chain {
+            pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone()));
+        }
         let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &pipeline, admin_key.as_deref()))?;
         let engine = Arc::new(engine);
         for update in updates {

@@ -5,7 +5,8 @@
 
 use std::{borrow::Cow, fmt};
 
-/// An x402 `exact`-scheme reason code, in the order verification checks them.
+/// An x402 reason code: the `exact` scheme's in the order verification
+/// checks them, then the `batch-settlement` scheme's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// Step 1: the scheme is not `exact`.
@@ -30,11 +31,33 @@ pub enum Reason {
     NonceAlreadyUsed,
     /// Step 9: the payer's balance minus pending payments does not cover it.
     InsufficientBalance,
+    /// `batch-settlement`: the voucher's channel id is not its config's.
+    ChannelIdMismatch,
+    /// `batch-settlement`: the channel has no balance on chain.
+    ChannelNotFound,
+    /// `batch-settlement`: the voucher is not signed by the payer's authorizer.
+    VoucherSignature,
+    /// `batch-settlement`: the voucher exceeds the channel's balance.
+    CumulativeExceedsBalance,
+    /// `batch-settlement`: the voucher is not above the claimed total.
+    CumulativeBelowClaimed,
+    /// `batch-settlement`: the voucher is not the charged total plus the amount.
+    CumulativeAmountMismatch,
+    /// `batch-settlement`: the channel's receiver is not `payTo`.
+    ReceiverMismatch,
+    /// `batch-settlement`: the channel's receiver authorizer is not `extra.receiverAuthorizer`.
+    ReceiverAuthorizerMismatch,
+    /// `batch-settlement`: the channel's token is not `asset`.
+    TokenMismatch,
+    /// `batch-settlement`: the channel's withdraw delay is not `extra.withdrawDelay`.
+    WithdrawDelayMismatch,
+    /// `batch-settlement`: the payer's withdrawal is about to be finalized.
+    WithdrawalPending,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and tests.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 22] = [
         Self::Scheme,
         Self::MissingEip712Domain,
         Self::NetworkMismatch,
@@ -46,6 +69,17 @@ impl Reason {
         Self::Value,
         Self::NonceAlreadyUsed,
         Self::InsufficientBalance,
+        Self::ChannelIdMismatch,
+        Self::ChannelNotFound,
+        Self::VoucherSignature,
+        Self::CumulativeExceedsBalance,
+        Self::CumulativeBelowClaimed,
+        Self::CumulativeAmountMismatch,
+        Self::ReceiverMismatch,
+        Self::ReceiverAuthorizerMismatch,
+        Self::TokenMismatch,
+        Self::WithdrawDelayMismatch,
+        Self::WithdrawalPending,
     ];
 
     /// The x402 reason code.
@@ -62,6 +96,17 @@ impl Reason {
             Self::Value => "invalid_exact_evm_authorization_value",
             Self::NonceAlreadyUsed => "invalid_exact_evm_nonce_already_used",
             Self::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
+            Self::ChannelIdMismatch => "invalid_batch_settlement_evm_channel_id_mismatch",
+            Self::ChannelNotFound => "invalid_batch_settlement_evm_channel_not_found",
+            Self::VoucherSignature => "invalid_batch_settlement_evm_voucher_signature",
+            Self::CumulativeExceedsBalance => "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+            Self::CumulativeBelowClaimed => "invalid_batch_settlement_evm_cumulative_below_claimed",
+            Self::CumulativeAmountMismatch => "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+            Self::ReceiverMismatch => "invalid_batch_settlement_evm_receiver_mismatch",
+            Self::ReceiverAuthorizerMismatch => "invalid_batch_settlement_evm_receiver_authorizer_mismatch",
+            Self::TokenMismatch => "invalid_batch_settlement_evm_token_mismatch",
+            Self::WithdrawDelayMismatch => "invalid_batch_settlement_evm_withdraw_delay_mismatch",
+            Self::WithdrawalPending => "invalid_batch_settlement_evm_withdrawal_pending",
         }
     }
 }
@@ -97,5 +142,18 @@ pub struct InvalidField {
 impl InvalidField {
     pub(crate) fn new(field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
         Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl From<x402_channel::VoucherError> for Reason {
+    fn from(e: x402_channel::VoucherError) -> Self {
+        use x402_channel::VoucherError as E;
+        match e {
+            E::ChannelNotFound => Self::ChannelNotFound,
+            E::CumulativeAmountMismatch { .. } => Self::CumulativeAmountMismatch,
+            E::CumulativeExceedsBalance { .. } => Self::CumulativeExceedsBalance,
+            E::CumulativeBelowClaimed { .. } => Self::CumulativeBelowClaimed,
+            E::WithdrawalClosing { .. } => Self::WithdrawalPending,
+        }
     }
 }

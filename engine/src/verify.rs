@@ -122,6 +122,13 @@ impl Verifier {
                 let decoded = decode_header(&header)?;
                 (decoded.payload, Some(decoded.scheme))
             }
+            PaymentInput::Voucher(_) => {
+                return Err(Refusal::Rejected {
+                    id: None,
+                    payer: None,
+                    rejection: Rejection::new(Reason::Scheme, "a voucher is not an \"exact\" payment"),
+                });
+            }
         };
         let auth = &payload.authorization;
         let reject = |id: Option<PaymentId>, reason, message: String| Refusal::Rejected {

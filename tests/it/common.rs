@@ -278,3 +278,11 @@ pub(crate) async fn stream_all(client: &mut Payments, requests: Vec<pb::SubmitRe
 pub(crate) fn random_nonce() -> B256 {
     B256::from(rand::random::<[u8; 32]>())
 }
+
+/// The typed `exact` payment of a submit request built from one.
+pub(crate) fn exact_mut(req: &mut pb::SubmitRequest) -> &mut pb::ExactPayment {
+    match req.payment.as_mut().unwrap() {
+        pb::submit_request::Payment::Exact(e) => e,
+        _ => unreachable!("an exact payment"),
+    }
+}

@@ -8,7 +8,7 @@ use x402_engine::{
     domain::{ExactPayload, Requirements},
     payer::Payer,
 };
-use x402_proto::v1::{self as pb, submit_request::Payment};
+use x402_proto::v1 as pb;
 
 use crate::common::*;
 
@@ -295,28 +295,32 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     )
     .await;
     expect_invalid(&mut f.m1, with(&|s| s.payment = None), "payment").await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization = None), "exact.authorization").await;
+    expect_invalid(&mut f.m1, with(&|s| exact_mut(s).authorization = None), "exact.authorization").await;
     expect_invalid(
         &mut f.m1,
-        with(&|s| exact(s).authorization.as_mut().unwrap().from.push(0)),
+        with(&|s| exact_mut(s).authorization.as_mut().unwrap().from.push(0)),
         "exact.authorization.from",
     )
     .await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).authorization.as_mut().unwrap().to.clear()), "exact.authorization.to")
-        .await;
     expect_invalid(
         &mut f.m1,
-        with(&|s| exact(s).authorization.as_mut().unwrap().value = "-5".into()),
+        with(&|s| exact_mut(s).authorization.as_mut().unwrap().to.clear()),
+        "exact.authorization.to",
+    )
+    .await;
+    expect_invalid(
+        &mut f.m1,
+        with(&|s| exact_mut(s).authorization.as_mut().unwrap().value = "-5".into()),
         "exact.authorization.value",
     )
     .await;
     expect_invalid(
         &mut f.m1,
-        with(&|s| exact(s).authorization.as_mut().unwrap().nonce.truncate(31)),
+        with(&|s| exact_mut(s).authorization.as_mut().unwrap().nonce.truncate(31)),
         "exact.authorization.nonce",
     )
     .await;
-    expect_invalid(&mut f.m1, with(&|s| exact(s).signature = vec![0; 5000]), "exact.signature").await;
+    expect_invalid(&mut f.m1, with(&|s| exact_mut(s).signature = vec![0; 5000]), "exact.signature").await;
     expect_invalid(&mut f.m1, header_submit_of(&req, "A".repeat(17_000)), "payment_signature_header").await;
     expect_invalid(&mut f.m1, header_submit_of(&req, "not base64!".into()), "payment_signature_header").await;
     let not_x402 = base64::engine::general_purpose::STANDARD.encode(r#"{"hello": "world"}"#);
@@ -341,13 +345,6 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     assert_eq!(out[0].error_code, Code::InvalidArgument as i32);
     assert!(out[0].message.starts_with("requirements.amount"), "{}", out[0].message);
     assert_eq!(outcome(&out[1]), pb::Outcome::Accepted);
-}
-
-fn exact(s: &mut pb::SubmitRequest) -> &mut pb::ExactPayment {
-    match s.payment.as_mut().unwrap() {
-        Payment::Exact(e) => e,
-        Payment::PaymentSignatureHeader(_) => unreachable!(),
-    }
 }
 
 fn decode_b64(s: &str) -> String {

@@ -3,19 +3,12 @@
 
 use alloy::primitives::Address;
 use x402_engine::payer::Payer;
-use x402_proto::v1::{self as pb, submit_request::Payment};
+use x402_proto::v1 as pb;
 
 use crate::common::*;
 
 const PAYERS: usize = 50;
 const PER_PAYER: usize = 200;
-
-fn exact_mut(req: &mut pb::SubmitRequest) -> &mut pb::ExactPayment {
-    match req.payment.as_mut().unwrap() {
-        Payment::Exact(e) => e,
-        Payment::PaymentSignatureHeader(_) => unreachable!(),
-    }
-}
 
 /// Each tamper of a valid payment and the reason it must get.
 fn tampered(original: &pb::SubmitRequest, request_id: u64) -> Vec<(pb::SubmitRequest, &'static str)> {

@@ -8,6 +8,7 @@ use x402_proto::v1 as pb;
 
 use crate::{
     Error,
+    channels::{ChannelExtra, ChannelView, VoucherPayload},
     domain::{
         AcceptedAsset, Authorization, ExactPayload, Merchant, PaymentInput, PaymentRecord, PaymentState, PaymentStatus,
         Requirements, SettlementEvent, SettlementPolicy, Submission,
@@ -96,8 +97,51 @@ fn exact(p: pb::ExactPayment) -> Result<ExactPayload, InvalidField> {
     })
 }
 
+fn uint128(field: &'static str, value: &str) -> Result<u128, InvalidField> {
+    let v = decimal(field, value)?;
+    u128::try_from(v).map_err(|_| InvalidField::new(field, format!("{v} does not fit a uint128")))
+}
+
+fn voucher(p: pb::VoucherPayment, r: &pb::PaymentRequirements) -> Result<VoucherPayload, InvalidField> {
+    let c = p.channel_config.ok_or_else(|| InvalidField::new("voucher.channel_config", "is required"))?;
+    let v = p.voucher.ok_or_else(|| InvalidField::new("voucher.voucher", "is required"))?;
+    if v.signature.len() > MAX_SIGNATURE_LEN {
+        return Err(InvalidField::new(
+            "voucher.voucher.signature",
+            format!("is longer than {MAX_SIGNATURE_LEN} bytes"),
+        ));
+    }
+    let withdraw_delay = alloy::primitives::aliases::U40::try_from(c.withdraw_delay)
+        .map_err(|_| InvalidField::new("voucher.channel_config.withdraw_delay", "does not fit a uint40"))?;
+    Ok(VoucherPayload {
+        network: short_string("voucher.network", p.network)?,
+        config: x402_channel::ChannelConfig {
+            payer: address("voucher.channel_config.payer", &c.payer)?,
+            payerAuthorizer: address("voucher.channel_config.payer_authorizer", &c.payer_authorizer)?,
+            receiver: address("voucher.channel_config.receiver", &c.receiver)?,
+            receiverAuthorizer: address("voucher.channel_config.receiver_authorizer", &c.receiver_authorizer)?,
+            token: address("voucher.channel_config.token", &c.token)?,
+            withdrawDelay: withdraw_delay,
+            salt: word("voucher.channel_config.salt", &c.salt)?,
+        },
+        channel_id: word("voucher.voucher.channel_id", &v.channel_id)?,
+        max_claimable: uint128("voucher.voucher.max_claimable_amount", &v.max_claimable_amount)?,
+        signature: v.signature.into(),
+        charge: if p.charge.is_empty() { None } else { Some(uint128("voucher.charge", &p.charge)?) },
+        extra: ChannelExtra {
+            receiver_authorizer: if r.receiver_authorizer.is_empty() {
+                Address::ZERO
+            } else {
+                address("requirements.receiver_authorizer", &r.receiver_authorizer)?
+            },
+            withdraw_delay: r.withdraw_delay,
+        },
+    })
+}
+
 /// The domain submission of a submit request.
 pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
+    let voucher_extra = req.requirements.clone();
     let requirements = requirements(req.requirements)?;
     let input = match req.payment {
         Some(pb::submit_request::Payment::Exact(p)) => PaymentInput::Exact(exact(p)?),
@@ -110,7 +154,12 @@ pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidFi
             }
             PaymentInput::Header(h)
         }
-        None => return Err(InvalidField::new("payment", "one of exact or payment_signature_header is required")),
+        Some(pb::submit_request::Payment::Voucher(p)) => {
+            PaymentInput::Voucher(Box::new(voucher(p, &voucher_extra.unwrap_or_default())?))
+        }
+        None => {
+            return Err(InvalidField::new("payment", "one of exact, payment_signature_header or voucher is required"));
+        }
     };
     Ok(Submission { requirements, input })
 }
@@ -159,6 +208,20 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
             resp.reason = rejection.reason.code().to_owned();
             resp.message = rejection.message.into_owned();
         }
+        SubmitOutcome::VoucherAccepted { payer, channel } => {
+            resp.outcome = pb::Outcome::Accepted as i32;
+            resp.payment_id = channel.id.to_vec();
+            resp.payer = payer.to_vec();
+            resp.channel = Some(channel_state(&channel));
+        }
+        SubmitOutcome::VoucherRejected { payer, rejection, channel } => {
+            resp.outcome = pb::Outcome::Rejected as i32;
+            resp.payer = payer.map(|p| p.to_vec()).unwrap_or_default();
+            resp.reason = rejection.reason.code().to_owned();
+            resp.message = rejection.message.into_owned();
+            resp.payment_id = channel.as_ref().map(|c| c.id.to_vec()).unwrap_or_default();
+            resp.channel = channel.as_ref().map(channel_state);
+        }
         SubmitOutcome::Invalid(field) => {
             resp.outcome = pb::Outcome::Error as i32;
             resp.error_code = tonic::Code::InvalidArgument as i32;
@@ -171,6 +234,18 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
         }
     }
     resp
+}
+
+fn channel_state(c: &ChannelView) -> pb::ChannelState {
+    pb::ChannelState {
+        channel_id: c.id.to_vec(),
+        charged_cumulative_amount: c.charged.to_string(),
+        signed_max_claimable: c.signed_max_claimable.to_string(),
+        balance: c.balance.to_string(),
+        total_claimed: c.total_claimed.to_string(),
+        withdraw_finalize_after: c.withdraw_finalize_after.unwrap_or(0),
+        refund_nonce: c.refund_nonce,
+    }
 }
 
 pub(super) fn policy(p: &SettlementPolicy) -> pb::SettlementPolicy {
@@ -284,6 +359,28 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
             signature: p.signature.clone(),
         }),
         PaymentInput::Header(h) => pb::submit_request::Payment::PaymentSignatureHeader(h.clone()),
+        PaymentInput::Voucher(v) => pb::submit_request::Payment::Voucher(pb::VoucherPayment {
+            network: v.network.clone(),
+            channel_config: Some(pb::ChannelConfig {
+                payer: v.config.payer.to_vec(),
+                payer_authorizer: v.config.payerAuthorizer.to_vec(),
+                receiver: v.config.receiver.to_vec(),
+                receiver_authorizer: v.config.receiverAuthorizer.to_vec(),
+                token: v.config.token.to_vec(),
+                withdraw_delay: v.config.withdrawDelay.to::<u64>(),
+                salt: v.config.salt.to_vec(),
+            }),
+            voucher: Some(pb::SignedVoucher {
+                channel_id: v.channel_id.to_vec(),
+                max_claimable_amount: v.max_claimable.to_string(),
+                signature: v.signature.to_vec(),
+            }),
+            charge: v.charge.map(|c| c.to_string()).unwrap_or_default(),
+        }),
+    };
+    let (receiver_authorizer, withdraw_delay) = match &submission.input {
+        PaymentInput::Voucher(v) => (v.extra.receiver_authorizer.to_vec(), v.extra.withdraw_delay),
+        _ => (Vec::new(), 0),
     };
     pb::SubmitRequest {
         request_id,
@@ -296,6 +393,8 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
             max_timeout_seconds: r.max_timeout_seconds,
             eip712_name: r.eip712_name.clone(),
             eip712_version: r.eip712_version.clone(),
+            receiver_authorizer,
+            withdraw_delay,
         }),
         payment: Some(payment),
     }

@@ -58,6 +58,7 @@ fn pending_of(p: &PaymentRecord) -> PendingKey {
 }
 
 fn empty_ledger_is_empty(ledger: &dyn Ledger) {
+    assert!(ledger.channels().unwrap().is_empty());
     assert_eq!(ledger.payment(&sample_payment(1, 1).id).unwrap(), None);
     assert!(ledger.pending().unwrap().is_empty());
     assert!(ledger.merchants().unwrap().is_empty());
@@ -188,6 +189,54 @@ fn intents_are_kept_in_signer_nonce_order(ledger: &dyn Ledger) {
     assert_eq!(keys, vec![(Address::repeat_byte(1), 7), (Address::repeat_byte(2), 256)]);
 }
 
+/// A channel whose id is `seed` repeated, with some state in every field.
+pub(crate) fn sample_channel(seed: u8, charged: u128, withdrawing: bool) -> ChannelRecord {
+    use x402_channel::{Channel, ChannelConfig, OnChain, SignedVoucher, Withdrawal};
+    let config = ChannelConfig {
+        payer: Address::repeat_byte(seed),
+        payerAuthorizer: Address::repeat_byte(seed.wrapping_add(1)),
+        receiver: Address::repeat_byte(0xaa),
+        receiverAuthorizer: Address::repeat_byte(0xab),
+        token: Address::repeat_byte(0xac),
+        withdrawDelay: alloy::primitives::aliases::U40::from(900),
+        salt: B256::repeat_byte(seed),
+    };
+    let mut channel = Channel::new(config, B256::repeat_byte(seed));
+    channel.charged = charged;
+    channel.voucher =
+        (charged > 0).then(|| SignedVoucher { max_claimable: charged + 5, signature: vec![seed; 65].into() });
+    channel.onchain = OnChain {
+        balance: u128::MAX - 1,
+        total_claimed: charged / 2,
+        withdrawal: withdrawing.then_some(Withdrawal { amount: 77, finalize_after: 1_700_000_900 }),
+        refund_nonce: 3,
+    };
+    channel.synced_at = 1_700_000_000;
+    ChannelRecord {
+        chain_id: 31337,
+        contract: Address::repeat_byte(0x40),
+        merchant_id: format!("m{seed}"),
+        channel,
+        last_claim_at: 1_699_999_999,
+        updated_at_ms: 1_700_000_000_123,
+    }
+}
+
+fn channels_round_trip_in_id_order(ledger: &dyn Ledger) {
+    let mut batch = WriteBatch::default();
+    for (seed, charged, withdrawing) in [(9u8, 0u128, false), (2, 100, true), (5, 1, false)] {
+        batch.push(Write::Channel(Box::new(sample_channel(seed, charged, withdrawing))));
+    }
+    ledger.commit(&batch).unwrap();
+    let channels = ledger.channels().unwrap();
+    assert_eq!(channels, vec![sample_channel(2, 100, true), sample_channel(5, 1, false), sample_channel(9, 0, false)]);
+    // A later voucher replaces the record.
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Channel(Box::new(sample_channel(5, 250, true))));
+    ledger.commit(&batch).unwrap();
+    assert_eq!(ledger.channels().unwrap()[1], sample_channel(5, 250, true));
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -221,6 +270,12 @@ macro_rules! conformance {
             fn intents_are_kept_in_signer_nonce_order() {
                 let (_dir, ledger) = $make;
                 super::intents_are_kept_in_signer_nonce_order(&ledger);
+            }
+
+            #[test]
+            fn channels_round_trip_in_id_order() {
+                let (_dir, ledger) = $make;
+                super::channels_round_trip_in_id_order(&ledger);
             }
         }
     };
@@ -256,6 +311,11 @@ fn arb_write() -> impl Strategy<Value = Write> {
             Write::Intent(Box::new(sample_intent(s, n, state)))
         }),
         (0u8..3, 0u64..4).prop_map(|(s, n)| Write::ForgetIntent(sample_intent(s, n, IntentState::Pending).key())),
+        (0u8..4, any::<u128>(), any::<bool>()).prop_map(|(s, charged, w)| Write::Channel(Box::new(sample_channel(
+            s,
+            charged / 2,
+            w
+        )))),
     ]
 }
 
@@ -278,6 +338,7 @@ proptest! {
         prop_assert_eq!(memory.events_after(0, 1000).unwrap(), rocks.events_after(0, 1000).unwrap());
         prop_assert_eq!(memory.last_event_sequence().unwrap(), rocks.last_event_sequence().unwrap());
         prop_assert_eq!(memory.intents().unwrap(), rocks.intents().unwrap());
+        prop_assert_eq!(memory.channels().unwrap(), rocks.channels().unwrap());
         let (mut a, mut b) = (Vec::new(), Vec::new());
         memory.for_each_payment(&mut |p| a.push(p)).unwrap();
         rocks.for_each_payment(&mut |p| b.push(p)).unwrap();

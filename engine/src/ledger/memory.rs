@@ -8,7 +8,7 @@ use std::{
 use super::{Ledger, Write, WriteBatch};
 use crate::{
     Result,
-    domain::{IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
+    domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 /// A ledger that lives and dies with the process. Behaves like
@@ -25,6 +25,7 @@ struct Tables {
     merchants: BTreeMap<String, Merchant>,
     events: BTreeMap<u64, SettlementEvent>,
     intents: BTreeMap<IntentKey, TxIntent>,
+    channels: BTreeMap<alloy::primitives::B256, ChannelRecord>,
 }
 
 impl MemoryLedger {
@@ -63,6 +64,9 @@ impl Ledger for MemoryLedger {
                 Write::ForgetIntent(key) => {
                     t.intents.remove(key);
                 }
+                Write::Channel(c) => {
+                    t.channels.insert(c.channel.id, (**c).clone());
+                }
             }
         }
         Ok(())
@@ -98,5 +102,9 @@ impl Ledger for MemoryLedger {
 
     fn intents(&self) -> Result<Vec<TxIntent>> {
         Ok(self.tables().intents.values().cloned().collect())
+    }
+
+    fn channels(&self) -> Result<Vec<ChannelRecord>> {
+        Ok(self.tables().channels.values().cloned().collect())
     }
 }

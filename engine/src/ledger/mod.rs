@@ -21,7 +21,7 @@ pub use rocks::{RocksLedger, RocksOptions};
 
 use crate::{
     Result,
-    domain::{IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
+    domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 /// One write of a [`WriteBatch`].
@@ -41,6 +41,8 @@ pub enum Write {
     Intent(Box<TxIntent>),
     /// Delete a transaction intent that needs no more watching.
     ForgetIntent(IntentKey),
+    /// Insert or replace a payment channel.
+    Channel(Box<ChannelRecord>),
 }
 
 /// Writes applied together, atomically and durably.
@@ -102,4 +104,7 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// Every transaction intent not yet forgotten, ordered by chain, signer,
     /// then nonce.
     fn intents(&self) -> Result<Vec<TxIntent>>;
+
+    /// Every payment channel, ordered by id.
+    fn channels(&self) -> Result<Vec<ChannelRecord>>;
 }

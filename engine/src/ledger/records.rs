@@ -11,8 +11,8 @@ use prost::Message;
 use crate::{
     Error, Result,
     domain::{
-        AcceptedAsset, Authorization, IntentKey, IntentState, Merchant, PaymentId, PaymentRecord, PaymentState,
-        PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
+        AcceptedAsset, Authorization, ChannelRecord, IntentKey, IntentState, Merchant, PaymentId, PaymentRecord,
+        PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
     },
 };
 
@@ -407,6 +407,136 @@ pub(super) fn decode_intent(bytes: &[u8]) -> Result<TxIntent> {
         state,
         created_at_ms: i.created_at_ms,
         updated_at_ms: i.updated_at_ms,
+    })
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ChannelV1 {
+    #[prost(uint64, tag = "1")]
+    chain_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    contract: Vec<u8>,
+    #[prost(string, tag = "3")]
+    merchant_id: String,
+    #[prost(bytes = "vec", tag = "4")]
+    id: Vec<u8>,
+    // The config.
+    #[prost(bytes = "vec", tag = "5")]
+    payer: Vec<u8>,
+    #[prost(bytes = "vec", tag = "6")]
+    payer_authorizer: Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    receiver: Vec<u8>,
+    #[prost(bytes = "vec", tag = "8")]
+    receiver_authorizer: Vec<u8>,
+    #[prost(bytes = "vec", tag = "9")]
+    token: Vec<u8>,
+    #[prost(uint64, tag = "10")]
+    withdraw_delay: u64,
+    #[prost(bytes = "vec", tag = "11")]
+    salt: Vec<u8>,
+    // The server's state; uint128 amounts as 16 bytes big-endian.
+    #[prost(bytes = "vec", tag = "12")]
+    charged: Vec<u8>,
+    #[prost(bytes = "vec", optional, tag = "13")]
+    voucher_max_claimable: Option<Vec<u8>>,
+    #[prost(bytes = "vec", tag = "14")]
+    voucher_signature: Vec<u8>,
+    // The on-chain mirror.
+    #[prost(bytes = "vec", tag = "15")]
+    balance: Vec<u8>,
+    #[prost(bytes = "vec", tag = "16")]
+    total_claimed: Vec<u8>,
+    #[prost(bytes = "vec", optional, tag = "17")]
+    withdrawal_amount: Option<Vec<u8>>,
+    #[prost(uint64, tag = "18")]
+    withdrawal_finalize_after: u64,
+    #[prost(uint64, tag = "19")]
+    refund_nonce: u64,
+    #[prost(uint64, tag = "20")]
+    synced_at: u64,
+    #[prost(uint64, tag = "21")]
+    last_claim_at: u64,
+    #[prost(uint64, tag = "22")]
+    updated_at_ms: u64,
+}
+
+fn u128_bytes(value: u128) -> Vec<u8> {
+    value.to_be_bytes().to_vec()
+}
+
+fn u128_from(bytes: &[u8]) -> Result<u128> {
+    Ok(u128::from_be_bytes(bytes.try_into().map_err(|_| Error::Corrupt("uint128 is not 16 bytes"))?))
+}
+
+pub(super) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
+    let c = &r.channel;
+    versioned(&ChannelV1 {
+        chain_id: r.chain_id,
+        contract: r.contract.to_vec(),
+        merchant_id: r.merchant_id.clone(),
+        id: c.id.to_vec(),
+        payer: c.config.payer.to_vec(),
+        payer_authorizer: c.config.payerAuthorizer.to_vec(),
+        receiver: c.config.receiver.to_vec(),
+        receiver_authorizer: c.config.receiverAuthorizer.to_vec(),
+        token: c.config.token.to_vec(),
+        withdraw_delay: c.config.withdrawDelay.to::<u64>(),
+        salt: c.config.salt.to_vec(),
+        charged: u128_bytes(c.charged),
+        voucher_max_claimable: c.voucher.as_ref().map(|v| u128_bytes(v.max_claimable)),
+        voucher_signature: c.voucher.as_ref().map(|v| v.signature.to_vec()).unwrap_or_default(),
+        balance: u128_bytes(c.onchain.balance),
+        total_claimed: u128_bytes(c.onchain.total_claimed),
+        withdrawal_amount: c.onchain.withdrawal.map(|w| u128_bytes(w.amount)),
+        withdrawal_finalize_after: c.onchain.withdrawal.map_or(0, |w| w.finalize_after),
+        refund_nonce: c.onchain.refund_nonce,
+        synced_at: c.synced_at,
+        last_claim_at: r.last_claim_at,
+        updated_at_ms: r.updated_at_ms,
+    })
+}
+
+pub(super) fn decode_channel(bytes: &[u8]) -> Result<ChannelRecord> {
+    use x402_channel::{Channel, ChannelConfig, OnChain, SignedVoucher, Withdrawal};
+    let m = ChannelV1::decode(unversioned(bytes)?)?;
+    let config = ChannelConfig {
+        payer: address(&m.payer)?,
+        payerAuthorizer: address(&m.payer_authorizer)?,
+        receiver: address(&m.receiver)?,
+        receiverAuthorizer: address(&m.receiver_authorizer)?,
+        token: address(&m.token)?,
+        withdrawDelay: alloy::primitives::aliases::U40::try_from(m.withdraw_delay)
+            .map_err(|_| Error::Corrupt("withdraw delay above uint40"))?,
+        salt: word(&m.salt)?,
+    };
+    let voucher = match m.voucher_max_claimable {
+        Some(max) => Some(SignedVoucher { max_claimable: u128_from(&max)?, signature: m.voucher_signature.into() }),
+        None => None,
+    };
+    let withdrawal = match m.withdrawal_amount {
+        Some(amount) => Some(Withdrawal { amount: u128_from(&amount)?, finalize_after: m.withdrawal_finalize_after }),
+        None => None,
+    };
+    Ok(ChannelRecord {
+        chain_id: m.chain_id,
+        contract: address(&m.contract)?,
+        merchant_id: m.merchant_id,
+        channel: Channel {
+            config,
+            id: word(&m.id)?,
+            charged: u128_from(&m.charged)?,
+            voucher,
+            onchain: OnChain {
+                balance: u128_from(&m.balance)?,
+                total_claimed: u128_from(&m.total_claimed)?,
+                withdrawal,
+                refund_nonce: m.refund_nonce,
+            },
+            synced_at: m.synced_at,
+        },
+        last_claim_at: m.last_claim_at,
+        updated_at_ms: m.updated_at_ms,
     })
 }
 

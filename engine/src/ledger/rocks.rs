@@ -12,7 +12,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode,
 use super::{Ledger, WriteBatch, records};
 use crate::{
     Error, Result,
-    domain::{Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
+    domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 const CF_PAYMENTS: &str = "payments";
@@ -20,7 +20,6 @@ const CF_PENDING: &str = "pending";
 const CF_MERCHANTS: &str = "merchants";
 const CF_EVENTS: &str = "events";
 const CF_META: &str = "meta";
-/// Reserved for payment channels.
 const CF_CHANNELS: &str = "channels";
 const CF_INTENTS: &str = "intents";
 const COLUMN_FAMILIES: [&str; 7] = [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS];
@@ -107,6 +106,9 @@ impl Ledger for RocksLedger {
                 Write::Intent(i) => {
                     wb.put_cf(self.cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
                 }
+                Write::Channel(c) => {
+                    wb.put_cf(self.cf(CF_CHANNELS), c.channel.id, records::encode_channel(c));
+                }
                 Write::ForgetIntent(key) => {
                     wb.delete_cf(self.cf(CF_INTENTS), records::intent_key(key));
                 }
@@ -164,6 +166,13 @@ impl Ledger for RocksLedger {
         self.db
             .iterator_cf(self.cf(CF_INTENTS), IteratorMode::Start)
             .map(|item| records::decode_intent(&item?.1))
+            .collect()
+    }
+
+    fn channels(&self) -> Result<Vec<ChannelRecord>> {
+        self.db
+            .iterator_cf(self.cf(CF_CHANNELS), IteratorMode::Start)
+            .map(|item| records::decode_channel(&item?.1))
             .collect()
     }
 

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    domain::{PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
+    domain::{ChannelRecord, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
     ledger::{Ledger, Write, WriteBatch},
 };
 
@@ -36,6 +36,15 @@ pub(crate) enum CommitItem {
     Merchant(MerchantWrite),
     /// Record settlement progress: transaction intents and payment state changes.
     Settlement { intents: Vec<IntentChange>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
+    /// Record a channel's new state (an accepted voucher), then answer
+    /// `outcome`; if the write fails, the shard gets `previous` back.
+    Channel {
+        record: Box<ChannelRecord>,
+        previous: Box<ChannelRecord>,
+        shard: usize,
+        outcome: SubmitOutcome,
+        reply: oneshot::Sender<SubmitOutcome>,
+    },
 }
 
 /// What to do once a group is durable (or failed).
@@ -56,6 +65,12 @@ enum Done {
     Settlement {
         settled: Vec<Settled>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    Channel {
+        previous: Box<ChannelRecord>,
+        shard: usize,
+        outcome: SubmitOutcome,
+        reply: oneshot::Sender<SubmitOutcome>,
     },
 }
 
@@ -244,6 +259,10 @@ impl Committer {
                     batch.push(Write::Payment(record));
                 }
                 CommitItem::Reply { outcome, reply } => done.push(Done::Reply(outcome, reply)),
+                CommitItem::Channel { record, previous, shard, outcome, reply } => {
+                    batch.push(Write::Channel(record));
+                    done.push(Done::Channel { previous, shard, outcome, reply });
+                }
                 CommitItem::Merchant((merchant, reply)) => {
                     batch.push(Write::Merchant(merchant));
                     done.push(Done::Merchant(reply));
@@ -302,6 +321,10 @@ impl Committer {
                         Done::Merchant(reply) => {
                             let _ = reply.send(Ok(()));
                         }
+                        Done::Channel { outcome, reply, .. } => {
+                            metrics::counter!(crate::metrics::VOUCHERS_ACCEPTED).increment(1);
+                            let _ = reply.send(outcome);
+                        }
                         Done::Settlement { settled, reply } => {
                             for s in settled {
                                 if !s.status.state.is_open() {
@@ -338,6 +361,10 @@ impl Committer {
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Reply(_, reply) => {
+                            let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
+                        }
+                        Done::Channel { previous, shard, reply, .. } => {
+                            let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Merchant(reply) | Done::Settlement { reply, .. } => {

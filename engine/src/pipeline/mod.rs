@@ -35,6 +35,7 @@ use self::{
 use crate::{
     Error, Result,
     balance::BalanceSource,
+    channels::{ChannelSource, ChannelView, NoChannels},
     domain::{Merchant, PaymentId, PaymentStatus, Submission},
     ledger::Ledger,
     reason::{InvalidField, Rejection},
@@ -57,6 +58,10 @@ pub struct PipelineConfig {
     /// How long after `validBefore` a payment stays in the in-memory replay
     /// window (it is in the ledger forever).
     pub replay_retention_secs: u64,
+    /// The `batch-settlement` channel contract vouchers are signed for.
+    pub channel_contract: Address,
+    /// Where unknown channels' on-chain state is read from.
+    pub channels: Arc<dyn ChannelSource>,
 }
 
 impl Default for PipelineConfig {
@@ -68,6 +73,8 @@ impl Default for PipelineConfig {
             max_group: 4096,
             min_validity: MinValidity::default(),
             replay_retention_secs: 3600,
+            channel_contract: x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS,
+            channels: Arc::new(NoChannels),
         }
     }
 }
@@ -85,6 +92,11 @@ pub enum SubmitOutcome {
     Invalid(InvalidField),
     /// The ledger could not record it; nothing was accepted. Retryable.
     Unavailable(String),
+    /// A voucher was verified and the channel's new charged total recorded.
+    VoucherAccepted { payer: Address, channel: ChannelView },
+    /// A voucher failed a rule; `channel` is the channel's state when it is
+    /// known, so the client can resynchronise.
+    VoucherRejected { payer: Option<Address>, rejection: Rejection, channel: Option<ChannelView> },
 }
 
 impl From<Refusal> for SubmitOutcome {
@@ -117,7 +129,7 @@ pub enum IntentChange {
 #[derive(Debug)]
 pub struct Overloaded(pub Box<Submission>);
 
-struct VerifyJob {
+pub(crate) struct VerifyJob {
     merchant: Arc<Merchant>,
     submission: Submission,
     reply: oneshot::Sender<SubmitOutcome>,
@@ -174,8 +186,13 @@ impl Pipeline {
         let mut shard_states: Vec<Shard> = (0..shards)
             .map(|i| {
                 Shard::new(i, balances.clone(), shard_txs[i].clone(), commit_tx.clone(), config.replay_retention_secs)
+                    .with_channels(config.channels.clone())
             })
             .collect();
+        let channels = ledger.channels()?;
+        for record in &channels {
+            shard_states[shard_of_channel(record.channel.id, shards)].restore_channel(record.clone());
+        }
         ledger.for_each_payment(&mut |record| {
             let i = shard_of(record.authorization.from, shards);
             shard_states[i].restore(&record, now);
@@ -188,6 +205,7 @@ impl Pipeline {
         committer.restore_pending(&pending, ledger)?;
         tracing::info!(
             replay_entries = shard_states.iter().map(Shard::replay_len).sum::<usize>(),
+            channels = channels.len(),
             pending = pending.len(),
             last_sequence,
             "pipeline state rebuilt from the ledger"
@@ -211,8 +229,9 @@ impl Pipeline {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity);
+            let contract = config.channel_contract;
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
-                run_verifier(&mut verifier, &rx, &shard_txs);
+                run_verifier(&mut verifier, contract, &rx, &shard_txs);
             })?);
         }
         Ok(pipeline)
@@ -314,7 +333,13 @@ fn shard_of(payer: Address, shards: usize) -> usize {
     (lead % shards as u64) as usize
 }
 
-fn run_verifier(verifier: &mut Verifier, rx: &Receiver<VerifyJob>, shards: &[Sender<ShardMsg>]) {
+/// The shard of a channel: its requests are checked there one at a time.
+fn shard_of_channel(id: alloy::primitives::B256, shards: usize) -> usize {
+    let lead = u64::from_be_bytes(id[..8].try_into().expect("8 bytes"));
+    (lead % shards as u64) as usize
+}
+
+fn run_verifier(verifier: &mut Verifier, contract: Address, rx: &Receiver<VerifyJob>, shards: &[Sender<ShardMsg>]) {
     metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(0.0);
     let mut since_gauge = 0u32;
     while let Ok(job) = rx.recv() {
@@ -325,6 +350,29 @@ fn run_verifier(verifier: &mut Verifier, rx: &Receiver<VerifyJob>, shards: &[Sen
         }
         let now = crate::domain::unix_millis() / 1000;
         let VerifyJob { merchant, submission, reply } = job;
+        let submission = match submission {
+            Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload) } => {
+                match crate::channels::verify_voucher(&merchant, &requirements, *payload, contract) {
+                    Ok(verified) => {
+                        let shard = shard_of_channel(verified.channel_id, shards.len());
+                        if shards[shard].send(ShardMsg::Voucher { merchant, verified, reply }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(refusal) => {
+                        let _ = reply.send(match refusal {
+                            Refusal::Rejected { payer, rejection, .. } => {
+                                crate::metrics::rejected(rejection.reason);
+                                SubmitOutcome::VoucherRejected { payer, rejection, channel: None }
+                            }
+                            Refusal::Invalid(field) => SubmitOutcome::Invalid(field),
+                        });
+                    }
+                }
+                continue;
+            }
+            exact => exact,
+        };
         match verifier.verify(&merchant, submission, now) {
             Ok(verified) => {
                 let shard = shard_of(verified.payer(), shards.len());
@@ -398,6 +446,9 @@ mod tests {
         }
         fn intents(&self) -> Result<Vec<crate::domain::TxIntent>> {
             self.inner.intents()
+        }
+        fn channels(&self) -> Result<Vec<crate::domain::ChannelRecord>> {
+            self.inner.channels()
         }
     }
 

@@ -22,7 +22,8 @@ use tokio::sync::oneshot;
 use super::{SubmitOutcome, committer::CommitItem};
 use crate::{
     balance::{BalanceSource, Fetched, Lookup, Notifier},
-    domain::{Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
+    channels::{ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, NoChannels, VerifiedVoucher, new_record},
+    domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
     reason::{Reason, Rejection},
     verify::Verified,
 };
@@ -42,6 +43,12 @@ pub(crate) enum ShardMsg {
     Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
     /// The balance source fetched a balance this shard asked for.
     Balance { key: ReservationKey, fetched: Fetched },
+    /// A voucher that passed stage 1, for a channel this shard owns.
+    Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
+    /// A channel's on-chain state this shard asked for.
+    ChannelFetched { id: B256, fetched: ChannelFetched },
+    /// The commit of a channel's new state failed: this was its state before.
+    ChannelRevert { record: Box<ChannelRecord> },
     /// Finish: everything queued before this has been handled.
     Stop,
 }
@@ -72,6 +79,13 @@ struct Parked {
     reply: oneshot::Sender<SubmitOutcome>,
 }
 
+/// A voucher waiting for its channel's on-chain state.
+struct ParkedVoucher {
+    merchant: Arc<Merchant>,
+    verified: VerifiedVoucher,
+    reply: oneshot::Sender<SubmitOutcome>,
+}
+
 /// What [`Shard::check`] came to.
 #[allow(
     clippy::large_enum_variant,
@@ -98,6 +112,12 @@ pub(crate) struct Shard {
     parked_len: usize,
     commit: Sender<CommitItem>,
     retention_secs: u64,
+    /// The channels this shard owns, by id.
+    channels: HashMap<B256, ChannelRecord>,
+    channel_source: Arc<dyn ChannelSource>,
+    channel_notifier: ChannelNotifier,
+    /// Vouchers waiting for a channel read, in arrival order per channel.
+    parked_vouchers: HashMap<B256, Vec<ParkedVoucher>>,
 }
 
 impl Shard {
@@ -105,6 +125,9 @@ impl Shard {
     const SWEEP_EVERY: Duration = Duration::from_secs(30);
     /// Most payments parked at once; beyond, submits are answered UNAVAILABLE.
     const MAX_PARKED: usize = 65_536;
+    /// A channel mirror younger than this is trusted when a voucher exceeds
+    /// its balance; an older one is read again first.
+    const CHANNEL_REFRESH: Duration = Duration::from_secs(2);
 
     /// A shard reading `inbox` (its own queue, where fetched balances arrive).
     pub(crate) fn new(
@@ -116,8 +139,12 @@ impl Shard {
     ) -> Self {
         // Called from the source's fetch tasks; blocks only while this
         // shard's queue is full, as the verifiers do.
+        let channel_inbox = inbox.clone();
         let notifier = Notifier::new(move |key, fetched| {
             let _ = inbox.send(ShardMsg::Balance { key, fetched });
+        });
+        let channel_notifier: ChannelNotifier = Arc::new(move |id, fetched| {
+            let _ = channel_inbox.send(ShardMsg::ChannelFetched { id, fetched });
         });
         Self {
             index,
@@ -129,7 +156,22 @@ impl Shard {
             parked_len: 0,
             commit,
             retention_secs,
+            channels: HashMap::new(),
+            channel_source: Arc::new(NoChannels),
+            channel_notifier,
+            parked_vouchers: HashMap::new(),
         }
+    }
+
+    /// Reads unknown channels from `source`.
+    pub(crate) fn with_channels(mut self, source: Arc<dyn ChannelSource>) -> Self {
+        self.channel_source = source;
+        self
+    }
+
+    /// Adds a channel read from the ledger at start.
+    pub(crate) fn restore_channel(&mut self, record: ChannelRecord) {
+        self.channels.insert(record.channel.id, record);
     }
 
     pub(crate) fn replay_len(&self) -> usize {
@@ -202,8 +244,17 @@ impl Shard {
                 true
             }
             ShardMsg::Balance { key, fetched } => self.resume(key, &fetched),
+            ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
+            ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
+            ShardMsg::ChannelRevert { record } => {
+                self.channels.insert(record.channel.id, *record);
+                true
+            }
             ShardMsg::Stop => {
                 for Parked { reply, .. } in mem::take(&mut self.parked).into_values().flatten() {
+                    let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
+                }
+                for ParkedVoucher { reply, .. } in mem::take(&mut self.parked_vouchers).into_values().flatten() {
                     let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
                 }
                 false
@@ -381,8 +432,144 @@ impl Shard {
 
     /// Drops replay entries past `validBefore` + retention: no new submit of
     /// them can pass stage 1 any more, and the ledger keeps them.
+    /// A voucher for one of this shard's channels: checked now, or parked
+    /// behind a read of the channel's on-chain state. False when the
+    /// committer is gone.
+    fn voucher(
+        &mut self,
+        merchant: Arc<Merchant>,
+        verified: VerifiedVoucher,
+        reply: oneshot::Sender<SubmitOutcome>,
+    ) -> bool {
+        let id = verified.channel_id;
+        if let Some(queue) = self.parked_vouchers.get_mut(&id) {
+            queue.push(ParkedVoucher { merchant, verified, reply });
+            return true;
+        }
+        if !self.channels.contains_key(&id) {
+            self.fetch_channel(&verified, ParkedVoucher { merchant, verified: verified.clone(), reply });
+            return true;
+        }
+        self.check_voucher(merchant, verified, reply, true)
+    }
+
+    /// Reads a channel's on-chain state; `first` waits for it.
+    fn fetch_channel(&mut self, v: &VerifiedVoucher, first: ParkedVoucher) {
+        if self.parked_len + self.parked_vouchers.len() >= Self::MAX_PARKED {
+            let _ = first.reply.send(SubmitOutcome::Unavailable("too many vouchers wait for channel reads".into()));
+            return;
+        }
+        tracing::debug!(shard = self.index, channel = %v.channel_id, "voucher parked until its channel is read");
+        self.parked_vouchers.insert(v.channel_id, vec![first]);
+        self.channel_source.fetch(
+            v.chain_id,
+            v.contract,
+            v.channel_id,
+            v.config.withdrawDelay.to::<u64>(),
+            self.channel_notifier.clone(),
+        );
+    }
+
+    /// The voucher rules against the channel's state. A voucher refused for
+    /// the balance, against a mirror older than [`Self::CHANNEL_REFRESH`],
+    /// re-reads the channel once (a top-up the engine has not seen).
+    fn check_voucher(
+        &mut self,
+        merchant: Arc<Merchant>,
+        v: VerifiedVoucher,
+        reply: oneshot::Sender<SubmitOutcome>,
+        may_refresh: bool,
+    ) -> bool {
+        let now_ms = unix_millis();
+        let now = now_ms / 1000;
+        let policy = claim_policy(&merchant);
+        let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
+        match record.channel.check_voucher(v.max_claimable, v.amount, 0, now, &policy) {
+            Ok(()) => {
+                let previous = Box::new(record.clone());
+                record.channel.accept(
+                    x402_channel::SignedVoucher { max_claimable: v.max_claimable, signature: v.signature },
+                    v.charge,
+                );
+                record.updated_at_ms = now_ms;
+                let outcome = SubmitOutcome::VoucherAccepted {
+                    payer: v.config.payer,
+                    channel: ChannelView::from(&record.channel),
+                };
+                let item = CommitItem::Channel {
+                    record: Box::new(record.clone()),
+                    previous,
+                    shard: self.index,
+                    outcome,
+                    reply,
+                };
+                self.commit.send(item).is_ok()
+            }
+            Err(
+                x402_channel::VoucherError::ChannelNotFound
+                | x402_channel::VoucherError::CumulativeExceedsBalance { .. },
+            ) if may_refresh && record.channel.synced_at.saturating_add(Self::CHANNEL_REFRESH.as_secs()) <= now => {
+                let first = ParkedVoucher { merchant, verified: v.clone(), reply };
+                self.fetch_channel(&v, first);
+                true
+            }
+            Err(e) => {
+                let reason = crate::reason::Reason::from(e);
+                crate::metrics::rejected(reason);
+                let _ = reply.send(SubmitOutcome::VoucherRejected {
+                    payer: Some(v.config.payer),
+                    rejection: Rejection::new(reason, e.to_string()),
+                    channel: Some(ChannelView::from(&record.channel)),
+                });
+                true
+            }
+        }
+    }
+
+    /// A channel's on-chain state arrived: its waiting vouchers are checked
+    /// in arrival order. False when the committer is gone.
+    fn channel_fetched(&mut self, id: B256, fetched: ChannelFetched) -> bool {
+        let Some(queue) = self.parked_vouchers.remove(&id) else { return true };
+        let onchain = match fetched {
+            Ok(onchain) => onchain,
+            Err(e) => {
+                for ParkedVoucher { reply, .. } in queue {
+                    let _ = reply.send(SubmitOutcome::Unavailable(format!("reading channel {id} failed: {e}")));
+                }
+                return true;
+            }
+        };
+        let now = unix_millis() / 1000;
+        let first = &queue[0];
+        self.channels
+            .entry(id)
+            .or_insert_with(|| new_record(&first.merchant, &first.verified))
+            .channel
+            .sync(onchain, now);
+        for ParkedVoucher { merchant, verified, reply } in queue {
+            if !self.check_voucher(merchant, verified, reply, false) {
+                return false;
+            }
+        }
+        true
+    }
+
     fn sweep(&mut self, now: u64) {
         let retention = self.retention_secs;
         self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
+    }
+}
+
+/// The merchant's claim policy (defaults when it does not settle by channel).
+fn claim_policy(merchant: &Merchant) -> x402_channel::ClaimPolicy {
+    match &merchant.policy {
+        crate::domain::SettlementPolicy::Channel { claim_interval_secs, claim_threshold } => {
+            x402_channel::ClaimPolicy {
+                interval_secs: *claim_interval_secs,
+                threshold: u128::try_from(*claim_threshold).unwrap_or(u128::MAX),
+                ..x402_channel::ClaimPolicy::default()
+            }
+        }
+        _ => x402_channel::ClaimPolicy::default(),
     }
 }

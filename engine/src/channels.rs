@@ -1,0 +1,293 @@
+//! x402 `batch-settlement` vouchers in the pipeline.
+//!
+//! A voucher goes through the same stages as an `exact` payment:
+//!
+//! ```text
+//!  verifier thread: requirements vs channel config, channel id, voucher signature (ecrecover)
+//!        │
+//!  shard (by channel id): channel state → voucher rules → new charged total
+//!        │                  └─ unknown channel: parked while its state is read from the chain
+//!  committer: the channel record, fsync'd with its group → ACCEPTED
+//! ```
+//!
+//! One shard owns each channel, so the requests of one channel are checked
+//! one at a time, in arrival order, without a lock. A payer's channels are
+//! independent (each has its own balance), so they are sharded by channel
+//! id, not by payer.
+
+use std::sync::Arc;
+
+use alloy::primitives::{Address, B256, Bytes};
+use x402_chain::Chain;
+use x402_channel::{Channel, ChannelConfig, ChannelDomain, OnChain, Voucher};
+
+use crate::{
+    Error,
+    domain::{ChannelRecord, Merchant, Network, Requirements},
+    reason::{Reason, Rejection},
+    verify::{Refusal, recover_signer},
+};
+
+/// The `batch-settlement` fields of the requirements (x402 `extra`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelExtra {
+    /// `extra.receiverAuthorizer`.
+    pub receiver_authorizer: Address,
+    /// `extra.withdrawDelay`, seconds.
+    pub withdraw_delay: u64,
+}
+
+/// A voucher payment as a gateway submits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoucherPayload {
+    /// The network the payer signed for.
+    pub network: String,
+    pub config: ChannelConfig,
+    /// The voucher's channel id, as the client computed it.
+    pub channel_id: B256,
+    pub max_claimable: u128,
+    pub signature: Bytes,
+    /// What the request costs, at most the required amount; `None` charges
+    /// the amount.
+    pub charge: Option<u128>,
+    pub extra: ChannelExtra,
+}
+
+/// A voucher that passed the stateless checks.
+#[derive(Clone, Debug)]
+pub struct VerifiedVoucher {
+    pub chain_id: u64,
+    pub contract: Address,
+    pub channel_id: B256,
+    pub config: ChannelConfig,
+    pub max_claimable: u128,
+    pub signature: Bytes,
+    /// The required amount: the voucher must be the charged total plus it.
+    pub amount: u128,
+    /// What is actually charged (≤ `amount`).
+    pub charge: u128,
+}
+
+/// A channel as answers show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelView {
+    pub id: B256,
+    pub charged: u128,
+    pub signed_max_claimable: u128,
+    pub balance: u128,
+    pub total_claimed: u128,
+    pub withdraw_finalize_after: Option<u64>,
+    pub refund_nonce: u64,
+}
+
+impl From<&Channel> for ChannelView {
+    fn from(c: &Channel) -> Self {
+        Self {
+            id: c.id,
+            charged: c.charged,
+            signed_max_claimable: c.voucher.as_ref().map_or(0, |v| v.max_claimable),
+            balance: c.onchain.balance,
+            total_claimed: c.onchain.total_claimed,
+            withdraw_finalize_after: c.onchain.withdrawal.map(|w| w.finalize_after),
+            refund_nonce: c.onchain.refund_nonce,
+        }
+    }
+}
+
+/// The stateless checks of a voucher against the requirements, in the
+/// order of the scheme: scheme and network, the config against the
+/// requirements, the channel id, then the signature (one recovery).
+pub(crate) fn verify_voucher(
+    merchant: &Merchant,
+    requirements: &Requirements,
+    payload: VoucherPayload,
+    contract: Address,
+) -> Result<VerifiedVoucher, Refusal> {
+    let reject = |reason, message: String| Refusal::Rejected {
+        id: None,
+        payer: None,
+        rejection: Rejection::new(reason, message),
+    };
+    if requirements.scheme != "batch-settlement" {
+        return Err(reject(Reason::Scheme, format!("scheme {:?} is not \"batch-settlement\"", requirements.scheme)));
+    }
+    if payload.network != requirements.network {
+        return Err(reject(
+            Reason::NetworkMismatch,
+            format!("payload network {:?} differs from required {:?}", payload.network, requirements.network),
+        ));
+    }
+    let Some(network) = Network::parse(&requirements.network) else {
+        return Err(reject(
+            Reason::InvalidNetwork,
+            format!("network {:?} is not an eip155 network", requirements.network),
+        ));
+    };
+    let chain_id = network.chain_id();
+    if !merchant.accepts(chain_id, requirements.asset) {
+        return Err(reject(
+            Reason::InvalidNetwork,
+            format!("merchant does not accept token {} on {network}", requirements.asset),
+        ));
+    }
+    let c = &payload.config;
+    if c.token != requirements.asset {
+        return Err(reject(
+            Reason::TokenMismatch,
+            format!("channel token {} is not asset {}", c.token, requirements.asset),
+        ));
+    }
+    if c.receiver != requirements.pay_to
+        || (!merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to))
+    {
+        return Err(reject(
+            Reason::ReceiverMismatch,
+            format!(
+                "channel receiver {} is not payTo {} of merchant {:?}",
+                c.receiver, requirements.pay_to, merchant.id
+            ),
+        ));
+    }
+    if c.receiverAuthorizer != payload.extra.receiver_authorizer {
+        return Err(reject(
+            Reason::ReceiverAuthorizerMismatch,
+            format!(
+                "channel receiverAuthorizer {} is not extra.receiverAuthorizer {}",
+                c.receiverAuthorizer, payload.extra.receiver_authorizer
+            ),
+        ));
+    }
+    if c.withdrawDelay.to::<u64>() != payload.extra.withdraw_delay {
+        return Err(reject(
+            Reason::WithdrawDelayMismatch,
+            format!(
+                "channel withdrawDelay {} is not extra.withdrawDelay {}",
+                c.withdrawDelay, payload.extra.withdraw_delay
+            ),
+        ));
+    }
+    let domain = ChannelDomain::new(chain_id, contract);
+    let id = domain.channel_id(c);
+    if id != payload.channel_id {
+        return Err(reject(
+            Reason::ChannelIdMismatch,
+            format!("voucher channel id {} is not the config's {id}", payload.channel_id),
+        ));
+    }
+    let signer = if c.payerAuthorizer.is_zero() { c.payer } else { c.payerAuthorizer };
+    let digest = domain.voucher_digest(&Voucher { channelId: id, maxClaimableAmount: payload.max_claimable });
+    let signed_by = match <&[u8; 65]>::try_from(payload.signature.as_ref()) {
+        Ok(signature) => recover_signer(signature, digest).map_err(|m| reject(Reason::VoucherSignature, m))?,
+        Err(_) => {
+            return Err(reject(
+                Reason::VoucherSignature,
+                format!(
+                    "signature is {} bytes, not 65 (ERC-1271 payer signatures need an on-chain check and are not accepted)",
+                    payload.signature.len()
+                ),
+            ));
+        }
+    };
+    if signed_by != signer {
+        return Err(Refusal::Rejected {
+            id: None,
+            payer: Some(c.payer),
+            rejection: Rejection::new(Reason::VoucherSignature, format!("voucher signed by {signed_by}, not {signer}")),
+        });
+    }
+    let amount: u128 = requirements
+        .amount
+        .try_into()
+        .map_err(|_| reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount)))?;
+    let charge = payload.charge.unwrap_or(amount);
+    if charge > amount {
+        return Err(Refusal::Invalid(crate::reason::InvalidField::new(
+            "voucher.charge",
+            format!("{charge} is above the required amount {amount}"),
+        )));
+    }
+    Ok(VerifiedVoucher {
+        chain_id,
+        contract,
+        channel_id: id,
+        config: payload.config,
+        max_claimable: payload.max_claimable,
+        signature: payload.signature,
+        amount,
+        charge,
+    })
+}
+
+/// A fresh channel record for a voucher's channel, not yet synced.
+pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher) -> ChannelRecord {
+    ChannelRecord {
+        chain_id: v.chain_id,
+        contract: v.contract,
+        merchant_id: merchant.id.clone(),
+        channel: Channel::new(v.config.clone(), v.channel_id),
+        last_claim_at: 0,
+        updated_at_ms: 0,
+    }
+}
+
+/// What a read of a channel's on-chain state came to.
+pub type ChannelFetched = Result<OnChain, Arc<Error>>;
+
+/// Reports a channel read to the shard that asked.
+pub type ChannelNotifier = Arc<dyn Fn(B256, ChannelFetched) + Send + Sync>;
+
+/// Reads channels' on-chain state for the shards, off their threads.
+pub trait ChannelSource: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts reading channel `id` (whose config has `withdraw_delay`) from
+    /// `contract` on `chain_id`; calls `notify` once with the result.
+    fn fetch(&self, chain_id: u64, contract: Address, id: B256, withdraw_delay: u64, notify: ChannelNotifier);
+}
+
+/// No chain configured: channels cannot be read, so vouchers are answered
+/// UNAVAILABLE.
+#[derive(Debug, Default)]
+pub struct NoChannels;
+
+impl ChannelSource for NoChannels {
+    fn fetch(&self, chain_id: u64, _: Address, id: B256, _: u64, notify: ChannelNotifier) {
+        notify(
+            id,
+            Err(Arc::new(Error::Config(format!(
+                "no [chain] configured for chain {chain_id}: channels cannot be read"
+            )))),
+        );
+    }
+}
+
+/// Reads channels through a [`Chain`] with one `eth_call` each.
+#[derive(Debug)]
+pub struct ChainChannels<C> {
+    chain: Arc<C>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<C: Chain> ChainChannels<C> {
+    /// Must be called inside a tokio runtime, where the reads will run.
+    pub fn new(chain: Arc<C>) -> Self {
+        Self { chain, runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl<C: Chain> ChannelSource for ChainChannels<C> {
+    fn fetch(&self, chain_id: u64, contract: Address, id: B256, withdraw_delay: u64, notify: ChannelNotifier) {
+        if chain_id != self.chain.chain_id() {
+            return NoChannels.fetch(chain_id, contract, id, withdraw_delay, notify);
+        }
+        let chain = self.chain.clone();
+        self.runtime.spawn(async move {
+            let read = chain.call(contract, x402_chain::channel::state_calldata(id)).await;
+            let fetched = read
+                .and_then(|out| x402_chain::channel::decode_state(&out, withdraw_delay))
+                .map_err(|e| Arc::new(Error::Chain(Box::new(e))));
+            if let Err(e) = &fetched {
+                tracing::warn!(channel = %id, error = %e, "reading a channel's state failed");
+            }
+            notify(id, fetched);
+        });
+    }
+}
