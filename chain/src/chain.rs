@@ -36,6 +36,16 @@ impl Receipt {
     }
 }
 
+/// A channel contract's event: which channel it concerns and whether it is
+/// a payer's withdrawal request (which makes a claim urgent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelLog {
+    pub block: u64,
+    pub channel_id: B256,
+    /// A `WithdrawInitiated`.
+    pub withdraw_initiated: bool,
+}
+
 /// An `AuthorizationUsed` log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AuthorizationUsed {
@@ -87,6 +97,15 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
         from: u64,
         to: u64,
     ) -> impl Future<Output = Result<Vec<TransferLog>>> + Send;
+
+    /// The `batch-settlement` events of `contract` in blocks `from..=to`,
+    /// reduced to the channel each concerns.
+    fn channel_logs(
+        &self,
+        contract: Address,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<ChannelLog>>> + Send;
 
     /// Runs the call of `to` with `input` against the latest state, as the
     /// first signer would send it. `Ok(Some(message))` when it reverts (the

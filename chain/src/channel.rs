@@ -1,11 +1,13 @@
 //! Calls of the `batch-settlement` channel contract that the engine makes
-//! through [`crate::Chain`]: reading a channel's state in one call.
+//! through [`crate::Chain`]: reading a channel's state in one call, deposits
+//! through the ERC-3009 collector, claims with the receiver authorizer's
+//! signature followed by `settle`, and refunds.
 
 use alloy::{
-    primitives::{B256, Bytes},
-    sol_types::SolCall,
+    primitives::{Address, B256, Bytes, U256, keccak256},
+    sol_types::{SolCall, SolValue},
 };
-use x402_channel::{OnChain, Withdrawal};
+use x402_channel::{ChannelConfig, ClaimBatch, ClaimEntry, OnChain, Withdrawal};
 
 use crate::{Error, Result, contracts::X402BatchSettlement as C};
 
@@ -45,4 +47,84 @@ pub fn decode_state(output: &[u8], withdraw_delay: u64) -> Result<OnChain> {
         }),
         refund_nonce: nonce.try_into().unwrap_or(u64::MAX),
     })
+}
+
+/// The ERC-3009 nonce of a deposit into `channel_id`: binds the payer's
+/// authorization to that one channel.
+pub fn deposit_nonce(channel_id: B256, salt: U256) -> B256 {
+    keccak256((channel_id, salt).abi_encode())
+}
+
+/// The collector's `collectorData`: `abi.encode(validAfter, validBefore,
+/// salt, signature)`.
+pub fn deposit_collector_data(valid_after: U256, valid_before: U256, salt: U256, signature: &[u8]) -> Bytes {
+    (valid_after, valid_before, salt, Bytes::copy_from_slice(signature)).abi_encode_params().into()
+}
+
+/// `deposit(config, amount, collector, collectorData)`.
+pub fn deposit_calldata(config: &ChannelConfig, amount: u128, collector: Address, collector_data: Bytes) -> Bytes {
+    C::depositCall { config: config.clone().into(), amount, collector, collectorData: collector_data }
+        .abi_encode()
+        .into()
+}
+
+/// One channel's row of a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRow {
+    pub config: ChannelConfig,
+    pub channel_id: B256,
+    /// The signed voucher's ceiling and its signature.
+    pub max_claimable: u128,
+    pub signature: Bytes,
+    /// The cumulative total the claim brings the channel to.
+    pub total_claimed: u128,
+}
+
+/// The `ClaimBatch` the receiver authorizer signs for `rows`.
+pub fn claim_batch(rows: &[ClaimRow]) -> ClaimBatch {
+    ClaimBatch {
+        claims: rows
+            .iter()
+            .map(|r| ClaimEntry {
+                channelId: r.channel_id,
+                maxClaimableAmount: r.max_claimable,
+                totalClaimed: r.total_claimed,
+            })
+            .collect(),
+    }
+}
+
+/// One transaction that claims `rows` with the authorizer's batch
+/// signature, then pays each `(receiver, token)` of `settle` (the
+/// contract's `multicall`). Replaying it is harmless: a claim at or below
+/// the recorded total changes nothing, and a settle with nothing claimed
+/// pays nothing.
+pub fn claim_and_settle_calldata(
+    rows: &[ClaimRow],
+    authorizer_signature: &[u8],
+    settle: &[(Address, Address)],
+) -> Bytes {
+    let claims = rows
+        .iter()
+        .map(|r| C::VoucherClaim {
+            voucher: C::Voucher { channel: r.config.clone().into(), maxClaimableAmount: r.max_claimable },
+            signature: r.signature.clone(),
+            totalClaimed: r.total_claimed,
+        })
+        .collect();
+    let mut data: Vec<Bytes> = vec![
+        C::claimWithSignatureCall {
+            voucherClaims: claims,
+            authorizerSignature: Bytes::copy_from_slice(authorizer_signature),
+        }
+        .abi_encode()
+        .into(),
+    ];
+    data.extend(settle.iter().map(|&(receiver, token)| Bytes::from(C::settleCall { receiver, token }.abi_encode())));
+    C::multicallCall { data }.abi_encode().into()
+}
+
+/// `refund(config, amount)`, sent by the receiver or its authorizer.
+pub fn refund_calldata(config: &ChannelConfig, amount: u128) -> Bytes {
+    C::refundCall { config: config.clone().into(), amount }.abi_encode().into()
 }

@@ -22,6 +22,19 @@ sol! {
         bytes32 nonce;
     }
 
+    /// The EIP-712 struct a payer signs for a transfer only the payee may
+    /// execute (EIP-3009); channel deposits use it, made out to the deposit
+    /// collector.
+    #[derive(Debug, PartialEq, Eq)]
+    struct ReceiveWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+
     /// The EIP-712 struct a payer signs to cancel an unused authorization.
     #[derive(Debug, PartialEq, Eq)]
     struct CancelAuthorization {

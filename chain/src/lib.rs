@@ -14,6 +14,8 @@ pub mod anvil;
 pub mod batch;
 mod chain;
 pub mod channel;
+/// Tests of the channel contract and its deposit collector on anvil.
+mod channel_contract;
 pub mod contracts;
 pub mod devnet;
 pub mod eip3009;
@@ -21,7 +23,7 @@ mod error;
 pub mod gas;
 pub mod tx;
 
-pub use chain::{AuthorizationUsed, Chain, Receipt, TransferLog};
-pub use eip3009::{CancelAuthorization, Eip3009Domain, TransferWithAuthorization};
+pub use chain::{AuthorizationUsed, Chain, ChannelLog, Receipt, TransferLog};
+pub use eip3009::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 pub use error::{Error, Result};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     Error, Result,
-    chain::{AuthorizationUsed, Chain, Receipt, TransferLog},
+    chain::{AuthorizationUsed, Chain, ChannelLog, Receipt, TransferLog},
     eip3009::IEip3009,
 };
 
@@ -222,6 +222,33 @@ impl Chain for AlloyChain {
             .filter_map(|log| {
                 let event = IEip3009::Transfer::decode_log(&log.inner).ok()?;
                 Some(TransferLog { block: log.block_number?, from: event.from, to: event.to, value: event.value })
+            })
+            .collect())
+    }
+
+    async fn channel_logs(&self, contract: Address, from: u64, to: u64) -> Result<Vec<ChannelLog>> {
+        use crate::contracts::X402BatchSettlement as C;
+        let filter = Filter::new()
+            .address(contract)
+            .event_signature(vec![
+                C::Deposited::SIGNATURE_HASH,
+                C::Claimed::SIGNATURE_HASH,
+                C::Refunded::SIGNATURE_HASH,
+                C::WithdrawInitiated::SIGNATURE_HASH,
+                C::WithdrawFinalized::SIGNATURE_HASH,
+            ])
+            .from_block(from)
+            .to_block(to);
+        let logs = self.provider.get_logs(&filter).await?;
+        Ok(logs
+            .iter()
+            .filter_map(|log| {
+                let topics = log.topics();
+                Some(ChannelLog {
+                    block: log.block_number?,
+                    channel_id: *topics.get(1)?,
+                    withdraw_initiated: topics.first() == Some(&C::WithdrawInitiated::SIGNATURE_HASH),
+                })
             })
             .collect())
     }

@@ -225,8 +225,23 @@ pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher) -> ChannelRec
         contract: v.contract,
         merchant_id: merchant.id.clone(),
         channel: Channel::new(v.config.clone(), v.channel_id),
-        last_claim_at: 0,
+        // The claim interval counts from the first voucher.
+        last_claim_at: crate::domain::unix_millis() / 1000,
         updated_at_ms: 0,
+    }
+}
+
+/// The merchant's claim policy (defaults when it does not settle by channel).
+pub(crate) fn claim_policy(merchant: &Merchant) -> x402_channel::ClaimPolicy {
+    match &merchant.policy {
+        crate::domain::SettlementPolicy::Channel { claim_interval_secs, claim_threshold } => {
+            x402_channel::ClaimPolicy {
+                interval_secs: *claim_interval_secs,
+                threshold: u128::try_from(*claim_threshold).unwrap_or(u128::MAX),
+                ..x402_channel::ClaimPolicy::default()
+            }
+        }
+        _ => x402_channel::ClaimPolicy::default(),
     }
 }
 

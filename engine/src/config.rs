@@ -64,6 +64,25 @@ pub struct ChainConfig {
     /// the payers they name.
     #[serde(default = "default_balance_poll_ms")]
     pub balance_poll_ms: u64,
+    /// The `batch-settlement` channel contract; the public deployment's
+    /// address when absent.
+    pub channel_contract: Option<alloy::primitives::Address>,
+    /// Environment variable holding the receiver authorizer key that signs
+    /// channel claims (hex). Without it, vouchers are verified and recorded
+    /// but not claimed.
+    pub receiver_authorizer_key_env: Option<String>,
+    /// File holding the receiver authorizer key.
+    pub receiver_authorizer_key_file: Option<PathBuf>,
+    /// The key itself; set only by code (`x402d dev`, tests).
+    #[serde(skip)]
+    pub receiver_authorizer_key: Option<String>,
+    /// How often channel events are read and due claims looked for.
+    #[serde(default = "default_channel_poll_ms")]
+    pub channel_poll_ms: u64,
+}
+
+const fn default_channel_poll_ms() -> u64 {
+    500
 }
 
 const fn default_receipt_poll_ms() -> u64 {
@@ -84,6 +103,47 @@ const fn default_balance_poll_ms() -> u64 {
 
 impl ChainConfig {
     /// The signer keys, from code, the environment or the file.
+    /// A chain at `rpc_url` with keys given by code (`x402d dev`, tests)
+    /// and every other setting at its default.
+    pub fn with_keys(
+        rpc_url: impl Into<String>,
+        signer_keys: Vec<String>,
+        receiver_authorizer_key: Option<String>,
+    ) -> Self {
+        Self {
+            rpc_url: rpc_url.into(),
+            signer_keys_env: None,
+            signer_keys_file: None,
+            signer_keys,
+            receipt_poll_ms: default_receipt_poll_ms(),
+            confirmations: default_confirmations(),
+            balance_ttl_secs: default_balance_ttl_secs(),
+            balance_poll_ms: default_balance_poll_ms(),
+            channel_contract: None,
+            receiver_authorizer_key_env: None,
+            receiver_authorizer_key_file: None,
+            receiver_authorizer_key,
+            channel_poll_ms: default_channel_poll_ms(),
+        }
+    }
+
+    /// The receiver authorizer key, if one is configured.
+    pub fn receiver_authorizer_key(&self) -> Result<Option<String>> {
+        if let Some(key) = &self.receiver_authorizer_key {
+            return Ok(Some(key.clone()));
+        }
+        read_secret(
+            "chain.receiver_authorizer_key",
+            self.receiver_authorizer_key_env.as_deref(),
+            self.receiver_authorizer_key_file.as_deref(),
+        )
+    }
+
+    /// The channel contract vouchers are signed for.
+    pub fn channel_contract(&self) -> alloy::primitives::Address {
+        self.channel_contract.unwrap_or(x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS)
+    }
+
     pub fn signer_keys(&self) -> Result<Vec<String>> {
         if !self.signer_keys.is_empty() {
             return Ok(self.signer_keys.clone());

@@ -328,7 +328,8 @@ pub struct ChannelRecord {
     pub contract: Address,
     pub merchant_id: String,
     pub channel: x402_channel::Channel,
-    /// Unix seconds of the last claim this engine made for it (0: never).
+    /// Unix seconds of the last claim this engine made for it (before the
+    /// first claim: of its first voucher).
     pub last_claim_at: u64,
     pub updated_at_ms: u64,
 }

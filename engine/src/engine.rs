@@ -155,6 +155,23 @@ impl Engine {
         self.pipeline.record_settlement(intents, transitions)?.await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// Every payment channel, from the ledger.
+    pub async fn channels(&self) -> Result<Vec<crate::domain::ChannelRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.channels()).await.map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Mirrors and records a fresh read of a channel; see
+    /// [`Pipeline::sync_channel`].
+    pub async fn sync_channel(
+        &self,
+        id: alloy::primitives::B256,
+        onchain: x402_channel::OnChain,
+        claimed_at: Option<u64>,
+    ) -> Result<()> {
+        self.pipeline.sync_channel(id, onchain, claimed_at)?.await.map_err(|_| Error::PipelineStopped)?
+    }
+
     /// Follows the sequence of the last durable event.
     pub fn event_sequence(&self) -> watch::Receiver<u64> {
         self.pipeline.events()

@@ -162,16 +162,15 @@ async fn main() -> anyhow::Result<()> {
             let signers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
             let addresses: Vec<Address> = signers.iter().map(PrivateKeySigner::address).collect();
             devnet::fund_ether(anvil.endpoint(), &addresses).await.context("funding settlement signers")?;
-            config.chain = Some(ChainConfig {
-                rpc_url: anvil.endpoint().to_owned(),
-                signer_keys_env: None,
-                signer_keys_file: None,
-                signer_keys: signers.iter().map(|s| s.to_bytes().to_string()).collect(),
-                receipt_poll_ms: 100,
-                confirmations: 1,
-                balance_ttl_secs: 30,
-                balance_poll_ms: 500,
-            });
+            let authorizer = PrivateKeySigner::random();
+            let mut chain_config = ChainConfig::with_keys(
+                anvil.endpoint(),
+                signers.iter().map(|s| s.to_bytes().to_string()).collect(),
+                Some(authorizer.to_bytes().to_string()),
+            );
+            chain_config.receipt_poll_ms = 100;
+            chain_config.balance_poll_ms = 500;
+            config.chain = Some(chain_config);
             devnet = Some((anvil, chain));
             overrides.apply(&mut config);
             (config, Some(dir))

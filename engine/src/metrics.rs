@@ -38,6 +38,7 @@ pub const REORGS: &str = "x402d_settlement_reorgs_total";
 /// scrape shows them before the first event.
 pub fn describe() {
     metrics::describe_counter!(PAYMENTS_ACCEPTED, "Payments verified and durably recorded");
+    metrics::describe_histogram!(CLAIM_ROWS, "Channel rows per claim transaction");
     metrics::describe_counter!(VOUCHERS_ACCEPTED, "batch-settlement vouchers verified and durably recorded");
     metrics::describe_counter!(PAYMENTS_DUPLICATE, "Submits of an already accepted payment");
     metrics::describe_counter!(PAYMENTS_REJECTED, "Payments rejected, by x402 reason");
@@ -66,6 +67,8 @@ pub fn describe() {
     }
 }
 
+/// Channel rows per claim transaction.
+pub const CLAIM_ROWS: &str = "x402d_channel_claim_rows";
 /// Vouchers accepted (`batch-settlement`).
 pub const VOUCHERS_ACCEPTED: &str = "x402d_vouchers_accepted_total";
 

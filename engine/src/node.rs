@@ -12,7 +12,7 @@ use crate::{
     balance::{BalanceSource, ChainBalances, ChainBalancesConfig},
     config::{Config, TlsConfig},
     ledger::{Ledger, RocksLedger, RocksOptions},
-    settle::{Settler, SettlerConfig},
+    settle::{ClaimsConfig, Settler, SettlerConfig},
 };
 
 /// How long open streams may delay a shutdown.
@@ -88,8 +88,9 @@ impl Node {
         }
         let updates = config.merchant_updates()?;
         let mut pipeline = config.pipeline.to_pipeline();
-        if let Some(chain) = &chain {
+        if let (Some(chain), Some(c)) = (&chain, &config.chain) {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone()));
+            pipeline.channel_contract = c.channel_contract();
         }
         let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &pipeline, admin_key.as_deref()))?;
         let engine = Arc::new(engine);
@@ -109,7 +110,7 @@ impl Node {
             let _ = rx.wait_for(|s| *s).await;
         };
         let settler = match chain {
-            Some(chain) => Some(start_settler(&engine, chain)),
+            Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"))?),
             None => {
                 tracing::warn!("no [chain] configured: accepted payments stay queued");
                 None
@@ -185,9 +186,25 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
     Ok(Some(Arc::new(chain)))
 }
 
-fn start_settler(engine: &Arc<Engine>, chain: Arc<AlloyChain>) -> tokio::task::JoinHandle<()> {
+fn start_settler(
+    engine: &Arc<Engine>,
+    chain: Arc<AlloyChain>,
+    config: &crate::config::ChainConfig,
+) -> Result<tokio::task::JoinHandle<()>> {
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
-    Settler::spawn(engine.clone(), chain, SettlerConfig::default())
+    let claims = match config.receiver_authorizer_key()? {
+        Some(key) => {
+            let authorizer = key.parse::<alloy::signers::local::PrivateKeySigner>().map_err(|_| {
+                Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
+            })?;
+            let mut claims = ClaimsConfig::new(config.channel_contract(), authorizer);
+            claims.poll = std::time::Duration::from_millis(config.channel_poll_ms);
+            tracing::info!(contract = %claims.contract, authorizer = %claims.authorizer.address(), "claiming channels");
+            Some(claims)
+        }
+        None => None,
+    };
+    Ok(Settler::spawn(engine.clone(), chain, SettlerConfig::default(), claims))
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

@@ -1,12 +1,15 @@
-//! Signing x402 `exact` payments as a payer would: for tests, benchmarks,
+//! Signing x402 `exact` payments and `batch-settlement` vouchers and
+//! deposits as a payer would: for tests, benchmarks,
 //! the load generator and demos.
 
+use alloy::primitives::Bytes;
 use alloy::sol_types::SolStruct;
 use alloy::{
     primitives::{Address, B256, U256},
     signers::{SignerSync, local::PrivateKeySigner},
 };
-use x402_chain::{CancelAuthorization, Eip3009Domain};
+use x402_chain::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization};
+use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
 
 use crate::domain::{Authorization, ExactPayload, Requirements};
 
@@ -24,6 +27,11 @@ impl Payer {
     /// A fresh random key.
     pub fn random() -> Self {
         Self::new(PrivateKeySigner::random())
+    }
+
+    /// The key, to send transactions as the payer.
+    pub const fn signer(&self) -> &PrivateKeySigner {
+        &self.signer
     }
 
     pub fn address(&self) -> Address {
@@ -61,6 +69,56 @@ impl Payer {
     /// the token domain `requirements` name.
     pub fn sign_cancel(&self, requirements: &Requirements, nonce: B256) -> [u8; 65] {
         self.sign_typed(requirements, &CancelAuthorization { authorizer: self.address(), nonce })
+    }
+
+    /// Signs a `batch-settlement` voucher for `channel_id` up to `max_claimable`.
+    pub fn sign_voucher(&self, domain: &ChannelDomain, channel_id: B256, max_claimable: u128) -> Bytes {
+        let digest = domain.voucher_digest(&Voucher { channelId: channel_id, maxClaimableAmount: max_claimable });
+        Bytes::copy_from_slice(&self.signer.sign_hash_sync(&digest).expect("local keys always sign").as_bytes())
+    }
+
+    /// A channel config of this payer (its own authorizer) paying `receiver`.
+    pub fn channel_config(
+        &self,
+        receiver: Address,
+        receiver_authorizer: Address,
+        token: Address,
+        withdraw_delay: u64,
+        salt: B256,
+    ) -> ChannelConfig {
+        ChannelConfig {
+            payer: self.address(),
+            payerAuthorizer: self.address(),
+            receiver,
+            receiverAuthorizer: receiver_authorizer,
+            token,
+            withdrawDelay: alloy::primitives::aliases::U40::from(withdraw_delay),
+            salt,
+        }
+    }
+
+    /// The `collectorData` of a deposit of `amount` into `channel_id`: this
+    /// payer's ERC-3009 `ReceiveWithAuthorization` to `collector`, in the
+    /// token domain `requirements` name, valid until `valid_before`.
+    pub fn sign_deposit(
+        &self,
+        requirements: &Requirements,
+        collector: Address,
+        channel_id: B256,
+        amount: u128,
+        valid_before: u64,
+        salt: U256,
+    ) -> Bytes {
+        let message = ReceiveWithAuthorization {
+            from: self.address(),
+            to: collector,
+            value: U256::from(amount),
+            validAfter: U256::ZERO,
+            validBefore: U256::from(valid_before),
+            nonce: x402_chain::channel::deposit_nonce(channel_id, salt),
+        };
+        let signature = self.sign_typed(requirements, &message);
+        x402_chain::channel::deposit_collector_data(U256::ZERO, U256::from(valid_before), salt, &signature)
     }
 
     fn sign_typed<T: SolStruct>(&self, requirements: &Requirements, message: &T) -> [u8; 65] {

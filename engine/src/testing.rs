@@ -144,6 +144,10 @@ impl Chain for FakeChain {
             .collect())
     }
 
+    async fn channel_logs(&self, _: Address, _: u64, _: u64) -> x402_chain::Result<Vec<x402_chain::ChannelLog>> {
+        not_faked()
+    }
+
     async fn simulate(&self, _: Address, _: Bytes) -> x402_chain::Result<Option<String>> {
         not_faked()
     }

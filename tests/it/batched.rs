@@ -170,7 +170,7 @@ async fn three_failed_rest_confirmed(s: &Setup, settled: &[PaymentRecord]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_payments_settle_in_at_most_five_transactions() {
     let s = setup(100, 250, 2_000).await;
-    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
     let payloads: Vec<_> = (0..1000).map(|i| payment(&s.payers[i % 100])).collect();
     let ids = submit(&s, &payloads).await;
     let settled = concluded(&s, &ids).await;
@@ -203,7 +203,7 @@ async fn rows_sabotaged_before_sending_fail_alone() {
         assert!(s.chain.wait_receipt(&[tx], Duration::from_secs(10)).await.unwrap().unwrap().success);
     }
 
-    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
     let settled = concluded(&s, &ids).await;
     settler.abort();
     three_failed_rest_confirmed(&s, &settled).await;
@@ -216,7 +216,7 @@ async fn rows_sabotaged_between_simulation_and_inclusion_fail_alone() {
     let s = setup(20, 100, 300).await;
     // Transactions wait in the mempool until the test mines.
     s.control.anvil_set_auto_mine(false).await.unwrap();
-    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
     let payloads: Vec<_> = s.payers.iter().map(payment).collect();
     let ids = submit(&s, &payloads).await;
     // The batch was simulated clean and is broadcast; now the payers strike,

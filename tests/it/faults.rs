@@ -89,7 +89,7 @@ async fn stuck_transactions_are_replaced_by_fee_bumps() {
     // Nothing is mined until the test says so.
     s.control.anvil_set_auto_mine(false).await.unwrap();
     let config = SettlerConfig { stuck_after: Duration::from_millis(800), ..SettlerConfig::default() };
-    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), config);
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), config, None);
     let ids = submit_all(&s).await;
 
     // Each transaction waits unmined and is replaced, recorded before it is sent.
@@ -121,7 +121,7 @@ async fn stuck_transactions_are_replaced_by_fee_bumps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_that_drops_settlements_has_them_sent_again() {
     let s = setup(8).await;
-    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
     let ids = submit_all(&s).await;
     let before = all_confirmed(&s, &ids).await;
     let first = before.iter().map(|(_, block)| *block).min().unwrap();

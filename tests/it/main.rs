@@ -5,6 +5,7 @@ mod api;
 mod balances;
 mod batched;
 mod chain;
+mod channels;
 mod common;
 mod crash;
 mod dev;

@@ -41,7 +41,7 @@ async fn direct_payments_settle_exactly_once_with_exact_balances() {
 
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&config_value(dir.path())).await;
-    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default(), None);
 
     // 200 payments to the direct merchant m1 over one stream ...
     let requests: Vec<_> =
@@ -131,7 +131,7 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     chain.broadcast(&tx).await.unwrap();
     assert!(chain.wait_receipt(&[tx.hash], Duration::from_secs(20)).await.unwrap().unwrap().success);
 
-    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default());
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default(), None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let states = loop {
         let mut states = Vec::new();
@@ -248,7 +248,7 @@ async fn a_node_that_stops_for_ten_seconds_mid_settlement_settles_each_payment_o
         stream_all(&mut m1, (0..100).map(|i| signed_submit(&payers[i % 10], PAY_TO, i as u64)).collect()).await;
     assert!(accepted.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
     let config = SettlerConfig { max_in_flight: 20, ..SettlerConfig::default() };
-    let settler = Settler::spawn(node.engine().clone(), chain.clone(), config);
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), config, None);
 
     let states = |mut client: Payments| {
         let ids: Vec<_> = accepted.iter().map(|r| r.payment_id.clone()).collect();

@@ -236,6 +236,10 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
     resp
 }
 
+pub(super) fn channel(record: &crate::domain::ChannelRecord) -> pb::ChannelState {
+    channel_state(&ChannelView::from(&record.channel))
+}
+
 fn channel_state(c: &ChannelView) -> pb::ChannelState {
     pb::ChannelState {
         channel_id: c.id.to_vec(),

@@ -165,6 +165,31 @@ impl PaymentService for PaymentApi {
         }
     }
 
+    async fn get_channel(&self, req: Request<pb::GetChannelRequest>) -> Result<Response<pb::ChannelState>, Status> {
+        let merchant = self.merchant(&req)?;
+        let id = req.into_inner().channel_id;
+        if id.len() != 32 {
+            return Err(Status::invalid_argument(format!("channel_id: must be 32 bytes, got {}", id.len())));
+        }
+        let id = alloy::primitives::B256::from_slice(&id);
+        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
+        match channels.iter().find(|c| c.channel.id == id) {
+            Some(c) if c.merchant_id == merchant.id => Ok(Response::new(convert::channel(c))),
+            Some(_) => Err(Status::permission_denied("that channel belongs to another merchant")),
+            None => Err(Status::not_found(format!("no channel {id}"))),
+        }
+    }
+
+    async fn list_channels(
+        &self,
+        req: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        let merchant = self.merchant(&req)?;
+        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
+        let channels = channels.iter().filter(|c| c.merchant_id == merchant.id).map(convert::channel).collect();
+        Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
     type WatchSettlementsStream = BoxStream<pb::SettlementEvent>;
 
     async fn watch_settlements(

@@ -36,6 +36,8 @@ pub(crate) enum CommitItem {
     Merchant(MerchantWrite),
     /// Record settlement progress: transaction intents and payment state changes.
     Settlement { intents: Vec<IntentChange>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
+    /// Record a channel's refreshed on-chain mirror.
+    ChannelWrite { record: Box<ChannelRecord>, reply: oneshot::Sender<Result<()>> },
     /// Record a channel's new state (an accepted voucher), then answer
     /// `outcome`; if the write fails, the shard gets `previous` back.
     Channel {
@@ -259,6 +261,10 @@ impl Committer {
                     batch.push(Write::Payment(record));
                 }
                 CommitItem::Reply { outcome, reply } => done.push(Done::Reply(outcome, reply)),
+                CommitItem::ChannelWrite { record, reply } => {
+                    batch.push(Write::Channel(record));
+                    done.push(Done::Merchant(reply));
+                }
                 CommitItem::Channel { record, previous, shard, outcome, reply } => {
                     batch.push(Write::Channel(record));
                     done.push(Done::Channel { previous, shard, outcome, reply });

@@ -285,6 +285,23 @@ impl Pipeline {
     }
 
     /// Follows the sequence of the last durable event.
+    /// Mirrors a fresh read of channel `id`'s on-chain state (and when it
+    /// was claimed, after a claim) in its shard, and records it. A channel
+    /// the engine has never seen a voucher for is left alone.
+    pub fn sync_channel(
+        &self,
+        id: alloy::primitives::B256,
+        onchain: x402_channel::OnChain,
+        claimed_at: Option<u64>,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let (reply, rx) = oneshot::channel();
+        let shard = shard_of_channel(id, self.shard_txs.len());
+        self.shard_txs[shard]
+            .send(ShardMsg::ChannelSync { id, onchain, claimed_at, reply })
+            .map_err(|_| Error::PipelineStopped)?;
+        Ok(rx)
+    }
+
     pub fn events(&self) -> watch::Receiver<u64> {
         self.events.clone()
     }

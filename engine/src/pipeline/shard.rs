@@ -47,6 +47,14 @@ pub(crate) enum ShardMsg {
     Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
     /// A channel's on-chain state this shard asked for.
     ChannelFetched { id: B256, fetched: ChannelFetched },
+    /// A fresh read of a channel's on-chain state (and, after a claim, when
+    /// it was claimed), to mirror and record.
+    ChannelSync {
+        id: B256,
+        onchain: x402_channel::OnChain,
+        claimed_at: Option<u64>,
+        reply: oneshot::Sender<crate::Result<()>>,
+    },
     /// The commit of a channel's new state failed: this was its state before.
     ChannelRevert { record: Box<ChannelRecord> },
     /// Finish: everything queued before this has been handled.
@@ -246,6 +254,19 @@ impl Shard {
             ShardMsg::Balance { key, fetched } => self.resume(key, &fetched),
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
+            ShardMsg::ChannelSync { id, onchain, claimed_at, reply } => {
+                let Some(record) = self.channels.get_mut(&id) else {
+                    let _ = reply.send(Ok(()));
+                    return true;
+                };
+                let now_ms = unix_millis();
+                record.channel.sync(onchain, now_ms / 1000);
+                if let Some(at) = claimed_at {
+                    record.last_claim_at = at;
+                }
+                record.updated_at_ms = now_ms;
+                self.commit.send(CommitItem::ChannelWrite { record: Box::new(record.clone()), reply }).is_ok()
+            }
             ShardMsg::ChannelRevert { record } => {
                 self.channels.insert(record.channel.id, *record);
                 true
@@ -482,7 +503,7 @@ impl Shard {
     ) -> bool {
         let now_ms = unix_millis();
         let now = now_ms / 1000;
-        let policy = claim_policy(&merchant);
+        let policy = crate::channels::claim_policy(&merchant);
         let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
         match record.channel.check_voucher(v.max_claimable, v.amount, 0, now, &policy) {
             Ok(()) => {
@@ -557,19 +578,5 @@ impl Shard {
     fn sweep(&mut self, now: u64) {
         let retention = self.retention_secs;
         self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
-    }
-}
-
-/// The merchant's claim policy (defaults when it does not settle by channel).
-fn claim_policy(merchant: &Merchant) -> x402_channel::ClaimPolicy {
-    match &merchant.policy {
-        crate::domain::SettlementPolicy::Channel { claim_interval_secs, claim_threshold } => {
-            x402_channel::ClaimPolicy {
-                interval_secs: *claim_interval_secs,
-                threshold: u128::try_from(*claim_threshold).unwrap_or(u128::MAX),
-                ..x402_channel::ClaimPolicy::default()
-            }
-        }
-        _ => x402_channel::ClaimPolicy::default(),
     }
 }

@@ -22,6 +22,7 @@
 //! concludes it.
 
 pub mod batched;
+mod claims;
 mod direct;
 mod track;
 
@@ -29,7 +30,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -44,6 +45,26 @@ use crate::{
     pipeline::{IntentChange, Transition},
     reason::Reason,
 };
+
+pub use self::claims::{ClaimRound, ClaimsConfig};
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stands for a claim intent (which settles no payment) in the set of
+/// intents being worked on.
+fn claim_marker(intent: &TxIntent) -> PaymentId {
+    let key = intent.key();
+    PaymentId(alloy::primitives::keccak256(
+        [&key.chain_id.to_be_bytes()[..], key.signer.as_slice(), &key.nonce.to_be_bytes()].concat(),
+    ))
+}
 
 /// The reason for a failure no more specific reason explains.
 pub(crate) const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simulation_failed";
@@ -99,19 +120,33 @@ pub struct Settler<C> {
     row_gas: AtomicU64,
     /// The chain's block gas limit, once read (0 before).
     block_gas_limit: AtomicU64,
+    /// A channel claim is being sent and followed by the claims task.
+    claiming: AtomicBool,
 }
 
 impl<C: Chain> Settler<C> {
-    /// Starts settling in the background until the handle is aborted.
-    pub fn spawn(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> tokio::task::JoinHandle<()> {
+    /// Starts settling in the background until the handle is aborted; with
+    /// `claims`, channels are claimed too (stopped with the handle).
+    pub fn spawn(
+        engine: Arc<Engine>,
+        chain: Arc<C>,
+        config: SettlerConfig,
+        claims: Option<ClaimsConfig>,
+    ) -> tokio::task::JoinHandle<()> {
         let settler = Arc::new(Self {
             engine,
             chain,
             config,
             row_gas: AtomicU64::new(batched::INITIAL_ROW_GAS),
             block_gas_limit: AtomicU64::new(0),
+            claiming: AtomicBool::new(false),
         });
-        tokio::spawn(settler.run())
+        tokio::spawn(async move {
+            let claims = claims.map(|c| tokio::spawn(settler.clone().run_claims(c)));
+            // Aborting this task drops the guard, which stops the claims.
+            let _claims = claims.map(|h| AbortOnDrop(h.abort_handle()));
+            settler.run().await;
+        })
     }
 
     async fn run(self: Arc<Self>) {
@@ -153,12 +188,20 @@ impl<C: Chain> Settler<C> {
             if intent.chain_id != self.chain.chain_id() || intent.payments.iter().any(|id| in_flight.contains(id)) {
                 continue;
             }
+            // A channel claim settles no payment: a marker stands for it.
+            let marker = intent.payments.is_empty().then(|| claim_marker(&intent));
+            if marker.is_some_and(|m| in_flight.contains(&m)) {
+                continue;
+            }
             match intent.state {
                 IntentState::Pending => {
-                    in_flight.extend(intent.payments.iter().copied());
+                    if marker.is_some() && self.claiming.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    in_flight.extend(intent.payments.iter().copied().chain(marker));
                     let this = self.clone();
                     tasks.spawn(async move {
-                        let ids = intent.payments.clone();
+                        let ids = intent.payments.iter().copied().chain(marker).collect();
                         if let Err(err) = this.resolve(intent).await {
                             tracing::warn!(%err, "resolving a transaction intent failed; will retry");
                         }
@@ -191,10 +234,11 @@ impl<C: Chain> Settler<C> {
                 }
             };
             if canonical != Some(block_hash) {
-                in_flight.extend(intent.payments.iter().copied());
+                let marker = intent.payments.is_empty().then(|| claim_marker(&intent));
+                in_flight.extend(intent.payments.iter().copied().chain(marker));
                 let this = self.clone();
                 tasks.spawn(async move {
-                    let ids = intent.payments.clone();
+                    let ids = intent.payments.iter().copied().chain(marker).collect();
                     if let Err(err) = this.reorged(intent).await {
                         tracing::warn!(%err, "re-settling after a reorg failed; will retry");
                     }

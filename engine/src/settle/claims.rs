@@ -1,0 +1,214 @@
+//! Claims of `batch-settlement` channels: the engine holds the receiver
+//! authorizer's key, follows the channel contract's events, and claims the
+//! vouchers it recorded by each merchant's policy.
+//!
+//! ```text
+//!  every poll:  contract events since the last block ──► channels they name re-read, mirrored in the shards
+//!               channels due (interval, threshold, withdrawal) ──► re-read ──► rows: charged total under the voucher
+//!               rows, up to `max_rows` per transaction ──► ClaimBatch signed by the receiver authorizer
+//!               multicall(claimWithSignature(rows), settle(receiver, token)...) ──► send (write-ahead intent)
+//!               receipt ──► claimed channels re-read and mirrored, with the claim time
+//! ```
+//!
+//! A claim is idempotent on chain: a row at or below a channel's claimed
+//! total changes nothing, and `settle` with nothing claimed pays nothing.
+//! So a claim transaction sent again after a crash, or a round that claims
+//! a channel another round already claimed, never claims twice. The claim
+//! transaction is a write-ahead intent like any settlement, so it is
+//! followed, fee-bumped, rebroadcast after a restart and re-sent after a
+//! reorg by the same code as `direct` and `batched` settlements.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use alloy::{
+    primitives::{Address, B256},
+    signers::{SignerSync, local::PrivateKeySigner},
+};
+use x402_chain::{
+    Chain,
+    channel::{ClaimRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
+};
+use x402_channel::{ChannelDomain, OnChain};
+
+use super::{Settler, chain_error};
+use crate::{
+    Result,
+    domain::{ChannelRecord, IntentState, unix_millis},
+};
+
+/// How channel claims are made.
+#[derive(Clone, Debug)]
+pub struct ClaimsConfig {
+    /// The channel contract.
+    pub contract: Address,
+    /// The receiver authorizer's key: channels naming its address are
+    /// claimed; others are only verified.
+    pub authorizer: PrivateKeySigner,
+    /// How often events are read and due claims looked for.
+    pub poll: Duration,
+    /// Rows per claim transaction at most.
+    pub max_rows: usize,
+}
+
+impl ClaimsConfig {
+    /// Claims for the channels `authorizer` authorizes on `contract`.
+    pub fn new(contract: Address, authorizer: PrivateKeySigner) -> Self {
+        Self { contract, authorizer, poll: Duration::from_millis(500), max_rows: 200 }
+    }
+}
+
+/// What one claim round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimRound {
+    /// Claim transactions sent.
+    pub transactions: usize,
+    /// Channel rows in them.
+    pub rows: usize,
+}
+
+impl<C: Chain> Settler<C> {
+    /// Follows the channel contract and claims due channels until aborted.
+    pub(super) async fn run_claims(self: Arc<Self>, claims: ClaimsConfig) {
+        // Channels may have moved while the engine was down: start from a
+        // full refresh of those with anything unclaimed.
+        let mut next_block = None;
+        loop {
+            if let Err(err) = self.claims_round(&claims, &mut next_block).await {
+                tracing::warn!(%err, "a channel claim round failed; will retry");
+            }
+            tokio::time::sleep(claims.poll).await;
+        }
+    }
+
+    /// Reads new contract events, mirrors the channels they name, then
+    /// claims the due channels.
+    async fn claims_round(&self, claims: &ClaimsConfig, next_block: &mut Option<u64>) -> Result<ClaimRound> {
+        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let channels = self.engine.channels().await?;
+        let chain_id = self.chain.chain_id();
+        let mine: BTreeMap<B256, ChannelRecord> = channels
+            .into_iter()
+            .filter(|r| r.chain_id == chain_id && r.contract == claims.contract)
+            .map(|r| (r.channel.id, r))
+            .collect();
+        let touched: Vec<B256> = match *next_block {
+            None => mine
+                .values()
+                .filter(|r| r.channel.charged > r.channel.onchain.total_claimed)
+                .map(|r| r.channel.id)
+                .collect(),
+            Some(from) if from <= head => {
+                let logs = self.chain.channel_logs(claims.contract, from, head).await.map_err(chain_error)?;
+                let mut ids: Vec<B256> = logs.iter().map(|l| l.channel_id).filter(|id| mine.contains_key(id)).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if logs.iter().any(|l| l.withdraw_initiated) {
+                    tracing::info!(
+                        channels = ids.len(),
+                        "a payer initiated a withdrawal; claiming before its delay ends"
+                    );
+                }
+                ids
+            }
+            Some(_) => Vec::new(),
+        };
+        let mut mine = mine;
+        for id in touched {
+            let record = mine.get_mut(&id).expect("filtered");
+            let onchain = self.read_channel(claims.contract, record).await?;
+            self.engine.sync_channel(id, onchain, None).await?;
+            record.channel.sync(onchain, unix_millis() / 1000);
+        }
+        *next_block = Some(head + 1);
+
+        // A claim still pending (sent before a restart) goes first: the
+        // settler's intent round resolves it.
+        if self.claim_pending().await? {
+            return Ok(ClaimRound::default());
+        }
+        let now = unix_millis() / 1000;
+        let mut due = Vec::new();
+        for record in mine.values() {
+            let c = &record.channel;
+            if c.config.receiverAuthorizer != claims.authorizer.address() {
+                continue;
+            }
+            let Some(merchant) = self.engine.merchant(&record.merchant_id) else { continue };
+            let policy = crate::channels::claim_policy(&merchant);
+            if let Some(reason) = c.claim_due(&policy, now, record.last_claim_at) {
+                tracing::debug!(channel = %c.id, ?reason, unclaimed = c.unclaimed(), "channel claim due");
+                due.push(record.clone());
+            }
+        }
+        let mut round = ClaimRound::default();
+        for chunk in due.chunks(claims.max_rows.max(1)) {
+            let rows = self.claim(claims, chunk).await?;
+            if rows > 0 {
+                round.transactions += 1;
+                round.rows += rows;
+            }
+        }
+        Ok(round)
+    }
+
+    /// Whether a claim transaction (an intent settling no payment) is still
+    /// pending.
+    async fn claim_pending(&self) -> Result<bool> {
+        let chain_id = self.chain.chain_id();
+        Ok(self
+            .engine
+            .intents()
+            .await?
+            .iter()
+            .any(|i| i.chain_id == chain_id && i.payments.is_empty() && i.state == IntentState::Pending))
+    }
+
+    /// Claims `records` (re-read first) in one transaction, then settles
+    /// their receivers; returns the rows claimed.
+    async fn claim(&self, claims: &ClaimsConfig, records: &[ChannelRecord]) -> Result<usize> {
+        let mut rows = Vec::with_capacity(records.len());
+        let mut settle = Vec::new();
+        for record in records {
+            let mut channel = record.channel.clone();
+            channel.sync(self.read_channel(claims.contract, record).await?, unix_millis() / 1000);
+            let Some((entry, signature)) = channel.claim_entry() else { continue };
+            rows.push(ClaimRow {
+                config: channel.config.clone(),
+                channel_id: channel.id,
+                max_claimable: entry.maxClaimableAmount,
+                signature,
+                total_claimed: entry.totalClaimed,
+            });
+            let receiver = (channel.config.receiver, channel.config.token);
+            if !settle.contains(&receiver) {
+                settle.push(receiver);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let domain = ChannelDomain::new(self.chain.chain_id(), claims.contract);
+        let digest = domain.claim_batch_digest(&claim_batch(&rows));
+        let signature = claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Config(e.to_string()))?;
+        let input = claim_and_settle_calldata(&rows, &signature.as_bytes(), &settle);
+        let tx = self.chain.sign_call(claims.contract, input, None).await.map_err(chain_error)?;
+        let claimed: u128 = rows.iter().map(|r| r.total_claimed).sum();
+        tracing::info!(tx = %tx.hash, rows = rows.len(), receivers = settle.len(), claimed, "claiming channels");
+        metrics::histogram!(crate::metrics::CLAIM_ROWS).record(rows.len() as f64);
+        self.claiming.store(true, std::sync::atomic::Ordering::Release);
+        let sent = self.send(tx, Vec::new(), Vec::new()).await;
+        self.claiming.store(false, std::sync::atomic::Ordering::Release);
+        sent?;
+        let at = unix_millis() / 1000;
+        for record in records {
+            let onchain = self.read_channel(claims.contract, record).await?;
+            self.engine.sync_channel(record.channel.id, onchain, Some(at)).await?;
+        }
+        Ok(rows.len())
+    }
+
+    async fn read_channel(&self, contract: Address, record: &ChannelRecord) -> Result<OnChain> {
+        let out = self.chain.call(contract, state_calldata(record.channel.id)).await.map_err(chain_error)?;
+        decode_state(&out, record.channel.config.withdrawDelay.to::<u64>()).map_err(chain_error)
+    }
+}

@@ -1,0 +1,397 @@
+//! `batch-settlement` channels on a real anvil chain: payers deposit into
+//! the channel contract, stream cumulative vouchers through x402d, and the
+//! engine claims them with the receiver authorizer's key, many channels per
+//! transaction, then settles the receiver.
+
+use std::time::Duration;
+
+use alloy::{
+    network::EthereumWallet,
+    primitives::{Address, B256, U256, address},
+    providers::{DynProvider, Provider, ProviderBuilder, ext::AnvilApi},
+    signers::local::PrivateKeySigner,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use x402_chain::{
+    anvil::Anvil,
+    contracts::{BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, X402BatchSettlement, X402TestToken},
+    devnet,
+};
+use x402_channel::{ChannelConfig, ChannelDomain};
+use x402_engine::{
+    channels::{ChannelExtra, VoucherPayload},
+    config::{ChainConfig, PolicyConfig},
+    domain::{PaymentInput, Requirements, Submission},
+    grpc::submit_request,
+    node::Node,
+    payer::Payer,
+};
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+const MC_KEY: &str = "test-merchant-channel-key-1";
+const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
+const WITHDRAW_DELAY: u64 = 900;
+/// What one request costs (the voucher's step).
+const PRICE: u128 = 10;
+
+/// A chain with funded payers, and an x402d node settling channels on it.
+struct Setup {
+    anvil: Anvil,
+    _dir: tempfile::TempDir,
+    node: Node,
+    payers: Vec<Payer>,
+    authorizer: PrivateKeySigner,
+    /// Anvil's account 0, for the test's own transactions.
+    wallet: DynProvider,
+    signer: Address,
+}
+
+impl Setup {
+    async fn new(payers: usize, anvil_args: &[&str], claim_interval_secs: u64) -> Self {
+        let anvil = Anvil::spawn(anvil_args).unwrap();
+        let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
+        let addresses: Vec<Address> = payers.iter().map(Payer::address).collect();
+        devnet::deploy(anvil.endpoint(), &addresses, U256::from(10u64.pow(12))).await.unwrap();
+        let signer = PrivateKeySigner::random();
+        devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+        let authorizer = PrivateKeySigner::random();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_value(dir.path());
+        let policy = PolicyConfig::Channel { claim_interval_secs, claim_threshold: u128::MAX.to_string() };
+        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, policy));
+        let mut chain = ChainConfig::with_keys(
+            anvil.endpoint(),
+            vec![signer.to_bytes().to_string()],
+            Some(authorizer.to_bytes().to_string()),
+        );
+        chain.receipt_poll_ms = 50;
+        chain.channel_poll_ms = 200;
+        config.chain = Some(chain);
+        let node = start_node(&config).await;
+
+        let deployer: PrivateKeySigner = devnet::DEV_DEPLOYER_KEY.parse().unwrap();
+        let wallet = ProviderBuilder::new()
+            .wallet(EthereumWallet::from(deployer))
+            .connect_http(anvil.endpoint().parse().unwrap())
+            .erased();
+        Self { anvil, _dir: dir, node, payers, authorizer, wallet, signer: signer.address() }
+    }
+
+    fn config(&self, payer: &Payer) -> ChannelConfig {
+        payer.channel_config(RECEIVER, self.authorizer.address(), TOKEN, WITHDRAW_DELAY, B256::ZERO)
+    }
+
+    fn domain() -> ChannelDomain {
+        ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS)
+    }
+
+    /// `payer` deposits `amount` into its channel through the ERC-3009
+    /// collector (the test relays the transaction).
+    async fn deposit(&self, payer: &Payer, amount: u128) {
+        let config = self.config(payer);
+        let id = Self::domain().channel_id(&config);
+        let data = payer.sign_deposit(
+            &requirements(RECEIVER),
+            ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+            id,
+            amount,
+            now() + 3600,
+            U256::from(1),
+        );
+        let receipt = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet)
+            .deposit(config.into(), amount, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, data)
+            .send()
+            .await
+            .unwrap()
+            .get_receipt()
+            .await
+            .unwrap();
+        assert!(receipt.status(), "deposit reverted");
+    }
+
+    async fn receiver_balance(&self) -> U256 {
+        X402TestToken::new(TOKEN, &self.wallet).balanceOf(RECEIVER).call().await.unwrap()
+    }
+
+    async fn onchain(&self, payer: &Payer) -> (u128, u128) {
+        let id = Self::domain().channel_id(&self.config(payer));
+        let state = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet).channels(id).call().await.unwrap();
+        (state.balance, state.totalClaimed)
+    }
+
+    /// Transactions the engine's settlement key has sent.
+    async fn sent(&self) -> u64 {
+        self.wallet.get_transaction_count(self.signer).await.unwrap()
+    }
+}
+
+/// The requirements of a channel-paid request of `PRICE`.
+fn channel_requirements() -> Requirements {
+    Requirements { scheme: "batch-settlement".into(), amount: U256::from(PRICE), ..requirements(RECEIVER) }
+}
+
+/// A voucher for the request after `charged`, with the actual `charge`.
+fn voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charged: u128, charge: u128) -> pb::SubmitRequest {
+    let mut req = priced_voucher(request_id, payer, config, charged, PRICE);
+    let Some(pb::submit_request::Payment::Voucher(v)) = req.payment.as_mut() else { unreachable!() };
+    v.charge = charge.to_string();
+    req
+}
+
+/// A voucher for a request priced `price` after `charged`, charged in full.
+fn priced_voucher(
+    request_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    charged: u128,
+    price: u128,
+) -> pb::SubmitRequest {
+    let domain = Setup::domain();
+    let id = domain.channel_id(config);
+    let max = charged + price;
+    let payload = VoucherPayload {
+        network: NETWORK.into(),
+        config: config.clone(),
+        channel_id: id,
+        max_claimable: max,
+        signature: payer.sign_voucher(&domain, id, max),
+        charge: None,
+        extra: ChannelExtra { receiver_authorizer: config.receiverAuthorizer, withdraw_delay: WITHDRAW_DELAY },
+    };
+    submit_request(
+        request_id,
+        &Submission {
+            requirements: Requirements { amount: U256::from(price), ..channel_requirements() },
+            input: PaymentInput::Voucher(Box::new(payload)),
+        },
+    )
+}
+
+/// Sends each wave over one `SubmitStream` and waits for all its answers
+/// before the next, as clients do: a channel's next voucher follows the
+/// answer to its last.
+async fn stream_waves(client: &mut Payments, waves: Vec<Vec<pb::SubmitRequest>>) -> Vec<pb::SubmitResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut inbound = client.submit_stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    for wave in waves {
+        let n = wave.len();
+        for req in wave {
+            tx.send(req).await.unwrap();
+        }
+        for _ in 0..n {
+            out.push(inbound.message().await.unwrap().expect("an answer per voucher"));
+        }
+    }
+    out
+}
+
+/// Waits up to `secs` for `done`.
+async fn eventually<F: Future<Output = bool>>(secs: u64, what: &str, mut done: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The charge of a channel's `n`th request: most cost the price, every
+/// third costs less (the gateway commits the actual charge).
+const fn charge_of(n: usize) -> u128 {
+    if n.is_multiple_of(3) { PRICE - 3 } else { PRICE }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transaction() {
+    const CHANNELS: usize = 100;
+    const VOUCHERS: usize = 1_000;
+    // Claims only once every channel has all its vouchers: the interval
+    // is lowered afterwards.
+    let s = Setup::new(CHANNELS, &[], 3600).await;
+    for payer in &s.payers {
+        s.deposit(payer, PRICE * VOUCHERS as u128).await;
+    }
+
+    // Every voucher signed before streaming, on both cores.
+    let configs: Vec<ChannelConfig> = s.payers.iter().map(|p| s.config(p)).collect();
+    let per_channel: Vec<Vec<pb::SubmitRequest>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = s
+            .payers
+            .chunks(CHANNELS / 2)
+            .zip(configs.chunks(CHANNELS / 2))
+            .enumerate()
+            .map(|(half, (payers, configs))| {
+                scope.spawn(move || {
+                    payers
+                        .iter()
+                        .zip(configs)
+                        .enumerate()
+                        .map(|(i, (payer, config))| {
+                            let channel = half * CHANNELS / 2 + i;
+                            let mut charged = 0;
+                            (0..VOUCHERS)
+                                .map(|n| {
+                                    let id = (channel * VOUCHERS + n) as u64;
+                                    let req = voucher(id, payer, config, charged, charge_of(n));
+                                    charged += charge_of(n);
+                                    req
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut per_channel: Vec<_> = per_channel.into_iter().map(Vec::into_iter).collect();
+    let waves: Vec<Vec<pb::SubmitRequest>> =
+        (0..VOUCHERS).map(|_| per_channel.iter_mut().map(|c| c.next().unwrap()).collect()).collect();
+
+    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+    let answers = stream_waves(&mut client, waves).await;
+    assert_eq!(answers.len(), CHANNELS * VOUCHERS);
+    for a in &answers {
+        assert_eq!(outcome(a), pb::Outcome::Accepted, "{} {}", a.reason, a.message);
+    }
+    let per_channel_charge: u128 = (0..VOUCHERS).map(charge_of).sum();
+    let last = answers.iter().max_by_key(|a| a.request_id).unwrap();
+    assert_eq!(last.channel.as_ref().unwrap().charged_cumulative_amount, per_channel_charge.to_string());
+    assert_eq!(s.sent().await, 0, "nothing claimed yet");
+
+    // Lower the claim interval: the next round finds all 100 channels due.
+    let mut admin = admin(s.node.endpoints().grpc, ADMIN_KEY).await;
+    let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
+    merchant.policy = Some(pb::SettlementPolicy {
+        strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
+            claim_interval_secs: 1,
+            claim_threshold: u128::MAX.to_string(),
+        })),
+    });
+    admin
+        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: String::new() })
+        .await
+        .unwrap();
+
+    let total = per_channel_charge * CHANNELS as u128;
+    eventually(60, "the receiver to be paid", || async { s.receiver_balance().await == U256::from(total) }).await;
+    assert_eq!(s.sent().await, 1, "one claim-and-settle transaction for the round");
+    for payer in &s.payers {
+        assert_eq!(s.onchain(payer).await, (PRICE * VOUCHERS as u128, per_channel_charge));
+    }
+
+    // The gas of that transaction, per paid request.
+    let block = s.wallet.get_block_number().await.unwrap();
+    let mut gas = 0;
+    for n in 0..=block {
+        let receipts = s.wallet.get_block_receipts(n.into()).await.unwrap().unwrap_or_default();
+        gas += receipts.iter().filter(|r| r.from == s.signer).map(|r| r.gas_used).sum::<u64>();
+    }
+    let requests = (CHANNELS * VOUCHERS) as f64;
+    eprintln!(
+        "channel claim: {gas} gas for {CHANNELS} channels x {VOUCHERS} vouchers = {:.3} gas per paid request, {} per channel",
+        gas as f64 / requests,
+        gas / CHANNELS as u64
+    );
+    assert!(gas as f64 / requests < 100.0, "a claim row costs far less than a transfer per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_is_met_by_a_prompt_claim_and_the_drained_channel_refuses_vouchers() {
+    let s = Setup::new(1, &[], 3600).await;
+    let payer = &s.payers[0];
+    let config = s.config(payer);
+    s.deposit(payer, 1_000).await;
+    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+    let mut charged = 0;
+    for n in 0..10 {
+        let answer = client.submit(voucher(n, payer, &config, charged, PRICE)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+        charged += PRICE;
+    }
+    assert_eq!(s.onchain(payer).await, (1_000, 0));
+
+    // The payer starts its timed exit: the engine claims well before the
+    // delay ends (anvil's clock does not move here).
+    let payer_wallet = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(payer.signer().clone()))
+        .connect_http(s.anvil.endpoint().parse().unwrap());
+    s.wallet.anvil_set_balance(payer.address(), U256::from(10u128.pow(18))).await.unwrap();
+    let channels = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &payer_wallet);
+    let initiated = channels.initiateWithdraw(config.clone().into(), 1_000).send().await.unwrap().get_receipt().await;
+    assert!(initiated.unwrap().status());
+    let started = now();
+    eventually(30, "the claim after the withdrawal request", || async { s.onchain(payer).await.1 == charged }).await;
+    assert!(now() < started + WITHDRAW_DELAY, "claimed before the delay ends");
+    assert_eq!(s.receiver_balance().await, U256::from(charged));
+
+    // Before the delay, finalizing fails; after it, the payer takes the rest.
+    assert!(channels.finalizeWithdraw(config.clone().into()).call().await.is_err());
+    s.wallet.anvil_increase_time(WITHDRAW_DELAY + 1).await.unwrap();
+    s.wallet.evm_mine(None).await.unwrap();
+    let finalized = channels.finalizeWithdraw(config.clone().into()).send().await.unwrap().get_receipt().await;
+    assert!(finalized.unwrap().status());
+    assert_eq!(s.onchain(payer).await, (charged, charged), "drained: balance is what was claimed");
+
+    // The engine follows the contract's events: once it mirrors the
+    // finalization, the next voucher has nothing to draw on.
+    let id = Setup::domain().channel_id(&config).to_vec();
+    eventually(30, "the engine to mirror the drained channel", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let state = client.get_channel(pb::GetChannelRequest { channel_id: id }).await.unwrap().into_inner();
+            state.balance == charged.to_string() && state.withdraw_finalize_after == 0
+        }
+    })
+    .await;
+    let answer = client.submit(voucher(100, payer, &config, charged, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a drained channel accepted a voucher");
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_cumulative_exceeds_balance", "{}", answer.message);
+    assert_eq!(answer.channel.unwrap().balance, charged.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voucher_off_the_charged_total_is_refused_with_the_channel_state() {
+    let s = Setup::new(1, &[], 3600).await;
+    let payer = &s.payers[0];
+    let config = s.config(payer);
+    s.deposit(payer, 100).await;
+    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+
+    let first = client.submit(voucher(1, payer, &config, 0, 4)).await.unwrap().into_inner();
+    assert_eq!(outcome(&first), pb::Outcome::Accepted, "{}", first.message);
+    let state = first.channel.unwrap();
+    assert_eq!((state.charged_cumulative_amount.as_str(), state.balance.as_str()), ("4", "100"));
+
+    // The client thinks it was charged the full price: its next voucher is
+    // off by 6, and the answer tells it where the channel stands.
+    let stale = client.submit(voucher(2, payer, &config, PRICE, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&stale), pb::Outcome::Rejected);
+    assert_eq!(stale.reason, "invalid_batch_settlement_evm_cumulative_amount_mismatch");
+    assert_eq!(stale.channel.unwrap().charged_cumulative_amount, "4");
+    let resynced = client.submit(voucher(3, payer, &config, 4, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resynced), pb::Outcome::Accepted, "{}", resynced.message);
+
+    // Beyond the deposit: a request priced 100 on top of 14 charged.
+    let answer = client.submit(priced_voucher(5, payer, &config, 14, 100)).await.unwrap().into_inner();
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_cumulative_exceeds_balance", "{}", answer.message);
+    assert_eq!(answer.channel.unwrap().balance, "100");
+
+    // A voucher signed by someone else.
+    let thief = Payer::random();
+    let forged = client.submit(voucher(6, &thief, &config, 14, PRICE)).await.unwrap().into_inner();
+    assert_eq!(forged.reason, "invalid_batch_settlement_evm_voucher_signature");
+    // A channel paying someone else.
+    let mut elsewhere = config.clone();
+    elsewhere.receiver = PAY_TO;
+    let wrong = client.submit(voucher(7, payer, &elsewhere, 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(wrong.reason, "invalid_batch_settlement_evm_receiver_mismatch");
+    // A channel nobody funded.
+    let stranger = Payer::random();
+    let unfunded = client.submit(voucher(8, &stranger, &s.config(&stranger), 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(unfunded.reason, "invalid_batch_settlement_evm_channel_not_found");
+}
