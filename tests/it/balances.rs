@@ -39,6 +39,7 @@ async fn the_reservation_check_uses_the_balance_on_chain_and_follows_transfers()
 
     let dir = tempfile::tempdir().unwrap();
     // A TTL far beyond the test: only the log follower can refresh a balance.
+    let chain = ChainSection::new(anvil.endpoint(), &signer, None, "balance_ttl_secs = 3600\nbalance_poll_ms = 100\n");
     let config = format!(
         r#"{}
 [[merchants]]
@@ -46,18 +47,11 @@ id = "m3"
 pay_to = ["{PAY_TO_3}"]
 policy = {{ strategy = "batched", max_rows = 1000, max_wait_ms = 3600000 }}
 api_key_env = "X402D_TEST_M3_KEY"
-
-[chain]
-rpc_url = "{}"
-signer_keys_env = "X402D_TEST_SIGNER_KEYS"
-balance_ttl_secs = 3600
-balance_poll_ms = 100
-"#,
+{}"#,
         config(dir.path()),
-        anvil.endpoint()
+        chain.toml
     );
-    let key = signer.to_bytes().to_string();
-    let env = [("X402D_TEST_SIGNER_KEYS", key.as_str()), ("X402D_TEST_M3_KEY", M3_KEY)];
+    let env = chain.env(&[("X402D_TEST_M3_KEY", M3_KEY)]);
     let daemon = Daemon::start_with_env(dir.path(), &config, &env);
     let mut m3 = payments(daemon.grpc, M3_KEY).await;
 

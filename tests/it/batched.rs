@@ -246,13 +246,9 @@ async fn sigkill_after_a_batch_broadcast_settles_each_row_once() {
     control.anvil_set_auto_mine(false).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[chain]\nrpc_url = \"{}\"\nsigner_keys_env = \"X402D_TEST_SIGNER_KEYS\"\nreceipt_poll_ms = 50\n",
-        config(dir.path()),
-        anvil.endpoint()
-    );
-    let key = signer.to_bytes().to_string();
-    let env = [("X402D_TEST_SIGNER_KEYS", key.as_str())];
+    let chain = ChainSection::new(anvil.endpoint(), &signer, None, "");
+    let config = format!("{}{}", config(dir.path()), chain.toml);
+    let env = chain.env(&[]);
     let mut daemon = Daemon::start_with_env(dir.path(), &config, &env);
     let mut m2 = payments(daemon.grpc, M2_KEY).await;
     let requests = (0..50).map(|i| signed_submit(&payers[i % 10], PAY_TO_2, i as u64)).collect();

@@ -36,48 +36,60 @@ const WITHDRAW_DELAY: u64 = 900;
 /// What one request costs (the voucher's step).
 const PRICE: u128 = 10;
 
-/// A chain with funded payers, and an x402d node settling channels on it.
+/// A chain with funded payers and the keys x402d settles channels with.
 struct Setup {
     anvil: Anvil,
-    _dir: tempfile::TempDir,
-    node: Node,
     payers: Vec<Payer>,
+    /// Settles (sends the claims).
+    signer: PrivateKeySigner,
+    /// Signs the claims.
     authorizer: PrivateKeySigner,
     /// Anvil's account 0, for the test's own transactions.
     wallet: DynProvider,
-    signer: Address,
+}
+
+/// An in-process x402d node settling channels.
+struct Engine {
+    _dir: tempfile::TempDir,
+    node: Node,
 }
 
 impl Setup {
-    async fn new(payers: usize, anvil_args: &[&str], claim_interval_secs: u64) -> Self {
-        let anvil = Anvil::spawn(anvil_args).unwrap();
+    async fn new(payers: usize) -> Self {
+        let anvil = Anvil::spawn(&[]).unwrap();
         let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
         let addresses: Vec<Address> = payers.iter().map(Payer::address).collect();
         devnet::deploy(anvil.endpoint(), &addresses, U256::from(10u64.pow(12))).await.unwrap();
         let signer = PrivateKeySigner::random();
         devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
-        let authorizer = PrivateKeySigner::random();
-
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = config_value(dir.path());
-        let policy = PolicyConfig::Channel { claim_interval_secs, claim_threshold: u128::MAX.to_string() };
-        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, policy));
-        let mut chain = ChainConfig::with_keys(
-            anvil.endpoint(),
-            vec![signer.to_bytes().to_string()],
-            Some(authorizer.to_bytes().to_string()),
-        );
-        chain.receipt_poll_ms = 50;
-        chain.channel_poll_ms = 200;
-        config.chain = Some(chain);
-        let node = start_node(&config).await;
-
         let deployer: PrivateKeySigner = devnet::DEV_DEPLOYER_KEY.parse().unwrap();
         let wallet = ProviderBuilder::new()
             .wallet(EthereumWallet::from(deployer))
             .connect_http(anvil.endpoint().parse().unwrap())
             .erased();
-        Self { anvil, _dir: dir, node, payers, authorizer, wallet, signer: signer.address() }
+        Self { anvil, payers, signer, authorizer: PrivateKeySigner::random(), wallet }
+    }
+
+    /// The merchant `mc` paid through channels, claiming every
+    /// `claim_interval_secs`.
+    fn merchant(claim_interval_secs: u64) -> PolicyConfig {
+        PolicyConfig::Channel { claim_interval_secs, claim_threshold: u128::MAX.to_string() }
+    }
+
+    /// Starts an in-process node on this chain.
+    async fn engine(&self, claim_interval_secs: u64) -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_value(dir.path());
+        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, Self::merchant(claim_interval_secs)));
+        let mut chain = ChainConfig::with_keys(
+            self.anvil.endpoint(),
+            vec![self.signer.to_bytes().to_string()],
+            Some(self.authorizer.to_bytes().to_string()),
+        );
+        chain.receipt_poll_ms = 50;
+        chain.channel_poll_ms = 200;
+        config.chain = Some(chain);
+        Engine { node: start_node(&config).await, _dir: dir }
     }
 
     fn config(&self, payer: &Payer) -> ChannelConfig {
@@ -124,7 +136,7 @@ impl Setup {
 
     /// Transactions the engine's settlement key has sent.
     async fn sent(&self) -> u64 {
-        self.wallet.get_transaction_count(self.signer).await.unwrap()
+        self.wallet.get_transaction_count(self.signer.address()).await.unwrap()
     }
 }
 
@@ -210,7 +222,8 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
     const VOUCHERS: usize = 1_000;
     // Claims only once every channel has all its vouchers: the interval
     // is lowered afterwards.
-    let s = Setup::new(CHANNELS, &[], 3600).await;
+    let s = Setup::new(CHANNELS).await;
+    let e = s.engine(3600).await;
     for payer in &s.payers {
         s.deposit(payer, PRICE * VOUCHERS as u128).await;
     }
@@ -251,7 +264,7 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
     let waves: Vec<Vec<pb::SubmitRequest>> =
         (0..VOUCHERS).map(|_| per_channel.iter_mut().map(|c| c.next().unwrap()).collect()).collect();
 
-    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
     let answers = stream_waves(&mut client, waves).await;
     assert_eq!(answers.len(), CHANNELS * VOUCHERS);
     for a in &answers {
@@ -263,7 +276,7 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
     assert_eq!(s.sent().await, 0, "nothing claimed yet");
 
     // Lower the claim interval: the next round finds all 100 channels due.
-    let mut admin = admin(s.node.endpoints().grpc, ADMIN_KEY).await;
+    let mut admin = admin(e.node.endpoints().grpc, ADMIN_KEY).await;
     let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
     merchant.policy = Some(pb::SettlementPolicy {
         strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
@@ -288,7 +301,7 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
     let mut gas = 0;
     for n in 0..=block {
         let receipts = s.wallet.get_block_receipts(n.into()).await.unwrap().unwrap_or_default();
-        gas += receipts.iter().filter(|r| r.from == s.signer).map(|r| r.gas_used).sum::<u64>();
+        gas += receipts.iter().filter(|r| r.from == s.signer.address()).map(|r| r.gas_used).sum::<u64>();
     }
     let requests = (CHANNELS * VOUCHERS) as f64;
     eprintln!(
@@ -301,11 +314,12 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawal_is_met_by_a_prompt_claim_and_the_drained_channel_refuses_vouchers() {
-    let s = Setup::new(1, &[], 3600).await;
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
     let payer = &s.payers[0];
     let config = s.config(payer);
     s.deposit(payer, 1_000).await;
-    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
     let mut charged = 0;
     for n in 0..10 {
         let answer = client.submit(voucher(n, payer, &config, charged, PRICE)).await.unwrap().into_inner();
@@ -356,11 +370,12 @@ async fn a_withdrawal_is_met_by_a_prompt_claim_and_the_drained_channel_refuses_v
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_voucher_off_the_charged_total_is_refused_with_the_channel_state() {
-    let s = Setup::new(1, &[], 3600).await;
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
     let payer = &s.payers[0];
     let config = s.config(payer);
     s.deposit(payer, 100).await;
-    let mut client = payments(s.node.endpoints().grpc, MC_KEY).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
 
     let first = client.submit(voucher(1, payer, &config, 0, 4)).await.unwrap().into_inner();
     assert_eq!(outcome(&first), pb::Outcome::Accepted, "{}", first.message);
@@ -394,4 +409,84 @@ async fn a_voucher_off_the_charged_total_is_refused_with_the_channel_state() {
     let stranger = Payer::random();
     let unfunded = client.submit(voucher(8, &stranger, &s.config(&stranger), 0, PRICE)).await.unwrap().into_inner();
     assert_eq!(unfunded.reason, "invalid_batch_settlement_evm_channel_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_interrupted_by_sigkill_is_finished_after_restart_and_nothing_is_claimed_twice() {
+    const CHANNELS: usize = 5;
+    const VOUCHERS: usize = 20;
+    let s = Setup::new(CHANNELS).await;
+    for payer in &s.payers {
+        s.deposit(payer, 10_000).await;
+    }
+    let configs: Vec<ChannelConfig> = s.payers.iter().map(|p| s.config(p)).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let chain = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
+    let config = format!(
+        r#"{}
+[[merchants]]
+id = "mc"
+pay_to = ["{RECEIVER}"]
+policy = {{ strategy = "channel", claim_interval_secs = 1, claim_threshold = "{}" }}
+api_key_env = "X402D_TEST_MC_KEY"
+{}"#,
+        config(dir.path()),
+        u128::MAX,
+        chain.toml
+    );
+    let env = chain.env(&[("X402D_TEST_MC_KEY", MC_KEY)]);
+
+    // Blocks only when the test mines them: the claim waits in the pool.
+    s.wallet.anvil_set_auto_mine(false).await.unwrap();
+    let mut daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let mut client = payments(daemon.grpc, MC_KEY).await;
+    let waves = (0..VOUCHERS)
+        .map(|n| {
+            (0..CHANNELS)
+                .map(|c| {
+                    let charged = PRICE * n as u128;
+                    voucher((c * VOUCHERS + n) as u64, &s.payers[c], &configs[c], charged, PRICE)
+                })
+                .collect()
+        })
+        .collect();
+    for answer in stream_waves(&mut client, waves).await {
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    }
+    let charged = PRICE * VOUCHERS as u128;
+
+    // The claim is signed, recorded and broadcast: x402d dies before its receipt.
+    let pending = || async { s.wallet.get_transaction_count(s.signer.address()).pending().await.unwrap() > 0 };
+    eventually(30, "the claim transaction in the pool", pending).await;
+    daemon.kill();
+    s.wallet.evm_mine(None).await.unwrap();
+    s.wallet.anvil_set_auto_mine(true).await.unwrap();
+    assert_eq!(s.sent().await, 1);
+    assert_eq!(s.receiver_balance().await, U256::from(charged * CHANNELS as u128), "claimed and settled");
+
+    // After a restart the engine learns the claim went through: nothing is
+    // claimed again, and every channel's charged total survived.
+    let daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let mut client = payments(daemon.grpc, MC_KEY).await;
+    for (c, payer) in s.payers.iter().enumerate() {
+        let next = voucher(1_000 + c as u64, payer, &configs[c], charged, PRICE);
+        let answer = client.submit(next).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "charged total lost: {}", answer.message);
+        assert_eq!(answer.channel.unwrap().charged_cumulative_amount, (charged + PRICE).to_string());
+    }
+    // The next round claims only the new vouchers, once.
+    let total = (charged + PRICE) * CHANNELS as u128;
+    eventually(30, "the second claim", || async { s.receiver_balance().await == U256::from(total) }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.sent().await, 2, "one claim per round, none repeated");
+    for payer in &s.payers {
+        assert_eq!(s.onchain(payer).await, (10_000, charged + PRICE));
+    }
+    // And the engine's mirror shows it.
+    let channels = client.list_channels(pb::ListChannelsRequest {}).await.unwrap().into_inner().channels;
+    assert_eq!(channels.len(), CHANNELS);
+    for c in channels {
+        assert_eq!(c.total_claimed, (charged + PRICE).to_string());
+    }
 }

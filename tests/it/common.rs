@@ -192,6 +192,40 @@ impl Drop for Daemon {
     }
 }
 
+/// The `[chain]` section of a daemon config settling on the anvil node at
+/// `endpoint`, its keys passed in the environment ([`ChainSection::env`]).
+pub(crate) struct ChainSection {
+    pub(crate) toml: String,
+    keys: Vec<(&'static str, String)>,
+}
+
+impl ChainSection {
+    /// `signer` settles; `authorizer`, if given, signs channel claims;
+    /// `extra` is appended to the section (more `key = value` lines).
+    pub(crate) fn new(
+        endpoint: &str,
+        signer: &alloy::signers::local::PrivateKeySigner,
+        authorizer: Option<&alloy::signers::local::PrivateKeySigner>,
+        extra: &str,
+    ) -> Self {
+        let mut toml = format!(
+            "\n[chain]\nrpc_url = \"{endpoint}\"\nsigner_keys_env = \"X402D_TEST_SIGNER_KEYS\"\nreceipt_poll_ms = 50\n"
+        );
+        let mut keys = vec![("X402D_TEST_SIGNER_KEYS", signer.to_bytes().to_string())];
+        if let Some(authorizer) = authorizer {
+            toml.push_str("receiver_authorizer_key_env = \"X402D_TEST_AUTHORIZER_KEY\"\n");
+            keys.push(("X402D_TEST_AUTHORIZER_KEY", authorizer.to_bytes().to_string()));
+        }
+        toml.push_str(extra);
+        Self { toml, keys }
+    }
+
+    /// The environment carrying the keys, plus `more`.
+    pub(crate) fn env<'a>(&'a self, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        self.keys.iter().map(|(k, v)| (*k, v.as_str())).chain(more.iter().copied()).collect()
+    }
+}
+
 /// An in-process node.
 pub(crate) async fn start_node(config: &Config) -> Node {
     Node::start(config).await.expect("node starts")

@@ -168,13 +168,9 @@ async fn sigkill_between_broadcast_and_receipt_settles_each_payment_once() {
     provider.anvil_set_auto_mine(false).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[chain]\nrpc_url = \"{}\"\nsigner_keys_env = \"X402D_TEST_SIGNER_KEYS\"\nreceipt_poll_ms = 50\n",
-        config(dir.path()),
-        anvil.endpoint()
-    );
-    let key = signer.to_bytes().to_string();
-    let env = [("X402D_TEST_SIGNER_KEYS", key.as_str())];
+    let chain = ChainSection::new(anvil.endpoint(), &signer, None, "");
+    let config = format!("{}{}", config(dir.path()), chain.toml);
+    let env = chain.env(&[]);
     let mut daemon = Daemon::start_with_env(dir.path(), &config, &env);
     let mut m1 = payments(daemon.grpc, M1_KEY).await;
     let accepted = stream_all(&mut m1, (0..5).map(|i| signed_submit(&payer, PAY_TO, i)).collect()).await;
