@@ -17,8 +17,8 @@
 
 use std::sync::Arc;
 
-use alloy::primitives::{Address, B256, Bytes};
-use x402_chain::Chain;
+use alloy::primitives::{Address, B256, Bytes, U256};
+use x402_chain::{Chain, Eip3009Domain, ReceiveWithAuthorization};
 use x402_channel::{Channel, ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use crate::{
@@ -51,6 +51,60 @@ pub struct VoucherPayload {
     /// the amount.
     pub charge: Option<u128>,
     pub extra: ChannelExtra,
+    /// A deposit made with this request.
+    pub deposit: Option<DepositPayload>,
+}
+
+/// The payer's ERC-3009 `ReceiveWithAuthorization` of a deposit, made out
+/// to the deposit collector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositPayload {
+    pub amount: u128,
+    pub valid_after: u64,
+    pub valid_before: u64,
+    pub salt: U256,
+    pub signature: Bytes,
+}
+
+impl DepositPayload {
+    /// The deposit collector's `collectorData` for this authorization.
+    pub fn collector_data(&self) -> Bytes {
+        x402_chain::channel::deposit_collector_data(
+            U256::from(self.valid_after),
+            U256::from(self.valid_before),
+            self.salt,
+            &self.signature,
+        )
+    }
+}
+
+/// Where the channel contracts are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelContracts {
+    /// The channel contract.
+    pub channels: Address,
+    /// Its ERC-3009 deposit collector.
+    pub collector: Address,
+}
+
+impl Default for ChannelContracts {
+    fn default() -> Self {
+        Self {
+            channels: x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS,
+            collector: x402_chain::contracts::ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        }
+    }
+}
+
+/// A deposit whose authorization verified: what the channel contract's
+/// `deposit` is called with.
+#[derive(Clone, Debug)]
+pub struct VerifiedDeposit {
+    pub amount: u128,
+    pub collector: Address,
+    pub collector_data: Bytes,
+    /// The ERC-3009 nonce: spent once the deposit is on chain.
+    pub nonce: B256,
 }
 
 /// A voucher that passed the stateless checks.
@@ -66,6 +120,8 @@ pub struct VerifiedVoucher {
     pub amount: u128,
     /// What is actually charged (≤ `amount`).
     pub charge: u128,
+    /// A deposit to put on chain before the voucher is checked.
+    pub deposit: Option<VerifiedDeposit>,
 }
 
 /// A channel as answers show it.
@@ -101,8 +157,9 @@ pub(crate) fn verify_voucher(
     merchant: &Merchant,
     requirements: &Requirements,
     payload: VoucherPayload,
-    contract: Address,
+    contracts: ChannelContracts,
 ) -> Result<VerifiedVoucher, Refusal> {
+    let contract = contracts.channels;
     let reject = |reason, message: String| Refusal::Rejected {
         id: None,
         payer: None,
@@ -199,6 +256,10 @@ pub(crate) fn verify_voucher(
         .amount
         .try_into()
         .map_err(|_| reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount)))?;
+    let deposit = match &payload.deposit {
+        Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),
+        None => None,
+    };
     let charge = payload.charge.unwrap_or(amount);
     if charge > amount {
         return Err(Refusal::Invalid(crate::reason::InvalidField::new(
@@ -215,7 +276,51 @@ pub(crate) fn verify_voucher(
         signature: payload.signature,
         amount,
         charge,
+        deposit,
     })
+}
+
+/// A deposit's authorization must be the payer's `ReceiveWithAuthorization`
+/// of the amount to the collector, bound to this channel, in the token's
+/// EIP-712 domain.
+fn verify_deposit(
+    requirements: &Requirements,
+    chain_id: u64,
+    config: &ChannelConfig,
+    channel_id: B256,
+    d: &DepositPayload,
+    collector: Address,
+) -> Result<VerifiedDeposit, Refusal> {
+    let reject = |message: String| Refusal::Rejected {
+        id: None,
+        payer: Some(config.payer),
+        rejection: Rejection::new(Reason::DepositSignature, message),
+    };
+    if requirements.eip712_name.is_empty() || requirements.eip712_version.is_empty() {
+        return Err(Refusal::Rejected {
+            id: None,
+            payer: None,
+            rejection: Rejection::new(Reason::MissingEip712Domain, "a deposit needs extra.name and extra.version"),
+        });
+    }
+    let nonce = x402_chain::channel::deposit_nonce(channel_id, d.salt);
+    let message = ReceiveWithAuthorization {
+        from: config.payer,
+        to: collector,
+        value: U256::from(d.amount),
+        validAfter: U256::from(d.valid_after),
+        validBefore: U256::from(d.valid_before),
+        nonce,
+    };
+    let domain = Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, config.token);
+    let digest = domain.signing_hash(&message);
+    let signature = <&[u8; 65]>::try_from(d.signature.as_ref())
+        .map_err(|_| reject(format!("deposit signature is {} bytes, not 65", d.signature.len())))?;
+    let signer = recover_signer(signature, digest).map_err(reject)?;
+    if signer != config.payer {
+        return Err(reject(format!("deposit authorization signed by {signer}, not the payer {}", config.payer)));
+    }
+    Ok(VerifiedDeposit { amount: d.amount, collector, collector_data: d.collector_data(), nonce })
 }
 
 /// A fresh channel record for a voucher's channel, not yet synced.
@@ -251,11 +356,31 @@ pub type ChannelFetched = Result<OnChain, Arc<Error>>;
 /// Reports a channel read to the shard that asked.
 pub type ChannelNotifier = Arc<dyn Fn(B256, ChannelFetched) + Send + Sync>;
 
-/// Reads channels' on-chain state for the shards, off their threads.
+/// Why a deposit did not land.
+#[derive(Clone, Debug)]
+pub enum DepositFailure {
+    /// The contract refuses it (simulation or receipt): the request is
+    /// rejected with this message.
+    Rejected(String),
+    /// The chain could not be reached; retryable.
+    Unavailable(Arc<Error>),
+}
+
+/// Reports a deposit's outcome (the channel's state after it) to the shard
+/// that asked.
+pub type DepositNotifier = Arc<dyn Fn(B256, Result<OnChain, DepositFailure>) + Send + Sync>;
+
+/// Reads channels' on-chain state and puts deposits on chain for the
+/// shards, off their threads.
 pub trait ChannelSource: Send + Sync + std::fmt::Debug + 'static {
     /// Starts reading channel `id` (whose config has `withdraw_delay`) from
     /// `contract` on `chain_id`; calls `notify` once with the result.
     fn fetch(&self, chain_id: u64, contract: Address, id: B256, withdraw_delay: u64, notify: ChannelNotifier);
+
+    /// Starts putting `v`'s deposit on chain (unless its authorization is
+    /// already spent: then it landed before), then reads the channel;
+    /// calls `notify` once.
+    fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier);
 }
 
 /// No chain configured: channels cannot be read, so vouchers are answered
@@ -271,6 +396,11 @@ impl ChannelSource for NoChannels {
                 "no [chain] configured for chain {chain_id}: channels cannot be read"
             )))),
         );
+    }
+
+    fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
+        let message = format!("no [chain] configured for chain {}: deposits cannot be made", v.chain_id);
+        notify(v.channel_id, Err(DepositFailure::Unavailable(Arc::new(Error::Config(message)))));
     }
 }
 
@@ -305,4 +435,51 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
             notify(id, fetched);
         });
     }
+
+    fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
+        if v.chain_id != self.chain.chain_id() {
+            return NoChannels.deposit(v, notify);
+        }
+        let Some(d) = v.deposit.clone() else { return };
+        let (chain, v) = (self.chain.clone(), v.clone());
+        self.runtime.spawn(async move {
+            let outcome = put_deposit(&*chain, &v, &d).await;
+            if let Err(e) = &outcome {
+                tracing::warn!(channel = %v.channel_id, error = ?e, "a channel deposit failed");
+            }
+            notify(v.channel_id, outcome);
+        });
+    }
+}
+
+/// How long a deposit transaction is waited for.
+const DEPOSIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Sends the deposit (simulated first) and waits for its receipt, then
+/// reads the channel. An authorization already spent means the deposit
+/// landed before (a retried request): only the read is done.
+async fn put_deposit<C: Chain>(chain: &C, v: &VerifiedVoucher, d: &VerifiedDeposit) -> Result<OnChain, DepositFailure> {
+    let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
+    let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;
+    if !spent {
+        let input = x402_chain::channel::deposit_calldata(&v.config, d.amount, d.collector, d.collector_data.clone());
+        if let Some(revert) = chain.simulate(v.contract, input.clone()).await.map_err(unavailable)? {
+            return Err(DepositFailure::Rejected(format!("the deposit would revert: {revert}")));
+        }
+        let tx = chain.sign_call(v.contract, input, None).await.map_err(unavailable)?;
+        chain.broadcast(&tx).await.map_err(unavailable)?;
+        tracing::info!(channel = %v.channel_id, tx = %tx.hash, amount = d.amount, "channel deposit sent");
+        match chain.wait_receipt(&[tx.hash], DEPOSIT_TIMEOUT).await.map_err(unavailable)? {
+            Some(receipt) if receipt.success => {}
+            Some(receipt) => {
+                return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
+            }
+            None => {
+                let e = Error::Config(format!("deposit transaction {} not mined in {DEPOSIT_TIMEOUT:?}", tx.hash));
+                return Err(DepositFailure::Unavailable(Arc::new(e)));
+            }
+        }
+    }
+    let out = chain.call(v.contract, x402_chain::channel::state_calldata(v.channel_id)).await.map_err(unavailable)?;
+    x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)
 }

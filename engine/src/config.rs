@@ -67,6 +67,9 @@ pub struct ChainConfig {
     /// The `batch-settlement` channel contract; the public deployment's
     /// address when absent.
     pub channel_contract: Option<alloy::primitives::Address>,
+    /// Its ERC-3009 deposit collector; the public deployment's address when
+    /// absent.
+    pub deposit_collector: Option<alloy::primitives::Address>,
     /// Environment variable holding the receiver authorizer key that signs
     /// channel claims (hex). Without it, vouchers are verified and recorded
     /// but not claimed.
@@ -120,6 +123,7 @@ impl ChainConfig {
             balance_ttl_secs: default_balance_ttl_secs(),
             balance_poll_ms: default_balance_poll_ms(),
             channel_contract: None,
+            deposit_collector: None,
             receiver_authorizer_key_env: None,
             receiver_authorizer_key_file: None,
             receiver_authorizer_key,

@@ -90,7 +90,10 @@ impl Node {
         let mut pipeline = config.pipeline.to_pipeline();
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone()));
-            pipeline.channel_contract = c.channel_contract();
+            pipeline.channel_contracts.channels = c.channel_contract();
+            if let Some(collector) = c.deposit_collector {
+                pipeline.channel_contracts.collector = collector;
+            }
         }
         let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &pipeline, admin_key.as_deref()))?;
         let engine = Arc::new(engine);

@@ -11,7 +11,10 @@ use alloy::{
 use x402_chain::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization};
 use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
 
-use crate::domain::{Authorization, ExactPayload, Requirements};
+use crate::{
+    channels::DepositPayload,
+    domain::{Authorization, ExactPayload, Requirements},
+};
 
 /// A payer key that signs EIP-3009 authorizations.
 #[derive(Clone, Debug)]
@@ -97,9 +100,10 @@ impl Payer {
         }
     }
 
-    /// The `collectorData` of a deposit of `amount` into `channel_id`: this
-    /// payer's ERC-3009 `ReceiveWithAuthorization` to `collector`, in the
-    /// token domain `requirements` name, valid until `valid_before`.
+    /// A deposit of `amount` into `channel_id`: this payer's ERC-3009
+    /// `ReceiveWithAuthorization` to `collector`, in the token domain
+    /// `requirements` name, valid until `valid_before`.
+    /// [`DepositPayload::collector_data`] is what the contract takes.
     pub fn sign_deposit(
         &self,
         requirements: &Requirements,
@@ -108,7 +112,7 @@ impl Payer {
         amount: u128,
         valid_before: u64,
         salt: U256,
-    ) -> Bytes {
+    ) -> DepositPayload {
         let message = ReceiveWithAuthorization {
             from: self.address(),
             to: collector,
@@ -118,7 +122,7 @@ impl Payer {
             nonce: x402_chain::channel::deposit_nonce(channel_id, salt),
         };
         let signature = self.sign_typed(requirements, &message);
-        x402_chain::channel::deposit_collector_data(U256::ZERO, U256::from(valid_before), salt, &signature)
+        DepositPayload { amount, valid_after: 0, valid_before, salt, signature: Bytes::copy_from_slice(&signature) }
     }
 
     fn sign_typed<T: SolStruct>(&self, requirements: &Requirements, message: &T) -> [u8; 65] {

@@ -53,11 +53,15 @@ pub enum Reason {
     WithdrawDelayMismatch,
     /// `batch-settlement`: the payer's withdrawal is about to be finalized.
     WithdrawalPending,
+    /// `batch-settlement`: the deposit's ERC-3009 authorization is not the payer's.
+    DepositSignature,
+    /// `batch-settlement`: the deposit transaction would revert or reverted.
+    DepositFailed,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and tests.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 24] = [
         Self::Scheme,
         Self::MissingEip712Domain,
         Self::NetworkMismatch,
@@ -80,6 +84,8 @@ impl Reason {
         Self::TokenMismatch,
         Self::WithdrawDelayMismatch,
         Self::WithdrawalPending,
+        Self::DepositSignature,
+        Self::DepositFailed,
     ];
 
     /// The x402 reason code.
@@ -107,6 +113,8 @@ impl Reason {
             Self::TokenMismatch => "invalid_batch_settlement_evm_token_mismatch",
             Self::WithdrawDelayMismatch => "invalid_batch_settlement_evm_withdraw_delay_mismatch",
             Self::WithdrawalPending => "invalid_batch_settlement_evm_withdrawal_pending",
+            Self::DepositSignature => "invalid_batch_settlement_evm_deposit_signature",
+            Self::DepositFailed => "invalid_batch_settlement_evm_deposit_transaction_failed",
         }
     }
 }

@@ -105,7 +105,7 @@ impl Setup {
     async fn deposit(&self, payer: &Payer, amount: u128) {
         let config = self.config(payer);
         let id = Self::domain().channel_id(&config);
-        let data = payer.sign_deposit(
+        let deposit = payer.sign_deposit(
             &requirements(RECEIVER),
             ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
             id,
@@ -114,7 +114,7 @@ impl Setup {
             U256::from(1),
         );
         let receipt = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet)
-            .deposit(config.into(), amount, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, data)
+            .deposit(config.into(), amount, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, deposit.collector_data())
             .send()
             .await
             .unwrap()
@@ -172,6 +172,7 @@ fn priced_voucher(
         signature: payer.sign_voucher(&domain, id, max),
         charge: None,
         extra: ChannelExtra { receiver_authorizer: config.receiverAuthorizer, withdraw_delay: WITHDRAW_DELAY },
+        deposit: None,
     };
     submit_request(
         request_id,
@@ -180,6 +181,29 @@ fn priced_voucher(
             input: PaymentInput::Voucher(Box::new(payload)),
         },
     )
+}
+
+/// The first request of a channel, with the deposit that funds it.
+fn deposit_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, deposit: u128) -> pb::SubmitRequest {
+    let mut req = priced_voucher(request_id, payer, config, 0, PRICE);
+    let id = Setup::domain().channel_id(config);
+    let d = payer.sign_deposit(
+        &requirements(RECEIVER),
+        ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        id,
+        deposit,
+        now() + 600,
+        U256::from(7),
+    );
+    let Some(pb::submit_request::Payment::Voucher(v)) = req.payment.as_mut() else { unreachable!() };
+    v.deposit = Some(pb::ChannelDeposit {
+        amount: d.amount.to_string(),
+        valid_after: d.valid_after,
+        valid_before: d.valid_before,
+        salt: d.salt.to_string(),
+        signature: d.signature.to_vec(),
+    });
+    req
 }
 
 /// Sends each wave over one `SubmitStream` and waits for all its answers
@@ -489,4 +513,48 @@ api_key_env = "X402D_TEST_MC_KEY"
     for c in channels {
         assert_eq!(c.total_claimed, (charged + PRICE).to_string());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposit_with_the_first_voucher_goes_on_chain_before_the_voucher_counts() {
+    let s = Setup::new(2).await;
+    let e = s.engine(3600).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+
+    let first = client.submit(deposit_voucher(1, payer, &config, 500)).await.unwrap().into_inner();
+    assert_eq!(outcome(&first), pb::Outcome::Accepted, "{}", first.message);
+    let state = first.channel.unwrap();
+    assert_eq!((state.balance.as_str(), state.charged_cumulative_amount.as_str()), ("500", "10"));
+    assert_eq!(s.onchain(payer).await, (500, 0));
+    assert_eq!(s.sent().await, 1, "the deposit transaction");
+
+    // The same request again: the deposit is not made twice, and the
+    // voucher it carries is already counted.
+    let again = client.submit(deposit_voucher(2, payer, &config, 500)).await.unwrap().into_inner();
+    assert_eq!(again.reason, "invalid_batch_settlement_evm_cumulative_amount_mismatch", "{}", again.message);
+    assert_eq!(s.onchain(payer).await, (500, 0));
+    assert_eq!(s.sent().await, 1);
+    let next = client.submit(voucher(3, payer, &config, PRICE, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&next), pb::Outcome::Accepted, "{}", next.message);
+
+    // A deposit authorization signed by another key never reaches the chain.
+    let (other, other_config) = (&s.payers[1], s.config(&s.payers[1]));
+    let mut forged = deposit_voucher(4, other, &other_config, 500);
+    let Some(pb::submit_request::Payment::Voucher(v)) = forged.payment.as_mut() else { unreachable!() };
+    let thief = Payer::random().sign_deposit(
+        &requirements(RECEIVER),
+        ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        Setup::domain().channel_id(&other_config),
+        500,
+        now() + 600,
+        U256::from(7),
+    );
+    v.deposit.as_mut().unwrap().signature = thief.signature.to_vec();
+    let answer = client.submit(forged).await.unwrap().into_inner();
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_deposit_signature", "{}", answer.message);
+    // More than the payer holds: the simulation refuses it, nothing is sent.
+    let answer = client.submit(deposit_voucher(5, other, &other_config, 10u128.pow(13))).await.unwrap().into_inner();
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_deposit_transaction_failed", "{}", answer.message);
+    assert_eq!(s.sent().await, 1);
 }

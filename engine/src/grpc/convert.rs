@@ -8,7 +8,7 @@ use x402_proto::v1 as pb;
 
 use crate::{
     Error,
-    channels::{ChannelExtra, ChannelView, VoucherPayload},
+    channels::{ChannelExtra, ChannelView, DepositPayload, VoucherPayload},
     domain::{
         AcceptedAsset, Authorization, ExactPayload, Merchant, PaymentInput, PaymentRecord, PaymentState, PaymentStatus,
         Requirements, SettlementEvent, SettlementPolicy, Submission,
@@ -136,6 +136,23 @@ fn voucher(p: pb::VoucherPayment, r: &pb::PaymentRequirements) -> Result<Voucher
             },
             withdraw_delay: r.withdraw_delay,
         },
+        deposit: p.deposit.map(deposit).transpose()?,
+    })
+}
+
+fn deposit(d: pb::ChannelDeposit) -> Result<DepositPayload, InvalidField> {
+    if d.signature.len() > MAX_SIGNATURE_LEN {
+        return Err(InvalidField::new(
+            "voucher.deposit.signature",
+            format!("is longer than {MAX_SIGNATURE_LEN} bytes"),
+        ));
+    }
+    Ok(DepositPayload {
+        amount: uint128("voucher.deposit.amount", &d.amount)?,
+        valid_after: d.valid_after,
+        valid_before: d.valid_before,
+        salt: decimal("voucher.deposit.salt", &d.salt)?,
+        signature: d.signature.into(),
     })
 }
 
@@ -380,6 +397,13 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
                 signature: v.signature.to_vec(),
             }),
             charge: v.charge.map(|c| c.to_string()).unwrap_or_default(),
+            deposit: v.deposit.as_ref().map(|d| pb::ChannelDeposit {
+                amount: d.amount.to_string(),
+                valid_after: d.valid_after,
+                valid_before: d.valid_before,
+                salt: d.salt.to_string(),
+                signature: d.signature.to_vec(),
+            }),
         }),
     };
     let (receiver_authorizer, withdraw_delay) = match &submission.input {

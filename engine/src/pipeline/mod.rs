@@ -35,7 +35,7 @@ use self::{
 use crate::{
     Error, Result,
     balance::BalanceSource,
-    channels::{ChannelSource, ChannelView, NoChannels},
+    channels::{ChannelContracts, ChannelSource, ChannelView, NoChannels},
     domain::{Merchant, PaymentId, PaymentStatus, Submission},
     ledger::Ledger,
     reason::{InvalidField, Rejection},
@@ -58,8 +58,8 @@ pub struct PipelineConfig {
     /// How long after `validBefore` a payment stays in the in-memory replay
     /// window (it is in the ledger forever).
     pub replay_retention_secs: u64,
-    /// The `batch-settlement` channel contract vouchers are signed for.
-    pub channel_contract: Address,
+    /// The `batch-settlement` contracts vouchers and deposits are signed for.
+    pub channel_contracts: ChannelContracts,
     /// Where unknown channels' on-chain state is read from.
     pub channels: Arc<dyn ChannelSource>,
 }
@@ -73,7 +73,7 @@ impl Default for PipelineConfig {
             max_group: 4096,
             min_validity: MinValidity::default(),
             replay_retention_secs: 3600,
-            channel_contract: x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS,
+            channel_contracts: ChannelContracts::default(),
             channels: Arc::new(NoChannels),
         }
     }
@@ -229,7 +229,7 @@ impl Pipeline {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity);
-            let contract = config.channel_contract;
+            let contract = config.channel_contracts;
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
                 run_verifier(&mut verifier, contract, &rx, &shard_txs);
             })?);
@@ -356,7 +356,12 @@ fn shard_of_channel(id: alloy::primitives::B256, shards: usize) -> usize {
     (lead % shards as u64) as usize
 }
 
-fn run_verifier(verifier: &mut Verifier, contract: Address, rx: &Receiver<VerifyJob>, shards: &[Sender<ShardMsg>]) {
+fn run_verifier(
+    verifier: &mut Verifier,
+    contract: ChannelContracts,
+    rx: &Receiver<VerifyJob>,
+    shards: &[Sender<ShardMsg>],
+) {
     metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(0.0);
     let mut since_gauge = 0u32;
     while let Ok(job) = rx.recv() {

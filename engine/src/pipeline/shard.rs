@@ -22,7 +22,10 @@ use tokio::sync::oneshot;
 use super::{SubmitOutcome, committer::CommitItem};
 use crate::{
     balance::{BalanceSource, Fetched, Lookup, Notifier},
-    channels::{ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, NoChannels, VerifiedVoucher, new_record},
+    channels::{
+        ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, DepositFailure, DepositNotifier, NoChannels,
+        VerifiedVoucher, new_record,
+    },
     domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
     reason::{Reason, Rejection},
     verify::Verified,
@@ -47,6 +50,9 @@ pub(crate) enum ShardMsg {
     Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
     /// A channel's on-chain state this shard asked for.
     ChannelFetched { id: B256, fetched: ChannelFetched },
+    /// A deposit this shard started landed (the channel's state after it)
+    /// or failed.
+    Deposited { id: B256, result: Result<x402_channel::OnChain, DepositFailure> },
     /// A fresh read of a channel's on-chain state (and, after a claim, when
     /// it was claimed), to mirror and record.
     ChannelSync {
@@ -124,6 +130,7 @@ pub(crate) struct Shard {
     channels: HashMap<B256, ChannelRecord>,
     channel_source: Arc<dyn ChannelSource>,
     channel_notifier: ChannelNotifier,
+    deposit_notifier: DepositNotifier,
     /// Vouchers waiting for a channel read, in arrival order per channel.
     parked_vouchers: HashMap<B256, Vec<ParkedVoucher>>,
 }
@@ -148,11 +155,15 @@ impl Shard {
         // Called from the source's fetch tasks; blocks only while this
         // shard's queue is full, as the verifiers do.
         let channel_inbox = inbox.clone();
+        let deposit_inbox = inbox.clone();
         let notifier = Notifier::new(move |key, fetched| {
             let _ = inbox.send(ShardMsg::Balance { key, fetched });
         });
         let channel_notifier: ChannelNotifier = Arc::new(move |id, fetched| {
             let _ = channel_inbox.send(ShardMsg::ChannelFetched { id, fetched });
+        });
+        let deposit_notifier: DepositNotifier = Arc::new(move |id, result| {
+            let _ = deposit_inbox.send(ShardMsg::Deposited { id, result });
         });
         Self {
             index,
@@ -167,6 +178,7 @@ impl Shard {
             channels: HashMap::new(),
             channel_source: Arc::new(NoChannels),
             channel_notifier,
+            deposit_notifier,
             parked_vouchers: HashMap::new(),
         }
     }
@@ -254,6 +266,7 @@ impl Shard {
             ShardMsg::Balance { key, fetched } => self.resume(key, &fetched),
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
+            ShardMsg::Deposited { id, result } => self.deposited(id, result),
             ShardMsg::ChannelSync { id, onchain, claimed_at, reply } => {
                 let Some(record) = self.channels.get_mut(&id) else {
                     let _ = reply.send(Ok(()));
@@ -451,11 +464,9 @@ impl Shard {
         }
     }
 
-    /// Drops replay entries past `validBefore` + retention: no new submit of
-    /// them can pass stage 1 any more, and the ledger keeps them.
     /// A voucher for one of this shard's channels: checked now, or parked
-    /// behind a read of the channel's on-chain state. False when the
-    /// committer is gone.
+    /// behind a read of the channel's on-chain state (or behind the deposit
+    /// it carries). False when the committer is gone.
     fn voucher(
         &mut self,
         merchant: Arc<Merchant>,
@@ -465,6 +476,10 @@ impl Shard {
         let id = verified.channel_id;
         if let Some(queue) = self.parked_vouchers.get_mut(&id) {
             queue.push(ParkedVoucher { merchant, verified, reply });
+            return true;
+        }
+        if verified.deposit.is_some() {
+            self.start_deposit(ParkedVoucher { merchant, verified, reply }, Vec::new());
             return true;
         }
         if !self.channels.contains_key(&id) {
@@ -547,6 +562,81 @@ impl Shard {
         }
     }
 
+    /// Puts `first`'s deposit on chain; it and `then` (later requests of the
+    /// channel) wait for it.
+    fn start_deposit(&mut self, first: ParkedVoucher, then: Vec<ParkedVoucher>) {
+        let id = first.verified.channel_id;
+        tracing::debug!(shard = self.index, channel = %id, "voucher parked until its deposit lands");
+        self.channel_source.deposit(&first.verified, self.deposit_notifier.clone());
+        let mut queue = Vec::with_capacity(1 + then.len());
+        queue.push(first);
+        queue.extend(then);
+        self.parked_vouchers.insert(id, queue);
+    }
+
+    /// Checks parked vouchers in order; one carrying a deposit starts it,
+    /// and it and the rest wait again. False when the committer is gone.
+    fn resume_vouchers(&mut self, queue: Vec<ParkedVoucher>) -> bool {
+        let mut queue = queue.into_iter();
+        while let Some(parked) = queue.next() {
+            if parked.verified.deposit.is_some() {
+                self.start_deposit(parked, queue.collect());
+                return true;
+            }
+            if !self.check_voucher(parked.merchant, parked.verified, parked.reply, false) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A deposit this shard started is on chain (or failed): the request
+    /// that carried it and those behind it are checked against the new
+    /// balance. False when the committer is gone.
+    fn deposited(&mut self, id: B256, result: Result<x402_channel::OnChain, DepositFailure>) -> bool {
+        let Some(mut queue) = self.parked_vouchers.remove(&id) else { return true };
+        match result {
+            Ok(onchain) => {
+                queue[0].verified.deposit = None;
+                let first = &queue[0];
+                self.channels
+                    .entry(id)
+                    .or_insert_with(|| new_record(&first.merchant, &first.verified))
+                    .channel
+                    .sync(onchain, unix_millis() / 1000);
+                self.resume_vouchers(queue)
+            }
+            Err(DepositFailure::Rejected(message)) => {
+                let first = queue.remove(0);
+                crate::metrics::rejected(crate::reason::Reason::DepositFailed);
+                let _ = first.reply.send(SubmitOutcome::VoucherRejected {
+                    payer: Some(first.verified.config.payer),
+                    rejection: Rejection::new(crate::reason::Reason::DepositFailed, message),
+                    channel: self.channels.get(&id).map(|r| ChannelView::from(&r.channel)),
+                });
+                match queue.first() {
+                    None => true,
+                    Some(_) if self.channels.contains_key(&id) => self.resume_vouchers(queue),
+                    Some(next) => {
+                        let v = next.verified.clone();
+                        let mut rest = queue.into_iter();
+                        let next = rest.next().expect("not empty");
+                        self.fetch_channel(&v, next);
+                        self.parked_vouchers.get_mut(&id).expect("just parked").extend(rest);
+                        true
+                    }
+                }
+            }
+            Err(DepositFailure::Unavailable(e)) => {
+                for ParkedVoucher { reply, .. } in queue {
+                    let _ =
+                        reply.send(SubmitOutcome::Unavailable(format!("the deposit into channel {id} failed: {e}")));
+                }
+                true
+            }
+        }
+    }
+
     /// A channel's on-chain state arrived: its waiting vouchers are checked
     /// in arrival order. False when the committer is gone.
     fn channel_fetched(&mut self, id: B256, fetched: ChannelFetched) -> bool {
@@ -567,14 +657,11 @@ impl Shard {
             .or_insert_with(|| new_record(&first.merchant, &first.verified))
             .channel
             .sync(onchain, now);
-        for ParkedVoucher { merchant, verified, reply } in queue {
-            if !self.check_voucher(merchant, verified, reply, false) {
-                return false;
-            }
-        }
-        true
+        self.resume_vouchers(queue)
     }
 
+    /// Drops replay entries past `validBefore` + retention: no new submit of
+    /// them can pass stage 1 any more, and the ledger keeps them.
     fn sweep(&mut self, now: u64) {
         let retention = self.retention_secs;
         self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
