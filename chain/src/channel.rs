@@ -94,33 +94,54 @@ pub fn claim_batch(rows: &[ClaimRow]) -> ClaimBatch {
     }
 }
 
-/// One transaction that claims `rows` with the authorizer's batch
-/// signature, then pays each `(receiver, token)` of `settle` (the
-/// contract's `multicall`). Replaying it is harmless: a claim at or below
-/// the recorded total changes nothing, and a settle with nothing claimed
-/// pays nothing.
+/// A cooperative refund signed by the receiver authorizer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefundRow {
+    pub config: ChannelConfig,
+    pub amount: u128,
+    /// The channel's refund nonce it was signed for.
+    pub nonce: U256,
+    pub signature: [u8; 65],
+}
+
+/// One transaction (the contract's `multicall`) that claims `rows` with the
+/// authorizer's batch signature (no claim if `rows` is empty), pays each
+/// `(receiver, token)` of `settle`, then makes `refunds`. Replaying it is
+/// harmless: a claim at or below the recorded total changes nothing, a
+/// settle with nothing claimed pays nothing, and a refund's nonce is spent.
 pub fn claim_and_settle_calldata(
     rows: &[ClaimRow],
     authorizer_signature: &[u8],
     settle: &[(Address, Address)],
+    refunds: &[RefundRow],
 ) -> Bytes {
-    let claims = rows
-        .iter()
-        .map(|r| C::VoucherClaim {
-            voucher: C::Voucher { channel: r.config.clone().into(), maxClaimableAmount: r.max_claimable },
-            signature: r.signature.clone(),
-            totalClaimed: r.total_claimed,
-        })
-        .collect();
-    let mut data: Vec<Bytes> = vec![
-        C::claimWithSignatureCall {
-            voucherClaims: claims,
-            authorizerSignature: Bytes::copy_from_slice(authorizer_signature),
-        }
-        .abi_encode()
-        .into(),
-    ];
+    let mut data: Vec<Bytes> = Vec::with_capacity(1 + settle.len() + refunds.len());
+    if !rows.is_empty() {
+        let claims = rows
+            .iter()
+            .map(|r| C::VoucherClaim {
+                voucher: C::Voucher { channel: r.config.clone().into(), maxClaimableAmount: r.max_claimable },
+                signature: r.signature.clone(),
+                totalClaimed: r.total_claimed,
+            })
+            .collect();
+        let signature = Bytes::copy_from_slice(authorizer_signature);
+        data.push(
+            C::claimWithSignatureCall { voucherClaims: claims, authorizerSignature: signature }.abi_encode().into(),
+        );
+    }
     data.extend(settle.iter().map(|&(receiver, token)| Bytes::from(C::settleCall { receiver, token }.abi_encode())));
+    data.extend(refunds.iter().map(|r| {
+        Bytes::from(
+            C::refundWithSignatureCall {
+                config: r.config.clone().into(),
+                amount: r.amount,
+                nonce: r.nonce,
+                receiverAuthorizerSignature: Bytes::copy_from_slice(&r.signature),
+            }
+            .abi_encode(),
+        )
+    }));
     C::multicallCall { data }.abi_encode().into()
 }
 

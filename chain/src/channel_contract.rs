@@ -74,8 +74,16 @@ mod tests {
             for key in payers.iter().chain([&receiver, &authorizer]) {
                 wallet.register_signer(key.clone());
             }
-            let provider =
-                ProviderBuilder::new().wallet(wallet).connect_http(anvil.endpoint().parse().unwrap()).erased();
+            // Nonces are read from the node for every transaction: many calls
+            // here are expected to revert in gas estimation, and a cached
+            // nonce would skip one each time.
+            let provider = ProviderBuilder::default()
+                .with_gas_estimation()
+                .with_simple_nonce_management()
+                .fetch_chain_id()
+                .wallet(wallet)
+                .connect_http(anvil.endpoint().parse().unwrap())
+                .erased();
             provider.client().set_poll_interval(Duration::from_millis(10));
             // The keys above are anvil's own accounts, so they have ether.
             let accounts = provider.get_accounts().await.unwrap();
@@ -244,6 +252,15 @@ mod tests {
 
         async fn balance(&self, owner: Address) -> u128 {
             self.token.balanceOf(owner).call().await.unwrap().to()
+        }
+
+        /// Mines an empty block with timestamp `at`.
+        async fn mine_at(&self, at: u64) {
+            self.provider.anvil_set_next_block_timestamp(at).await.unwrap();
+            self.provider.evm_mine(None).await.unwrap();
+            let latest = self.provider.get_block_number().await.unwrap();
+            let block = self.provider.get_block_by_number(latest.into()).await.unwrap().unwrap();
+            assert_eq!(block.header.timestamp, at);
         }
 
         /// The timestamp of the block a transaction was mined in.
@@ -692,8 +709,9 @@ mod tests {
         mined(f.channels.claim(vec![f.voucher_claim(&config, 400, 400)]).from(receiver)).await;
         assert_eq!(f.state(&config).await, (1000, 400));
 
-        // Not a second early.
-        f.provider.anvil_set_next_block_timestamp(finalize_after - 1).await.unwrap();
+        // Not a second early. (Anvil runs calls and gas estimates on the
+        // latest block, so each step mines a block at the instant tested.)
+        f.mine_at(finalize_after - 1).await;
         let call = f.channels.finalizeWithdraw(config.clone()).from(payer);
         assert_eq!(
             fails(call).await,
@@ -702,8 +720,7 @@ mod tests {
                 finalizeAfter: U40::from(finalize_after)
             })
         );
-        // A block at `finalize_after - 1`: the next one is late enough.
-        f.provider.evm_mine(None).await.unwrap();
+        f.mine_at(finalize_after).await;
         // Only the payer finalizes.
         let call = f.channels.finalizeWithdraw(config.clone()).from(receiver);
         assert_eq!(fails(call).await, E::NotPayer(C::NotPayer { channelId: id }));
@@ -741,6 +758,7 @@ mod tests {
         f.deposit(&partial, 1000).await;
         mined(f.channels.initiateWithdraw(partial.clone(), 300).from(f.payers[1].address())).await;
         f.provider.anvil_increase_time(DELAY).await.unwrap();
+        f.provider.evm_mine(None).await.unwrap();
         let receipt = mined(f.channels.finalizeWithdraw(partial.clone()).from(f.payers[1].address())).await;
         assert_eq!(
             events::<C::WithdrawFinalized>(&receipt),

@@ -53,6 +53,9 @@ pub struct VoucherPayload {
     pub extra: ChannelExtra,
     /// A deposit made with this request.
     pub deposit: Option<DepositPayload>,
+    /// A cooperative refund request of up to this much (`None` inside: all
+    /// not charged); the voucher is then the charged total.
+    pub refund: Option<Option<u128>>,
 }
 
 /// The payer's ERC-3009 `ReceiveWithAuthorization` of a deposit, made out
@@ -122,6 +125,8 @@ pub struct VerifiedVoucher {
     pub charge: u128,
     /// A deposit to put on chain before the voucher is checked.
     pub deposit: Option<VerifiedDeposit>,
+    /// A refund request of up to this much (`u128::MAX`: all not charged).
+    pub refund: Option<u128>,
 }
 
 /// A channel as answers show it.
@@ -252,10 +257,13 @@ pub(crate) fn verify_voucher(
             rejection: Rejection::new(Reason::VoucherSignature, format!("voucher signed by {signed_by}, not {signer}")),
         });
     }
-    let amount: u128 = requirements
-        .amount
-        .try_into()
-        .map_err(|_| reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount)))?;
+    let amount: u128 = match payload.refund {
+        // A refund charges nothing: its voucher is the charged total.
+        Some(_) => 0,
+        None => requirements.amount.try_into().map_err(|_| {
+            reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount))
+        })?,
+    };
     let deposit = match &payload.deposit {
         Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),
         None => None,
@@ -277,6 +285,7 @@ pub(crate) fn verify_voucher(
         amount,
         charge,
         deposit,
+        refund: payload.refund.map(|r| r.unwrap_or(u128::MAX)),
     })
 }
 
@@ -333,6 +342,8 @@ pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher) -> ChannelRec
         // The claim interval counts from the first voucher.
         last_claim_at: crate::domain::unix_millis() / 1000,
         updated_at_ms: 0,
+        claim_requested: false,
+        refund_requested: None,
     }
 }
 
@@ -348,6 +359,21 @@ pub(crate) fn claim_policy(merchant: &Merchant) -> x402_channel::ClaimPolicy {
         }
         _ => x402_channel::ClaimPolicy::default(),
     }
+}
+
+/// What a claim (or refund) transaction did for a channel, to record with
+/// the channel's fresh state and announce on `WatchSettlements`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    /// Unix seconds: the channel's claim interval restarts here.
+    pub at: u64,
+    pub tx: B256,
+    pub block: u64,
+    pub merchant_number: u32,
+    /// It served a "claim now" request.
+    pub served_claim: bool,
+    /// It served a refund request of this much.
+    pub served_refund: Option<u128>,
 }
 
 /// What a read of a channel's on-chain state came to.

@@ -331,6 +331,11 @@ pub struct ChannelRecord {
     /// Unix seconds of the last claim this engine made for it (before the
     /// first claim: of its first voucher).
     pub last_claim_at: u64,
+    /// A claim was asked for (an operator's "claim now").
+    pub claim_requested: bool,
+    /// A cooperative refund was asked for, of up to this much
+    /// (`u128::MAX`: everything not charged).
+    pub refund_requested: Option<u128>,
     pub updated_at_ms: u64,
 }
 
@@ -347,8 +352,20 @@ pub struct IntentKey {
 pub struct SettlementEvent {
     pub sequence: u64,
     pub merchant_number: u32,
+    /// The payment, or for a channel event the channel id.
     pub payment_id: PaymentId,
     pub status: PaymentStatus,
+    /// A channel event (a claim or a refund went through): the channel
+    /// after it.
+    pub channel: Option<ChannelSnapshot>,
+}
+
+/// A channel's totals, as events carry them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelSnapshot {
+    pub charged: u128,
+    pub total_claimed: u128,
+    pub balance: u128,
 }
 
 #[cfg(test)]

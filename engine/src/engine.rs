@@ -167,9 +167,20 @@ impl Engine {
         &self,
         id: alloy::primitives::B256,
         onchain: x402_channel::OnChain,
-        claimed_at: Option<u64>,
+        claimed: Option<crate::channels::Claimed>,
     ) -> Result<()> {
-        self.pipeline.sync_channel(id, onchain, claimed_at)?.await.map_err(|_| Error::PipelineStopped)?
+        self.pipeline.sync_channel(id, onchain, claimed)?.await.map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Asks for a claim or a refund of a channel; see
+    /// [`Pipeline::request_channel`].
+    pub async fn request_channel(
+        &self,
+        id: alloy::primitives::B256,
+        claim: bool,
+        refund: Option<u128>,
+    ) -> Result<Option<crate::channels::ChannelView>> {
+        self.pipeline.request_channel(id, claim, refund)?.await.map_err(|_| Error::PipelineStopped)?
     }
 
     /// Follows the sequence of the last durable event.

@@ -173,6 +173,7 @@ fn priced_voucher(
         charge: None,
         extra: ChannelExtra { receiver_authorizer: config.receiverAuthorizer, withdraw_delay: WITHDRAW_DELAY },
         deposit: None,
+        refund: None,
     };
     submit_request(
         request_id,
@@ -557,4 +558,61 @@ async fn a_deposit_with_the_first_voucher_goes_on_chain_before_the_voucher_count
     let answer = client.submit(deposit_voucher(5, other, &other_config, 10u128.pow(13))).await.unwrap().into_inner();
     assert_eq!(answer.reason, "invalid_batch_settlement_evm_deposit_transaction_failed", "{}", answer.message);
     assert_eq!(s.sent().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_request_claims_the_charges_and_returns_the_rest_and_claim_now_claims() {
+    let s = Setup::new(2).await;
+    let e = s.engine(3600).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let mut events =
+        client.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+    s.deposit(payer, 1_000).await;
+    for n in 0..3 {
+        let answer = client.submit(voucher(n, payer, &config, PRICE * u128::from(n as u8), PRICE)).await.unwrap();
+        assert_eq!(outcome(answer.get_ref()), pb::Outcome::Accepted);
+    }
+    let token = X402TestToken::new(TOKEN, &s.wallet);
+    let before = token.balanceOf(payer.address()).call().await.unwrap();
+
+    // The payer asks for its money back: a voucher of what it was charged.
+    let mut refund = priced_voucher(10, payer, &config, 3 * PRICE, 0);
+    let Some(pb::submit_request::Payment::Voucher(v)) = refund.payment.as_mut() else { unreachable!() };
+    v.refund = Some(pb::ChannelRefund { amount: String::new() });
+    let answer = client.submit(refund).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    eventually(30, "the refund", || async { s.onchain(payer).await == (3 * PRICE, 3 * PRICE) }).await;
+    assert_eq!(s.receiver_balance().await, U256::from(3 * PRICE), "the charges were claimed and settled first");
+    assert_eq!(token.balanceOf(payer.address()).call().await.unwrap(), before + U256::from(1_000 - 3 * PRICE));
+
+    // The claim and refund is announced to the merchant.
+    let id = Setup::domain().channel_id(&config);
+    let event = loop {
+        let event = events.message().await.unwrap().unwrap();
+        if event.channel.is_some() {
+            break event;
+        }
+    };
+    assert_eq!(event.payment_id, id.to_vec());
+    let status = event.status.unwrap();
+    assert_eq!(pb::PaymentState::try_from(status.state).unwrap(), pb::PaymentState::Confirmed);
+    assert_eq!(status.transaction.len(), 32);
+    let channel = event.channel.unwrap();
+    assert_eq!((channel.total_claimed.as_str(), channel.balance.as_str()), ("30", "30"));
+
+    // "Claim now" claims a channel whatever its policy says.
+    let (other, other_config) = (&s.payers[1], s.config(&s.payers[1]));
+    s.deposit(other, 100).await;
+    let answer = client.submit(voucher(20, other, &other_config, 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    let other_id = Setup::domain().channel_id(&other_config).to_vec();
+    client.claim_channel(pb::ClaimChannelRequest { channel_id: other_id.clone() }).await.unwrap();
+    eventually(30, "the claim asked for", || async { s.onchain(other).await == (100, PRICE) }).await;
+    let unknown = client.claim_channel(pb::ClaimChannelRequest { channel_id: vec![7; 32] }).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // Another merchant cannot touch it.
+    let mut m1 = payments(e.node.endpoints().grpc, M1_KEY).await;
+    let denied = m1.claim_channel(pb::ClaimChannelRequest { channel_id: other_id }).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }

@@ -137,6 +137,11 @@ fn voucher(p: pb::VoucherPayment, r: &pb::PaymentRequirements) -> Result<Voucher
             withdraw_delay: r.withdraw_delay,
         },
         deposit: p.deposit.map(deposit).transpose()?,
+        refund: match p.refund {
+            Some(r) if r.amount.is_empty() => Some(None),
+            Some(r) => Some(Some(uint128("voucher.refund.amount", &r.amount)?)),
+            None => None,
+        },
     })
 }
 
@@ -404,6 +409,9 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
                 salt: d.salt.to_string(),
                 signature: d.signature.to_vec(),
             }),
+            refund: v
+                .refund
+                .map(|amount| pb::ChannelRefund { amount: amount.map(|a| a.to_string()).unwrap_or_default() }),
         }),
     };
     let (receiver_authorizer, withdraw_delay) = match &submission.input {
@@ -429,5 +437,31 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
 }
 
 pub(super) fn event(e: &SettlementEvent) -> pb::SettlementEvent {
-    pb::SettlementEvent { sequence: e.sequence, payment_id: e.payment_id.0.to_vec(), status: Some(status(&e.status)) }
+    pb::SettlementEvent {
+        sequence: e.sequence,
+        payment_id: e.payment_id.0.to_vec(),
+        status: Some(status(&e.status)),
+        channel: e.channel.map(|c| pb::ChannelState {
+            channel_id: e.payment_id.0.to_vec(),
+            charged_cumulative_amount: c.charged.to_string(),
+            total_claimed: c.total_claimed.to_string(),
+            balance: c.balance.to_string(),
+            ..pb::ChannelState::default()
+        }),
+    }
+}
+
+/// A channel id and an optional uint128 amount of a channel request.
+pub(super) fn channel_request(id: &[u8], amount: Option<&str>) -> Result<(B256, Option<u128>), InvalidField> {
+    let id = word("channel_id", id)?;
+    let amount = match amount {
+        Some("") => Some(u128::MAX),
+        Some(a) => Some(uint128("amount", a)?),
+        None => None,
+    };
+    Ok((id, amount))
+}
+
+pub(super) fn channel_view(c: &ChannelView) -> pb::ChannelState {
+    channel_state(c)
 }

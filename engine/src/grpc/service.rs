@@ -66,6 +66,30 @@ impl PaymentApi {
     }
 }
 
+impl PaymentApi {
+    /// Records a claim or refund request for one of `merchant`'s channels.
+    async fn channel_request(
+        &self,
+        merchant: &crate::domain::Merchant,
+        id: alloy::primitives::B256,
+        claim: bool,
+        refund: Option<u128>,
+    ) -> Result<Response<pb::ChannelState>, Status> {
+        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
+        match channels.iter().find(|c| c.channel.id == id) {
+            Some(c) if c.merchant_id != merchant.id => {
+                return Err(Status::permission_denied("that channel belongs to another merchant"));
+            }
+            Some(_) => {}
+            None => return Err(Status::not_found(format!("no channel {id}"))),
+        }
+        match self.engine.request_channel(id, claim, refund).await.map_err(|e| convert::status_from_error(&e))? {
+            Some(view) => Ok(Response::new(convert::channel_view(&view))),
+            None => Err(Status::not_found(format!("no channel {id}"))),
+        }
+    }
+}
+
 async fn wait(request_id: u64, rx: oneshot::Receiver<SubmitOutcome>) -> pb::SubmitResponse {
     let outcome = rx.await.unwrap_or_else(|_| SubmitOutcome::Unavailable("pipeline stopped".into()));
     convert::submit_response(request_id, outcome)
@@ -188,6 +212,24 @@ impl PaymentService for PaymentApi {
         let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
         let channels = channels.iter().filter(|c| c.merchant_id == merchant.id).map(convert::channel).collect();
         Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
+    async fn claim_channel(&self, req: Request<pb::ClaimChannelRequest>) -> Result<Response<pb::ChannelState>, Status> {
+        let merchant = self.merchant(&req)?;
+        let (id, _) =
+            convert::channel_request(&req.into_inner().channel_id, None).map_err(|e| convert::invalid_argument(&e))?;
+        self.channel_request(&merchant, id, true, None).await
+    }
+
+    async fn refund_channel(
+        &self,
+        req: Request<pb::RefundChannelRequest>,
+    ) -> Result<Response<pb::ChannelState>, Status> {
+        let merchant = self.merchant(&req)?;
+        let req = req.into_inner();
+        let (id, amount) =
+            convert::channel_request(&req.channel_id, Some(&req.amount)).map_err(|e| convert::invalid_argument(&e))?;
+        self.channel_request(&merchant, id, false, amount).await
     }
 
     type WatchSettlementsStream = BoxStream<pb::SettlementEvent>;

@@ -50,7 +50,19 @@ fn sample_merchant(id: &str, number: u32) -> Merchant {
 }
 
 fn event(sequence: u64, p: &PaymentRecord) -> SettlementEvent {
-    SettlementEvent { sequence, merchant_number: p.merchant_number, payment_id: p.id, status: p.status.clone() }
+    // Every other event is a channel's.
+    let channel = sequence.is_multiple_of(2).then_some(crate::domain::ChannelSnapshot {
+        charged: u128::from(sequence) * 7,
+        total_claimed: u128::from(sequence),
+        balance: u128::MAX,
+    });
+    SettlementEvent {
+        sequence,
+        merchant_number: p.merchant_number,
+        payment_id: p.id,
+        status: p.status.clone(),
+        channel,
+    }
 }
 
 fn pending_of(p: &PaymentRecord) -> PendingKey {
@@ -219,6 +231,8 @@ pub(crate) fn sample_channel(seed: u8, charged: u128, withdrawing: bool) -> Chan
         channel,
         last_claim_at: 1_699_999_999,
         updated_at_ms: 1_700_000_000_123,
+        claim_requested: withdrawing,
+        refund_requested: (seed % 3 == 0).then_some(u128::from(seed) << 100),
     }
 }
 

@@ -11,8 +11,8 @@ use prost::Message;
 use crate::{
     Error, Result,
     domain::{
-        AcceptedAsset, Authorization, ChannelRecord, IntentKey, IntentState, Merchant, PaymentId, PaymentRecord,
-        PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
+        AcceptedAsset, Authorization, ChannelRecord, ChannelSnapshot, IntentKey, IntentState, Merchant, PaymentId,
+        PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
     },
 };
 
@@ -123,6 +123,18 @@ struct EventV1 {
     payment_id: Vec<u8>,
     #[prost(message, optional, tag = "3")]
     status: Option<StatusV1>,
+    #[prost(message, optional, tag = "4")]
+    channel: Option<ChannelSnapshotV1>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ChannelSnapshotV1 {
+    #[prost(bytes = "vec", tag = "1")]
+    charged: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    total_claimed: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    balance: Vec<u8>,
 }
 
 fn versioned(message: &impl Message) -> Vec<u8> {
@@ -315,6 +327,11 @@ pub(super) fn encode_event(e: &SettlementEvent) -> Vec<u8> {
         merchant_number: e.merchant_number,
         payment_id: e.payment_id.0.to_vec(),
         status: Some(status_to(&e.status)),
+        channel: e.channel.map(|c| ChannelSnapshotV1 {
+            charged: u128_bytes(c.charged),
+            total_claimed: u128_bytes(c.total_claimed),
+            balance: u128_bytes(c.balance),
+        }),
     })
 }
 
@@ -325,6 +342,14 @@ pub(super) fn decode_event(sequence: u64, bytes: &[u8]) -> Result<SettlementEven
         merchant_number: e.merchant_number,
         payment_id: PaymentId(word(&e.payment_id)?),
         status: status_from(e.status)?,
+        channel: match e.channel {
+            Some(c) => Some(ChannelSnapshot {
+                charged: u128_from(&c.charged)?,
+                total_claimed: u128_from(&c.total_claimed)?,
+                balance: u128_from(&c.balance)?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -459,6 +484,10 @@ struct ChannelV1 {
     last_claim_at: u64,
     #[prost(uint64, tag = "22")]
     updated_at_ms: u64,
+    #[prost(bool, tag = "23")]
+    claim_requested: bool,
+    #[prost(bytes = "vec", optional, tag = "24")]
+    refund_requested: Option<Vec<u8>>,
 }
 
 fn u128_bytes(value: u128) -> Vec<u8> {
@@ -494,6 +523,8 @@ pub(super) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
         synced_at: c.synced_at,
         last_claim_at: r.last_claim_at,
         updated_at_ms: r.updated_at_ms,
+        claim_requested: r.claim_requested,
+        refund_requested: r.refund_requested.map(u128_bytes),
     })
 }
 
@@ -537,6 +568,8 @@ pub(super) fn decode_channel(bytes: &[u8]) -> Result<ChannelRecord> {
         },
         last_claim_at: m.last_claim_at,
         updated_at_ms: m.updated_at_ms,
+        claim_requested: m.claim_requested,
+        refund_requested: m.refund_requested.as_deref().map(u128_from).transpose()?,
     })
 }
 

@@ -37,7 +37,9 @@ pub(crate) enum CommitItem {
     /// Record settlement progress: transaction intents and payment state changes.
     Settlement { intents: Vec<IntentChange>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
     /// Record a channel's refreshed on-chain mirror.
-    ChannelWrite { record: Box<ChannelRecord>, reply: oneshot::Sender<Result<()>> },
+    /// With `event`, a claim or refund went through: announced as a
+    /// `CONFIRMED` event of the channel for the merchant numbered so.
+    ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: oneshot::Sender<Result<()>> },
     /// Record a channel's new state (an accepted voucher), then answer
     /// `outcome`; if the write fails, the shard gets `previous` back.
     Channel {
@@ -195,6 +197,7 @@ impl Committer {
                 merchant_number: record.merchant_number,
                 payment_id: record.id,
                 status: status.clone(),
+                channel: None,
             }));
             record.status = status.clone();
             batch.push(Write::Payment(Box::new(record)));
@@ -256,12 +259,28 @@ impl Committer {
                         merchant_number: record.merchant_number,
                         payment_id: record.id,
                         status: record.status.clone(),
+                        channel: None,
                     }));
                     batch.push(Write::Enqueue(pending));
                     batch.push(Write::Payment(record));
                 }
                 CommitItem::Reply { outcome, reply } => done.push(Done::Reply(outcome, reply)),
-                CommitItem::ChannelWrite { record, reply } => {
+                CommitItem::ChannelWrite { record, event, reply } => {
+                    if let Some((merchant_number, status)) = event {
+                        sequence += 1;
+                        let c = &record.channel;
+                        batch.push(Write::Event(SettlementEvent {
+                            sequence,
+                            merchant_number,
+                            payment_id: PaymentId(c.id),
+                            status,
+                            channel: Some(crate::domain::ChannelSnapshot {
+                                charged: c.charged,
+                                total_claimed: c.onchain.total_claimed,
+                                balance: c.onchain.balance,
+                            }),
+                        }));
+                    }
                     batch.push(Write::Channel(record));
                     done.push(Done::Merchant(reply));
                 }

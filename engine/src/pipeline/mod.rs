@@ -292,12 +292,29 @@ impl Pipeline {
         &self,
         id: alloy::primitives::B256,
         onchain: x402_channel::OnChain,
-        claimed_at: Option<u64>,
+        claimed: Option<crate::channels::Claimed>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
         let shard = shard_of_channel(id, self.shard_txs.len());
         self.shard_txs[shard]
-            .send(ShardMsg::ChannelSync { id, onchain, claimed_at, reply })
+            .send(ShardMsg::ChannelSync { id, onchain, claimed, reply })
+            .map_err(|_| Error::PipelineStopped)?;
+        Ok(rx)
+    }
+
+    /// Asks for a claim (`claim`) or a refund of up to `refund` of channel
+    /// `id` in the next claim round; answers with the channel once the
+    /// request is recorded (`None` for a channel the engine does not know).
+    pub fn request_channel(
+        &self,
+        id: alloy::primitives::B256,
+        claim: bool,
+        refund: Option<u128>,
+    ) -> Result<oneshot::Receiver<Result<Option<ChannelView>>>> {
+        let (reply, rx) = oneshot::channel();
+        let shard = shard_of_channel(id, self.shard_txs.len());
+        self.shard_txs[shard]
+            .send(ShardMsg::ChannelRequest { id, claim, refund, reply })
             .map_err(|_| Error::PipelineStopped)?;
         Ok(rx)
     }

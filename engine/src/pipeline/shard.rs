@@ -23,8 +23,8 @@ use super::{SubmitOutcome, committer::CommitItem};
 use crate::{
     balance::{BalanceSource, Fetched, Lookup, Notifier},
     channels::{
-        ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, DepositFailure, DepositNotifier, NoChannels,
-        VerifiedVoucher, new_record,
+        ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, Claimed, DepositFailure, DepositNotifier,
+        NoChannels, VerifiedVoucher, new_record,
     },
     domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
     reason::{Reason, Rejection},
@@ -58,8 +58,16 @@ pub(crate) enum ShardMsg {
     ChannelSync {
         id: B256,
         onchain: x402_channel::OnChain,
-        claimed_at: Option<u64>,
+        claimed: Option<Claimed>,
         reply: oneshot::Sender<crate::Result<()>>,
+    },
+    /// An operator asks for a claim or a refund of a channel; answered with
+    /// the channel (`None` if this shard does not know it) once recorded.
+    ChannelRequest {
+        id: B256,
+        claim: bool,
+        refund: Option<u128>,
+        reply: oneshot::Sender<crate::Result<Option<ChannelView>>>,
     },
     /// The commit of a channel's new state failed: this was its state before.
     ChannelRevert { record: Box<ChannelRecord> },
@@ -267,18 +275,47 @@ impl Shard {
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
             ShardMsg::Deposited { id, result } => self.deposited(id, result),
-            ShardMsg::ChannelSync { id, onchain, claimed_at, reply } => {
+            ShardMsg::ChannelSync { id, onchain, claimed, reply } => {
                 let Some(record) = self.channels.get_mut(&id) else {
                     let _ = reply.send(Ok(()));
                     return true;
                 };
                 let now_ms = unix_millis();
                 record.channel.sync(onchain, now_ms / 1000);
-                if let Some(at) = claimed_at {
-                    record.last_claim_at = at;
+                let mut event = None;
+                if let Some(c) = claimed {
+                    record.last_claim_at = c.at;
+                    record.claim_requested &= !c.served_claim;
+                    if c.served_refund.is_some() && record.refund_requested == c.served_refund {
+                        record.refund_requested = None;
+                    }
+                    let mut status = PaymentStatus::new(PaymentState::Confirmed, now_ms);
+                    status.transaction = Some(c.tx);
+                    status.block = Some(c.block);
+                    event = Some((c.merchant_number, status));
                 }
                 record.updated_at_ms = now_ms;
-                self.commit.send(CommitItem::ChannelWrite { record: Box::new(record.clone()), reply }).is_ok()
+                self.commit.send(CommitItem::ChannelWrite { record: Box::new(record.clone()), event, reply }).is_ok()
+            }
+            ShardMsg::ChannelRequest { id, claim, refund, reply } => {
+                let Some(record) = self.channels.get_mut(&id) else {
+                    let _ = reply.send(Ok(None));
+                    return true;
+                };
+                record.claim_requested |= claim;
+                if refund.is_some() {
+                    record.refund_requested = refund;
+                }
+                record.updated_at_ms = unix_millis();
+                let view = ChannelView::from(&record.channel);
+                let (done, wait) = oneshot::channel();
+                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, reply: done };
+                // The answer waits for the write, off this thread.
+                std::thread::spawn(move || {
+                    let _ = reply
+                        .send(wait.blocking_recv().unwrap_or(Err(crate::Error::PipelineStopped)).map(|()| Some(view)));
+                });
+                self.commit.send(item).is_ok()
             }
             ShardMsg::ChannelRevert { record } => {
                 self.channels.insert(record.channel.id, *record);
@@ -520,6 +557,33 @@ impl Shard {
         let now = now_ms / 1000;
         let policy = crate::channels::claim_policy(&merchant);
         let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
+        if let Some(amount) = v.refund {
+            // A refund request: its voucher must be the charged total.
+            if v.max_claimable != record.channel.charged {
+                let e = x402_channel::VoucherError::CumulativeAmountMismatch {
+                    charged: record.channel.charged,
+                    amount: 0,
+                    expected: record.channel.charged,
+                    got: v.max_claimable,
+                };
+                let reason = crate::reason::Reason::from(e);
+                crate::metrics::rejected(reason);
+                let _ = reply.send(SubmitOutcome::VoucherRejected {
+                    payer: Some(v.config.payer),
+                    rejection: Rejection::new(reason, e.to_string()),
+                    channel: Some(ChannelView::from(&record.channel)),
+                });
+                return true;
+            }
+            let previous = Box::new(record.clone());
+            record.refund_requested = Some(amount);
+            record.updated_at_ms = now_ms;
+            let outcome =
+                SubmitOutcome::VoucherAccepted { payer: v.config.payer, channel: ChannelView::from(&record.channel) };
+            let item =
+                CommitItem::Channel { record: Box::new(record.clone()), previous, shard: self.index, outcome, reply };
+            return self.commit.send(item).is_ok();
+        }
         match record.channel.check_voucher(v.max_claimable, v.amount, 0, now, &policy) {
             Ok(()) => {
                 let previous = Box::new(record.clone());

@@ -21,16 +21,17 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use alloy::{
-    primitives::{Address, B256},
+    primitives::{Address, B256, U256},
     signers::{SignerSync, local::PrivateKeySigner},
 };
 use x402_chain::{
     Chain,
-    channel::{ClaimRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
+    channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
 };
-use x402_channel::{ChannelDomain, OnChain};
+use x402_channel::{ChannelDomain, OnChain, Refund};
 
 use super::{Settler, chain_error};
+use crate::channels::Claimed;
 use crate::{
     Result,
     domain::{ChannelRecord, IntentState, unix_millis},
@@ -135,9 +136,11 @@ impl<C: Chain> Settler<C> {
             }
             let Some(merchant) = self.engine.merchant(&record.merchant_id) else { continue };
             let policy = crate::channels::claim_policy(&merchant);
-            if let Some(reason) = c.claim_due(&policy, now, record.last_claim_at) {
+            let requested = (record.claim_requested || record.refund_requested.is_some())
+                .then_some(x402_channel::ClaimReason::Requested);
+            if let Some(reason) = requested.or_else(|| c.claim_due(&policy, now, record.last_claim_at)) {
                 tracing::debug!(channel = %c.id, ?reason, unclaimed = c.unclaimed(), "channel claim due");
-                due.push(record.clone());
+                due.push((record.clone(), merchant.number));
             }
         }
         let mut round = ClaimRound::default();
@@ -163,14 +166,25 @@ impl<C: Chain> Settler<C> {
             .any(|i| i.chain_id == chain_id && i.payments.is_empty() && i.state == IntentState::Pending))
     }
 
-    /// Claims `records` (re-read first) in one transaction, then settles
-    /// their receivers; returns the rows claimed.
-    async fn claim(&self, claims: &ClaimsConfig, records: &[ChannelRecord]) -> Result<usize> {
+    /// Claims `records` (re-read first) in one transaction, settles their
+    /// receivers and makes the refunds asked for; returns the rows claimed.
+    async fn claim(&self, claims: &ClaimsConfig, records: &[(ChannelRecord, u32)]) -> Result<usize> {
+        let domain = ChannelDomain::new(self.chain.chain_id(), claims.contract);
         let mut rows = Vec::with_capacity(records.len());
         let mut settle = Vec::new();
-        for record in records {
+        let mut refunds = Vec::new();
+        for (record, _) in records {
             let mut channel = record.channel.clone();
             channel.sync(self.read_channel(claims.contract, record).await?, unix_millis() / 1000);
+            if let Some(requested) = record.refund_requested {
+                let amount = channel.refundable(Some(requested));
+                if amount > 0 {
+                    let nonce = U256::from(channel.onchain.refund_nonce);
+                    let digest = domain.refund_digest(&Refund { channelId: channel.id, nonce, amount });
+                    let signature = self.authorize(claims, digest)?;
+                    refunds.push(RefundRow { config: channel.config.clone(), amount, nonce, signature });
+                }
+            }
             let Some((entry, signature)) = channel.claim_entry() else { continue };
             rows.push(ClaimRow {
                 config: channel.config.clone(),
@@ -184,27 +198,67 @@ impl<C: Chain> Settler<C> {
                 settle.push(receiver);
             }
         }
-        if rows.is_empty() {
+        if rows.is_empty() && refunds.is_empty() {
+            // Nothing to send; a request is served by finding nothing to do.
+            self.record_claimed(claims, records, None).await?;
             return Ok(0);
         }
-        let domain = ChannelDomain::new(self.chain.chain_id(), claims.contract);
-        let digest = domain.claim_batch_digest(&claim_batch(&rows));
-        let signature = claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Config(e.to_string()))?;
-        let input = claim_and_settle_calldata(&rows, &signature.as_bytes(), &settle);
+        let signature = if rows.is_empty() {
+            Vec::new()
+        } else {
+            self.authorize(claims, domain.claim_batch_digest(&claim_batch(&rows)))?.to_vec()
+        };
+        let input = claim_and_settle_calldata(&rows, &signature, &settle, &refunds);
         let tx = self.chain.sign_call(claims.contract, input, None).await.map_err(chain_error)?;
         let claimed: u128 = rows.iter().map(|r| r.total_claimed).sum();
-        tracing::info!(tx = %tx.hash, rows = rows.len(), receivers = settle.len(), claimed, "claiming channels");
+        tracing::info!(
+            tx = %tx.hash, rows = rows.len(), receivers = settle.len(), refunds = refunds.len(), claimed,
+            "claiming channels"
+        );
         metrics::histogram!(crate::metrics::CLAIM_ROWS).record(rows.len() as f64);
+        let hash = tx.hash;
         self.claiming.store(true, std::sync::atomic::Ordering::Release);
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
         self.claiming.store(false, std::sync::atomic::Ordering::Release);
         sent?;
-        let at = unix_millis() / 1000;
-        for record in records {
-            let onchain = self.read_channel(claims.contract, record).await?;
-            self.engine.sync_channel(record.channel.id, onchain, Some(at)).await?;
-        }
+        let block = self.chain.receipt(hash).await.map_err(chain_error)?.map(|r| (hash, r.block));
+        self.record_claimed(claims, records, block).await?;
         Ok(rows.len())
+    }
+
+    /// Mirrors the channels a claim round served, with the transaction (if
+    /// one was mined) as their event.
+    async fn record_claimed(
+        &self,
+        claims: &ClaimsConfig,
+        records: &[(ChannelRecord, u32)],
+        mined: Option<(B256, u64)>,
+    ) -> Result<()> {
+        let at = unix_millis() / 1000;
+        for (record, merchant_number) in records {
+            let onchain = self.read_channel(claims.contract, record).await?;
+            let claimed = Claimed {
+                at,
+                tx: mined.map_or(B256::ZERO, |m| m.0),
+                block: mined.map_or(0, |m| m.1),
+                merchant_number: *merchant_number,
+                served_claim: record.claim_requested,
+                served_refund: record.refund_requested,
+            };
+            // No transaction: the request is cleared, no event.
+            let claimed = if mined.is_some() || record.claim_requested || record.refund_requested.is_some() {
+                Some(claimed)
+            } else {
+                None
+            };
+            self.engine.sync_channel(record.channel.id, onchain, claimed).await?;
+        }
+        Ok(())
+    }
+
+    /// The receiver authorizer's signature of `digest`.
+    fn authorize(&self, claims: &ClaimsConfig, digest: B256) -> Result<[u8; 65]> {
+        Ok(claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Config(e.to_string()))?.as_bytes())
     }
 
     async fn read_channel(&self, contract: Address, record: &ChannelRecord) -> Result<OnChain> {
