@@ -318,7 +318,7 @@ struct AuthorizationJson {
 /// A uint256 as x402 sends it: a decimal string (numbers accepted too).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Uint {
+pub(crate) enum Uint {
     Str(String),
     Num(u64),
 }
@@ -359,21 +359,21 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     })
 }
 
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
     hex::decode(s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?).ok()
 }
 
-fn parse_address(s: &str) -> Option<Address> {
+pub(crate) fn parse_address(s: &str) -> Option<Address> {
     let bytes = parse_hex(s)?;
     (bytes.len() == 20).then(|| Address::from_slice(&bytes))
 }
 
-fn parse_b256(s: &str) -> Option<B256> {
+pub(crate) fn parse_b256(s: &str) -> Option<B256> {
     let bytes = parse_hex(s)?;
     (bytes.len() == 32).then(|| B256::from_slice(&bytes))
 }
 
-fn parse_uint(v: &Uint) -> Option<U256> {
+pub(crate) fn parse_uint(v: &Uint) -> Option<U256> {
     match v {
         Uint::Num(n) => Some(U256::from(*n)),
         Uint::Str(s) => parse_decimal_u256(s),

@@ -184,6 +184,43 @@ fn priced_voucher(
     )
 }
 
+/// A voucher as the reference client sends it: the raw `PAYMENT-SIGNATURE`
+/// header, passed through by the gateway with its own requirements.
+fn header_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charged: u128) -> pb::SubmitRequest {
+    use base64::Engine as _;
+    let domain = Setup::domain();
+    let id = domain.channel_id(config);
+    let max = charged + PRICE;
+    let json = serde_json::json!({
+        "x402Version": 2,
+        "accepted": {
+            "scheme": "batch-settlement", "network": NETWORK, "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
+            "amount": PRICE.to_string(), "maxTimeoutSeconds": 60,
+            "extra": { "receiverAuthorizer": config.receiverAuthorizer.to_string(), "withdrawDelay": WITHDRAW_DELAY,
+                       "name": "USD Coin", "version": "2" },
+        },
+        "payload": {
+            "type": "voucher",
+            "channelConfig": {
+                "payer": config.payer.to_string(), "payerAuthorizer": config.payerAuthorizer.to_string(),
+                "receiver": config.receiver.to_string(), "receiverAuthorizer": config.receiverAuthorizer.to_string(),
+                "token": config.token.to_string(), "withdrawDelay": WITHDRAW_DELAY, "salt": config.salt.to_string(),
+            },
+            "voucher": {
+                "channelId": id.to_string(),
+                "maxClaimableAmount": max.to_string(),
+                "signature": payer.sign_voucher(&domain, id, max).to_string(),
+            },
+        },
+    });
+    let header = base64::engine::general_purpose::STANDARD.encode(json.to_string());
+    let mut req = header_submit(request_id, &channel_requirements(), header);
+    let r = req.requirements.as_mut().unwrap();
+    r.receiver_authorizer = config.receiverAuthorizer.to_vec();
+    r.withdraw_delay = WITHDRAW_DELAY;
+    req
+}
+
 /// The first request of a channel, with the deposit that funds it.
 fn deposit_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, deposit: u128) -> pb::SubmitRequest {
     let mut req = priced_voucher(request_id, payer, config, 0, PRICE);
@@ -415,15 +452,21 @@ async fn a_voucher_off_the_charged_total_is_refused_with_the_channel_state() {
     assert_eq!(stale.channel.unwrap().charged_cumulative_amount, "4");
     let resynced = client.submit(voucher(3, payer, &config, 4, PRICE)).await.unwrap().into_inner();
     assert_eq!(outcome(&resynced), pb::Outcome::Accepted, "{}", resynced.message);
+    // The same rules for a voucher passed through as the raw header.
+    let raw = client.submit(header_voucher(30, payer, &config, 14)).await.unwrap().into_inner();
+    assert_eq!(outcome(&raw), pb::Outcome::Accepted, "{}", raw.message);
+    assert_eq!(raw.channel.unwrap().charged_cumulative_amount, "24");
+    let raw = client.submit(header_voucher(31, payer, &config, 14)).await.unwrap().into_inner();
+    assert_eq!(raw.reason, "invalid_batch_settlement_evm_cumulative_amount_mismatch");
 
     // Beyond the deposit: a request priced 100 on top of 14 charged.
-    let answer = client.submit(priced_voucher(5, payer, &config, 14, 100)).await.unwrap().into_inner();
+    let answer = client.submit(priced_voucher(5, payer, &config, 24, 100)).await.unwrap().into_inner();
     assert_eq!(answer.reason, "invalid_batch_settlement_evm_cumulative_exceeds_balance", "{}", answer.message);
     assert_eq!(answer.channel.unwrap().balance, "100");
 
     // A voucher signed by someone else.
     let thief = Payer::random();
-    let forged = client.submit(voucher(6, &thief, &config, 14, PRICE)).await.unwrap().into_inner();
+    let forged = client.submit(voucher(6, &thief, &config, 24, PRICE)).await.unwrap().into_inner();
     assert_eq!(forged.reason, "invalid_batch_settlement_evm_voucher_signature");
     // A channel paying someone else.
     let mut elsewhere = config.clone();

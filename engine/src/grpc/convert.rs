@@ -102,6 +102,18 @@ fn uint128(field: &'static str, value: &str) -> Result<u128, InvalidField> {
     u128::try_from(v).map_err(|_| InvalidField::new(field, format!("{v} does not fit a uint128")))
 }
 
+/// `extra.receiverAuthorizer` and `extra.withdrawDelay` of the requirements.
+fn channel_extra(r: &pb::PaymentRequirements) -> Result<ChannelExtra, InvalidField> {
+    Ok(ChannelExtra {
+        receiver_authorizer: if r.receiver_authorizer.is_empty() {
+            Address::ZERO
+        } else {
+            address("requirements.receiver_authorizer", &r.receiver_authorizer)?
+        },
+        withdraw_delay: r.withdraw_delay,
+    })
+}
+
 fn voucher(p: pb::VoucherPayment, r: &pb::PaymentRequirements) -> Result<VoucherPayload, InvalidField> {
     let c = p.channel_config.ok_or_else(|| InvalidField::new("voucher.channel_config", "is required"))?;
     let v = p.voucher.ok_or_else(|| InvalidField::new("voucher.voucher", "is required"))?;
@@ -128,14 +140,7 @@ fn voucher(p: pb::VoucherPayment, r: &pb::PaymentRequirements) -> Result<Voucher
         max_claimable: uint128("voucher.voucher.max_claimable_amount", &v.max_claimable_amount)?,
         signature: v.signature.into(),
         charge: if p.charge.is_empty() { None } else { Some(uint128("voucher.charge", &p.charge)?) },
-        extra: ChannelExtra {
-            receiver_authorizer: if r.receiver_authorizer.is_empty() {
-                Address::ZERO
-            } else {
-                address("requirements.receiver_authorizer", &r.receiver_authorizer)?
-            },
-            withdraw_delay: r.withdraw_delay,
-        },
+        extra: channel_extra(r)?,
         deposit: p.deposit.map(deposit).transpose()?,
         refund: match p.refund {
             Some(r) if r.amount.is_empty() => Some(None),
@@ -174,7 +179,12 @@ pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidFi
                     format!("is {} bytes, more than {MAX_HEADER_LEN}", h.len()),
                 ));
             }
-            PaymentInput::Header(h)
+            if requirements.scheme == "batch-settlement" {
+                let extra = channel_extra(&voucher_extra.unwrap_or_default())?;
+                PaymentInput::Voucher(Box::new(crate::channels::decode_header(&h, extra)?))
+            } else {
+                PaymentInput::Header(h)
+            }
         }
         Some(pb::submit_request::Payment::Voucher(p)) => {
             PaymentInput::Voucher(Box::new(voucher(p, &voucher_extra.unwrap_or_default())?))

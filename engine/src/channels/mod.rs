@@ -15,6 +15,8 @@
 //! independent (each has its own balance), so they are sharded by channel
 //! id, not by payer.
 
+mod header;
+
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
@@ -27,6 +29,8 @@ use crate::{
     reason::{Reason, Rejection},
     verify::{Refusal, recover_signer},
 };
+
+pub(crate) use self::header::decode as decode_header;
 
 /// The `batch-settlement` fields of the requirements (x402 `extra`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
