@@ -14,6 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("x402_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // The voucher is the largest payment by far: boxed, a SubmitRequest
+        // stays small for the common `exact` case.
+        .boxed(".x402.engine.v1.SubmitRequest.payment.voucher")
+        .compile_fds(fds)?;
     Ok(())
 }

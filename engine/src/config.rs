@@ -82,6 +82,54 @@ pub struct ChainConfig {
     /// How often channel events are read and due claims looked for.
     #[serde(default = "default_channel_poll_ms")]
     pub channel_poll_ms: u64,
+    /// An unmined settlement transaction is replaced by a fee bump after
+    /// this many seconds.
+    #[serde(default = "default_stuck_after_secs")]
+    pub stuck_after_secs: u64,
+    /// Fee bumps per transaction at most.
+    #[serde(default = "default_max_bumps")]
+    pub max_bumps: u32,
+    /// Blocks on top of an included transaction after which it is no longer
+    /// watched for reorgs.
+    #[serde(default = "default_finality_depth")]
+    pub finality_depth: u64,
+    /// A batch goes out once its earliest `validBefore` is this close.
+    #[serde(default = "default_batch_deadline_margin_secs")]
+    pub batch_deadline_margin_secs: u64,
+    /// The Multicall3 contract batches go through; the canonical address
+    /// when absent.
+    pub multicall: Option<alloy::primitives::Address>,
+}
+
+impl ChainConfig {
+    /// The settler's pacing from this section.
+    pub fn settler(&self) -> crate::settle::SettlerConfig {
+        let d = crate::settle::SettlerConfig::default();
+        crate::settle::SettlerConfig {
+            stuck_after: std::time::Duration::from_secs(self.stuck_after_secs),
+            max_bumps: self.max_bumps,
+            finality_depth: self.finality_depth,
+            batch_deadline_margin_secs: self.batch_deadline_margin_secs,
+            multicall: self.multicall.unwrap_or(d.multicall),
+            ..d
+        }
+    }
+}
+
+const fn default_stuck_after_secs() -> u64 {
+    30
+}
+
+const fn default_max_bumps() -> u32 {
+    5
+}
+
+const fn default_finality_depth() -> u64 {
+    64
+}
+
+const fn default_batch_deadline_margin_secs() -> u64 {
+    20
 }
 
 const fn default_channel_poll_ms() -> u64 {
@@ -128,6 +176,11 @@ impl ChainConfig {
             receiver_authorizer_key_file: None,
             receiver_authorizer_key,
             channel_poll_ms: default_channel_poll_ms(),
+            stuck_after_secs: default_stuck_after_secs(),
+            max_bumps: default_max_bumps(),
+            finality_depth: default_finality_depth(),
+            batch_deadline_margin_secs: default_batch_deadline_margin_secs(),
+            multicall: None,
         }
     }
 
@@ -278,7 +331,9 @@ impl Default for AuthConfig {
     }
 }
 
-/// Payer balances until the chain layer provides them.
+/// Payer balances given in the configuration: what applies without a
+/// `[chain]` (whose balances are read from the chain), and for payments on
+/// another chain than the `[chain]`'s.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BalancesConfig {

@@ -93,14 +93,15 @@ const DEV_MERCHANTS: [(&str, &str); 3] = [
     ("demo-batched", "dev-batched-key-not-secret"),
     ("demo-channel", "dev-channel-key-not-secret"),
 ];
-/// Anvil's well-known development accounts 1–4 (mnemonic "test test … junk").
+/// Anvil's well-known development account 1 (mnemonic "test test … junk").
 const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 /// Test tokens minted to each dev payer: 1,000 (6 decimals).
 const DEV_MINT: u64 = 1_000_000_000;
+/// Anvil's well-known development accounts 2–4: the dev payers.
 const DEV_PAYER_KEYS: [&str; 3] = [
     "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
     "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
-    "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926e",
+    "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
 ];
 fn dev_config(data_dir: PathBuf, devnet: &Devnet) -> Config {
     let mut config = Config::default();
@@ -171,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             chain_config.receipt_poll_ms = 100;
             chain_config.balance_poll_ms = 500;
             config.chain = Some(chain_config);
-            devnet = Some((anvil, chain));
+            devnet = Some((anvil, chain, authorizer.address()));
             overrides.apply(&mut config);
             (config, Some(dir))
         }
@@ -180,8 +181,8 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::start(&config).await.context("starting x402d")?;
     let endpoints = node.endpoints();
     println!("x402d listening grpc={} http={}", endpoints.grpc, endpoints.http);
-    if let Some((anvil, chain)) = &devnet {
-        print_dev_banner(&config, endpoints.http, anvil.endpoint(), chain);
+    if let Some((anvil, chain, authorizer)) = &devnet {
+        print_dev_banner(&config, endpoints.http, anvil.endpoint(), chain, *authorizer);
     }
     node.wait(shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -201,7 +202,7 @@ async fn start_devnet() -> anyhow::Result<(Anvil, Devnet)> {
     Ok((anvil, chain))
 }
 
-fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet) {
+fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet, authorizer: Address) {
     println!();
     println!("ledger      {}", config.ledger.path.display());
     println!("admin key   {DEV_ADMIN_KEY}");
@@ -215,8 +216,10 @@ fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet
     for key in DEV_PAYER_KEYS {
         println!("payer key   {key} (holds {} tokens)", DEV_MINT / 1_000_000);
     }
-    println!("settlement  direct payments settle on this chain (batched and channel: not yet)");
-    println!("balances    not yet read from the chain: the engine treats them as unlimited");
+    println!("channels    {} (deposit collector {})", chain.channels, chain.deposit_collector);
+    println!("authorizer  {authorizer} (receiver authorizer: x402d signs channel claims with its key)");
+    println!("settlement  direct, batched and channel payments settle on this chain");
+    println!("balances    read from the chain, refreshed from Transfer logs");
     println!("metrics     http://{http}/metrics");
     println!();
 }

@@ -12,7 +12,7 @@ use crate::{
     balance::{BalanceSource, ChainBalances, ChainBalancesConfig},
     config::{Config, TlsConfig},
     ledger::{Ledger, RocksLedger, RocksOptions},
-    settle::{ClaimsConfig, Settler, SettlerConfig},
+    settle::{ClaimsConfig, Settler},
 };
 
 /// How long open streams may delay a shutdown.
@@ -207,7 +207,7 @@ fn start_settler(
         }
         None => None,
     };
-    Ok(Settler::spawn(engine.clone(), chain, SettlerConfig::default(), claims))
+    Ok(Settler::spawn(engine.clone(), chain, config.settler(), claims))
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

@@ -3,7 +3,7 @@
 //! between simulation and inclusion failing alone with their reason, and a
 //! crash after a batch's broadcast.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use alloy::{
     network::TransactionBuilder,
@@ -21,7 +21,6 @@ use x402_chain::{
 use x402_engine::{
     config::PolicyConfig,
     domain::{Authorization, ExactPayload, PaymentId, PaymentRecord, PaymentState},
-    node::Node,
     payer::Payer,
     settle::{Settler, SettlerConfig},
 };
@@ -32,33 +31,15 @@ use crate::common::*;
 const MINTED: u64 = AMOUNT * 10;
 const ELSEWHERE: Address = Address::repeat_byte(0x99);
 
-struct Setup {
-    anvil: Anvil,
-    control: RootProvider,
-    chain: Arc<AlloyChain>,
-    payers: Vec<Payer>,
-    node: Node,
-    _dir: tempfile::TempDir,
-}
+type Setup = ChainSetup;
 
 /// Anvil with the token, `payers` payers holding `MINTED` each, and an
 /// in-process node whose merchant m2 batches up to `max_rows`.
 async fn setup(payers: usize, max_rows: u32, max_wait_ms: u64) -> Setup {
-    let anvil = Anvil::spawn(&[]).unwrap();
-    let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
-    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
-    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
-    let signers: Vec<_> = (0..2).map(|_| PrivateKeySigner::random()).collect();
-    devnet::fund_ether(anvil.endpoint(), &signers.iter().map(PrivateKeySigner::address).collect::<Vec<_>>())
-        .await
-        .unwrap();
-    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), signers, TxConfig::default()).await.unwrap());
-    let control = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_value(dir.path());
-    config.merchants[1].policy = PolicyConfig::Batched { max_rows, max_wait_ms };
-    let node = start_node(&config).await;
-    Setup { anvil, control, chain, payers, node, _dir: dir }
+    ChainSetup::start(payers, MINTED, 2, |config| {
+        config.merchants[1].policy = PolicyConfig::Batched { max_rows, max_wait_ms };
+    })
+    .await
 }
 
 /// A payment by `payer` to m2, signed here so the test knows its nonce.

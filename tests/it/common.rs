@@ -226,6 +226,42 @@ impl ChainSection {
     }
 }
 
+/// Anvil with the test token, funded payers and settlement keys, and an
+/// in-process node (not settling: tests start their own settler on
+/// [`ChainSetup::chain`]).
+pub(crate) struct ChainSetup {
+    pub(crate) anvil: x402_chain::anvil::Anvil,
+    /// Talks to anvil directly (mining, reorgs, reads).
+    pub(crate) control: alloy::providers::RootProvider,
+    pub(crate) chain: std::sync::Arc<x402_chain::AlloyChain>,
+    pub(crate) payers: Vec<Payer>,
+    pub(crate) node: Node,
+    _dir: tempfile::TempDir,
+}
+
+impl ChainSetup {
+    /// `payers` payers holding `minted` each, `signers` funded settlement
+    /// keys, and a node on the test config changed by `configure`.
+    pub(crate) async fn start(payers: usize, minted: u64, signers: usize, configure: impl FnOnce(&mut Config)) -> Self {
+        use alloy::{providers::ProviderBuilder, signers::local::PrivateKeySigner};
+        use x402_chain::{AlloyChain, TxConfig, anvil::Anvil, devnet};
+        let anvil = Anvil::spawn(&[]).unwrap();
+        let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
+        let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
+        devnet::deploy(anvil.endpoint(), &addresses, U256::from(minted)).await.unwrap();
+        let signers: Vec<_> = (0..signers).map(|_| PrivateKeySigner::random()).collect();
+        let funded: Vec<_> = signers.iter().map(PrivateKeySigner::address).collect();
+        devnet::fund_ether(anvil.endpoint(), &funded).await.unwrap();
+        let chain = AlloyChain::connect(anvil.endpoint(), signers, TxConfig::default()).await.unwrap();
+        let control = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_value(dir.path());
+        configure(&mut config);
+        let node = start_node(&config).await;
+        Self { anvil, control, chain: std::sync::Arc::new(chain), payers, node, _dir: dir }
+    }
+}
+
 /// An in-process node.
 pub(crate) async fn start_node(config: &Config) -> Node {
     Node::start(config).await.expect("node starts")

@@ -3,19 +3,16 @@
 //! settlements has them sent again. Either way every payment ends settled
 //! exactly once.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use alloy::{
     primitives::{B256, U256},
-    providers::{ProviderBuilder, RootProvider, ext::AnvilApi},
+    providers::ext::AnvilApi,
     rpc::types::anvil::ReorgOptions,
-    signers::local::PrivateKeySigner,
 };
-use x402_chain::{AlloyChain, Chain, TxConfig, anvil::Anvil, devnet};
+use x402_chain::{Chain, devnet};
 use x402_engine::{
     domain::{IntentState, PaymentId},
-    node::Node,
-    payer::Payer,
     settle::{Settler, SettlerConfig},
 };
 use x402_proto::v1 as pb;
@@ -24,27 +21,10 @@ use crate::common::*;
 
 const MINTED: u64 = 1_000_000;
 
-struct Setup {
-    anvil: Anvil,
-    control: RootProvider,
-    chain: Arc<AlloyChain>,
-    payers: Vec<Payer>,
-    node: Node,
-    _dir: tempfile::TempDir,
-}
+type Setup = ChainSetup;
 
 async fn setup(payers: usize) -> Setup {
-    let anvil = Anvil::spawn(&[]).unwrap();
-    let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
-    let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
-    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
-    let signer = PrivateKeySigner::random();
-    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
-    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
-    let control = ProviderBuilder::default().connect_http(anvil.endpoint().parse().unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&config_value(dir.path())).await;
-    Setup { anvil, control, chain, payers, node, _dir: dir }
+    ChainSetup::start(payers, MINTED, 1, |_| {}).await
 }
 
 /// Submits one payment per payer to the direct merchant.

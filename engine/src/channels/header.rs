@@ -179,7 +179,7 @@ mod tests {
     use alloy::primitives::{Address, B256};
     use base64::engine::general_purpose::STANDARD;
 
-    fn header(payload: serde_json::Value) -> String {
+    fn header(payload: &serde_json::Value) -> String {
         let json = serde_json::json!({
             "x402Version": 2,
             "accepted": { "scheme": "batch-settlement", "network": "eip155:31337" },
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn voucher_deposit_and_refund_payloads_decode() {
         let v = decode(
-            &header(serde_json::json!({"type": "voucher", "channelConfig": config(), "voucher": voucher()})),
+            &header(&serde_json::json!({"type": "voucher", "channelConfig": config(), "voucher": voucher()})),
             EXTRA,
         )
         .unwrap();
@@ -232,7 +232,7 @@ mod tests {
             }},
         });
         let d = decode(
-            &header(serde_json::json!({"type": "deposit", "channelConfig": config(), "voucher": voucher(), "deposit": deposit})),
+            &header(&serde_json::json!({"type": "deposit", "channelConfig": config(), "voucher": voucher(), "deposit": deposit})),
             EXTRA,
         )
         .unwrap()
@@ -241,14 +241,14 @@ mod tests {
         assert_eq!((d.amount, d.valid_before, d.salt), (100_000, 1_700_000_000, U256::from(255)));
 
         let r = decode(
-            &header(serde_json::json!({"type": "refund", "channelConfig": config(), "voucher": voucher()})),
+            &header(&serde_json::json!({"type": "refund", "channelConfig": config(), "voucher": voucher()})),
             EXTRA,
         )
         .unwrap();
         assert_eq!(r.refund, Some(None));
         let r = decode(
             &header(
-                serde_json::json!({"type": "refund", "channelConfig": config(), "voucher": voucher(), "amount": "70"}),
+                &serde_json::json!({"type": "refund", "channelConfig": config(), "voucher": voucher(), "amount": "70"}),
             ),
             EXTRA,
         )
@@ -261,10 +261,10 @@ mod tests {
         let mut bad = config();
         bad["withdrawDelay"] = serde_json::json!(1u64 << 41);
         let err =
-            decode(&header(serde_json::json!({"type": "voucher", "channelConfig": bad, "voucher": voucher()})), EXTRA)
+            decode(&header(&serde_json::json!({"type": "voucher", "channelConfig": bad, "voucher": voucher()})), EXTRA)
                 .unwrap_err();
         assert_eq!(err.field, "payment_signature_header.payload.channelConfig.withdrawDelay");
-        let err = decode(&header(serde_json::json!({"type": "claim", "claims": []})), EXTRA).unwrap_err();
+        let err = decode(&header(&serde_json::json!({"type": "claim", "claims": []})), EXTRA).unwrap_err();
         assert!(err.message.contains("batch-settlement PaymentPayload"), "{}", err.message);
         assert!(decode("not base64!", EXTRA).is_err());
     }

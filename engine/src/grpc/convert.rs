@@ -187,7 +187,7 @@ pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidFi
             }
         }
         Some(pb::submit_request::Payment::Voucher(p)) => {
-            PaymentInput::Voucher(Box::new(voucher(p, &voucher_extra.unwrap_or_default())?))
+            PaymentInput::Voucher(Box::new(voucher(*p, &voucher_extra.unwrap_or_default())?))
         }
         None => {
             return Err(InvalidField::new("payment", "one of exact, payment_signature_header or voucher is required"));
@@ -395,7 +395,7 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
             signature: p.signature.clone(),
         }),
         PaymentInput::Header(h) => pb::submit_request::Payment::PaymentSignatureHeader(h.clone()),
-        PaymentInput::Voucher(v) => pb::submit_request::Payment::Voucher(pb::VoucherPayment {
+        PaymentInput::Voucher(v) => pb::submit_request::Payment::Voucher(Box::new(pb::VoucherPayment {
             network: v.network.clone(),
             channel_config: Some(pb::ChannelConfig {
                 payer: v.config.payer.to_vec(),
@@ -422,7 +422,7 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
             refund: v
                 .refund
                 .map(|amount| pb::ChannelRefund { amount: amount.map(|a| a.to_string()).unwrap_or_default() }),
-        }),
+        })),
     };
     let (receiver_authorizer, withdraw_delay) = match &submission.input {
         PaymentInput::Voucher(v) => (v.extra.receiver_authorizer.to_vec(), v.extra.withdraw_delay),

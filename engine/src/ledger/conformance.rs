@@ -232,7 +232,7 @@ pub(crate) fn sample_channel(seed: u8, charged: u128, withdrawing: bool) -> Chan
         last_claim_at: 1_699_999_999,
         updated_at_ms: 1_700_000_000_123,
         claim_requested: withdrawing,
-        refund_requested: (seed % 3 == 0).then_some(u128::from(seed) << 100),
+        refund_requested: seed.is_multiple_of(3).then_some(u128::from(seed) << 100),
     }
 }
 
