@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     Error, Result,
+    channels::ChannelView,
     domain::{ChannelRecord, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
     ledger::{Ledger, Write, WriteBatch},
 };
@@ -39,7 +40,7 @@ pub(crate) enum CommitItem {
     /// Record a channel's refreshed on-chain mirror.
     /// With `event`, a claim or refund went through: announced as a
     /// `CONFIRMED` event of the channel for the merchant numbered so.
-    ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: oneshot::Sender<Result<()>> },
+    ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: ChannelReply },
     /// Record a channel's new state (an accepted voucher), then answer
     /// `outcome`; if the write fails, the shard gets `previous` back.
     Channel {
@@ -49,6 +50,27 @@ pub(crate) enum CommitItem {
         outcome: SubmitOutcome,
         reply: oneshot::Sender<SubmitOutcome>,
     },
+}
+
+/// Who hears that a channel write is durable.
+pub(crate) enum ChannelReply {
+    /// The claims task, after mirroring a read.
+    Synced(oneshot::Sender<Result<()>>),
+    /// An operator's request, answered with the channel as recorded.
+    Requested(oneshot::Sender<Result<Option<ChannelView>>>, ChannelView),
+}
+
+impl ChannelReply {
+    fn send(self, result: Result<()>) {
+        match self {
+            Self::Synced(reply) => {
+                let _ = reply.send(result);
+            }
+            Self::Requested(reply, view) => {
+                let _ = reply.send(result.map(|()| Some(view)));
+            }
+        }
+    }
 }
 
 /// What to do once a group is durable (or failed).
@@ -66,6 +88,7 @@ enum Done {
     },
     Reply(SubmitOutcome, oneshot::Sender<SubmitOutcome>),
     Merchant(oneshot::Sender<Result<()>>),
+    ChannelWrite(ChannelReply),
     Settlement {
         settled: Vec<Settled>,
         reply: oneshot::Sender<Result<()>>,
@@ -282,7 +305,7 @@ impl Committer {
                         }));
                     }
                     batch.push(Write::Channel(record));
-                    done.push(Done::Merchant(reply));
+                    done.push(Done::ChannelWrite(reply));
                 }
                 CommitItem::Channel { record, previous, shard, outcome, reply } => {
                     batch.push(Write::Channel(record));
@@ -346,6 +369,7 @@ impl Committer {
                         Done::Merchant(reply) => {
                             let _ = reply.send(Ok(()));
                         }
+                        Done::ChannelWrite(reply) => reply.send(Ok(())),
                         Done::Channel { outcome, reply, .. } => {
                             metrics::counter!(crate::metrics::VOUCHERS_ACCEPTED).increment(1);
                             let _ = reply.send(outcome);
@@ -395,6 +419,7 @@ impl Committer {
                         Done::Merchant(reply) | Done::Settlement { reply, .. } => {
                             let _ = reply.send(Err(crate::Error::Commit(err.clone())));
                         }
+                        Done::ChannelWrite(reply) => reply.send(Err(crate::Error::Commit(err.clone()))),
                     }
                 }
             }

@@ -19,7 +19,10 @@ use alloy::primitives::{Address, B256, U256};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::{SubmitOutcome, committer::CommitItem};
+use super::{
+    SubmitOutcome,
+    committer::{ChannelReply, CommitItem},
+};
 use crate::{
     balance::{BalanceSource, Fetched, Lookup, Notifier},
     channels::{
@@ -295,6 +298,7 @@ impl Shard {
                     event = Some((c.merchant_number, status));
                 }
                 record.updated_at_ms = now_ms;
+                let reply = ChannelReply::Synced(reply);
                 self.commit.send(CommitItem::ChannelWrite { record: Box::new(record.clone()), event, reply }).is_ok()
             }
             ShardMsg::ChannelRequest { id, claim, refund, reply } => {
@@ -307,14 +311,8 @@ impl Shard {
                     record.refund_requested = refund;
                 }
                 record.updated_at_ms = unix_millis();
-                let view = ChannelView::from(&record.channel);
-                let (done, wait) = oneshot::channel();
-                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, reply: done };
-                // The answer waits for the write, off this thread.
-                std::thread::spawn(move || {
-                    let _ = reply
-                        .send(wait.blocking_recv().unwrap_or(Err(crate::Error::PipelineStopped)).map(|()| Some(view)));
-                });
+                let reply = ChannelReply::Requested(reply, ChannelView::from(&record.channel));
+                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, reply };
                 self.commit.send(item).is_ok()
             }
             ShardMsg::ChannelRevert { record } => {
