@@ -34,6 +34,23 @@ pub struct Config {
     pub merchants: Vec<MerchantConfig>,
     /// The chain payments settle on; without it payments stay queued.
     pub chain: Option<ChainConfig>,
+    pub facilitator: FacilitatorConfig,
+}
+
+/// The x402 facilitator HTTP API (`/verify`, `/settle`, `/supported` on the
+/// HTTP listener).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FacilitatorConfig {
+    /// How long `/settle` waits for a payment to settle before answering
+    /// `settlement_pending` (it settles all the same).
+    pub settle_wait_ms: u64,
+}
+
+impl Default for FacilitatorConfig {
+    fn default() -> Self {
+        Self { settle_wait_ms: 30_000 }
+    }
 }
 
 /// An EVM chain to settle on.

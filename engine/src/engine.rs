@@ -89,6 +89,12 @@ impl Engine {
         self.pipeline.try_submit(merchant, submission)
     }
 
+    /// Checks a submission without recording it; see [`Pipeline::try_verify`].
+    pub async fn verify(&self, merchant: Arc<Merchant>, submission: Submission) -> Result<SubmitOutcome, Overloaded> {
+        let rx = self.pipeline.try_verify(merchant, submission)?;
+        Ok(rx.await.unwrap_or_else(|_| SubmitOutcome::Unavailable("pipeline stopped".into())))
+    }
+
     /// Submits and waits for the final outcome (or `Overloaded`).
     pub async fn submit(&self, merchant: Arc<Merchant>, submission: Submission) -> Result<SubmitOutcome, Overloaded> {
         let rx = self.try_submit(merchant, submission)?;

@@ -1,4 +1,5 @@
-//! The HTTP listener: Prometheus `/metrics` and `/healthz`.
+//! The HTTP listener: Prometheus `/metrics`, `/healthz`, and the x402
+//! facilitator API ([`crate::facilitator`]).
 
 use std::{future::Future, sync::OnceLock};
 
@@ -31,12 +32,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+/// Serves `/metrics`, `/healthz` and the routes of `api` on `listener`
+/// until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    api: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let handle = prometheus().clone();
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| std::future::ready("ok")));
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .merge(api);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

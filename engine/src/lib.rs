@@ -24,6 +24,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 mod error;
+pub mod facilitator;
 pub mod grpc;
 pub mod http;
 pub mod ledger;

@@ -112,6 +112,7 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let facilitator = facilitator_info(config, &engine, chain.as_deref())?;
         let settler = match chain {
             Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"))?),
             None => {
@@ -120,7 +121,8 @@ impl Node {
             }
         };
         let grpc = tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, until(stopped.clone())));
-        let http = tokio::spawn(crate::http::serve(http_listener, until(stopped)));
+        let api = crate::facilitator::router(engine.clone(), facilitator);
+        let http = tokio::spawn(crate::http::serve(http_listener, api, until(stopped)));
         Ok(Self { engine, endpoints, grpc, http, stop, settler })
     }
 
@@ -187,6 +189,41 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
     };
     let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await.map_err(|e| Error::Chain(Box::new(e)))?;
     Ok(Some(Arc::new(chain)))
+}
+
+/// What the facilitator API advertises: every network of the chain and of
+/// the merchants' accepted assets, the settlement signers, the receiver
+/// authorizer.
+fn facilitator_info(
+    config: &Config,
+    engine: &Engine,
+    chain: Option<&AlloyChain>,
+) -> Result<crate::facilitator::FacilitatorInfo> {
+    let mut networks: Vec<String> = chain.map(|c| format!("eip155:{}", c.chain_id())).into_iter().collect();
+    for merchant in engine.merchants() {
+        for asset in &merchant.assets {
+            networks.push(format!("eip155:{}", asset.chain_id));
+        }
+    }
+    networks.sort();
+    networks.dedup();
+    let receiver_authorizer = match config.chain.as_ref().map(crate::config::ChainConfig::receiver_authorizer_key) {
+        Some(Ok(Some(key))) => Some(
+            key.parse::<alloy::signers::local::PrivateKeySigner>()
+                .map_err(|_| {
+                    Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
+                })?
+                .address(),
+        ),
+        Some(Err(e)) => return Err(e),
+        _ => None,
+    };
+    Ok(crate::facilitator::FacilitatorInfo {
+        networks,
+        signers: chain.map(Chain::signers).unwrap_or_default(),
+        receiver_authorizer,
+        settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
+    })
 }
 
 fn start_settler(

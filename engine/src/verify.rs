@@ -44,6 +44,8 @@ pub struct Verified {
     pub payload: ExactPayload,
     /// The EIP-712 digest the payer signed.
     pub digest: B256,
+    /// Only check it (x402 `/verify`): nothing is reserved or recorded.
+    pub dry_run: bool,
 }
 
 impl Verified {
@@ -217,7 +219,7 @@ impl Verifier {
                 format!("authorization.value {} is not the required amount {}", auth.value, requirements.amount),
             ));
         }
-        Ok(Verified { id, chain_id, requirements, payload, digest })
+        Ok(Verified { id, chain_id, requirements, payload, digest, dry_run: false })
     }
 
     fn domain(&mut self, chain_id: u64, req: &Requirements) -> &Eip3009Domain {

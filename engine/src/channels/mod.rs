@@ -131,6 +131,8 @@ pub struct VerifiedVoucher {
     pub deposit: Option<VerifiedDeposit>,
     /// A refund request of up to this much (`u128::MAX`: all not charged).
     pub refund: Option<u128>,
+    /// Only check it (x402 `/verify`): nothing is recorded or sent.
+    pub dry_run: bool,
 }
 
 /// A channel as answers show it.
@@ -290,6 +292,7 @@ pub(crate) fn verify_voucher(
         charge,
         deposit,
         refund: payload.refund.map(|r| r.unwrap_or(u128::MAX)),
+        dry_run: false,
     })
 }
 

@@ -240,6 +240,11 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
             resp.reason = rejection.reason.code().to_owned();
             resp.message = rejection.message.into_owned();
         }
+        SubmitOutcome::Verified { id, payer } => {
+            resp.outcome = pb::Outcome::Accepted as i32;
+            resp.payment_id = id.0.to_vec();
+            resp.payer = payer.to_vec();
+        }
         SubmitOutcome::VoucherAccepted { payer, channel } => {
             resp.outcome = pb::Outcome::Accepted as i32;
             resp.payment_id = channel.id.to_vec();

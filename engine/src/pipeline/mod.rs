@@ -92,7 +92,11 @@ pub enum SubmitOutcome {
     Invalid(InvalidField),
     /// The ledger could not record it; nothing was accepted. Retryable.
     Unavailable(String),
-    /// A voucher was verified and the channel's new charged total recorded.
+    /// Checked only (a dry run): it would be accepted. Nothing was reserved
+    /// or recorded.
+    Verified { id: PaymentId, payer: Address },
+    /// A voucher was verified and the channel's new charged total recorded
+    /// (for a dry run: would be, and `channel` is as it stands).
     VoucherAccepted { payer: Address, channel: ChannelView },
     /// A voucher failed a rule; `channel` is the channel's state when it is
     /// known, so the client can resynchronise.
@@ -133,6 +137,9 @@ pub(crate) struct VerifyJob {
     merchant: Arc<Merchant>,
     submission: Submission,
     reply: oneshot::Sender<SubmitOutcome>,
+    /// Check only: answer [`SubmitOutcome::Verified`] (or a rejection) and
+    /// change nothing.
+    dry_run: bool,
 }
 
 /// A request to the committer that is not a payment: a merchant write.
@@ -244,9 +251,28 @@ impl Pipeline {
         merchant: Arc<Merchant>,
         submission: Submission,
     ) -> Result<oneshot::Receiver<SubmitOutcome>, Overloaded> {
+        self.try_enqueue(merchant, submission, false)
+    }
+
+    /// Runs every check of a submit, against the same state, and changes
+    /// nothing: no reservation, no record (x402 `/verify`).
+    pub fn try_verify(
+        &self,
+        merchant: Arc<Merchant>,
+        submission: Submission,
+    ) -> Result<oneshot::Receiver<SubmitOutcome>, Overloaded> {
+        self.try_enqueue(merchant, submission, true)
+    }
+
+    fn try_enqueue(
+        &self,
+        merchant: Arc<Merchant>,
+        submission: Submission,
+        dry_run: bool,
+    ) -> Result<oneshot::Receiver<SubmitOutcome>, Overloaded> {
         let (reply, rx) = oneshot::channel();
         let tx = self.verify_tx.as_ref().expect("set until shutdown");
-        match tx.try_send(VerifyJob { merchant, submission, reply }) {
+        match tx.try_send(VerifyJob { merchant, submission, reply, dry_run }) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                 metrics::counter!(crate::metrics::SUBMITS_OVERLOADED).increment(1);
@@ -388,11 +414,12 @@ fn run_verifier(
             metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(rx.len() as f64);
         }
         let now = crate::domain::unix_millis() / 1000;
-        let VerifyJob { merchant, submission, reply } = job;
+        let VerifyJob { merchant, submission, reply, dry_run } = job;
         let submission = match submission {
             Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload) } => {
                 match crate::channels::verify_voucher(&merchant, &requirements, *payload, contract) {
-                    Ok(verified) => {
+                    Ok(mut verified) => {
+                        verified.dry_run = dry_run;
                         let shard = shard_of_channel(verified.channel_id, shards.len());
                         if shards[shard].send(ShardMsg::Voucher { merchant, verified, reply }).is_err() {
                             return;
@@ -413,7 +440,8 @@ fn run_verifier(
             exact => exact,
         };
         match verifier.verify(&merchant, submission, now) {
-            Ok(verified) => {
+            Ok(mut verified) => {
+                verified.dry_run = dry_run;
                 let shard = shard_of(verified.payer(), shards.len());
                 if shards[shard].send(ShardMsg::Payment { merchant, verified, reply }).is_err() {
                     return;

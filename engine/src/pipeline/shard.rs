@@ -446,6 +446,10 @@ impl Shard {
             }
             Lookup::Pending => return Checked::Wait(verified, reply),
         }
+        if verified.dry_run {
+            let _ = reply.send(SubmitOutcome::Verified { id, payer });
+            return Checked::Answered;
+        }
 
         let now_ms = unix_millis();
         let status = PaymentStatus::new(PaymentState::Queued, now_ms);
@@ -513,7 +517,7 @@ impl Shard {
             queue.push(ParkedVoucher { merchant, verified, reply });
             return true;
         }
-        if verified.deposit.is_some() {
+        if verified.deposit.is_some() && !verified.dry_run {
             self.start_deposit(ParkedVoucher { merchant, verified, reply }, Vec::new());
             return true;
         }
@@ -555,6 +559,35 @@ impl Shard {
         let now = now_ms / 1000;
         let policy = crate::channels::claim_policy(&merchant);
         let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
+        if v.dry_run {
+            // Checked against the channel as it stands; nothing changes.
+            let outcome = match v.refund {
+                Some(_) if v.max_claimable == record.channel.charged => Ok(()),
+                Some(_) => Err(x402_channel::VoucherError::CumulativeAmountMismatch {
+                    charged: record.channel.charged,
+                    amount: 0,
+                    expected: record.channel.charged,
+                    got: v.max_claimable,
+                }),
+                None => {
+                    let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
+                    record.channel.check_voucher(v.max_claimable, v.amount, deposit, now, &policy)
+                }
+            };
+            let channel = ChannelView::from(&record.channel);
+            let _ = reply.send(match outcome {
+                Ok(()) => SubmitOutcome::VoucherAccepted { payer: v.config.payer, channel },
+                Err(e) => {
+                    let reason = crate::reason::Reason::from(e);
+                    SubmitOutcome::VoucherRejected {
+                        payer: Some(v.config.payer),
+                        rejection: Rejection::new(reason, e.to_string()),
+                        channel: Some(channel),
+                    }
+                }
+            });
+            return true;
+        }
         if let Some(amount) = v.refund {
             // A refund request: its voucher must be the charged total.
             if v.max_claimable != record.channel.charged {
@@ -641,7 +674,7 @@ impl Shard {
     fn resume_vouchers(&mut self, queue: Vec<ParkedVoucher>) -> bool {
         let mut queue = queue.into_iter();
         while let Some(parked) = queue.next() {
-            if parked.verified.deposit.is_some() {
+            if parked.verified.deposit.is_some() && !parked.verified.dry_run {
                 self.start_deposit(parked, queue.collect());
                 return true;
             }

@@ -1,0 +1,402 @@
+//! The standard x402 facilitator HTTP API, so that resource servers built on
+//! the reference middleware can use x402d without a change:
+//!
+//! - `POST /verify` runs every check of a submit against the same state
+//!   (replay index, reservations, channels) and changes nothing;
+//! - `POST /settle` records the payment durably, then waits for its
+//!   merchant's strategy to settle it: `direct` and `batched` answer with
+//!   the confirmed transaction, a channel voucher as soon as it is recorded.
+//!   Past `settle_wait` it answers the reference's `settlement_pending`
+//!   (the payment still settles). A replayed `/settle` never pays twice and
+//!   answers where the original stands;
+//! - `GET /supported` lists each network literally with the signers.
+//!
+//! Bodies are x402 v2; business failures are HTTP 200 with a full body, as
+//! the reference clients require. A merchant authenticates with
+//! `Authorization: Bearer <its API key>`, as on gRPC.
+
+use std::{sync::Arc, time::Duration};
+
+use alloy::primitives::{Address, U256};
+use axum::{
+    Json, Router,
+    extract::{State, rejection::JsonRejection},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::{
+    Engine, SubmitOutcome,
+    channels::{ChannelExtra, ChannelView},
+    domain::{Merchant, PaymentId, PaymentInput, PaymentState, Requirements, Submission},
+    reason::InvalidField,
+    verify::{Uint, parse_address, parse_decimal_u256, parse_uint},
+};
+
+/// What `/supported` advertises and how long `/settle` waits.
+#[derive(Clone, Debug)]
+pub struct FacilitatorInfo {
+    /// CAIP-2 networks served, listed literally.
+    pub networks: Vec<String>,
+    /// Settlement signer addresses.
+    pub signers: Vec<Address>,
+    /// The receiver authorizer of `batch-settlement` channels, if channels
+    /// are claimed.
+    pub receiver_authorizer: Option<Address>,
+    /// How long `/settle` waits for a settlement before answering
+    /// `settlement_pending`.
+    pub settle_wait: Duration,
+}
+
+#[derive(Clone)]
+struct Api {
+    engine: Arc<Engine>,
+    info: Arc<FacilitatorInfo>,
+}
+
+/// The facilitator routes, to merge into the HTTP listener's router.
+pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
+    Router::new()
+        .route("/verify", post(verify))
+        .route("/settle", post(settle))
+        .route("/supported", get(supported))
+        .with_state(Api { engine, info: Arc::new(info) })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FacilitatorRequest {
+    x402_version: u64,
+    payment_payload: serde_json::Value,
+    payment_requirements: RequirementsJson,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequirementsJson {
+    scheme: String,
+    network: String,
+    amount: String,
+    asset: String,
+    pay_to: String,
+    #[serde(default)]
+    max_timeout_seconds: u64,
+    #[serde(default)]
+    extra: ExtraJson,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExtraJson {
+    name: Option<String>,
+    version: Option<String>,
+    receiver_authorizer: Option<String>,
+    withdraw_delay: Option<Uint>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifyResponse {
+    is_valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalid_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalid_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SettleResponse {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payer: Option<String>,
+    transaction: String,
+    network: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Value>,
+}
+
+/// The reference's reason for a settlement broadcast but not yet seen mined.
+const SETTLEMENT_PENDING: &str = "settlement_pending";
+
+/// A request that cannot be served: an HTTP status and a JSON error.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<JsonRejection> for Failure {
+    fn from(e: JsonRejection) -> Self {
+        Self(e.status(), e.body_text())
+    }
+}
+
+impl From<InvalidField> for Failure {
+    fn from(e: InvalidField) -> Self {
+        Self(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl Api {
+    fn merchant(&self, headers: &HeaderMap) -> Result<Arc<Merchant>, Failure> {
+        let key = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Failure(StatusCode::UNAUTHORIZED, "Authorization: Bearer <merchant key> is required".into())
+            })?;
+        self.engine.authenticate(key.trim()).ok_or_else(|| Failure(StatusCode::UNAUTHORIZED, "unknown API key".into()))
+    }
+}
+
+/// The submission of a facilitator request: the requirements, and the
+/// payment payload as the header the gRPC path takes.
+fn submission(body: FacilitatorRequest) -> Result<Submission, InvalidField> {
+    if body.x402_version != 2 {
+        return Err(InvalidField::new("x402Version", format!("is {}, only 2 is supported", body.x402_version)));
+    }
+    let r = body.payment_requirements;
+    let requirements = Requirements {
+        amount: parse_decimal_u256(&r.amount)
+            .ok_or_else(|| InvalidField::new("paymentRequirements.amount", "is not a decimal uint256"))?,
+        asset: parse_address(&r.asset)
+            .ok_or_else(|| InvalidField::new("paymentRequirements.asset", "is not a 20-byte hex address"))?,
+        pay_to: parse_address(&r.pay_to)
+            .ok_or_else(|| InvalidField::new("paymentRequirements.payTo", "is not a 20-byte hex address"))?,
+        scheme: r.scheme,
+        network: r.network,
+        max_timeout_seconds: r.max_timeout_seconds,
+        eip712_name: r.extra.name.unwrap_or_default(),
+        eip712_version: r.extra.version.unwrap_or_default(),
+    };
+    let header = base64::engine::general_purpose::STANDARD.encode(body.payment_payload.to_string());
+    let input = if requirements.scheme == "batch-settlement" {
+        let extra = ChannelExtra {
+            receiver_authorizer: match &r.extra.receiver_authorizer {
+                Some(a) => parse_address(a).ok_or_else(|| {
+                    InvalidField::new("paymentRequirements.extra.receiverAuthorizer", "is not a 20-byte hex address")
+                })?,
+                None => Address::ZERO,
+            },
+            withdraw_delay: match &r.extra.withdraw_delay {
+                Some(d) => parse_uint(d)
+                    .and_then(|d| u64::try_from(d).ok())
+                    .ok_or_else(|| InvalidField::new("paymentRequirements.extra.withdrawDelay", "is not a uint64"))?,
+                None => 0,
+            },
+        };
+        PaymentInput::Voucher(Box::new(crate::channels::decode_header(&header, extra)?))
+    } else {
+        PaymentInput::Header(header)
+    };
+    Ok(Submission { requirements, input })
+}
+
+fn overloaded() -> Failure {
+    Failure(StatusCode::SERVICE_UNAVAILABLE, "the verification pipeline is full; retry shortly".into())
+}
+
+fn channel_extra(c: &ChannelView) -> serde_json::Value {
+    serde_json::json!({ "channelState": {
+        "channelId": c.id.to_string(),
+        "chargedCumulativeAmount": c.charged.to_string(),
+        "signedMaxClaimable": c.signed_max_claimable.to_string(),
+        "balance": c.balance.to_string(),
+        "totalClaimed": c.total_claimed.to_string(),
+    }})
+}
+
+async fn verify(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<FacilitatorRequest>, JsonRejection>,
+) -> Result<Json<VerifyResponse>, Failure> {
+    let merchant = api.merchant(&headers)?;
+    let submission = submission(body.map_err(Failure::from)?.0)?;
+    let outcome = api.engine.verify(merchant, submission).await.map_err(|_| overloaded())?;
+    let payer = |p: Address| Some(p.to_string());
+    Ok(Json(match outcome {
+        SubmitOutcome::Verified { payer: p, .. } | SubmitOutcome::Duplicate { payer: p, .. } => {
+            VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
+        }
+        SubmitOutcome::Accepted { payer: p, .. } => {
+            VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
+        }
+        SubmitOutcome::VoucherAccepted { payer: p, channel } => VerifyResponse {
+            is_valid: true,
+            payer: payer(p),
+            extra: Some(channel_extra(&channel)),
+            ..VerifyResponse::default()
+        },
+        SubmitOutcome::Rejected { payer: p, rejection, .. } => VerifyResponse {
+            is_valid: false,
+            invalid_reason: Some(rejection.reason.code().into()),
+            invalid_message: Some(rejection.message.into_owned()),
+            payer: p.and_then(payer),
+            extra: None,
+        },
+        SubmitOutcome::VoucherRejected { payer: p, rejection, channel } => VerifyResponse {
+            is_valid: false,
+            invalid_reason: Some(rejection.reason.code().into()),
+            invalid_message: Some(rejection.message.into_owned()),
+            payer: p.and_then(payer),
+            extra: channel.as_ref().map(channel_extra),
+        },
+        SubmitOutcome::Invalid(field) => return Err(field.into()),
+        SubmitOutcome::Unavailable(message) => return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, message)),
+    }))
+}
+
+async fn settle(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<FacilitatorRequest>, JsonRejection>,
+) -> Result<Json<SettleResponse>, Failure> {
+    let merchant = api.merchant(&headers)?;
+    let submission = submission(body.map_err(Failure::from)?.0)?;
+    let network = submission.requirements.network.clone();
+    let amount = submission.requirements.amount;
+    let outcome = api.engine.submit(merchant, submission).await.map_err(|_| overloaded())?;
+    let failed = |reason: &str, message: String, payer: Option<Address>| SettleResponse {
+        success: false,
+        error_reason: Some(reason.into()),
+        error_message: Some(message),
+        payer: payer.map(|p| p.to_string()),
+        transaction: String::new(),
+        network: network.clone(),
+        ..SettleResponse::default()
+    };
+    Ok(Json(match outcome {
+        SubmitOutcome::Accepted { id, payer, .. } | SubmitOutcome::Duplicate { id, payer, .. } => {
+            settled(&api, id, payer, network.clone(), amount).await?
+        }
+        // A voucher is settled once recorded: the engine claims it later.
+        SubmitOutcome::VoucherAccepted { payer, channel } => SettleResponse {
+            success: true,
+            payer: Some(payer.to_string()),
+            network: network.clone(),
+            amount: Some(amount.to_string()),
+            extra: Some(channel_extra(&channel)),
+            ..SettleResponse::default()
+        },
+        SubmitOutcome::Rejected { payer, rejection, .. } => {
+            failed(rejection.reason.code(), rejection.message.into_owned(), payer)
+        }
+        SubmitOutcome::VoucherRejected { payer, rejection, channel } => SettleResponse {
+            extra: channel.as_ref().map(channel_extra),
+            ..failed(rejection.reason.code(), rejection.message.into_owned(), payer)
+        },
+        SubmitOutcome::Verified { .. } => unreachable!("a submit is not a dry run"),
+        SubmitOutcome::Invalid(field) => return Err(field.into()),
+        SubmitOutcome::Unavailable(message) => return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, message)),
+    }))
+}
+
+/// Waits, up to the configured wait, for payment `id` to settle; answers
+/// its outcome, or `settlement_pending` (with the transaction once there is
+/// one).
+async fn settled(
+    api: &Api,
+    id: PaymentId,
+    payer: Address,
+    network: String,
+    amount: U256,
+) -> Result<SettleResponse, Failure> {
+    let deadline = Instant::now() + api.info.settle_wait;
+    let mut events = api.engine.event_sequence();
+    loop {
+        let record = api
+            .engine
+            .payment(id)
+            .await
+            .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            .ok_or_else(|| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("payment {id} vanished")))?;
+        let status = &record.status;
+        let transaction = status.transaction.map(|t| t.to_string()).unwrap_or_default();
+        let base = SettleResponse {
+            payer: Some(payer.to_string()),
+            transaction,
+            network: network.clone(),
+            amount: Some(amount.to_string()),
+            ..SettleResponse::default()
+        };
+        match status.state {
+            PaymentState::Confirmed => return Ok(SettleResponse { success: true, ..base }),
+            PaymentState::Failed | PaymentState::Expired => {
+                let reason = status.failure_reason.clone().unwrap_or_else(|| match status.state {
+                    PaymentState::Expired => crate::reason::Reason::ValidBefore.code().into(),
+                    _ => crate::settle::SIMULATION_FAILED.into(),
+                });
+                return Ok(SettleResponse {
+                    error_message: Some(format!("the payment ended {:?}", status.state)),
+                    error_reason: Some(reason),
+                    ..base
+                });
+            }
+            PaymentState::Accepted | PaymentState::Queued | PaymentState::Submitted => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(SettleResponse {
+                error_reason: Some(SETTLEMENT_PENDING.into()),
+                error_message: Some(format!(
+                    "not settled within {:?}; it is {:?} and will settle",
+                    api.info.settle_wait, status.state
+                )),
+                ..base
+            });
+        }
+        // Any recorded state change may be this payment's.
+        let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(250)), events.changed()).await;
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SupportedKind {
+    x402_version: u64,
+    scheme: &'static str,
+    network: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Value>,
+}
+
+async fn supported(State(api): State<Api>) -> Json<serde_json::Value> {
+    let info = &api.info;
+    let mut kinds = Vec::new();
+    for network in &info.networks {
+        kinds.push(SupportedKind { x402_version: 2, scheme: "exact", network: network.clone(), extra: None });
+        if let Some(authorizer) = info.receiver_authorizer {
+            kinds.push(SupportedKind {
+                x402_version: 2,
+                scheme: "batch-settlement",
+                network: network.clone(),
+                extra: Some(serde_json::json!({ "receiverAuthorizer": authorizer.to_string() })),
+            });
+        }
+    }
+    let signers: Vec<String> = info.signers.iter().map(ToString::to_string).collect();
+    Json(serde_json::json!({
+        "kinds": kinds,
+        "extensions": [],
+        "signers": { "eip155:*": signers },
+    }))
+}
