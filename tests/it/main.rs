@@ -11,6 +11,7 @@ mod crash;
 mod dev;
 mod facilitator;
 mod faults;
+mod interop;
 mod rejections;
 mod settle;
 mod stream;

@@ -1,0 +1,124 @@
+// End-to-end interoperability of x402d's facilitator API with the reference
+// x402 packages: an `@x402/express` resource server whose facilitator is
+// x402d, and an `@x402/fetch` client paying with an `@x402/evm` exact signer.
+//
+// Run by the Rust test `it::interop` (which starts anvil and x402d) with:
+//   FACILITATOR_URL  x402d's HTTP listener, e.g. http://127.0.0.1:8402
+//   MERCHANT_KEY     the merchant's API key (Bearer auth on /verify, /settle, /supported)
+//   PAY_TO, TOKEN    the merchant's address and the EIP-3009 token
+//   PAYER_KEY        the payer's private key (0x-hex)
+// Prints one JSON line per scenario on stdout; exits non-zero on the first
+// unexpected outcome.
+import express from "express";
+import { paymentMiddleware, x402ResourceServer } from "@x402/express";
+import { HTTPFacilitatorClient } from "@x402/core/server";
+import { ExactEvmScheme as ExactEvmServer } from "@x402/evm/exact/server";
+import { ExactEvmScheme as ExactEvmClient } from "@x402/evm/exact/client";
+import { wrapFetchWithPaymentFromConfig, decodePaymentResponseHeader } from "@x402/fetch";
+import { privateKeyToAccount } from "viem/accounts";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const NETWORK = "eip155:31337";
+const PRICE = "1000";
+const facilitatorUrl = env("FACILITATOR_URL");
+const merchantKey = env("MERCHANT_KEY");
+const payTo = env("PAY_TO");
+const token = env("TOKEN");
+const account = privateKeyToAccount(env("PAYER_KEY"));
+
+function report(scenario, fields) {
+  console.log(JSON.stringify({ scenario, ...fields }));
+}
+
+function expect(condition, message) {
+  if (!condition) {
+    console.error(`interop: ${message}`);
+    process.exit(1);
+  }
+}
+
+// The resource server: one paid route, priced in the project's token.
+const facilitator = new HTTPFacilitatorClient({
+  url: facilitatorUrl,
+  createAuthHeaders: async () => {
+    const headers = { Authorization: `Bearer ${merchantKey}` };
+    return { verify: headers, settle: headers, supported: headers };
+  },
+});
+const resourceServer = new x402ResourceServer(facilitator).register(NETWORK, new ExactEvmServer());
+const app = express();
+app.use(
+  paymentMiddleware(
+    {
+      "GET /weather": {
+        accepts: {
+          scheme: "exact",
+          network: NETWORK,
+          payTo,
+          price: { asset: token, amount: PRICE, extra: { name: "USD Coin", version: "2" } },
+          maxTimeoutSeconds: 120,
+        },
+        description: "The weather, paid per request",
+      },
+    },
+    resourceServer,
+  ),
+);
+app.get("/weather", (_req, res) => res.json({ weather: "sunny" }));
+const server = await new Promise((resolve) => {
+  const s = app.listen(0, "127.0.0.1", () => resolve(s));
+});
+const url = `http://127.0.0.1:${server.address().port}/weather`;
+
+try {
+  // 1. Unpaid: 402 with the requirements.
+  const unpaid = await fetch(url);
+  expect(unpaid.status === 402, `unpaid request answered ${unpaid.status}`);
+  const required = JSON.parse(Buffer.from(unpaid.headers.get("PAYMENT-REQUIRED"), "base64").toString());
+  expect(required.accepts[0].asset.toLowerCase() === token.toLowerCase(), "402 names the token");
+  report("unpaid", { status: unpaid.status });
+
+  // 2. Paid through the reference client: 200 and a PAYMENT-RESPONSE.
+  let signature;
+  const capture = async (input, init) => {
+    const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
+    if (headers.get("PAYMENT-SIGNATURE")) signature = headers.get("PAYMENT-SIGNATURE");
+    return fetch(input, init);
+  };
+  const pay = wrapFetchWithPaymentFromConfig(capture, {
+    schemes: [{ network: NETWORK, client: new ExactEvmClient(account) }],
+    // The project's token is not one of the client's default assets.
+    spendControls: { allowedAssets: [{ network: NETWORK, asset: token, maxAmountPerPayment: PRICE }] },
+  });
+  const paid = await pay(url);
+  expect(paid.status === 200, `paid request answered ${paid.status}: ${await paid.clone().text()}`);
+  const body = await paid.json();
+  expect(body.weather === "sunny", "the paid response is served");
+  const settled = decodePaymentResponseHeader(paid.headers.get("PAYMENT-RESPONSE"));
+  expect(settled.success === true, `settlement failed: ${JSON.stringify(settled)}`);
+  expect(signature, "the client sent PAYMENT-SIGNATURE");
+  report("paid", { status: paid.status, transaction: settled.transaction, payer: settled.payer, network: settled.network });
+
+  // 3. The same PAYMENT-SIGNATURE again: never paid twice.
+  const replay = await fetch(url, { headers: { "PAYMENT-SIGNATURE": signature } });
+  let replayResponse = replay.headers.get("PAYMENT-RESPONSE");
+  replayResponse = replayResponse ? decodePaymentResponseHeader(replayResponse) : null;
+  report("replayed", { status: replay.status, transaction: replayResponse?.transaction ?? null });
+
+  // 4. Tampered: the amount raised after signing. The server refuses it.
+  const payload = JSON.parse(Buffer.from(signature, "base64").toString());
+  payload.payload.authorization.value = "1000000";
+  payload.payload.authorization.nonce = `0x${"ab".repeat(32)}`;
+  const tampered = await fetch(url, {
+    headers: { "PAYMENT-SIGNATURE": Buffer.from(JSON.stringify(payload)).toString("base64") },
+  });
+  expect(tampered.status === 402, `tampered payment answered ${tampered.status}`);
+  const refusal = JSON.parse(Buffer.from(tampered.headers.get("PAYMENT-REQUIRED"), "base64").toString());
+  report("tampered", { status: tampered.status, error: refusal.error ?? null });
+} finally {
+  server.close();
+}
