@@ -553,6 +553,9 @@ mod tests {
         assert_eq!(chain.confirmations, 1);
         assert_eq!((chain.balance_ttl_secs, chain.balance_poll_ms), (30, 1000));
         assert!(chain.signer_keys().is_err(), "no keys in this test's environment, and the error says so");
+        assert_eq!((chain.stuck_after_secs, chain.max_bumps, chain.finality_depth), (30, 5, 64));
+        assert_eq!(chain.channel_poll_ms, 500);
+        assert_eq!(config.facilitator.settle_wait_ms, 30_000);
     }
 
     #[test]
