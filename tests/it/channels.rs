@@ -78,9 +78,14 @@ impl Setup {
 
     /// Starts an in-process node on this chain.
     async fn engine(&self, claim_interval_secs: u64) -> Engine {
+        self.engine_with(Self::merchant(claim_interval_secs)).await
+    }
+
+    /// Starts an in-process node whose merchant `mc` has `policy`.
+    async fn engine_with(&self, policy: PolicyConfig) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_value(dir.path());
-        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, Self::merchant(claim_interval_secs)));
+        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, policy));
         let mut chain = ChainConfig::with_keys(
             self.anvil.endpoint(),
             vec![self.signer.to_bytes().to_string()],
@@ -658,4 +663,24 @@ async fn a_refund_request_claims_the_charges_and_returns_the_rest_and_claim_now_
     let mut m1 = payments(e.node.endpoints().grpc, M1_KEY).await;
     let denied = m1.claim_channel(pb::ClaimChannelRequest { channel_id: other_id }).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_claimed_once_its_unclaimed_value_reaches_the_threshold() {
+    let s = Setup::new(1).await;
+    let e = s.engine_with(PolicyConfig::Channel { claim_interval_secs: 3600, claim_threshold: "50".into() }).await;
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+    s.deposit(payer, 1_000).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    for n in 0..4 {
+        let answer = client.submit(voucher(n, payer, &config, PRICE * u128::from(n as u8), PRICE)).await.unwrap();
+        assert_eq!(outcome(answer.get_ref()), pb::Outcome::Accepted);
+    }
+    // 40 unclaimed: below the threshold, nothing is claimed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!((s.onchain(payer).await, s.sent().await), ((1_000, 0), 0));
+    let answer = client.submit(voucher(4, payer, &config, 4 * PRICE, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    eventually(30, "the claim at the threshold", || async { s.onchain(payer).await == (1_000, 5 * PRICE) }).await;
+    assert_eq!(s.receiver_balance().await, U256::from(5 * PRICE));
 }
