@@ -112,7 +112,7 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let facilitator = facilitator_info(config, &engine, chain.as_deref())?;
+        let facilitator = facilitator_info(config, &engine, chain.as_ref())?;
         let settler = match chain {
             Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"))?),
             None => {
@@ -197,7 +197,7 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
 fn facilitator_info(
     config: &Config,
     engine: &Engine,
-    chain: Option<&AlloyChain>,
+    chain: Option<&Arc<AlloyChain>>,
 ) -> Result<crate::facilitator::FacilitatorInfo> {
     let mut networks: Vec<String> = chain.map(|c| format!("eip155:{}", c.chain_id())).into_iter().collect();
     for merchant in engine.merchants() {
@@ -220,9 +220,27 @@ fn facilitator_info(
     };
     Ok(crate::facilitator::FacilitatorInfo {
         networks,
-        signers: chain.map(Chain::signers).unwrap_or_default(),
+        signers: chain.map(|c| c.signers()).unwrap_or_default(),
         receiver_authorizer,
         settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
+        channels: match (chain, &config.chain) {
+            (Some(chain), Some(c)) => Some(crate::facilitator::ChannelFacilitator {
+                chain: Arc::clone(chain),
+                contracts: crate::channels::ChannelContracts {
+                    channels: c.channel_contract(),
+                    collector: c.deposit_collector.unwrap_or(x402_chain::contracts::ERC3009_DEPOSIT_COLLECTOR_ADDRESS),
+                },
+                authorizer: c
+                    .receiver_authorizer_key()?
+                    .map(|k| k.parse::<alloy::signers::local::PrivateKeySigner>())
+                    .transpose()
+                    .map_err(|_| {
+                        Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
+                    })?,
+                receipt_timeout: std::time::Duration::from_secs(120),
+            }),
+            _ => None,
+        },
     })
 }
 

@@ -189,35 +189,63 @@ fn priced_voucher(
     )
 }
 
+/// The requirements of a channel-paid request as the reference server
+/// writes them, with `extra`.
+fn requirements_json(config: &ChannelConfig, amount: u128) -> serde_json::Value {
+    serde_json::json!({
+        "scheme": "batch-settlement", "network": NETWORK, "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
+        "amount": amount.to_string(), "maxTimeoutSeconds": 60,
+        "extra": { "receiverAuthorizer": config.receiverAuthorizer.to_string(), "withdrawDelay": WITHDRAW_DELAY,
+                   "name": "USD Coin", "version": "2" },
+    })
+}
+
+/// A channel config as the reference client writes it.
+fn config_json(config: &ChannelConfig) -> serde_json::Value {
+    serde_json::json!({
+        "payer": config.payer.to_string(), "payerAuthorizer": config.payerAuthorizer.to_string(),
+        "receiver": config.receiver.to_string(), "receiverAuthorizer": config.receiverAuthorizer.to_string(),
+        "token": config.token.to_string(), "withdrawDelay": WITHDRAW_DELAY, "salt": config.salt.to_string(),
+    })
+}
+
+/// A `voucher` (or, with `deposit`, a `deposit`) `PaymentPayload` for `max`.
+fn payload_json(payer: &Payer, config: &ChannelConfig, max: u128, deposit: Option<u128>) -> serde_json::Value {
+    let domain = Setup::domain();
+    let id = domain.channel_id(config);
+    let voucher = serde_json::json!({
+        "channelId": id.to_string(),
+        "maxClaimableAmount": max.to_string(),
+        "signature": payer.sign_voucher(&domain, id, max).to_string(),
+    });
+    let mut payload =
+        serde_json::json!({ "type": "voucher", "channelConfig": config_json(config), "voucher": voucher });
+    if let Some(amount) = deposit {
+        let d = payer.sign_deposit(
+            &requirements(RECEIVER),
+            ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+            id,
+            amount,
+            now() + 600,
+            U256::from(9),
+        );
+        payload["type"] = "deposit".into();
+        payload["deposit"] = serde_json::json!({
+            "amount": amount.to_string(),
+            "authorization": { "erc3009Authorization": {
+                "validAfter": d.valid_after.to_string(), "validBefore": d.valid_before.to_string(),
+                "salt": format!("0x{:064x}", d.salt), "signature": d.signature.to_string(),
+            }},
+        });
+    }
+    serde_json::json!({ "x402Version": 2, "accepted": requirements_json(config, PRICE), "payload": payload })
+}
+
 /// A voucher as the reference client sends it: the raw `PAYMENT-SIGNATURE`
 /// header, passed through by the gateway with its own requirements.
 fn header_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charged: u128) -> pb::SubmitRequest {
     use base64::Engine as _;
-    let domain = Setup::domain();
-    let id = domain.channel_id(config);
-    let max = charged + PRICE;
-    let json = serde_json::json!({
-        "x402Version": 2,
-        "accepted": {
-            "scheme": "batch-settlement", "network": NETWORK, "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
-            "amount": PRICE.to_string(), "maxTimeoutSeconds": 60,
-            "extra": { "receiverAuthorizer": config.receiverAuthorizer.to_string(), "withdrawDelay": WITHDRAW_DELAY,
-                       "name": "USD Coin", "version": "2" },
-        },
-        "payload": {
-            "type": "voucher",
-            "channelConfig": {
-                "payer": config.payer.to_string(), "payerAuthorizer": config.payerAuthorizer.to_string(),
-                "receiver": config.receiver.to_string(), "receiverAuthorizer": config.receiverAuthorizer.to_string(),
-                "token": config.token.to_string(), "withdrawDelay": WITHDRAW_DELAY, "salt": config.salt.to_string(),
-            },
-            "voucher": {
-                "channelId": id.to_string(),
-                "maxClaimableAmount": max.to_string(),
-                "signature": payer.sign_voucher(&domain, id, max).to_string(),
-            },
-        },
-    });
+    let json = payload_json(payer, config, charged + PRICE, None);
     let header = base64::engine::general_purpose::STANDARD.encode(json.to_string());
     let mut req = header_submit(request_id, &channel_requirements(), header);
     let r = req.requirements.as_mut().unwrap();
@@ -683,4 +711,71 @@ async fn a_channel_is_claimed_once_its_unclaimed_value_reaches_the_threshold() {
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
     eventually(30, "the claim at the threshold", || async { s.onchain(payer).await == (1_000, 5 * PRICE) }).await;
     assert_eq!(s.receiver_balance().await, U256::from(5 * PRICE));
+}
+
+/// The facilitator API as the reference `batch-settlement` server uses it:
+/// the server keeps the charged totals, x402d checks the chain, puts
+/// deposits on chain and sends the claims and settles the server asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facilitator_api_verifies_against_the_chain_and_executes_deposits_claims_and_settles() {
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        let request = http.post(format!("http://{}{path}", e.node.endpoints().http)).bearer_auth(MC_KEY).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let body = |payload: serde_json::Value, amount: u128| serde_json::json!({ "x402Version": 2, "paymentPayload": payload, "paymentRequirements": requirements_json(&config, amount) });
+
+    // The first request carries the deposit.
+    let deposit = payload_json(payer, &config, PRICE, Some(500));
+    let verified = post("/verify", body(deposit.clone(), PRICE)).await;
+    assert_eq!(verified["isValid"], true, "{verified}");
+    assert_eq!(verified["extra"]["balance"], "0", "nothing deposited yet");
+    let settled = post("/settle", body(deposit, PRICE)).await;
+    assert_eq!(settled["success"], true, "{settled}");
+    assert_eq!(settled["transaction"].as_str().unwrap().len(), 66);
+    assert_eq!(settled["extra"]["channelState"]["balance"], "500");
+    assert_eq!(s.onchain(payer).await, (500, 0));
+
+    // Vouchers are checked against the chain (the server checks its own
+    // charged total).
+    let voucher = post("/verify", body(payload_json(payer, &config, 3 * PRICE, None), PRICE)).await;
+    assert_eq!((voucher["isValid"].clone(), voucher["extra"]["balance"].clone()), (true.into(), "500".into()));
+    let greedy = post("/verify", body(payload_json(payer, &config, 600, None), PRICE)).await;
+    assert_eq!(greedy["invalidReason"], "invalid_batch_settlement_evm_cumulative_exceeds_balance");
+    let thief = post("/verify", body(payload_json(&Payer::random(), &config, 3 * PRICE, None), PRICE)).await;
+    assert_eq!(thief["invalidReason"], "invalid_batch_settlement_evm_voucher_signature");
+
+    // The server's claim, unsigned: x402d signs it with its authorizer key.
+    let domain = Setup::domain();
+    let id = domain.channel_id(&config);
+    let claim = serde_json::json!({
+        "x402Version": 2,
+        "accepted": requirements_json(&config, 0),
+        "payload": { "type": "claim", "claims": [{
+            "voucher": { "channel": config_json(&config), "maxClaimableAmount": (3 * PRICE).to_string() },
+            "signature": payer.sign_voucher(&domain, id, 3 * PRICE).to_string(),
+            "totalClaimed": (3 * PRICE).to_string(),
+        }]},
+    });
+    let claimed = post("/settle", body(claim, 0)).await;
+    assert_eq!(claimed["success"], true, "{claimed}");
+    assert_eq!(s.onchain(payer).await, (500, 3 * PRICE));
+    assert_eq!(s.receiver_balance().await, U256::ZERO, "claimed, not yet settled");
+    let settle = serde_json::json!({
+        "x402Version": 2,
+        "accepted": requirements_json(&config, 0),
+        "payload": { "type": "settle", "receiver": RECEIVER.to_string(), "token": TOKEN.to_string() },
+    });
+    let paid = post("/settle", body(settle, 0)).await;
+    assert_eq!(paid["success"], true, "{paid}");
+    assert_eq!(s.receiver_balance().await, U256::from(3 * PRICE));
+    let below = post("/verify", body(payload_json(payer, &config, 3 * PRICE, None), PRICE)).await;
+    assert_eq!(below["invalidReason"], "invalid_batch_settlement_evm_cumulative_below_claimed");
 }

@@ -476,7 +476,7 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
         let Some(d) = v.deposit.clone() else { return };
         let (chain, v) = (self.chain.clone(), v.clone());
         self.runtime.spawn(async move {
-            let outcome = put_deposit(&*chain, &v, &d).await;
+            let outcome = put_deposit(&*chain, &v, &d).await.map(|(_, onchain)| onchain);
             if let Err(e) = &outcome {
                 tracing::warn!(channel = %v.channel_id, error = ?e, "a channel deposit failed");
             }
@@ -491,9 +491,16 @@ const DEPOSIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120)
 /// Sends the deposit (simulated first) and waits for its receipt, then
 /// reads the channel. An authorization already spent means the deposit
 /// landed before (a retried request): only the read is done.
-async fn put_deposit<C: Chain>(chain: &C, v: &VerifiedVoucher, d: &VerifiedDeposit) -> Result<OnChain, DepositFailure> {
+/// Returns the deposit transaction (none when it had landed before) and the
+/// channel after it.
+pub(crate) async fn put_deposit<C: Chain>(
+    chain: &C,
+    v: &VerifiedVoucher,
+    d: &VerifiedDeposit,
+) -> Result<(Option<B256>, OnChain), DepositFailure> {
     let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
     let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;
+    let mut sent = None;
     if !spent {
         let input = x402_chain::channel::deposit_calldata(&v.config, d.amount, d.collector, d.collector_data.clone());
         if let Some(revert) = chain.simulate(v.contract, input.clone()).await.map_err(unavailable)? {
@@ -503,7 +510,7 @@ async fn put_deposit<C: Chain>(chain: &C, v: &VerifiedVoucher, d: &VerifiedDepos
         chain.broadcast(&tx).await.map_err(unavailable)?;
         tracing::info!(channel = %v.channel_id, tx = %tx.hash, amount = d.amount, "channel deposit sent");
         match chain.wait_receipt(&[tx.hash], DEPOSIT_TIMEOUT).await.map_err(unavailable)? {
-            Some(receipt) if receipt.success => {}
+            Some(receipt) if receipt.success => sent = Some(receipt.tx),
             Some(receipt) => {
                 return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
             }
@@ -514,5 +521,6 @@ async fn put_deposit<C: Chain>(chain: &C, v: &VerifiedVoucher, d: &VerifiedDepos
         }
     }
     let out = chain.call(v.contract, x402_chain::channel::state_calldata(v.channel_id)).await.map_err(unavailable)?;
-    x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)
+    let onchain = x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)?;
+    Ok((sent, onchain))
 }

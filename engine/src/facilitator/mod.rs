@@ -15,6 +15,8 @@
 //! the reference clients require. A merchant authenticates with
 //! `Authorization: Bearer <its API key>`, as on gRPC.
 
+mod channels;
+
 use std::{sync::Arc, time::Duration};
 
 use alloy::primitives::{Address, U256};
@@ -50,7 +52,11 @@ pub struct FacilitatorInfo {
     /// How long `/settle` waits for a settlement before answering
     /// `settlement_pending`.
     pub settle_wait: Duration,
+    /// `batch-settlement` on chain, when a `[chain]` is configured.
+    pub channels: Option<ChannelFacilitator>,
 }
+
+pub use self::channels::ChannelFacilitator;
 
 #[derive(Clone)]
 struct Api {
@@ -112,7 +118,7 @@ struct VerifyResponse {
     extra: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct SettleResponse {
     success: bool,
@@ -167,13 +173,9 @@ impl Api {
     }
 }
 
-/// The submission of a facilitator request: the requirements, and the
-/// payment payload as the header the gRPC path takes.
-fn submission(body: FacilitatorRequest) -> Result<Submission, InvalidField> {
-    if body.x402_version != 2 {
-        return Err(InvalidField::new("x402Version", format!("is {}, only 2 is supported", body.x402_version)));
-    }
-    let r = body.payment_requirements;
+/// The requirements of a facilitator request, with the `batch-settlement`
+/// fields of `extra`.
+fn channel_requirements(r: &RequirementsJson) -> Result<(Requirements, ChannelExtra), InvalidField> {
     let requirements = Requirements {
         amount: parse_decimal_u256(&r.amount)
             .ok_or_else(|| InvalidField::new("paymentRequirements.amount", "is not a decimal uint256"))?,
@@ -181,33 +183,44 @@ fn submission(body: FacilitatorRequest) -> Result<Submission, InvalidField> {
             .ok_or_else(|| InvalidField::new("paymentRequirements.asset", "is not a 20-byte hex address"))?,
         pay_to: parse_address(&r.pay_to)
             .ok_or_else(|| InvalidField::new("paymentRequirements.payTo", "is not a 20-byte hex address"))?,
-        scheme: r.scheme,
-        network: r.network,
+        scheme: r.scheme.clone(),
+        network: r.network.clone(),
         max_timeout_seconds: r.max_timeout_seconds,
-        eip712_name: r.extra.name.unwrap_or_default(),
-        eip712_version: r.extra.version.unwrap_or_default(),
+        eip712_name: r.extra.name.clone().unwrap_or_default(),
+        eip712_version: r.extra.version.clone().unwrap_or_default(),
     };
+    let extra = ChannelExtra {
+        receiver_authorizer: match &r.extra.receiver_authorizer {
+            Some(a) => parse_address(a).ok_or_else(|| {
+                InvalidField::new("paymentRequirements.extra.receiverAuthorizer", "is not a 20-byte hex address")
+            })?,
+            None => Address::ZERO,
+        },
+        withdraw_delay: match &r.extra.withdraw_delay {
+            Some(d) => parse_uint(d)
+                .and_then(|d| u64::try_from(d).ok())
+                .ok_or_else(|| InvalidField::new("paymentRequirements.extra.withdrawDelay", "is not a uint64"))?,
+            None => 0,
+        },
+    };
+    Ok((requirements, extra))
+}
+
+/// The submission of an `exact` facilitator request: the requirements, and
+/// the payment payload as the header the gRPC path takes.
+fn submission(body: &FacilitatorRequest) -> Result<Submission, InvalidField> {
+    let (requirements, _) = channel_requirements(&body.payment_requirements)?;
     let header = base64::engine::general_purpose::STANDARD.encode(body.payment_payload.to_string());
-    let input = if requirements.scheme == "batch-settlement" {
-        let extra = ChannelExtra {
-            receiver_authorizer: match &r.extra.receiver_authorizer {
-                Some(a) => parse_address(a).ok_or_else(|| {
-                    InvalidField::new("paymentRequirements.extra.receiverAuthorizer", "is not a 20-byte hex address")
-                })?,
-                None => Address::ZERO,
-            },
-            withdraw_delay: match &r.extra.withdraw_delay {
-                Some(d) => parse_uint(d)
-                    .and_then(|d| u64::try_from(d).ok())
-                    .ok_or_else(|| InvalidField::new("paymentRequirements.extra.withdrawDelay", "is not a uint64"))?,
-                None => 0,
-            },
-        };
-        PaymentInput::Voucher(Box::new(crate::channels::decode_header(&header, extra)?))
-    } else {
-        PaymentInput::Header(header)
-    };
-    Ok(Submission { requirements, input })
+    Ok(Submission { requirements, input: PaymentInput::Header(header) })
+}
+
+/// The body, if it is x402 v2.
+fn v2(body: Result<Json<FacilitatorRequest>, JsonRejection>) -> Result<FacilitatorRequest, Failure> {
+    let body = body.map_err(Failure::from)?.0;
+    if body.x402_version != 2 {
+        return Err(InvalidField::new("x402Version", format!("is {}, only 2 is supported", body.x402_version)).into());
+    }
+    Ok(body)
 }
 
 fn overloaded() -> Failure {
@@ -230,7 +243,11 @@ async fn verify(
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<VerifyResponse>, Failure> {
     let merchant = api.merchant(&headers)?;
-    let submission = submission(body.map_err(Failure::from)?.0)?;
+    let body = v2(body)?;
+    if body.payment_requirements.scheme == "batch-settlement" {
+        return channels::verify(&api, &merchant, body).await.map(Json);
+    }
+    let submission = submission(&body)?;
     let outcome = api.engine.verify(merchant, submission).await.map_err(|_| overloaded())?;
     let payer = |p: Address| Some(p.to_string());
     Ok(Json(match outcome {
@@ -271,7 +288,11 @@ async fn settle(
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<SettleResponse>, Failure> {
     let merchant = api.merchant(&headers)?;
-    let submission = submission(body.map_err(Failure::from)?.0)?;
+    let body = v2(body)?;
+    if body.payment_requirements.scheme == "batch-settlement" {
+        return channels::settle(&api, &merchant, body).await.map(Json);
+    }
+    let submission = submission(&body)?;
     let network = submission.requirements.network.clone();
     let amount = submission.requirements.amount;
     let outcome = api.engine.submit(merchant, submission).await.map_err(|_| overloaded())?;
