@@ -2,14 +2,16 @@
 //! the reference middleware can use x402d without a change:
 //!
 //! - `POST /verify` runs every check of a submit against the same state
-//!   (replay index, reservations, channels) and changes nothing;
+//!   (replay index, reservations) and changes nothing;
 //! - `POST /settle` records the payment durably, then waits for its
 //!   merchant's strategy to settle it: `direct` and `batched` answer with
-//!   the confirmed transaction, a channel voucher as soon as it is recorded.
-//!   Past `settle_wait` it answers the reference's `settlement_pending`
-//!   (the payment still settles). A replayed `/settle` never pays twice and
-//!   answers where the original stands;
-//! - `GET /supported` lists each network literally with the signers.
+//!   the confirmed transaction. Past `settle_wait` it answers the
+//!   reference's `settlement_pending` (the payment still settles). A
+//!   replayed `/settle` never pays twice and answers where the original
+//!   stands;
+//! - `GET /supported` lists each network literally with the signers;
+//! - `batch-settlement` follows the reference facilitator: the resource
+//!   server keeps the charged totals (see the `channels` module).
 //!
 //! Bodies are x402 v2; business failures are HTTP 200 with a full body, as
 //! the reference clients require. A merchant authenticates with
