@@ -1,77 +1,116 @@
 //! Interoperability with the reference x402 packages (pinned in the root
-//! `package.json`): `tests/interop/exact.mjs` runs an `@x402/express`
-//! resource server whose facilitator is this x402d node, and pays it with
-//! `@x402/fetch` and an `@x402/evm` exact signer, on anvil with the
-//! project's token.
+//! `package.json`): the scripts in `tests/interop/` run an `@x402/express`
+//! resource server whose facilitator is this x402d node, and pay it with
+//! `@x402/fetch` and the `@x402/evm` clients, on anvil with the project's
+//! token.
 
 use std::{path::Path, process::Command};
 
 use alloy::{
     primitives::{Address, U256},
-    providers::ProviderBuilder,
+    providers::{DynProvider, Provider, ProviderBuilder},
     signers::local::PrivateKeySigner,
 };
 use serde_json::Value;
 use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
-use x402_engine::config::ChainConfig;
+use x402_engine::{config::ChainConfig, node::Node};
 
 use crate::common::*;
 
+/// Anvil, a funded payer and an x402d node (m1 paid to `PAY_TO`) whose
+/// facilitator API the script uses.
+struct Interop {
+    anvil: Anvil,
+    payer: PrivateKeySigner,
+    node: Node,
+    provider: DynProvider,
+    _dir: tempfile::TempDir,
+}
+
+impl Interop {
+    async fn start() -> Self {
+        let anvil = Anvil::spawn(&[]).unwrap();
+        let payer = PrivateKeySigner::random();
+        devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
+        let signer = PrivateKeySigner::random();
+        devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_value(dir.path());
+        let authorizer = PrivateKeySigner::random().to_bytes().to_string();
+        let mut chain = ChainConfig::with_keys(anvil.endpoint(), vec![signer.to_bytes().to_string()], Some(authorizer));
+        chain.receipt_poll_ms = 50;
+        config.chain = Some(chain);
+        let node = start_node(&config).await;
+        let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap()).erased();
+        Self { anvil, payer, node, provider, _dir: dir }
+    }
+
+    /// Runs `tests/interop/<script>` and returns its JSON lines.
+    async fn run(&self, script: &str) -> Vec<Value> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop").join(script);
+        let (http, rpc, payer_key) =
+            (self.node.endpoints().http, self.anvil.endpoint().to_owned(), self.payer.to_bytes().to_string());
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new("node")
+                .arg(script)
+                .env("FACILITATOR_URL", format!("http://{http}"))
+                .env("MERCHANT_KEY", M1_KEY)
+                .env("PAY_TO", PAY_TO.to_string())
+                .env("TOKEN", TOKEN.to_string())
+                .env("PAYER_KEY", payer_key)
+                .env("RPC_URL", rpc)
+                .output()
+                .expect("node runs (npm ci installs the reference packages)")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        eprintln!("{stdout}");
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    async fn balance(&self, owner: Address) -> U256 {
+        X402TestToken::new(TOKEN, &self.provider).balanceOf(owner).call().await.unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_express_server_and_fetch_client_pay_through_x402d() {
-    let anvil = Anvil::spawn(&[]).unwrap();
-    let payer = PrivateKeySigner::random();
-    devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
-    let signer = PrivateKeySigner::random();
-    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_value(dir.path());
-    let mut chain = ChainConfig::with_keys(anvil.endpoint(), vec![signer.to_bytes().to_string()], None);
-    chain.receipt_poll_ms = 50;
-    config.chain = Some(chain);
-    let node = start_node(&config).await;
-
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/exact.mjs");
-    let (http, payer_key) = (node.endpoints().http, payer.to_bytes().to_string());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .env("FACILITATOR_URL", format!("http://{http}"))
-            .env("MERCHANT_KEY", M1_KEY)
-            .env("PAY_TO", PAY_TO.to_string())
-            .env("TOKEN", TOKEN.to_string())
-            .env("PAYER_KEY", payer_key)
-            .output()
-            .expect("node runs (npm ci installs the reference packages)")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    eprintln!("{stdout}");
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let t = Interop::start().await;
+    let lines = t.run("exact.mjs").await;
     let scenario =
-        |name: &str| lines.iter().find(|l| l["scenario"] == name).unwrap_or_else(|| panic!("{name}: {stdout}"));
+        |name: &str| lines.iter().find(|l| l["scenario"] == name).unwrap_or_else(|| panic!("{name}: {lines:?}"));
 
     assert_eq!(scenario("unpaid")["status"], 402);
     let paid = scenario("paid");
     assert_eq!(paid["status"], 200);
     assert_eq!(paid["network"], NETWORK);
-    assert_eq!(paid["payer"].as_str().unwrap().parse::<Address>().unwrap(), payer.address());
+    assert_eq!(paid["payer"].as_str().unwrap().parse::<Address>().unwrap(), t.payer.address());
     // The transaction is on chain and moved the price, once: the replayed
     // signature did not pay again.
-    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
     let tx = paid["transaction"].as_str().unwrap().parse().unwrap();
-    let receipt = alloy::providers::Provider::get_transaction_receipt(&provider, tx).await.unwrap().unwrap();
+    let receipt = t.provider.get_transaction_receipt(tx).await.unwrap().unwrap();
     assert!(receipt.status());
-    let token = X402TestToken::new(TOKEN, &provider);
-    assert_eq!(token.balanceOf(PAY_TO).call().await.unwrap(), U256::from(1_000));
-    assert_eq!(token.balanceOf(payer.address()).call().await.unwrap(), U256::from(1_000_000 - 1_000));
+    assert_eq!(t.balance(PAY_TO).await, U256::from(1_000));
+    assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 1_000));
     // A replayed /settle answers the original outcome (an idempotent retry).
     let replayed = scenario("replayed");
     assert_eq!(replayed["status"], 200);
     assert_eq!(replayed["transaction"], paid["transaction"], "a replay answers the original settlement");
     let tampered = scenario("tampered");
     assert_eq!(tampered["status"], 402);
-    assert_eq!(tampered["error"], "invalid_exact_evm_signature", "{stdout}");
+    assert_eq!(tampered["error"], "invalid_exact_evm_signature", "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_batch_settlement_client_and_server_pay_through_x402d_channels() {
+    let t = Interop::start().await;
+    let lines = t.run("channel.mjs").await;
+    let paid: Vec<&Value> = lines.iter().filter(|l| l["step"] == "paid").collect();
+    assert_eq!(paid.len(), 3, "{lines:?}");
+    assert!(paid.iter().all(|p| p["status"] == 200));
+    assert!(lines.iter().any(|l| l["step"] == "claimed"), "{lines:?}");
+    // Three requests of 1,000 were claimed from the channel and paid out.
+    assert_eq!(t.balance(PAY_TO).await, U256::from(3_000));
 }
