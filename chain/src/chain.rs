@@ -124,8 +124,9 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     fn block_gas_limit(&self) -> impl Future<Output = Result<u64>> + Send;
 
     /// Signs a call of `to` with `input` by the next signer of the pool,
-    /// with its next nonce, current fees and a gas limit (`gas_limit`, or an
-    /// estimate cached per function selector). Nothing is sent.
+    /// with its next nonce, current fees and a gas limit: `gas_limit`, or
+    /// an estimate cached per kind of call, which only suits calls whose
+    /// cost does not depend on their arguments. Nothing is sent.
     fn sign_call(
         &self,
         to: Address,

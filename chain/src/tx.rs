@@ -102,7 +102,7 @@ pub struct AlloyChain {
     /// Next nonce per signer, once known.
     nonces: Mutex<HashMap<Address, u64>>,
     /// Gas limit per function selector.
-    gas: Mutex<HashMap<[u8; 4], u64>>,
+    gas: Mutex<HashMap<GasKey, u64>>,
     config: TxConfig,
 }
 
@@ -173,17 +173,24 @@ impl AlloyChain {
         Ok(next)
     }
 
-    /// The estimated gas (with margin) of a call kind, cached per selector.
+    /// The estimated gas (with margin) of a kind of call, cached per
+    /// contract, selector and calldata length. Meant for calls whose cost
+    /// does not depend on their arguments (`transferWithAuthorization`);
+    /// callers of anything else pass their own estimate to `sign_call`.
     async fn gas_limit(&self, to: Address, input: &Bytes) -> Result<u64> {
         let selector: [u8; 4] = input.get(..4).and_then(|s| s.try_into().ok()).unwrap_or_default();
-        if let Some(gas) = self.gas.lock().await.get(&selector) {
+        let key = (to, selector, input.len());
+        if let Some(gas) = self.gas.lock().await.get(&key) {
             return Ok(*gas);
         }
         let gas = self.estimate_gas(to, input.clone()).await?;
-        self.gas.lock().await.insert(selector, gas);
+        self.gas.lock().await.insert(key, gas);
         Ok(gas)
     }
 }
+
+/// What a cached gas estimate is for: contract, selector, calldata length.
+type GasKey = (Address, [u8; 4], usize);
 
 impl Chain for AlloyChain {
     fn chain_id(&self) -> u64 {

@@ -3,7 +3,8 @@
 // batch-settlement server scheme (it keeps the channels' charged totals),
 // and an `@x402/fetch` client with the reference batch-settlement client
 // (its first request deposits through x402d, later ones send vouchers).
-// Then the server's channel manager claims and settles through x402d.
+// Then the server's channel manager claims and settles through x402d, and
+// the client asks for a cooperative refund of the rest.
 //
 // Environment as for exact.mjs, plus RPC_URL (the anvil node, for the
 // client's channel reads). Prints one JSON line per step.
@@ -77,8 +78,9 @@ const server = await new Promise((resolve) => {
 const url = `http://127.0.0.1:${server.address().port}/weather`;
 
 try {
+  const channelClient = new ChannelClient(account, { rpcUrl: env("RPC_URL") });
   const pay = wrapFetchWithPaymentFromConfig(fetch, {
-    schemes: [{ network: NETWORK, client: new ChannelClient(account, { rpcUrl: env("RPC_URL") }) }],
+    schemes: [{ network: NETWORK, client: channelClient }],
     spendControls: { allowedAssets: [{ network: NETWORK, asset: token }] },
   });
   for (let i = 0; i < REQUESTS; i++) {
@@ -100,6 +102,12 @@ try {
   });
   const result = await manager.claimAndSettle();
   report("claimed", { result: JSON.parse(JSON.stringify(result, (_k, v) => (typeof v === "bigint" ? v.toString() : v))) });
+
+  // The payer takes back what it did not spend: a cooperative refund,
+  // through the server, executed by x402d.
+  const refunded = await channelClient.refund(url);
+  expect(refunded.success === true, `refund failed: ${JSON.stringify(refunded)}`);
+  report("refunded", { transaction: refunded.transaction, amount: refunded.amount ?? null });
 } finally {
   server.close();
 }

@@ -111,6 +111,10 @@ async fn the_reference_batch_settlement_client_and_server_pay_through_x402d_chan
     assert_eq!(paid.len(), 3, "{lines:?}");
     assert!(paid.iter().all(|p| p["status"] == 200));
     assert!(lines.iter().any(|l| l["step"] == "claimed"), "{lines:?}");
-    // Three requests of 1,000 were claimed from the channel and paid out.
+    // Three requests of 1,000 were claimed from the channel and paid out,
+    // and the refund returned the rest of the deposit: the payer spent
+    // exactly 3,000.
     assert_eq!(t.balance(PAY_TO).await, U256::from(3_000));
+    assert!(lines.iter().any(|l| l["step"] == "refunded"), "{lines:?}");
+    assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 3_000));
 }

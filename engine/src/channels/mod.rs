@@ -506,7 +506,8 @@ pub(crate) async fn put_deposit<C: Chain>(
         if let Some(revert) = chain.simulate(v.contract, input.clone()).await.map_err(unavailable)? {
             return Err(DepositFailure::Rejected(format!("the deposit would revert: {revert}")));
         }
-        let tx = chain.sign_call(v.contract, input, None).await.map_err(unavailable)?;
+        let gas = chain.estimate_gas(v.contract, input.clone()).await.map_err(unavailable)?;
+        let tx = chain.sign_call(v.contract, input, Some(gas)).await.map_err(unavailable)?;
         chain.broadcast(&tx).await.map_err(unavailable)?;
         tracing::info!(channel = %v.channel_id, tx = %tx.hash, amount = d.amount, "channel deposit sent");
         match chain.wait_receipt(&[tx.hash], DEPOSIT_TIMEOUT).await.map_err(unavailable)? {

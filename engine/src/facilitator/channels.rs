@@ -28,7 +28,7 @@ use alloy::{
 use serde::Deserialize;
 use x402_chain::{
     AlloyChain, Chain,
-    channel::{ClaimRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
+    channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
     contracts::X402BatchSettlement,
 };
 use x402_channel::{ChannelConfig, ChannelDomain, OnChain};
@@ -132,13 +132,25 @@ impl ChannelFacilitator {
     }
 
     async fn onchain(&self, v: &VerifiedVoucher) -> Result<OnChain, Failure> {
-        let out = self.chain.call(v.contract, state_calldata(v.channel_id)).await.map_err(Self::unavailable)?;
-        decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(Self::unavailable)
+        self.read(v.channel_id, v.config.withdrawDelay.to::<u64>()).await
     }
 
-    /// Signs, sends and waits for a call of the channel contract.
+    async fn read(&self, id: B256, withdraw_delay: u64) -> Result<OnChain, Failure> {
+        let out = self.chain.call(self.contracts.channels, state_calldata(id)).await.map_err(Self::unavailable)?;
+        decode_state(&out, withdraw_delay).map_err(Self::unavailable)
+    }
+
+    /// Simulates, then signs, sends and waits for a call of the channel
+    /// contract; `Ok(Err(reason))` when it would revert or reverted.
     async fn send(&self, input: Bytes) -> Result<Result<B256, String>, Failure> {
-        let tx = self.chain.sign_call(self.contracts.channels, input, None).await.map_err(Self::unavailable)?;
+        if let Some(revert) =
+            self.chain.simulate(self.contracts.channels, input.clone()).await.map_err(Self::unavailable)?
+        {
+            return Ok(Err(format!("the transaction would revert: {revert}")));
+        }
+        // The cost varies with the call: estimated for each transaction.
+        let gas = self.chain.estimate_gas(self.contracts.channels, input.clone()).await.map_err(Self::unavailable)?;
+        let tx = self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::unavailable)?;
         self.chain.broadcast(&tx).await.map_err(Self::unavailable)?;
         match self.chain.wait_receipt(&[tx.hash], self.receipt_timeout).await.map_err(Self::unavailable)? {
             Some(r) if r.success => Ok(Ok(r.tx)),
@@ -269,6 +281,11 @@ pub(super) async fn settle(
                 Err(message) => failed("invalid_batch_settlement_evm_settle_transaction_failed", message),
             })
         }
+        "refund" => {
+            let payload: RefundPayload = serde_json::from_value(body.payment_payload["payload"].clone())
+                .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))?;
+            refund(channels, payload, base).await
+        }
         "voucher" | "deposit" => {
             let v = match verified(api, merchant, &body)? {
                 Ok(v) => v,
@@ -305,8 +322,62 @@ pub(super) async fn settle(
         }
         other => Ok(failed(
             "invalid_batch_settlement_evm_payload_type",
-            format!("payload type {other:?} is not settled here (x402d settles voucher, deposit, claim and settle)"),
+            format!("payload type {other:?} is not one of voucher, deposit, refund, claim, settle"),
         )),
+    }
+}
+
+/// The rows of server-authored claims.
+fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimRow>, InvalidField> {
+    claims
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let config = config(&format!("claims[{i}].voucher.channel"), &c.voucher.channel)?;
+            Ok(ClaimRow {
+                channel_id: domain.channel_id(&config),
+                config,
+                max_claimable: uint128(
+                    &format!("claims[{i}].voucher.maxClaimableAmount"),
+                    &c.voucher.max_claimable_amount,
+                )?,
+                signature: parse_hex(&c.signature)
+                    .ok_or_else(|| invalid(&format!("claims[{i}].signature"), "is not 0x-hex"))?
+                    .into(),
+                total_claimed: uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
+            })
+        })
+        .collect()
+}
+
+/// The server's signature, or else the engine's authorizer's of `digest`
+/// when every channel in `configs` names it; `Err` answers a mismatch.
+fn authorize<'a>(
+    channels: &ChannelFacilitator,
+    given: Option<&str>,
+    field: &str,
+    mut configs: impl Iterator<Item = (&'a ChannelConfig, B256)>,
+    digest: impl FnOnce() -> B256,
+) -> Result<Result<Vec<u8>, String>, Failure> {
+    if let Some(s) = given {
+        return Ok(Ok(parse_hex(s).ok_or_else(|| invalid(field, "is not 0x-hex"))?));
+    }
+    let authorizer = channels.authorizer.as_ref().ok_or_else(not_configured)?;
+    if let Some((config, id)) = configs.find(|(c, _)| c.receiverAuthorizer != authorizer.address()) {
+        return Ok(Err(format!(
+            "channel {id} is authorized by {}, not this facilitator's {}",
+            config.receiverAuthorizer,
+            authorizer.address()
+        )));
+    }
+    Ok(Ok(authorizer.sign_hash_sync(&digest()).map_err(ChannelFacilitator::unavailable)?.as_bytes().to_vec()))
+}
+
+fn mismatch(base: SettleResponse, message: String) -> SettleResponse {
+    SettleResponse {
+        error_reason: Some(Reason::ReceiverAuthorizerMismatch.code().into()),
+        error_message: Some(message),
+        ..base
     }
 }
 
@@ -317,52 +388,109 @@ async fn claim(
     payload: ClaimPayload,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
-    let chain_id = channels.chain.chain_id();
-    let domain = ChannelDomain::new(chain_id, channels.contracts.channels);
-    let mut rows = Vec::with_capacity(payload.claims.len());
-    for (i, c) in payload.claims.iter().enumerate() {
-        let config = config(&format!("claims[{i}].voucher.channel"), &c.voucher.channel)?;
-        rows.push(ClaimRow {
-            channel_id: domain.channel_id(&config),
-            config,
-            max_claimable: uint128(
-                &format!("claims[{i}].voucher.maxClaimableAmount"),
-                &c.voucher.max_claimable_amount,
-            )?,
-            signature: parse_hex(&c.signature)
-                .ok_or_else(|| invalid(&format!("claims[{i}].signature"), "is not 0x-hex"))?
-                .into(),
-            total_claimed: uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
-        });
-    }
+    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
+    let rows = claim_rows(&domain, &payload.claims)?;
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
     }
-    let signature = match &payload.claim_authorizer_signature {
-        Some(s) => parse_hex(s).ok_or_else(|| invalid("claimAuthorizerSignature", "is not 0x-hex"))?,
-        None => {
-            let authorizer = channels.authorizer.as_ref().ok_or_else(not_configured)?;
-            if let Some(row) = rows.iter().find(|r| r.config.receiverAuthorizer != authorizer.address()) {
-                return Ok(SettleResponse {
-                    error_reason: Some(Reason::ReceiverAuthorizerMismatch.code().into()),
-                    error_message: Some(format!(
-                        "channel {} is authorized by {}, not this facilitator's {}",
-                        row.channel_id,
-                        row.config.receiverAuthorizer,
-                        authorizer.address()
-                    )),
-                    ..base
-                });
-            }
-            let digest = domain.claim_batch_digest(&claim_batch(&rows));
-            authorizer.sign_hash_sync(&digest).map_err(ChannelFacilitator::unavailable)?.as_bytes().to_vec()
-        }
+    let signature = match authorize(
+        channels,
+        payload.claim_authorizer_signature.as_deref(),
+        "claimAuthorizerSignature",
+        rows.iter().map(|r| (&r.config, r.channel_id)),
+        || domain.claim_batch_digest(&claim_batch(&rows)),
+    )? {
+        Ok(signature) => signature,
+        Err(message) => return Ok(mismatch(base, message)),
     };
     let input = claim_and_settle_calldata(&rows, &signature, &[], &[]);
     Ok(match channels.send(input).await? {
         Ok(tx) => SettleResponse { success: true, transaction: tx.to_string(), ..base },
         Err(message) => SettleResponse {
             error_reason: Some("invalid_batch_settlement_evm_claim_transaction_failed".into()),
+            error_message: Some(message),
+            ..base
+        },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RefundPayload {
+    channel_config: ConfigJson,
+    amount: Uint,
+    refund_nonce: Uint,
+    #[serde(default)]
+    claims: Vec<ClaimJson>,
+    refund_authorizer_signature: Option<String>,
+    claim_authorizer_signature: Option<String>,
+}
+
+/// A server-authored cooperative refund: the claims it carries (the
+/// server's charges), then `refundWithSignature`, in one transaction.
+async fn refund(
+    channels: &ChannelFacilitator,
+    payload: RefundPayload,
+    base: SettleResponse,
+) -> Result<SettleResponse, Failure> {
+    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
+    let config = config("channelConfig", &payload.channel_config)?;
+    let id = domain.channel_id(&config);
+    let amount = uint128("amount", &payload.amount)?;
+    let nonce = parse_uint(&payload.refund_nonce).ok_or_else(|| invalid("refundNonce", "is not a uint256"))?;
+    let rows = claim_rows(&domain, &payload.claims)?;
+    let delay = config.withdrawDelay.to::<u64>();
+    let before = channels.read(id, delay).await?;
+    let claimed =
+        rows.iter().filter(|r| r.channel_id == id).map(|r| r.total_claimed).fold(before.total_claimed, u128::max);
+    if amount == 0 || before.balance <= claimed {
+        return Ok(SettleResponse {
+            error_reason: Some("invalid_batch_settlement_evm_refund_no_balance".into()),
+            error_message: Some("nothing to refund".into()),
+            ..base
+        });
+    }
+    let refund_signature = match authorize(
+        channels,
+        payload.refund_authorizer_signature.as_deref(),
+        "refundAuthorizerSignature",
+        std::iter::once((&config, id)),
+        || domain.refund_digest(&x402_channel::Refund { channelId: id, nonce, amount }),
+    )? {
+        Ok(signature) => signature,
+        Err(message) => return Ok(mismatch(base, message)),
+    };
+    let claim_signature = if rows.is_empty() {
+        Vec::new()
+    } else {
+        match authorize(
+            channels,
+            payload.claim_authorizer_signature.as_deref(),
+            "claimAuthorizerSignature",
+            rows.iter().map(|r| (&r.config, r.channel_id)),
+            || domain.claim_batch_digest(&claim_batch(&rows)),
+        )? {
+            Ok(signature) => signature,
+            Err(message) => return Ok(mismatch(base, message)),
+        }
+    };
+    let signature: [u8; 65] =
+        refund_signature.as_slice().try_into().map_err(|_| invalid("refundAuthorizerSignature", "is not 65 bytes"))?;
+    let refund = RefundRow { config, amount, nonce, signature };
+    let input = claim_and_settle_calldata(&rows, &claim_signature, &[], &[refund]);
+    Ok(match channels.send(input).await? {
+        Ok(tx) => {
+            let after = channels.read(id, delay).await?;
+            SettleResponse {
+                success: true,
+                transaction: tx.to_string(),
+                amount: Some(before.balance.saturating_sub(after.balance).to_string()),
+                extra: Some(serde_json::json!({ "channelState": onchain_extra(id, delay, &after) })),
+                ..base
+            }
+        }
+        Err(message) => SettleResponse {
+            error_reason: Some("invalid_batch_settlement_evm_refund_transaction_failed".into()),
             error_message: Some(message),
             ..base
         },

@@ -209,7 +209,9 @@ impl<C: Chain> Settler<C> {
             self.authorize(claims, domain.claim_batch_digest(&claim_batch(&rows)))?.to_vec()
         };
         let input = claim_and_settle_calldata(&rows, &signature, &settle, &refunds);
-        let tx = self.chain.sign_call(claims.contract, input, None).await.map_err(chain_error)?;
+        // The cost varies with the rows: estimated for each transaction.
+        let gas = self.chain.estimate_gas(claims.contract, input.clone()).await.map_err(chain_error)?;
+        let tx = self.chain.sign_call(claims.contract, input, Some(gas)).await.map_err(chain_error)?;
         let claimed: u128 = rows.iter().map(|r| r.total_claimed).sum();
         tracing::info!(
             tx = %tx.hash, rows = rows.len(), receivers = settle.len(), refunds = refunds.len(), claimed,
