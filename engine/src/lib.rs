@@ -28,6 +28,7 @@ pub mod facilitator;
 pub mod grpc;
 pub mod http;
 pub mod ledger;
+pub mod load;
 pub mod merchants;
 pub mod metrics;
 pub mod node;

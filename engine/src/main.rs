@@ -46,6 +46,10 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Stream pre-signed payments at a running x402d (by default the one
+    /// `x402d dev` starts, as its batched merchant) and report throughput,
+    /// ack latency and rejections.
+    Load(LoadArgs),
     /// Measure gas per settled payment on a local anvil: direct, and
     /// batched through Multicall3 at each batch size.
     GasReport {
@@ -56,6 +60,92 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,10")]
         per_payer: Vec<usize>,
     },
+}
+
+/// `x402d load` flags; the defaults fit `x402d dev`.
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// The merchant's API key.
+    #[arg(long, env = "X402D_LOAD_KEY", default_value = "dev-batched-key-not-secret")]
+    key: String,
+    /// Payments to send.
+    #[arg(long, short = 'n', default_value_t = 100_000)]
+    payments: usize,
+    /// Concurrent SubmitStreams.
+    #[arg(long, short = 'c', default_value_t = 4)]
+    streams: usize,
+    /// Offered payments per second (all streams together); full speed when absent.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Payer private keys, comma separated (default: the `x402d dev` payers).
+    #[arg(long, value_delimiter = ',')]
+    payer_keys: Vec<String>,
+    /// Use this many random payer keys instead (for servers that do not check balances).
+    #[arg(long)]
+    random_payers: Option<usize>,
+    /// Amount per payment, in the token's atomic units.
+    #[arg(long, default_value_t = 100)]
+    amount: u64,
+    /// The merchant's address.
+    #[arg(long, default_value = DEV_PAY_TO)]
+    pay_to: Address,
+    /// The token.
+    #[arg(long, default_value_t = devnet::DEV_TOKEN_ADDRESS)]
+    token: Address,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    use x402_engine::{load, payer::Payer};
+    let payers: Vec<Payer> = match args.random_payers {
+        Some(n) => (0..n.max(1)).map(|_| Payer::random()).collect(),
+        None if args.payer_keys.is_empty() => {
+            DEV_PAYER_KEYS.iter().map(|k| Payer::new(k.parse().expect("valid"))).collect()
+        }
+        None => args
+            .payer_keys
+            .iter()
+            .map(|k| k.parse::<PrivateKeySigner>().map(Payer::new))
+            .collect::<Result<_, _>>()
+            .context("a payer key is not a 32-byte hex private key")?,
+    };
+    let requirements = load::dev_requirements(args.pay_to, args.token, args.amount);
+    eprintln!("signing {} payments from {} payers…", args.payments, payers.len());
+    let started = std::time::Instant::now();
+    let (n, p, r) = (args.payments, payers.clone(), requirements.clone());
+    let requests = tokio::task::spawn_blocking(move || load::sign(&p, &r, n)).await?;
+    let signing_seconds = started.elapsed().as_secs_f64();
+    eprintln!("signed in {signing_seconds:.1} s; sending over {} streams", args.streams);
+    let config = load::LoadConfig {
+        endpoint: args.endpoint,
+        api_key: args.key,
+        payments: args.payments,
+        payers,
+        streams: args.streams,
+        rate: args.rate,
+        requirements,
+    };
+    let total = args.payments as u64;
+    let mut report = load::run(&config, requests, move |done, elapsed| {
+        let width = 30;
+        let filled = (done * width / total.max(1)) as usize;
+        let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
+        eprint!("\r[{}{}] {done}/{total} {rate:.0}/s   ", "#".repeat(filled), ".".repeat(width as usize - filled));
+    })
+    .await?;
+    eprintln!();
+    report.signing_seconds = signing_seconds;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
 }
 
 /// Flags (and environment variables) that override the file.
@@ -140,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
     // Kept alive until the node stops: the dev ledger directory and chain.
     let mut devnet = None;
     let (config, _dev_dir) = match cli.command {
+        Command::Load(args) => return load(args).await,
         Command::GasReport { rows, per_payer } => {
             for n in per_payer {
                 let report = x402_chain::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;

@@ -12,6 +12,7 @@ mod dev;
 mod facilitator;
 mod faults;
 mod interop;
+mod load;
 mod rejections;
 mod settle;
 mod stream;
