@@ -206,6 +206,20 @@ impl Channel {
         Ok(())
     }
 
+    /// Checks a refund request's voucher: it charges nothing, so it must be
+    /// exactly the charged total.
+    pub const fn check_refund(&self, max_claimable: u128) -> Result<(), VoucherError> {
+        if max_claimable == self.charged {
+            return Ok(());
+        }
+        Err(VoucherError::CumulativeAmountMismatch {
+            charged: self.charged,
+            amount: 0,
+            expected: self.charged,
+            got: max_claimable,
+        })
+    }
+
     /// Records a voucher that passed [`check_voucher`](Self::check_voucher)
     /// and the request's actual charge, which may be below the voucher's
     /// amount (never above: the charged total stays within the voucher).
@@ -315,6 +329,17 @@ mod tests {
         assert_eq!(err, VoucherError::CumulativeAmountMismatch { charged: 40, amount: 100, expected: 140, got: 200 });
         assert_eq!(err.reason(), "invalid_batch_settlement_evm_cumulative_amount_mismatch");
         assert_eq!(c.check_voucher(140, 100, 0, 0, &POLICY), Ok(()));
+    }
+
+    #[test]
+    fn a_refund_voucher_is_the_charged_total() {
+        let mut c = channel(1_000);
+        c.accept(voucher(100), 70);
+        assert_eq!(c.check_refund(70), Ok(()));
+        assert_eq!(
+            c.check_refund(100),
+            Err(VoucherError::CumulativeAmountMismatch { charged: 70, amount: 0, expected: 70, got: 100 })
+        );
     }
 
     #[test]

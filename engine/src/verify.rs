@@ -325,14 +325,21 @@ pub(crate) enum Uint {
     Num(u64),
 }
 
-fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
+/// The JSON bytes of a `PAYMENT-SIGNATURE` header (standard base64), within
+/// [`MAX_HEADER_LEN`].
+pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
     const FIELD: &str = "payment_signature_header";
     if header.len() > MAX_HEADER_LEN {
         return Err(InvalidField::new(FIELD, format!("is {} bytes, more than {MAX_HEADER_LEN}", header.len())));
     }
-    let json = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(header.trim())
-        .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))?;
+        .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))
+}
+
+fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
+    const FIELD: &str = "payment_signature_header";
+    let json = header_bytes(header)?;
     let parsed: HeaderJson = serde_json::from_slice(&json)
         .map_err(|e| InvalidField::new(FIELD, format!("is not an x402 PaymentPayload: {e}")))?;
     if parsed.x402_version != 2 {

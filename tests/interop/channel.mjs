@@ -6,76 +6,20 @@
 // Then the server's channel manager claims and settles through x402d, and
 // the client asks for a cooperative refund of the rest.
 //
-// Environment as for exact.mjs, plus RPC_URL (the anvil node, for the
+// Environment as `common.mjs` describes, plus RPC_URL (the anvil node, for the
 // client's channel reads). Prints one JSON line per step.
-import express from "express";
-import { paymentMiddleware, x402ResourceServer } from "@x402/express";
-import { HTTPFacilitatorClient } from "@x402/core/server";
 import {
   BatchSettlementEvmScheme as ChannelServer,
   BatchSettlementChannelManager,
 } from "@x402/evm/batch-settlement/server";
 import { BatchSettlementEvmScheme as ChannelClient } from "@x402/evm/batch-settlement/client";
 import { wrapFetchWithPaymentFromConfig, decodePaymentResponseHeader } from "@x402/fetch";
-import { privateKeyToAccount } from "viem/accounts";
+import { NETWORK, account, env, expect, facilitator, payTo, reporter, serveWeather, token } from "./common.mjs";
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
-const NETWORK = "eip155:31337";
-const PRICE = "1000";
+const report = reporter("step");
 const REQUESTS = 3;
-const facilitatorUrl = env("FACILITATOR_URL");
-const merchantKey = env("MERCHANT_KEY");
-const payTo = env("PAY_TO");
-const token = env("TOKEN");
-const account = privateKeyToAccount(env("PAYER_KEY"));
-
-function report(step, fields) {
-  console.log(JSON.stringify({ step, ...fields }));
-}
-
-function expect(condition, message) {
-  if (!condition) {
-    console.error(`interop: ${message}`);
-    process.exit(1);
-  }
-}
-
-const facilitator = new HTTPFacilitatorClient({
-  url: facilitatorUrl,
-  createAuthHeaders: async () => {
-    const headers = { Authorization: `Bearer ${merchantKey}` };
-    return { verify: headers, settle: headers, supported: headers };
-  },
-});
 const channelServer = new ChannelServer(payTo, { withdrawDelay: 900 });
-const resourceServer = new x402ResourceServer(facilitator).register(NETWORK, channelServer);
-const app = express();
-app.use(
-  paymentMiddleware(
-    {
-      "GET /weather": {
-        accepts: {
-          scheme: "batch-settlement",
-          network: NETWORK,
-          payTo,
-          price: { asset: token, amount: PRICE, extra: { name: "USD Coin", version: "2" } },
-          maxTimeoutSeconds: 120,
-        },
-        description: "The weather, paid per request from a channel",
-      },
-    },
-    resourceServer,
-  ),
-);
-app.get("/weather", (_req, res) => res.json({ weather: "sunny" }));
-const server = await new Promise((resolve) => {
-  const s = app.listen(0, "127.0.0.1", () => resolve(s));
-});
-const url = `http://127.0.0.1:${server.address().port}/weather`;
+const { server, url } = await serveWeather("batch-settlement", channelServer, "The weather, paid per request from a channel");
 
 try {
   const channelClient = new ChannelClient(account, { rpcUrl: env("RPC_URL") });

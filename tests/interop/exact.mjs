@@ -2,77 +2,16 @@
 // x402 packages: an `@x402/express` resource server whose facilitator is
 // x402d, and an `@x402/fetch` client paying with an `@x402/evm` exact signer.
 //
-// Run by the Rust test `it::interop` (which starts anvil and x402d) with:
-//   FACILITATOR_URL  x402d's HTTP listener, e.g. http://127.0.0.1:8402
-//   MERCHANT_KEY     the merchant's API key (Bearer auth on /verify, /settle, /supported)
-//   PAY_TO, TOKEN    the merchant's address and the EIP-3009 token
-//   PAYER_KEY        the payer's private key (0x-hex)
-// Prints one JSON line per scenario on stdout; exits non-zero on the first
+// Run by the Rust test `it::interop` (which starts anvil and x402d) with
+// the environment `common.mjs` describes. Prints one JSON line per scenario on stdout; exits non-zero on the first
 // unexpected outcome.
-import express from "express";
-import { paymentMiddleware, x402ResourceServer } from "@x402/express";
-import { HTTPFacilitatorClient } from "@x402/core/server";
 import { ExactEvmScheme as ExactEvmServer } from "@x402/evm/exact/server";
 import { ExactEvmScheme as ExactEvmClient } from "@x402/evm/exact/client";
 import { wrapFetchWithPaymentFromConfig, decodePaymentResponseHeader } from "@x402/fetch";
-import { privateKeyToAccount } from "viem/accounts";
+import { NETWORK, PRICE, account, expect, reporter, serveWeather, token } from "./common.mjs";
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
-const NETWORK = "eip155:31337";
-const PRICE = "1000";
-const facilitatorUrl = env("FACILITATOR_URL");
-const merchantKey = env("MERCHANT_KEY");
-const payTo = env("PAY_TO");
-const token = env("TOKEN");
-const account = privateKeyToAccount(env("PAYER_KEY"));
-
-function report(scenario, fields) {
-  console.log(JSON.stringify({ scenario, ...fields }));
-}
-
-function expect(condition, message) {
-  if (!condition) {
-    console.error(`interop: ${message}`);
-    process.exit(1);
-  }
-}
-
-// The resource server: one paid route, priced in the project's token.
-const facilitator = new HTTPFacilitatorClient({
-  url: facilitatorUrl,
-  createAuthHeaders: async () => {
-    const headers = { Authorization: `Bearer ${merchantKey}` };
-    return { verify: headers, settle: headers, supported: headers };
-  },
-});
-const resourceServer = new x402ResourceServer(facilitator).register(NETWORK, new ExactEvmServer());
-const app = express();
-app.use(
-  paymentMiddleware(
-    {
-      "GET /weather": {
-        accepts: {
-          scheme: "exact",
-          network: NETWORK,
-          payTo,
-          price: { asset: token, amount: PRICE, extra: { name: "USD Coin", version: "2" } },
-          maxTimeoutSeconds: 120,
-        },
-        description: "The weather, paid per request",
-      },
-    },
-    resourceServer,
-  ),
-);
-app.get("/weather", (_req, res) => res.json({ weather: "sunny" }));
-const server = await new Promise((resolve) => {
-  const s = app.listen(0, "127.0.0.1", () => resolve(s));
-});
-const url = `http://127.0.0.1:${server.address().port}/weather`;
+const report = reporter("scenario");
+const { server, url } = await serveWeather("exact", new ExactEvmServer(), "The weather, paid per request");
 
 try {
   // 1. Unpaid: 402 with the requirements.

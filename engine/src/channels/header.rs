@@ -3,14 +3,13 @@
 //! whose `payload` is a `voucher`, `deposit` or `refund`.
 
 use alloy::primitives::{U256, aliases::U40};
-use base64::Engine as _;
 use serde::Deserialize;
 use x402_channel::ChannelConfig;
 
 use super::{ChannelExtra, DepositPayload, VoucherPayload};
 use crate::{
     reason::InvalidField,
-    verify::{MAX_HEADER_LEN, Uint, parse_address, parse_b256, parse_hex, parse_uint},
+    verify::{Uint, parse_address, parse_b256, parse_hex, parse_uint},
 };
 
 const FIELD: &str = "payment_signature_header";
@@ -37,9 +36,10 @@ enum PayloadJson {
     Refund { channel_config: ConfigJson, voucher: VoucherJson, amount: Option<Uint> },
 }
 
+/// A channel config as the reference packages write it.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ConfigJson {
+pub(crate) struct ConfigJson {
     payer: String,
     payer_authorizer: String,
     receiver: String,
@@ -47,6 +47,24 @@ struct ConfigJson {
     token: String,
     withdraw_delay: Uint,
     salt: String,
+}
+
+impl ConfigJson {
+    /// The config, its fields named `<path>.<field>` under `f` in errors.
+    pub(crate) fn config(&self, f: Fields<'_>, path: &str) -> Result<ChannelConfig, InvalidField> {
+        let at = |field: &str| format!("{path}.{field}");
+        let withdraw_delay = f.uint64(&at("withdrawDelay"), &self.withdraw_delay)?;
+        Ok(ChannelConfig {
+            payer: f.address(&at("payer"), &self.payer)?,
+            payerAuthorizer: f.address(&at("payerAuthorizer"), &self.payer_authorizer)?,
+            receiver: f.address(&at("receiver"), &self.receiver)?,
+            receiverAuthorizer: f.address(&at("receiverAuthorizer"), &self.receiver_authorizer)?,
+            token: f.address(&at("token"), &self.token)?,
+            withdrawDelay: U40::try_from(withdraw_delay)
+                .map_err(|_| f.invalid(&at("withdrawDelay"), "does not fit a uint40"))?,
+            salt: parse_b256(&self.salt).ok_or_else(|| f.invalid(&at("salt"), "is not 32 hex bytes"))?,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -78,29 +96,38 @@ struct Erc3009Json {
     signature: String,
 }
 
-fn invalid(path: &str, message: &str) -> InvalidField {
-    InvalidField::new(format!("{FIELD}.payload.{path}"), message.to_owned())
-}
+/// Where a payload's fields are, for errors: `<prefix>.<path>`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fields<'a>(pub(crate) &'a str);
 
-fn address(path: &str, s: &str) -> Result<alloy::primitives::Address, InvalidField> {
-    parse_address(s).ok_or_else(|| invalid(path, "is not a 20-byte hex address"))
-}
+/// The fields of a decoded `PAYMENT-SIGNATURE` header.
+const HEADER: Fields<'static> = Fields("payment_signature_header.payload");
 
-fn uint128(path: &str, v: &Uint) -> Result<u128, InvalidField> {
-    parse_uint(v).and_then(|v| u128::try_from(v).ok()).ok_or_else(|| invalid(path, "is not a uint128"))
-}
+impl Fields<'_> {
+    pub(crate) fn invalid(self, path: &str, message: &str) -> InvalidField {
+        InvalidField::new(format!("{}.{path}", self.0), message.to_owned())
+    }
 
-fn uint64(path: &str, v: &Uint) -> Result<u64, InvalidField> {
-    parse_uint(v).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| invalid(path, "is not a uint64"))
-}
+    pub(crate) fn address(self, path: &str, s: &str) -> Result<alloy::primitives::Address, InvalidField> {
+        parse_address(s).ok_or_else(|| self.invalid(path, "is not a 20-byte hex address"))
+    }
 
-/// A salt as the reference client writes it: 0x-hex (up to 32 bytes) or
-/// decimal.
-fn salt(path: &str, s: &str) -> Result<U256, InvalidField> {
-    match parse_hex(s) {
-        Some(bytes) if bytes.len() <= 32 => Ok(U256::from_be_slice(&bytes)),
-        Some(_) => Err(invalid(path, "is longer than 32 bytes")),
-        None => crate::verify::parse_decimal_u256(s).ok_or_else(|| invalid(path, "is not hex or decimal")),
+    pub(crate) fn uint128(self, path: &str, v: &Uint) -> Result<u128, InvalidField> {
+        parse_uint(v).and_then(|v| u128::try_from(v).ok()).ok_or_else(|| self.invalid(path, "is not a uint128"))
+    }
+
+    fn uint64(self, path: &str, v: &Uint) -> Result<u64, InvalidField> {
+        parse_uint(v).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| self.invalid(path, "is not a uint64"))
+    }
+
+    /// A salt as the reference client writes it: 0x-hex (up to 32 bytes) or
+    /// decimal.
+    fn salt(self, path: &str, s: &str) -> Result<U256, InvalidField> {
+        match parse_hex(s) {
+            Some(bytes) if bytes.len() <= 32 => Ok(U256::from_be_slice(&bytes)),
+            Some(_) => Err(self.invalid(path, "is longer than 32 bytes")),
+            None => crate::verify::parse_decimal_u256(s).ok_or_else(|| self.invalid(path, "is not hex or decimal")),
+        }
     }
 }
 
@@ -108,14 +135,25 @@ fn salt(path: &str, s: &str) -> Result<U256, InvalidField> {
 /// the gateway's requirements say (`extra.receiverAuthorizer`,
 /// `extra.withdrawDelay`), not what the client claims it accepted.
 pub(crate) fn decode(header: &str, extra: ChannelExtra) -> Result<VoucherPayload, InvalidField> {
-    if header.len() > MAX_HEADER_LEN {
-        return Err(InvalidField::new(FIELD, format!("is {} bytes, more than {MAX_HEADER_LEN}", header.len())));
-    }
-    let json = base64::engine::general_purpose::STANDARD
-        .decode(header.trim())
-        .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))?;
-    let parsed: HeaderJson = serde_json::from_slice(&json)
-        .map_err(|e| InvalidField::new(FIELD, format!("is not an x402 batch-settlement PaymentPayload: {e}")))?;
+    let json = crate::verify::header_bytes(header)?;
+    let parsed = serde_json::from_slice(&json).map_err(|e| not_a_payload(&e))?;
+    payload(parsed, extra)
+}
+
+/// [`decode`] of a `PaymentPayload` already parsed as JSON (the body of an
+/// x402 facilitator request).
+pub(crate) fn decode_value(
+    payload_json: serde_json::Value,
+    extra: ChannelExtra,
+) -> Result<VoucherPayload, InvalidField> {
+    payload(serde_json::from_value(payload_json).map_err(|e| not_a_payload(&e))?, extra)
+}
+
+fn not_a_payload(e: &serde_json::Error) -> InvalidField {
+    InvalidField::new(FIELD, format!("is not an x402 batch-settlement PaymentPayload: {e}"))
+}
+
+fn payload(parsed: HeaderJson, extra: ChannelExtra) -> Result<VoucherPayload, InvalidField> {
     if parsed.x402_version != 2 {
         return Err(InvalidField::new(
             format!("{FIELD}.x402Version"),
@@ -129,31 +167,24 @@ pub(crate) fn decode(header: &str, extra: ChannelExtra) -> Result<VoucherPayload
         PayloadJson::Voucher { channel_config, voucher } => (channel_config, voucher, None, None),
         PayloadJson::Deposit { channel_config, voucher, deposit } => (channel_config, voucher, Some(deposit), None),
         PayloadJson::Refund { channel_config, voucher, amount } => {
-            let amount = amount.as_ref().map(|a| uint128("amount", a)).transpose()?;
+            let amount = amount.as_ref().map(|a| HEADER.uint128("amount", a)).transpose()?;
             (channel_config, voucher, None, Some(amount))
         }
     };
-    let withdraw_delay = uint64("channelConfig.withdrawDelay", &config.withdraw_delay)?;
-    let config = ChannelConfig {
-        payer: address("channelConfig.payer", &config.payer)?,
-        payerAuthorizer: address("channelConfig.payerAuthorizer", &config.payer_authorizer)?,
-        receiver: address("channelConfig.receiver", &config.receiver)?,
-        receiverAuthorizer: address("channelConfig.receiverAuthorizer", &config.receiver_authorizer)?,
-        token: address("channelConfig.token", &config.token)?,
-        withdrawDelay: U40::try_from(withdraw_delay)
-            .map_err(|_| invalid("channelConfig.withdrawDelay", "does not fit a uint40"))?,
-        salt: parse_b256(&config.salt).ok_or_else(|| invalid("channelConfig.salt", "is not 32 hex bytes"))?,
-    };
+    let config = config.config(HEADER, "channelConfig")?;
     let deposit = match deposit {
         Some(d) => {
             let a = d.authorization.erc3009_authorization;
             Some(DepositPayload {
-                amount: uint128("deposit.amount", &d.amount)?,
-                valid_after: uint64("deposit.authorization.erc3009Authorization.validAfter", &a.valid_after)?,
-                valid_before: uint64("deposit.authorization.erc3009Authorization.validBefore", &a.valid_before)?,
-                salt: salt("deposit.authorization.erc3009Authorization.salt", &a.salt)?,
+                amount: HEADER.uint128("deposit.amount", &d.amount)?,
+                valid_after: HEADER.uint64("deposit.authorization.erc3009Authorization.validAfter", &a.valid_after)?,
+                valid_before: HEADER
+                    .uint64("deposit.authorization.erc3009Authorization.validBefore", &a.valid_before)?,
+                salt: HEADER.salt("deposit.authorization.erc3009Authorization.salt", &a.salt)?,
                 signature: parse_hex(&a.signature)
-                    .ok_or_else(|| invalid("deposit.authorization.erc3009Authorization.signature", "is not 0x-hex"))?
+                    .ok_or_else(|| {
+                        HEADER.invalid("deposit.authorization.erc3009Authorization.signature", "is not 0x-hex")
+                    })?
                     .into(),
             })
         }
@@ -163,9 +194,11 @@ pub(crate) fn decode(header: &str, extra: ChannelExtra) -> Result<VoucherPayload
         network: parsed.accepted.network,
         config,
         channel_id: parse_b256(&voucher.channel_id)
-            .ok_or_else(|| invalid("voucher.channelId", "is not 32 hex bytes"))?,
-        max_claimable: uint128("voucher.maxClaimableAmount", &voucher.max_claimable_amount)?,
-        signature: parse_hex(&voucher.signature).ok_or_else(|| invalid("voucher.signature", "is not 0x-hex"))?.into(),
+            .ok_or_else(|| HEADER.invalid("voucher.channelId", "is not 32 hex bytes"))?,
+        max_claimable: HEADER.uint128("voucher.maxClaimableAmount", &voucher.max_claimable_amount)?,
+        signature: parse_hex(&voucher.signature)
+            .ok_or_else(|| HEADER.invalid("voucher.signature", "is not 0x-hex"))?
+            .into(),
         charge: None,
         extra,
         deposit,
@@ -177,7 +210,7 @@ pub(crate) fn decode(header: &str, extra: ChannelExtra) -> Result<VoucherPayload
 mod tests {
     use super::*;
     use alloy::primitives::{Address, B256};
-    use base64::engine::general_purpose::STANDARD;
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
 
     fn header(payload: &serde_json::Value) -> String {
         let json = serde_json::json!({

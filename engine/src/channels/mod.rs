@@ -30,7 +30,7 @@ use crate::{
     verify::{Refusal, recover_signer},
 };
 
-pub(crate) use self::header::decode as decode_header;
+pub(crate) use self::header::{ConfigJson, Fields, decode as decode_header, decode_value as decode_payload};
 
 /// The `batch-settlement` fields of the requirements (x402 `extra`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -35,10 +35,10 @@ use x402_channel::{ChannelConfig, ChannelDomain, OnChain};
 
 use super::{Api, FacilitatorRequest, Failure, SettleResponse, VerifyResponse, channel_requirements};
 use crate::{
-    channels::{ChannelContracts, DepositFailure, VerifiedVoucher, put_deposit, verify_voucher},
+    channels::{ChannelContracts, ConfigJson, DepositFailure, Fields, VerifiedVoucher, put_deposit, verify_voucher},
     domain::Merchant,
     reason::{InvalidField, Reason},
-    verify::{Refusal, Uint, parse_address, parse_b256, parse_hex, parse_uint},
+    verify::{Refusal, Uint, parse_address, parse_hex, parse_uint},
 };
 
 /// What the facilitator needs to act on channels.
@@ -82,48 +82,22 @@ struct ClaimVoucherJson {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ConfigJson {
-    payer: String,
-    payer_authorizer: String,
-    receiver: String,
-    receiver_authorizer: String,
-    token: String,
-    withdraw_delay: Uint,
-    salt: String,
-}
-
-#[derive(Deserialize)]
 struct SettlePayload {
     receiver: String,
     token: String,
 }
 
+/// The fields of a facilitator request's payload, for errors.
+const PAYLOAD: Fields<'static> = Fields("paymentPayload.payload");
+
 fn invalid(path: &str, message: &str) -> InvalidField {
-    InvalidField::new(format!("paymentPayload.payload.{path}"), message.to_owned())
+    PAYLOAD.invalid(path, message)
 }
 
-fn config(path: &str, c: &ConfigJson) -> Result<ChannelConfig, InvalidField> {
-    let address = |field: &str, s: &str| {
-        parse_address(s).ok_or_else(|| invalid(&format!("{path}.{field}"), "is not a 20-byte hex address"))
-    };
-    let delay = parse_uint(&c.withdraw_delay)
-        .and_then(|d| u64::try_from(d).ok())
-        .and_then(|d| alloy::primitives::aliases::U40::try_from(d).ok())
-        .ok_or_else(|| invalid(&format!("{path}.withdrawDelay"), "is not a uint40"))?;
-    Ok(ChannelConfig {
-        payer: address("payer", &c.payer)?,
-        payerAuthorizer: address("payerAuthorizer", &c.payer_authorizer)?,
-        receiver: address("receiver", &c.receiver)?,
-        receiverAuthorizer: address("receiverAuthorizer", &c.receiver_authorizer)?,
-        token: address("token", &c.token)?,
-        withdrawDelay: delay,
-        salt: parse_b256(&c.salt).ok_or_else(|| invalid(&format!("{path}.salt"), "is not 32 hex bytes"))?,
-    })
-}
-
-fn uint128(path: &str, v: &Uint) -> Result<u128, InvalidField> {
-    parse_uint(v).and_then(|v| u128::try_from(v).ok()).ok_or_else(|| invalid(path, "is not a uint128"))
+/// The request's `paymentPayload.payload` as `T`.
+fn payload<T: serde::de::DeserializeOwned>(body: &FacilitatorRequest) -> Result<T, InvalidField> {
+    serde_json::from_value(body.payment_payload["payload"].clone())
+        .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))
 }
 
 impl ChannelFacilitator {
@@ -178,11 +152,7 @@ fn verified(
     body: &FacilitatorRequest,
 ) -> Result<Result<VerifiedVoucher, Refusal>, Failure> {
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
-    let header = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(body.payment_payload.to_string())
-    };
-    let payload = crate::channels::decode_header(&header, extra)?;
+    let payload = crate::channels::decode_payload(body.payment_payload.clone(), extra)?;
     let contracts = api.info.channels.as_ref().map_or_else(ChannelContracts::default, |c| c.contracts);
     Ok(verify_voucher(merchant, &requirements, payload, contracts))
 }
@@ -256,8 +226,7 @@ pub(super) async fn settle(
 ) -> Result<SettleResponse, Failure> {
     let channels = api.info.channels.as_ref().ok_or_else(not_configured)?;
     let network = body.payment_requirements.network.clone();
-    let kind: Tagged = serde_json::from_value(body.payment_payload["payload"].clone())
-        .map_err(|e| InvalidField::new("paymentPayload.payload.type", e.to_string()))?;
+    let kind: Tagged = payload(&body)?;
     let base = SettleResponse { network: network.clone(), ..SettleResponse::default() };
     let failed = |reason: &str, message: String| SettleResponse {
         error_reason: Some(reason.into()),
@@ -266,13 +235,11 @@ pub(super) async fn settle(
     };
     match kind.kind.as_str() {
         "claim" => {
-            let payload: ClaimPayload = serde_json::from_value(body.payment_payload["payload"].clone())
-                .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))?;
+            let payload: ClaimPayload = payload(&body)?;
             claim(channels, payload, base).await
         }
         "settle" => {
-            let payload: SettlePayload = serde_json::from_value(body.payment_payload["payload"].clone())
-                .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))?;
+            let payload: SettlePayload = payload(&body)?;
             let receiver = parse_address(&payload.receiver).ok_or_else(|| invalid("receiver", "is not an address"))?;
             let token = parse_address(&payload.token).ok_or_else(|| invalid("token", "is not an address"))?;
             let input = X402BatchSettlement::settleCall { receiver, token }.abi_encode().into();
@@ -282,8 +249,7 @@ pub(super) async fn settle(
             })
         }
         "refund" => {
-            let payload: RefundPayload = serde_json::from_value(body.payment_payload["payload"].clone())
-                .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))?;
+            let payload: RefundPayload = payload(&body)?;
             refund(channels, payload, base).await
         }
         "voucher" | "deposit" => {
@@ -333,18 +299,16 @@ fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimR
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let config = config(&format!("claims[{i}].voucher.channel"), &c.voucher.channel)?;
+            let config = c.voucher.channel.config(PAYLOAD, &format!("claims[{i}].voucher.channel"))?;
             Ok(ClaimRow {
                 channel_id: domain.channel_id(&config),
                 config,
-                max_claimable: uint128(
-                    &format!("claims[{i}].voucher.maxClaimableAmount"),
-                    &c.voucher.max_claimable_amount,
-                )?,
+                max_claimable: PAYLOAD
+                    .uint128(&format!("claims[{i}].voucher.maxClaimableAmount"), &c.voucher.max_claimable_amount)?,
                 signature: parse_hex(&c.signature)
                     .ok_or_else(|| invalid(&format!("claims[{i}].signature"), "is not 0x-hex"))?
                     .into(),
-                total_claimed: uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
+                total_claimed: PAYLOAD.uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
             })
         })
         .collect()
@@ -434,9 +398,9 @@ async fn refund(
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
     let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
-    let config = config("channelConfig", &payload.channel_config)?;
+    let config = payload.channel_config.config(PAYLOAD, "channelConfig")?;
     let id = domain.channel_id(&config);
-    let amount = uint128("amount", &payload.amount)?;
+    let amount = PAYLOAD.uint128("amount", &payload.amount)?;
     let nonce = parse_uint(&payload.refund_nonce).ok_or_else(|| invalid("refundNonce", "is not a uint256"))?;
     let rows = claim_rows(&domain, &payload.claims)?;
     let delay = config.withdrawDelay.to::<u64>();

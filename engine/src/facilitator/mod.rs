@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use crate::{
     Engine, SubmitOutcome,
-    channels::{ChannelExtra, ChannelView},
+    channels::ChannelExtra,
     domain::{Merchant, PaymentId, PaymentInput, PaymentState, Requirements, Submission},
     reason::InvalidField,
     verify::{Uint, parse_address, parse_decimal_u256, parse_uint},
@@ -229,14 +229,10 @@ fn overloaded() -> Failure {
     Failure(StatusCode::SERVICE_UNAVAILABLE, "the verification pipeline is full; retry shortly".into())
 }
 
-fn channel_extra(c: &ChannelView) -> serde_json::Value {
-    serde_json::json!({ "channelState": {
-        "channelId": c.id.to_string(),
-        "chargedCumulativeAmount": c.charged.to_string(),
-        "signedMaxClaimable": c.signed_max_claimable.to_string(),
-        "balance": c.balance.to_string(),
-        "totalClaimed": c.total_claimed.to_string(),
-    }})
+/// An outcome a facilitator `exact` request cannot have: vouchers go to
+/// [`channels`], and a submit is not a dry run.
+fn not_exact() -> Failure {
+    Failure(StatusCode::INTERNAL_SERVER_ERROR, "an exact payment came back as another kind".into())
 }
 
 async fn verify(
@@ -253,18 +249,11 @@ async fn verify(
     let outcome = api.engine.verify(merchant, submission).await.map_err(|_| overloaded())?;
     let payer = |p: Address| Some(p.to_string());
     Ok(Json(match outcome {
-        SubmitOutcome::Verified { payer: p, .. } | SubmitOutcome::Duplicate { payer: p, .. } => {
+        SubmitOutcome::Verified { payer: p, .. }
+        | SubmitOutcome::Duplicate { payer: p, .. }
+        | SubmitOutcome::Accepted { payer: p, .. } => {
             VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
         }
-        SubmitOutcome::Accepted { payer: p, .. } => {
-            VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
-        }
-        SubmitOutcome::VoucherAccepted { payer: p, channel } => VerifyResponse {
-            is_valid: true,
-            payer: payer(p),
-            extra: Some(channel_extra(&channel)),
-            ..VerifyResponse::default()
-        },
         SubmitOutcome::Rejected { payer: p, rejection, .. } => VerifyResponse {
             is_valid: false,
             invalid_reason: Some(rejection.reason.code().into()),
@@ -272,13 +261,7 @@ async fn verify(
             payer: p.and_then(payer),
             extra: None,
         },
-        SubmitOutcome::VoucherRejected { payer: p, rejection, channel } => VerifyResponse {
-            is_valid: false,
-            invalid_reason: Some(rejection.reason.code().into()),
-            invalid_message: Some(rejection.message.into_owned()),
-            payer: p.and_then(payer),
-            extra: channel.as_ref().map(channel_extra),
-        },
+        SubmitOutcome::VoucherAccepted { .. } | SubmitOutcome::VoucherRejected { .. } => return Err(not_exact()),
         SubmitOutcome::Invalid(field) => return Err(field.into()),
         SubmitOutcome::Unavailable(message) => return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, message)),
     }))
@@ -311,23 +294,14 @@ async fn settle(
         SubmitOutcome::Accepted { id, payer, .. } | SubmitOutcome::Duplicate { id, payer, .. } => {
             settled(&api, id, payer, network.clone(), amount).await?
         }
-        // A voucher is settled once recorded: the engine claims it later.
-        SubmitOutcome::VoucherAccepted { payer, channel } => SettleResponse {
-            success: true,
-            payer: Some(payer.to_string()),
-            network: network.clone(),
-            amount: Some(amount.to_string()),
-            extra: Some(channel_extra(&channel)),
-            ..SettleResponse::default()
-        },
         SubmitOutcome::Rejected { payer, rejection, .. } => {
             failed(rejection.reason.code(), rejection.message.into_owned(), payer)
         }
-        SubmitOutcome::VoucherRejected { payer, rejection, channel } => SettleResponse {
-            extra: channel.as_ref().map(channel_extra),
-            ..failed(rejection.reason.code(), rejection.message.into_owned(), payer)
-        },
-        SubmitOutcome::Verified { .. } => unreachable!("a submit is not a dry run"),
+        SubmitOutcome::Verified { .. }
+        | SubmitOutcome::VoucherAccepted { .. }
+        | SubmitOutcome::VoucherRejected { .. } => {
+            return Err(not_exact());
+        }
         SubmitOutcome::Invalid(field) => return Err(field.into()),
         SubmitOutcome::Unavailable(message) => return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, message)),
     }))

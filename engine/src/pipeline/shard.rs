@@ -559,69 +559,33 @@ impl Shard {
         let now = now_ms / 1000;
         let policy = crate::channels::claim_policy(&merchant);
         let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
+        // A deposit still carried here is a dry run's: it counts as if made.
+        let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
+        let rule = match v.refund {
+            Some(_) => record.channel.check_refund(v.max_claimable),
+            None => record.channel.check_voucher(v.max_claimable, v.amount, deposit, now, &policy),
+        };
         if v.dry_run {
             // Checked against the channel as it stands; nothing changes.
-            let outcome = match v.refund {
-                Some(_) if v.max_claimable == record.channel.charged => Ok(()),
-                Some(_) => Err(x402_channel::VoucherError::CumulativeAmountMismatch {
-                    charged: record.channel.charged,
-                    amount: 0,
-                    expected: record.channel.charged,
-                    got: v.max_claimable,
-                }),
-                None => {
-                    let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
-                    record.channel.check_voucher(v.max_claimable, v.amount, deposit, now, &policy)
-                }
-            };
-            let channel = ChannelView::from(&record.channel);
-            let _ = reply.send(match outcome {
-                Ok(()) => SubmitOutcome::VoucherAccepted { payer: v.config.payer, channel },
-                Err(e) => {
-                    let reason = crate::reason::Reason::from(e);
-                    SubmitOutcome::VoucherRejected {
-                        payer: Some(v.config.payer),
-                        rejection: Rejection::new(reason, e.to_string()),
-                        channel: Some(channel),
-                    }
-                }
+            let _ = reply.send(match rule {
+                Ok(()) => SubmitOutcome::VoucherAccepted {
+                    payer: v.config.payer,
+                    channel: ChannelView::from(&record.channel),
+                },
+                Err(e) => voucher_rejected(v.config.payer, e, &record.channel),
             });
             return true;
         }
-        if let Some(amount) = v.refund {
-            // A refund request: its voucher must be the charged total.
-            if v.max_claimable != record.channel.charged {
-                let e = x402_channel::VoucherError::CumulativeAmountMismatch {
-                    charged: record.channel.charged,
-                    amount: 0,
-                    expected: record.channel.charged,
-                    got: v.max_claimable,
-                };
-                let reason = crate::reason::Reason::from(e);
-                crate::metrics::rejected(reason);
-                let _ = reply.send(SubmitOutcome::VoucherRejected {
-                    payer: Some(v.config.payer),
-                    rejection: Rejection::new(reason, e.to_string()),
-                    channel: Some(ChannelView::from(&record.channel)),
-                });
-                return true;
-            }
-            let previous = Box::new(record.clone());
-            record.refund_requested = Some(amount);
-            record.updated_at_ms = now_ms;
-            let outcome =
-                SubmitOutcome::VoucherAccepted { payer: v.config.payer, channel: ChannelView::from(&record.channel) };
-            let item =
-                CommitItem::Channel { record: Box::new(record.clone()), previous, shard: self.index, outcome, reply };
-            return self.commit.send(item).is_ok();
-        }
-        match record.channel.check_voucher(v.max_claimable, v.amount, 0, now, &policy) {
+        match rule {
             Ok(()) => {
                 let previous = Box::new(record.clone());
-                record.channel.accept(
-                    x402_channel::SignedVoucher { max_claimable: v.max_claimable, signature: v.signature },
-                    v.charge,
-                );
+                match v.refund {
+                    Some(amount) => record.refund_requested = Some(amount),
+                    None => record.channel.accept(
+                        x402_channel::SignedVoucher { max_claimable: v.max_claimable, signature: v.signature },
+                        v.charge,
+                    ),
+                }
                 record.updated_at_ms = now_ms;
                 let outcome = SubmitOutcome::VoucherAccepted {
                     payer: v.config.payer,
@@ -645,13 +609,8 @@ impl Shard {
                 true
             }
             Err(e) => {
-                let reason = crate::reason::Reason::from(e);
-                crate::metrics::rejected(reason);
-                let _ = reply.send(SubmitOutcome::VoucherRejected {
-                    payer: Some(v.config.payer),
-                    rejection: Rejection::new(reason, e.to_string()),
-                    channel: Some(ChannelView::from(&record.channel)),
-                });
+                crate::metrics::rejected(crate::reason::Reason::from(e));
+                let _ = reply.send(voucher_rejected(v.config.payer, e, &record.channel));
                 true
             }
         }
@@ -760,5 +719,15 @@ impl Shard {
     fn sweep(&mut self, now: u64) {
         let retention = self.retention_secs;
         self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
+    }
+}
+
+/// The answer to a voucher `e` refuses, with the channel as it stands so the
+/// client can resynchronise.
+fn voucher_rejected(payer: Address, e: x402_channel::VoucherError, channel: &x402_channel::Channel) -> SubmitOutcome {
+    SubmitOutcome::VoucherRejected {
+        payer: Some(payer),
+        rejection: Rejection::new(crate::reason::Reason::from(e), e.to_string()),
+        channel: Some(ChannelView::from(channel)),
     }
 }
