@@ -17,6 +17,9 @@ use x402_chain::{
     anvil::Anvil,
     devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet},
 };
+mod load_command;
+
+use load_command::LoadArgs;
 use x402_engine::{
     config::{AssetConfig, ChainConfig, Config, MerchantConfig, PolicyConfig},
     node::Node,
@@ -62,92 +65,6 @@ enum Command {
     },
 }
 
-/// `x402d load` flags; the defaults fit `x402d dev`.
-#[derive(Debug, Args)]
-struct LoadArgs {
-    /// gRPC endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    endpoint: String,
-    /// The merchant's API key.
-    #[arg(long, env = "X402D_LOAD_KEY", default_value = "dev-batched-key-not-secret")]
-    key: String,
-    /// Payments to send.
-    #[arg(long, short = 'n', default_value_t = 100_000)]
-    payments: usize,
-    /// Concurrent SubmitStreams.
-    #[arg(long, short = 'c', default_value_t = 4)]
-    streams: usize,
-    /// Offered payments per second (all streams together); full speed when absent.
-    #[arg(long)]
-    rate: Option<u64>,
-    /// Payer private keys, comma separated (default: the `x402d dev` payers).
-    #[arg(long, value_delimiter = ',')]
-    payer_keys: Vec<String>,
-    /// Use this many random payer keys instead (for servers that do not check balances).
-    #[arg(long)]
-    random_payers: Option<usize>,
-    /// Amount per payment, in the token's atomic units.
-    #[arg(long, default_value_t = 100)]
-    amount: u64,
-    /// The merchant's address.
-    #[arg(long, default_value = DEV_PAY_TO)]
-    pay_to: Address,
-    /// The token.
-    #[arg(long, default_value_t = devnet::DEV_TOKEN_ADDRESS)]
-    token: Address,
-    /// Print the report as JSON on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    use x402_engine::{load, payer::Payer};
-    let payers: Vec<Payer> = match args.random_payers {
-        Some(n) => (0..n.max(1)).map(|_| Payer::random()).collect(),
-        None if args.payer_keys.is_empty() => {
-            DEV_PAYER_KEYS.iter().map(|k| Payer::new(k.parse().expect("valid"))).collect()
-        }
-        None => args
-            .payer_keys
-            .iter()
-            .map(|k| k.parse::<PrivateKeySigner>().map(Payer::new))
-            .collect::<Result<_, _>>()
-            .context("a payer key is not a 32-byte hex private key")?,
-    };
-    let requirements = load::dev_requirements(args.pay_to, args.token, args.amount);
-    eprintln!("signing {} payments from {} payers…", args.payments, payers.len());
-    let started = std::time::Instant::now();
-    let (n, p, r) = (args.payments, payers.clone(), requirements.clone());
-    let requests = tokio::task::spawn_blocking(move || load::sign(&p, &r, n)).await?;
-    let signing_seconds = started.elapsed().as_secs_f64();
-    eprintln!("signed in {signing_seconds:.1} s; sending over {} streams", args.streams);
-    let config = load::LoadConfig {
-        endpoint: args.endpoint,
-        api_key: args.key,
-        payments: args.payments,
-        payers,
-        streams: args.streams,
-        rate: args.rate,
-        requirements,
-    };
-    let total = args.payments as u64;
-    let mut report = load::run(&config, requests, move |done, elapsed| {
-        let width = 30;
-        let filled = (done * width / total.max(1)) as usize;
-        let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
-        eprint!("\r[{}{}] {done}/{total} {rate:.0}/s   ", "#".repeat(filled), ".".repeat(width as usize - filled));
-    })
-    .await?;
-    eprintln!();
-    report.signing_seconds = signing_seconds;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{report}");
-    }
-    Ok(())
-}
-
 /// Flags (and environment variables) that override the file.
 #[derive(Debug, Args)]
 struct Overrides {
@@ -184,15 +101,23 @@ const DEV_MERCHANTS: [(&str, &str); 3] = [
     ("demo-channel", "dev-channel-key-not-secret"),
 ];
 /// Anvil's well-known development account 1 (mnemonic "test test … junk").
-const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+pub(crate) const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 /// Test tokens minted to each dev payer: 1,000 (6 decimals).
 const DEV_MINT: u64 = 1_000_000_000;
 /// Anvil's well-known development accounts 2–4: the dev payers.
-const DEV_PAYER_KEYS: [&str; 3] = [
+pub(crate) const DEV_PAYER_KEYS: [&str; 3] = [
     "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
     "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
     "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
 ];
+/// The dev receiver authorizer: a fixed, public key (like the other dev
+/// keys), so that clients such as `x402d load` can open channels to the dev
+/// merchant without asking for it.
+pub(crate) fn dev_authorizer() -> PrivateKeySigner {
+    PrivateKeySigner::from_bytes(&alloy::primitives::keccak256("x402d dev receiver authorizer"))
+        .expect("a keccak digest is a valid secp256k1 key")
+}
+
 fn dev_config(data_dir: PathBuf, devnet: &Devnet) -> Config {
     let mut config = Config::default();
     config.ledger.path = data_dir;
@@ -230,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     // Kept alive until the node stops: the dev ledger directory and chain.
     let mut devnet = None;
     let (config, _dev_dir) = match cli.command {
-        Command::Load(args) => return load(args).await,
+        Command::Load(args) => return load_command::load(args).await,
         Command::GasReport { rows, per_payer } => {
             for n in per_payer {
                 let report = x402_chain::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;
@@ -254,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             let signers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
             let addresses: Vec<Address> = signers.iter().map(PrivateKeySigner::address).collect();
             devnet::fund_ether(anvil.endpoint(), &addresses).await.context("funding settlement signers")?;
-            let authorizer = PrivateKeySigner::random();
+            let authorizer = dev_authorizer();
             let mut chain_config = ChainConfig::with_keys(
                 anvil.endpoint(),
                 signers.iter().map(|s| s.to_bytes().to_string()).collect(),

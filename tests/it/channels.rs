@@ -23,6 +23,7 @@ use x402_engine::{
     config::{ChainConfig, PolicyConfig},
     domain::{PaymentInput, Requirements, Submission},
     grpc::submit_request,
+    load::{self, LoadConfig, Work},
     node::Node,
     payer::Payer,
 };
@@ -778,4 +779,48 @@ async fn the_facilitator_api_verifies_against_the_chain_and_executes_deposits_cl
     assert_eq!(s.receiver_balance().await, U256::from(3 * PRICE));
     let below = post("/verify", body(payload_json(payer, &config, 3 * PRICE, None), PRICE)).await;
     assert_eq!(below["invalidReason"], "invalid_batch_settlement_evm_cumulative_below_claimed");
+}
+
+/// `x402d load --scheme voucher`'s work: channels opened with a deposit
+/// each through x402d, then their vouchers, one in flight per channel, each
+/// after the answer to the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_opens_channels_and_pays_each_in_order() {
+    const OPENED: usize = 12;
+    const VOUCHERS: usize = 50;
+    let s = Setup::new(3).await;
+    let e = s.engine(3600).await;
+    let plan = load::ChannelPlan {
+        domain: Setup::domain(),
+        collector: ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        token: requirements(RECEIVER),
+        receiver_authorizer: s.authorizer.address(),
+        withdraw_delay: WITHDRAW_DELAY,
+        price: PRICE,
+        channels: OPENED,
+        vouchers_per_channel: VOUCHERS,
+    };
+    let signed = load::vouchers(&s.payers, &plan);
+    assert_eq!((signed.deposits.len(), signed.sequences.len()), (OPENED, OPENED));
+    let config = LoadConfig {
+        endpoint: format!("http://{}", e.node.endpoints().grpc),
+        api_key: MC_KEY.into(),
+        streams: 5,
+        rate: None,
+        watch_pid: None,
+    };
+    let opened = load::run(&config, Work::Open(signed.deposits), |_| {}).await.unwrap();
+    assert_eq!(opened.accepted, OPENED as u64, "{opened:?}");
+    let report = load::run(&config, Work::Sequences(signed.sequences), |_| {}).await.unwrap();
+    assert_eq!((report.payments, report.accepted), (OPENED * VOUCHERS, (OPENED * VOUCHERS) as u64), "{report:?}");
+
+    // Each channel was charged its every request, and its deposit covers
+    // exactly that.
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let channels = client.list_channels(pb::ListChannelsRequest {}).await.unwrap().into_inner().channels;
+    assert_eq!(channels.len(), OPENED);
+    let paid = (PRICE * (VOUCHERS as u128 + 1)).to_string();
+    for c in channels {
+        assert_eq!((c.charged_cumulative_amount, c.balance), (paid.clone(), paid.clone()));
+    }
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
 use x402_engine::{
     config::{ChainConfig, PolicyConfig},
-    domain::{ExactPayload, Requirements},
+    facilitator::exact_request_json as body,
     node::Node,
     payer::Payer,
 };
@@ -65,36 +65,6 @@ impl Setup {
         let provider = ProviderBuilder::new().connect_http(self.anvil.endpoint().parse().unwrap());
         X402TestToken::new(TOKEN, &provider).balanceOf(owner).call().await.unwrap()
     }
-}
-
-/// `PaymentRequirements` as the reference server sends them.
-fn requirements_json(r: &Requirements) -> Value {
-    json!({
-        "scheme": r.scheme, "network": r.network, "amount": r.amount.to_string(), "asset": r.asset.to_string(),
-        "payTo": r.pay_to.to_string(), "maxTimeoutSeconds": r.max_timeout_seconds,
-        "extra": { "name": r.eip712_name, "version": r.eip712_version },
-    })
-}
-
-/// A `/verify` or `/settle` body for `payload`.
-fn body(r: &Requirements, payload: &ExactPayload) -> Value {
-    let a = &payload.authorization;
-    json!({
-        "x402Version": 2,
-        "paymentRequirements": requirements_json(r),
-        "paymentPayload": {
-            "x402Version": 2,
-            "accepted": requirements_json(r),
-            "payload": {
-                "signature": format!("0x{}", alloy::primitives::hex::encode(&payload.signature)),
-                "authorization": {
-                    "from": a.from.to_string(), "to": a.to.to_string(), "value": a.value.to_string(),
-                    "validAfter": a.valid_after.to_string(), "validBefore": a.valid_before.to_string(),
-                    "nonce": a.nonce.to_string(),
-                },
-            },
-        },
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! `x402d load`'s generator against an in-process node.
 
 use x402_engine::{
-    load::{self, LoadConfig},
+    load::{self, HttpLoadConfig, LoadConfig, Work},
     payer::Payer,
 };
 
@@ -18,20 +18,50 @@ async fn the_load_generator_streams_every_payment_and_reports_them() {
     let config = LoadConfig {
         endpoint: format!("http://{}", node.endpoints().grpc),
         api_key: M1_KEY.into(),
-        payments: 2_000,
-        payers,
         streams: 3,
         rate: None,
-        requirements,
+        watch_pid: Some(std::process::id()),
     };
-    let report = load::run(&config, requests.clone(), |_, _| {}).await.unwrap();
+    let report = load::run(&config, Work::Open(requests.clone()), |_| {}).await.unwrap();
     assert_eq!((report.payments, report.accepted), (2_000, 2_000), "{report:?}");
     assert!(report.rejected.is_empty());
     assert!(report.per_second > 0.0 && report.latency_p50_us > 0);
     assert!(report.latency_p50_us <= report.latency_p99_us && report.latency_p99_us <= report.latency_max_us);
+    assert!(!report.rss_kib.is_empty() && report.rss_kib.iter().all(|&(_, kib)| kib > 0), "{report:?}");
 
     // The same payments again are duplicates, counted apart from rejections.
-    let again = load::run(&config, requests, |_, _| {}).await.unwrap();
+    let again = load::run(&config, Work::Open(requests), |_| {}).await.unwrap();
     assert_eq!(again.accepted, 0);
     assert_eq!(again.rejected.get("duplicate"), Some(&2_000), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_posts_verify_requests_and_counts_the_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let payers: Vec<Payer> = (0..4).map(|_| Payer::random()).collect();
+    let requirements = requirements(PAY_TO);
+    let mut payments = load::exact_payloads(&payers, &requirements, 300);
+    payments[7].signature[5] ^= 0x55;
+    let bodies = load::verify_bodies(&requirements, &payments);
+    let config = HttpLoadConfig {
+        url: format!("http://{}", node.endpoints().http),
+        api_key: Some(M1_KEY.into()),
+        concurrency: 8,
+        rate: Some(3_000),
+        watch_pid: None,
+    };
+    let report = load::run_verify(&config, bodies.clone(), |_| {}).await.unwrap();
+    assert_eq!((report.payments, report.accepted), (300, 299), "{report:?}");
+    assert_eq!(report.rejected.values().sum::<u64>(), 1, "{report:?}");
+    assert!(report.latency_p50_us > 0 && report.latency_p99_us <= report.latency_max_us);
+
+    // `/verify` records nothing: the same requests verify again.
+    let again = load::run_verify(&config, bodies.clone(), |_| {}).await.unwrap();
+    assert_eq!(again.accepted, 299, "{again:?}");
+
+    // Without the merchant's key every request is refused.
+    let anonymous = HttpLoadConfig { api_key: None, rate: None, ..config };
+    let refused = load::run_verify(&anonymous, bodies, |_| {}).await.unwrap();
+    assert_eq!((refused.accepted, refused.rejected.get("http 401")), (0, Some(&300)), "{refused:?}");
 }

@@ -397,3 +397,34 @@ async fn supported(State(api): State<Api>) -> Json<serde_json::Value> {
         "signers": { "eip155:*": signers },
     }))
 }
+
+/// `requirements` as a resource server sends them (`PaymentRequirements`).
+pub fn requirements_json(r: &Requirements) -> serde_json::Value {
+    serde_json::json!({
+        "scheme": r.scheme, "network": r.network, "amount": r.amount.to_string(), "asset": r.asset.to_string(),
+        "payTo": r.pay_to.to_string(), "maxTimeoutSeconds": r.max_timeout_seconds,
+        "extra": { "name": r.eip712_name, "version": r.eip712_version },
+    })
+}
+
+/// The `/verify` or `/settle` body a resource server sends for an `exact`
+/// `payload` of `requirements`: for clients (the load generator, tests).
+pub fn exact_request_json(r: &Requirements, payload: &crate::domain::ExactPayload) -> serde_json::Value {
+    let a = &payload.authorization;
+    serde_json::json!({
+        "x402Version": 2,
+        "paymentRequirements": requirements_json(r),
+        "paymentPayload": {
+            "x402Version": 2,
+            "accepted": requirements_json(r),
+            "payload": {
+                "signature": format!("0x{}", alloy::primitives::hex::encode(&payload.signature)),
+                "authorization": {
+                    "from": a.from.to_string(), "to": a.to.to_string(), "value": a.value.to_string(),
+                    "validAfter": a.valid_after.to_string(), "validBefore": a.valid_before.to_string(),
+                    "nonce": a.nonce.to_string(),
+                },
+            },
+        },
+    })
+}
