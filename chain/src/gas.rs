@@ -1,6 +1,9 @@
 //! The gas report: what settling one payment costs, directly (one
-//! `transferWithAuthorization` transaction each) and batched (rows of one
-//! Multicall3 `aggregate3`), measured from receipts on a fresh local anvil.
+//! `transferWithAuthorization` transaction each), batched (rows of one
+//! Multicall3 `aggregate3`), and through `batch-settlement` channels (one
+//! `claimWithSignature` + `settle` transaction claiming many channels, each
+//! row covering every voucher paid through its channel since the last
+//! claim), measured from receipts on a fresh local anvil.
 //!
 //! Payments go to a payee that already holds tokens. Payers pay
 //! `per_payer` times each, in a row (so with 1 every payment is its payer's
@@ -15,11 +18,17 @@ use alloy::{
     signers::{SignerSync, local::PrivateKeySigner},
 };
 
+use alloy::sol_types::SolCall;
+use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
+
 use crate::{
-    AlloyChain, Chain, Eip3009Domain, Error, Result, TransferWithAuthorization, TxConfig,
+    AlloyChain, Chain, Eip3009Domain, Error, ReceiveWithAuthorization, Result, TransferWithAuthorization, TxConfig,
     anvil::Anvil,
     batch::aggregate3_calldata,
-    contracts::MULTICALL3_ADDRESS,
+    channel::{
+        ClaimRow, claim_and_settle_calldata, claim_batch, deposit_calldata, deposit_collector_data, deposit_nonce,
+    },
+    contracts::{MULTICALL3_ADDRESS, X402BatchSettlement as C},
     devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION},
     eip3009::transfer_with_authorization_calldata,
 };
@@ -38,7 +47,14 @@ pub struct GasReport {
     pub direct: u64,
     /// `(rows, gas per row)` of one `aggregate3` batch each.
     pub batched: Vec<(usize, u64)>,
+    /// `(channels, gas per channel)` of one claim-and-settle transaction
+    /// each. A row pays for every voucher of its channel since the last
+    /// claim: per payment it is this divided by the vouchers per claim.
+    pub channel: Vec<(usize, u64)>,
 }
+
+/// Vouchers per channel per claim shown in the report.
+const VOUCHERS_PER_CLAIM: [u64; 3] = [1, 100, 1_000];
 
 impl GasReport {
     /// Batched gas per payment at `rows` as a share of direct.
@@ -56,7 +72,15 @@ impl fmt::Display for GasReport {
             let share = *gas as f64 * 100.0 / self.direct as f64;
             writeln!(f, "{:<22} {:>12} {:>9.1}%", format!("batched, {rows} rows"), gas, share)?;
         }
-        Ok(())
+        for (channels, gas) in &self.channel {
+            for vouchers in VOUCHERS_PER_CLAIM {
+                let per_payment = *gas as f64 / vouchers as f64;
+                let share = per_payment * 100.0 / self.direct as f64;
+                let name = format!("channel, {channels}×{vouchers}");
+                writeln!(f, "{name:<22} {per_payment:>12.1} {share:>9.2}%")?;
+            }
+        }
+        writeln!(f, "(channel, C×V: one claim of C channels with V vouchers each since their last claim)")
     }
 }
 
@@ -70,7 +94,10 @@ pub async fn measure(sizes: &[usize], per_payer: usize, mut progress: impl FnMut
     let groups = std::iter::once(1).chain(std::iter::once(DIRECT_SAMPLES)).chain(sizes.iter().copied());
     let payer_count: usize = groups.map(|n| n.div_ceil(per_payer)).sum();
     let payers: Vec<PrivateKeySigner> = (0..payer_count).map(|_| PrivateKeySigner::random()).collect();
-    let addresses: Vec<_> = payers.iter().map(PrivateKeySigner::address).collect();
+    // A channel each, the warm-up's and those of every claim.
+    let channel_payers: Vec<PrivateKeySigner> =
+        (0..1 + sizes.iter().sum::<usize>()).map(|_| PrivateKeySigner::random()).collect();
+    let addresses: Vec<_> = payers.iter().chain(&channel_payers).map(PrivateKeySigner::address).collect();
     progress(&format!("deploying the token and minting to {} payers", payers.len()));
     let held = U256::from(VALUE * per_payer as u64);
     let net = devnet::deploy(anvil.endpoint(), &addresses, held).await?;
@@ -112,27 +139,128 @@ pub async fn measure(sizes: &[usize], per_payer: usize, mut progress: impl FnMut
     for input in payments(DIRECT_SAMPLES)? {
         direct += send(&chain, net.token, input).await?;
     }
-    let mut report = GasReport { per_payer, direct: direct / DIRECT_SAMPLES as u64, batched: Vec::new() };
+    let mut report =
+        GasReport { per_payer, direct: direct / DIRECT_SAMPLES as u64, batched: Vec::new(), channel: Vec::new() };
     for &rows in sizes {
         progress(&format!("settling {rows} payments in one batch"));
         let calls = payments(rows)?.into_iter().map(|input| (net.token, input));
         let gas = send(&chain, MULTICALL3_ADDRESS, aggregate3_calldata(calls)).await?;
         report.batched.push((rows, gas / rows as u64));
     }
+
+    progress(&format!("opening {} channels", channel_payers.len()));
+    let channels = Channels::open(&chain, &net, &domain, &channel_payers).await?;
+    // The receiver's first settle from the contract costs more: not measured.
+    channels.claim(&chain, 0..1).await?;
+    let mut first = 1;
+    for &rows in sizes {
+        progress(&format!("claiming {rows} channels in one transaction"));
+        let gas = channels.claim(&chain, first..first + rows).await?;
+        report.channel.push((rows, gas / rows as u64));
+        first += rows;
+    }
     Ok(report)
+}
+
+/// Funded channels, a payer each, paying `PAY_TO`.
+struct Channels {
+    contract: Address,
+    domain: ChannelDomain,
+    authorizer: PrivateKeySigner,
+    token: Address,
+    /// Each channel's config and its payer's voucher for `VALUE`.
+    vouchers: Vec<(ChannelConfig, Bytes)>,
+}
+
+impl Channels {
+    /// Deposits `VALUE` into a channel of each payer, 100 deposits per
+    /// transaction (the contract's `multicall`), and signs a voucher of
+    /// `VALUE` in each.
+    async fn open(
+        chain: &AlloyChain,
+        net: &devnet::Devnet,
+        token_domain: &Eip3009Domain,
+        payers: &[PrivateKeySigner],
+    ) -> Result<Self> {
+        let domain = ChannelDomain::new(chain.chain_id(), net.channels);
+        let authorizer = PrivateKeySigner::random();
+        let mut vouchers = Vec::with_capacity(payers.len());
+        let mut deposits = Vec::with_capacity(payers.len());
+        for payer in payers {
+            let config = ChannelConfig {
+                payer: payer.address(),
+                payerAuthorizer: payer.address(),
+                receiver: PAY_TO,
+                receiverAuthorizer: authorizer.address(),
+                token: net.token,
+                withdrawDelay: alloy::primitives::aliases::U40::from(900),
+                salt: B256::ZERO,
+            };
+            let id = domain.channel_id(&config);
+            let message = ReceiveWithAuthorization {
+                from: payer.address(),
+                to: net.deposit_collector,
+                value: U256::from(VALUE),
+                validAfter: U256::ZERO,
+                validBefore: U256::from(u64::MAX),
+                nonce: deposit_nonce(id, U256::ZERO),
+            };
+            let signature = sign(payer, token_domain.signing_hash(&message))?;
+            let data = deposit_collector_data(U256::ZERO, U256::from(u64::MAX), U256::ZERO, &signature);
+            deposits.push(deposit_calldata(&config, u128::from(VALUE), net.deposit_collector, data));
+            let voucher = Voucher { channelId: id, maxClaimableAmount: u128::from(VALUE) };
+            vouchers.push((config, Bytes::copy_from_slice(&sign(payer, domain.voucher_digest(&voucher))?)));
+        }
+        for chunk in deposits.chunks(100) {
+            let input: Bytes = C::multicallCall { data: chunk.to_vec() }.abi_encode().into();
+            send(chain, net.channels, input).await?;
+        }
+        Ok(Self { contract: net.channels, domain, authorizer, token: net.token, vouchers })
+    }
+
+    /// Claims all of the channels in `range` and settles the receiver, in
+    /// one transaction; returns its gas.
+    async fn claim(&self, chain: &AlloyChain, range: std::ops::Range<usize>) -> Result<u64> {
+        let rows: Vec<ClaimRow> = self.vouchers[range]
+            .iter()
+            .map(|(config, signature)| ClaimRow {
+                config: config.clone(),
+                channel_id: self.domain.channel_id(config),
+                max_claimable: u128::from(VALUE),
+                signature: signature.clone(),
+                total_claimed: u128::from(VALUE),
+            })
+            .collect();
+        let batch = sign(&self.authorizer, self.domain.claim_batch_digest(&claim_batch(&rows)))?;
+        let input = claim_and_settle_calldata(&rows, &batch, &[(PAY_TO, self.token)], &[]);
+        let receipt = mined(chain, self.contract, input).await?;
+        if !receipt.success {
+            return Err(Error::Config("a claim reverted".into()));
+        }
+        Ok(receipt.gas_used)
+    }
+}
+
+fn sign(key: &PrivateKeySigner, digest: B256) -> Result<[u8; 65]> {
+    Ok(key.sign_hash_sync(&digest).map_err(|e| Error::Sign(e.to_string()))?.as_bytes())
+}
+
+/// Sends one call and waits for its receipt.
+async fn mined(chain: &AlloyChain, to: Address, input: Bytes) -> Result<crate::Receipt> {
+    let gas = chain.estimate_gas(to, input.clone()).await?;
+    let tx = chain.sign_call(to, input, Some(gas)).await?;
+    chain.broadcast(&tx).await?;
+    chain
+        .wait_receipt(&[tx.hash], Duration::from_secs(30))
+        .await?
+        .ok_or_else(|| Error::Config(format!("{} was not mined", tx.hash)))
 }
 
 /// Sends one call and returns its gas used; every payment in it must settle.
 async fn send(chain: &AlloyChain, to: Address, input: Bytes) -> Result<u64> {
-    let gas = chain.estimate_gas(to, input.clone()).await?;
-    let tx = chain.sign_call(to, input, Some(gas)).await?;
-    chain.broadcast(&tx).await?;
-    let receipt = chain
-        .wait_receipt(&[tx.hash], Duration::from_secs(30))
-        .await?
-        .ok_or_else(|| Error::Config(format!("{} was not mined", tx.hash)))?;
+    let receipt = mined(chain, to, input).await?;
     if !receipt.success || receipt.authorizations_used.is_empty() {
-        return Err(Error::Config(format!("{} did not settle its payments", tx.hash)));
+        return Err(Error::Config(format!("{} did not settle its payments", receipt.tx)));
     }
     Ok(receipt.gas_used)
 }
