@@ -2,6 +2,8 @@
 //!
 //! - `recover/raw`: one secp256k1 public-key recovery (libsecp256k1): the
 //!   bound of the hot path.
+//! - `recover/digest_and_recover`: what every payment costs at least: its
+//!   EIP-712 digest (domain separator cached) and the recovery.
 //! - `verify/stateless`: stage 1 for one payment — EIP-712 digest with a
 //!   cached domain separator, recovery and the x402 rule checks.
 //! - `pipeline/verify_commit`: the whole pipeline (verifier threads, payer
@@ -14,6 +16,7 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use x402_benches::{merchant, signed_submissions};
+use x402_chain::Eip3009Domain;
 use x402_engine::{
     balance::{BalanceSource, ConfiguredBalances},
     domain::PaymentInput,
@@ -33,6 +36,16 @@ fn stateless(c: &mut Criterion) {
     let mut verifier = Verifier::default();
     let digest = verifier.verify(&merchant, submissions[0].clone(), x402_benches::now()).unwrap().digest;
     c.bench_function("recover/raw", |b| b.iter(|| recover_signer(&signature, digest).unwrap()));
+    let domain = Eip3009Domain::new(
+        &submissions[0].requirements.eip712_name,
+        &submissions[0].requirements.eip712_version,
+        31337,
+        submissions[0].requirements.asset,
+    );
+    let message = first.authorization.message();
+    c.bench_function("recover/digest_and_recover", |b| {
+        b.iter(|| recover_signer(&signature, domain.signing_hash(&message)).unwrap())
+    });
 
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Elements(1));
