@@ -1,7 +1,9 @@
 //! Channel configuration, channel id and voucher digests.
 
+use std::sync::OnceLock;
+
 use alloy::{
-    primitives::{Address, B256, U256},
+    primitives::{Address, B256, Keccak256, U256, keccak256},
     sol,
     sol_types::{Eip712Domain, SolStruct},
 };
@@ -53,10 +55,28 @@ sol! {
     }
 }
 
-/// The EIP-712 domain of one deployed channel contract.
+/// The EIP-712 domain of one deployed channel contract, its separator
+/// computed once: every voucher needs two digests in it (the channel id and
+/// the voucher's), and hashing the domain and the type strings each time
+/// would cost more than the digests themselves.
 #[derive(Debug, Clone)]
 pub struct ChannelDomain {
     domain: Eip712Domain,
+    separator: B256,
+}
+
+/// Type hashes of the per-voucher structs, computed once.
+static CONFIG_TYPE_HASH: OnceLock<B256> = OnceLock::new();
+static VOUCHER_TYPE_HASH: OnceLock<B256> = OnceLock::new();
+
+/// `hashStruct` of a flat struct (no nested struct types) whose type hash
+/// is cached in `type_hash`.
+fn hash_flat_struct<T: SolStruct>(type_hash: &OnceLock<B256>, value: &T) -> B256 {
+    let type_hash = type_hash.get_or_init(|| keccak256(T::eip712_encode_type().as_bytes()));
+    let mut hasher = Keccak256::new();
+    hasher.update(type_hash);
+    hasher.update(value.eip712_encode_data());
+    hasher.finalize()
 }
 
 impl ChannelDomain {
@@ -67,35 +87,44 @@ impl ChannelDomain {
 
     /// The domain of the contract at `contract` on `chain_id`.
     pub fn new(chain_id: u64, contract: Address) -> Self {
-        Self {
-            domain: Eip712Domain::new(
-                Some(Self::NAME.into()),
-                Some(Self::VERSION.into()),
-                Some(U256::from(chain_id)),
-                Some(contract),
-                None,
-            ),
-        }
+        let domain = Eip712Domain::new(
+            Some(Self::NAME.into()),
+            Some(Self::VERSION.into()),
+            Some(U256::from(chain_id)),
+            Some(contract),
+            None,
+        );
+        let separator = domain.separator();
+        Self { domain, separator }
+    }
+
+    /// `keccak256(0x1901 ‖ domainSeparator ‖ struct_hash)`.
+    fn digest(&self, struct_hash: B256) -> B256 {
+        let mut buf = [0u8; 66];
+        buf[..2].copy_from_slice(&[0x19, 0x01]);
+        buf[2..34].copy_from_slice(self.separator.as_slice());
+        buf[34..].copy_from_slice(struct_hash.as_slice());
+        keccak256(buf)
     }
 
     /// The channel id: the EIP-712 digest of the config, domain included.
     pub fn channel_id(&self, config: &ChannelConfig) -> B256 {
-        config.eip712_signing_hash(&self.domain)
+        self.digest(hash_flat_struct(&CONFIG_TYPE_HASH, config))
     }
 
     /// The digest the payer's authorizer signs for a voucher.
     pub fn voucher_digest(&self, voucher: &Voucher) -> B256 {
-        voucher.eip712_signing_hash(&self.domain)
+        self.digest(hash_flat_struct(&VOUCHER_TYPE_HASH, voucher))
     }
 
     /// The digest the receiver authorizer signs for a refund.
     pub fn refund_digest(&self, refund: &Refund) -> B256 {
-        refund.eip712_signing_hash(&self.domain)
+        self.digest(refund.eip712_hash_struct())
     }
 
     /// The digest the receiver authorizer signs for a batch of claims.
     pub fn claim_batch_digest(&self, batch: &ClaimBatch) -> B256 {
-        batch.eip712_signing_hash(&self.domain)
+        self.digest(batch.eip712_hash_struct())
     }
 
     /// The EIP-712 domain.
@@ -129,5 +158,10 @@ mod tests {
             domain.voucher_digest(&voucher),
             b256!("0x13a53a592689cfe97daf1169e2fb957a9694c5ecb9c648f1797b724c72786a28")
         );
+        // The cached separator and type hashes give what alloy computes in full.
+        assert_eq!(id, config.eip712_signing_hash(domain.domain()));
+        assert_eq!(domain.voucher_digest(&voucher), voucher.eip712_signing_hash(domain.domain()));
+        let refund = Refund { channelId: id, amount: 7, nonce: U256::from(3) };
+        assert_eq!(domain.refund_digest(&refund), refund.eip712_signing_hash(domain.domain()));
     }
 }

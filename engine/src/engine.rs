@@ -144,10 +144,13 @@ impl Engine {
             .map_err(|_| Error::PipelineStopped)?
     }
 
-    /// The settlement queue (every payment still owed), from the ledger.
-    pub async fn settlement_queue(&self) -> Result<Vec<PendingKey>> {
+    /// The head of each merchant's settlement queue (its first
+    /// `per_merchant` payments), from the ledger.
+    pub async fn settlement_queue_head(&self, per_merchant: usize) -> Result<Vec<PendingKey>> {
         let ledger = self.ledger.clone();
-        tokio::task::spawn_blocking(move || ledger.pending()).await.map_err(|_| Error::PipelineStopped)?
+        tokio::task::spawn_blocking(move || ledger.pending_head(per_merchant))
+            .await
+            .map_err(|_| Error::PipelineStopped)?
     }
 
     /// Every transaction intent, from the ledger.

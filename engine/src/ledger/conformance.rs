@@ -307,7 +307,10 @@ conformance!(rocksdb, rocks());
 fn arb_write() -> impl Strategy<Value = Write> {
     prop_oneof![
         (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Payment(Box::new(sample_payment(s, d)))),
-        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Enqueue(pending_of(&sample_payment(s, d)))),
+        (any::<u8>(), 1u64..1000, 0u32..3).prop_map(|(s, d, m)| Write::Enqueue(PendingKey {
+            merchant_number: m,
+            ..pending_of(&sample_payment(s, d))
+        })),
         (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Dequeue(pending_of(&sample_payment(s, d)))),
         (0u64..64, any::<u8>()).prop_map(|(q, s)| Write::Event(event(q, &sample_payment(s, 1)))),
         (0u8..4).prop_map(|n| Write::Merchant(sample_merchant(&format!("m{n}"), u32::from(n)))),
@@ -348,6 +351,9 @@ proptest! {
             rocks.commit(&batch).unwrap();
         }
         prop_assert_eq!(memory.pending().unwrap(), rocks.pending().unwrap());
+        for per_merchant in [0, 1, 3] {
+            prop_assert_eq!(memory.pending_head(per_merchant).unwrap(), rocks.pending_head(per_merchant).unwrap());
+        }
         prop_assert_eq!(memory.merchants().unwrap(), rocks.merchants().unwrap());
         prop_assert_eq!(memory.events_after(0, 1000).unwrap(), rocks.events_after(0, 1000).unwrap());
         prop_assert_eq!(memory.last_event_sequence().unwrap(), rocks.last_event_sequence().unwrap());

@@ -92,6 +92,25 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// The settlement queue, ordered by merchant, then deadline.
     fn pending(&self) -> Result<Vec<PendingKey>>;
 
+    /// The head of each merchant's settlement queue: its first
+    /// `per_merchant` entries (earliest deadlines), ordered as
+    /// [`Ledger::pending`]. What a settlement round can act on, without
+    /// reading a backlog it cannot.
+    fn pending_head(&self, per_merchant: usize) -> Result<Vec<PendingKey>> {
+        let mut out = Vec::new();
+        let (mut merchant, mut taken) = (None, 0);
+        for key in self.pending()? {
+            if merchant != Some(key.merchant_number) {
+                (merchant, taken) = (Some(key.merchant_number), 0);
+            }
+            if taken < per_merchant {
+                out.push(key);
+                taken += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Every merchant, ordered by id.
     fn merchants(&self) -> Result<Vec<Merchant>>;
 

@@ -139,6 +139,32 @@ impl Ledger for RocksLedger {
             .collect()
     }
 
+    fn pending_head(&self, per_merchant: usize) -> Result<Vec<PendingKey>> {
+        let mut out = Vec::new();
+        let mut iter = self.db.raw_iterator_cf(self.cf(CF_PENDING));
+        iter.seek_to_first();
+        let (mut merchant, mut taken) = (None, 0);
+        while let Some(bytes) = iter.key() {
+            let key = records::decode_pending_key(bytes)?;
+            if merchant != Some(key.merchant_number) {
+                (merchant, taken) = (Some(key.merchant_number), 0);
+            }
+            if taken == per_merchant {
+                // Skip the rest of this merchant's queue.
+                match key.merchant_number.checked_add(1) {
+                    Some(next) => iter.seek(next.to_be_bytes()),
+                    None => break,
+                }
+                continue;
+            }
+            out.push(key);
+            taken += 1;
+            iter.next();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
     fn merchants(&self) -> Result<Vec<Merchant>> {
         self.db
             .iterator_cf(self.cf(CF_MERCHANTS), IteratorMode::Start)

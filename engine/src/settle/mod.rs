@@ -261,9 +261,16 @@ impl<C: Chain> Settler<C> {
         in_flight: &mut HashSet<PaymentId>,
         not_mine: &mut HashSet<PaymentId>,
     ) -> Result<()> {
-        let mut queue = self.engine.settlement_queue().await?;
+        // A round can start at most `max_in_flight` tasks of at most a
+        // block's worth of rows each: past what is in flight or not ours,
+        // no more of a merchant's queue than that can matter now.
+        let gas_cap_rows = self.gas_cap_rows().await;
+        let rows = gas_cap_rows.as_ref().map_or(1_000, |&rows| rows);
+        let head = in_flight.len() + not_mine.len() + self.config.max_in_flight * rows;
+        let mut queue = self.engine.settlement_queue_head(head).await?;
         queue.sort_by_key(|k| (k.deadline, k.id));
-        not_mine.retain(|id| queue.iter().any(|k| k.id == *id));
+        let queued: HashSet<PaymentId> = queue.iter().map(|k| k.id).collect();
+        not_mine.retain(|id| queued.contains(id));
         let mut batches: HashMap<Address, Vec<PaymentRecord>> = HashMap::new();
         for key in queue {
             if in_flight.contains(&key.id) || not_mine.contains(&key.id) {
@@ -297,7 +304,7 @@ impl<C: Chain> Settler<C> {
         if batches.is_empty() {
             return Ok(());
         }
-        let gas_cap_rows = self.gas_cap_rows().await?;
+        let gas_cap_rows = gas_cap_rows?;
         let now_ms = crate::domain::unix_millis();
         for (token, mut rows) in batches {
             while let Some(take) = self.batch_due(&rows, now_ms, gas_cap_rows) {
