@@ -6,7 +6,7 @@
 //! cost of a sync is shared by many payments.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::Instant,
 };
@@ -79,7 +79,6 @@ enum Done {
         id: PaymentId,
         payer: Address,
         status: PaymentStatus,
-        pending: PendingKey,
         strategy: &'static str,
         shard: usize,
         reservation: (u64, Address, Address),
@@ -105,12 +104,13 @@ enum Done {
 struct Settled {
     id: PaymentId,
     status: PaymentStatus,
-    pending: PendingKey,
     /// Released when the payment is no longer owed; taken again when a
     /// reorg undoes its settlement.
     reservation: Option<ReservationChange>,
     /// Its strategy, when the change puts it back on the settlement queue.
     requeue: Option<&'static str>,
+    /// Its strategy, when the change takes it off the settlement queue.
+    dequeued: Option<&'static str>,
     shard: usize,
 }
 
@@ -120,9 +120,9 @@ pub(crate) struct Committer {
     events: watch::Sender<u64>,
     max_group: usize,
     shards: Vec<Sender<ShardMsg>>,
-    /// The settlement queue in memory, with each entry's strategy.
-    book: BTreeMap<PendingKey, &'static str>,
-    /// Entries of `book` per strategy.
+    /// Settlement queue entries per strategy, for the depth gauges. Counted
+    /// from each payment's own transitions: the queue itself is in the
+    /// ledger only, however long it grows.
     depths: HashMap<&'static str, usize>,
     /// Payments whose group commit failed. A DUPLICATE of one that a shard
     /// answered before it learned of the failure must not be sent.
@@ -143,7 +143,6 @@ impl Committer {
             events,
             max_group: max_group.max(1),
             shards,
-            book: BTreeMap::new(),
             depths: HashMap::new(),
             reverted: HashSet::new(),
         }
@@ -153,22 +152,18 @@ impl Committer {
     pub(crate) fn restore_pending(&mut self, pending: &[PendingKey], ledger: &Arc<dyn Ledger>) -> Result<()> {
         for key in pending {
             let strategy = ledger.payment(&key.id)?.map_or("unknown", |p| p.policy.name());
-            self.enqueue(*key, strategy);
+            self.enqueue(strategy);
         }
         self.publish_depths();
         Ok(())
     }
 
-    fn enqueue(&mut self, key: PendingKey, strategy: &'static str) {
-        if self.book.insert(key, strategy).is_none() {
-            *self.depths.entry(strategy).or_default() += 1;
-        }
+    fn enqueue(&mut self, strategy: &'static str) {
+        *self.depths.entry(strategy).or_default() += 1;
     }
 
-    fn dequeue(&mut self, key: &PendingKey) {
-        if let Some(strategy) = self.book.remove(key)
-            && let Some(depth) = self.depths.get_mut(strategy)
-        {
+    fn dequeue(&mut self, strategy: &'static str) {
+        if let Some(depth) = self.depths.get_mut(strategy) {
             *depth = depth.saturating_sub(1);
         }
     }
@@ -204,10 +199,10 @@ impl Committer {
             };
             let key = (record.chain_id, record.asset, payer);
             let value = record.authorization.value;
-            let (reservation, requeue) = match (record.status.state.is_open(), status.state.is_open()) {
-                (true, false) => (Some(ReservationChange::Release(key, value)), None),
-                (false, true) => (Some(ReservationChange::Reserve(key, value)), Some(record.policy.name())),
-                _ => (None, None),
+            let (reservation, requeue, dequeued) = match (record.status.state.is_open(), status.state.is_open()) {
+                (true, false) => (Some(ReservationChange::Release(key, value)), None, Some(record.policy.name())),
+                (false, true) => (Some(ReservationChange::Reserve(key, value)), Some(record.policy.name()), None),
+                _ => (None, None, None),
             };
             if status.state.is_open() {
                 // Idempotent for a payment still queued.
@@ -227,9 +222,9 @@ impl Committer {
             settled.push(Settled {
                 id: pending.id,
                 status,
-                pending,
                 reservation,
                 requeue,
+                dequeued,
                 shard: shard_of(payer, self.shards.len()),
             });
         }
@@ -270,7 +265,6 @@ impl Committer {
                         id: record.id,
                         payer: record.authorization.from,
                         status: record.status.clone(),
-                        pending,
                         strategy: record.policy.name(),
                         shard,
                         reservation: (record.chain_id, record.asset, record.authorization.from),
@@ -347,12 +341,12 @@ impl Committer {
                 let mut accepted = 0u64;
                 for item in done.drain(..) {
                     match item {
-                        Done::Accepted { id, payer, status, pending, strategy, reply, .. } => {
+                        Done::Accepted { id, payer, status, strategy, reply, .. } => {
                             accepted += 1;
                             if !self.reverted.is_empty() {
                                 self.reverted.remove(&id);
                             }
-                            self.enqueue(pending, strategy);
+                            self.enqueue(strategy);
                             let _ = reply.send(SubmitOutcome::Accepted { id, payer, status });
                         }
                         Done::Reply(outcome, reply) => {
@@ -376,10 +370,11 @@ impl Committer {
                         }
                         Done::Settlement { settled, reply } => {
                             for s in settled {
-                                if !s.status.state.is_open() {
-                                    self.dequeue(&s.pending);
-                                } else if let Some(strategy) = s.requeue {
-                                    self.enqueue(s.pending, strategy);
+                                if let Some(strategy) = s.dequeued {
+                                    self.dequeue(strategy);
+                                }
+                                if let Some(strategy) = s.requeue {
+                                    self.enqueue(strategy);
                                 }
                                 let _ = self.shards[s.shard].send(ShardMsg::Settled {
                                     id: s.id,
