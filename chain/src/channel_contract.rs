@@ -126,15 +126,7 @@ mod tests {
 
         /// The channel id, as computed off chain.
         fn id(&self, c: &C::ChannelConfig) -> B256 {
-            self.domain.channel_id(&x402_channel::ChannelConfig {
-                payer: c.payer,
-                payerAuthorizer: c.payerAuthorizer,
-                receiver: c.receiver,
-                receiverAuthorizer: c.receiverAuthorizer,
-                token: c.token,
-                withdrawDelay: c.withdrawDelay,
-                salt: c.salt,
-            })
+            self.domain.channel_id(&c.clone().into())
         }
 
         /// The known key of `address`.

@@ -47,6 +47,20 @@ pub const BATCH_SETTLEMENT_ADDRESS: Address = alloy::primitives::address!("0x402
 pub const ERC3009_DEPOSIT_COLLECTOR_ADDRESS: Address =
     alloy::primitives::address!("0x4020806089470a89826cB9fB1f4059150b550004");
 
+impl From<X402BatchSettlement::ChannelConfig> for x402_channel::ChannelConfig {
+    fn from(c: X402BatchSettlement::ChannelConfig) -> Self {
+        Self {
+            payer: c.payer,
+            payerAuthorizer: c.payerAuthorizer,
+            receiver: c.receiver,
+            receiverAuthorizer: c.receiverAuthorizer,
+            token: c.token,
+            withdrawDelay: c.withdrawDelay,
+            salt: c.salt,
+        }
+    }
+}
+
 impl From<x402_channel::ChannelConfig> for X402BatchSettlement::ChannelConfig {
     fn from(c: x402_channel::ChannelConfig) -> Self {
         Self {

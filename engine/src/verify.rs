@@ -294,10 +294,12 @@ struct HeaderJson {
     payload: PayloadJson,
 }
 
+/// A `PAYMENT-SIGNATURE` header's `accepted`: the scheme and network the
+/// payer chose (shared with the channel header decoder).
 #[derive(Deserialize)]
-struct AcceptedJson {
-    scheme: String,
-    network: String,
+pub(crate) struct AcceptedJson {
+    pub(crate) scheme: String,
+    pub(crate) network: String,
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ use x402_channel::ChannelConfig;
 use super::{ChannelExtra, DepositPayload, VoucherPayload};
 use crate::{
     reason::InvalidField,
-    verify::{Uint, parse_address, parse_b256, parse_hex, parse_uint},
+    verify::{AcceptedJson, Uint, parse_address, parse_b256, parse_hex, parse_uint},
 };
 
 const FIELD: &str = "payment_signature_header";
@@ -20,12 +20,6 @@ struct HeaderJson {
     x402_version: u64,
     accepted: AcceptedJson,
     payload: PayloadJson,
-}
-
-#[derive(Deserialize)]
-struct AcceptedJson {
-    scheme: String,
-    network: String,
 }
 
 #[derive(Deserialize)]

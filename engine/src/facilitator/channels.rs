@@ -337,6 +337,19 @@ fn authorize<'a>(
     Ok(Ok(authorizer.sign_hash_sync(&digest()).map_err(ChannelFacilitator::unavailable)?.as_bytes().to_vec()))
 }
 
+/// The claim-batch signature for `rows`: the server's, or this
+/// facilitator's (see [`authorize`]).
+fn authorize_claims(
+    channels: &ChannelFacilitator,
+    given: Option<&str>,
+    domain: &ChannelDomain,
+    rows: &[ClaimRow],
+) -> Result<Result<Vec<u8>, String>, Failure> {
+    authorize(channels, given, "claimAuthorizerSignature", rows.iter().map(|r| (&r.config, r.channel_id)), || {
+        domain.claim_batch_digest(&claim_batch(rows))
+    })
+}
+
 fn mismatch(base: SettleResponse, message: String) -> SettleResponse {
     SettleResponse {
         error_reason: Some(Reason::ReceiverAuthorizerMismatch.code().into()),
@@ -357,13 +370,7 @@ async fn claim(
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
     }
-    let signature = match authorize(
-        channels,
-        payload.claim_authorizer_signature.as_deref(),
-        "claimAuthorizerSignature",
-        rows.iter().map(|r| (&r.config, r.channel_id)),
-        || domain.claim_batch_digest(&claim_batch(&rows)),
-    )? {
+    let signature = match authorize_claims(channels, payload.claim_authorizer_signature.as_deref(), &domain, &rows)? {
         Ok(signature) => signature,
         Err(message) => return Ok(mismatch(base, message)),
     };
@@ -427,13 +434,7 @@ async fn refund(
     let claim_signature = if rows.is_empty() {
         Vec::new()
     } else {
-        match authorize(
-            channels,
-            payload.claim_authorizer_signature.as_deref(),
-            "claimAuthorizerSignature",
-            rows.iter().map(|r| (&r.config, r.channel_id)),
-            || domain.claim_batch_digest(&claim_batch(&rows)),
-        )? {
+        match authorize_claims(channels, payload.claim_authorizer_signature.as_deref(), &domain, &rows)? {
             Ok(signature) => signature,
             Err(message) => return Ok(mismatch(base, message)),
         }

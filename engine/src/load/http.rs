@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{LoadError, LoadReport, Progress, Ticker};
+use super::{LoadError, LoadReport, Progress, StreamResult, Ticker};
 
 /// Where `/verify` is, and how hard to press it.
 #[derive(Clone, Debug)]
@@ -38,9 +38,6 @@ struct Verdict {
     #[serde(default)]
     invalid_reason: Option<String>,
 }
-
-/// What one worker saw.
-type WorkerResult = (u64, BTreeMap<String, u64>, Vec<u64>);
 
 /// Posts each of `bodies` (JSON `/verify` requests) once.
 pub async fn run_verify(
@@ -67,7 +64,7 @@ pub async fn run_verify(
                 (client.clone(), url.clone(), auth.clone(), bodies.clone(), next.clone());
             let (done, rate) = (ticker.done.clone(), config.rate);
             tokio::spawn(async move {
-                let mut result: WorkerResult = (0, BTreeMap::new(), Vec::new());
+                let mut result: StreamResult = (0, BTreeMap::new(), Vec::new());
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
@@ -104,16 +101,9 @@ pub async fn run_verify(
             })
         })
         .collect();
-    let mut report = LoadReport { payments: n, ..LoadReport::default() };
-    let mut latencies = Vec::with_capacity(n);
+    let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (accepted, outcomes, lat) = task.await.expect("verify workers do not panic");
-        report.accepted += accepted;
-        for (reason, count) in outcomes {
-            *report.rejected.entry(reason).or_default() += count;
-        }
-        latencies.extend(lat);
+        results.push(task.await.expect("verify workers do not panic"));
     }
-    ticker.finish(&mut report, latencies).await;
-    Ok(report)
+    Ok(ticker.finish(n, results).await)
 }

@@ -297,8 +297,18 @@ impl Ticker {
         Self { done, started, task, stop }
     }
 
-    /// Stops, filling the report's time, rate, latencies and samples.
-    async fn finish(self, report: &mut LoadReport, mut latencies: Vec<u64>) {
+    /// Stops, and reports the `payments` that `results` (one per stream or
+    /// worker) answered.
+    async fn finish(self, payments: usize, results: Vec<StreamResult>) -> LoadReport {
+        let mut report = LoadReport { payments, ..LoadReport::default() };
+        let mut latencies = Vec::with_capacity(payments);
+        for (accepted, outcomes, lat) in results {
+            report.accepted += accepted;
+            for (reason, count) in outcomes {
+                *report.rejected.entry(reason).or_default() += count;
+            }
+            latencies.extend(lat);
+        }
         report.seconds = self.started.elapsed().as_secs_f64();
         let _ = self.stop.send(());
         report.rss_kib = self.task.await.unwrap_or_default();
@@ -314,10 +324,12 @@ impl Ticker {
         report.latency_p95_us = pct(0.95);
         report.latency_p99_us = pct(0.99);
         report.latency_max_us = latencies.last().copied().unwrap_or(0);
+        report
     }
 }
 
-/// What one stream saw.
+/// What one stream (or HTTP worker) saw: accepted, the other outcomes by
+/// reason, and each answer's latency.
 type StreamResult = (u64, BTreeMap<String, u64>, Vec<u64>);
 
 /// Sends `work` as `config` says; `progress` is told where the run stands
@@ -347,18 +359,11 @@ pub async fn run(
             tokio::spawn(stream(client, key.clone(), count, source, interval, ticker.done.clone()))
         })
         .collect();
-    let mut report = LoadReport { payments: n, ..LoadReport::default() };
-    let mut latencies = Vec::with_capacity(n);
+    let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (accepted, outcomes, lat) = task.await.expect("stream tasks do not panic")?;
-        report.accepted += accepted;
-        for (reason, count) in outcomes {
-            *report.rejected.entry(reason).or_default() += count;
-        }
-        latencies.extend(lat);
+        results.push(task.await.expect("stream tasks do not panic")?);
     }
-    ticker.finish(&mut report, latencies).await;
-    Ok(report)
+    Ok(ticker.finish(n, results).await)
 }
 
 /// One `SubmitStream` sending `count` requests from `source`. Request ids

@@ -113,6 +113,14 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
         Requirements { scheme: "batch-settlement".into(), amount: U256::from(plan.price), ..plan.token.clone() };
     let extra = ChannelExtra { receiver_authorizer: plan.receiver_authorizer, withdraw_delay: plan.withdraw_delay };
     let per = plan.vouchers_per_channel + 1;
+    // Channel `c`'s salt: this call's random prefix, then `c`.
+    let run: [u8; 24] = rand::random();
+    let salt = |c: usize| {
+        let mut salt = [0u8; 32];
+        salt[..24].copy_from_slice(&run);
+        salt[24..].copy_from_slice(&(c as u64).to_be_bytes());
+        B256::from(salt)
+    };
     let signed = par_map(plan.channels * per, |i| {
         let (c, k) = (i / per, i % per);
         let payer = &payers[c % payers.len()];
@@ -121,7 +129,7 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
             plan.receiver_authorizer,
             plan.token.asset,
             plan.withdraw_delay,
-            channel_salt(c),
+            salt(c),
         );
         let id = plan.domain.channel_id(&config);
         let max = plan.price * (k as u128 + 1);
@@ -159,15 +167,6 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
         sequences.push(signed.by_ref().take(per - 1).collect());
     }
     Vouchers { deposits, sequences }
-}
-
-/// Channel `c`'s salt: this process and millisecond, then `c`.
-fn channel_salt(c: usize) -> B256 {
-    static RUN: std::sync::OnceLock<B256> = std::sync::OnceLock::new();
-    let run = RUN.get_or_init(|| nonce(0));
-    let mut salt = run.0;
-    salt[24..].copy_from_slice(&(c as u64).to_be_bytes());
-    B256::from(salt)
 }
 
 /// `/verify` bodies of `payments` (see [`exact_payloads`]).
