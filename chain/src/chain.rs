@@ -156,3 +156,70 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// `timeout`; `None` if none did in time.
     fn wait_receipt(&self, hashes: &[B256], timeout: Duration) -> impl Future<Output = Result<Option<Receipt>>> + Send;
 }
+
+/// How [`send_and_follow`] follows a transaction to its receipt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Follow {
+    /// Unmined this long, the transaction is replaced by a fee bump.
+    pub stuck_after: Duration,
+    /// Fee bumps at most; after them the last version is only rebroadcast.
+    pub max_bumps: u32,
+    /// Gives up (`Ok(None)`) after this long.
+    pub timeout: Duration,
+}
+
+impl Default for Follow {
+    fn default() -> Self {
+        Self { stuck_after: Duration::from_secs(15), max_bumps: 5, timeout: Duration::from_secs(120) }
+    }
+}
+
+/// Broadcasts `tx` and waits for a receipt of it or of one of its
+/// replacements, for transactions sent outside the settler's write-ahead
+/// intents (channel deposits, the HTTP facilitator's channel calls).
+///
+/// Each time it has waited [`Follow::stuck_after`] unmined, it is replaced
+/// at the same nonce with higher fees and sent again. Fees below the market
+/// leave a transaction unmined, and so does a node that dropped it from its
+/// pool: anvil drops a transaction that does not fit a full block, together
+/// with every later nonce of its sender, which then wait forever behind the
+/// gap. The replacement fills the gap. `Ok(None)` after [`Follow::timeout`].
+pub async fn send_and_follow<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) -> Result<Option<Receipt>> {
+    let started = tokio::time::Instant::now();
+    chain.broadcast(&tx).await?;
+    let mut hashes = vec![tx.hash];
+    let mut latest = tx;
+    loop {
+        let left = follow.timeout.saturating_sub(started.elapsed());
+        if let Some(receipt) = chain.wait_receipt(&hashes, follow.stuck_after.min(left)).await? {
+            return Ok(Some(receipt));
+        }
+        if started.elapsed() >= follow.timeout {
+            return Ok(None);
+        }
+        // Mined, but not yet deep enough: wait on.
+        if any_included(chain, &hashes).await? {
+            continue;
+        }
+        if hashes.len() <= follow.max_bumps as usize {
+            latest = chain.bump(&latest).await?;
+            hashes.push(latest.hash);
+            tracing::info!(tx = %hashes[0], replacement = %latest.hash, "replaced an unmined transaction");
+        }
+        match chain.broadcast(&latest).await {
+            // An earlier version was mined meanwhile: the next wait finds it.
+            Ok(()) | Err(crate::Error::NonceTooLow { .. }) => {}
+            Err(err) => tracing::warn!(%err, tx = %latest.hash, "a replacement was not accepted; will try again"),
+        }
+    }
+}
+
+/// Whether any of `hashes` (versions of one transaction) is mined, at any depth.
+pub async fn any_included<C: Chain>(chain: &C, hashes: &[B256]) -> Result<bool> {
+    for hash in hashes {
+        if chain.receipt(*hash).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -23,7 +23,7 @@ mod error;
 pub mod gas;
 pub mod tx;
 
-pub use chain::{AuthorizationUsed, Chain, ChannelLog, Receipt, TransferLog};
+pub use chain::{AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included, send_and_follow};
 pub use eip3009::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 pub use error::{Error, Result};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

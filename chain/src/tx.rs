@@ -511,6 +511,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn transactions_the_node_dropped_are_replaced() {
+        use std::sync::Arc;
+        let s = setup().await;
+        let signer = funded_signers(s.anvil.endpoint(), 1).await.remove(0);
+        let chain = Arc::new(AlloyChain::connect(s.anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+        let control = ProviderBuilder::new().connect_http(s.anvil.endpoint().parse().unwrap());
+        control.anvil_set_auto_mine(false).await.unwrap();
+        let follow =
+            crate::Follow { stuck_after: Duration::from_secs(1), max_bumps: 3, timeout: Duration::from_secs(30) };
+        let mut sent = Vec::new();
+        let mut followed = Vec::new();
+        for (value, nonce) in [(1, 1), (2, 2)] {
+            let tx =
+                chain.sign_call(s.token, authorization_call(&s, value, B256::repeat_byte(nonce)), None).await.unwrap();
+            sent.push(tx.clone());
+            let chain = chain.clone();
+            followed.push(tokio::spawn(async move { crate::send_and_follow(&*chain, tx, follow).await }));
+        }
+        assert_eq!((sent[0].nonce, sent[1].nonce), (0, 1));
+        // Once it has both, the node forgets the first, and with it the
+        // second, which depends on its nonce: anvil does this to a
+        // transaction that did not fit a full block.
+        for tx in &sent {
+            while control.get_transaction_by_hash(tx.hash).await.unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        control.anvil_drop_transaction(sent[0].hash).await.unwrap();
+        for tx in &sent {
+            assert!(control.get_transaction_by_hash(tx.hash).await.unwrap().is_none(), "{} still known", tx.hash);
+        }
+        control.anvil_set_interval_mining(1).await.unwrap();
+
+        for ((tx, followed), (value, nonce)) in sent.iter().zip(followed).zip([(1, 1), (2, 2)]) {
+            let receipt = followed.await.unwrap().unwrap().expect("mined");
+            assert_ne!(receipt.tx, tx.hash, "a dropped version cannot be mined");
+            assert!(receipt.success && receipt.used(s.token, s.payer.address(), B256::repeat_byte(nonce)), "{value}");
+        }
+        assert_eq!(chain.token_balance(s.token, s.pay_to).await.unwrap(), U256::from(3));
+    }
+
+    #[tokio::test]
     async fn a_stuck_transaction_is_replaced_by_a_fee_bump() {
         let s = setup().await;
         let signer = funded_signers(s.anvil.endpoint(), 1).await.remove(0);

@@ -119,6 +119,16 @@ pub struct ChainConfig {
 }
 
 impl ChainConfig {
+    /// How transactions outside the settler (channel deposits, the HTTP
+    /// facilitator's channel calls) are followed to their receipts.
+    pub fn follow(&self) -> x402_chain::Follow {
+        x402_chain::Follow {
+            stuck_after: std::time::Duration::from_secs(self.stuck_after_secs),
+            max_bumps: self.max_bumps,
+            ..x402_chain::Follow::default()
+        }
+    }
+
     /// The settler's pacing from this section.
     pub fn settler(&self) -> crate::settle::SettlerConfig {
         let d = crate::settle::SettlerConfig::default();

@@ -89,7 +89,7 @@ impl Node {
         let updates = config.merchant_updates()?;
         let mut pipeline = config.pipeline.to_pipeline();
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
-            pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone()));
+            pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
             if let Some(collector) = c.deposit_collector {
                 pipeline.channel_contracts.collector = collector;
@@ -237,7 +237,7 @@ fn facilitator_info(
                     .map_err(|_| {
                         Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
                     })?,
-                receipt_timeout: std::time::Duration::from_secs(120),
+                follow: c.follow(),
             }),
             _ => None,
         },

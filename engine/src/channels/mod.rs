@@ -20,7 +20,7 @@ mod header;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
-use x402_chain::{Chain, Eip3009Domain, ReceiveWithAuthorization};
+use x402_chain::{Chain, Eip3009Domain, Follow, ReceiveWithAuthorization, send_and_follow};
 use x402_channel::{Channel, ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use crate::{
@@ -441,13 +441,15 @@ impl ChannelSource for NoChannels {
 #[derive(Debug)]
 pub struct ChainChannels<C> {
     chain: Arc<C>,
+    /// How deposit transactions are followed to their receipts.
+    follow: Follow,
     runtime: tokio::runtime::Handle,
 }
 
 impl<C: Chain> ChainChannels<C> {
     /// Must be called inside a tokio runtime, where the reads will run.
-    pub fn new(chain: Arc<C>) -> Self {
-        Self { chain, runtime: tokio::runtime::Handle::current() }
+    pub fn new(chain: Arc<C>, follow: Follow) -> Self {
+        Self { chain, follow, runtime: tokio::runtime::Handle::current() }
     }
 }
 
@@ -474,9 +476,9 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
             return NoChannels.deposit(v, notify);
         }
         let Some(d) = v.deposit.clone() else { return };
-        let (chain, v) = (self.chain.clone(), v.clone());
+        let (chain, v, follow) = (self.chain.clone(), v.clone(), self.follow);
         self.runtime.spawn(async move {
-            let outcome = put_deposit(&*chain, &v, &d).await.map(|(_, onchain)| onchain);
+            let outcome = put_deposit(&*chain, &v, &d, follow).await.map(|(_, onchain)| onchain);
             if let Err(e) = &outcome {
                 tracing::warn!(channel = %v.channel_id, error = ?e, "a channel deposit failed");
             }
@@ -484,9 +486,6 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
         });
     }
 }
-
-/// How long a deposit transaction is waited for.
-const DEPOSIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Sends the deposit (simulated first) and waits for its receipt, then
 /// reads the channel. An authorization already spent means the deposit
@@ -497,6 +496,7 @@ pub(crate) async fn put_deposit<C: Chain>(
     chain: &C,
     v: &VerifiedVoucher,
     d: &VerifiedDeposit,
+    follow: Follow,
 ) -> Result<(Option<B256>, OnChain), DepositFailure> {
     let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
     let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;
@@ -508,15 +508,15 @@ pub(crate) async fn put_deposit<C: Chain>(
         }
         let gas = chain.estimate_gas(v.contract, input.clone()).await.map_err(unavailable)?;
         let tx = chain.sign_call(v.contract, input, Some(gas)).await.map_err(unavailable)?;
-        chain.broadcast(&tx).await.map_err(unavailable)?;
-        tracing::info!(channel = %v.channel_id, tx = %tx.hash, amount = d.amount, "channel deposit sent");
-        match chain.wait_receipt(&[tx.hash], DEPOSIT_TIMEOUT).await.map_err(unavailable)? {
+        let hash = tx.hash;
+        tracing::info!(channel = %v.channel_id, tx = %hash, amount = d.amount, "sending a channel deposit");
+        match send_and_follow(chain, tx, follow).await.map_err(unavailable)? {
             Some(receipt) if receipt.success => sent = Some(receipt.tx),
             Some(receipt) => {
                 return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
             }
             None => {
-                let e = Error::Config(format!("deposit transaction {} not mined in {DEPOSIT_TIMEOUT:?}", tx.hash));
+                let e = Error::Config(format!("deposit transaction {hash} not mined in {:?}", follow.timeout));
                 return Err(DepositFailure::Unavailable(Arc::new(e)));
             }
         }

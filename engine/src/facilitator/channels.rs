@@ -18,7 +18,7 @@
 //! Over gRPC x402d keeps the charged totals itself (see
 //! [`crate::channels`]); here it does not, since the reference server does.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use alloy::{
     primitives::{B256, Bytes},
@@ -27,9 +27,10 @@ use alloy::{
 };
 use serde::Deserialize;
 use x402_chain::{
-    AlloyChain, Chain,
+    AlloyChain, Chain, Follow,
     channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
     contracts::X402BatchSettlement,
+    send_and_follow,
 };
 use x402_channel::{ChannelConfig, ChannelDomain, OnChain};
 
@@ -48,8 +49,9 @@ pub struct ChannelFacilitator {
     pub contracts: ChannelContracts,
     /// Signs claim batches the server sends unsigned.
     pub authorizer: Option<PrivateKeySigner>,
-    /// How long a claim or settle transaction is waited for.
-    pub receipt_timeout: Duration,
+    /// How claim, settle and deposit transactions are followed to their
+    /// receipts.
+    pub follow: Follow,
 }
 
 /// The `type` of a `batch-settlement` payload.
@@ -125,11 +127,11 @@ impl ChannelFacilitator {
         // The cost varies with the call: estimated for each transaction.
         let gas = self.chain.estimate_gas(self.contracts.channels, input.clone()).await.map_err(Self::unavailable)?;
         let tx = self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::unavailable)?;
-        self.chain.broadcast(&tx).await.map_err(Self::unavailable)?;
-        match self.chain.wait_receipt(&[tx.hash], self.receipt_timeout).await.map_err(Self::unavailable)? {
+        let hash = tx.hash;
+        match send_and_follow(&*self.chain, tx, self.follow).await.map_err(Self::unavailable)? {
             Some(r) if r.success => Ok(Ok(r.tx)),
             Some(r) => Ok(Err(format!("transaction {} reverted", r.tx))),
-            None => Err(Self::unavailable(format!("transaction {} not mined in {:?}", tx.hash, self.receipt_timeout))),
+            None => Err(Self::unavailable(format!("transaction {hash} not mined in {:?}", self.follow.timeout))),
         }
     }
 }
@@ -271,7 +273,7 @@ pub(super) async fn settle(
                 let extra = serde_json::json!({ "channelState": onchain_extra(v.channel_id, delay, &onchain) });
                 return Ok(SettleResponse { success: true, payer, extra: Some(extra), ..base });
             };
-            Ok(match put_deposit(&*channels.chain, &v, &deposit).await {
+            Ok(match put_deposit(&*channels.chain, &v, &deposit, channels.follow).await {
                 Ok((tx, onchain)) => SettleResponse {
                     success: true,
                     payer,

@@ -96,7 +96,9 @@ impl<C: Chain> Settler<C> {
                 return Ok(());
             }
             let bumps = intent.tx_hashes.len().saturating_sub(1);
-            if bumps >= self.config.max_bumps as usize || self.any_included(&intent).await? {
+            if bumps >= self.config.max_bumps as usize
+                || x402_chain::any_included(&*self.chain, &intent.tx_hashes).await.map_err(chain_error)?
+            {
                 continue;
             }
             // Stuck: replace it at the same nonce with higher fees, recorded first.
@@ -118,16 +120,6 @@ impl<C: Chain> Settler<C> {
             }
             tx = bumped;
         }
-    }
-
-    /// Whether any version of `intent` is mined, at any depth.
-    async fn any_included(&self, intent: &TxIntent) -> Result<bool> {
-        for hash in &intent.tx_hashes {
-            if self.chain.receipt(*hash).await.map_err(chain_error)?.is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// Records what a receipt says about each payment of `intent`:
@@ -200,7 +192,9 @@ impl<C: Chain> Settler<C> {
         }
         match self.chain.broadcast(&tx).await {
             Ok(()) => tracing::info!(tx = %tx.hash, "rebroadcast a pending settlement transaction"),
-            Err(x402_chain::Error::NonceTooLow { .. }) if !self.any_included(&intent).await? => {
+            Err(x402_chain::Error::NonceTooLow { .. })
+                if !x402_chain::any_included(&*self.chain, &intent.tx_hashes).await.map_err(chain_error)? =>
+            {
                 return self.abandon(intent).await;
             }
             Err(x402_chain::Error::NonceTooLow { .. }) => {}
