@@ -22,6 +22,7 @@ pub mod balance;
 pub mod channels;
 pub mod config;
 pub mod domain;
+pub mod ecdsa;
 pub mod engine;
 mod error;
 pub mod facilitator;

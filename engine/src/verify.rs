@@ -6,15 +6,12 @@
 
 use std::collections::HashMap;
 
-use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::primitives::{Address, B256, U256};
 use base64::Engine as _;
-use secp256k1::{
-    Message,
-    ecdsa::{RecoverableSignature, RecoveryId},
-};
 use serde::Deserialize;
 use x402_chain::Eip3009Domain;
 
+pub use crate::ecdsa::recover_signer;
 use crate::{
     domain::{Authorization, ExactPayload, Merchant, Network, PaymentId, PaymentInput, Requirements, Submission},
     reason::{InvalidField, Reason, Rejection},
@@ -25,11 +22,6 @@ pub const MAX_HEADER_LEN: usize = 16 * 1024;
 
 /// `validBefore` must leave at least this many seconds (x402 step 6).
 const MIN_VALID_BEFORE_MARGIN: u64 = 6;
-
-/// Half the secp256k1 group order: the largest `s` a canonical (low-s)
-/// signature may have. USDC rejects anything above it.
-const SECP256K1_HALF_ORDER: U256 =
-    U256::from_be_bytes(alloy::primitives::hex!("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0"));
 
 /// ERC-6492 wraps signatures of undeployed smart wallets and ends with this.
 const ERC6492_MAGIC: [u8; 32] =
@@ -256,28 +248,6 @@ pub fn check_signature(signature: &[u8], digest: B256, expected: Address) -> Res
         return Err(format!("signature recovers to {recovered}, not authorization.from {expected}"));
     }
     Ok(())
-}
-
-/// Recovers the address that signed `digest` with a 65-byte `r ‖ s ‖ v`
-/// signature, refusing high-`s` (malleable) signatures.
-pub fn recover_signer(signature: &[u8; 65], digest: B256) -> Result<Address, String> {
-    let s = U256::from_be_slice(&signature[32..64]);
-    if s > SECP256K1_HALF_ORDER {
-        return Err("signature s is above half the curve order (malleable); tokens reject it".into());
-    }
-    let parity = match signature[64] {
-        0 | 27 => 0,
-        1 | 28 => 1,
-        v => return Err(format!("signature v is {v}, not 27/28 or 0/1")),
-    };
-    let recid = RecoveryId::try_from(parity).expect("0 or 1");
-    let sig = RecoverableSignature::from_compact(&signature[..64], recid)
-        .map_err(|_| "signature r or s is out of range".to_owned())?;
-    let key = secp256k1::SECP256K1
-        .recover_ecdsa(Message::from_digest(digest.0), &sig)
-        .map_err(|_| "signature does not recover to a public key".to_owned())?;
-    let uncompressed = key.serialize_uncompressed();
-    Ok(Address::from_slice(&keccak256(&uncompressed[1..])[12..]))
 }
 
 /// A decoded `PAYMENT-SIGNATURE` header.

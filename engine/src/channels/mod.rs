@@ -17,17 +17,19 @@
 
 mod header;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use alloy::primitives::{Address, B256, Bytes, U256};
+use secp256k1::PublicKey;
 use x402_chain::{Chain, Eip3009Domain, Follow, ReceiveWithAuthorization, send_and_follow};
 use x402_channel::{Channel, ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use crate::{
     Error,
     domain::{ChannelRecord, Merchant, Network, Requirements},
+    ecdsa::{Signature, recover_signer},
     reason::{Reason, Rejection},
-    verify::{Refusal, recover_signer},
+    verify::Refusal,
 };
 
 pub(crate) use self::header::{ConfigJson, Fields, decode as decode_header, decode_value as decode_payload};
@@ -161,139 +163,199 @@ impl From<&Channel> for ChannelView {
     }
 }
 
-/// The stateless checks of a voucher against the requirements, in the
-/// order of the scheme: scheme and network, the config against the
-/// requirements, the channel id, then the signature (one recovery).
-pub(crate) fn verify_voucher(
-    merchant: &Merchant,
-    requirements: &Requirements,
-    payload: VoucherPayload,
+/// Stage 1 for vouchers, owned by one verifier thread: the stateless checks
+/// of a voucher against the requirements, in the order of the scheme
+/// (scheme and network, the config against the requirements, the channel
+/// id, then the signature).
+///
+/// It remembers, per channel, the config whose hash is the channel id and
+/// the public key of the voucher signer. A later voucher of the channel
+/// then costs a comparison of its config with the remembered one instead
+/// of hashing it, its voucher digest with a cached domain separator, and an
+/// ECDSA verification against the key instead of a recovery (see
+/// [`crate::ecdsa`]).
+#[derive(Debug)]
+pub(crate) struct VoucherVerifier {
     contracts: ChannelContracts,
-) -> Result<VerifiedVoucher, Refusal> {
-    let contract = contracts.channels;
-    let reject = |reason, message: String| Refusal::Rejected {
-        id: None,
-        payer: None,
-        rejection: Rejection::new(reason, message),
-    };
-    if requirements.scheme != "batch-settlement" {
-        return Err(reject(Reason::Scheme, format!("scheme {:?} is not \"batch-settlement\"", requirements.scheme)));
+    /// The channel contract's EIP-712 domain, by chain id.
+    domains: HashMap<u64, ChannelDomain>,
+    known: HashMap<B256, KnownChannel>,
+}
+
+/// A channel whose id and signer key a verifier thread has established.
+#[derive(Debug)]
+struct KnownChannel {
+    chain_id: u64,
+    config: ChannelConfig,
+    signer_key: PublicKey,
+}
+
+impl VoucherVerifier {
+    /// Channels remembered at most; past it, the memory starts afresh.
+    const MAX_KNOWN: usize = 65_536;
+
+    pub(crate) fn new(contracts: ChannelContracts) -> Self {
+        Self { contracts, domains: HashMap::new(), known: HashMap::new() }
     }
-    if payload.network != requirements.network {
-        return Err(reject(
-            Reason::NetworkMismatch,
-            format!("payload network {:?} differs from required {:?}", payload.network, requirements.network),
-        ));
-    }
-    let Some(network) = Network::parse(&requirements.network) else {
-        return Err(reject(
-            Reason::InvalidNetwork,
-            format!("network {:?} is not an eip155 network", requirements.network),
-        ));
-    };
-    let chain_id = network.chain_id();
-    if !merchant.accepts(chain_id, requirements.asset) {
-        return Err(reject(
-            Reason::InvalidNetwork,
-            format!("merchant does not accept token {} on {network}", requirements.asset),
-        ));
-    }
-    let c = &payload.config;
-    if c.token != requirements.asset {
-        return Err(reject(
-            Reason::TokenMismatch,
-            format!("channel token {} is not asset {}", c.token, requirements.asset),
-        ));
-    }
-    if c.receiver != requirements.pay_to
-        || (!merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to))
-    {
-        return Err(reject(
-            Reason::ReceiverMismatch,
-            format!(
-                "channel receiver {} is not payTo {} of merchant {:?}",
-                c.receiver, requirements.pay_to, merchant.id
-            ),
-        ));
-    }
-    if c.receiverAuthorizer != payload.extra.receiver_authorizer {
-        return Err(reject(
-            Reason::ReceiverAuthorizerMismatch,
-            format!(
-                "channel receiverAuthorizer {} is not extra.receiverAuthorizer {}",
-                c.receiverAuthorizer, payload.extra.receiver_authorizer
-            ),
-        ));
-    }
-    if c.withdrawDelay.to::<u64>() != payload.extra.withdraw_delay {
-        return Err(reject(
-            Reason::WithdrawDelayMismatch,
-            format!(
-                "channel withdrawDelay {} is not extra.withdrawDelay {}",
-                c.withdrawDelay, payload.extra.withdraw_delay
-            ),
-        ));
-    }
-    let domain = ChannelDomain::new(chain_id, contract);
-    let id = domain.channel_id(c);
-    if id != payload.channel_id {
-        return Err(reject(
-            Reason::ChannelIdMismatch,
-            format!("voucher channel id {} is not the config's {id}", payload.channel_id),
-        ));
-    }
-    let signer = if c.payerAuthorizer.is_zero() { c.payer } else { c.payerAuthorizer };
-    let digest = domain.voucher_digest(&Voucher { channelId: id, maxClaimableAmount: payload.max_claimable });
-    let signed_by = match <&[u8; 65]>::try_from(payload.signature.as_ref()) {
-        Ok(signature) => recover_signer(signature, digest).map_err(|m| reject(Reason::VoucherSignature, m))?,
-        Err(_) => {
+
+    /// Checks `payload` for `merchant` against `requirements`.
+    pub(crate) fn verify(
+        &mut self,
+        merchant: &Merchant,
+        requirements: &Requirements,
+        payload: VoucherPayload,
+    ) -> Result<VerifiedVoucher, Refusal> {
+        let contracts = self.contracts;
+        let contract = contracts.channels;
+        let reject = |reason, message: String| Refusal::Rejected {
+            id: None,
+            payer: None,
+            rejection: Rejection::new(reason, message),
+        };
+        if requirements.scheme != "batch-settlement" {
             return Err(reject(
+                Reason::Scheme,
+                format!("scheme {:?} is not \"batch-settlement\"", requirements.scheme),
+            ));
+        }
+        if payload.network != requirements.network {
+            return Err(reject(
+                Reason::NetworkMismatch,
+                format!("payload network {:?} differs from required {:?}", payload.network, requirements.network),
+            ));
+        }
+        let Some(network) = Network::parse(&requirements.network) else {
+            return Err(reject(
+                Reason::InvalidNetwork,
+                format!("network {:?} is not an eip155 network", requirements.network),
+            ));
+        };
+        let chain_id = network.chain_id();
+        if !merchant.accepts(chain_id, requirements.asset) {
+            return Err(reject(
+                Reason::InvalidNetwork,
+                format!("merchant does not accept token {} on {network}", requirements.asset),
+            ));
+        }
+        let c = &payload.config;
+        if c.token != requirements.asset {
+            return Err(reject(
+                Reason::TokenMismatch,
+                format!("channel token {} is not asset {}", c.token, requirements.asset),
+            ));
+        }
+        if c.receiver != requirements.pay_to
+            || (!merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to))
+        {
+            return Err(reject(
+                Reason::ReceiverMismatch,
+                format!(
+                    "channel receiver {} is not payTo {} of merchant {:?}",
+                    c.receiver, requirements.pay_to, merchant.id
+                ),
+            ));
+        }
+        if c.receiverAuthorizer != payload.extra.receiver_authorizer {
+            return Err(reject(
+                Reason::ReceiverAuthorizerMismatch,
+                format!(
+                    "channel receiverAuthorizer {} is not extra.receiverAuthorizer {}",
+                    c.receiverAuthorizer, payload.extra.receiver_authorizer
+                ),
+            ));
+        }
+        if c.withdrawDelay.to::<u64>() != payload.extra.withdraw_delay {
+            return Err(reject(
+                Reason::WithdrawDelayMismatch,
+                format!(
+                    "channel withdrawDelay {} is not extra.withdrawDelay {}",
+                    c.withdrawDelay, payload.extra.withdraw_delay
+                ),
+            ));
+        }
+        let domain = self.domains.entry(chain_id).or_insert_with(|| ChannelDomain::new(chain_id, contract));
+        // A remembered channel with this very config: its id is the config's hash.
+        let known = self
+            .known
+            .get(&payload.channel_id)
+            .filter(|k| k.chain_id == chain_id && k.config == payload.config)
+            .map(|k| k.signer_key);
+        let id = match known {
+            Some(_) => payload.channel_id,
+            None => domain.channel_id(c),
+        };
+        if id != payload.channel_id {
+            return Err(reject(
+                Reason::ChannelIdMismatch,
+                format!("voucher channel id {} is not the config's {id}", payload.channel_id),
+            ));
+        }
+        let signer = voucher_signer(c);
+        let signature = <&[u8; 65]>::try_from(payload.signature.as_ref()).map_err(|_| {
+            reject(
                 Reason::VoucherSignature,
                 format!(
                     "signature is {} bytes, not 65 (ERC-1271 payer signatures need an on-chain check and are not accepted)",
                     payload.signature.len()
                 ),
-            ));
-        }
-    };
-    if signed_by != signer {
-        return Err(Refusal::Rejected {
+            )
+        })?;
+        let signature = Signature::parse(signature).map_err(|m| reject(Reason::VoucherSignature, m))?;
+        let digest = domain.voucher_digest(&Voucher { channelId: id, maxClaimableAmount: payload.max_claimable });
+        let not_signed = |m: String| Refusal::Rejected {
             id: None,
             payer: Some(c.payer),
-            rejection: Rejection::new(Reason::VoucherSignature, format!("voucher signed by {signed_by}, not {signer}")),
-        });
+            rejection: Rejection::new(Reason::VoucherSignature, format!("voucher {m}")),
+        };
+        match known {
+            Some(key) if signature.verify(digest, &key) => {}
+            Some(_) => return Err(not_signed(format!("not signed by {signer}"))),
+            None => {
+                let signer_key = signature.recover_as(digest, signer).map_err(not_signed)?;
+                if self.known.len() >= Self::MAX_KNOWN {
+                    self.known.clear();
+                }
+                self.known.insert(id, KnownChannel { chain_id, config: c.clone(), signer_key });
+            }
+        }
+        let amount: u128 = match payload.refund {
+            // A refund charges nothing: its voucher is the charged total.
+            Some(_) => 0,
+            None => requirements.amount.try_into().map_err(|_| {
+                reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount))
+            })?,
+        };
+        let deposit = match &payload.deposit {
+            Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),
+            None => None,
+        };
+        let charge = payload.charge.unwrap_or(amount);
+        if charge > amount {
+            return Err(Refusal::Invalid(crate::reason::InvalidField::new(
+                "voucher.charge",
+                format!("{charge} is above the required amount {amount}"),
+            )));
+        }
+        Ok(VerifiedVoucher {
+            chain_id,
+            contract,
+            channel_id: id,
+            config: payload.config,
+            max_claimable: payload.max_claimable,
+            signature: payload.signature,
+            amount,
+            charge,
+            deposit,
+            refund: payload.refund.map(|r| r.unwrap_or(u128::MAX)),
+            dry_run: false,
+        })
     }
-    let amount: u128 = match payload.refund {
-        // A refund charges nothing: its voucher is the charged total.
-        Some(_) => 0,
-        None => requirements.amount.try_into().map_err(|_| {
-            reject(Reason::Value, format!("amount {} does not fit a uint128 voucher", requirements.amount))
-        })?,
-    };
-    let deposit = match &payload.deposit {
-        Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),
-        None => None,
-    };
-    let charge = payload.charge.unwrap_or(amount);
-    if charge > amount {
-        return Err(Refusal::Invalid(crate::reason::InvalidField::new(
-            "voucher.charge",
-            format!("{charge} is above the required amount {amount}"),
-        )));
-    }
-    Ok(VerifiedVoucher {
-        chain_id,
-        contract,
-        channel_id: id,
-        config: payload.config,
-        max_claimable: payload.max_claimable,
-        signature: payload.signature,
-        amount,
-        charge,
-        deposit,
-        refund: payload.refund.map(|r| r.unwrap_or(u128::MAX)),
-        dry_run: false,
-    })
+}
+
+/// Who signs a channel's vouchers: its payer authorizer, or the payer when
+/// there is none.
+pub(crate) fn voucher_signer(config: &ChannelConfig) -> Address {
+    if config.payerAuthorizer.is_zero() { config.payer } else { config.payerAuthorizer }
 }
 
 /// A deposit's authorization must be the payer's `ReceiveWithAuthorization`
@@ -524,4 +586,124 @@ pub(crate) async fn put_deposit<C: Chain>(
     let out = chain.call(v.contract, x402_chain::channel::state_calldata(v.channel_id)).await.map_err(unavailable)?;
     let onchain = x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)?;
     Ok((sent, onchain))
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::address;
+
+    use super::*;
+    use crate::{domain::SettlementPolicy, payer::Payer};
+
+    const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+    const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
+    const AUTHORIZER: Address = address!("0x00000000000000000000000000000000000000aa");
+
+    fn merchant() -> Merchant {
+        Merchant {
+            id: "m".into(),
+            number: 1,
+            pay_to: vec![PAY_TO],
+            assets: Vec::new(),
+            policy: SettlementPolicy::Direct,
+            api_key_sha256: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn requirements() -> Requirements {
+        Requirements {
+            scheme: "batch-settlement".into(),
+            network: "eip155:31337".into(),
+            amount: U256::from(10),
+            asset: TOKEN,
+            pay_to: PAY_TO,
+            max_timeout_seconds: 60,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+        }
+    }
+
+    fn domain() -> ChannelDomain {
+        ChannelDomain::new(31337, ChannelContracts::default().channels)
+    }
+
+    /// `payer`'s voucher of `max` on its channel with `salt`.
+    fn voucher(payer: &Payer, salt: u8, max: u128) -> VoucherPayload {
+        let config = payer.channel_config(PAY_TO, AUTHORIZER, TOKEN, 900, B256::repeat_byte(salt));
+        let channel_id = domain().channel_id(&config);
+        VoucherPayload {
+            network: "eip155:31337".into(),
+            config,
+            channel_id,
+            max_claimable: max,
+            signature: payer.sign_voucher(&domain(), channel_id, max),
+            charge: None,
+            extra: ChannelExtra { receiver_authorizer: AUTHORIZER, withdraw_delay: 900 },
+            deposit: None,
+            refund: None,
+        }
+    }
+
+    fn reason(refusal: Refusal) -> Reason {
+        match refusal {
+            Refusal::Rejected { rejection, .. } => rejection.reason,
+            Refusal::Invalid(field) => panic!("invalid {field:?}"),
+        }
+    }
+
+    #[test]
+    fn a_known_channel_is_checked_against_the_remembered_config_and_key() {
+        let (payer, stranger) = (Payer::random(), Payer::random());
+        let mut verifier = VoucherVerifier::new(ChannelContracts::default());
+        let check = |verifier: &mut VoucherVerifier, payload| verifier.verify(&merchant(), &requirements(), payload);
+
+        // First voucher: the id is hashed and the key recovered, then remembered.
+        let first = check(&mut verifier, voucher(&payer, 1, 10)).unwrap();
+        assert_eq!(first.channel_id, voucher(&payer, 1, 10).channel_id);
+        assert_eq!(verifier.known.len(), 1);
+        assert_eq!(check(&mut verifier, voucher(&payer, 1, 20)).unwrap().max_claimable, 20);
+
+        // The remembered id with another config (another salt) is the
+        // config's id no more.
+        let mut other_config = voucher(&payer, 1, 30);
+        other_config.config.salt = B256::repeat_byte(2);
+        assert_eq!(reason(check(&mut verifier, other_config).unwrap_err()), Reason::ChannelIdMismatch);
+
+        // A signature by another key, or of another amount, fails against the key.
+        let mut forged = voucher(&payer, 1, 30);
+        forged.signature = stranger.sign_voucher(&domain(), forged.channel_id, 30);
+        assert_eq!(reason(check(&mut verifier, forged).unwrap_err()), Reason::VoucherSignature);
+        let mut replayed = voucher(&payer, 1, 30);
+        replayed.max_claimable = 40;
+        assert_eq!(reason(check(&mut verifier, replayed).unwrap_err()), Reason::VoucherSignature);
+
+        // The same key on another chain is not the remembered channel.
+        let mut elsewhere = requirements();
+        elsewhere.network = "eip155:8453".into();
+        let mut moved = voucher(&payer, 1, 30);
+        moved.network = elsewhere.network.clone();
+        assert_eq!(reason(verifier.verify(&merchant(), &elsewhere, moved).unwrap_err()), Reason::ChannelIdMismatch);
+        assert_eq!(verifier.known.len(), 1);
+    }
+
+    #[test]
+    fn a_voucher_with_the_other_v_is_the_signers_and_is_claimed_with_the_right_one() {
+        let payer = Payer::random();
+        let right = voucher(&payer, 1, 10);
+        let mut wrong_v = right.clone();
+        let mut signature = wrong_v.signature.to_vec();
+        signature[64] = 55 - signature[64];
+        wrong_v.signature = signature.into();
+
+        // Unknown channel (recovery) and known channel (verification) alike.
+        let mut fresh = VoucherVerifier::new(ChannelContracts::default());
+        fresh.verify(&merchant(), &requirements(), wrong_v.clone()).unwrap();
+        fresh.verify(&merchant(), &requirements(), wrong_v.clone()).unwrap();
+
+        let digest =
+            domain().voucher_digest(&Voucher { channelId: right.channel_id, maxClaimableAmount: right.max_claimable });
+        let claimable = crate::ecdsa::claimable(&wrong_v.signature, digest, voucher_signer(&right.config)).unwrap();
+        assert_eq!(claimable.as_slice(), right.signature.as_ref());
+    }
 }

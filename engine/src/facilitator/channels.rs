@@ -32,11 +32,14 @@ use x402_chain::{
     contracts::X402BatchSettlement,
     send_and_follow,
 };
-use x402_channel::{ChannelConfig, ChannelDomain, OnChain};
+use x402_channel::{ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use super::{Api, FacilitatorRequest, Failure, SettleResponse, VerifyResponse, channel_requirements};
 use crate::{
-    channels::{ChannelContracts, ConfigJson, DepositFailure, Fields, VerifiedVoucher, put_deposit, verify_voucher},
+    channels::{
+        ChannelContracts, ConfigJson, DepositFailure, Fields, VerifiedVoucher, VoucherVerifier, put_deposit,
+        voucher_signer,
+    },
     domain::Merchant,
     reason::{InvalidField, Reason},
     verify::{Refusal, Uint, parse_address, parse_hex, parse_uint},
@@ -156,7 +159,7 @@ fn verified(
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
     let payload = crate::channels::decode_payload(body.payment_payload.clone(), extra)?;
     let contracts = api.info.channels.as_ref().map_or_else(ChannelContracts::default, |c| c.contracts);
-    Ok(verify_voucher(merchant, &requirements, payload, contracts))
+    Ok(VoucherVerifier::new(contracts).verify(merchant, &requirements, payload))
 }
 
 fn refused(refusal: Refusal) -> Result<VerifyResponse, Failure> {
@@ -302,14 +305,20 @@ fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimR
         .enumerate()
         .map(|(i, c)| {
             let config = c.voucher.channel.config(PAYLOAD, &format!("claims[{i}].voucher.channel"))?;
+            let channel_id = domain.channel_id(&config);
+            let max_claimable =
+                PAYLOAD.uint128(&format!("claims[{i}].voucher.maxClaimableAmount"), &c.voucher.max_claimable_amount)?;
+            let field = format!("claims[{i}].signature");
+            let signature = parse_hex(&c.signature).ok_or_else(|| invalid(&field, "is not 0x-hex"))?;
+            // With the `v` the chain needs (x402d's /verify accepts either).
+            let digest = domain.voucher_digest(&Voucher { channelId: channel_id, maxClaimableAmount: max_claimable });
+            let signature = crate::ecdsa::claimable(&signature, digest, voucher_signer(&config))
+                .ok_or_else(|| invalid(&field, "is not the voucher signer's signature of the voucher"))?;
             Ok(ClaimRow {
-                channel_id: domain.channel_id(&config),
+                channel_id,
                 config,
-                max_claimable: PAYLOAD
-                    .uint128(&format!("claims[{i}].voucher.maxClaimableAmount"), &c.voucher.max_claimable_amount)?,
-                signature: parse_hex(&c.signature)
-                    .ok_or_else(|| invalid(&format!("claims[{i}].signature"), "is not 0x-hex"))?
-                    .into(),
+                max_claimable,
+                signature: Bytes::copy_from_slice(&signature),
                 total_claimed: PAYLOAD.uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
             })
         })

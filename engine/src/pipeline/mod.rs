@@ -35,7 +35,7 @@ use self::{
 use crate::{
     Error, Result,
     balance::BalanceSource,
-    channels::{ChannelContracts, ChannelSource, ChannelView, NoChannels},
+    channels::{ChannelContracts, ChannelSource, ChannelView, NoChannels, VoucherVerifier},
     domain::{Merchant, PaymentId, PaymentStatus, Submission},
     ledger::Ledger,
     reason::{InvalidField, Rejection},
@@ -236,9 +236,9 @@ impl Pipeline {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity);
-            let contract = config.channel_contracts;
+            let mut vouchers = VoucherVerifier::new(config.channel_contracts);
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
-                run_verifier(&mut verifier, contract, &rx, &shard_txs);
+                run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
             })?);
         }
         Ok(pipeline)
@@ -401,7 +401,7 @@ fn shard_of_channel(id: alloy::primitives::B256, shards: usize) -> usize {
 
 fn run_verifier(
     verifier: &mut Verifier,
-    contract: ChannelContracts,
+    vouchers: &mut VoucherVerifier,
     rx: &Receiver<VerifyJob>,
     shards: &[Sender<ShardMsg>],
 ) {
@@ -417,7 +417,7 @@ fn run_verifier(
         let VerifyJob { merchant, submission, reply, dry_run } = job;
         let submission = match submission {
             Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload) } => {
-                match crate::channels::verify_voucher(&merchant, &requirements, *payload, contract) {
+                match vouchers.verify(&merchant, &requirements, *payload) {
                     Ok(mut verified) => {
                         verified.dry_run = dry_run;
                         let shard = shard_of_channel(verified.channel_id, shards.len());

@@ -21,19 +21,19 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use alloy::{
-    primitives::{Address, B256, U256},
+    primitives::{Address, B256, Bytes, U256},
     signers::{SignerSync, local::PrivateKeySigner},
 };
 use x402_chain::{
     Chain,
     channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
 };
-use x402_channel::{ChannelDomain, OnChain, Refund};
+use x402_channel::{ChannelDomain, OnChain, Refund, Voucher};
 
 use super::{Settler, chain_error};
-use crate::channels::Claimed;
 use crate::{
     Result,
+    channels::{Claimed, voucher_signer},
     domain::{ChannelRecord, IntentState, unix_millis},
 };
 
@@ -186,6 +186,15 @@ impl<C: Chain> Settler<C> {
                 }
             }
             let Some((entry, signature)) = channel.claim_entry() else { continue };
+            // The pipeline checks vouchers of known channels against the
+            // signer's key, which does not see `v`; the chain needs it right.
+            let digest =
+                domain.voucher_digest(&Voucher { channelId: channel.id, maxClaimableAmount: entry.maxClaimableAmount });
+            let Some(signature) = crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config)) else {
+                tracing::error!(channel = %channel.id, "the channel's voucher is not its signer's: it cannot be claimed");
+                continue;
+            };
+            let signature = Bytes::copy_from_slice(&signature);
             rows.push(ClaimRow {
                 config: channel.config.clone(),
                 channel_id: channel.id,
