@@ -708,7 +708,14 @@ async fn a_channel_is_claimed_once_its_unclaimed_value_reaches_the_threshold() {
     // 40 unclaimed: below the threshold, nothing is claimed.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!((s.onchain(payer).await, s.sent().await), ((1_000, 0), 0));
-    let answer = client.submit(voucher(4, payer, &config, 4 * PRICE, PRICE)).await.unwrap().into_inner();
+    // The voucher that crosses it carries the other `v` (as 0/1), which the
+    // contract's `ecrecover` would refuse: (r, s) is the payer's signature
+    // all the same, and the claim goes out with the `v` the chain needs.
+    let mut crossing = voucher(4, payer, &config, 4 * PRICE, PRICE);
+    let Some(pb::submit_request::Payment::Voucher(v)) = crossing.payment.as_mut() else { unreachable!() };
+    let signature = v.voucher.as_mut().unwrap().signature.as_mut_slice();
+    signature[64] = 28 - signature[64];
+    let answer = client.submit(crossing).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
     eventually(30, "the claim at the threshold", || async { s.onchain(payer).await == (1_000, 5 * PRICE) }).await;
     assert_eq!(s.receiver_balance().await, U256::from(5 * PRICE));
