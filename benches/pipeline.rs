@@ -6,6 +6,12 @@
 //!   EIP-712 digest (domain separator cached) and the recovery.
 //! - `verify/stateless`: stage 1 for one payment — EIP-712 digest with a
 //!   cached domain separator, recovery and the x402 rule checks.
+//! - `voucher/new_channel`: stage 1 for a channel's first voucher: its
+//!   config hashed into the channel id, the signer key recovered.
+//! - `voucher/known_channel`: stage 1 for a later voucher of a channel the
+//!   verifier thread has seen: the config compared with the remembered
+//!   one, the voucher digest, an ECDSA verification against the remembered
+//!   key (no recovery).
 //! - `pipeline/verify_commit`: the whole pipeline (verifier threads, payer
 //!   shards, fsync'd group commit to RocksDB in a temp dir), 4,096 payments
 //!   in flight, throughput per payment.
@@ -17,9 +23,11 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use x402_benches::{merchant, signed_submissions};
 use x402_chain::Eip3009Domain;
+use x402_channel::ChannelDomain;
 use x402_engine::{
     balance::{BalanceSource, ConfiguredBalances},
-    domain::PaymentInput,
+    channels::{ChannelContracts, ChannelExtra, VoucherPayload, VoucherVerifier},
+    domain::{PaymentInput, Requirements},
     ledger::{Ledger, RocksLedger, RocksOptions},
     payer::Payer,
     pipeline::{Pipeline, PipelineConfig, SubmitOutcome},
@@ -63,6 +71,72 @@ fn stateless(c: &mut Criterion) {
     group.finish();
 }
 
+fn vouchers(c: &mut Criterion) {
+    const CHANNELS: usize = 64;
+    let payers: Vec<Payer> = (0..8).map(|_| Payer::random()).collect();
+    let merchant = merchant();
+    let requirements = Requirements { scheme: "batch-settlement".into(), ..x402_benches::requirements() };
+    let domain = ChannelDomain::new(31337, ChannelContracts::default().channels);
+    let authorizer = alloy::primitives::Address::repeat_byte(0xaa);
+    // Voucher `k` of channel `c`.
+    let voucher = |c: usize, k: u128| {
+        let payer = &payers[c % payers.len()];
+        let salt = alloy::primitives::B256::left_padding_from(&c.to_be_bytes());
+        let config = payer.channel_config(x402_benches::PAY_TO, authorizer, x402_benches::TOKEN, 900, salt);
+        let id = domain.channel_id(&config);
+        let max = 10_000 * (k + 1);
+        VoucherPayload {
+            network: requirements.network.clone(),
+            config,
+            channel_id: id,
+            max_claimable: max,
+            signature: payer.sign_voucher(&domain, id, max),
+            charge: None,
+            extra: ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
+            deposit: None,
+            refund: None,
+        }
+    };
+    let later: Vec<VoucherPayload> = (0..1024).map(|i| voucher(i % CHANNELS, (i / CHANNELS) as u128 + 1)).collect();
+
+    let mut group = c.benchmark_group("voucher");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    group.bench_function("new_channel", |b| {
+        b.iter_batched(
+            || {
+                // A verifier that has seen another channel (its domain is cached).
+                let mut verifier = VoucherVerifier::new(ChannelContracts::default());
+                verifier.verify(&merchant, &requirements, later[0].clone()).unwrap();
+                // The first vouchers of channels 1..CHANNELS.
+                i = i % (CHANNELS - 1) + 1;
+                (verifier, later[i].clone())
+            },
+            // The verifier is dropped after timing.
+            |(mut verifier, payload)| {
+                verifier.verify(&merchant, &requirements, payload).unwrap();
+                verifier
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let mut verifier = VoucherVerifier::new(ChannelContracts::default());
+    for payload in &later[..CHANNELS] {
+        verifier.verify(&merchant, &requirements, payload.clone()).unwrap();
+    }
+    group.bench_function("known_channel", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 1) % later.len();
+                later[i].clone()
+            },
+            |payload| verifier.verify(&merchant, &requirements, payload).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 fn whole_pipeline(c: &mut Criterion) {
     const IN_FLIGHT: usize = 4096;
     let payers: Vec<Payer> = (0..50).map(|_| Payer::random()).collect();
@@ -99,5 +173,5 @@ fn whole_pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stateless, whole_pipeline);
+criterion_group!(benches, stateless, vouchers, whole_pipeline);
 criterion_main!(benches);

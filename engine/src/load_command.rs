@@ -1,6 +1,12 @@
 //! `x402d load`: its flags (the defaults fit `x402d dev`) and its run.
 
-use std::{io::Write as _, sync::Arc};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use alloy::{primitives::Address, signers::local::PrivateKeySigner};
 use anyhow::Context as _;
@@ -197,19 +203,33 @@ async fn open_channels(
     Ok(Work::Sequences(signed.sequences))
 }
 
-/// A progress bar with the rate (and the watched process's size) on stderr.
+/// A progress bar with the rate (and the watched process's size) on stderr,
+/// redrawn in place on a terminal; elsewhere (a log file, CI) a line every
+/// 5 s.
 fn progress_line(p: Progress) {
+    /// The last 5-second mark a line was written for, off a terminal.
+    static LAST_MARK: AtomicU64 = AtomicU64::new(u64::MAX);
+    let terminal = std::io::stderr().is_terminal();
+    let mark = p.elapsed.as_secs() / 5;
+    if !terminal && LAST_MARK.swap(mark, Ordering::Relaxed) == mark {
+        return;
+    }
     let width = 30;
     let filled = (p.done * width / p.total.max(1)) as usize;
     let rate = p.done as f64 / p.elapsed.as_secs_f64().max(0.001);
     let rss = p.rss_kib.map(|kib| format!(" rss {:.0} MiB", kib as f64 / 1024.0)).unwrap_or_default();
-    eprint!(
-        "\r[{}{}] {}/{} {rate:.0}/s{rss}   ",
+    let bar = format!(
+        "[{}{}] {}/{} {rate:.0}/s{rss}",
         "#".repeat(filled),
         ".".repeat(width as usize - filled),
         p.done,
         p.total
     );
+    if terminal {
+        eprint!("\r{bar}   ");
+    } else {
+        eprintln!("{bar}");
+    }
     let _ = std::io::stderr().flush();
 }
 

@@ -568,19 +568,22 @@ api_key_env = "X402D_TEST_MC_KEY"
     assert_eq!(s.receiver_balance().await, U256::from(charged * CHANNELS as u128), "claimed and settled");
 
     // After a restart the engine learns the claim went through: nothing is
-    // claimed again, and every channel's charged total survived.
+    // claimed again, and every channel's charged total survived. Its claim
+    // rounds are 2 s apart now, so that the next vouchers (sent at once)
+    // all fall into one round: under CPU load, a round between two of them
+    // would make two claims of new vouchers, both legitimate.
+    let config = config.replace("channel_poll_ms = 200", "channel_poll_ms = 2000");
     let daemon = Daemon::start_with_env(dir.path(), &config, &env);
     let mut client = payments(daemon.grpc, MC_KEY).await;
-    for (c, payer) in s.payers.iter().enumerate() {
-        let next = voucher(1_000 + c as u64, payer, &configs[c], charged, PRICE);
-        let answer = client.submit(next).await.unwrap().into_inner();
+    let next = s.payers.iter().enumerate().map(|(c, p)| voucher(1_000 + c as u64, p, &configs[c], charged, PRICE));
+    for answer in stream_waves(&mut client, vec![next.collect()]).await {
         assert_eq!(outcome(&answer), pb::Outcome::Accepted, "charged total lost: {}", answer.message);
         assert_eq!(answer.channel.unwrap().charged_cumulative_amount, (charged + PRICE).to_string());
     }
     // The next round claims only the new vouchers, once.
     let total = (charged + PRICE) * CHANNELS as u128;
     eventually(30, "the second claim", || async { s.receiver_balance().await == U256::from(total) }).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(s.sent().await, 2, "one claim per round, none repeated");
     for payer in &s.payers {
         assert_eq!(s.onchain(payer).await, (10_000, charged + PRICE));

@@ -175,7 +175,7 @@ impl From<&Channel> for ChannelView {
 /// ECDSA verification against the key instead of a recovery (see
 /// [`crate::ecdsa`]).
 #[derive(Debug)]
-pub(crate) struct VoucherVerifier {
+pub struct VoucherVerifier {
     contracts: ChannelContracts,
     /// The channel contract's EIP-712 domain, by chain id.
     domains: HashMap<u64, ChannelDomain>,
@@ -194,12 +194,12 @@ impl VoucherVerifier {
     /// Channels remembered at most; past it, the memory starts afresh.
     const MAX_KNOWN: usize = 65_536;
 
-    pub(crate) fn new(contracts: ChannelContracts) -> Self {
+    pub fn new(contracts: ChannelContracts) -> Self {
         Self { contracts, domains: HashMap::new(), known: HashMap::new() }
     }
 
     /// Checks `payload` for `merchant` against `requirements`.
-    pub(crate) fn verify(
+    pub fn verify(
         &mut self,
         merchant: &Merchant,
         requirements: &Requirements,
