@@ -56,7 +56,10 @@ pub struct PipelineConfig {
     /// Minimum validity left per settlement strategy.
     pub min_validity: MinValidity,
     /// How long after `validBefore` a payment stays in the in-memory replay
-    /// window (it is in the ledger forever).
+    /// window (it is in the ledger forever). Stage 1 refuses a payment that
+    /// close to its `validBefore`, so this only has to outlast the time a
+    /// verified payment can wait for its shard; the window's size is
+    /// rate × (validity + retention).
     pub replay_retention_secs: u64,
     /// The `batch-settlement` contracts vouchers and deposits are signed for.
     pub channel_contracts: ChannelContracts,
@@ -72,7 +75,7 @@ impl Default for PipelineConfig {
             queue_capacity: 65_536,
             max_group: 4096,
             min_validity: MinValidity::default(),
-            replay_retention_secs: 3600,
+            replay_retention_secs: 300,
             channel_contracts: ChannelContracts::default(),
             channels: Arc::new(NoChannels),
         }
