@@ -789,4 +789,46 @@ mod tests {
         }
         assert_eq!(f.balance(f.payers[0].address()).await, MINT - 200);
     }
+
+    #[tokio::test]
+    async fn states_of_many_channels_read_in_one_call() {
+        use crate::channel::{decode_state, decode_states, state_calldata, states_calldata};
+        let f = Fixture::new().await;
+        let receiver = f.receiver.address();
+        // Claimed and partly refunded; a withdrawal pending; never opened.
+        let (refunded, withdrawing, unknown) = (f.config(0, 1), f.config(1, 1), f.config(2, 1));
+        f.deposit(&refunded, 1000).await;
+        mined(f.channels.claim(vec![f.voucher_claim(&refunded, 300, 300)]).from(receiver)).await;
+        mined(f.channels.refund(refunded.clone(), 200).from(receiver)).await;
+        f.deposit(&withdrawing, 500).await;
+        let receipt = mined(f.channels.initiateWithdraw(withdrawing.clone(), 100).from(f.payers[1].address())).await;
+        let initiated_at = f.timestamp(&receipt).await;
+
+        let call = |input: Bytes| {
+            let provider = f.provider.clone();
+            let request = alloy::rpc::types::TransactionRequest::default().to(f.devnet.channels).input(input.into());
+            async move { provider.call(request).await.unwrap() }
+        };
+        let ids = [f.id(&refunded), f.id(&withdrawing), f.id(&unknown)];
+        let states = decode_states(&call(states_calldata(&ids)).await, &[DELAY, DELAY, 7]).unwrap();
+        let [refunded_state, withdrawing_state, unknown_state] = states.as_slice() else { panic!("{states:?}") };
+        assert_eq!((refunded_state.balance, refunded_state.total_claimed, refunded_state.refund_nonce), (800, 300, 1));
+        assert_eq!(refunded_state.withdrawal, None);
+        assert_eq!((withdrawing_state.balance, withdrawing_state.total_claimed), (500, 0));
+        let withdrawal = withdrawing_state.withdrawal.as_ref().expect("pending");
+        assert_eq!((withdrawal.amount, withdrawal.finalize_after), (100, initiated_at + DELAY));
+        assert_eq!(
+            (unknown_state.balance, unknown_state.total_claimed, unknown_state.refund_nonce, &unknown_state.withdrawal),
+            (0, 0, 0, &None)
+        );
+        // The same as one call per channel.
+        for (id, state) in ids.iter().zip(&states) {
+            assert_eq!(decode_state(&call(state_calldata(*id)).await, DELAY).unwrap(), *state);
+        }
+        // An answer for another number of channels is refused, not misread.
+        let two = call(states_calldata(&ids[..2])).await;
+        assert!(decode_states(&two, &[DELAY; 3]).is_err());
+        assert!(decode_state(&two, DELAY).is_err());
+        assert_eq!(decode_states(&call(states_calldata(&[])).await, &[]).unwrap(), Vec::new());
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  every poll:  contract events since the last block ──► channels they name re-read, mirrored in the shards
-//!               channels due (interval, threshold, withdrawal) ──► re-read ──► rows: charged total under the voucher
+//!               channels due (interval, threshold, withdrawal) ──► re-read, 200 per eth_call ──► rows: charged total under the voucher
 //!               rows, up to `max_rows` per transaction ──► ClaimBatch signed by the receiver authorizer
 //!               multicall(claimWithSignature(rows), settle(receiver, token)...) ──► send (write-ahead intent)
 //!               receipt ──► claimed channels re-read and mirrored, with the claim time
@@ -26,7 +26,7 @@ use alloy::{
 };
 use x402_chain::{
     Chain,
-    channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
+    channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_states, states_calldata},
 };
 use x402_channel::{ChannelDomain, OnChain, Refund, Voucher};
 
@@ -36,6 +36,10 @@ use crate::{
     channels::{Claimed, voucher_signer},
     domain::{ChannelRecord, IntentState, unix_millis},
 };
+
+/// Channels whose state one `eth_call` reads at most (about 10,000 gas
+/// each, far below the `eth_call` gas caps of common nodes).
+const READ_CHUNK: usize = 200;
 
 /// How channel claims are made.
 #[derive(Clone, Debug)]
@@ -114,11 +118,15 @@ impl<C: Chain> Settler<C> {
             Some(_) => Vec::new(),
         };
         let mut mine = mine;
-        for id in touched {
-            let record = mine.get_mut(&id).expect("filtered");
-            let onchain = self.read_channel(claims.contract, record).await?;
-            self.engine.sync_channel(id, onchain, None).await?;
-            record.channel.sync(onchain, unix_millis() / 1000);
+        let records: Vec<&ChannelRecord> = touched.iter().map(|id| &mine[id]).collect();
+        let states = self.read_channels(claims.contract, &records).await?;
+        // Mirrored in the shards all at once, not a round trip each.
+        futures::future::try_join_all(
+            touched.iter().zip(&states).map(|(&id, &s)| self.engine.sync_channel(id, s, None)),
+        )
+        .await?;
+        for (id, onchain) in touched.into_iter().zip(states) {
+            mine.get_mut(&id).expect("filtered").channel.sync(onchain, unix_millis() / 1000);
         }
         *next_block = Some(head + 1);
 
@@ -173,9 +181,10 @@ impl<C: Chain> Settler<C> {
         let mut rows = Vec::with_capacity(records.len());
         let mut settle = Vec::new();
         let mut refunds = Vec::new();
-        for (record, _) in records {
+        let states = self.read_channels(claims.contract, &records.iter().map(|(r, _)| r).collect::<Vec<_>>()).await?;
+        for ((record, _), onchain) in records.iter().zip(states) {
             let mut channel = record.channel.clone();
-            channel.sync(self.read_channel(claims.contract, record).await?, unix_millis() / 1000);
+            channel.sync(onchain, unix_millis() / 1000);
             if let Some(requested) = record.refund_requested {
                 let amount = channel.refundable(Some(requested));
                 if amount > 0 {
@@ -246,8 +255,8 @@ impl<C: Chain> Settler<C> {
         mined: Option<(B256, u64)>,
     ) -> Result<()> {
         let at = unix_millis() / 1000;
-        for (record, merchant_number) in records {
-            let onchain = self.read_channel(claims.contract, record).await?;
+        let states = self.read_channels(claims.contract, &records.iter().map(|(r, _)| r).collect::<Vec<_>>()).await?;
+        let syncs = records.iter().zip(states).map(|((record, merchant_number), onchain)| {
             let claimed = Claimed {
                 at,
                 tx: mined.map_or(B256::ZERO, |m| m.0),
@@ -262,8 +271,9 @@ impl<C: Chain> Settler<C> {
             } else {
                 None
             };
-            self.engine.sync_channel(record.channel.id, onchain, claimed).await?;
-        }
+            self.engine.sync_channel(record.channel.id, onchain, claimed)
+        });
+        futures::future::try_join_all(syncs).await?;
         Ok(())
     }
 
@@ -272,8 +282,16 @@ impl<C: Chain> Settler<C> {
         Ok(claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Config(e.to_string()))?.as_bytes())
     }
 
-    async fn read_channel(&self, contract: Address, record: &ChannelRecord) -> Result<OnChain> {
-        let out = self.chain.call(contract, state_calldata(record.channel.id)).await.map_err(chain_error)?;
-        decode_state(&out, record.channel.config.withdrawDelay.to::<u64>()).map_err(chain_error)
+    /// The on-chain state of each of `records`, in order: one `eth_call`
+    /// per [`READ_CHUNK`] channels.
+    async fn read_channels(&self, contract: Address, records: &[&ChannelRecord]) -> Result<Vec<OnChain>> {
+        let mut states = Vec::with_capacity(records.len());
+        for chunk in records.chunks(READ_CHUNK) {
+            let ids: Vec<B256> = chunk.iter().map(|r| r.channel.id).collect();
+            let delays: Vec<u64> = chunk.iter().map(|r| r.channel.config.withdrawDelay.to::<u64>()).collect();
+            let out = self.chain.call(contract, states_calldata(&ids)).await.map_err(chain_error)?;
+            states.extend(decode_states(&out, &delays).map_err(chain_error)?);
+        }
+        Ok(states)
     }
 }
