@@ -179,7 +179,44 @@ pub struct VoucherVerifier {
     contracts: ChannelContracts,
     /// The channel contract's EIP-712 domain, by chain id.
     domains: HashMap<u64, ChannelDomain>,
-    known: HashMap<B256, KnownChannel>,
+    known: KnownChannels,
+}
+
+/// The channels a verifier thread remembers, in two generations: a channel
+/// seen again moves to the recent one, and when the recent one is full the
+/// older one is dropped. Channels in use stay known however many others
+/// pass by; memory stays bounded at two generations.
+#[derive(Debug)]
+struct KnownChannels {
+    generation: usize,
+    recent: HashMap<B256, KnownChannel>,
+    older: HashMap<B256, KnownChannel>,
+}
+
+impl KnownChannels {
+    fn new(generation: usize) -> Self {
+        Self { generation: generation.max(1), recent: HashMap::new(), older: HashMap::new() }
+    }
+
+    fn get(&mut self, id: &B256) -> Option<&KnownChannel> {
+        if !self.recent.contains_key(id) {
+            let channel = self.older.remove(id)?;
+            self.insert(*id, channel);
+        }
+        self.recent.get(id)
+    }
+
+    fn insert(&mut self, id: B256, channel: KnownChannel) {
+        if self.recent.len() >= self.generation && !self.recent.contains_key(&id) {
+            self.older = std::mem::take(&mut self.recent);
+        }
+        self.recent.insert(id, channel);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.recent.len() + self.older.len()
+    }
 }
 
 /// A channel whose id and signer key a verifier thread has established.
@@ -191,11 +228,12 @@ struct KnownChannel {
 }
 
 impl VoucherVerifier {
-    /// Channels remembered at most; past it, the memory starts afresh.
-    const MAX_KNOWN: usize = 65_536;
+    /// Channels in a generation of the remembered ones: at most twice as
+    /// many are remembered, about 250 bytes each.
+    const GENERATION: usize = 32_768;
 
     pub fn new(contracts: ChannelContracts) -> Self {
-        Self { contracts, domains: HashMap::new(), known: HashMap::new() }
+        Self { contracts, domains: HashMap::new(), known: KnownChannels::new(Self::GENERATION) }
     }
 
     /// Checks `payload` for `merchant` against `requirements`.
@@ -312,9 +350,6 @@ impl VoucherVerifier {
             Some(_) => return Err(not_signed(format!("not signed by {signer}"))),
             None => {
                 let signer_key = signature.recover_as(digest, signer).map_err(not_signed)?;
-                if self.known.len() >= Self::MAX_KNOWN {
-                    self.known.clear();
-                }
                 self.known.insert(id, KnownChannel { chain_id, config: c.clone(), signer_key });
             }
         }
@@ -685,6 +720,27 @@ mod tests {
         moved.network = elsewhere.network.clone();
         assert_eq!(reason(verifier.verify(&merchant(), &elsewhere, moved).unwrap_err()), Reason::ChannelIdMismatch);
         assert_eq!(verifier.known.len(), 1);
+    }
+
+    #[test]
+    fn channels_in_use_stay_known_while_others_pass_by() {
+        let key = |byte: u8| KnownChannel {
+            chain_id: u64::from(byte),
+            config: voucher(&Payer::random(), 1, 1).config,
+            signer_key: secp256k1::SecretKey::from_byte_array([byte + 1; 32]).unwrap().public_key(secp256k1::SECP256K1),
+        };
+        let mut known = KnownChannels::new(3);
+        let id = B256::repeat_byte;
+        known.insert(id(0), key(0));
+        // Channel 0 is used while ten others are seen once each.
+        for i in 1..=10 {
+            known.insert(id(i), key(i));
+            assert_eq!(known.get(&id(0)).map(|k| k.chain_id), Some(0), "after {i}");
+            assert!(known.len() <= 6, "{}", known.len());
+        }
+        // The ones seen once and long ago are gone; the latest are there.
+        assert!(known.get(&id(1)).is_none());
+        assert_eq!(known.get(&id(10)).map(|k| k.chain_id), Some(10));
     }
 
     #[test]
