@@ -19,12 +19,22 @@ const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// Where npm puts the binary on this platform.
 const NPM_BINARY: &str = "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil";
 
-/// A running anvil; killed on drop.
+/// A running anvil; killed on drop, and by a watchdog when this process
+/// dies without dropping it (SIGKILL).
 #[derive(Debug)]
 pub struct Anvil {
     child: Child,
     endpoint: String,
+    watchdog: Option<Child>,
 }
+
+/// The watchdog, `sh -c WATCHDOG <our pid> <anvil's pid>`: once a second,
+/// while both live; when this process is gone first, it kills anvil (if
+/// that pid still runs an anvil). Drop code cannot run after a SIGKILL, and
+/// a parent-death signal would follow the thread that spawned anvil, not
+/// the process.
+const WATCHDOG: &str = r#"while kill -0 "$0" 2>/dev/null && kill -0 "$1" 2>/dev/null; do sleep 1; done
+if ! kill -0 "$0" 2>/dev/null && grep -q anvil "/proc/$1/cmdline" 2>/dev/null; then kill -9 "$1"; fi"#;
 
 impl Anvil {
     /// The anvil binary, installing it with `npm ci` when it is missing.
@@ -67,7 +77,17 @@ impl Anvil {
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Ok(Self { child, endpoint: format!("http://{addr}") }),
+            Ok(addr) => {
+                let watchdog = Command::new("sh")
+                    .args(["-c", WATCHDOG, &std::process::id().to_string(), &child.id().to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .inspect_err(|e| tracing::warn!(error = %e, "no watchdog for anvil: it outlives a SIGKILL"))
+                    .ok();
+                Ok(Self { child, endpoint: format!("http://{addr}"), watchdog })
+            }
             Err(_) => {
                 let _ = child.kill();
                 Err(Error::Anvil("anvil did not report its address within 30 s".into()))
@@ -90,5 +110,9 @@ impl Drop for Anvil {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(watchdog) = &mut self.watchdog {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
     }
 }

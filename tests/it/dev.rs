@@ -1,6 +1,6 @@
 //! `x402d dev`: the embedded defaults on a fresh machine — a local chain
 //! with the token and Multicall3, funded payers, demo merchants that take
-//! payments, and a clean stop that takes the chain down with it.
+//! payments, and a stop (clean, or SIGKILL) that takes the chain down with it.
 
 use alloy::{
     primitives::{Address, U256},
@@ -63,4 +63,16 @@ async fn dev_runs_a_funded_chain_and_settles_payments() {
     // Stopping x402d stops its chain.
     daemon.stop();
     assert!(provider.get_chain_id().await.is_err(), "anvil is gone with x402d");
+
+    // So does killing it, when no code of x402d runs: anvil's watchdog ends it.
+    let mut daemon = Daemon::dev();
+    let rpc = daemon.banner_value("chain").split_whitespace().next().unwrap().to_owned();
+    let provider = ProviderBuilder::new().connect_http(rpc.parse().unwrap());
+    assert_eq!(provider.get_chain_id().await.unwrap(), 31337);
+    daemon.kill();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while provider.get_chain_id().await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "anvil outlived a SIGKILLed x402d by 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
