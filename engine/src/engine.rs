@@ -170,6 +170,20 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.channels()).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// The channels of `ids` that the ledger has, from the ledger.
+    pub async fn channels_by_id(&self, ids: Vec<alloy::primitives::B256>) -> Result<Vec<crate::domain::ChannelRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ids.iter().filter_map(|id| ledger.channel(id).transpose()).collect())
+            .await
+            .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// The channels committed since the last look; see
+    /// [`crate::pipeline::ChangedChannels`].
+    pub fn changed_channels(&self) -> Arc<crate::pipeline::ChangedChannels> {
+        self.pipeline.changed_channels()
+    }
+
     /// Mirrors and records a fresh read of a channel; see
     /// [`Pipeline::sync_channel`].
     pub async fn sync_channel(

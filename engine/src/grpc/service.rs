@@ -75,8 +75,8 @@ impl PaymentApi {
         claim: bool,
         refund: Option<u128>,
     ) -> Result<Response<pb::ChannelState>, Status> {
-        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
-        match channels.iter().find(|c| c.channel.id == id) {
+        let channels = self.engine.channels_by_id(vec![id]).await.map_err(|e| convert::status_from_error(&e))?;
+        match channels.first() {
             Some(c) if c.merchant_id != merchant.id => {
                 return Err(Status::permission_denied("that channel belongs to another merchant"));
             }
@@ -196,8 +196,8 @@ impl PaymentService for PaymentApi {
             return Err(Status::invalid_argument(format!("channel_id: must be 32 bytes, got {}", id.len())));
         }
         let id = alloy::primitives::B256::from_slice(&id);
-        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
-        match channels.iter().find(|c| c.channel.id == id) {
+        let channels = self.engine.channels_by_id(vec![id]).await.map_err(|e| convert::status_from_error(&e))?;
+        match channels.first() {
             Some(c) if c.merchant_id == merchant.id => Ok(Response::new(convert::channel(c))),
             Some(_) => Err(Status::permission_denied("that channel belongs to another merchant")),
             None => Err(Status::not_found(format!("no channel {id}"))),

@@ -71,6 +71,7 @@ fn pending_of(p: &PaymentRecord) -> PendingKey {
 
 fn empty_ledger_is_empty(ledger: &dyn Ledger) {
     assert!(ledger.channels().unwrap().is_empty());
+    assert_eq!(ledger.channel(&B256::repeat_byte(1)).unwrap(), None);
     assert_eq!(ledger.payment(&sample_payment(1, 1).id).unwrap(), None);
     assert!(ledger.pending().unwrap().is_empty());
     assert!(ledger.merchants().unwrap().is_empty());
@@ -249,6 +250,9 @@ fn channels_round_trip_in_id_order(ledger: &dyn Ledger) {
     batch.push(Write::Channel(Box::new(sample_channel(5, 250, true))));
     ledger.commit(&batch).unwrap();
     assert_eq!(ledger.channels().unwrap()[1], sample_channel(5, 250, true));
+    assert_eq!(ledger.channel(&B256::repeat_byte(5)).unwrap(), Some(sample_channel(5, 250, true)));
+    assert_eq!(ledger.channel(&B256::repeat_byte(2)).unwrap(), Some(sample_channel(2, 100, true)));
+    assert_eq!(ledger.channel(&B256::repeat_byte(3)).unwrap(), None);
 }
 
 macro_rules! conformance {

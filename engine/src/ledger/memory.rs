@@ -107,4 +107,8 @@ impl Ledger for MemoryLedger {
     fn channels(&self) -> Result<Vec<ChannelRecord>> {
         Ok(self.tables().channels.values().cloned().collect())
     }
+
+    fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<ChannelRecord>> {
+        Ok(self.tables().channels.get(id).cloned())
+    }
 }

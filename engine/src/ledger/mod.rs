@@ -12,7 +12,7 @@ mod records;
 mod rocks;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 use std::fmt;
 
@@ -126,4 +126,7 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
 
     /// Every payment channel, ordered by id.
     fn channels(&self) -> Result<Vec<ChannelRecord>>;
+
+    /// One payment channel.
+    fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<ChannelRecord>>;
 }

@@ -202,6 +202,10 @@ impl Ledger for RocksLedger {
             .collect()
     }
 
+    fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<ChannelRecord>> {
+        self.db.get_pinned_cf(self.cf(CF_CHANNELS), id)?.map(|v| records::decode_channel(&v)).transpose()
+    }
+
     fn last_event_sequence(&self) -> Result<u64> {
         match self.db.iterator_cf(self.cf(CF_EVENTS), IteratorMode::End).next() {
             Some(item) => {

@@ -16,7 +16,7 @@ use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    IntentChange, MerchantWrite, SubmitOutcome, Transition, pending_gauge,
+    ChangedChannels, IntentChange, MerchantWrite, SubmitOutcome, Transition, pending_gauge,
     shard::{ReservationChange, ShardMsg},
     shard_of,
 };
@@ -127,6 +127,7 @@ pub(crate) struct Committer {
     /// Payments whose group commit failed. A DUPLICATE of one that a shard
     /// answered before it learned of the failure must not be sent.
     reverted: HashSet<PaymentId>,
+    changed_channels: Arc<ChangedChannels>,
 }
 
 impl Committer {
@@ -145,7 +146,13 @@ impl Committer {
             shards,
             depths: HashMap::new(),
             reverted: HashSet::new(),
+            changed_channels: Arc::default(),
         }
+    }
+
+    /// Where the committer reports the channels it made durable.
+    pub(crate) fn changed_channels(&self) -> Arc<ChangedChannels> {
+        self.changed_channels.clone()
     }
 
     /// Loads the settlement queue from the ledger.
@@ -329,6 +336,12 @@ impl Committer {
             metrics::histogram!(crate::metrics::COMMIT_GROUP_SIZE).record(done.len() as f64);
             result
         };
+        if result.is_ok() {
+            self.changed_channels.add(batch.writes().iter().filter_map(|write| match write {
+                Write::Channel(record) => Some(record.channel.id),
+                _ => None,
+            }));
+        }
         batch.clear();
 
         match result {

@@ -148,6 +148,33 @@ pub(crate) struct VerifyJob {
 /// A request to the committer that is not a payment: a merchant write.
 pub(crate) type MerchantWrite = (Merchant, oneshot::Sender<Result<()>>);
 
+/// The channels whose records changed on disk since the last
+/// [`ChangedChannels::take`]: the committer adds a group's channel ids once
+/// it is durable, so a reader of those records sees what was committed and
+/// nothing that a failed commit left in a shard. The claims keep their view
+/// of the channels current with it instead of reading them all each round.
+/// A set, so it stays as large as the channels at most, however long nobody
+/// takes it; one lock per group commit, not per voucher.
+#[derive(Debug, Default)]
+pub struct ChangedChannels {
+    ids: std::sync::Mutex<std::collections::HashSet<alloy::primitives::B256>>,
+}
+
+impl ChangedChannels {
+    /// Adds `ids` (after they are durable).
+    pub fn add(&self, ids: impl IntoIterator<Item = alloy::primitives::B256>) {
+        let mut ids = ids.into_iter().peekable();
+        if ids.peek().is_some() {
+            self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(ids);
+        }
+    }
+
+    /// The ids changed since the last call.
+    pub fn take(&self) -> std::collections::HashSet<alloy::primitives::B256> {
+        std::mem::take(&mut *self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
 /// A running pipeline. Dropping it (or [`Pipeline::shutdown`]) stops the
 /// threads once the queued work is done.
 pub struct Pipeline {
@@ -159,6 +186,7 @@ pub struct Pipeline {
     shard_threads: Vec<JoinHandle<()>>,
     committer_thread: Option<JoinHandle<()>>,
     events: watch::Receiver<u64>,
+    changed_channels: Arc<ChangedChannels>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -213,6 +241,7 @@ impl Pipeline {
         let mut committer =
             Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
         committer.restore_pending(&pending, ledger)?;
+        let changed_channels = committer.changed_channels();
         tracing::info!(
             replay_entries = shard_states.iter().map(Shard::replay_len).sum::<usize>(),
             channels = channels.len(),
@@ -229,6 +258,7 @@ impl Pipeline {
             shard_threads: Vec::new(),
             committer_thread: None,
             events: events_rx,
+            changed_channels,
         };
         pipeline.committer_thread = Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
         for (i, (state, rx)) in shard_states.into_iter().zip(shard_rxs).enumerate() {
@@ -350,6 +380,11 @@ impl Pipeline {
 
     pub fn events(&self) -> watch::Receiver<u64> {
         self.events.clone()
+    }
+
+    /// The channels committed since the last look; see [`ChangedChannels`].
+    pub fn changed_channels(&self) -> Arc<ChangedChannels> {
+        self.changed_channels.clone()
     }
 
     /// Stops accepting work, lets queued work finish and joins the threads.
@@ -520,6 +555,9 @@ mod tests {
         fn channels(&self) -> Result<Vec<crate::domain::ChannelRecord>> {
             self.inner.channels()
         }
+        fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<crate::domain::ChannelRecord>> {
+            self.inner.channel(id)
+        }
     }
 
     const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
@@ -585,6 +623,30 @@ mod tests {
             panic!("the second payment exceeds the balance");
         };
         assert_eq!(rejection.reason, Reason::InsufficientBalance);
+    }
+
+    #[test]
+    fn only_durable_channel_writes_are_reported_changed() {
+        let ledger = Arc::new(FlakyLedger::default());
+        let record = crate::ledger::conformance::sample_channel(4, 100, false);
+        let id = record.channel.id;
+        let mut batch = WriteBatch::default();
+        batch.push(crate::ledger::Write::Channel(Box::new(record.clone())));
+        ledger.commit(&batch).unwrap();
+        let pipeline = start(&ledger, &Payer::random(), 0);
+        let changed = pipeline.changed_channels();
+        assert!(changed.take().is_empty(), "restored, not changed");
+
+        let mut onchain = record.channel.onchain;
+        onchain.total_claimed += 1;
+        ledger.failing.store(true, Ordering::SeqCst);
+        assert!(pipeline.sync_channel(id, onchain, None).unwrap().blocking_recv().unwrap().is_err());
+        assert!(changed.take().is_empty(), "a failed commit changed nothing on disk");
+        ledger.failing.store(false, Ordering::SeqCst);
+        pipeline.sync_channel(id, onchain, None).unwrap().blocking_recv().unwrap().unwrap();
+        assert_eq!(changed.take(), std::collections::HashSet::from([id]));
+        assert!(changed.take().is_empty(), "taken once");
+        assert_eq!(ledger.channel(&id).unwrap().unwrap().channel.onchain.total_claimed, onchain.total_claimed);
     }
 
     #[test]

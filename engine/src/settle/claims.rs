@@ -3,7 +3,8 @@
 //! vouchers it recorded by each merchant's policy.
 //!
 //! ```text
-//!  every poll:  contract events since the last block ──► channels they name re-read, mirrored in the shards
+//!  every poll:  channel records made durable since the last poll (all, the first time) ──► read from the ledger into the book
+//!               contract events since the last block ──► channels they name re-read on chain, mirrored in the shards
 //!               channels due (interval, threshold, withdrawal) ──► re-read, 200 per eth_call ──► rows: charged total under the voucher
 //!               rows, up to `max_rows` per transaction ──► ClaimBatch signed by the receiver authorizer
 //!               multicall(claimWithSignature(rows), settle(receiver, token)...) ──► send (write-ahead intent)
@@ -41,6 +42,9 @@ use crate::{
 /// each, far below the `eth_call` gas caps of common nodes).
 const READ_CHUNK: usize = 200;
 
+/// The claims' view of their contract's channels, by id.
+type Book = BTreeMap<B256, ChannelRecord>;
+
 /// How channel claims are made.
 #[derive(Clone, Debug)]
 pub struct ClaimsConfig {
@@ -77,8 +81,9 @@ impl<C: Chain> Settler<C> {
         // Channels may have moved while the engine was down: start from a
         // full refresh of those with anything unclaimed.
         let mut next_block = None;
+        let mut book = None;
         loop {
-            if let Err(err) = self.claims_round(&claims, &mut next_block).await {
+            if let Err(err) = self.claims_round(&claims, &mut next_block, &mut book).await {
                 tracing::warn!(%err, "a channel claim round failed; will retry");
             }
             tokio::time::sleep(claims.poll).await;
@@ -87,15 +92,14 @@ impl<C: Chain> Settler<C> {
 
     /// Reads new contract events, mirrors the channels they name, then
     /// claims the due channels.
-    async fn claims_round(&self, claims: &ClaimsConfig, next_block: &mut Option<u64>) -> Result<ClaimRound> {
+    async fn claims_round(
+        &self,
+        claims: &ClaimsConfig,
+        next_block: &mut Option<u64>,
+        book: &mut Option<Book>,
+    ) -> Result<ClaimRound> {
         let head = self.chain.block_number().await.map_err(chain_error)?;
-        let channels = self.engine.channels().await?;
-        let chain_id = self.chain.chain_id();
-        let mine: BTreeMap<B256, ChannelRecord> = channels
-            .into_iter()
-            .filter(|r| r.chain_id == chain_id && r.contract == claims.contract)
-            .map(|r| (r.channel.id, r))
-            .collect();
+        let mine = self.book(claims, book).await?;
         let touched: Vec<B256> = match *next_block {
             None => mine
                 .values()
@@ -117,7 +121,6 @@ impl<C: Chain> Settler<C> {
             }
             Some(_) => Vec::new(),
         };
-        let mut mine = mine;
         let records: Vec<&ChannelRecord> = touched.iter().map(|id| &mine[id]).collect();
         let states = self.read_channels(claims.contract, &records).await?;
         // Mirrored in the shards all at once, not a round trip each.
@@ -160,6 +163,35 @@ impl<C: Chain> Settler<C> {
             }
         }
         Ok(round)
+    }
+
+    /// The channels of `claims.contract` as committed: read whole the first
+    /// time, then only those the committer reported changed since.
+    async fn book<'a>(&self, claims: &ClaimsConfig, book: &'a mut Option<Book>) -> Result<&'a mut Book> {
+        let chain_id = self.chain.chain_id();
+        let mine = |r: &ChannelRecord| r.chain_id == chain_id && r.contract == claims.contract;
+        let changed = self.engine.changed_channels();
+        match book {
+            Some(channels) => {
+                let ids = changed.take();
+                if !ids.is_empty() {
+                    match self.engine.channels_by_id(ids.iter().copied().collect()).await {
+                        Ok(records) => channels.extend(records.into_iter().filter(mine).map(|r| (r.channel.id, r))),
+                        Err(err) => {
+                            changed.add(ids);
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+            None => {
+                // Whatever changed until now is in the whole read.
+                changed.take();
+                let records = self.engine.channels().await?;
+                *book = Some(records.into_iter().filter(mine).map(|r| (r.channel.id, r)).collect());
+            }
+        }
+        Ok(book.as_mut().expect("read above"))
     }
 
     /// Whether a claim transaction (an intent settling no payment) is still
