@@ -136,6 +136,12 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.payment(&id)).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// The ledger, for readers that must not keep the engine (and so its
+    /// pipeline) alive.
+    pub(crate) fn ledger(&self) -> Arc<dyn Ledger> {
+        self.ledger.clone()
+    }
+
     /// Up to `limit` events after `after`.
     pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
         let ledger = self.ledger.clone();

@@ -18,6 +18,7 @@
 //! `Authorization: Bearer <its API key>`, as on gRPC.
 
 mod channels;
+mod waiters;
 
 use std::{sync::Arc, time::Duration};
 
@@ -64,15 +65,19 @@ pub use self::channels::ChannelFacilitator;
 struct Api {
     engine: Arc<Engine>,
     info: Arc<FacilitatorInfo>,
+    waiters: Arc<waiters::PaymentWaiters>,
 }
 
-/// The facilitator routes, to merge into the HTTP listener's router.
+/// The facilitator routes, to merge into the HTTP listener's router. Must
+/// be called inside a tokio runtime: `/settle`'s waiters follow the
+/// engine's events from a task.
 pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
+    let waiters = waiters::PaymentWaiters::start(&engine);
     Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
         .route("/supported", get(supported))
-        .with_state(Api { engine, info: Arc::new(info) })
+        .with_state(Api { engine, info: Arc::new(info), waiters })
 }
 
 #[derive(Deserialize)]
@@ -318,8 +323,10 @@ async fn settled(
     amount: U256,
 ) -> Result<SettleResponse, Failure> {
     let deadline = Instant::now() + api.info.settle_wait;
-    let mut events = api.engine.event_sequence();
+    let waiter = api.waiters.wait_for(id);
     loop {
+        // Armed before the read: a change committed after it wakes us.
+        let changed = waiter.notified();
         let record = api
             .engine
             .payment(id)
@@ -361,8 +368,8 @@ async fn settled(
                 ..base
             });
         }
-        // Any recorded state change may be this payment's.
-        let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(250)), events.changed()).await;
+        // Woken by an event of this payment; the timeout is a safety net.
+        let _ = tokio::time::timeout((deadline - now).min(Duration::from_secs(1)), changed).await;
     }
 }
 
