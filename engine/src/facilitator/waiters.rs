@@ -1,8 +1,9 @@
 //! Who waits for which payment. `POST /settle` answers once its payment
 //! settles, so each call waits on its payment's state. A task follows the
 //! ledger's events and wakes only the waiters of the payments they name.
-//! Before it, every waiter re-read its payment at every commit: thousands
-//! of `/settle` calls in flight under load made millions of reads a second.
+//! Before it, every waiter re-read its payment at every commit that
+//! recorded an event: waiters × commits reads a second, which grows with
+//! the square of the load.
 //!
 //! ```text
 //!  commit ──► event sequence ──► follower: events since its cursor (skipped when nobody waits)
