@@ -139,16 +139,19 @@ impl<C: Chain> Settler<C> {
             return Ok(ClaimRound::default());
         }
         let now = unix_millis() / 1000;
+        let authorizer = claims.authorizer.address();
         let mut due = Vec::new();
         for record in mine.values() {
             let c = &record.channel;
-            if c.config.receiverAuthorizer != claims.authorizer.address() {
+            let requested = (record.claim_requested || record.refund_requested.is_some())
+                .then_some(x402_channel::ClaimReason::Requested);
+            // Most channels of a large book are idle, all claimed: skipped
+            // before any lookup.
+            if c.config.receiverAuthorizer != authorizer || (c.unclaimed() == 0 && requested.is_none()) {
                 continue;
             }
             let Some(merchant) = self.engine.merchant(&record.merchant_id) else { continue };
             let policy = crate::channels::claim_policy(&merchant);
-            let requested = (record.claim_requested || record.refund_requested.is_some())
-                .then_some(x402_channel::ClaimReason::Requested);
             if let Some(reason) = requested.or_else(|| c.claim_due(&policy, now, record.last_claim_at)) {
                 tracing::debug!(channel = %c.id, ?reason, unclaimed = c.unclaimed(), "channel claim due");
                 due.push((record.clone(), merchant.number));
