@@ -43,6 +43,10 @@ pub(crate) struct LoadArgs {
     /// `http://127.0.0.1:8402`) instead of streaming them over gRPC.
     #[arg(long, conflicts_with = "scheme")]
     verify_url: Option<String>,
+    /// With --verify-url: post to `/settle` instead. Each request records
+    /// its payment and waits for it to settle, up to the facilitator's wait.
+    #[arg(long, requires = "verify_url")]
+    settle: bool,
     /// The merchant's API key (default: the `x402d dev` merchant of the scheme).
     #[arg(long, env = "X402D_LOAD_KEY")]
     key: Option<String>,
@@ -133,9 +137,11 @@ pub(crate) async fn load(args: LoadArgs) -> anyhow::Result<()> {
         })
         .await?;
         let signing_seconds = started.elapsed().as_secs_f64();
-        eprintln!("signed in {signing_seconds:.1} s; posting to {url}/verify, {} in flight", args.streams);
+        let path = if args.settle { "settle" } else { "verify" };
+        eprintln!("signed in {signing_seconds:.1} s; posting to {url}/{path}, {} in flight", args.streams);
         let http = HttpLoadConfig {
             url: url.clone(),
+            settle: args.settle,
             api_key: Some(key),
             concurrency: args.streams,
             rate: args.rate,

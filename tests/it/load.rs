@@ -38,7 +38,9 @@ async fn the_load_generator_streams_every_payment_and_reports_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_posts_verify_requests_and_counts_the_verdicts() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&config_value(dir.path())).await;
+    let mut node_config = config_value(dir.path());
+    node_config.facilitator.settle_wait_ms = 300;
+    let node = start_node(&node_config).await;
     let payers: Vec<Payer> = (0..4).map(|_| Payer::random()).collect();
     let requirements = requirements(PAY_TO);
     let mut payments = load::exact_payloads(&payers, &requirements, 300);
@@ -46,6 +48,7 @@ async fn the_load_generator_posts_verify_requests_and_counts_the_verdicts() {
     let bodies = load::verify_bodies(&requirements, &payments);
     let config = HttpLoadConfig {
         url: format!("http://{}", node.endpoints().http),
+        settle: false,
         api_key: Some(M1_KEY.into()),
         concurrency: 8,
         rate: Some(3_000),
@@ -61,7 +64,13 @@ async fn the_load_generator_posts_verify_requests_and_counts_the_verdicts() {
     assert_eq!(again.accepted, 299, "{again:?}");
 
     // Without the merchant's key every request is refused.
-    let anonymous = HttpLoadConfig { api_key: None, rate: None, ..config };
-    let refused = load::run_verify(&anonymous, bodies, |_| {}).await.unwrap();
+    let anonymous = HttpLoadConfig { api_key: None, rate: None, ..config.clone() };
+    let refused = load::run_verify(&anonymous, bodies.clone(), |_| {}).await.unwrap();
     assert_eq!((refused.accepted, refused.rejected.get("http 401")), (0, Some(&300)), "{refused:?}");
+
+    // `/settle` records them; with no chain none settles within the wait.
+    let settle = HttpLoadConfig { settle: true, rate: None, ..config };
+    let pending = load::run_verify(&settle, bodies[..20].to_vec(), |_| {}).await.unwrap();
+    assert_eq!((pending.accepted, pending.rejected.get("settlement_pending")), (0, Some(&19)), "{pending:?}");
+    assert_eq!(pending.rejected.values().sum::<u64>(), 20, "{pending:?}");
 }

@@ -1,6 +1,6 @@
-//! `POST /verify` under load: the same payments to any x402 facilitator
-//! (x402d's, or the reference one), over `concurrency` keep-alive
-//! connections.
+//! `POST /verify` (or `/settle`) under load: the same payments to any x402
+//! facilitator (x402d's, or the reference one), over `concurrency`
+//! keep-alive connections.
 
 use std::{
     collections::BTreeMap,
@@ -18,8 +18,12 @@ use super::{LoadError, LoadReport, Progress, StreamResult, Ticker};
 /// Where `/verify` is, and how hard to press it.
 #[derive(Clone, Debug)]
 pub struct HttpLoadConfig {
-    /// The facilitator's base URL: requests go to `<url>/verify`.
+    /// The facilitator's base URL: requests go to `<url>/verify`, or
+    /// `<url>/settle` with `settle`.
     pub url: String,
+    /// Post to `/settle`: each request records its payment and waits for it
+    /// to settle (up to the facilitator's wait); a success is a settlement.
+    pub settle: bool,
     /// Sent as `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
     /// Requests in flight, each on a connection of its own.
@@ -30,16 +34,18 @@ pub struct HttpLoadConfig {
     pub watch_pid: Option<u32>,
 }
 
-/// The part of a verify response the report counts.
+/// The part of a verify (`isValid`, `invalidReason`) or settle
+/// (`success`, `errorReason`) response the report counts.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Verdict {
+    #[serde(default, alias = "success")]
     is_valid: bool,
-    #[serde(default)]
+    #[serde(default, alias = "errorReason")]
     invalid_reason: Option<String>,
 }
 
-/// Posts each of `bodies` (JSON `/verify` requests) once.
+/// Posts each of `bodies` (JSON `/verify` or `/settle` requests) once.
 pub async fn run_verify(
     config: &HttpLoadConfig,
     bodies: Vec<Vec<u8>>,
@@ -51,7 +57,8 @@ pub async fn run_verify(
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| LoadError::Config(e.to_string()))?;
-    let url = format!("{}/verify", config.url.trim_end_matches('/'));
+    let path = if config.settle { "settle" } else { "verify" };
+    let url = format!("{}/{path}", config.url.trim_end_matches('/'));
     let auth = config.api_key.as_ref().map(|k| format!("Bearer {k}"));
     let n = bodies.len();
     let bodies: Arc<Vec<bytes::Bytes>> = Arc::new(bodies.into_iter().map(bytes::Bytes::from).collect());
