@@ -69,7 +69,10 @@ async fn dev_runs_a_funded_chain_and_settles_payments() {
     let rpc = daemon.banner_value("chain").split_whitespace().next().unwrap().to_owned();
     let provider = ProviderBuilder::new().connect_http(rpc.parse().unwrap());
     assert_eq!(provider.get_chain_id().await.unwrap(), 31337);
+    let ledger = std::path::PathBuf::from(daemon.banner_value("ledger"));
     daemon.kill();
+    // Its temporary ledger stays behind a SIGKILL: the test removes it.
+    std::fs::remove_dir_all(&ledger).unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while provider.get_chain_id().await.is_ok() {
         assert!(tokio::time::Instant::now() < deadline, "anvil outlived a SIGKILLed x402d by 10 s");
