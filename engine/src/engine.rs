@@ -136,12 +136,6 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.payment(&id)).await.map_err(|_| Error::PipelineStopped)?
     }
 
-    /// The ledger, for readers that must not keep the engine (and so its
-    /// pipeline) alive.
-    pub(crate) fn ledger(&self) -> Arc<dyn Ledger> {
-        self.ledger.clone()
-    }
-
     /// Up to `limit` events after `after`.
     pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
         let ledger = self.ledger.clone();
@@ -182,6 +176,11 @@ impl Engine {
         tokio::task::spawn_blocking(move || ids.iter().filter_map(|id| ledger.channel(id).transpose()).collect())
             .await
             .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Interest in payment `id`; see [`crate::pipeline::PaymentWaiters`].
+    pub fn wait_for_payment(&self, id: PaymentId) -> crate::pipeline::Waiter {
+        self.pipeline.wait_for_payment(id)
     }
 
     /// The channels committed since the last look; see

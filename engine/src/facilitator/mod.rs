@@ -18,7 +18,6 @@
 //! `Authorization: Bearer <its API key>`, as on gRPC.
 
 mod channels;
-mod waiters;
 
 use std::{sync::Arc, time::Duration};
 
@@ -65,19 +64,15 @@ pub use self::channels::ChannelFacilitator;
 struct Api {
     engine: Arc<Engine>,
     info: Arc<FacilitatorInfo>,
-    waiters: Arc<waiters::PaymentWaiters>,
 }
 
-/// The facilitator routes, to merge into the HTTP listener's router. Must
-/// be called inside a tokio runtime: `/settle`'s waiters follow the
-/// engine's events from a task.
+/// The facilitator routes, to merge into the HTTP listener's router.
 pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
-    let waiters = waiters::PaymentWaiters::start(&engine);
     Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
         .route("/supported", get(supported))
-        .with_state(Api { engine, info: Arc::new(info), waiters })
+        .with_state(Api { engine, info: Arc::new(info) })
 }
 
 #[derive(Deserialize)]
@@ -323,7 +318,7 @@ async fn settled(
     amount: U256,
 ) -> Result<SettleResponse, Failure> {
     let deadline = Instant::now() + api.info.settle_wait;
-    let waiter = api.waiters.wait_for(id);
+    let waiter = api.engine.wait_for_payment(id);
     loop {
         // Armed before the read: a change committed after it wakes us.
         let changed = waiter.notified();

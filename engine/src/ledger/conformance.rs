@@ -49,7 +49,7 @@ fn sample_merchant(id: &str, number: u32) -> Merchant {
     }
 }
 
-pub(crate) fn event(sequence: u64, p: &PaymentRecord) -> SettlementEvent {
+fn event(sequence: u64, p: &PaymentRecord) -> SettlementEvent {
     // Every other event is a channel's.
     let channel = sequence.is_multiple_of(2).then_some(crate::domain::ChannelSnapshot {
         charged: u128::from(sequence) * 7,

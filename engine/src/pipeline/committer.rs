@@ -16,7 +16,7 @@ use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    ChangedChannels, IntentChange, MerchantWrite, SubmitOutcome, Transition, pending_gauge,
+    ChangedChannels, IntentChange, MerchantWrite, PaymentWaiters, SubmitOutcome, Transition, pending_gauge,
     shard::{ReservationChange, ShardMsg},
     shard_of,
 };
@@ -128,6 +128,7 @@ pub(crate) struct Committer {
     /// answered before it learned of the failure must not be sent.
     reverted: HashSet<PaymentId>,
     changed_channels: Arc<ChangedChannels>,
+    payment_waiters: Arc<PaymentWaiters>,
 }
 
 impl Committer {
@@ -147,7 +148,13 @@ impl Committer {
             depths: HashMap::new(),
             reverted: HashSet::new(),
             changed_channels: Arc::default(),
+            payment_waiters: Arc::default(),
         }
+    }
+
+    /// Whom the committer wakes when it makes a payment's event durable.
+    pub(crate) fn payment_waiters(&self) -> Arc<PaymentWaiters> {
+        self.payment_waiters.clone()
     }
 
     /// Where the committer reports the channels it made durable.
@@ -339,6 +346,10 @@ impl Committer {
         if result.is_ok() {
             self.changed_channels.add(batch.writes().iter().filter_map(|write| match write {
                 Write::Channel(record) => Some(record.channel.id),
+                _ => None,
+            }));
+            self.payment_waiters.wake(batch.writes().iter().filter_map(|write| match write {
+                Write::Event(event) => Some(event.payment_id),
                 _ => None,
             }));
         }

@@ -18,6 +18,9 @@
 
 mod committer;
 mod shard;
+mod waiters;
+
+pub use self::waiters::{PaymentWaiters, Waiter};
 
 use std::{
     sync::Arc,
@@ -187,6 +190,7 @@ pub struct Pipeline {
     committer_thread: Option<JoinHandle<()>>,
     events: watch::Receiver<u64>,
     changed_channels: Arc<ChangedChannels>,
+    payment_waiters: Arc<PaymentWaiters>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -242,6 +246,7 @@ impl Pipeline {
             Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
         committer.restore_pending(&pending, ledger)?;
         let changed_channels = committer.changed_channels();
+        let payment_waiters = committer.payment_waiters();
         tracing::info!(
             replay_entries = shard_states.iter().map(Shard::replay_len).sum::<usize>(),
             channels = channels.len(),
@@ -259,6 +264,7 @@ impl Pipeline {
             committer_thread: None,
             events: events_rx,
             changed_channels,
+            payment_waiters,
         };
         pipeline.committer_thread = Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
         for (i, (state, rx)) in shard_states.into_iter().zip(shard_rxs).enumerate() {
@@ -380,6 +386,12 @@ impl Pipeline {
 
     pub fn events(&self) -> watch::Receiver<u64> {
         self.events.clone()
+    }
+
+    /// Interest in payment `id`: woken when a commit records an event of it;
+    /// see [`PaymentWaiters`].
+    pub fn wait_for_payment(&self, id: PaymentId) -> Waiter {
+        self.payment_waiters.wait_for(id)
     }
 
     /// The channels committed since the last look; see [`ChangedChannels`].
@@ -713,8 +725,21 @@ mod tests {
                 .unwrap()
         };
 
+        // Its waiters wake when its event is durable, not before, and
+        // nobody else's do.
+        use futures::FutureExt;
+        let (waiter, other) = (pipeline.wait_for_payment(id), pipeline.wait_for_payment(PaymentId(B256::ZERO)));
+        let (woken, not_woken) = (waiter.notified(), other.notified());
+        ledger.failing.store(true, Ordering::SeqCst);
+        assert!(record(PaymentState::Submitted, None).is_err());
+        ledger.failing.store(false, Ordering::SeqCst);
+        let mut woken = woken;
+        assert!(woken.as_mut().now_or_never().is_none(), "a failed commit wakes nobody");
+
         // Submitted: still owed, still queued, the balance still reserved.
         record(PaymentState::Submitted, None).unwrap();
+        assert!(woken.now_or_never().is_some());
+        assert!(not_woken.now_or_never().is_none());
         assert_eq!(ledger.pending().unwrap().len(), 1);
         assert_eq!(ledger.intents().unwrap().len(), 1);
         assert!(matches!(submit(&pipeline, submission(&payer, 2)), SubmitOutcome::Rejected { .. }));
