@@ -62,14 +62,21 @@ impl Signature {
     /// The key of `signer` if it signed `digest`, whichever `v` that takes.
     /// `Err` says whom it recovers to as given.
     pub fn recover_as(&self, digest: B256, signer: Address) -> Result<PublicKey, String> {
+        self.signed_by(digest, signer).map(|(_, key)| key)
+    }
+
+    /// This `(r, s)` with the `v` under which it recovers to `signer`, and
+    /// `signer`'s key. `Err` says whom it recovers to as given.
+    fn signed_by(&self, digest: B256, signer: Address) -> Result<(Self, PublicKey), String> {
         let key = self.recover(digest)?;
         if address_of(&key) == signer {
-            return Ok(key);
+            return Ok((*self, key));
         }
-        if let Ok(other) = self.flipped().recover(digest)
+        let flipped = self.flipped();
+        if let Ok(other) = flipped.recover(digest)
             && address_of(&other) == signer
         {
-            return Ok(other);
+            return Ok((flipped, other));
         }
         Err(format!("signed by {}, not {signer}", address_of(&key)))
     }
@@ -112,11 +119,8 @@ pub fn recover_signer(signature: &[u8; 65], digest: B256) -> Result<Address, Str
 /// recovers to `signer`. `None` if it is not `signer`'s signature of
 /// `digest` under either.
 pub fn claimable(signature: &[u8], digest: B256, signer: Address) -> Option<[u8; 65]> {
-    let parsed = Signature::parse(signature.try_into().ok()?).ok()?;
-    [parsed, parsed.flipped()]
-        .into_iter()
-        .find(|s| s.recover(digest).is_ok_and(|key| address_of(&key) == signer))
-        .map(Signature::to_rsv)
+    let (signed, _) = Signature::parse(signature.try_into().ok()?).ok()?.signed_by(digest, signer).ok()?;
+    Some(signed.to_rsv())
 }
 
 #[cfg(test)]

@@ -14,7 +14,23 @@ use alloy::primitives::{Address, B256, Bytes, U256};
 use tokio::sync::watch;
 use x402_chain::{Chain, Receipt, SignedTx, TransferLog};
 
-use crate::balance::{BalanceKey, BalanceSource, Fetched, Lookup, Notifier};
+use crate::{
+    balance::{BalanceKey, BalanceSource, Fetched, Lookup, Notifier},
+    domain::{Merchant, SettlementPolicy},
+};
+
+/// Merchant "m" (number 1), paid at `pay_to` in any accepted asset, settling `direct`.
+pub(crate) fn direct_merchant(pay_to: Address) -> Merchant {
+    Merchant {
+        id: "m".into(),
+        number: 1,
+        pay_to: vec![pay_to],
+        assets: Vec::new(),
+        policy: SettlementPolicy::Direct,
+        api_key_sha256: None,
+        updated_at_ms: 0,
+    }
+}
 
 /// A chain in memory: token balances, a head that moves one block per
 /// transfer, and the transfers' logs. Settlement methods fail.

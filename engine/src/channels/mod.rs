@@ -628,22 +628,14 @@ mod tests {
     use alloy::primitives::address;
 
     use super::*;
-    use crate::{domain::SettlementPolicy, payer::Payer};
+    use crate::payer::Payer;
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
     const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
     const AUTHORIZER: Address = address!("0x00000000000000000000000000000000000000aa");
 
     fn merchant() -> Merchant {
-        Merchant {
-            id: "m".into(),
-            number: 1,
-            pay_to: vec![PAY_TO],
-            assets: Vec::new(),
-            policy: SettlementPolicy::Direct,
-            api_key_sha256: None,
-            updated_at_ms: 0,
-        }
+        crate::testing::direct_merchant(PAY_TO)
     }
 
     fn requirements() -> Requirements {

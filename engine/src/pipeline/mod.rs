@@ -522,7 +522,7 @@ mod tests {
     use super::*;
     use crate::{
         balance::ConfiguredBalances,
-        domain::{PaymentInput, Requirements, SettlementPolicy},
+        domain::{PaymentInput, Requirements},
         ledger::{MemoryLedger, WriteBatch},
         payer::Payer,
         reason::Reason,
@@ -575,15 +575,7 @@ mod tests {
     const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
 
     fn merchant() -> Arc<Merchant> {
-        Arc::new(Merchant {
-            id: "m".into(),
-            number: 1,
-            pay_to: vec![PAY_TO],
-            assets: Vec::new(),
-            policy: SettlementPolicy::Direct,
-            api_key_sha256: None,
-            updated_at_ms: 0,
-        })
+        Arc::new(crate::testing::direct_merchant(PAY_TO))
     }
 
     fn submission(payer: &Payer, nonce: u8) -> Submission {
