@@ -48,7 +48,7 @@ pub fn signed_submissions(payers: &[Payer], n: usize) -> Vec<Submission> {
         .map(|i| {
             let nonce = B256::from(rand_bytes());
             let payload = payers[i % payers.len()].sign_exact(&req, after, before, nonce);
-            Submission { requirements: req.clone(), input: PaymentInput::Exact(payload) }
+            Submission::new(req.clone(), PaymentInput::Exact(payload))
         })
         .collect()
 }

@@ -147,6 +147,48 @@ pub enum PaymentInput {
 pub struct Submission {
     pub requirements: Requirements,
     pub input: PaymentInput,
+    /// The client's proof that this submit retries an earlier one (gRPC
+    /// `idempotency_key`, x402's `payment-identifier` extension).
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+impl Submission {
+    /// A submission without an idempotency key.
+    pub const fn new(requirements: Requirements, input: PaymentInput) -> Self {
+        Self { requirements, input, idempotency: None }
+    }
+}
+
+/// A client's idempotency key, kept as its hash. A payment already recorded
+/// is answered as a new acceptance only to a submit from the same merchant
+/// that carries the same key: a retry of a request whose answer was lost.
+/// Any other submit of it is a replay.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(pub B256);
+
+impl IdempotencyKey {
+    /// Shortest key accepted (x402 `payment-identifier`: 16 to 128 characters).
+    pub const MIN_LEN: usize = 16;
+    /// Longest key accepted.
+    pub const MAX_LEN: usize = 128;
+
+    /// Checks `key` (16–128 characters of `[A-Za-z0-9_-]`, the
+    /// `payment-identifier` rule) and keeps its hash.
+    pub fn parse(key: &str) -> Result<Self, &'static str> {
+        if !(Self::MIN_LEN..=Self::MAX_LEN).contains(&key.len()) {
+            return Err("must be 16 to 128 characters");
+        }
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')) {
+            return Err("may contain only letters, digits, '_' and '-'");
+        }
+        Ok(Self(keccak256(key.as_bytes())))
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdempotencyKey({})", self.0)
+    }
 }
 
 /// Where a payment stands.
@@ -265,6 +307,8 @@ pub struct PaymentRecord {
     pub policy: SettlementPolicy,
     pub status: PaymentStatus,
     pub accepted_at_ms: u64,
+    /// The idempotency key it was accepted with, if any.
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 /// An entry of the settlement queue: a merchant's payment ordered by the

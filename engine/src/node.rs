@@ -238,6 +238,7 @@ fn facilitator_info(
                         Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
                     })?,
                 follow: c.follow(),
+                spending: Arc::default(),
             }),
             _ => None,
         },

@@ -57,11 +57,14 @@ pub enum Reason {
     DepositSignature,
     /// `batch-settlement`: the deposit transaction would revert or reverted.
     DepositFailed,
+    /// The submit's idempotency key already named another payment of the
+    /// merchant (HTTP answers 409).
+    IdempotencyKeyReused,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and tests.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 25] = [
         Self::Scheme,
         Self::MissingEip712Domain,
         Self::NetworkMismatch,
@@ -86,6 +89,7 @@ impl Reason {
         Self::WithdrawalPending,
         Self::DepositSignature,
         Self::DepositFailed,
+        Self::IdempotencyKeyReused,
     ];
 
     /// The x402 reason code.
@@ -115,6 +119,7 @@ impl Reason {
             Self::WithdrawalPending => "invalid_batch_settlement_evm_withdrawal_pending",
             Self::DepositSignature => "invalid_batch_settlement_evm_deposit_signature",
             Self::DepositFailed => "invalid_batch_settlement_evm_deposit_transaction_failed",
+            Self::IdempotencyKeyReused => "payment_identifier_reused",
         }
     }
 }

@@ -13,7 +13,10 @@ use x402_chain::Eip3009Domain;
 
 pub use crate::ecdsa::recover_signer;
 use crate::{
-    domain::{Authorization, ExactPayload, Merchant, Network, PaymentId, PaymentInput, Requirements, Submission},
+    domain::{
+        Authorization, ExactPayload, IdempotencyKey, Merchant, Network, PaymentId, PaymentInput, Requirements,
+        Submission,
+    },
     reason::{InvalidField, Reason, Rejection},
 };
 
@@ -38,6 +41,8 @@ pub struct Verified {
     pub digest: B256,
     /// Only check it (x402 `/verify`): nothing is reserved or recorded.
     pub dry_run: bool,
+    /// The submit's idempotency key.
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 impl Verified {
@@ -109,7 +114,7 @@ impl Verifier {
 
     /// Runs steps 1–8 for `merchant` at unix time `now`.
     pub fn verify(&mut self, merchant: &Merchant, submission: Submission, now: u64) -> Result<Verified, Refusal> {
-        let Submission { requirements, input } = submission;
+        let Submission { requirements, input, idempotency } = submission;
         let (payload, accepted_scheme) = match input {
             PaymentInput::Exact(payload) => (payload, None),
             PaymentInput::Header(header) => {
@@ -211,7 +216,7 @@ impl Verifier {
                 format!("authorization.value {} is not the required amount {}", auth.value, requirements.amount),
             ));
         }
-        Ok(Verified { id, chain_id, requirements, payload, digest, dry_run: false })
+        Ok(Verified { id, chain_id, requirements, payload, digest, dry_run: false, idempotency })
     }
 
     fn domain(&mut self, chain_id: u64, req: &Requirements) -> &Eip3009Domain {

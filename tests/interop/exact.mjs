@@ -42,11 +42,38 @@ try {
   expect(signature, "the client sent PAYMENT-SIGNATURE");
   report("paid", { status: paid.status, transaction: settled.transaction, payer: settled.payer, network: settled.network });
 
-  // 3. The same PAYMENT-SIGNATURE again: never paid twice.
-  const replay = await fetch(url, { headers: { "PAYMENT-SIGNATURE": signature } });
-  let replayResponse = replay.headers.get("PAYMENT-RESPONSE");
-  replayResponse = replayResponse ? decodePaymentResponseHeader(replayResponse) : null;
-  report("replayed", { status: replay.status, transaction: replayResponse?.transaction ?? null });
+  // 3. The same PAYMENT-SIGNATURE again, ten times one after another and ten
+  // times at once: each a 402, never the resource (x402d refuses a payment
+  // it has recorded, as the reference refuses a spent nonce).
+  const replay = async () => {
+    const r = await fetch(url, { headers: { "PAYMENT-SIGNATURE": signature } });
+    const body = await r.text();
+    return { status: r.status, served: body.includes("sunny") };
+  };
+  const sequential = [];
+  for (let i = 0; i < 10; i++) sequential.push(await replay());
+  const concurrent = await Promise.all(Array.from({ length: 10 }, replay));
+  report("replayed", { sequential, concurrent });
+
+  // 3b. A fresh payment whose PAYMENT-SIGNATURE is sent ten times at once
+  // before any of them is recorded: exactly one is served.
+  const racing = [];
+  const race = async (input, init) => {
+    const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
+    const header = headers.get("PAYMENT-SIGNATURE");
+    if (!header) return fetch(input, init);
+    const copies = await Promise.all(
+      Array.from({ length: 10 }, () => fetch(url, { headers: { "PAYMENT-SIGNATURE": header } })),
+    );
+    for (const c of copies) racing.push({ status: c.status, served: (await c.clone().text()).includes("sunny") });
+    return copies.find((c) => c.status === 200) ?? copies[0];
+  };
+  const payRacing = wrapFetchWithPaymentFromConfig(race, {
+    schemes: [{ network: NETWORK, client: new ExactEvmClient(account) }],
+    spendControls: { allowedAssets: [{ network: NETWORK, asset: token, maxAmountPerPayment: PRICE }] },
+  });
+  await payRacing(url);
+  report("raced", { copies: racing });
 
   // 4. Tampered: the amount raised after signing. The server refuses it.
   const payload = JSON.parse(Buffer.from(signature, "base64").toString());

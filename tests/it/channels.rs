@@ -183,10 +183,10 @@ fn priced_voucher(
     };
     submit_request(
         request_id,
-        &Submission {
-            requirements: Requirements { amount: U256::from(price), ..channel_requirements() },
-            input: PaymentInput::Voucher(Box::new(payload)),
-        },
+        &Submission::new(
+            Requirements { amount: U256::from(price), ..channel_requirements() },
+            PaymentInput::Voucher(Box::new(payload)),
+        ),
     )
 }
 
@@ -833,4 +833,61 @@ async fn the_load_generator_opens_channels_and_pays_each_in_order() {
     for c in channels {
         assert_eq!((c.charged_cumulative_amount, c.balance), (paid.clone(), paid.clone()));
     }
+}
+
+/// Over HTTP a merchant acts only on channels paying one of its own
+/// addresses, and not on channels x402d keeps for a gRPC gateway: another
+/// tenant's refund, claim or settle moves nothing and costs x402d no gas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_cannot_move_another_merchants_channel_money_over_http() {
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+    s.deposit(payer, 100_000).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    for n in 0..5 {
+        let answer = client.submit(voucher(n, payer, &config, PRICE * u128::from(n as u8), PRICE)).await.unwrap();
+        assert_eq!(outcome(answer.get_ref()), pb::Outcome::Accepted);
+    }
+    let domain = Setup::domain();
+    let id = domain.channel_id(&config);
+    let http = reqwest::Client::new();
+    let post = |key: &'static str, payload: serde_json::Value| {
+        let body = serde_json::json!({
+            "x402Version": 2,
+            "paymentPayload": { "x402Version": 2, "accepted": requirements_json(&config, 0), "payload": payload },
+            "paymentRequirements": requirements_json(&config, 0),
+        });
+        let request = http.post(format!("http://{}/settle", e.node.endpoints().http)).bearer_auth(key).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let refund = serde_json::json!({
+        "type": "refund", "channelConfig": config_json(&config), "amount": "100000", "refundNonce": "0",
+    });
+    let claim = serde_json::json!({ "type": "claim", "claims": [{
+        "voucher": { "channel": config_json(&config), "maxClaimableAmount": (5 * PRICE).to_string() },
+        "signature": payer.sign_voucher(&domain, id, 5 * PRICE).to_string(),
+        "totalClaimed": (5 * PRICE).to_string(),
+    }]});
+    let settle = serde_json::json!({ "type": "settle", "receiver": RECEIVER.to_string(), "token": TOKEN.to_string() });
+
+    // m1 is paid at PAY_TO, not at the channel's receiver.
+    for payload in [refund.clone(), claim.clone(), settle] {
+        let (status, answer) = post(M1_KEY, payload).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["success"], false, "{answer}");
+        assert_eq!(answer["errorReason"], "invalid_batch_settlement_evm_receiver_mismatch", "{answer}");
+        assert_eq!(answer["transaction"], "");
+    }
+    // The channel's own merchant keeps it over gRPC: x402d holds its charged
+    // total, so an HTTP claim or refund (which would bypass it) is refused.
+    for payload in [refund, claim] {
+        let (status, answer) = post(MC_KEY, payload).await;
+        assert_eq!(status, 409, "{answer}");
+    }
+    assert_eq!(s.onchain(payer).await, (100_000, 0), "nothing moved");
+    assert_eq!(s.sent().await, 0, "x402d sent no transaction");
 }

@@ -312,12 +312,12 @@ pub(crate) fn requirements(pay_to: Address) -> Requirements {
 
 /// A typed submit of `payload` for `req`, as a Rust gateway sends it.
 pub(crate) fn exact_submit(request_id: u64, req: &Requirements, payload: &ExactPayload) -> pb::SubmitRequest {
-    submit_request(request_id, &Submission { requirements: req.clone(), input: PaymentInput::Exact(payload.clone()) })
+    submit_request(request_id, &Submission::new(req.clone(), PaymentInput::Exact(payload.clone())))
 }
 
 /// A submit of the raw `PAYMENT-SIGNATURE` header for `req`.
 pub(crate) fn header_submit(request_id: u64, req: &Requirements, header: String) -> pb::SubmitRequest {
-    submit_request(request_id, &Submission { requirements: req.clone(), input: PaymentInput::Header(header) })
+    submit_request(request_id, &Submission::new(req.clone(), PaymentInput::Header(header)))
 }
 
 /// A signed, valid payment to `pay_to` as a typed submit.
@@ -355,4 +355,10 @@ pub(crate) fn exact_mut(req: &mut pb::SubmitRequest) -> &mut pb::ExactPayment {
         pb::submit_request::Payment::Exact(e) => e,
         _ => unreachable!("an exact payment"),
     }
+}
+
+/// The id x402d gives the `exact` payment `payload` of `req`.
+pub(crate) fn payload_id(req: &Requirements, payload: &ExactPayload) -> x402_engine::domain::PaymentId {
+    let chain_id = x402_engine::domain::Network::parse(&req.network).unwrap().chain_id();
+    x402_engine::domain::PaymentId::new(chain_id, req.asset, payload.authorization.from, payload.authorization.nonce)
 }

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
 use x402_engine::{
     config::{ChainConfig, PolicyConfig},
+    domain::{ExactPayload, Requirements},
     facilitator::exact_request_json as body,
     node::Node,
     payer::Payer,
@@ -31,7 +32,12 @@ struct Setup {
 
 impl Setup {
     async fn new(settle_wait_ms: u64) -> Self {
-        let anvil = Anvil::spawn(&[]).unwrap();
+        Self::on(settle_wait_ms, &[]).await
+    }
+
+    /// [`Setup::new`] on an anvil started with `anvil_args`.
+    async fn on(settle_wait_ms: u64, anvil_args: &[&str]) -> Self {
+        let anvil = Anvil::spawn(anvil_args).unwrap();
         let payer = Payer::random();
         devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
         let signer = PrivateKeySigner::random();
@@ -103,13 +109,23 @@ async fn verify_settle_and_supported_follow_the_x402_facilitator_api() {
     assert_eq!(settled["network"], NETWORK);
     assert_eq!(settled["payer"], s.payer.address().to_string());
     let tx: B256 = settled["transaction"].as_str().unwrap().parse().unwrap();
+    assert_ne!(tx, B256::ZERO);
     assert_eq!(s.balance(PAY_TO).await, before + U256::from(AMOUNT));
 
-    // A replay pays nothing more and answers the original outcome.
+    // A replay is refused, by /verify and by /settle: the payment is
+    // already paid for and must not be served again.
+    let (_, reverified) = s.post("/verify", Some(M1_KEY), &body(&req, &payload)).await;
+    assert_eq!(reverified["isValid"], false, "{reverified}");
+    assert_eq!(reverified["invalidReason"], "invalid_exact_evm_nonce_already_used");
     let (_, replayed) = s.post("/settle", Some(M1_KEY), &body(&req, &payload)).await;
-    assert_eq!(replayed["success"], true);
-    assert_eq!(replayed["transaction"], tx.to_string());
+    assert_eq!(replayed["success"], false, "{replayed}");
+    assert_eq!(replayed["errorReason"], "invalid_exact_evm_nonce_already_used");
+    assert_eq!(replayed["transaction"], "");
+    assert_eq!(replayed["network"], NETWORK);
     assert_eq!(s.balance(PAY_TO).await, before + U256::from(AMOUNT));
+    // Another merchant replaying it learns nothing of it either.
+    let (_, foreign) = s.post("/verify", Some(M2_KEY), &body(&req, &payload)).await;
+    assert_eq!(foreign["isValid"], false, "{foreign}");
     // The same nonce with other terms is refused.
     let other = s.payer.sign_exact(&req, now() - 600, now() + 500, payload.authorization.nonce);
     let (_, refused) = s.post("/settle", Some(M1_KEY), &body(&req, &other)).await;
@@ -125,28 +141,92 @@ async fn verify_settle_and_supported_follow_the_x402_facilitator_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settle_that_cannot_finish_in_time_is_pending_and_settles_later() {
-    // Waits 200 ms; m2's batch goes out after 1.5 s.
-    let s = Setup::new(200).await;
-    let req = requirements(PAY_TO_2);
-    let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
-    let (status, pending) = s.post("/settle", Some(M2_KEY), &body(&req, &payload)).await;
-    assert_eq!(status, 200);
-    assert_eq!(pending["success"], false);
-    assert_eq!(pending["errorReason"], "settlement_pending", "{pending}");
-    assert_eq!(pending["network"], NETWORK);
-
-    // The reference server retries once; by then (or a little later) the
-    // batch is mined and the same request answers with it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let (_, answer) = s.post("/settle", Some(M2_KEY), &body(&req, &payload)).await;
-        if answer["success"] == true {
-            break answer;
-        }
-        assert_eq!(answer["errorReason"], "settlement_pending", "{answer}");
-        assert!(tokio::time::Instant::now() < deadline, "never settled");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // Waits 300 ms; blocks come every 2 s, and m2's batch goes out after 1.5 s.
+    let s = Setup::on(300, &["--block-time", "2"]).await;
+    let settle = |key: &'static str, req: Requirements, payload: ExactPayload| {
+        let s = &s;
+        async move { s.post("/settle", Some(key), &body(&req, &payload)).await.1 }
     };
-    assert_eq!(done["transaction"].as_str().unwrap().len(), 66);
+    let pending_tx = |answer: &Value| {
+        assert_eq!(answer["success"], false, "{answer}");
+        assert_eq!(answer["errorReason"], "settlement_pending", "{answer}");
+        assert_eq!(answer["network"], NETWORK);
+        answer["transaction"].as_str().unwrap().to_owned()
+    };
+
+    // m1 settles directly: broadcast at once, not mined within the wait, so
+    // the answer is pending with the transaction. The reference server then
+    // retries once with the same body; that retry waits for the outcome
+    // again, and any further /settle of it is a replay.
+    let direct = requirements(PAY_TO);
+    let paid = s.payer.sign_exact(&direct, now() - 600, now() + 600, random_nonce());
+    let tx = pending_tx(&settle(M1_KEY, direct.clone(), paid.clone()).await);
+    assert_eq!(tx.len(), 66, "the pending answer names the transaction");
+    let retried = settle(M1_KEY, direct.clone(), paid.clone()).await;
+    assert!(retried["success"] == true || pending_tx(&retried) == tx, "{retried}");
+    let replayed = settle(M1_KEY, direct.clone(), paid.clone()).await;
+    assert_eq!(replayed["errorReason"], "invalid_exact_evm_nonce_already_used", "{replayed}");
+
+    // m2 batches: pending with no transaction yet, which the reference does
+    // not retry: a second /settle is a replay. The payment settles all the same.
+    let batched = requirements(PAY_TO_2);
+    let queued = s.payer.sign_exact(&batched, now() - 600, now() + 600, random_nonce());
+    assert_eq!(pending_tx(&settle(M2_KEY, batched.clone(), queued.clone()).await), "");
+    let replayed = settle(M2_KEY, batched.clone(), queued.clone()).await;
+    assert_eq!(replayed["errorReason"], "invalid_exact_evm_nonce_already_used", "{replayed}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (req, payload) in [(&direct, &paid), (&batched, &queued)] {
+        loop {
+            let record = s.node.engine().payment(payload_id(req, payload)).await.unwrap().unwrap();
+            if record.status.state == x402_engine::domain::PaymentState::Confirmed {
+                assert!(record.status.transaction.is_some());
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never settled");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert_eq!(s.balance(PAY_TO).await, U256::from(AMOUNT));
     assert_eq!(s.balance(PAY_TO_2).await, U256::from(AMOUNT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_retried_with_its_payment_identifier_answers_the_original_outcome() {
+    let s = Setup::new(30_000).await;
+    let req = requirements(PAY_TO);
+    let with_id = |payload: &x402_engine::domain::ExactPayload, id: &str| {
+        let mut b = body(&req, payload);
+        b["paymentPayload"]["extensions"] =
+            json!({ "payment-identifier": { "info": { "required": false, "id": id } } });
+        b
+    };
+    let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+    let (_, settled) = s.post("/settle", Some(M1_KEY), &with_id(&payload, "pay_0123456789abcdef")).await;
+    assert_eq!(settled["success"], true, "{settled}");
+
+    // The same id and payload from the same merchant: a retry, answered as
+    // the original, paying nothing more.
+    let (_, verified) = s.post("/verify", Some(M1_KEY), &with_id(&payload, "pay_0123456789abcdef")).await;
+    assert_eq!(verified["isValid"], true, "{verified}");
+    let (_, retried) = s.post("/settle", Some(M1_KEY), &with_id(&payload, "pay_0123456789abcdef")).await;
+    assert_eq!(retried["success"], true, "{retried}");
+    assert_eq!(retried["transaction"], settled["transaction"]);
+    assert_eq!(s.balance(PAY_TO).await, U256::from(AMOUNT));
+
+    // Without the id, or with another one, it is a replay.
+    let (_, bare) = s.post("/settle", Some(M1_KEY), &body(&req, &payload)).await;
+    assert_eq!(bare["errorReason"], "invalid_exact_evm_nonce_already_used", "{bare}");
+    let (_, other_id) = s.post("/settle", Some(M1_KEY), &with_id(&payload, "pay_fedcba9876543210")).await;
+    assert_eq!(other_id["errorReason"], "invalid_exact_evm_nonce_already_used", "{other_id}");
+
+    // The same id with another payment: 409, and nothing recorded.
+    let second = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+    let (status, conflict) = s.post("/settle", Some(M1_KEY), &with_id(&second, "pay_0123456789abcdef")).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert!(s.node.engine().payment(payload_id(&req, &second)).await.unwrap().is_none());
+    // A malformed id is a bad request.
+    let (status, _) = s.post("/settle", Some(M1_KEY), &with_id(&second, "short")).await;
+    assert_eq!(status, 400);
+    assert_eq!(s.balance(PAY_TO).await, U256::from(AMOUNT));
 }

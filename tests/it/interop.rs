@@ -87,17 +87,29 @@ async fn the_reference_express_server_and_fetch_client_pay_through_x402d() {
     assert_eq!(paid["status"], 200);
     assert_eq!(paid["network"], NETWORK);
     assert_eq!(paid["payer"].as_str().unwrap().parse::<Address>().unwrap(), t.payer.address());
-    // The transaction is on chain and moved the price, once: the replayed
-    // signature did not pay again.
     let tx = paid["transaction"].as_str().unwrap().parse().unwrap();
     let receipt = t.provider.get_transaction_receipt(tx).await.unwrap().unwrap();
     assert!(receipt.status());
-    assert_eq!(t.balance(PAY_TO).await, U256::from(1_000));
-    assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 1_000));
-    // A replayed /settle answers the original outcome (an idempotent retry).
+    // Every replay of the paid signature, one after another or at once, is
+    // refused with a 402 and never served.
     let replayed = scenario("replayed");
-    assert_eq!(replayed["status"], 200);
-    assert_eq!(replayed["transaction"], paid["transaction"], "a replay answers the original settlement");
+    for kind in ["sequential", "concurrent"] {
+        let answers = replayed[kind].as_array().unwrap();
+        assert_eq!(answers.len(), 10);
+        for answer in answers {
+            assert_eq!(answer["status"], 402, "{kind} replay: {replayed}");
+            assert_eq!(answer["served"], false, "{kind} replay served: {replayed}");
+        }
+    }
+    // Ten copies of one fresh payment at once: exactly one served.
+    let raced = scenario("raced")["copies"].as_array().unwrap().clone();
+    assert_eq!(raced.len(), 10);
+    let served = raced.iter().filter(|c| c["status"] == 200 && c["served"] == true).count();
+    assert_eq!(served, 1, "{raced:?}");
+    assert!(raced.iter().all(|c| c["status"] == 200 || c["status"] == 402), "{raced:?}");
+    // The chain saw two payments of the price, no more.
+    assert_eq!(t.balance(PAY_TO).await, U256::from(2_000));
+    assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 2_000));
     let tampered = scenario("tampered");
     assert_eq!(tampered["status"], 402);
     assert_eq!(tampered["error"], "invalid_exact_evm_signature", "{lines:?}");

@@ -55,8 +55,8 @@ impl Notifier {
         Self(Arc::new(notify))
     }
 
-    /// Delivers `fetched` for `key`. It may block briefly if the receiver
-    /// applies back-pressure (a shard's queue is bounded).
+    /// Delivers `fetched` for `key`; never blocks (a shard's control queue
+    /// is unbounded).
     pub fn notify(&self, key: BalanceKey, fetched: Fetched) {
         (self.0)(key, fetched);
     }

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use alloy::{
-    primitives::{B256, Bytes},
+    primitives::{Address, B256, Bytes},
     signers::{SignerSync, local::PrivateKeySigner},
     sol_types::SolCall,
 };
@@ -55,6 +55,45 @@ pub struct ChannelFacilitator {
     /// How claim, settle and deposit transactions are followed to their
     /// receipts.
     pub follow: Follow,
+    /// Transactions sent on each merchant's behalf, rate limited.
+    pub spending: Arc<SpendLimiter>,
+}
+
+/// A token bucket per merchant for the transactions x402d sends (and pays
+/// the gas of) on a merchant's behalf over HTTP: `burst` at once, then
+/// `per_minute`.
+#[derive(Debug)]
+pub struct SpendLimiter {
+    burst: f64,
+    per_minute: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<u32, (f64, std::time::Instant)>>,
+}
+
+impl Default for SpendLimiter {
+    fn default() -> Self {
+        Self::new(20, 60)
+    }
+}
+
+impl SpendLimiter {
+    pub fn new(burst: u32, per_minute: u32) -> Self {
+        Self { burst: f64::from(burst), per_minute: f64::from(per_minute), buckets: Default::default() }
+    }
+
+    /// Takes one transaction from `merchant`'s bucket; false when it is empty.
+    pub fn try_spend(&self, merchant: u32) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, at) = buckets.entry(merchant).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The `type` of a `batch-settlement` payload.
@@ -108,6 +147,18 @@ fn payload<T: serde::de::DeserializeOwned>(body: &FacilitatorRequest) -> Result<
 impl ChannelFacilitator {
     fn unavailable(e: impl std::fmt::Display) -> Failure {
         Failure(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+
+    /// One transaction on `merchant`'s behalf, or 429 past its rate.
+    fn spend(&self, merchant: &Merchant) -> Result<(), Failure> {
+        if self.spending.try_spend(merchant.number) {
+            Ok(())
+        } else {
+            Err(Failure(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!("merchant {:?} sent too many channel transactions; retry later", merchant.id),
+            ))
+        }
     }
 
     async fn onchain(&self, v: &VerifiedVoucher) -> Result<OnChain, Failure> {
@@ -241,12 +292,16 @@ pub(super) async fn settle(
     match kind.kind.as_str() {
         "claim" => {
             let payload: ClaimPayload = payload(&body)?;
-            claim(channels, payload, base).await
+            claim(api, channels, merchant, payload, base).await
         }
         "settle" => {
             let payload: SettlePayload = payload(&body)?;
             let receiver = parse_address(&payload.receiver).ok_or_else(|| invalid("receiver", "is not an address"))?;
             let token = parse_address(&payload.token).ok_or_else(|| invalid("token", "is not an address"))?;
+            if let Err(message) = owned(merchant, std::iter::once(receiver)) {
+                return Ok(failed(Reason::ReceiverMismatch.code(), message));
+            }
+            channels.spend(merchant)?;
             let input = X402BatchSettlement::settleCall { receiver, token }.abi_encode().into();
             Ok(match channels.send(input).await? {
                 Ok(tx) => SettleResponse { success: true, transaction: tx.to_string(), ..base },
@@ -255,7 +310,7 @@ pub(super) async fn settle(
         }
         "refund" => {
             let payload: RefundPayload = payload(&body)?;
-            refund(channels, payload, base).await
+            refund(api, channels, merchant, payload, base).await
         }
         "voucher" | "deposit" => {
             let v = match verified(api, merchant, &body)? {
@@ -276,6 +331,7 @@ pub(super) async fn settle(
                 let extra = serde_json::json!({ "channelState": onchain_extra(v.channel_id, delay, &onchain) });
                 return Ok(SettleResponse { success: true, payer, extra: Some(extra), ..base });
             };
+            channels.spend(merchant)?;
             Ok(match put_deposit(&*channels.chain, &v, &deposit, channels.follow).await {
                 Ok((tx, onchain)) => SettleResponse {
                     success: true,
@@ -295,6 +351,33 @@ pub(super) async fn settle(
             "invalid_batch_settlement_evm_payload_type",
             format!("payload type {other:?} is not one of voucher, deposit, refund, claim, settle"),
         )),
+    }
+}
+
+/// `Err` naming the first of `receivers` that is not one of `merchant`'s
+/// addresses: over HTTP a merchant acts on its own channels only.
+fn owned(merchant: &Merchant, mut receivers: impl Iterator<Item = Address>) -> Result<(), String> {
+    match receivers.find(|r| !merchant.pay_to.contains(r)) {
+        Some(r) => Err(format!("receiver {r} is not an address of merchant {:?}", merchant.id)),
+        None => Ok(()),
+    }
+}
+
+/// Refuses channels that x402d keeps itself (a gRPC gateway's): their
+/// charged totals are x402d's, and an HTTP claim or refund would bypass
+/// them; `ClaimChannel` and `RefundChannel` act on them.
+async fn not_kept(api: &Api, ids: Vec<B256>) -> Result<(), Failure> {
+    let kept = api.engine.channels_by_id(ids).await.map_err(ChannelFacilitator::unavailable)?;
+    match kept.first() {
+        Some(record) => Err(Failure(
+            axum::http::StatusCode::CONFLICT,
+            format!(
+                "channel {} is kept by x402d for merchant {:?} (its vouchers came over gRPC): claim or refund it \
+                 with ClaimChannel or RefundChannel",
+                record.channel.id, record.merchant_id
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -372,7 +455,9 @@ fn mismatch(base: SettleResponse, message: String) -> SettleResponse {
 /// A server-authored claim: `claimWithSignature` with the server's batch
 /// signature, or the engine's when the server sent none.
 async fn claim(
+    api: &Api,
     channels: &ChannelFacilitator,
+    merchant: &Merchant,
     payload: ClaimPayload,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
@@ -381,6 +466,15 @@ async fn claim(
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
     }
+    if let Err(message) = owned(merchant, rows.iter().map(|r| r.config.receiver)) {
+        return Ok(SettleResponse {
+            error_reason: Some(Reason::ReceiverMismatch.code().into()),
+            error_message: Some(message),
+            ..base
+        });
+    }
+    not_kept(api, rows.iter().map(|r| r.channel_id).collect()).await?;
+    channels.spend(merchant)?;
     let signature = match authorize_claims(channels, payload.claim_authorizer_signature.as_deref(), &domain, &rows)? {
         Ok(signature) => signature,
         Err(message) => return Ok(mismatch(base, message)),
@@ -411,7 +505,9 @@ struct RefundPayload {
 /// A server-authored cooperative refund: the claims it carries (the
 /// server's charges), then `refundWithSignature`, in one transaction.
 async fn refund(
+    api: &Api,
     channels: &ChannelFacilitator,
+    merchant: &Merchant,
     payload: RefundPayload,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
@@ -421,6 +517,17 @@ async fn refund(
     let amount = PAYLOAD.uint128("amount", &payload.amount)?;
     let nonce = parse_uint(&payload.refund_nonce).ok_or_else(|| invalid("refundNonce", "is not a uint256"))?;
     let rows = claim_rows(&domain, &payload.claims)?;
+    if let Err(message) =
+        owned(merchant, std::iter::once(config.receiver).chain(rows.iter().map(|r| r.config.receiver)))
+    {
+        return Ok(SettleResponse {
+            error_reason: Some(Reason::ReceiverMismatch.code().into()),
+            error_message: Some(message),
+            ..base
+        });
+    }
+    not_kept(api, std::iter::once(id).chain(rows.iter().map(|r| r.channel_id)).collect()).await?;
+    channels.spend(merchant)?;
     let delay = config.withdrawDelay.to::<u64>();
     let before = channels.read(id, delay).await?;
     let claimed =

@@ -6,9 +6,15 @@
 //! - `POST /settle` records the payment durably, then waits for its
 //!   merchant's strategy to settle it: `direct` and `batched` answer with
 //!   the confirmed transaction. Past `settle_wait` it answers the
-//!   reference's `settlement_pending` (the payment still settles). A
-//!   replayed `/settle` never pays twice and answers where the original
-//!   stands;
+//!   reference's `settlement_pending` (the payment still settles);
+//! - a payment already recorded is paid for once only: `/verify` answers it
+//!   `isValid: false` and `/settle` `success: false`, both with
+//!   `invalid_exact_evm_nonce_already_used`, so the resource server serves
+//!   it once. Two exceptions, both retries the caller can prove: the same
+//!   merchant sending the same payload with the same x402
+//!   `payment-identifier` id (answered as the original; the id with another
+//!   payment is HTTP 409), and the one `/settle` retry the reference server
+//!   makes after a `settlement_pending` answer with a transaction;
 //! - `GET /supported` lists each network literally with the signers;
 //! - `batch-settlement` follows the reference facilitator: the resource
 //!   server keeps the charged totals (see the `channels` module).
@@ -36,8 +42,8 @@ use tokio::time::Instant;
 use crate::{
     Engine, SubmitOutcome,
     channels::ChannelExtra,
-    domain::{Merchant, PaymentId, PaymentInput, PaymentState, Requirements, Submission},
-    reason::InvalidField,
+    domain::{IdempotencyKey, Merchant, PaymentId, PaymentInput, PaymentState, Requirements, Submission},
+    reason::{InvalidField, Reason},
     verify::{Uint, parse_address, parse_decimal_u256, parse_uint},
 };
 
@@ -64,6 +70,7 @@ pub use self::channels::ChannelFacilitator;
 struct Api {
     engine: Arc<Engine>,
     info: Arc<FacilitatorInfo>,
+    pending_retries: Arc<PendingRetries>,
 }
 
 /// The facilitator routes, to merge into the HTTP listener's router.
@@ -72,7 +79,49 @@ pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
         .route("/verify", post(verify))
         .route("/settle", post(settle))
         .route("/supported", get(supported))
-        .with_state(Api { engine, info: Arc::new(info) })
+        .with_state(Api { engine, info: Arc::new(info), pending_retries: Arc::default() })
+}
+
+/// The payments whose `/settle` was answered `settlement_pending` with a
+/// transaction, each allowing one more `/settle` by the same merchant: the
+/// reference resource server retries such a settle once, with the same
+/// body, to learn the outcome. Any other `/settle` of a recorded payment is
+/// a replay. In memory only: after a restart the retry is refused (the
+/// payment still settles), which is the safe side.
+#[derive(Debug, Default)]
+struct PendingRetries {
+    allowed: std::sync::Mutex<std::collections::HashMap<PaymentId, (u32, Instant)>>,
+}
+
+impl PendingRetries {
+    /// How long a pending answer's retry stays allowed.
+    const TTL: Duration = Duration::from_secs(300);
+    /// Most retries allowed at once; past it (after expired ones are
+    /// dropped) no more are granted.
+    const MAX: usize = 100_000;
+
+    fn grant(&self, id: PaymentId, merchant: u32) {
+        let now = Instant::now();
+        let mut allowed = self.allowed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if allowed.len() >= Self::MAX {
+            allowed.retain(|_, (_, until)| *until > now);
+        }
+        if allowed.len() < Self::MAX {
+            allowed.insert(id, (merchant, now + Self::TTL));
+        }
+    }
+
+    /// Takes the retry allowed for `id` to `merchant`, if there is one.
+    fn take(&self, id: PaymentId, merchant: u32) -> bool {
+        let mut allowed = self.allowed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match allowed.get(&id) {
+            Some(&(m, until)) if m == merchant => {
+                allowed.remove(&id);
+                until > Instant::now()
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -81,6 +130,24 @@ struct FacilitatorRequest {
     x402_version: u64,
     payment_payload: serde_json::Value,
     payment_requirements: RequirementsJson,
+}
+
+/// The x402 extension whose id proves a request retries an earlier one.
+const PAYMENT_IDENTIFIER: &str = "payment-identifier";
+
+/// The `payment-identifier` id a payment payload carries, if any.
+fn payment_identifier(payload: &serde_json::Value) -> Result<Option<IdempotencyKey>, InvalidField> {
+    let Some(extension) = payload.get("extensions").and_then(|e| e.get(PAYMENT_IDENTIFIER)) else {
+        return Ok(None);
+    };
+    let field = "paymentPayload.extensions.payment-identifier.info.id";
+    match extension.get("info").and_then(|i| i.get("id")) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(id)) => {
+            IdempotencyKey::parse(id).map(Some).map_err(|m| InvalidField::new(field, m))
+        }
+        Some(_) => Err(InvalidField::new(field, "is not a string")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -140,6 +207,9 @@ struct SettleResponse {
 
 /// The reference's reason for a settlement broadcast but not yet seen mined.
 const SETTLEMENT_PENDING: &str = "settlement_pending";
+
+/// Why a payment already recorded is refused.
+const ALREADY_PAID: &str = "this payment was already recorded: it pays for one request only";
 
 /// A request that cannot be served: an HTTP status and a JSON error.
 struct Failure(StatusCode, String);
@@ -212,8 +282,9 @@ fn channel_requirements(r: &RequirementsJson) -> Result<(Requirements, ChannelEx
 /// the payment payload as the header the gRPC path takes.
 fn submission(body: &FacilitatorRequest) -> Result<Submission, InvalidField> {
     let (requirements, _) = channel_requirements(&body.payment_requirements)?;
+    let idempotency = payment_identifier(&body.payment_payload)?;
     let header = base64::engine::general_purpose::STANDARD.encode(body.payment_payload.to_string());
-    Ok(Submission { requirements, input: PaymentInput::Header(header) })
+    Ok(Submission { requirements, input: PaymentInput::Header(header), idempotency })
 }
 
 /// The body, if it is x402 v2.
@@ -250,10 +321,17 @@ async fn verify(
     let payer = |p: Address| Some(p.to_string());
     Ok(Json(match outcome {
         SubmitOutcome::Verified { payer: p, .. }
-        | SubmitOutcome::Duplicate { payer: p, .. }
+        | SubmitOutcome::Duplicate { payer: p, retry: true, .. }
         | SubmitOutcome::Accepted { payer: p, .. } => {
             VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
         }
+        SubmitOutcome::Duplicate { payer: p, retry: false, .. } => VerifyResponse {
+            is_valid: false,
+            invalid_reason: Some(Reason::NonceAlreadyUsed.code().into()),
+            invalid_message: Some(ALREADY_PAID.into()),
+            payer: payer(p),
+            extra: None,
+        },
         SubmitOutcome::Rejected { payer: p, rejection, .. } => VerifyResponse {
             is_valid: false,
             invalid_reason: Some(rejection.reason.code().into()),
@@ -280,7 +358,7 @@ async fn settle(
     let submission = submission(&body)?;
     let network = submission.requirements.network.clone();
     let amount = submission.requirements.amount;
-    let outcome = api.engine.submit(merchant, submission).await.map_err(|_| overloaded())?;
+    let outcome = api.engine.submit(merchant.clone(), submission).await.map_err(|_| overloaded())?;
     let failed = |reason: &str, message: String, payer: Option<Address>| SettleResponse {
         success: false,
         error_reason: Some(reason.into()),
@@ -291,8 +369,21 @@ async fn settle(
         ..SettleResponse::default()
     };
     Ok(Json(match outcome {
-        SubmitOutcome::Accepted { id, payer, .. } | SubmitOutcome::Duplicate { id, payer, .. } => {
-            settled(&api, id, payer, network.clone(), amount).await?
+        SubmitOutcome::Accepted { id, payer, .. } => {
+            settled(&api, Some(&merchant), id, payer, network.clone(), amount).await?
+        }
+        SubmitOutcome::Duplicate { id, payer, retry: true, .. } => {
+            settled(&api, None, id, payer, network.clone(), amount).await?
+        }
+        SubmitOutcome::Duplicate { id, payer, retry: false, .. } => {
+            if api.pending_retries.take(id, merchant.number) {
+                settled(&api, None, id, payer, network.clone(), amount).await?
+            } else {
+                failed(Reason::NonceAlreadyUsed.code(), ALREADY_PAID.into(), Some(payer))
+            }
+        }
+        SubmitOutcome::Rejected { rejection, .. } if rejection.reason == Reason::IdempotencyKeyReused => {
+            return Err(Failure(StatusCode::CONFLICT, rejection.message.into_owned()));
         }
         SubmitOutcome::Rejected { payer, rejection, .. } => {
             failed(rejection.reason.code(), rejection.message.into_owned(), payer)
@@ -309,9 +400,11 @@ async fn settle(
 
 /// Waits, up to the configured wait, for payment `id` to settle; answers
 /// its outcome, or `settlement_pending` (with the transaction once there is
-/// one).
+/// one). For the settle that recorded it, `first` is its merchant: a
+/// pending answer with a transaction then allows that merchant one retry.
 async fn settled(
     api: &Api,
+    first: Option<&Merchant>,
     id: PaymentId,
     payer: Address,
     network: String,
@@ -341,7 +434,7 @@ async fn settled(
             PaymentState::Confirmed => return Ok(SettleResponse { success: true, ..base }),
             PaymentState::Failed | PaymentState::Expired => {
                 let reason = status.failure_reason.clone().unwrap_or_else(|| match status.state {
-                    PaymentState::Expired => crate::reason::Reason::ValidBefore.code().into(),
+                    PaymentState::Expired => Reason::ValidBefore.code().into(),
                     _ => crate::settle::SIMULATION_FAILED.into(),
                 });
                 return Ok(SettleResponse {
@@ -354,6 +447,12 @@ async fn settled(
         }
         let now = Instant::now();
         if now >= deadline {
+            if let Some(merchant) = first
+                && status.transaction.is_some()
+            {
+                // The reference server retries once to learn the outcome.
+                api.pending_retries.grant(id, merchant.number);
+            }
             return Ok(SettleResponse {
                 error_reason: Some(SETTLEMENT_PENDING.into()),
                 error_message: Some(format!(

@@ -10,8 +10,8 @@ use crate::{
     Error,
     channels::{ChannelExtra, ChannelView, DepositPayload, VoucherPayload},
     domain::{
-        AcceptedAsset, Authorization, ExactPayload, Merchant, PaymentInput, PaymentRecord, PaymentState, PaymentStatus,
-        Requirements, SettlementEvent, SettlementPolicy, Submission,
+        AcceptedAsset, Authorization, ExactPayload, IdempotencyKey, Merchant, PaymentInput, PaymentRecord,
+        PaymentState, PaymentStatus, Requirements, SettlementEvent, SettlementPolicy, Submission,
     },
     engine::MerchantUpdate,
     pipeline::SubmitOutcome,
@@ -170,6 +170,11 @@ fn deposit(d: pb::ChannelDeposit) -> Result<DepositPayload, InvalidField> {
 pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
     let voucher_extra = req.requirements.clone();
     let requirements = requirements(req.requirements)?;
+    let idempotency = if req.idempotency_key.is_empty() {
+        None
+    } else {
+        Some(IdempotencyKey::parse(&req.idempotency_key).map_err(|m| InvalidField::new("idempotency_key", m))?)
+    };
     let input = match req.payment {
         Some(pb::submit_request::Payment::Exact(p)) => PaymentInput::Exact(exact(p)?),
         Some(pb::submit_request::Payment::PaymentSignatureHeader(h)) => {
@@ -193,7 +198,10 @@ pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidFi
             return Err(InvalidField::new("payment", "one of exact, payment_signature_header or voucher is required"));
         }
     };
-    Ok(Submission { requirements, input })
+    if idempotency.is_some() && matches!(input, PaymentInput::Voucher(_)) {
+        return Err(InvalidField::new("idempotency_key", "applies to exact payments only"));
+    }
+    Ok(Submission { requirements, input, idempotency })
 }
 
 const fn state(s: PaymentState) -> pb::PaymentState {
@@ -227,8 +235,9 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
             resp.payer = payer.to_vec();
             resp.status = Some(status(&s));
         }
-        SubmitOutcome::Duplicate { id, payer, status: s } => {
-            resp.outcome = pb::Outcome::Duplicate as i32;
+        SubmitOutcome::Duplicate { id, payer, status: s, retry } => {
+            resp.outcome = if retry { pb::Outcome::Accepted } else { pb::Outcome::Duplicate } as i32;
+            resp.retry = retry;
             resp.payment_id = id.0.to_vec();
             resp.payer = payer.to_vec();
             resp.status = Some(status(&s));
@@ -448,6 +457,7 @@ pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitReq
             withdraw_delay,
         }),
         payment: Some(payment),
+        idempotency_key: String::new(),
     }
 }
 

@@ -6,7 +6,9 @@ use alloy::primitives::{Address, B256, U256};
 use proptest::prelude::*;
 
 use super::*;
-use crate::domain::{AcceptedAsset, Authorization, IntentState, PaymentState, PaymentStatus, SettlementPolicy};
+use crate::domain::{
+    AcceptedAsset, Authorization, IdempotencyKey, IntentState, PaymentState, PaymentStatus, SettlementPolicy,
+};
 
 /// A payment whose id is derived from `seed` and whose deadline is `deadline`.
 pub(crate) fn sample_payment(seed: u8, deadline: u64) -> PaymentRecord {
@@ -34,6 +36,7 @@ pub(crate) fn sample_payment(seed: u8, deadline: u64) -> PaymentRecord {
         policy: SettlementPolicy::Direct,
         status: PaymentStatus::new(PaymentState::Queued, 1_700_000_000_000),
         accepted_at_ms: 1_700_000_000_000,
+        idempotency: seed.is_multiple_of(2).then(|| IdempotencyKey(B256::repeat_byte(seed))),
     }
 }
 

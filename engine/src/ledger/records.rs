@@ -11,8 +11,8 @@ use prost::Message;
 use crate::{
     Error, Result,
     domain::{
-        AcceptedAsset, Authorization, ChannelRecord, ChannelSnapshot, IntentKey, IntentState, Merchant, PaymentId,
-        PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
+        AcceptedAsset, Authorization, ChannelRecord, ChannelSnapshot, IdempotencyKey, IntentKey, IntentState, Merchant,
+        PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
     },
 };
 
@@ -87,6 +87,9 @@ struct PaymentV1 {
     status: Option<StatusV1>,
     #[prost(uint64, tag = "18")]
     accepted_at_ms: u64,
+    /// Hash of the idempotency key it was accepted with.
+    #[prost(bytes = "vec", optional, tag = "19")]
+    idempotency: Option<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -261,6 +264,7 @@ pub(super) fn encode_payment(p: &PaymentRecord) -> Vec<u8> {
         policy: Some(policy_to(&p.policy)),
         status: Some(status_to(&p.status)),
         accepted_at_ms: p.accepted_at_ms,
+        idempotency: p.idempotency.map(|k| k.0.to_vec()),
     })
 }
 
@@ -287,6 +291,7 @@ pub(super) fn decode_payment(bytes: &[u8]) -> Result<PaymentRecord> {
         policy: policy_from(p.policy)?,
         status: status_from(p.status)?,
         accepted_at_ms: p.accepted_at_ms,
+        idempotency: p.idempotency.as_deref().map(word).transpose()?.map(IdempotencyKey),
     })
 }
 

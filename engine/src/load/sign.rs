@@ -52,10 +52,7 @@ pub fn sign(payers: &[Payer], requirements: &Requirements, n: usize) -> Vec<pb::
         .into_iter()
         .enumerate()
         .map(|(i, payload)| {
-            submit_request(
-                i as u64,
-                &Submission { requirements: requirements.clone(), input: PaymentInput::Exact(payload) },
-            )
+            submit_request(i as u64, &Submission::new(requirements.clone(), PaymentInput::Exact(payload)))
         })
         .collect()
 }
@@ -74,7 +71,7 @@ pub fn live_signer(
         let i = count.fetch_add(1, Ordering::Relaxed);
         let now = now();
         let payload = payers[i as usize % payers.len()].sign_exact(&requirements, now - 60, now + ttl_secs, nonce(i));
-        submit_request(i, &Submission { requirements: requirements.clone(), input: PaymentInput::Exact(payload) })
+        submit_request(i, &Submission::new(requirements.clone(), PaymentInput::Exact(payload)))
     }
 }
 
@@ -154,10 +151,7 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
             deposit,
             refund: None,
         };
-        submit_request(
-            i as u64,
-            &Submission { requirements: requirements.clone(), input: PaymentInput::Voucher(Box::new(payload)) },
-        )
+        submit_request(i as u64, &Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload))))
     });
     let mut deposits = Vec::with_capacity(plan.channels);
     let mut sequences = Vec::with_capacity(plan.channels);

@@ -23,8 +23,9 @@ use super::{
 use crate::{
     Error, Result,
     channels::ChannelView,
-    domain::{ChannelRecord, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
+    domain::{ChannelRecord, IdempotencyKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
     ledger::{Ledger, Write, WriteBatch},
+    reason::{Reason, Rejection},
 };
 
 /// Work for the committer.
@@ -86,6 +87,15 @@ enum Done {
         reply: oneshot::Sender<SubmitOutcome>,
     },
     Reply(SubmitOutcome, oneshot::Sender<SubmitOutcome>),
+    /// A payment not written: its idempotency key names another payment.
+    Refused {
+        id: PaymentId,
+        shard: usize,
+        reservation: (u64, Address, Address),
+        value: U256,
+        outcome: SubmitOutcome,
+        reply: oneshot::Sender<SubmitOutcome>,
+    },
     Merchant(oneshot::Sender<Result<()>>),
     ChannelWrite(ChannelReply),
     Settlement {
@@ -129,6 +139,13 @@ pub(crate) struct Committer {
     reverted: HashSet<PaymentId>,
     changed_channels: Arc<ChangedChannels>,
     payment_waiters: Arc<PaymentWaiters>,
+    /// The payment each merchant's recent idempotency keys name, and until
+    /// when (unix seconds): a key names one payment only. Keys go with their
+    /// payment's replay window.
+    keys: HashMap<(u32, IdempotencyKey), (PaymentId, u64)>,
+    /// Prune expired keys once there are this many.
+    prune_keys_at: usize,
+    retention_secs: u64,
 }
 
 impl Committer {
@@ -149,7 +166,49 @@ impl Committer {
             reverted: HashSet::new(),
             changed_channels: Arc::default(),
             payment_waiters: Arc::default(),
+            keys: HashMap::new(),
+            prune_keys_at: Self::MIN_PRUNE_KEYS_AT,
+            retention_secs: 0,
         }
+    }
+
+    const MIN_PRUNE_KEYS_AT: usize = 1024;
+
+    /// Keeps idempotency keys until `validBefore` + `retention_secs`.
+    pub(crate) const fn with_key_retention(mut self, retention_secs: u64) -> Self {
+        self.retention_secs = retention_secs;
+        self
+    }
+
+    /// Remembers the idempotency key of a payment read from the ledger at start.
+    pub(crate) fn restore_key(&mut self, record: &PaymentRecord, now: u64) {
+        if let Some(key) = record.idempotency {
+            let until = record.authorization.valid_before_secs().saturating_add(self.retention_secs);
+            if until >= now {
+                self.keys.insert((record.merchant_number, key), (record.id, until));
+            }
+        }
+    }
+
+    /// Claims `record`'s idempotency key for it; `false` if the key names
+    /// another payment of the merchant still in its window.
+    fn claim_key(&mut self, record: &PaymentRecord, now: u64, claimed: &mut Vec<(u32, IdempotencyKey)>) -> bool {
+        let Some(key) = record.idempotency else { return true };
+        let slot = (record.merchant_number, key);
+        if let Some(&(other, until)) = self.keys.get(&slot)
+            && other != record.id
+            && until >= now
+        {
+            return false;
+        }
+        if self.keys.len() >= self.prune_keys_at {
+            self.keys.retain(|_, (_, until)| *until >= now);
+            self.prune_keys_at = (self.keys.len() * 2).max(Self::MIN_PRUNE_KEYS_AT);
+        }
+        let until = record.authorization.valid_before_secs().saturating_add(self.retention_secs);
+        self.keys.insert(slot, (record.id, until));
+        claimed.push(slot);
+        true
     }
 
     /// Whom the committer wakes when it makes a payment's event durable.
@@ -245,20 +304,55 @@ impl Committer {
         Ok(settled)
     }
 
+    /// Payment `id` was not recorded: its shard forgets it, and a DUPLICATE
+    /// of it answered before the shard heard is not sent.
+    fn refuse(&mut self, id: PaymentId, shard: usize, reservation: (u64, Address, Address), value: U256) {
+        self.reverted.insert(id);
+        let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
+    }
+
     fn publish_depths(&self) {
         for (strategy, depth) in &self.depths {
             pending_gauge(strategy, *depth);
         }
     }
 
-    pub(crate) fn run(mut self, rx: &Receiver<CommitItem>) {
+    /// Commits groups from `rx` (the shards' payments and channel writes;
+    /// bounded) and `control` (merchant writes and settlement progress from
+    /// async callers; unbounded, so that they never block a runtime thread)
+    /// until both are closed. The committer itself never waits on a shard:
+    /// its messages to them go to their unbounded control queues, so a
+    /// stalled commit cannot close a cycle of full queues.
+    pub(crate) fn run(mut self, rx: &Receiver<CommitItem>, control: &Receiver<CommitItem>) {
         let mut group = Vec::with_capacity(self.max_group);
         let mut batch = WriteBatch::with_capacity(self.max_group * 3);
         let mut done = Vec::with_capacity(self.max_group);
-        while let Ok(first) = rx.recv() {
+        let (mut rx, mut control) = (rx.clone(), control.clone());
+        let mut open = 2;
+        loop {
+            let first = crossbeam::channel::select_biased! {
+                recv(control) -> item => item.map_err(|_| true),
+                recv(rx) -> item => item.map_err(|_| false),
+            };
+            let first = match first {
+                Ok(item) => item,
+                // One side closed: wait on the other alone, until both are.
+                Err(control_closed) => {
+                    if control_closed {
+                        control = crossbeam::channel::never();
+                    } else {
+                        rx = crossbeam::channel::never();
+                    }
+                    open -= 1;
+                    if open == 0 {
+                        return;
+                    }
+                    continue;
+                }
+            };
             group.push(first);
             while group.len() < self.max_group {
-                match rx.try_recv() {
+                match control.try_recv().or_else(|_| rx.try_recv()) {
                     Ok(item) => group.push(item),
                     Err(_) => break,
                 }
@@ -271,9 +365,30 @@ impl Committer {
     fn commit_group(&mut self, group: &mut Vec<CommitItem>, batch: &mut WriteBatch, done: &mut Vec<Done>) {
         let first_sequence = self.last_sequence;
         let mut sequence = first_sequence;
+        let now = crate::domain::unix_millis() / 1000;
+        let mut claimed_keys = Vec::new();
         for item in group.drain(..) {
             match item {
                 CommitItem::Payment { record, pending, shard, reply } => {
+                    if !self.claim_key(&record, now, &mut claimed_keys) {
+                        let (id, payer) = (record.id, record.authorization.from);
+                        done.push(Done::Refused {
+                            id,
+                            shard,
+                            reservation: (record.chain_id, record.asset, payer),
+                            value: record.authorization.value,
+                            outcome: SubmitOutcome::Rejected {
+                                id: Some(id),
+                                payer: Some(payer),
+                                rejection: Rejection::new(
+                                    Reason::IdempotencyKeyReused,
+                                    "this idempotency key was already used for another payment",
+                                ),
+                            },
+                            reply,
+                        });
+                        continue;
+                    }
                     sequence += 1;
                     done.push(Done::Accepted {
                         id: record.id,
@@ -354,6 +469,11 @@ impl Committer {
             }));
         }
         batch.clear();
+        if result.is_err() {
+            for slot in claimed_keys {
+                self.keys.remove(&slot);
+            }
+        }
 
         match result {
             Ok(()) => {
@@ -382,6 +502,10 @@ impl Committer {
                                 }
                                 outcome => outcome,
                             };
+                            let _ = reply.send(outcome);
+                        }
+                        Done::Refused { id, shard, reservation, value, outcome, reply } => {
+                            self.refuse(id, shard, reservation, value);
                             let _ = reply.send(outcome);
                         }
                         Done::Merchant(reply) => {
@@ -424,12 +548,15 @@ impl Committer {
                 for item in done.drain(..) {
                     match item {
                         Done::Accepted { id, shard, reservation, value, reply, .. } => {
-                            self.reverted.insert(id);
-                            let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
+                            self.refuse(id, shard, reservation, value);
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Reply(_, reply) => {
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
+                        }
+                        Done::Refused { id, shard, reservation, value, outcome, reply } => {
+                            self.refuse(id, shard, reservation, value);
+                            let _ = reply.send(outcome);
                         }
                         Done::Channel { previous, shard, reply, .. } => {
                             let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });

@@ -90,8 +90,12 @@ impl Default for PipelineConfig {
 pub enum SubmitOutcome {
     /// Verified and durably recorded.
     Accepted { id: PaymentId, payer: Address, status: PaymentStatus },
-    /// The same payment was accepted before; this is where it stands.
-    Duplicate { id: PaymentId, payer: Address, status: PaymentStatus },
+    /// The same payment was accepted before; this is where it stands. It is
+    /// paid for already: whatever it paid for must not be served again,
+    /// unless `retry`: the submit carried the idempotency key the original
+    /// was accepted with, from the same merchant (a retry of a request
+    /// whose answer was lost).
+    Duplicate { id: PaymentId, payer: Address, status: PaymentStatus, retry: bool },
     /// A verification rule failed.
     Rejected { id: Option<PaymentId>, payer: Option<Address>, rejection: Rejection },
     /// The request is malformed.
@@ -182,8 +186,13 @@ impl ChangedChannels {
 /// threads once the queued work is done.
 pub struct Pipeline {
     verify_tx: Option<Sender<VerifyJob>>,
+    /// The shards' bounded queues of new payments (and `Stop`).
     shard_txs: Vec<Sender<ShardMsg>>,
-    commit_tx: Option<Sender<CommitItem>>,
+    /// The shards' unbounded control queues: whoever must not block on a
+    /// busy shard (the committer, async callers) sends there.
+    shard_controls: Vec<Sender<ShardMsg>>,
+    /// The committer's unbounded queue for async callers.
+    commit_control: Option<Sender<CommitItem>>,
     /// Joined in this order on shutdown: each stage drains before the next stops.
     verifier_threads: Vec<JoinHandle<()>>,
     shard_threads: Vec<JoinHandle<()>>,
@@ -215,19 +224,24 @@ impl Pipeline {
 
         let (verify_tx, verify_rx) = channel::bounded::<VerifyJob>(cap);
         let (commit_tx, commit_rx) = channel::bounded::<CommitItem>(cap);
+        let (commit_control, commit_control_rx) = channel::unbounded::<CommitItem>();
         let mut shard_txs = Vec::with_capacity(shards);
         let mut shard_rxs = Vec::with_capacity(shards);
+        let mut shard_controls = Vec::with_capacity(shards);
         for _ in 0..shards {
             let (tx, rx) = channel::bounded::<ShardMsg>(cap);
+            let (control, control_rx) = channel::unbounded::<ShardMsg>();
             shard_txs.push(tx);
-            shard_rxs.push(rx);
+            shard_controls.push(control);
+            shard_rxs.push((rx, control_rx));
         }
 
         // Rebuild state from the ledger before any thread runs.
         let now = crate::domain::unix_millis() / 1000;
         let mut shard_states: Vec<Shard> = (0..shards)
             .map(|i| {
-                Shard::new(i, balances.clone(), shard_txs[i].clone(), commit_tx.clone(), config.replay_retention_secs)
+                let control = shard_controls[i].clone();
+                Shard::new(i, balances.clone(), control, commit_tx.clone(), config.replay_retention_secs)
                     .with_channels(config.channels.clone())
             })
             .collect();
@@ -235,15 +249,17 @@ impl Pipeline {
         for record in &channels {
             shard_states[shard_of_channel(record.channel.id, shards)].restore_channel(record.clone());
         }
-        ledger.for_each_payment(&mut |record| {
-            let i = shard_of(record.authorization.from, shards);
-            shard_states[i].restore(&record, now);
-        })?;
-        let pending = ledger.pending()?;
         let last_sequence = ledger.last_event_sequence()?;
         let (events_tx, events_rx) = watch::channel(last_sequence);
         let mut committer =
-            Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_txs.clone());
+            Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_controls.clone())
+                .with_key_retention(config.replay_retention_secs);
+        ledger.for_each_payment(&mut |record| {
+            let i = shard_of(record.authorization.from, shards);
+            shard_states[i].restore(&record, now);
+            committer.restore_key(&record, now);
+        })?;
+        let pending = ledger.pending()?;
         committer.restore_pending(&pending, ledger)?;
         let changed_channels = committer.changed_channels();
         let payment_waiters = committer.payment_waiters();
@@ -258,7 +274,8 @@ impl Pipeline {
         let mut pipeline = Self {
             verify_tx: Some(verify_tx),
             shard_txs: shard_txs.clone(),
-            commit_tx: Some(commit_tx),
+            shard_controls,
+            commit_control: Some(commit_control),
             verifier_threads: Vec::new(),
             shard_threads: Vec::new(),
             committer_thread: None,
@@ -266,9 +283,10 @@ impl Pipeline {
             changed_channels,
             payment_waiters,
         };
-        pipeline.committer_thread = Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx))?);
-        for (i, (state, rx)) in shard_states.into_iter().zip(shard_rxs).enumerate() {
-            pipeline.shard_threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx))?);
+        pipeline.committer_thread =
+            Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx, &commit_control_rx))?);
+        for (i, (state, (rx, control))) in shard_states.into_iter().zip(shard_rxs).enumerate() {
+            pipeline.shard_threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx, &control))?);
         }
         let shard_txs = Arc::new(shard_txs);
         for i in 0..verifiers {
@@ -323,7 +341,7 @@ impl Pipeline {
     /// Records `merchant` durably, through the same writer as payments.
     pub(crate) fn write_merchant(&self, merchant: Merchant) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
-        self.commit_tx
+        self.commit_control
             .as_ref()
             .expect("set until shutdown")
             .send(CommitItem::Merchant((merchant, reply)))
@@ -341,7 +359,7 @@ impl Pipeline {
         transitions: Vec<Transition>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
-        self.commit_tx
+        self.commit_control
             .as_ref()
             .expect("set until shutdown")
             .send(CommitItem::Settlement { intents, transitions, reply })
@@ -361,7 +379,7 @@ impl Pipeline {
     ) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
         let shard = shard_of_channel(id, self.shard_txs.len());
-        self.shard_txs[shard]
+        self.shard_controls[shard]
             .send(ShardMsg::ChannelSync { id, onchain, claimed, reply })
             .map_err(|_| Error::PipelineStopped)?;
         Ok(rx)
@@ -378,7 +396,7 @@ impl Pipeline {
     ) -> Result<oneshot::Receiver<Result<Option<ChannelView>>>> {
         let (reply, rx) = oneshot::channel();
         let shard = shard_of_channel(id, self.shard_txs.len());
-        self.shard_txs[shard]
+        self.shard_controls[shard]
             .send(ShardMsg::ChannelRequest { id, claim, refund, reply })
             .map_err(|_| Error::PipelineStopped)?;
         Ok(rx)
@@ -421,7 +439,8 @@ impl Pipeline {
             let _ = tx.send(ShardMsg::Stop);
         }
         join(self.shard_threads.drain(..));
-        self.commit_tx.take();
+        self.shard_controls.clear();
+        self.commit_control.take();
         join(self.committer_thread.take());
     }
 }
@@ -466,7 +485,7 @@ fn run_verifier(
         let now = crate::domain::unix_millis() / 1000;
         let VerifyJob { merchant, submission, reply, dry_run } = job;
         let submission = match submission {
-            Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload) } => {
+            Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload), .. } => {
                 match vouchers.verify(&merchant, &requirements, *payload) {
                     Ok(mut verified) => {
                         verified.dry_run = dry_run;
@@ -529,15 +548,18 @@ mod tests {
         testing::ManualBalances,
     };
 
-    /// A memory ledger whose commits fail while `failing` is set.
+    /// A memory ledger whose commits fail while `failing` is set, and wait
+    /// while a test holds `stall`.
     #[derive(Debug, Default)]
     struct FlakyLedger {
         inner: MemoryLedger,
         failing: AtomicBool,
+        stall: std::sync::Mutex<()>,
     }
 
     impl Ledger for FlakyLedger {
         fn commit(&self, batch: &WriteBatch) -> Result<()> {
+            drop(self.stall.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
             if self.failing.load(Ordering::SeqCst) {
                 return Err(Error::Io(std::io::Error::other("disk on fire")));
             }
@@ -591,7 +613,7 @@ mod tests {
         };
         let now = crate::domain::unix_millis() / 1000;
         let payload = payer.sign_exact(&requirements, now - 60, now + 600, B256::repeat_byte(nonce));
-        Submission { requirements, input: PaymentInput::Exact(payload) }
+        Submission::new(requirements, PaymentInput::Exact(payload))
     }
 
     fn start(ledger: &Arc<FlakyLedger>, payer: &Payer, balance: u64) -> Pipeline {
@@ -756,6 +778,125 @@ mod tests {
         let err = pipeline.record_settlement(Vec::new(), vec![unknown]).unwrap().blocking_recv().unwrap();
         assert!(matches!(err, Err(Error::UnknownPayment(_))));
         assert_eq!(ledger.last_event_sequence().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_recorded_payment_is_a_retry_only_with_its_key_from_its_merchant() {
+        use crate::domain::IdempotencyKey;
+
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let key = IdempotencyKey::parse("pay_0123456789abcdef").unwrap();
+        // Signed once each: a submit must be byte-identical to be the same payment.
+        let signed: Vec<Submission> = (0..=3).map(|n| submission(&payer, n)).collect();
+        let keyed = |nonce: usize| Submission { idempotency: Some(key), ..signed[nonce].clone() };
+        let retried = |outcome: SubmitOutcome| matches!(outcome, SubmitOutcome::Duplicate { retry: true, .. });
+        let replayed = |outcome: SubmitOutcome| matches!(outcome, SubmitOutcome::Duplicate { retry: false, .. });
+        {
+            let pipeline = start(&ledger, &payer, 1_000);
+            assert!(matches!(submit(&pipeline, keyed(1)), SubmitOutcome::Accepted { .. }));
+            assert!(retried(submit(&pipeline, keyed(1))), "same key, same payment, same merchant");
+            assert!(replayed(submit(&pipeline, signed[1].clone())), "no key: a replay");
+            let other_key = IdempotencyKey::parse("pay_fedcba9876543210").unwrap();
+            let other = Submission { idempotency: Some(other_key), ..signed[1].clone() };
+            assert!(replayed(submit(&pipeline, other)), "another key: a replay");
+            let mut m2 = crate::testing::direct_merchant(PAY_TO);
+            m2.id = "m2".into();
+            m2.number = 2;
+            let foreign = pipeline.try_submit(Arc::new(m2), keyed(1)).unwrap().blocking_recv().unwrap();
+            assert!(replayed(foreign), "another merchant with the key: a replay");
+
+            // The key with another payment is refused, and that payment is
+            // neither recorded nor reserved.
+            let SubmitOutcome::Rejected { rejection, id, .. } = submit(&pipeline, keyed(2)) else {
+                panic!("the key names payment 1")
+            };
+            assert_eq!(rejection.reason, Reason::IdempotencyKeyReused);
+            assert!(ledger.payment(&id.unwrap()).unwrap().is_none());
+            assert!(matches!(submit(&pipeline, signed[2].clone()), SubmitOutcome::Accepted { .. }));
+        }
+        // After a restart: the same answers, from the ledger.
+        let pipeline = start(&ledger, &payer, 1_000);
+        let again = submit(&pipeline, keyed(1));
+        assert!(retried(again.clone()), "{again:?}");
+        assert!(replayed(submit(&pipeline, signed[1].clone())));
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, keyed(3)) else { panic!("still taken") };
+        assert_eq!(rejection.reason, Reason::IdempotencyKeyReused);
+    }
+
+    #[test]
+    fn a_ledger_stalled_under_load_recovers_and_loses_nothing() {
+        use crate::domain::PaymentState;
+
+        // Queues of two: every queue is full while the ledger stalls, and
+        // settlement updates keep sending the shard answers.
+        let ledger = Arc::new(FlakyLedger::default());
+        let payers: Vec<Payer> = (0..4).map(|_| Payer::random()).collect();
+        let config =
+            PipelineConfig { verifiers: 2, shards: 1, queue_capacity: 2, max_group: 2, ..PipelineConfig::default() };
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let dyn_ledger: Arc<dyn Ledger> = ledger.clone();
+        let pipeline = Arc::new(Pipeline::start(&config, &dyn_ledger, &balances).unwrap());
+        let first = submission(&payers[0], 1);
+        let settled: Vec<PaymentId> = std::iter::once(first.clone())
+            .chain((2..=40).map(|n| submission(&payers[0], n)))
+            .map(|s| match submit(&pipeline, s) {
+                SubmitOutcome::Accepted { id, .. } => id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let load: Vec<Submission> = payers[1..].iter().flat_map(|p| (1..=200).map(move |n| submission(p, n))).collect();
+
+        let stall = ledger.stall.lock().unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let submitter = {
+            let (pipeline, done_tx) = (pipeline.clone(), done_tx.clone());
+            thread::spawn(move || {
+                let mut replies = Vec::new();
+                for s in load {
+                    let mut s = s;
+                    loop {
+                        match pipeline.try_submit(merchant(), s) {
+                            Ok(rx) => break replies.push(rx),
+                            Err(Overloaded(back)) => {
+                                s = *back;
+                                thread::sleep(std::time::Duration::from_micros(200));
+                            }
+                        }
+                    }
+                }
+                let outcomes: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+                done_tx.send(()).unwrap();
+                outcomes
+            })
+        };
+        let settler = {
+            let pipeline = pipeline.clone();
+            thread::spawn(move || {
+                for id in settled {
+                    let confirmed = Transition { id, status: PaymentStatus::new(PaymentState::Confirmed, 1) };
+                    pipeline.record_settlement(Vec::new(), vec![confirmed]).unwrap().blocking_recv().unwrap().unwrap();
+                }
+                done_tx.send(()).unwrap();
+            })
+        };
+        thread::sleep(std::time::Duration::from_millis(300));
+        drop(stall);
+        for _ in 0..2 {
+            done.recv_timeout(std::time::Duration::from_secs(30)).expect("the pipeline deadlocked after the stall");
+        }
+        settler.join().unwrap();
+        let outcomes = submitter.join().unwrap();
+
+        // Every payment acknowledged is on disk; the settled ones are confirmed.
+        assert_eq!(outcomes.len(), 600);
+        for outcome in &outcomes {
+            let SubmitOutcome::Accepted { id, .. } = outcome else { panic!("{outcome:?}") };
+            assert!(ledger.payment(id).unwrap().is_some(), "acknowledged but not recorded");
+        }
+        assert_eq!(ledger.pending().unwrap().len(), 600);
+        let replay = submit(&pipeline, first);
+        assert!(matches!(replay, SubmitOutcome::Duplicate { .. }), "{replay:?}");
     }
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");

@@ -29,7 +29,10 @@ use crate::{
         ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, Claimed, DepositFailure, DepositNotifier,
         NoChannels, VerifiedVoucher, new_record,
     },
-    domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, unix_millis},
+    domain::{
+        ChannelRecord, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey,
+        unix_millis,
+    },
     reason::{Reason, Rejection},
     verify::Verified,
 };
@@ -95,6 +98,10 @@ struct ReplayEntry {
     payer: Address,
     valid_before: u64,
     status: PaymentStatus,
+    /// Who recorded it, and with which idempotency key: a submit from the
+    /// same merchant with the same key is a retry, anything else a replay.
+    merchant_number: u32,
+    idempotency: Option<IdempotencyKey>,
 }
 
 /// A payment waiting for its payer's balance.
@@ -155,16 +162,17 @@ impl Shard {
     /// its balance; an older one is read again first.
     const CHANNEL_REFRESH: Duration = Duration::from_secs(2);
 
-    /// A shard reading `inbox` (its own queue, where fetched balances arrive).
+    /// A shard whose fetched balances, channels and deposits arrive on
+    /// `control`, its unbounded queue: the fetch tasks run on the async
+    /// runtime and must never block on a busy shard.
     pub(crate) fn new(
         index: usize,
         balances: Arc<dyn BalanceSource>,
-        inbox: Sender<ShardMsg>,
+        control: Sender<ShardMsg>,
         commit: Sender<CommitItem>,
         retention_secs: u64,
     ) -> Self {
-        // Called from the source's fetch tasks; blocks only while this
-        // shard's queue is full, as the verifiers do.
+        let inbox = control;
         let channel_inbox = inbox.clone();
         let deposit_inbox = inbox.clone();
         let notifier = Notifier::new(move |key, fetched| {
@@ -224,17 +232,28 @@ impl Shard {
                     payer: record.authorization.from,
                     valid_before,
                     status: record.status.clone(),
+                    merchant_number: record.merchant_number,
+                    idempotency: record.idempotency,
                 },
             );
         }
     }
 
-    pub(crate) fn run(mut self, rx: &Receiver<ShardMsg>) {
+    /// Handles `control` (everything but new payments: answers of the
+    /// committer, fetches, requests; unbounded, so that no sender ever
+    /// waits on this shard) before `rx` (new payments and vouchers from the
+    /// verifiers; bounded, the pipeline's backpressure) until told to stop.
+    pub(crate) fn run(mut self, rx: &Receiver<ShardMsg>, control: &Receiver<ShardMsg>) {
         let stage = format!("shard-{}", self.index);
         let mut last_sweep = std::time::Instant::now();
         let mut handled = 0u32;
         loop {
-            match rx.recv_timeout(Self::SWEEP_EVERY) {
+            let received = crossbeam::channel::select_biased! {
+                recv(control) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected),
+                recv(rx) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected),
+                default(Self::SWEEP_EVERY) => Err(RecvTimeoutError::Timeout),
+            };
+            match received {
                 Ok(msg) => {
                     if !self.handle(msg) {
                         return;
@@ -404,8 +423,11 @@ impl Shard {
         if let Some(entry) = self.replay.get(&id) {
             if entry.digest == verified.digest {
                 metrics::counter!(crate::metrics::PAYMENTS_DUPLICATE).increment(1);
+                let retry = verified.idempotency.is_some()
+                    && verified.idempotency == entry.idempotency
+                    && entry.merchant_number == merchant.number;
                 // Answered by the committer, after the original's group is durable.
-                let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone() };
+                let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone(), retry };
                 return Checked::Commit(CommitItem::Reply { outcome, reply });
             }
             return self.reject(
@@ -454,10 +476,20 @@ impl Shard {
         let now_ms = unix_millis();
         let status = PaymentStatus::new(PaymentState::Queued, now_ms);
         let valid_before = verified.payload.authorization.valid_before_secs();
-        self.replay.insert(id, ReplayEntry { digest: verified.digest, payer, valid_before, status: status.clone() });
+        self.replay.insert(
+            id,
+            ReplayEntry {
+                digest: verified.digest,
+                payer,
+                valid_before,
+                status: status.clone(),
+                merchant_number: merchant.number,
+                idempotency: verified.idempotency,
+            },
+        );
         *self.reserved.entry(key).or_default() += value;
 
-        let Verified { requirements, payload, digest, chain_id, .. } = verified;
+        let Verified { requirements, payload, digest, chain_id, idempotency, .. } = verified;
         let record = PaymentRecord {
             id,
             merchant_id: merchant.id.clone(),
@@ -472,6 +504,7 @@ impl Shard {
             policy: merchant.policy.clone(),
             status,
             accepted_at_ms: now_ms,
+            idempotency,
         };
         let pending = PendingKey { merchant_number: merchant.number, deadline: valid_before, id };
         Checked::Commit(CommitItem::Payment { record: Box::new(record), pending, shard: self.index, reply })
