@@ -263,7 +263,11 @@ impl Chain for AlloyChain {
     async fn simulate(&self, to: Address, input: Bytes) -> Result<Option<String>> {
         match self.call(to, input).await {
             Ok(_) => Ok(None),
-            Err(Error::Rpc(alloy::transports::RpcError::ErrorResp(payload))) => Ok(Some(payload.message.to_string())),
+            Err(Error::Rpc(alloy::transports::RpcError::ErrorResp(payload)))
+                if is_revert(payload.code, &payload.message) =>
+            {
+                Ok(Some(payload.message.to_string()))
+            }
             Err(err) => Err(err),
         }
     }
@@ -587,5 +591,34 @@ mod tests {
             logs,
             vec![TransferLog { block: receipt.block, from: s.payer.address(), to: s.pay_to, value: U256::from(5) }]
         );
+    }
+}
+
+/// Whether a JSON-RPC error answer is the EVM's verdict that the call
+/// reverts (geth's and anvil's code 3 with revert data, or a message that
+/// says so), as opposed to the provider failing to answer: a rate limit
+/// (-32005, HTTP 429 with a JSON-RPC body), a timeout, "header not found".
+/// Only a revert may fail a payment; anything else is retried.
+pub fn is_revert(code: i64, message: &str) -> bool {
+    code == 3 || message.to_ascii_lowercase().contains("revert")
+}
+
+#[cfg(test)]
+mod revert_tests {
+    use super::is_revert;
+
+    #[test]
+    fn only_execution_reverts_are_reverts() {
+        assert!(is_revert(3, "execution reverted: FiatTokenV2: authorization is used or canceled"));
+        assert!(is_revert(-32000, "execution reverted"));
+        for (code, message) in [
+            (-32005, "request rate exceeded"),
+            (429, "Too Many Requests"),
+            (-32000, "header not found"),
+            (-32603, "request timed out"),
+            (-32000, "missing trie node"),
+        ] {
+            assert!(!is_revert(code, message), "{code} {message}");
+        }
     }
 }

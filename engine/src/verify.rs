@@ -26,6 +26,10 @@ pub const MAX_HEADER_LEN: usize = 16 * 1024;
 /// `validBefore` must leave at least this many seconds (x402 step 6).
 const MIN_VALID_BEFORE_MARGIN: u64 = 6;
 
+/// `validAfter` must be more than this many seconds in the past (x402 step
+/// 7, made strict as the token is, with room for a chain clock behind ours).
+pub const VALID_AFTER_MARGIN: u64 = 2;
+
 /// ERC-6492 wraps signatures of undeployed smart wallets and ends with this.
 const ERC6492_MAGIC: [u8; 32] =
     alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
@@ -205,9 +209,17 @@ impl Verifier {
                 ),
             ));
         }
-        // 7. validAfter
-        if auth.valid_after_secs() > now {
-            return Err(signed(Reason::ValidAfter, format!("validAfter {} is after now ({now})", auth.valid_after)));
+        // 7. validAfter: EIP-3009 needs `block.timestamp > validAfter`, and
+        // the block that settles it may carry a time a little behind ours.
+        if auth.valid_after_secs().saturating_add(VALID_AFTER_MARGIN) >= now {
+            return Err(signed(
+                Reason::ValidAfter,
+                format!(
+                    "validAfter {} must be more than {VALID_AFTER_MARGIN} s before now ({now}): the token \
+                     accepts it only in a block whose time is after it",
+                    auth.valid_after
+                ),
+            ));
         }
         // 8. value
         if auth.value != requirements.amount {

@@ -362,3 +362,100 @@ pub(crate) fn payload_id(req: &Requirements, payload: &ExactPayload) -> x402_eng
     let chain_id = x402_engine::domain::Network::parse(&req.network).unwrap().chain_id();
     x402_engine::domain::PaymentId::new(chain_id, req.asset, payload.authorization.from, payload.authorization.nonce)
 }
+
+/// A JSON-RPC proxy in front of a node that answers chosen `eth_call`s
+/// with a scripted fault (an HTTP status and a JSON-RPC error body, as a
+/// rate-limiting provider does) while a fault is set, and forwards
+/// everything else.
+pub(crate) struct RpcProxy {
+    pub(crate) url: String,
+    fault: std::sync::Arc<std::sync::Mutex<Option<RpcFault>>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Answers `eth_call`s whose calldata starts with `selector`.
+#[derive(Clone, Debug)]
+pub(crate) struct RpcFault {
+    pub(crate) selector: [u8; 4],
+    pub(crate) status: u16,
+    pub(crate) code: i64,
+    pub(crate) message: &'static str,
+}
+
+impl RpcProxy {
+    pub(crate) async fn start(upstream: &str) -> Self {
+        use axum::{body::Bytes, extract::State, http::StatusCode, response::IntoResponse, routing::post};
+        use serde_json::Value;
+        type Shared = (
+            String,
+            reqwest::Client,
+            std::sync::Arc<std::sync::Mutex<Option<RpcFault>>>,
+            std::sync::Arc<std::sync::atomic::AtomicU64>,
+        );
+        async fn handle(State((upstream, http, fault, hits)): State<Shared>, body: Bytes) -> axum::response::Response {
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let fault = fault.lock().unwrap().clone();
+            if let Some(f) = fault {
+                let prefix = format!("0x{}", alloy::primitives::hex::encode(f.selector));
+                let hit = |call: &Value| {
+                    call["method"] == "eth_call"
+                        && [&call["params"][0]["input"], &call["params"][0]["data"]]
+                            .iter()
+                            .any(|d| d.as_str().is_some_and(|d| d.starts_with(&prefix)))
+                };
+                let calls: Vec<&Value> = match &request {
+                    Value::Array(calls) => calls.iter().collect(),
+                    call => vec![call],
+                };
+                if calls.iter().any(|c| hit(c)) {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let error = |c: &Value| {
+                        serde_json::json!({ "jsonrpc": "2.0", "id": c["id"],
+                                            "error": { "code": f.code, "message": f.message } })
+                    };
+                    let answer = match &request {
+                        Value::Array(calls) => Value::Array(calls.iter().map(error).collect()),
+                        call => error(call),
+                    };
+                    let status = StatusCode::from_u16(f.status).unwrap();
+                    return (status, axum::Json(answer)).into_response();
+                }
+            }
+            match http.post(&upstream).header("content-type", "application/json").body(body).send().await {
+                Ok(resp) => {
+                    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+                    let bytes = resp.bytes().await.unwrap_or_default();
+                    (status, [("content-type", "application/json")], bytes).into_response()
+                }
+                Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            }
+        }
+        let fault = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let state: Shared = (upstream.to_owned(), reqwest::Client::new(), fault.clone(), hits.clone());
+        let app = axum::Router::new().route("/", post(handle)).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, fault, hits, server }
+    }
+
+    /// Sets (or with `None` clears) the fault.
+    pub(crate) fn set(&self, fault: Option<RpcFault>) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Calls answered with the fault so far.
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RpcProxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

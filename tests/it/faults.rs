@@ -137,3 +137,40 @@ async fn a_reorg_that_drops_settlements_has_them_sent_again() {
     }
     settled_once(&s).await;
 }
+
+/// `transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)`.
+const TRANSFER_WITH_AUTHORIZATION: [u8; 4] = [0xe3, 0xee, 0x16, 0x0e];
+
+/// A provider that rate-limits the settlement's simulations (HTTP 429 with
+/// a JSON-RPC error body) is an outage, not a verdict: the payments stay
+/// queued, are retried, and all settle once the provider answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_simulations_are_retried_and_every_payment_settles() {
+    let s = setup(20).await;
+    let proxy = RpcProxy::start(s.anvil.endpoint()).await;
+    proxy.set(Some(RpcFault {
+        selector: TRANSFER_WITH_AUTHORIZATION,
+        status: 429,
+        code: -32005,
+        message: "request rate exceeded",
+    }));
+    let signer = alloy::signers::local::PrivateKeySigner::random();
+    devnet::fund_ether(s.anvil.endpoint(), &[signer.address()]).await.unwrap();
+    let chain =
+        x402_chain::AlloyChain::connect(&proxy.url, vec![signer], x402_chain::TxConfig::default()).await.unwrap();
+    let config = SettlerConfig { poll: Duration::from_millis(200), ..SettlerConfig::default() };
+    let settler = Settler::spawn(s.node.engine().clone(), std::sync::Arc::new(chain), config, None);
+    let ids = submit_all(&s).await;
+
+    // While the provider refuses, nothing fails and nothing is sent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(proxy.hits() >= ids.len() as u64, "the simulations were refused ({} hits)", proxy.hits());
+    for id in &ids {
+        let record = s.node.engine().payment(*id).await.unwrap().unwrap();
+        assert_eq!(record.status.state, x402_engine::domain::PaymentState::Queued, "{:?}", record.status);
+    }
+    proxy.set(None);
+    all_confirmed(&s, &ids).await;
+    settler.abort();
+    settled_once(&s).await;
+}

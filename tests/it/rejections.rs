@@ -150,6 +150,16 @@ async fn valid_after() {
     let req = requirements(PAY_TO);
     let payload = f.payer.sign_exact(&req, now() + 120, now() + 3600, random_nonce());
     expect_reason(&mut f.m1, submit_of(&req, &payload), "invalid_exact_evm_payload_authorization_valid_after").await;
+    // EIP-3009 needs `block.timestamp > validAfter`: `validAfter == now`
+    // (and a second or two before) would be accepted and never settle.
+    for before in [0, 1, 2] {
+        let payload = f.payer.sign_exact(&req, now() - before, now() + 3600, random_nonce());
+        expect_reason(&mut f.m1, submit_of(&req, &payload), "invalid_exact_evm_payload_authorization_valid_after")
+            .await;
+    }
+    let payload = f.payer.sign_exact(&req, now() - 4, now() + 3600, random_nonce());
+    let resp = f.m1.submit(submit_of(&req, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,4 +430,39 @@ async fn a_full_pipeline_answers_resource_exhausted() {
     }
     assert!(accepted > 0, "some got through");
     assert!(exhausted > 0, "a queue of one overflows under 400 concurrent submits");
+}
+
+/// A gateway's `idempotency_key`: the same key and payment from the same
+/// merchant is a retry (ACCEPTED again, marked); any other resubmit is
+/// DUPLICATE, "already paid for: do not serve again"; the key with another
+/// payment is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_tells_a_retry_from_a_replay() {
+    let mut f = fixture().await;
+    let req = requirements(PAY_TO);
+    let payload = valid(&f.payer, &req);
+    let keyed = |payload: &ExactPayload, key: &str| pb::SubmitRequest {
+        idempotency_key: key.into(),
+        ..submit_of(&req, payload)
+    };
+    let first = f.m1.submit(keyed(&payload, "gw-request-0000000001")).await.unwrap().into_inner();
+    assert_eq!((outcome(&first), first.retry), (pb::Outcome::Accepted, false), "{first:?}");
+    let retry = f.m1.submit(keyed(&payload, "gw-request-0000000001")).await.unwrap().into_inner();
+    assert_eq!((outcome(&retry), retry.retry), (pb::Outcome::Accepted, true), "{retry:?}");
+    assert_eq!(retry.payment_id, first.payment_id);
+    for replay in [submit_of(&req, &payload), keyed(&payload, "gw-request-0000000002")] {
+        let resp = f.m1.submit(replay).await.unwrap().into_inner();
+        assert_eq!((outcome(&resp), resp.retry), (pb::Outcome::Duplicate, false), "{resp:?}");
+    }
+    // Another merchant with the key and the payment: a replay too.
+    let mut m2 = payments(f.node.endpoints().grpc, M2_KEY).await;
+    let mut foreign = keyed(&payload, "gw-request-0000000001");
+    foreign.requirements.as_mut().unwrap().pay_to = PAY_TO.to_vec();
+    let resp = m2.submit(foreign).await.unwrap().into_inner();
+    assert_ne!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+
+    expect_reason(&mut f.m1, keyed(&valid(&f.payer, &req), "gw-request-0000000001"), "payment_identifier_reused").await;
+    let status = f.m1.submit(keyed(&valid(&f.payer, &req), "short")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("idempotency_key"), "{}", status.message());
 }

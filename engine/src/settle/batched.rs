@@ -122,7 +122,10 @@ impl<C: Chain> Settler<C> {
                     kept.push(row);
                 } else {
                     let reason = result.revert_message().map_or(super::SIMULATION_FAILED, |m| classify_revert(&m));
-                    fail(&mut transitions, &row, reason);
+                    // Not valid yet on chain: left queued for a later batch.
+                    if reason != Reason::ValidAfter.code() {
+                        fail(&mut transitions, &row, reason);
+                    }
                 }
             }
             live = kept;

@@ -24,11 +24,21 @@ impl<C: Chain> Settler<C> {
         }
         let calldata = transfer_call(&payment);
         if let Some(revert) = self.chain.simulate(payment.asset, calldata.clone()).await.map_err(chain_error)? {
+            let reason = classify_revert(&revert);
+            if reason == Reason::ValidAfter.code() {
+                // Not valid yet on chain (its clock lags ours): still queued,
+                // tried again next round, until its deadline.
+                return Ok(());
+            }
             let mut failed = status(PaymentState::Failed);
-            failed.failure_reason = Some(classify_revert(&revert).into());
+            failed.failure_reason = Some(reason.into());
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: failed }]).await;
         }
-        let tx = self.chain.sign_call(payment.asset, calldata, None).await.map_err(chain_error)?;
+        // Estimated for this payment: a payee's first receipt of the token
+        // costs ~17k more gas than a later one, so one estimate per kind of
+        // call would run some payments out of gas.
+        let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await.map_err(chain_error)?;
+        let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await.map_err(chain_error)?;
         let submitted =
             vec![Transition { id: payment.id, status: status_with_tx(PaymentState::Submitted, tx.hash, None) }];
         self.send(tx, vec![payment.id], submitted).await

@@ -10,8 +10,9 @@ use x402_chain::{Chain, Receipt, SignedTx};
 use super::{SIMULATION_FAILED, Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Result,
-    domain::{IntentState, PaymentId, PaymentState, SettlementPolicy, TxIntent, unix_millis},
+    domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
     pipeline::{IntentChange, Transition},
+    reason::Reason,
 };
 
 impl TxIntent {
@@ -150,7 +151,10 @@ impl<C: Chain> Settler<C> {
             } else {
                 let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
                 match revert {
-                    None if matches!(p.policy, SettlementPolicy::Batched { .. }) => status(PaymentState::Queued),
+                    // It failed for a passing reason (gas, not yet valid):
+                    // queued again, for any strategy, until its deadline.
+                    None => status(PaymentState::Queued),
+                    Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => status(PaymentState::Queued),
                     revert => {
                         let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
                         failed.failure_reason =
