@@ -21,6 +21,8 @@ fn grpc_stream(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.ledger.path = dir.path().join("ledger");
+    // Measures verification and the group commit: nothing settles.
+    config.pipeline.record_only = true;
     config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.server.http_addr = "127.0.0.1:0".parse().unwrap();
     config.merchants.push(MerchantConfig {

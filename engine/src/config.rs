@@ -291,6 +291,11 @@ pub struct PipelineSection {
     pub max_group: usize,
     pub replay_retention_secs: u64,
     pub min_validity_secs: MinValiditySection,
+    /// Without a `[chain]`, accept and record payments that nothing will
+    /// settle (tests, verification benchmarks). Off by default: a node with
+    /// no `[chain]` refuses to start rather than accept payments it can
+    /// never settle. With a `[chain]` it has no effect.
+    pub record_only: bool,
 }
 
 impl Default for PipelineSection {
@@ -303,6 +308,7 @@ impl Default for PipelineSection {
             max_group: d.max_group,
             replay_retention_secs: d.replay_retention_secs,
             min_validity_secs: MinValiditySection::default(),
+            record_only: false,
         }
     }
 }

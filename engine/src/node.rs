@@ -88,6 +88,18 @@ impl Node {
         }
         let updates = config.merchant_updates()?;
         let mut pipeline = config.pipeline.to_pipeline();
+        pipeline.settled_chains = match &chain {
+            Some(chain) => Some(vec![chain.chain_id()]),
+            None if config.pipeline.record_only => None,
+            None => {
+                return Err(Error::Config(
+                    "no [chain] is configured, so nothing would settle the payments this node accepts: configure \
+                     [chain], or set record_only = true under [pipeline] to accept and record them anyway (tests, \
+                     verification benchmarks)"
+                        .into(),
+                ));
+            }
+        };
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
@@ -116,7 +128,7 @@ impl Node {
         let settler = match chain {
             Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"))?),
             None => {
-                tracing::warn!("no [chain] configured: accepted payments stay queued");
+                tracing::warn!("record only, no [chain] configured: accepted payments stay queued");
                 None
             }
         };
@@ -191,20 +203,22 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
     Ok(Some(Arc::new(chain)))
 }
 
-/// What the facilitator API advertises: every network of the chain and of
-/// the merchants' accepted assets, the settlement signers, the receiver
+/// What the facilitator API advertises: the chain's network (a record-only
+/// node: the merchants' networks), the settlement signers, the receiver
 /// authorizer.
 fn facilitator_info(
     config: &Config,
     engine: &Engine,
     chain: Option<&Arc<AlloyChain>>,
 ) -> Result<crate::facilitator::FacilitatorInfo> {
-    let mut networks: Vec<String> = chain.map(|c| format!("eip155:{}", c.chain_id())).into_iter().collect();
-    for merchant in engine.merchants() {
-        for asset in &merchant.assets {
-            networks.push(format!("eip155:{}", asset.chain_id));
+    // Only what is settled is advertised; a record-only node lists its
+    // merchants' networks.
+    let mut networks: Vec<String> = match chain {
+        Some(chain) => vec![format!("eip155:{}", chain.chain_id())],
+        None => {
+            engine.merchants().iter().flat_map(|m| m.assets.iter().map(|a| format!("eip155:{}", a.chain_id))).collect()
         }
-    }
+    };
     networks.sort();
     networks.dedup();
     let receiver_authorizer = match config.chain.as_ref().map(crate::config::ChainConfig::receiver_authorizer_key) {

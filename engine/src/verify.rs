@@ -106,6 +106,8 @@ type DomainCache = HashMap<(u64, Address), Vec<(String, String, Eip3009Domain)>>
 pub struct Verifier {
     domains: DomainCache,
     min_validity: MinValidity,
+    /// The chains this node settles; `None`: record only, any chain.
+    settled_chains: Option<Vec<u64>>,
 }
 
 impl Verifier {
@@ -113,7 +115,13 @@ impl Verifier {
     const MAX_DOMAINS: usize = 4096;
 
     pub fn new(min_validity: MinValidity) -> Self {
-        Self { domains: HashMap::new(), min_validity }
+        Self { domains: HashMap::new(), min_validity, settled_chains: None }
+    }
+
+    /// Refuses payments on chains other than `chains` (`None`: any).
+    pub fn settling(mut self, chains: Option<Vec<u64>>) -> Self {
+        self.settled_chains = chains;
+        self
     }
 
     /// Runs steps 1–8 for `merchant` at unix time `now`.
@@ -145,6 +153,15 @@ impl Verifier {
             let got = accepted_scheme.filter(|s| s != "exact").unwrap_or_else(|| requirements.scheme.clone());
             return Err(reject(None, Reason::Scheme, format!("scheme {got:?} is not \"exact\"")));
         }
+        if matches!(merchant.policy, crate::domain::SettlementPolicy::Channel { .. }) {
+            // Its settler claims channels only: an exact payment would stay
+            // queued forever.
+            return Err(reject(
+                None,
+                Reason::Scheme,
+                format!("merchant {:?} is paid through batch-settlement channels, not \"exact\"", merchant.id),
+            ));
+        }
         // 2. token EIP-712 domain
         if requirements.eip712_name.is_empty() || requirements.eip712_version.is_empty() {
             return Err(reject(None, Reason::MissingEip712Domain, "extra.name and extra.version are required".into()));
@@ -166,6 +183,9 @@ impl Verifier {
         };
         let chain_id = network.chain_id();
         let id = PaymentId::new(chain_id, requirements.asset, auth.from, auth.nonce);
+        if let Err(message) = settles(self.settled_chains.as_deref(), network) {
+            return Err(reject(Some(id), Reason::InvalidNetwork, message));
+        }
         if !merchant.accepts(chain_id, requirements.asset) {
             return Err(reject(
                 Some(id),
@@ -245,6 +265,17 @@ impl Verifier {
             }
         };
         &entries[pos].2
+    }
+}
+
+/// `Err` with the reason when `network` is not among the `settled` chains
+/// (`None`: a record-only node, any chain).
+pub(crate) fn settles(settled: Option<&[u64]>, network: Network) -> Result<(), String> {
+    match settled {
+        Some(chains) if !chains.contains(&network.chain_id()) => {
+            Err(format!("this node settles no payment on {network}: it settles on {chains:?}"))
+        }
+        _ => Ok(()),
     }
 }
 

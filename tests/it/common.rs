@@ -50,6 +50,7 @@ path = "{ledger}"
 
 [pipeline]
 shards = 2
+record_only = true
 
 [[merchants]]
 id = "m1"

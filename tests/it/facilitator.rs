@@ -12,12 +12,14 @@ use alloy::{
 use serde_json::{Value, json};
 use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
 use x402_engine::{
-    config::{ChainConfig, PolicyConfig},
+    config::{AssetConfig, ChainConfig, Config, PolicyConfig},
     domain::{ExactPayload, Requirements},
     facilitator::exact_request_json as body,
     node::Node,
     payer::Payer,
 };
+
+use x402_proto::v1 as pb;
 
 use crate::common::*;
 
@@ -37,6 +39,11 @@ impl Setup {
 
     /// [`Setup::new`] on an anvil started with `anvil_args`.
     async fn on(settle_wait_ms: u64, anvil_args: &[&str]) -> Self {
+        Self::with(settle_wait_ms, anvil_args, |_| {}).await
+    }
+
+    /// [`Setup::on`] with the node's config changed by `adjust`.
+    async fn with(settle_wait_ms: u64, anvil_args: &[&str], adjust: impl FnOnce(&mut Config)) -> Self {
         let anvil = Anvil::spawn(anvil_args).unwrap();
         let payer = Payer::random();
         devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
@@ -50,6 +57,7 @@ impl Setup {
         chain.receipt_poll_ms = 50;
         config.chain = Some(chain);
         config.facilitator.settle_wait_ms = settle_wait_ms;
+        adjust(&mut config);
         let node = start_node(&config).await;
         Self { anvil, _dir: dir, node, payer, signer: signer.address(), http: reqwest::Client::new() }
     }
@@ -229,4 +237,41 @@ async fn a_settle_retried_with_its_payment_identifier_answers_the_original_outco
     let (status, _) = s.post("/settle", Some(M1_KEY), &with_id(&second, "short")).await;
     assert_eq!(status, 400);
     assert_eq!(s.balance(PAY_TO).await, U256::from(AMOUNT));
+}
+
+/// Nothing is accepted that nothing will settle: a payment on a network the
+/// merchant lists but no configured chain settles, or an `exact` payment to
+/// a merchant paid through channels. `/supported` lists what is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_nothing_would_settle_are_refused_and_not_advertised() {
+    let s = Setup::with(30_000, &[], |config| {
+        config.merchants[0].assets = ["eip155:31337", "eip155:8453"]
+            .map(|network| AssetConfig { network: network.into(), asset: TOKEN.to_string() })
+            .into();
+        config.merchants.push(merchant_config(
+            "mc",
+            PAY_TO_2,
+            "test-merchant-channel-key-9",
+            PolicyConfig::Channel { claim_interval_secs: 60, claim_threshold: "1000".into() },
+        ));
+    })
+    .await;
+    let supported: Value = s.http.get(s.url("/supported")).send().await.unwrap().json().await.unwrap();
+    let networks: Vec<&Value> = supported["kinds"].as_array().unwrap().iter().map(|k| &k["network"]).collect();
+    assert!(networks.iter().all(|n| *n == NETWORK), "{supported}");
+
+    let mut m1 = payments(s.node.endpoints().grpc, M1_KEY).await;
+    let mut base = requirements(PAY_TO);
+    base.network = "eip155:8453".into();
+    let payload = s.payer.sign_exact(&base, now() - 600, now() + 600, random_nonce());
+    let resp = m1.submit(exact_submit(1, &base, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Rejected, "{resp:?}");
+    assert_eq!(resp.reason, "invalid_network", "{}", resp.message);
+
+    let mut mc = payments(s.node.endpoints().grpc, "test-merchant-channel-key-9").await;
+    let req = requirements(PAY_TO_2);
+    let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+    let resp = mc.submit(exact_submit(2, &req, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Rejected, "{resp:?}");
+    assert_eq!(resp.reason, "invalid_exact_evm_scheme", "{}", resp.message);
 }

@@ -180,6 +180,8 @@ pub struct VoucherVerifier {
     /// The channel contract's EIP-712 domain, by chain id.
     domains: HashMap<u64, ChannelDomain>,
     known: KnownChannels,
+    /// The chains this node settles; `None`: record only, any chain.
+    settled_chains: Option<Vec<u64>>,
 }
 
 /// The channels a verifier thread remembers, in two generations: a channel
@@ -233,7 +235,13 @@ impl VoucherVerifier {
     const GENERATION: usize = 32_768;
 
     pub fn new(contracts: ChannelContracts) -> Self {
-        Self { contracts, domains: HashMap::new(), known: KnownChannels::new(Self::GENERATION) }
+        Self { contracts, domains: HashMap::new(), known: KnownChannels::new(Self::GENERATION), settled_chains: None }
+    }
+
+    /// Refuses vouchers on chains other than `chains` (`None`: any).
+    pub fn settling(mut self, chains: Option<Vec<u64>>) -> Self {
+        self.settled_chains = chains;
+        self
     }
 
     /// Checks `payload` for `merchant` against `requirements`.
@@ -269,6 +277,9 @@ impl VoucherVerifier {
             ));
         };
         let chain_id = network.chain_id();
+        if let Err(message) = crate::verify::settles(self.settled_chains.as_deref(), network) {
+            return Err(reject(Reason::InvalidNetwork, message));
+        }
         if !merchant.accepts(chain_id, requirements.asset) {
             return Err(reject(
                 Reason::InvalidNetwork,

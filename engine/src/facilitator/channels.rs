@@ -209,8 +209,12 @@ fn verified(
 ) -> Result<Result<VerifiedVoucher, Refusal>, Failure> {
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
     let payload = crate::channels::decode_payload(body.payment_payload.clone(), extra)?;
-    let contracts = api.info.channels.as_ref().map_or_else(ChannelContracts::default, |c| c.contracts);
-    Ok(VoucherVerifier::new(contracts).verify(merchant, &requirements, payload))
+    let (contracts, chains) = api
+        .info
+        .channels
+        .as_ref()
+        .map_or_else(|| (ChannelContracts::default(), None), |c| (c.contracts, Some(vec![c.chain.chain_id()])));
+    Ok(VoucherVerifier::new(contracts).settling(chains).verify(merchant, &requirements, payload))
 }
 
 fn refused(refusal: Refusal) -> Result<VerifyResponse, Failure> {

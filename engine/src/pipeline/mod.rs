@@ -68,6 +68,9 @@ pub struct PipelineConfig {
     pub channel_contracts: ChannelContracts,
     /// Where unknown channels' on-chain state is read from.
     pub channels: Arc<dyn ChannelSource>,
+    /// The chains payments are settled on; a payment on another network is
+    /// refused (`invalid_network`). `None`: record only, any network.
+    pub settled_chains: Option<Vec<u64>>,
 }
 
 impl Default for PipelineConfig {
@@ -81,6 +84,7 @@ impl Default for PipelineConfig {
             replay_retention_secs: 300,
             channel_contracts: ChannelContracts::default(),
             channels: Arc::new(NoChannels),
+            settled_chains: None,
         }
     }
 }
@@ -292,8 +296,8 @@ impl Pipeline {
         for i in 0..verifiers {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
-            let mut verifier = Verifier::new(config.min_validity);
-            let mut vouchers = VoucherVerifier::new(config.channel_contracts);
+            let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
+            let mut vouchers = VoucherVerifier::new(config.channel_contracts).settling(config.settled_chains.clone());
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
                 run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
             })?);
