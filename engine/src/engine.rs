@@ -215,4 +215,10 @@ impl Engine {
     pub fn event_sequence(&self) -> watch::Receiver<u64> {
         self.pipeline.events()
     }
+
+    /// The name of a pipeline thread that died, once one has: the engine
+    /// then answers no payment and its process should be restarted.
+    pub fn pipeline_died(&self) -> watch::Receiver<Option<String>> {
+        self.pipeline.died()
+    }
 }

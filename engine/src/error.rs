@@ -31,6 +31,10 @@ pub enum Error {
     /// The pipeline has stopped (shutdown or a thread died).
     #[error("pipeline stopped")]
     PipelineStopped,
+    /// A pipeline thread died (panicked): the node no longer answers
+    /// payments and must be restarted.
+    #[error("pipeline thread {0} died")]
+    PipelineThreadDied(String),
     /// An API key is already in use by another merchant.
     #[error("that API key already belongs to merchant {merchant:?}")]
     DuplicateApiKey { merchant: String },

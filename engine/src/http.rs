@@ -3,7 +3,7 @@
 
 use std::{future::Future, sync::OnceLock};
 
-use axum::{Router, routing::get};
+use axum::{Router, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
@@ -34,15 +34,24 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 /// Serves `/metrics`, `/healthz` and the routes of `api` on `listener`
 /// until `shutdown` completes.
+/// `/healthz` answers 503 once a pipeline thread has died (`died`).
 pub async fn serve(
     listener: TcpListener,
     api: Router,
+    died: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let handle = prometheus().clone();
+    let healthz = move || {
+        let answer = match &*died.borrow() {
+            None => (StatusCode::OK, "ok".to_owned()),
+            Some(thread) => (StatusCode::SERVICE_UNAVAILABLE, format!("pipeline thread {thread} died")),
+        };
+        std::future::ready(answer)
+    };
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| std::future::ready("ok")))
+        .route("/healthz", get(healthz))
         .merge(api);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

@@ -134,7 +134,7 @@ impl Node {
         };
         let grpc = tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, until(stopped.clone())));
         let api = crate::facilitator::router(engine.clone(), facilitator);
-        let http = tokio::spawn(crate::http::serve(http_listener, api, until(stopped)));
+        let http = tokio::spawn(crate::http::serve(http_listener, api, engine.pipeline_died(), until(stopped)));
         Ok(Self { engine, endpoints, grpc, http, stop, settler })
     }
 
@@ -152,10 +152,14 @@ impl Node {
         let Self { engine, grpc, http, stop, settler, .. } = self;
         let mut grpc = grpc;
         let mut http = http;
+        let mut died = engine.pipeline_died();
         let result = tokio::select! {
             () = shutdown => Ok(()),
             r = &mut grpc => flatten(r),
             r = &mut http => flatten(r),
+            // A dead pipeline thread answers nothing again: stop, and exit
+            // non-zero so that a supervisor restarts the process.
+            Ok(name) = died.wait_for(Option::is_some) => Err(Error::PipelineThreadDied(name.clone().unwrap_or_default())),
         };
         stop.send_replace(true);
         // Settlement stops between steps: whatever it had recorded is resolved

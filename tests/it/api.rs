@@ -238,3 +238,88 @@ async fn tls_listener() {
         assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_err());
     }
 }
+
+/// A memory ledger whose commit panics once `broken` is set: a pipeline
+/// thread dying on input it did not expect.
+#[derive(Debug, Default)]
+struct PanickingLedger {
+    inner: x402_engine::ledger::MemoryLedger,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl x402_engine::ledger::Ledger for PanickingLedger {
+    fn commit(&self, batch: &x402_engine::ledger::WriteBatch) -> x402_engine::Result<()> {
+        assert!(!self.broken.load(std::sync::atomic::Ordering::SeqCst), "the ledger broke");
+        self.inner.commit(batch)
+    }
+    fn payment(
+        &self,
+        id: &x402_engine::domain::PaymentId,
+    ) -> x402_engine::Result<Option<x402_engine::domain::PaymentRecord>> {
+        self.inner.payment(id)
+    }
+    fn for_each_payment(&self, visit: &mut dyn FnMut(x402_engine::domain::PaymentRecord)) -> x402_engine::Result<()> {
+        self.inner.for_each_payment(visit)
+    }
+    fn pending(&self) -> x402_engine::Result<Vec<x402_engine::domain::PendingKey>> {
+        self.inner.pending()
+    }
+    fn merchants(&self) -> x402_engine::Result<Vec<x402_engine::domain::Merchant>> {
+        self.inner.merchants()
+    }
+    fn events_after(&self, after: u64, limit: usize) -> x402_engine::Result<Vec<x402_engine::domain::SettlementEvent>> {
+        self.inner.events_after(after, limit)
+    }
+    fn last_event_sequence(&self) -> x402_engine::Result<u64> {
+        self.inner.last_event_sequence()
+    }
+    fn intents(&self) -> x402_engine::Result<Vec<x402_engine::domain::TxIntent>> {
+        self.inner.intents()
+    }
+    fn channels(&self) -> x402_engine::Result<Vec<x402_engine::domain::ChannelRecord>> {
+        self.inner.channels()
+    }
+    fn channel(&self, id: &alloy::primitives::B256) -> x402_engine::Result<Option<x402_engine::domain::ChannelRecord>> {
+        self.inner.channel(id)
+    }
+}
+
+/// A pipeline thread that dies is not hidden: `/healthz` answers 503,
+/// `grpc.health.v1` NOT_SERVING, and the node stops with an error (so the
+/// process exits non-zero and a supervisor restarts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = std::sync::Arc::new(PanickingLedger::default());
+    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
+        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
+    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let endpoints = node.endpoints();
+    let healthz = || async move { reqwest::get(format!("http://{}/healthz", endpoints.http)).await.unwrap().status() };
+    assert_eq!(healthz().await, 200);
+
+    ledger.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut m1 = payments(endpoints.grpc, M1_KEY).await;
+    let answer = m1.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await;
+    assert!(answer.is_err() || outcome(answer.as_ref().unwrap().get_ref()) != pb::Outcome::Accepted, "{answer:?}");
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(endpoints.grpc).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "x402.engine.v1.PaymentService".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(healthz().await, 503);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), node.wait(std::future::pending())).await;
+    let err = stopped.expect("the node stops by itself").unwrap_err();
+    assert!(err.to_string().contains("x402d-commit"), "{err}");
+}

@@ -31,6 +31,16 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PaymentServiceServer<PaymentApi>>().await;
     health.set_serving::<MerchantAdminServiceServer<MerchantAdminApi>>().await;
+    // A dead pipeline thread answers nothing again: NOT_SERVING, for good.
+    let mut died = engine.pipeline_died();
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        if died.wait_for(Option::is_some).await.is_ok() {
+            reporter.set_not_serving::<PaymentServiceServer<PaymentApi>>().await;
+            reporter.set_not_serving::<MerchantAdminServiceServer<MerchantAdminApi>>().await;
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        }
+    });
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(x402_proto::FILE_DESCRIPTOR_SET)

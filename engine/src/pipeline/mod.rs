@@ -204,6 +204,8 @@ pub struct Pipeline {
     events: watch::Receiver<u64>,
     changed_channels: Arc<ChangedChannels>,
     payment_waiters: Arc<PaymentWaiters>,
+    /// The name of a pipeline thread that died, once one has.
+    died: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -275,6 +277,7 @@ impl Pipeline {
             "pipeline state rebuilt from the ledger"
         );
 
+        let (died_tx, died_rx) = watch::channel(None);
         let mut pipeline = Self {
             verify_tx: Some(verify_tx),
             shard_txs: shard_txs.clone(),
@@ -286,11 +289,13 @@ impl Pipeline {
             events: events_rx,
             changed_channels,
             payment_waiters,
+            died: died_rx,
         };
+        let died = Arc::new(died_tx);
         pipeline.committer_thread =
-            Some(spawn("x402d-commit".into(), move || committer.run(&commit_rx, &commit_control_rx))?);
+            Some(spawn("x402d-commit".into(), &died, move || committer.run(&commit_rx, &commit_control_rx))?);
         for (i, (state, (rx, control))) in shard_states.into_iter().zip(shard_rxs).enumerate() {
-            pipeline.shard_threads.push(spawn(format!("x402d-shard-{i}"), move || state.run(&rx, &control))?);
+            pipeline.shard_threads.push(spawn(format!("x402d-shard-{i}"), &died, move || state.run(&rx, &control))?);
         }
         let shard_txs = Arc::new(shard_txs);
         for i in 0..verifiers {
@@ -298,7 +303,7 @@ impl Pipeline {
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts).settling(config.settled_chains.clone());
-            pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), move || {
+            pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {
                 run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
             })?);
         }
@@ -421,6 +426,12 @@ impl Pipeline {
         self.changed_channels.clone()
     }
 
+    /// Follows the pipeline's health: the name of the first thread that
+    /// died, `None` while all live.
+    pub fn died(&self) -> watch::Receiver<Option<String>> {
+        self.died.clone()
+    }
+
     /// Stops accepting work, lets queued work finish and joins the threads.
     pub fn shutdown(mut self) {
         self.stop();
@@ -455,8 +466,27 @@ impl Drop for Pipeline {
     }
 }
 
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    Ok(thread::Builder::new().name(name).spawn(f)?)
+/// Starts a pipeline thread; if it panics, `died` names it.
+fn spawn(
+    name: String,
+    died: &Arc<watch::Sender<Option<String>>>,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    /// Reports the thread's panic when dropped while unwinding.
+    struct Watch(Arc<watch::Sender<Option<String>>>, String);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            if thread::panicking() {
+                tracing::error!(thread = %self.1, "a pipeline thread died; the node stops answering payments");
+                self.0.send_replace(Some(self.1.clone()));
+            }
+        }
+    }
+    let watch = Watch(died.clone(), name.clone());
+    Ok(thread::Builder::new().name(name).spawn(move || {
+        let _watch = watch;
+        f();
+    })?)
 }
 
 /// The shard that owns `payer`. Addresses are hashes, so their leading bytes

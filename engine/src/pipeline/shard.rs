@@ -709,7 +709,17 @@ impl Shard {
                         let mut rest = queue.into_iter();
                         let next = rest.next().expect("not empty");
                         self.fetch_channel(&v, next);
-                        self.parked_vouchers.get_mut(&id).expect("just parked").extend(rest);
+                        match self.parked_vouchers.get_mut(&id) {
+                            Some(parked) => parked.extend(rest),
+                            // Too many wait already: `next` was answered so, and so are they.
+                            None => {
+                                for ParkedVoucher { reply, .. } in rest {
+                                    let _ = reply.send(SubmitOutcome::Unavailable(
+                                        "too many vouchers wait for channel reads".into(),
+                                    ));
+                                }
+                            }
+                        }
                         true
                     }
                 }
