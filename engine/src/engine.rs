@@ -18,6 +18,9 @@ use crate::{
     pipeline::{IntentChange, Overloaded, Pipeline, PipelineConfig, SubmitOutcome, Transition},
 };
 
+/// The shortest API or admin key accepted.
+pub const MIN_KEY_LEN: usize = 16;
+
 /// A merchant as an administrator sets it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MerchantUpdate {
@@ -49,6 +52,11 @@ impl Engine {
         pipeline: &PipelineConfig,
         admin_key: Option<&str>,
     ) -> Result<Self> {
+        if let Some(key) = admin_key
+            && key.len() < MIN_KEY_LEN
+        {
+            return Err(Error::Config(format!("the admin key must be at least {MIN_KEY_LEN} characters")));
+        }
         let merchants = MerchantRegistry::new(ledger.merchants()?);
         let pipeline = Pipeline::start(pipeline, &ledger, balances)?;
         Ok(Self {
@@ -103,6 +111,26 @@ impl Engine {
 
     /// Creates or updates a merchant, durably, and makes it visible.
     pub async fn upsert_merchant(&self, update: MerchantUpdate) -> Result<Arc<Merchant>> {
+        if update.pay_to.is_empty() {
+            return Err(Error::InvalidMerchant(format!(
+                "merchant {:?}: pay_to needs at least one address (the addresses it is paid at)",
+                update.id
+            )));
+        }
+        if let Some(key) = &update.api_key {
+            if key.len() < MIN_KEY_LEN {
+                return Err(Error::InvalidMerchant(format!(
+                    "merchant {:?}: api_key must be at least {MIN_KEY_LEN} characters",
+                    update.id
+                )));
+            }
+            if self.is_admin(key) {
+                return Err(Error::InvalidMerchant(format!(
+                    "merchant {:?}: api_key must not be the admin key",
+                    update.id
+                )));
+            }
+        }
         let _guard = self.merchant_writes.lock().await;
         let existing = self.merchants.get(&update.id);
         let merchant = Merchant {

@@ -35,6 +35,9 @@ pub enum Error {
     /// payments and must be restarted.
     #[error("pipeline thread {0} died")]
     PipelineThreadDied(String),
+    /// A merchant update is not acceptable (the field, what is wrong).
+    #[error("{0}")]
+    InvalidMerchant(String),
     /// An API key is already in use by another merchant.
     #[error("that API key already belongs to merchant {merchant:?}")]
     DuplicateApiKey { merchant: String },

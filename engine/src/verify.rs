@@ -211,7 +211,7 @@ impl Verifier {
                 format!("authorization.to {} is not payTo {}", auth.to, requirements.pay_to),
             ));
         }
-        if !merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to) {
+        if !merchant.pay_to.contains(&requirements.pay_to) {
             return Err(signed(
                 Reason::RecipientMismatch,
                 format!("payTo {} is not an address of merchant {:?}", requirements.pay_to, merchant.id),

@@ -129,12 +129,33 @@ async fn merchant_admin_and_runtime_strategy_change() {
     assert!(status.message().starts_with("merchant.id"), "{}", status.message());
     let status = admin
         .upsert_merchant(pb::UpsertMerchantRequest {
-            merchant: Some(pb::Merchant { id: "m10".into(), policy: Some(batched), ..Default::default() }),
+            merchant: Some(pb::Merchant {
+                id: "m10".into(),
+                pay_to: vec![PAY_TO.to_vec()],
+                policy: Some(batched.clone()),
+                ..Default::default()
+            }),
             api_key: M1_KEY.into(),
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    // A merchant needs an address to be paid at (else it would accept any
+    // recipient), and a key of 16 characters or more that is not the admin's.
+    for (pay_to, key, field) in [
+        (vec![], "test-merchant-ten-key-0123", "pay_to"),
+        (vec![PAY_TO.to_vec()], "short-key", "api_key"),
+        (vec![PAY_TO.to_vec()], ADMIN_KEY, "api_key"),
+    ] {
+        let merchant = pb::Merchant { id: "m10".into(), pay_to, policy: Some(batched.clone()), ..Default::default() };
+        let status = admin
+            .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: key.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+    assert!(admin.get_merchant(pb::GetMerchantRequest { id: "m10".into() }).await.is_err());
     let status = admin.get_merchant(pb::GetMerchantRequest { id: "nobody".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
@@ -322,4 +343,13 @@ async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
     let stopped = tokio::time::timeout(Duration::from_secs(10), node.wait(std::future::pending())).await;
     let err = stopped.expect("the node stops by itself").unwrap_err();
     assert!(err.to_string().contains("x402d-commit"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_admin_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    config.auth.admin_key = Some("admin".into());
+    let err = x402_engine::node::Node::start(&config).await.err().expect("refused");
+    assert!(err.to_string().contains("admin key"), "{err}");
 }

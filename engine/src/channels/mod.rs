@@ -293,9 +293,7 @@ impl VoucherVerifier {
                 format!("channel token {} is not asset {}", c.token, requirements.asset),
             ));
         }
-        if c.receiver != requirements.pay_to
-            || (!merchant.pay_to.is_empty() && !merchant.pay_to.contains(&requirements.pay_to))
-        {
+        if c.receiver != requirements.pay_to || !merchant.pay_to.contains(&requirements.pay_to) {
             return Err(reject(
                 Reason::ReceiverMismatch,
                 format!(

@@ -33,7 +33,7 @@ pub(super) fn status_from_error(err: &Error) -> Status {
     match err {
         Error::DuplicateApiKey { .. } => Status::already_exists(err.to_string()),
         Error::PipelineStopped => Status::unavailable(err.to_string()),
-        Error::Config(_) => Status::invalid_argument(err.to_string()),
+        Error::Config(_) | Error::InvalidMerchant(_) => Status::invalid_argument(err.to_string()),
         _ if err.is_retryable() => Status::unavailable(err.to_string()),
         _ => Status::internal(err.to_string()),
     }
