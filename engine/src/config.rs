@@ -45,11 +45,14 @@ pub struct FacilitatorConfig {
     /// How long `/settle` waits for a payment to settle before answering
     /// `settlement_pending` (it settles all the same).
     pub settle_wait_ms: u64,
+    /// `/verify` and `/settle` requests served at once; past it they are
+    /// answered 503 (a waiting `/settle` counts until it answers).
+    pub max_concurrent: usize,
 }
 
 impl Default for FacilitatorConfig {
     fn default() -> Self {
-        Self { settle_wait_ms: 30_000 }
+        Self { settle_wait_ms: 30_000, max_concurrent: 4096 }
     }
 }
 

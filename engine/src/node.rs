@@ -241,6 +241,7 @@ fn facilitator_info(
         signers: chain.map(|c| c.signers()).unwrap_or_default(),
         receiver_authorizer,
         settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
+        max_concurrent: config.facilitator.max_concurrent.max(1),
         channels: match (chain, &config.chain) {
             (Some(chain), Some(c)) => Some(crate::facilitator::ChannelFacilitator {
                 chain: Arc::clone(chain),

@@ -275,3 +275,41 @@ async fn payments_nothing_would_settle_are_refused_and_not_advertised() {
     assert_eq!(outcome(&resp), pb::Outcome::Rejected, "{resp:?}");
     assert_eq!(resp.reason, "invalid_exact_evm_scheme", "{}", resp.message);
 }
+
+/// The facilitator listener authenticates from the headers before it reads
+/// a body, reads at most `MAX_BODY` of one, and serves a bounded number of
+/// requests at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_authenticated_first_bounded_in_size_and_in_number() {
+    let s = Setup::with(30_000, &[], |config| config.facilitator.max_concurrent = 1).await;
+    let raw = |key: Option<&'static str>, body: Vec<u8>| {
+        let mut req = s.http.post(s.url("/verify")).header("content-type", "application/json").body(body);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(raw(None, b"not json".to_vec()).await, 401);
+    assert_eq!(raw(Some("not-a-merchant-key-000"), b"not json".to_vec()).await, 401);
+    let huge = format!("{{\"x402Version\": 2, \"pad\": \"{}\"}}", "x".repeat(x402_engine::facilitator::MAX_BODY));
+    assert_eq!(raw(Some(M1_KEY), huge.into_bytes()).await, 413);
+
+    // One /settle waiting for its batch (m2 batches for 1.5 s) holds the
+    // only place: another request meanwhile is told to come back.
+    let req = requirements(PAY_TO_2);
+    let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+    let settle_body = body(&req, &payload);
+    let waiting = s.post("/settle", Some(M2_KEY), &settle_body);
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let req = requirements(PAY_TO);
+        let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+        s.http.post(s.url("/verify")).bearer_auth(M1_KEY).json(&body(&req, &payload)).send().await.unwrap().status()
+    };
+    let ((_, settled), refused) = tokio::join!(waiting, other);
+    assert_eq!(refused.as_u16(), 503);
+    assert_eq!(settled["success"], true, "{settled}");
+    // Once it answered, the place is free again.
+    let (status, _) = s.post("/verify", Some(M1_KEY), &body(&req, &payload)).await;
+    assert_eq!(status, 200);
+}

@@ -29,7 +29,7 @@ use std::{sync::Arc, time::Duration};
 
 use alloy::primitives::{Address, U256};
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{State, rejection::JsonRejection},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
@@ -62,7 +62,13 @@ pub struct FacilitatorInfo {
     pub settle_wait: Duration,
     /// `batch-settlement` on chain, when a `[chain]` is configured.
     pub channels: Option<ChannelFacilitator>,
+    /// `/verify` and `/settle` requests served at once; past it, 503.
+    pub max_concurrent: usize,
 }
+
+/// The largest `/verify` or `/settle` body read, in bytes (a request is
+/// about 2 KiB; a claim of many channels more).
+pub const MAX_BODY: usize = 256 * 1024;
 
 pub use self::channels::ChannelFacilitator;
 
@@ -71,15 +77,38 @@ struct Api {
     engine: Arc<Engine>,
     info: Arc<FacilitatorInfo>,
     pending_retries: Arc<PendingRetries>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The facilitator routes, to merge into the HTTP listener's router.
+/// `/verify` and `/settle` authenticate the merchant before their body is
+/// read, read at most [`MAX_BODY`] bytes of it, and are served
+/// [`FacilitatorInfo::max_concurrent`] at a time.
 pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(info.max_concurrent));
+    let api = Api { engine, info: Arc::new(info), pending_retries: Arc::default(), in_flight };
     Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), admit))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .route("/supported", get(supported))
-        .with_state(Api { engine, info: Arc::new(info), pending_retries: Arc::default() })
+        .with_state(api)
+}
+
+/// Authenticates the merchant from the headers alone, and takes a place
+/// among the requests served at once, before anything reads the body.
+async fn admit(
+    State(api): State<Api>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, Failure> {
+    let merchant = api.merchant(request.headers())?;
+    let Ok(_place) = api.in_flight.clone().try_acquire_owned() else {
+        return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, "too many facilitator requests at once; retry".into()));
+    };
+    request.extensions_mut().insert(merchant);
+    Ok(next.run(request).await)
 }
 
 /// The payments whose `/settle` was answered `settlement_pending` with a
@@ -308,10 +337,9 @@ fn not_exact() -> Failure {
 
 async fn verify(
     State(api): State<Api>,
-    headers: HeaderMap,
+    Extension(merchant): Extension<Arc<Merchant>>,
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<VerifyResponse>, Failure> {
-    let merchant = api.merchant(&headers)?;
     let body = v2(body)?;
     if body.payment_requirements.scheme == "batch-settlement" {
         return channels::verify(&api, &merchant, body).await.map(Json);
@@ -347,10 +375,9 @@ async fn verify(
 
 async fn settle(
     State(api): State<Api>,
-    headers: HeaderMap,
+    Extension(merchant): Extension<Arc<Merchant>>,
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<SettleResponse>, Failure> {
-    let merchant = api.merchant(&headers)?;
     let body = v2(body)?;
     if body.payment_requirements.scheme == "batch-settlement" {
         return channels::settle(&api, &merchant, body).await.map(Json);
