@@ -139,6 +139,23 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// (and at least to the current market). Nothing is sent.
     fn bump(&self, tx: &SignedTx) -> impl Future<Output = Result<SignedTx>> + Send;
 
+    /// Makes `signer`'s next nonce at least `next`: a restarted engine must
+    /// not hand out again a nonce that a recorded (perhaps never broadcast)
+    /// intent holds.
+    fn floor_nonce(&self, signer: Address, next: u64) -> impl Future<Output = Result<()>> + Send {
+        let _ = (signer, next);
+        async { Ok(()) }
+    }
+
+    /// Fills the nonce of `tx`, signed but never to be sent (its intent
+    /// could not be recorded), with a zero-value transfer of the signer to
+    /// itself, so that the signer's later transactions are not stuck behind
+    /// a gap.
+    fn fill_nonce(&self, tx: &SignedTx) -> impl Future<Output = Result<()>> + Send {
+        let _ = tx;
+        async { Ok(()) }
+    }
+
     /// Sends a signed transaction. Sending one the node already has is not
     /// an error, so a rebroadcast after a crash is safe. A nonce the node
     /// has already seen used answers [`Error::NonceTooLow`](crate::Error::NonceTooLow)

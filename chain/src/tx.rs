@@ -329,6 +329,35 @@ impl Chain for AlloyChain {
         self.sign(tx.signer, request).await
     }
 
+    async fn floor_nonce(&self, signer: Address, next: u64) -> Result<()> {
+        let mut nonces = self.nonces.lock().await;
+        let current = match nonces.get(&signer) {
+            Some(n) => *n,
+            None => self.provider.get_transaction_count(signer).pending().await?,
+        };
+        if next > current {
+            tracing::info!(%signer, node = current, next, "nonce raised past the recorded intents");
+        }
+        nonces.insert(signer, current.max(next));
+        Ok(())
+    }
+
+    async fn fill_nonce(&self, tx: &SignedTx) -> Result<()> {
+        let market = self.provider.estimate_eip1559_fees().await?;
+        let priority = tx.max_priority_fee_per_gas.max(market.max_priority_fee_per_gas);
+        let request = TransactionRequest::default()
+            .with_from(tx.signer)
+            .with_to(tx.signer)
+            .with_chain_id(self.chain_id)
+            .with_nonce(tx.nonce)
+            .with_gas_limit(21_000)
+            .with_max_fee_per_gas(tx.max_fee_per_gas.max(market.max_fee_per_gas).max(priority))
+            .with_max_priority_fee_per_gas(priority);
+        let filler = self.sign(tx.signer, request).await?;
+        tracing::warn!(signer = %tx.signer, nonce = tx.nonce, tx = %filler.hash, "filling a nonce whose transaction was never sent");
+        self.broadcast(&filler).await
+    }
+
     async fn broadcast(&self, tx: &SignedTx) -> Result<()> {
         match self.provider.send_raw_transaction(&tx.raw).await {
             Ok(_) => Ok(()),
@@ -450,6 +479,31 @@ mod tests {
         let digest = Eip3009Domain::new(DEV_TOKEN_NAME, DEV_TOKEN_VERSION, 31337, s.token).signing_hash(&message);
         let sig = s.payer.sign_hash_sync(&digest).unwrap();
         crate::eip3009::transfer_with_authorization_calldata(&message, &sig.as_bytes())
+    }
+
+    /// A nonce signed for but never sent is filled, and the signer's later
+    /// transactions are mined instead of waiting behind the gap; a restart
+    /// floors the next nonce past recorded intents.
+    #[tokio::test]
+    async fn an_unsent_nonce_is_filled_and_a_floor_holds() {
+        let s = setup().await;
+        let signers = funded_signers(s.anvil.endpoint(), 1).await;
+        let chain = AlloyChain::connect(s.anvil.endpoint(), signers, TxConfig::default()).await.unwrap();
+        let unsent = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(1)), None).await.unwrap();
+        let next = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(2)), None).await.unwrap();
+        assert_eq!((unsent.nonce, next.nonce), (0, 1));
+        chain.broadcast(&next).await.unwrap();
+        assert!(chain.wait_receipt(&[next.hash], Duration::from_secs(1)).await.unwrap().is_none(), "behind a gap");
+        chain.fill_nonce(&unsent).await.unwrap();
+        let receipt = chain.wait_receipt(&[next.hash], Duration::from_secs(20)).await.unwrap().expect("mined");
+        assert!(receipt.success);
+
+        chain.floor_nonce(unsent.signer, 7).await.unwrap();
+        let after = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(3)), None).await.unwrap();
+        assert_eq!(after.nonce, 7);
+        chain.floor_nonce(unsent.signer, 3).await.unwrap();
+        let later = chain.sign_call(s.token, authorization_call(&s, 100, B256::repeat_byte(4)), None).await.unwrap();
+        assert_eq!(later.nonce, 8, "a floor never lowers the next nonce");
     }
 
     #[tokio::test]

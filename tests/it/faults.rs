@@ -174,3 +174,61 @@ async fn rate_limited_simulations_are_retried_and_every_payment_settles() {
     settler.abort();
     settled_once(&s).await;
 }
+
+/// A crash between recording an intent and broadcasting it, then a restart
+/// whose node never saw that transaction: the signer's next nonce comes
+/// after the recorded intent (not from the node's count alone), no intent
+/// is overwritten, and every payment settles once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_an_unsent_intent_orphans_no_payment() {
+    use x402_engine::{
+        domain::{PaymentState, PaymentStatus, TxIntent},
+        pipeline::{IntentChange, Transition},
+    };
+    let s = setup(4).await;
+    let ids = submit_all(&s).await;
+
+    // The first payment's transaction was signed and written ahead, and the
+    // process died before broadcasting it.
+    let first = s.node.engine().payment(ids[0]).await.unwrap().unwrap();
+    let signature: [u8; 65] = first.signature.as_slice().try_into().unwrap();
+    let calldata =
+        x402_chain::eip3009::transfer_with_authorization_calldata(&first.authorization.message(), &signature);
+    let tx = s.chain.sign_call(TOKEN, calldata, Some(200_000)).await.unwrap();
+    let intent = TxIntent {
+        chain_id: s.chain.chain_id(),
+        signer: tx.signer,
+        nonce: tx.nonce,
+        tx_hashes: vec![tx.hash],
+        raw: tx.raw.to_vec(),
+        payments: vec![ids[0]],
+        state: IntentState::Pending,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    };
+    let mut submitted = PaymentStatus::new(PaymentState::Submitted, 1);
+    submitted.transaction = Some(tx.hash);
+    s.node
+        .engine()
+        .record_settlement(vec![IntentChange::Record(intent)], vec![Transition { id: ids[0], status: submitted }])
+        .await
+        .unwrap();
+    // A restarted process knows only the node's count, which misses it.
+    s.chain.resync_nonce(tx.signer).await.unwrap();
+
+    // Nothing is mined for a while: the rebroadcast intent waits in the
+    // pool while the other payments are sent.
+    s.control.anvil_set_auto_mine(false).await.unwrap();
+    let config = SettlerConfig {
+        receipt_timeout: Duration::from_secs(1),
+        stuck_after: Duration::from_secs(60),
+        ..SettlerConfig::default()
+    };
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), config, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
+    let confirmed = all_confirmed(&s, &ids).await;
+    settler.abort();
+    assert_eq!(confirmed[0].0, tx.hash, "the recorded transaction was sent, not replaced");
+    settled_once(&s).await;
+}

@@ -203,6 +203,10 @@ fn intents_are_kept_in_signer_nonce_order(ledger: &dyn Ledger) {
     ledger.commit(&batch).unwrap();
     let keys: Vec<_> = ledger.intents().unwrap().iter().map(|i| (i.signer, i.nonce)).collect();
     assert_eq!(keys, vec![(Address::repeat_byte(1), 7), (Address::repeat_byte(2), 256)]);
+    // One intent by its key.
+    let pending = sample_intent(2, 256, IntentState::Pending);
+    assert_eq!(ledger.intent(&pending.key()).unwrap(), Some(pending));
+    assert_eq!(ledger.intent(&sample_intent(2, 255, included).key()).unwrap(), None);
 }
 
 /// A channel whose id is `seed` repeated, with some state in every field.

@@ -124,6 +124,11 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// then nonce.
     fn intents(&self) -> Result<Vec<TxIntent>>;
 
+    /// The transaction intent at `key`, if not forgotten.
+    fn intent(&self, key: &IntentKey) -> Result<Option<TxIntent>> {
+        Ok(self.intents()?.into_iter().find(|i| i.key() == *key))
+    }
+
     /// Every payment channel, ordered by id.
     fn channels(&self) -> Result<Vec<ChannelRecord>>;
 

@@ -12,7 +12,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode,
 use super::{Ledger, WriteBatch, records};
 use crate::{
     Error, Result,
-    domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
+    domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
 const CF_PAYMENTS: &str = "payments";
@@ -193,6 +193,13 @@ impl Ledger for RocksLedger {
             .iterator_cf(self.cf(CF_INTENTS), IteratorMode::Start)
             .map(|item| records::decode_intent(&item?.1))
             .collect()
+    }
+
+    fn intent(&self, key: &IntentKey) -> Result<Option<TxIntent>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_INTENTS), records::intent_key(key))?
+            .map(|v| records::decode_intent(&v))
+            .transpose()
     }
 
     fn channels(&self) -> Result<Vec<ChannelRecord>> {

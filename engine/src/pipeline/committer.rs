@@ -255,6 +255,17 @@ impl Committer {
             let record = self.ledger.payment(&t.id)?.ok_or(Error::UnknownPayment(t.id))?;
             records.push((record, t.status));
         }
+        for change in &intents {
+            // One intent per signer nonce: a pending one is replaced only by
+            // a version of itself (a fee bump settles the same payments).
+            if let IntentChange::Record(intent) = change
+                && let Some(existing) = self.ledger.intent(&intent.key())?
+                && existing.payments != intent.payments
+                && !matches!(existing.state, crate::domain::IntentState::Abandoned)
+            {
+                return Err(Error::IntentConflict(intent.key()));
+            }
+        }
         for change in intents {
             batch.push(match change {
                 IntentChange::Record(intent) => Write::Intent(Box::new(intent)),

@@ -933,6 +933,40 @@ mod tests {
         assert!(matches!(replay, SubmitOutcome::Duplicate { .. }), "{replay:?}");
     }
 
+    #[test]
+    fn a_pending_intent_is_replaced_only_by_a_version_of_itself() {
+        use crate::domain::{IntentState, TxIntent};
+
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let pipeline = start(&ledger, &payer, 1_000);
+        let ids: Vec<PaymentId> = (1..=2)
+            .map(|n| match submit(&pipeline, submission(&payer, n)) {
+                SubmitOutcome::Accepted { id, .. } => id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let intent = |payment: PaymentId, hash: u8| TxIntent {
+            chain_id: 31337,
+            signer: Address::repeat_byte(1),
+            nonce: 5,
+            tx_hashes: vec![B256::repeat_byte(hash)],
+            raw: vec![2, hash],
+            payments: vec![payment],
+            state: IntentState::Pending,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        let record = |i: TxIntent| {
+            pipeline.record_settlement(vec![IntentChange::Record(i)], Vec::new()).unwrap().blocking_recv().unwrap()
+        };
+        record(intent(ids[0], 1)).unwrap();
+        record(intent(ids[0], 2)).expect("a fee bump of the same payments");
+        let err = record(intent(ids[1], 3)).unwrap_err();
+        assert!(matches!(err, Error::IntentConflict(_)), "{err}");
+        assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], 2)], "the pending intent was kept");
+    }
+
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
 
     /// A pipeline whose balances a test hands over by hand, with one

@@ -149,7 +149,28 @@ impl<C: Chain> Settler<C> {
         })
     }
 
+    /// Raises each signer's next nonce past its pending intents, so that a
+    /// restart (whose node may never have seen an intent's transaction)
+    /// does not hand the same nonce to a new one.
+    pub(crate) async fn floor_nonces(&self) -> Result<()> {
+        let mut next: HashMap<Address, u64> = HashMap::new();
+        for intent in self.engine.intents().await? {
+            if intent.chain_id == self.chain.chain_id() && intent.state == IntentState::Pending {
+                let n = next.entry(intent.signer).or_default();
+                *n = (*n).max(intent.nonce + 1);
+            }
+        }
+        for (signer, nonce) in next {
+            self.chain.floor_nonce(signer, nonce).await.map_err(chain_error)?;
+        }
+        Ok(())
+    }
+
     async fn run(self: Arc<Self>) {
+        while let Err(err) = self.floor_nonces().await {
+            tracing::warn!(%err, "reading the pending intents' nonces failed; will retry");
+            tokio::time::sleep(self.config.poll).await;
+        }
         let mut tasks = JoinSet::new();
         // Payments (and so intents) a task is working on.
         let mut in_flight = HashSet::new();

@@ -9,7 +9,7 @@ use x402_chain::{Chain, Receipt, SignedTx};
 
 use super::{SIMULATION_FAILED, Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
-    Result,
+    Error, Result,
     domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
     pipeline::{IntentChange, Transition},
     reason::Reason,
@@ -58,7 +58,17 @@ impl<C: Chain> Settler<C> {
         let mut changes = vec![IntentChange::Record(intent.clone())];
         let mut transitions = transitions;
         loop {
-            self.record(changes, transitions).await?;
+            if let Err(err) = self.record(changes, transitions).await {
+                // Not recorded, so never to be sent: its nonce must not stay
+                // a gap that holds up every later transaction of the signer.
+                // (Unless a recorded intent holds that nonce: it is no gap.)
+                if !matches!(err, Error::IntentConflict(_))
+                    && let Err(fill) = self.chain.fill_nonce(&tx).await
+                {
+                    tracing::warn!(signer = %tx.signer, nonce = tx.nonce, err = %fill, "could not fill an unsent nonce");
+                }
+                return Err(err);
+            }
             match self.chain.broadcast(&tx).await {
                 Ok(()) => break,
                 Err(x402_chain::Error::NonceTooLow { .. }) => {
