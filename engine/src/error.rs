@@ -25,10 +25,10 @@ pub enum Error {
     /// A settlement update names a payment the ledger does not have.
     #[error("no payment {0}")]
     UnknownPayment(crate::domain::PaymentId),
-    /// A transaction intent would replace a pending one that settles other
-    /// payments (its nonce was handed out twice): refused, so that neither
-    /// is forgotten.
-    #[error("intent of {0:?} would replace a pending intent of other payments")]
+    /// A transaction intent would replace the recorded one of another
+    /// transaction at its nonce (the nonce was handed out twice): refused,
+    /// so that neither is forgotten.
+    #[error("intent at {0:?} would replace the recorded intent of another transaction")]
     IntentConflict(crate::domain::IntentKey),
     /// The chain could not be read or written.
     #[error("chain: {0}")]

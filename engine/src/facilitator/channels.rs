@@ -302,7 +302,7 @@ pub(super) async fn settle(
             let payload: SettlePayload = payload(&body)?;
             let receiver = parse_address(&payload.receiver).ok_or_else(|| invalid("receiver", "is not an address"))?;
             let token = parse_address(&payload.token).ok_or_else(|| invalid("token", "is not an address"))?;
-            if let Err(message) = owned(merchant, std::iter::once(receiver)) {
+            if let Err(message) = owned(api, merchant, std::iter::once(receiver)) {
                 return Ok(failed(Reason::ReceiverMismatch.code(), message));
             }
             channels.spend(merchant)?;
@@ -358,13 +358,23 @@ pub(super) async fn settle(
     }
 }
 
-/// `Err` naming the first of `receivers` that is not one of `merchant`'s
-/// addresses: over HTTP a merchant acts on its own channels only.
-fn owned(merchant: &Merchant, mut receivers: impl Iterator<Item = Address>) -> Result<(), String> {
-    match receivers.find(|r| !merchant.pay_to.contains(r)) {
-        Some(r) => Err(format!("receiver {r} is not an address of merchant {:?}", merchant.id)),
-        None => Ok(()),
+/// `Err` naming the first of `receivers` that is not `merchant`'s alone:
+/// over HTTP a merchant acts on its own channels only, and a receiver
+/// address two merchants list belongs to neither for this.
+fn owned(api: &Api, merchant: &Merchant, receivers: impl Iterator<Item = Address>) -> Result<(), String> {
+    let merchants = api.engine.merchants();
+    for r in receivers {
+        if !merchant.pay_to.contains(&r) {
+            return Err(format!("receiver {r} is not an address of merchant {:?}", merchant.id));
+        }
+        if let Some(other) = merchants.iter().find(|m| m.id != merchant.id && m.pay_to.contains(&r)) {
+            return Err(format!(
+                "receiver {r} is an address of merchants {:?} and {:?}: neither acts on its channels over HTTP",
+                merchant.id, other.id
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Refuses channels that x402d keeps itself (a gRPC gateway's): their
@@ -470,7 +480,7 @@ async fn claim(
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
     }
-    if let Err(message) = owned(merchant, rows.iter().map(|r| r.config.receiver)) {
+    if let Err(message) = owned(api, merchant, rows.iter().map(|r| r.config.receiver)) {
         return Ok(SettleResponse {
             error_reason: Some(Reason::ReceiverMismatch.code().into()),
             error_message: Some(message),
@@ -522,7 +532,7 @@ async fn refund(
     let nonce = parse_uint(&payload.refund_nonce).ok_or_else(|| invalid("refundNonce", "is not a uint256"))?;
     let rows = claim_rows(&domain, &payload.claims)?;
     if let Err(message) =
-        owned(merchant, std::iter::once(config.receiver).chain(rows.iter().map(|r| r.config.receiver)))
+        owned(api, merchant, std::iter::once(config.receiver).chain(rows.iter().map(|r| r.config.receiver)))
     {
         return Ok(SettleResponse {
             error_reason: Some(Reason::ReceiverMismatch.code().into()),

@@ -10,11 +10,11 @@
 //! - a payment already recorded is paid for once only: `/verify` answers it
 //!   `isValid: false` and `/settle` `success: false`, both with
 //!   `invalid_exact_evm_nonce_already_used`, so the resource server serves
-//!   it once. Two exceptions, both retries the caller can prove: the same
-//!   merchant sending the same payload with the same x402
-//!   `payment-identifier` id (answered as the original; the id with another
-//!   payment is HTTP 409), and the one `/settle` retry the reference server
-//!   makes after a `settlement_pending` answer with a transaction;
+//!   it once. The one exception is the `/settle` retry the reference server
+//!   makes after a `settlement_pending` answer with a transaction (once, by
+//!   the same merchant). An x402 `payment-identifier` is the client's and
+//!   unsigned, so a replay carries it too: it re-authorizes nothing, and the
+//!   same id with another payment of the merchant is HTTP 409;
 //! - `GET /supported` lists each network literally with the signers;
 //! - `batch-settlement` follows the reference facilitator: the resource
 //!   server keeps the charged totals (see the `channels` module).
@@ -348,12 +348,11 @@ async fn verify(
     let outcome = api.engine.verify(merchant, submission).await.map_err(|_| overloaded())?;
     let payer = |p: Address| Some(p.to_string());
     Ok(Json(match outcome {
-        SubmitOutcome::Verified { payer: p, .. }
-        | SubmitOutcome::Duplicate { payer: p, retry: true, .. }
-        | SubmitOutcome::Accepted { payer: p, .. } => {
+        SubmitOutcome::Verified { payer: p, .. } | SubmitOutcome::Accepted { payer: p, .. } => {
             VerifyResponse { is_valid: true, payer: payer(p), ..VerifyResponse::default() }
         }
-        SubmitOutcome::Duplicate { payer: p, retry: false, .. } => VerifyResponse {
+        // Recorded already, whatever `payment-identifier` it carries: see `settle`.
+        SubmitOutcome::Duplicate { payer: p, .. } => VerifyResponse {
             is_valid: false,
             invalid_reason: Some(Reason::NonceAlreadyUsed.code().into()),
             invalid_message: Some(ALREADY_PAID.into()),
@@ -399,10 +398,11 @@ async fn settle(
         SubmitOutcome::Accepted { id, payer, .. } => {
             settled(&api, Some(&merchant), id, payer, network.clone(), amount).await?
         }
-        SubmitOutcome::Duplicate { id, payer, retry: true, .. } => {
-            settled(&api, None, id, payer, network.clone(), amount).await?
-        }
-        SubmitOutcome::Duplicate { id, payer, retry: false, .. } => {
+        // A `payment-identifier` is written by the client and not signed:
+        // whoever replays the header replays the id too, so over HTTP it
+        // proves nothing and never re-authorizes service (it only makes the
+        // id with another payment a 409).
+        SubmitOutcome::Duplicate { id, payer, .. } => {
             if api.pending_retries.take(id, merchant.number) {
                 settled(&api, None, id, payer, network.clone(), amount).await?
             } else {

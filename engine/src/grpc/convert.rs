@@ -236,6 +236,9 @@ pub(super) fn submit_response(request_id: u64, outcome: SubmitOutcome) -> pb::Su
             resp.status = Some(status(&s));
         }
         SubmitOutcome::Duplicate { id, payer, status: s, retry } => {
+            // A retry is answered ACCEPTED ("may serve") only while the
+            // payment is owed or paid: not once it failed or expired.
+            let retry = retry && (s.state.is_open() || s.state == PaymentState::Confirmed);
             resp.outcome = if retry { pb::Outcome::Accepted } else { pb::Outcome::Duplicate } as i32;
             resp.retry = retry;
             resp.payment_id = id.0.to_vec();

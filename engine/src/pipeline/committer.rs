@@ -5,13 +5,9 @@
 //! the queue fills while an fsync runs, so groups grow by themselves and the
 //! cost of a sync is shared by many payments.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::{Address, B256, U256};
 use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
@@ -23,7 +19,9 @@ use super::{
 use crate::{
     Error, Result,
     channels::ChannelView,
-    domain::{ChannelRecord, IdempotencyKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent},
+    domain::{
+        ChannelRecord, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent,
+    },
     ledger::{Ledger, Write, WriteBatch},
     reason::{Reason, Rejection},
 };
@@ -134,9 +132,10 @@ pub(crate) struct Committer {
     /// from each payment's own transitions: the queue itself is in the
     /// ledger only, however long it grows.
     depths: HashMap<&'static str, usize>,
-    /// Payments whose group commit failed. A DUPLICATE of one that a shard
-    /// answered before it learned of the failure must not be sent.
-    reverted: HashSet<PaymentId>,
+    /// Payments whose group commit failed (or that were refused), and when.
+    /// A DUPLICATE of one that a shard answered before it learned of the
+    /// revert must not be sent. Kept a minute: the shard hears far sooner.
+    reverted: HashMap<PaymentId, Instant>,
     changed_channels: Arc<ChangedChannels>,
     payment_waiters: Arc<PaymentWaiters>,
     /// The payment each merchant's recent idempotency keys name, and until
@@ -163,7 +162,7 @@ impl Committer {
             max_group: max_group.max(1),
             shards,
             depths: HashMap::new(),
-            reverted: HashSet::new(),
+            reverted: HashMap::new(),
             changed_channels: Arc::default(),
             payment_waiters: Arc::default(),
             keys: HashMap::new(),
@@ -249,23 +248,41 @@ impl Committer {
         transitions: Vec<Transition>,
         sequence: &mut u64,
         batch: &mut WriteBatch,
+        group_intents: &mut HashMap<IntentKey, Option<Option<B256>>>,
     ) -> Result<Vec<Settled>> {
         let mut records = Vec::with_capacity(transitions.len());
         for t in transitions {
             let record = self.ledger.payment(&t.id)?.ok_or(Error::UnknownPayment(t.id))?;
             records.push((record, t.status));
         }
+        // One intent per signer nonce: a recorded one (in the ledger, or
+        // earlier in this group) is replaced only by a version of itself (a
+        // fee bump, its conclusion, a reorg: the same first transaction).
+        let mut seen = HashMap::new();
         for change in &intents {
-            // One intent per signer nonce: a pending one is replaced only by
-            // a version of itself (a fee bump settles the same payments).
-            if let IntentChange::Record(intent) = change
-                && let Some(existing) = self.ledger.intent(&intent.key())?
-                && existing.payments != intent.payments
-                && !matches!(existing.state, crate::domain::IntentState::Abandoned)
-            {
-                return Err(Error::IntentConflict(intent.key()));
+            match change {
+                IntentChange::Forget(key) => {
+                    seen.insert(*key, None);
+                }
+                IntentChange::Record(intent) => {
+                    let key = intent.key();
+                    let existing = match seen.get(&key).or_else(|| group_intents.get(&key)) {
+                        Some(recorded) => recorded.clone(),
+                        None => self
+                            .ledger
+                            .intent(&key)?
+                            .filter(|i| !matches!(i.state, crate::domain::IntentState::Abandoned))
+                            .map(|i| i.tx_hashes.first().copied()),
+                    };
+                    let first = intent.tx_hashes.first().copied();
+                    if existing.is_some_and(|recorded| recorded != first) {
+                        return Err(Error::IntentConflict(key));
+                    }
+                    seen.insert(key, Some(first));
+                }
             }
         }
+        group_intents.extend(seen);
         for change in intents {
             batch.push(match change {
                 IntentChange::Record(intent) => Write::Intent(Box::new(intent)),
@@ -318,7 +335,10 @@ impl Committer {
     /// Payment `id` was not recorded: its shard forgets it, and a DUPLICATE
     /// of it answered before the shard heard is not sent.
     fn refuse(&mut self, id: PaymentId, shard: usize, reservation: (u64, Address, Address), value: U256) {
-        self.reverted.insert(id);
+        if self.reverted.len() >= 4096 {
+            self.reverted.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(60));
+        }
+        self.reverted.insert(id, Instant::now());
         let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
     }
 
@@ -378,6 +398,7 @@ impl Committer {
         let mut sequence = first_sequence;
         let now = crate::domain::unix_millis() / 1000;
         let mut claimed_keys = Vec::new();
+        let mut group_intents = HashMap::new();
         for item in group.drain(..) {
             match item {
                 CommitItem::Payment { record, pending, shard, reply } => {
@@ -450,7 +471,7 @@ impl Committer {
                     done.push(Done::Merchant(reply));
                 }
                 CommitItem::Settlement { intents, transitions, reply } => {
-                    match self.settlement_writes(intents, transitions, &mut sequence, batch) {
+                    match self.settlement_writes(intents, transitions, &mut sequence, batch, &mut group_intents) {
                         Ok(settled) => done.push(Done::Settlement { settled, reply }),
                         Err(err) => {
                             let _ = reply.send(Err(err));
@@ -506,7 +527,7 @@ impl Committer {
                         }
                         Done::Reply(outcome, reply) => {
                             let outcome = match outcome {
-                                SubmitOutcome::Duplicate { id, .. } if self.reverted.contains(&id) => {
+                                SubmitOutcome::Duplicate { id, .. } if self.reverted.contains_key(&id) => {
                                     SubmitOutcome::Unavailable(
                                         "the original submit of this payment was not recorded; retry".into(),
                                     )

@@ -946,12 +946,12 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        let intent = |payment: PaymentId, hash: u8| TxIntent {
+        let intent = |payment: PaymentId, hashes: &[u8]| TxIntent {
             chain_id: 31337,
             signer: Address::repeat_byte(1),
             nonce: 5,
-            tx_hashes: vec![B256::repeat_byte(hash)],
-            raw: vec![2, hash],
+            tx_hashes: hashes.iter().map(|h| B256::repeat_byte(*h)).collect(),
+            raw: vec![2, *hashes.last().unwrap()],
             payments: vec![payment],
             state: IntentState::Pending,
             created_at_ms: 1,
@@ -960,11 +960,17 @@ mod tests {
         let record = |i: TxIntent| {
             pipeline.record_settlement(vec![IntentChange::Record(i)], Vec::new()).unwrap().blocking_recv().unwrap()
         };
-        record(intent(ids[0], 1)).unwrap();
-        record(intent(ids[0], 2)).expect("a fee bump of the same payments");
-        let err = record(intent(ids[1], 3)).unwrap_err();
+        record(intent(ids[0], &[1])).unwrap();
+        record(intent(ids[0], &[1, 2])).expect("a fee bump: a version of the same transaction");
+        for other in [intent(ids[1], &[3]), intent(ids[0], &[4])] {
+            let err = record(other).unwrap_err();
+            assert!(matches!(err, Error::IntentConflict(_)), "{err}");
+        }
+        // Nor twice in one update (one group).
+        let twice = vec![IntentChange::Record(intent(ids[0], &[1, 2])), IntentChange::Record(intent(ids[1], &[5]))];
+        let err = pipeline.record_settlement(twice, Vec::new()).unwrap().blocking_recv().unwrap().unwrap_err();
         assert!(matches!(err, Error::IntentConflict(_)), "{err}");
-        assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], 2)], "the pending intent was kept");
+        assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], &[1, 2])], "the pending intent was kept");
     }
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");

@@ -160,10 +160,20 @@ impl<C: Chain> Settler<C> {
                 continue;
             } else {
                 let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
+                // A direct transaction that ran out of gas: its own failure,
+                // not the payment's.
+                let out_of_gas = SignedTx::from_raw(intent.raw.clone().into(), intent.signer)
+                    .is_ok_and(|tx| receipt.gas_used.saturating_mul(100) >= tx.gas_limit.saturating_mul(98));
                 match revert {
-                    // It failed for a passing reason (gas, not yet valid):
-                    // queued again, for any strategy, until its deadline.
-                    None => status(PaymentState::Queued),
+                    // It failed for a passing reason and would pass now:
+                    // queued again, until its deadline. A batch row is; a
+                    // direct payment only when its transaction ran out of
+                    // gas (else a payer who moves its balance away and back
+                    // around each attempt would have x402d pay for reverted
+                    // transactions without end).
+                    None if out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct) => {
+                        status(PaymentState::Queued)
+                    }
                     Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => status(PaymentState::Queued),
                     revert => {
                         let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
