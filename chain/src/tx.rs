@@ -654,7 +654,9 @@ mod tests {
 /// (-32005, HTTP 429 with a JSON-RPC body), a timeout, "header not found".
 /// Only a revert may fail a payment; anything else is retried.
 pub fn is_revert(code: i64, message: &str) -> bool {
-    code == 3 || message.to_ascii_lowercase().contains("revert")
+    let message = message.to_ascii_lowercase();
+    // -32015 "VM execution error." is Nethermind's and OpenEthereum's.
+    code == 3 || message.contains("revert") || (code == -32015 && message.contains("vm execution error"))
 }
 
 #[cfg(test)]
@@ -665,6 +667,7 @@ mod revert_tests {
     fn only_execution_reverts_are_reverts() {
         assert!(is_revert(3, "execution reverted: FiatTokenV2: authorization is used or canceled"));
         assert!(is_revert(-32000, "execution reverted"));
+        assert!(is_revert(-32015, "VM execution error."));
         for (code, message) in [
             (-32005, "request rate exceeded"),
             (429, "Too Many Requests"),

@@ -247,10 +247,13 @@ impl ChainConfig {
 pub struct ServerConfig {
     /// gRPC listener (payments, merchant admin, health, reflection).
     pub grpc_addr: SocketAddr,
-    /// HTTP listener (`/metrics`, `/healthz`).
+    /// HTTP listener (`/metrics`, `/healthz`, the x402 facilitator API).
     pub http_addr: SocketAddr,
     /// TLS for the gRPC listener; plaintext when absent.
     pub tls: Option<TlsConfig>,
+    /// HTTP/2 streams one gRPC connection may have open at once (a stream
+    /// per call; a `SubmitStream` is one stream for many payments).
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -259,6 +262,7 @@ impl Default for ServerConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8402)),
             tls: None,
+            max_concurrent_streams: 256,
         }
     }
 }

@@ -132,7 +132,9 @@ impl Node {
                 None
             }
         };
-        let grpc = tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, until(stopped.clone())));
+        let streams = config.server.max_concurrent_streams.max(1);
+        let grpc =
+            tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, streams, until(stopped.clone())));
         let api = crate::facilitator::router(engine.clone(), facilitator);
         let http = tokio::spawn(crate::http::serve(http_listener, api, engine.pipeline_died(), until(stopped)));
         Ok(Self { engine, endpoints, grpc, http, stop, settler })

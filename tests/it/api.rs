@@ -353,3 +353,23 @@ async fn a_short_admin_key_is_refused_at_start() {
     let err = x402_engine::node::Node::start(&config).await.err().expect("refused");
     assert!(err.to_string().contains("admin key"), "{err}");
 }
+
+/// One connection may hold only `server.max_concurrent_streams` calls open
+/// at once: a further call waits for a stream to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_a_bounded_number_of_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    config.server.max_concurrent_streams = 2;
+    let node = start_node(&config).await;
+    let mut client = payments(node.endpoints().grpc, M1_KEY).await;
+    let watch = || pb::WatchSettlementsRequest { after_sequence: 0 };
+    let first = client.watch_settlements(watch()).await.unwrap().into_inner();
+    let _second = client.watch_settlements(watch()).await.unwrap().into_inner();
+    let mut third = client.clone();
+    let waiting = tokio::spawn(async move { third.watch_settlements(watch()).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third stream opened on the connection");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("opens once one closes").unwrap().unwrap();
+}

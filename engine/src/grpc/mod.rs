@@ -21,11 +21,13 @@ use crate::{Engine, Result};
 /// Largest gRPC message accepted, in bytes. A submit is well under 2 KiB.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 
-/// Serves the engine's gRPC API on `listener` until `shutdown` completes.
+/// Serves the engine's gRPC API on `listener` until `shutdown` completes,
+/// at most `max_concurrent_streams` calls at once per connection.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
+    max_concurrent_streams: u32,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -48,7 +50,7 @@ pub async fn serve(
     };
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
-    let mut server = Server::builder();
+    let mut server = Server::builder().max_concurrent_streams(Some(max_concurrent_streams));
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }

@@ -311,10 +311,13 @@ impl Shard {
                     if c.served_refund.is_some() && record.refund_requested == c.served_refund {
                         record.refund_requested = None;
                     }
-                    let mut status = PaymentStatus::new(PaymentState::Confirmed, now_ms);
-                    status.transaction = Some(c.tx);
-                    status.block = Some(c.block);
-                    event = Some((c.merchant_number, status));
+                    // An event only for a claim mined and successful.
+                    if c.tx != B256::ZERO {
+                        let mut status = PaymentStatus::new(PaymentState::Confirmed, now_ms);
+                        status.transaction = Some(c.tx);
+                        status.block = Some(c.block);
+                        event = Some((c.merchant_number, status));
+                    }
                 }
                 record.updated_at_ms = now_ms;
                 let reply = ChannelReply::Synced(reply);

@@ -276,7 +276,15 @@ impl<C: Chain> Settler<C> {
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
         self.claiming.store(false, std::sync::atomic::Ordering::Release);
         sent?;
-        let block = self.chain.receipt(hash).await.map_err(chain_error)?.map(|r| (hash, r.block));
+        let block = match self.chain.receipt(hash).await.map_err(chain_error)? {
+            Some(r) if r.success => Some((hash, r.block)),
+            Some(r) => {
+                // Nothing was claimed: no event, the requests stay.
+                tracing::error!(tx = %hash, block = r.block, rows = rows.len(), "a claim transaction reverted");
+                return Ok(0);
+            }
+            None => None,
+        };
         self.record_claimed(claims, records, block).await?;
         Ok(rows.len())
     }
