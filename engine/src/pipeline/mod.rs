@@ -973,6 +973,74 @@ mod tests {
         assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], &[1, 2])], "the pending intent was kept");
     }
 
+    /// Channel reads that never come back.
+    #[derive(Debug, Default)]
+    struct SilentChannels;
+
+    impl ChannelSource for SilentChannels {
+        fn fetch(&self, _: u64, _: Address, _: B256, _: u64, _: crate::channels::ChannelNotifier) {}
+        fn deposit(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::DepositNotifier) {}
+    }
+
+    #[test]
+    fn a_flood_of_vouchers_behind_one_channel_read_is_bounded() {
+        use x402_channel::ChannelDomain;
+
+        let ledger: Arc<dyn Ledger> = Arc::new(FlakyLedger::default());
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let config = PipelineConfig { channels: Arc::new(SilentChannels), ..PipelineConfig::default() };
+        let pipeline = Pipeline::start(&config, &ledger, &balances).unwrap();
+        let payer = Payer::random();
+        let authorizer = Address::repeat_byte(0xaa);
+        let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
+        let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
+        let id = domain.channel_id(&channel);
+        let requirements = Requirements {
+            scheme: "batch-settlement".into(),
+            network: "eip155:31337".into(),
+            amount: U256::from(10),
+            asset: TOKEN,
+            pay_to: PAY_TO,
+            max_timeout_seconds: 60,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+        };
+        let voucher = |max: u128| crate::channels::VoucherPayload {
+            network: "eip155:31337".into(),
+            config: channel.clone(),
+            channel_id: id,
+            max_claimable: max,
+            signature: payer.sign_voucher(&domain, id, max),
+            charge: None,
+            extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
+            deposit: None,
+            refund: None,
+        };
+        let mut replies: Vec<_> = (1..=200u128)
+            .map(|n| {
+                let submission =
+                    Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(voucher(n * 10))));
+                pipeline.try_submit(merchant(), submission).unwrap()
+            })
+            .collect();
+        // The channel read never comes: 64 wait, the rest are told to retry.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut refused = 0;
+        while refused < 136 && std::time::Instant::now() < deadline {
+            replies.retain_mut(|rx| match rx.try_recv() {
+                Ok(SubmitOutcome::Unavailable(message)) => {
+                    assert!(message.contains("too many"), "{message}");
+                    refused += 1;
+                    false
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => true,
+            });
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!((refused, replies.len()), (136, 64));
+    }
+
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
 
     /// A pipeline whose balances a test hands over by hand, with one

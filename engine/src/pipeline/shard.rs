@@ -158,6 +158,9 @@ impl Shard {
     const SWEEP_EVERY: Duration = Duration::from_secs(30);
     /// Most payments parked at once; beyond, submits are answered UNAVAILABLE.
     const MAX_PARKED: usize = 65_536;
+    /// Most requests of one channel waiting behind its read or deposit (a
+    /// client sends one at a time; more is a flood).
+    const MAX_PARKED_PER_CHANNEL: usize = 64;
     /// A channel mirror younger than this is trusted when a voucher exceeds
     /// its balance; an older one is read again first.
     const CHANNEL_REFRESH: Duration = Duration::from_secs(2);
@@ -550,6 +553,11 @@ impl Shard {
     ) -> bool {
         let id = verified.channel_id;
         if let Some(queue) = self.parked_vouchers.get_mut(&id) {
+            if queue.len() >= Self::MAX_PARKED_PER_CHANNEL {
+                let message = format!("too many requests of channel {id} wait for its deposit or its read; retry");
+                let _ = reply.send(SubmitOutcome::Unavailable(message));
+                return true;
+            }
             queue.push(ParkedVoucher { merchant, verified, reply });
             return true;
         }
