@@ -267,7 +267,7 @@ impl Committer {
                 IntentChange::Record(intent) => {
                     let key = intent.key();
                     let existing = match seen.get(&key).or_else(|| group_intents.get(&key)) {
-                        Some(recorded) => recorded.clone(),
+                        Some(recorded) => *recorded,
                         None => self
                             .ledger
                             .intent(&key)?
