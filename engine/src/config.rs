@@ -48,11 +48,14 @@ pub struct FacilitatorConfig {
     /// `/verify` and `/settle` requests served at once; past it they are
     /// answered 503 (a waiting `/settle` counts until it answers).
     pub max_concurrent: usize,
+    /// Of those, how many one merchant may have at once, so that one
+    /// tenant's waiting `/settle` calls cannot take every place.
+    pub max_concurrent_per_merchant: usize,
 }
 
 impl Default for FacilitatorConfig {
     fn default() -> Self {
-        Self { settle_wait_ms: 30_000, max_concurrent: 4096 }
+        Self { settle_wait_ms: 30_000, max_concurrent: 4096, max_concurrent_per_merchant: 1024 }
     }
 }
 

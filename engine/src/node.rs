@@ -244,6 +244,7 @@ fn facilitator_info(
         receiver_authorizer,
         settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
         max_concurrent: config.facilitator.max_concurrent.max(1),
+        max_concurrent_per_merchant: config.facilitator.max_concurrent_per_merchant.max(1),
         channels: match (chain, &config.chain) {
             (Some(chain), Some(c)) => Some(crate::facilitator::ChannelFacilitator {
                 chain: Arc::clone(chain),

@@ -286,7 +286,11 @@ async fn payments_nothing_would_settle_are_refused_and_not_advertised() {
 /// requests at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_authenticated_first_bounded_in_size_and_in_number() {
-    let s = Setup::with(30_000, &[], |config| config.facilitator.max_concurrent = 1).await;
+    let s = Setup::with(30_000, &[], |config| {
+        config.facilitator.max_concurrent = 2;
+        config.facilitator.max_concurrent_per_merchant = 1;
+    })
+    .await;
     let raw = |key: Option<&'static str>, body: Vec<u8>| {
         let mut req = s.http.post(s.url("/verify")).header("content-type", "application/json").body(body);
         if let Some(key) = key {
@@ -299,20 +303,26 @@ async fn requests_are_authenticated_first_bounded_in_size_and_in_number() {
     let huge = format!("{{\"x402Version\": 2, \"pad\": \"{}\"}}", "x".repeat(x402_engine::facilitator::MAX_BODY));
     assert_eq!(raw(Some(M1_KEY), huge.into_bytes()).await, 413);
 
-    // One /settle waiting for its batch (m2 batches for 1.5 s) holds the
-    // only place: another request meanwhile is told to come back.
+    // One /settle of m2 waiting for its batch (m2 batches for 1.5 s) holds
+    // m2's only place: m2's next request meanwhile is told to come back,
+    // while m1 is still served; with m1 waiting too, every place is taken.
     let req = requirements(PAY_TO_2);
     let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
     let settle_body = body(&req, &payload);
     let waiting = s.post("/settle", Some(M2_KEY), &settle_body);
-    let other = async {
+    let others = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let req = requirements(PAY_TO);
-        let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
-        s.http.post(s.url("/verify")).bearer_auth(M1_KEY).json(&body(&req, &payload)).send().await.unwrap().status()
+        let verify = |key: &'static str| {
+            let req = requirements(if key == M1_KEY { PAY_TO } else { PAY_TO_2 });
+            let payload = s.payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+            s.http.post(s.url("/verify")).bearer_auth(key).json(&body(&req, &payload)).send()
+        };
+        let m2 = verify(M2_KEY).await.unwrap().status().as_u16();
+        let m1 = verify(M1_KEY).await.unwrap().status().as_u16();
+        (m2, m1)
     };
-    let ((_, settled), refused) = tokio::join!(waiting, other);
-    assert_eq!(refused.as_u16(), 503);
+    let ((_, settled), (m2, m1)) = tokio::join!(waiting, others);
+    assert_eq!((m2, m1), (503, 200), "m2 is at its share, m1 is not");
     assert_eq!(settled["success"], true, "{settled}");
     // Once it answered, the place is free again.
     let (status, _) = s.post("/verify", Some(M1_KEY), &body(&req, &payload)).await;

@@ -64,6 +64,8 @@ pub struct FacilitatorInfo {
     pub channels: Option<ChannelFacilitator>,
     /// `/verify` and `/settle` requests served at once; past it, 503.
     pub max_concurrent: usize,
+    /// Of those, the most one merchant may have at once.
+    pub max_concurrent_per_merchant: usize,
 }
 
 /// The largest `/verify` or `/settle` body read, in bytes (a request is
@@ -78,6 +80,8 @@ struct Api {
     info: Arc<FacilitatorInfo>,
     pending_retries: Arc<PendingRetries>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Each merchant's share of `in_flight`, by merchant number.
+    merchant_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>>,
 }
 
 /// The facilitator routes, to merge into the HTTP listener's router.
@@ -86,7 +90,13 @@ struct Api {
 /// [`FacilitatorInfo::max_concurrent`] at a time.
 pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(info.max_concurrent));
-    let api = Api { engine, info: Arc::new(info), pending_retries: Arc::default(), in_flight };
+    let api = Api {
+        engine,
+        info: Arc::new(info),
+        pending_retries: Arc::default(),
+        in_flight,
+        merchant_in_flight: Arc::default(),
+    };
     Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
@@ -104,6 +114,17 @@ async fn admit(
     next: axum::middleware::Next,
 ) -> Result<Response, Failure> {
     let merchant = api.merchant(request.headers())?;
+    let share = api
+        .merchant_in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(merchant.number)
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(api.info.max_concurrent_per_merchant)))
+        .clone();
+    let Ok(_share) = share.try_acquire_owned() else {
+        let message = format!("merchant {:?} has too many facilitator requests at once; retry", merchant.id);
+        return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, message));
+    };
     let Ok(_place) = api.in_flight.clone().try_acquire_owned() else {
         return Err(Failure(StatusCode::SERVICE_UNAVAILABLE, "too many facilitator requests at once; retry".into()));
     };
