@@ -11,11 +11,12 @@ pub enum Error {
     /// The local anvil node could not be installed or started.
     #[error("anvil: {0}")]
     Anvil(String),
-    /// A JSON-RPC call failed.
-    #[error("rpc: {0}")]
+    /// A JSON-RPC call failed. (Shown without the node's URL, which often
+    /// holds the provider's API key.)
+    #[error("rpc: {}", redact_urls(&.0.to_string()))]
     Rpc(#[from] TransportError),
     /// A contract call or deployment failed.
-    #[error("contract: {0}")]
+    #[error("contract: {}", redact_urls(&.0.to_string()))]
     Contract(#[from] alloy::contract::Error),
     /// A node or contract answered something that does not decode.
     #[error("decoding: {0}")]
@@ -30,13 +31,46 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
     /// A sent transaction could not be followed to its receipt.
-    #[error("pending transaction: {0}")]
+    #[error("pending transaction: {}", redact_urls(&.0.to_string()))]
     PendingTransaction(#[from] alloy::providers::PendingTransactionError),
+}
+
+/// `text` with every URL (`http://…`, `https://…`, `ws://…`, `wss://…`)
+/// replaced by `<rpc url>`: an RPC URL often carries the provider's API
+/// key, and errors reach merchants and logs.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = ["http://", "https://", "ws://", "wss://"].iter().filter_map(|s| rest.find(s)).min() {
+        out.push_str(&rest[..start]);
+        out.push_str("<rpc url>");
+        let url = &rest[start..];
+        let end =
+            url.find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ',')).unwrap_or(url.len());
+        rest = &url[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Error {
     /// Whether retrying later may succeed (the node may come back).
     pub const fn is_retryable(&self) -> bool {
         matches!(self, Self::Rpc(_) | Self::PendingTransaction(_) | Self::NonceTooLow { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_urls;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_urls("error sending request for url (https://base.example/v2/sk-123): refused"),
+            "error sending request for url (<rpc url>): refused"
+        );
+        assert_eq!(redact_urls("a ws://h:1/k b http://x"), "a <rpc url> b <rpc url>");
+        assert_eq!(redact_urls("no url here"), "no url here");
     }
 }

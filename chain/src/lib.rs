@@ -25,5 +25,5 @@ pub mod tx;
 
 pub use chain::{AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included, send_and_follow};
 pub use eip3009::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
-pub use error::{Error, Result};
+pub use error::{Error, Result, redact_urls};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

@@ -87,3 +87,24 @@ async fn accepted_payments_settle_on_a_real_token() {
     let Err(err) = call.call().await else { panic!("the token refuses a high-s signature") };
     assert!(err.to_string().contains("invalid signature"), "{err}");
 }
+
+/// The RPC URL often holds the provider's API key: no error shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_never_show_the_rpc_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    config.chain = Some(x402_engine::config::ChainConfig::with_keys(
+        "http://127.0.0.1:1/v3/secret-api-key-0123",
+        vec![alloy::signers::local::PrivateKeySigner::random().to_bytes().to_string()],
+        None,
+    ));
+    let Err(err) = x402_engine::node::Node::start(&config).await else { panic!("no node answers there") };
+    // What logs and answers show: the error and its causes, displayed.
+    let mut shown = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        shown = format!("{shown}: {cause}");
+        source = cause.source();
+    }
+    assert!(!shown.contains("secret-api-key"), "{shown}");
+}
