@@ -973,6 +973,56 @@ mod tests {
         assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], &[1, 2])], "the pending intent was kept");
     }
 
+    #[test]
+    fn a_payment_whose_validity_ran_out_in_the_shard_queue_is_refused() {
+        // One shard, queues of one: with the ledger stalled, the shard waits
+        // to hand over a payment while the next one sits in its queue.
+        let ledger = Arc::new(FlakyLedger::default());
+        let payer = Payer::random();
+        let config =
+            PipelineConfig { verifiers: 1, shards: 1, queue_capacity: 1, max_group: 1, ..PipelineConfig::default() };
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let dyn_ledger: Arc<dyn Ledger> = ledger.clone();
+        let pipeline = Pipeline::start(&config, &dyn_ledger, &balances).unwrap();
+        let now = crate::domain::unix_millis() / 1000;
+        let short = {
+            let s = submission(&payer, 9);
+            let PaymentInput::Exact(mut payload) = s.input.clone() else { unreachable!() };
+            payload = payer.sign_exact(&s.requirements, now - 60, now + 8, payload.authorization.nonce);
+            Submission::new(s.requirements, PaymentInput::Exact(payload))
+        };
+        let enqueue = |s: Submission| {
+            let mut s = s;
+            loop {
+                match pipeline.try_submit(merchant(), s) {
+                    Ok(rx) => break rx,
+                    Err(Overloaded(back)) => {
+                        s = *back;
+                        thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+            }
+        };
+        let stall = ledger.stall.lock().unwrap();
+        // One in the stalled commit, one in the commit queue, one the shard
+        // holds: then the short one waits in the shard's queue.
+        let mut replies: Vec<_> = (1..=3)
+            .map(|n| {
+                let rx = enqueue(submission(&payer, n));
+                thread::sleep(std::time::Duration::from_millis(100));
+                rx
+            })
+            .collect();
+        let late = enqueue(short);
+        thread::sleep(std::time::Duration::from_secs(9));
+        drop(stall);
+        let SubmitOutcome::Rejected { rejection, .. } = late.blocking_recv().unwrap() else { panic!("accepted late") };
+        assert_eq!(rejection.reason, Reason::ValidBefore, "{}", rejection.message);
+        for rx in replies.drain(..) {
+            assert!(matches!(rx.blocking_recv().unwrap(), SubmitOutcome::Accepted { .. }));
+        }
+    }
+
     /// Channel reads that never come back.
     #[derive(Debug, Default)]
     struct SilentChannels;

@@ -448,6 +448,18 @@ impl Shard {
             );
         }
 
+        // Stage 1 checked the time when it verified; a wait for this shard
+        // (a stall, a clock stepping back) may have eaten the validity, and
+        // past `validBefore` the replay window may have let go of an earlier
+        // submit of this very payment.
+        let valid_before = verified.payload.authorization.valid_before_secs();
+        let now = unix_millis() / 1000;
+        if valid_before <= now {
+            let message =
+                format!("validBefore {valid_before} passed while the payment waited to be checked (now {now})");
+            return self.reject(reply, id, payer, Reason::ValidBefore, message);
+        }
+
         let value = verified.payload.authorization.value;
         let key = (verified.chain_id, verified.requirements.asset, payer);
         let balance = match fetched {
