@@ -32,6 +32,21 @@ pub(crate) fn direct_merchant(pay_to: Address) -> Merchant {
     }
 }
 
+/// `batch-settlement` requirements of 10 of `token` on the local chain, paid
+/// to `pay_to`.
+pub(crate) fn channel_requirements(token: Address, pay_to: Address) -> crate::domain::Requirements {
+    crate::domain::Requirements {
+        scheme: "batch-settlement".into(),
+        network: "eip155:31337".into(),
+        amount: alloy::primitives::U256::from(10),
+        asset: token,
+        pay_to,
+        max_timeout_seconds: 60,
+        eip712_name: "USD Coin".into(),
+        eip712_version: "2".into(),
+    }
+}
+
 /// A chain in memory: token balances, a head that moves one block per
 /// transfer, and the transfers' logs. Settlement methods fail.
 #[derive(Debug)]

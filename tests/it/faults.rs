@@ -112,6 +112,10 @@ async fn a_reorg_that_drops_settlements_has_them_sent_again() {
     s.control.anvil_reorg(ReorgOptions { depth, tx_block_pairs: Vec::new() }).await.unwrap();
     let dropped = s.chain.token_balance(TOKEN, PAY_TO).await.unwrap();
     assert!(dropped < U256::from(AMOUNT * ids.len() as u64), "the reorg undid settlements");
+    // The chain goes on making blocks, as a real one does: a transaction the
+    // reorg put back in the pool (so that its rebroadcast is "already
+    // known") is mined by the next block, not left waiting for a fee bump.
+    devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
 
     // The settler notices, reopens the payments and sends the same signed
     // transactions again.

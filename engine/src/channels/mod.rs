@@ -648,16 +648,7 @@ mod tests {
     }
 
     fn requirements() -> Requirements {
-        Requirements {
-            scheme: "batch-settlement".into(),
-            network: "eip155:31337".into(),
-            amount: U256::from(10),
-            asset: TOKEN,
-            pay_to: PAY_TO,
-            max_timeout_seconds: 60,
-            eip712_name: "USD Coin".into(),
-            eip712_version: "2".into(),
-        }
+        crate::testing::channel_requirements(TOKEN, PAY_TO)
     }
 
     fn domain() -> ChannelDomain {

@@ -1045,16 +1045,7 @@ mod tests {
         let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
         let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
         let id = domain.channel_id(&channel);
-        let requirements = Requirements {
-            scheme: "batch-settlement".into(),
-            network: "eip155:31337".into(),
-            amount: U256::from(10),
-            asset: TOKEN,
-            pay_to: PAY_TO,
-            max_timeout_seconds: 60,
-            eip712_name: "USD Coin".into(),
-            eip712_version: "2".into(),
-        };
+        let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
         let voucher = |max: u128| crate::channels::VoucherPayload {
             network: "eip155:31337".into(),
             config: channel.clone(),
