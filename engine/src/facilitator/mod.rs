@@ -182,7 +182,8 @@ struct FacilitatorRequest {
     payment_requirements: RequirementsJson,
 }
 
-/// The x402 extension whose id proves a request retries an earlier one.
+/// The x402 extension carrying a client's id for its payment. Unsigned, so
+/// it proves nothing; an id names one payment of a merchant (409 else).
 const PAYMENT_IDENTIFIER: &str = "payment-identifier";
 
 /// The `payment-identifier` id a payment payload carries, if any.

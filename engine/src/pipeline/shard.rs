@@ -175,17 +175,15 @@ impl Shard {
         commit: Sender<CommitItem>,
         retention_secs: u64,
     ) -> Self {
-        let inbox = control;
-        let channel_inbox = inbox.clone();
-        let deposit_inbox = inbox.clone();
+        let (channel_control, deposit_control) = (control.clone(), control.clone());
         let notifier = Notifier::new(move |key, fetched| {
-            let _ = inbox.send(ShardMsg::Balance { key, fetched });
+            let _ = control.send(ShardMsg::Balance { key, fetched });
         });
         let channel_notifier: ChannelNotifier = Arc::new(move |id, fetched| {
-            let _ = channel_inbox.send(ShardMsg::ChannelFetched { id, fetched });
+            let _ = channel_control.send(ShardMsg::ChannelFetched { id, fetched });
         });
         let deposit_notifier: DepositNotifier = Arc::new(move |id, result| {
-            let _ = deposit_inbox.send(ShardMsg::Deposited { id, result });
+            let _ = deposit_control.send(ShardMsg::Deposited { id, result });
         });
         Self {
             index,
@@ -392,16 +390,8 @@ impl Shard {
     fn resume(&mut self, key: ReservationKey, fetched: &Fetched) -> bool {
         let Some(queue) = self.parked.remove(&key) else { return true };
         self.parked_len -= queue.len();
-        let now = unix_millis() / 1000;
+        // `check` refuses those whose validity the wait ate.
         for Parked { merchant, verified, reply } in queue {
-            // Waiting ate into its validity; past it, it cannot settle.
-            let valid_before = verified.payload.authorization.valid_before_secs();
-            if valid_before <= now {
-                let (id, payer) = (verified.id, verified.payer());
-                let message = format!("validBefore {valid_before} passed while the payer's balance was read");
-                self.reject(reply, id, payer, Reason::ValidBefore, message);
-                continue;
-            }
             match self.check(&merchant, verified, reply, Some(fetched)) {
                 Checked::Commit(item) => {
                     if self.commit.send(item).is_err() {
@@ -448,12 +438,13 @@ impl Shard {
             );
         }
 
-        // Stage 1 checked the time when it verified; a wait for this shard
-        // (a stall, a clock stepping back) may have eaten the validity, and
-        // past `validBefore` the replay window may have let go of an earlier
-        // submit of this very payment.
+        // Stage 1 checked the time when it verified; a wait for this shard or
+        // for the payer's balance (a stall, a clock stepping back) may have
+        // eaten the validity, and past `validBefore` the replay window may
+        // have let go of an earlier submit of this very payment.
         let valid_before = verified.payload.authorization.valid_before_secs();
-        let now = unix_millis() / 1000;
+        let now_ms = unix_millis();
+        let now = now_ms / 1000;
         if valid_before <= now {
             let message =
                 format!("validBefore {valid_before} passed while the payment waited to be checked (now {now})");
@@ -491,9 +482,7 @@ impl Shard {
             return Checked::Answered;
         }
 
-        let now_ms = unix_millis();
         let status = PaymentStatus::new(PaymentState::Queued, now_ms);
-        let valid_before = verified.payload.authorization.valid_before_secs();
         self.replay.insert(
             id,
             ReplayEntry {

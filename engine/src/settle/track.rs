@@ -146,6 +146,11 @@ impl<C: Chain> Settler<C> {
         let now_ms = unix_millis();
         let mut confirmed = 0u64;
         let mut strategy = "direct";
+        // A transaction that ran out of gas failed on its own account, not
+        // its payments'.
+        let out_of_gas = !receipt.success
+            && SignedTx::from_raw(intent.raw.clone().into(), intent.signer)
+                .is_ok_and(|tx| receipt.gas_used.saturating_mul(100) >= tx.gas_limit.saturating_mul(98));
         for id in &intent.payments {
             let Some(p) = self.engine.payment(*id).await? else { continue };
             let a = &p.authorization;
@@ -160,10 +165,6 @@ impl<C: Chain> Settler<C> {
                 continue;
             } else {
                 let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
-                // A direct transaction that ran out of gas: its own failure,
-                // not the payment's.
-                let out_of_gas = SignedTx::from_raw(intent.raw.clone().into(), intent.signer)
-                    .is_ok_and(|tx| receipt.gas_used.saturating_mul(100) >= tx.gas_limit.saturating_mul(98));
                 match revert {
                     // It failed for a passing reason and would pass now:
                     // queued again, until its deadline. A batch row is; a
