@@ -223,7 +223,7 @@ impl Engine {
         &self,
         id: alloy::primitives::B256,
         onchain: x402_channel::OnChain,
-        claimed: Option<crate::channels::Claimed>,
+        claimed: Option<crate::channels::ClaimOutcome>,
     ) -> Result<()> {
         self.pipeline.sync_channel(id, onchain, claimed)?.await.map_err(|_| Error::PipelineStopped)?
     }

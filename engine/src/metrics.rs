@@ -39,6 +39,11 @@ pub const REORGS: &str = "x402d_settlement_reorgs_total";
 pub fn describe() {
     metrics::describe_counter!(PAYMENTS_ACCEPTED, "Payments verified and durably recorded");
     metrics::describe_histogram!(CLAIM_ROWS, "Channel rows per claim transaction");
+    metrics::describe_gauge!(CLAIMS_QUARANTINED, "Channels left out of claims because their claim reverts");
+    metrics::describe_gauge!(
+        CLAIMS_QUARANTINED_WITHDRAWING,
+        "Quarantined channels whose payer started a withdrawal: their charges are lost when its delay ends"
+    );
     metrics::describe_counter!(VOUCHERS_ACCEPTED, "batch-settlement vouchers verified and durably recorded");
     metrics::describe_counter!(PAYMENTS_DUPLICATE, "Submits of an already accepted payment");
     metrics::describe_counter!(PAYMENTS_REJECTED, "Payments rejected, by x402 reason");
@@ -69,6 +74,10 @@ pub fn describe() {
 
 /// Channel rows per claim transaction.
 pub const CLAIM_ROWS: &str = "x402d_channel_claim_rows";
+/// Channels left out of claims because their claim reverts.
+pub const CLAIMS_QUARANTINED: &str = "x402d_channel_claims_quarantined";
+/// Quarantined channels whose payer started a withdrawal.
+pub const CLAIMS_QUARANTINED_WITHDRAWING: &str = "x402d_channel_claims_quarantined_withdrawing";
 /// Vouchers accepted (`batch-settlement`).
 pub const VOUCHERS_ACCEPTED: &str = "x402d_vouchers_accepted_total";
 

@@ -109,7 +109,11 @@ impl Setup {
     /// `payer` deposits `amount` into its channel through the ERC-3009
     /// collector (the test relays the transaction).
     async fn deposit(&self, payer: &Payer, amount: u128) {
-        let config = self.config(payer);
+        self.deposit_into(payer, self.config(payer), amount).await;
+    }
+
+    /// [`Setup::deposit`] into the channel of `config`.
+    async fn deposit_into(&self, payer: &Payer, config: ChannelConfig, amount: u128) {
         let id = Self::domain().channel_id(&config);
         let deposit = payer.sign_deposit(
             &requirements(RECEIVER),
@@ -135,7 +139,12 @@ impl Setup {
     }
 
     async fn onchain(&self, payer: &Payer) -> (u128, u128) {
-        let id = Self::domain().channel_id(&self.config(payer));
+        self.onchain_of(&self.config(payer)).await
+    }
+
+    /// The balance and claimed total of the channel of `config`.
+    async fn onchain_of(&self, config: &ChannelConfig) -> (u128, u128) {
+        let id = Self::domain().channel_id(config);
         let state = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet).channels(id).call().await.unwrap();
         (state.balance, state.totalClaimed)
     }
@@ -890,4 +899,132 @@ async fn a_merchant_cannot_move_another_merchants_channel_money_over_http() {
     }
     assert_eq!(s.onchain(payer).await, (100_000, 0), "nothing moved");
     assert_eq!(s.sent().await, 0, "x402d sent no transaction");
+}
+
+/// A channel whose claim reverts on its own (its payer authorizer got code
+/// after signing, as an EIP-7702 delegation to a wallet that refuses the
+/// voucher) is quarantined and announced; the other channels due with it
+/// are claimed in one transaction. Once its payer starts a withdrawal, the
+/// quarantined channel is counted apart and announced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_claim_reverts_is_quarantined_and_the_others_are_claimed() {
+    const CHANNELS: usize = 5;
+    const BAD: usize = 2;
+    let s = Setup::new(CHANNELS).await;
+    // The bad channel's vouchers are signed by a key apart from its payer.
+    let delegated = Payer::random();
+    let mut configs: Vec<ChannelConfig> = s.payers.iter().map(|p| s.config(p)).collect();
+    configs[BAD].payerAuthorizer = delegated.address();
+    for (payer, config) in s.payers.iter().zip(&configs) {
+        s.deposit_into(payer, config.clone(), 1_000).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let chain = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
+    let config = format!(
+        r#"{}
+[[merchants]]
+id = "mc"
+pay_to = ["{RECEIVER}"]
+policy = {{ strategy = "channel", claim_interval_secs = 3600, claim_threshold = "{}" }}
+api_key_env = "X402D_TEST_MC_KEY"
+{}"#,
+        config(dir.path()),
+        u128::MAX,
+        chain.toml
+    );
+    let daemon = Daemon::start_with_env(dir.path(), &config, &chain.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
+    let mut client = payments(daemon.grpc, MC_KEY).await;
+    let mut events =
+        client.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let signer = |c: usize| if c == BAD { &delegated } else { &s.payers[c] };
+    let waves = (0..3)
+        .map(|n| {
+            (0..CHANNELS)
+                .map(|c| voucher((c * 10 + n) as u64, signer(c), &configs[c], PRICE * n as u128, PRICE))
+                .collect()
+        })
+        .collect();
+    for answer in stream_waves(&mut client, waves).await {
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    }
+    assert_eq!(s.sent().await, 0, "nothing claimed yet");
+
+    // The authorizer's account gets code that answers no ERC-1271 check:
+    // the contract now refuses the bad channel's voucher.
+    s.wallet.anvil_set_code(delegated.address(), alloy::primitives::bytes!("00")).await.unwrap();
+    // Every channel falls due in the same round.
+    let mut admin = admin(daemon.grpc, ADMIN_KEY).await;
+    let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
+    merchant.policy = Some(pb::SettlementPolicy {
+        strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
+            claim_interval_secs: 1,
+            claim_threshold: u128::MAX.to_string(),
+        })),
+    });
+    admin
+        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: String::new() })
+        .await
+        .unwrap();
+
+    let good = (CHANNELS - 1) as u128 * 3 * PRICE;
+    eventually(60, "the good channels' claim", || async { s.receiver_balance().await == U256::from(good) }).await;
+    for (c, payer) in s.payers.iter().enumerate() {
+        let claimed = if c == BAD { 0 } else { 3 * PRICE };
+        assert_eq!(s.onchain_of(&configs[c]).await, (1_000, claimed), "channel {c} of payer {}", payer.address());
+    }
+
+    // The merchant hears of both: the good channels claimed, the bad one
+    // quarantined with the revert.
+    let bad_id = Setup::domain().channel_id(&configs[BAD]);
+    let mut confirmed = 0;
+    let mut quarantined = Vec::new();
+    while confirmed < CHANNELS - 1 || quarantined.is_empty() {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.unwrap().unwrap().unwrap();
+        let status = event.status.unwrap();
+        match pb::PaymentState::try_from(status.state).unwrap() {
+            pb::PaymentState::Confirmed => {
+                assert_ne!(event.payment_id, bad_id.to_vec(), "the bad channel was not claimed");
+                confirmed += 1;
+            }
+            pb::PaymentState::Failed => {
+                assert_eq!(event.payment_id, bad_id.to_vec());
+                quarantined.push(status.failure_reason);
+            }
+            other => panic!("unexpected channel event {other:?}"),
+        }
+    }
+    assert!(quarantined[0].starts_with("channel_claim_quarantined"), "{}", quarantined[0]);
+    assert!(!quarantined[0].contains("http://"), "no RPC URL in an event: {}", quarantined[0]);
+    let metrics = || async {
+        let body = reqwest::get(format!("http://{}/metrics", daemon.http)).await.unwrap().text().await.unwrap();
+        let gauge =
+            |name: &str| body.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(-1.0);
+        (gauge("x402d_channel_claims_quarantined "), gauge("x402d_channel_claims_quarantined_withdrawing "))
+    };
+    eventually(10, "the quarantine gauge", || async { metrics().await == (1.0, 0.0) }).await;
+
+    // The bad channel's payer starts its timed exit: the quarantined
+    // channel is counted apart and announced again.
+    let payer = &s.payers[BAD];
+    s.wallet.anvil_set_balance(payer.address(), U256::from(10u128.pow(18))).await.unwrap();
+    let payer_wallet = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(payer.signer().clone()))
+        .connect_http(s.anvil.endpoint().parse().unwrap());
+    let initiated = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &payer_wallet)
+        .initiateWithdraw(configs[BAD].clone().into(), 1_000)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(initiated.status());
+    eventually(30, "the withdrawing gauge", || async { metrics().await == (1.0, 1.0) }).await;
+    let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.payment_id, bad_id.to_vec());
+    let status = event.status.unwrap();
+    assert_eq!(pb::PaymentState::try_from(status.state).unwrap(), pb::PaymentState::Failed);
+    assert!(status.failure_reason.contains("withdrawal"), "{}", status.failure_reason);
+    assert_eq!(s.sent().await, 1, "one claim transaction; the bisection only simulated");
 }

@@ -489,6 +489,17 @@ pub struct Claimed {
     pub served_refund: Option<u128>,
 }
 
+/// What a claim round did for a channel, to record with its fresh state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// A claim or refund transaction served it (or found nothing to do).
+    Claimed(Claimed),
+    /// Its part of a claim reverts on its own: it is left out of claims
+    /// for a while, and announced on `WatchSettlements` as `FAILED` with
+    /// `reason`.
+    Quarantined { merchant_number: u32, reason: String },
+}
+
 /// What a read of a channel's on-chain state came to.
 pub type ChannelFetched = Result<OnChain, Arc<Error>>;
 

@@ -384,7 +384,7 @@ impl Pipeline {
         &self,
         id: alloy::primitives::B256,
         onchain: x402_channel::OnChain,
-        claimed: Option<crate::channels::Claimed>,
+        claimed: Option<crate::channels::ClaimOutcome>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
         let (reply, rx) = oneshot::channel();
         let shard = shard_of_channel(id, self.shard_txs.len());

@@ -26,7 +26,7 @@ use super::{
 use crate::{
     balance::{BalanceSource, Fetched, Lookup, Notifier},
     channels::{
-        ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, Claimed, DepositFailure, DepositNotifier,
+        ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, ClaimOutcome, DepositFailure, DepositNotifier,
         NoChannels, VerifiedVoucher, new_record,
     },
     domain::{
@@ -64,7 +64,7 @@ pub(crate) enum ShardMsg {
     ChannelSync {
         id: B256,
         onchain: x402_channel::OnChain,
-        claimed: Option<Claimed>,
+        claimed: Option<ClaimOutcome>,
         reply: oneshot::Sender<crate::Result<()>>,
     },
     /// An operator asks for a claim or a refund of a channel; answered with
@@ -306,7 +306,11 @@ impl Shard {
                 let now_ms = unix_millis();
                 record.channel.sync(onchain, now_ms / 1000);
                 let mut event = None;
-                if let Some(c) = claimed {
+                if let Some(ClaimOutcome::Quarantined { merchant_number, reason }) = claimed {
+                    let mut status = PaymentStatus::new(PaymentState::Failed, now_ms);
+                    status.failure_reason = Some(reason);
+                    event = Some((merchant_number, status));
+                } else if let Some(ClaimOutcome::Claimed(c)) = claimed {
                     record.last_claim_at = c.at;
                     record.claim_requested &= !c.served_claim;
                     if c.served_refund.is_some() && record.refund_requested == c.served_refund {

@@ -11,6 +11,18 @@
 //!               receipt ──► claimed channels re-read and mirrored, with the claim time
 //! ```
 //!
+//! Every claim transaction is simulated first. When it would revert (a
+//! payer whose code now refuses its voucher, a receiver the token
+//! blacklists, a paused token), the channels are bisected until each
+//! reverting part stands alone; the others are claimed in one transaction,
+//! and each reverting channel is quarantined: left out of claims, then
+//! tried again after a backoff that doubles up to
+//! [`ClaimsConfig::max_quarantine`]. Entering quarantine is announced on
+//! `WatchSettlements` (`FAILED` with the revert) and counted by
+//! `x402d_channel_claims_quarantined`; a quarantined channel whose payer
+//! started a withdrawal is counted apart, and announced again, since its
+//! charges are lost when the delay ends.
+//!
 //! A claim is idempotent on chain: a row at or below a channel's claimed
 //! total changes nothing, and `settle` with nothing claimed pays nothing.
 //! So a claim transaction sent again after a crash, or a round that claims
@@ -19,7 +31,11 @@
 //! followed, fee-bumped, rebroadcast after a restart and re-sent after a
 //! reorg by the same code as `direct` and `batched` settlements.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use alloy::{
     primitives::{Address, B256, Bytes, U256},
@@ -34,7 +50,7 @@ use x402_channel::{ChannelDomain, OnChain, Refund, Voucher};
 use super::{Settler, chain_error};
 use crate::{
     Result,
-    channels::{Claimed, voucher_signer},
+    channels::{ClaimOutcome, Claimed, voucher_signer},
     domain::{ChannelRecord, IntentState, unix_millis},
 };
 
@@ -57,13 +73,56 @@ pub struct ClaimsConfig {
     pub poll: Duration,
     /// Rows per claim transaction at most.
     pub max_rows: usize,
+    /// How long a channel whose claim reverts is first left out of claims;
+    /// doubled at each failure after.
+    pub quarantine: Duration,
+    /// The longest a quarantined channel waits between two tries.
+    pub max_quarantine: Duration,
 }
 
 impl ClaimsConfig {
     /// Claims for the channels `authorizer` authorizes on `contract`.
     pub fn new(contract: Address, authorizer: PrivateKeySigner) -> Self {
-        Self { contract, authorizer, poll: Duration::from_millis(500), max_rows: 200 }
+        Self {
+            contract,
+            authorizer,
+            poll: Duration::from_millis(500),
+            max_rows: 200,
+            quarantine: Duration::from_secs(30),
+            max_quarantine: Duration::from_secs(3600),
+        }
     }
+}
+
+/// A channel left out of claims because its part of a claim reverts.
+#[derive(Clone, Debug)]
+struct Quarantined {
+    /// Tries that reverted in a row.
+    failures: u32,
+    /// Not tried again before this.
+    until: Instant,
+    /// Whether the pending withdrawal it has was announced.
+    withdrawal_announced: bool,
+}
+
+/// What the claim loop keeps between rounds.
+#[derive(Debug, Default)]
+struct ClaimsState {
+    /// The first block whose events are not read yet (`None`: nothing read).
+    next_block: Option<u64>,
+    book: Option<Book>,
+    quarantine: HashMap<B256, Quarantined>,
+}
+
+/// One channel's share of a claim transaction: its claim row, the refund
+/// asked for, or both.
+#[derive(Clone, Debug)]
+struct Part {
+    channel: B256,
+    /// Its state as read for this claim.
+    onchain: OnChain,
+    claim: Option<ClaimRow>,
+    refund: Option<RefundRow>,
 }
 
 /// What one claim round did.
@@ -80,10 +139,9 @@ impl<C: Chain> Settler<C> {
     pub(super) async fn run_claims(self: Arc<Self>, claims: ClaimsConfig) {
         // Channels may have moved while the engine was down: start from a
         // full refresh of those with anything unclaimed.
-        let mut next_block = None;
-        let mut book = None;
+        let mut state = ClaimsState::default();
         loop {
-            if let Err(err) = self.claims_round(&claims, &mut next_block, &mut book).await {
+            if let Err(err) = self.claims_round(&claims, &mut state).await {
                 tracing::warn!(%err, "a channel claim round failed; will retry");
             }
             tokio::time::sleep(claims.poll).await;
@@ -92,15 +150,10 @@ impl<C: Chain> Settler<C> {
 
     /// Reads new contract events, mirrors the channels they name, then
     /// claims the due channels.
-    async fn claims_round(
-        &self,
-        claims: &ClaimsConfig,
-        next_block: &mut Option<u64>,
-        book: &mut Option<Book>,
-    ) -> Result<ClaimRound> {
+    async fn claims_round(&self, claims: &ClaimsConfig, state: &mut ClaimsState) -> Result<ClaimRound> {
         let head = self.chain.block_number().await.map_err(chain_error)?;
-        let mine = self.book(claims, book).await?;
-        let touched: Vec<B256> = match *next_block {
+        let mine = self.book(claims, &mut state.book).await?;
+        let touched: Vec<B256> = match state.next_block {
             None => mine
                 .values()
                 .filter(|r| r.channel.charged > r.channel.onchain.total_claimed)
@@ -131,7 +184,8 @@ impl<C: Chain> Settler<C> {
         for (id, onchain) in touched.into_iter().zip(states) {
             mine.get_mut(&id).expect("filtered").channel.sync(onchain, unix_millis() / 1000);
         }
-        *next_block = Some(head + 1);
+        state.next_block = Some(head + 1);
+        self.announce_withdrawals(mine, &mut state.quarantine).await?;
 
         // A claim still pending (sent before a restart) goes first: the
         // settler's intent round resolves it.
@@ -141,7 +195,11 @@ impl<C: Chain> Settler<C> {
         let now = unix_millis() / 1000;
         let authorizer = claims.authorizer.address();
         let mut due = Vec::new();
+        let instant = Instant::now();
         for record in mine.values() {
+            if state.quarantine.get(&record.channel.id).is_some_and(|q| q.until > instant) {
+                continue;
+            }
             let c = &record.channel;
             let requested = (record.claim_requested || record.refund_requested.is_some())
                 .then_some(x402_channel::ClaimReason::Requested);
@@ -159,13 +217,43 @@ impl<C: Chain> Settler<C> {
         }
         let mut round = ClaimRound::default();
         for chunk in due.chunks(claims.max_rows.max(1)) {
-            let rows = self.claim(claims, chunk).await?;
+            let rows = self.claim(claims, chunk, &mut state.quarantine).await?;
             if rows > 0 {
                 round.transactions += 1;
                 round.rows += rows;
             }
         }
+        let withdrawing = state
+            .quarantine
+            .keys()
+            .filter(|id| mine.get(*id).is_some_and(|r| r.channel.onchain.withdrawal.is_some()))
+            .count();
+        metrics::gauge!(crate::metrics::CLAIMS_QUARANTINED).set(state.quarantine.len() as f64);
+        metrics::gauge!(crate::metrics::CLAIMS_QUARANTINED_WITHDRAWING).set(withdrawing as f64);
         Ok(round)
+    }
+
+    /// Announces each quarantined channel whose payer started a withdrawal
+    /// since it entered quarantine: its charges are lost if it is not
+    /// claimed before the withdrawal's delay ends.
+    async fn announce_withdrawals(&self, mine: &Book, quarantine: &mut HashMap<B256, Quarantined>) -> Result<()> {
+        for (id, q) in quarantine.iter_mut().filter(|(_, q)| !q.withdrawal_announced) {
+            let Some(record) = mine.get(id) else { continue };
+            let Some(withdrawal) = record.channel.onchain.withdrawal else { continue };
+            let Some(merchant) = self.engine.merchant(&record.merchant_id) else { continue };
+            tracing::error!(
+                channel = %id, finalize_after = withdrawal.finalize_after, unclaimed = record.channel.unclaimed(),
+                "a quarantined channel's payer started a withdrawal: its charges are lost if it is not claimed in time"
+            );
+            let reason = format!(
+                "channel_claim_quarantined: a withdrawal can be finalized from {} while its claim reverts",
+                withdrawal.finalize_after
+            );
+            let outcome = ClaimOutcome::Quarantined { merchant_number: merchant.number, reason };
+            self.engine.sync_channel(*id, record.channel.onchain, Some(outcome)).await?;
+            q.withdrawal_announced = true;
+        }
+        Ok(())
     }
 
     /// The channels of `claims.contract` as committed: read whole the first
@@ -211,66 +299,75 @@ impl<C: Chain> Settler<C> {
 
     /// Claims `records` (re-read first) in one transaction, settles their
     /// receivers and makes the refunds asked for; returns the rows claimed.
-    async fn claim(&self, claims: &ClaimsConfig, records: &[(ChannelRecord, u32)]) -> Result<usize> {
+    /// Channels whose part reverts on its own are quarantined and left out.
+    async fn claim(
+        &self,
+        claims: &ClaimsConfig,
+        records: &[(ChannelRecord, u32)],
+        quarantine: &mut HashMap<B256, Quarantined>,
+    ) -> Result<usize> {
         let domain = ChannelDomain::new(self.chain.chain_id(), claims.contract);
-        let mut rows = Vec::with_capacity(records.len());
-        let mut settle = Vec::new();
-        let mut refunds = Vec::new();
         let states = self.read_channels(claims.contract, &records.iter().map(|(r, _)| r).collect::<Vec<_>>()).await?;
+        let mut parts = Vec::new();
         for ((record, _), onchain) in records.iter().zip(states) {
             let mut channel = record.channel.clone();
             channel.sync(onchain, unix_millis() / 1000);
-            if let Some(requested) = record.refund_requested {
-                let amount = channel.refundable(Some(requested));
-                if amount > 0 {
+            let refund = match record.refund_requested.map(|r| channel.refundable(Some(r))) {
+                Some(amount) if amount > 0 => {
                     let nonce = U256::from(channel.onchain.refund_nonce);
                     let digest = domain.refund_digest(&Refund { channelId: channel.id, nonce, amount });
                     let signature = self.authorize(claims, digest)?;
-                    refunds.push(RefundRow { config: channel.config.clone(), amount, nonce, signature });
+                    Some(RefundRow { config: channel.config.clone(), amount, nonce, signature })
                 }
-            }
-            let Some((entry, signature)) = channel.claim_entry() else { continue };
-            // The pipeline checks vouchers of known channels against the
-            // signer's key, which does not see `v`; the chain needs it right.
-            let digest =
-                domain.voucher_digest(&Voucher { channelId: channel.id, maxClaimableAmount: entry.maxClaimableAmount });
-            let Some(signature) = crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config)) else {
-                tracing::error!(channel = %channel.id, "the channel's voucher is not its signer's: it cannot be claimed");
-                continue;
+                _ => None,
             };
-            let signature = Bytes::copy_from_slice(&signature);
-            rows.push(ClaimRow {
-                config: channel.config.clone(),
-                channel_id: channel.id,
-                max_claimable: entry.maxClaimableAmount,
-                signature,
-                total_claimed: entry.totalClaimed,
+            let claim = channel.claim_entry().and_then(|(entry, signature)| {
+                // The pipeline checks vouchers of known channels against the
+                // signer's key, which does not see `v`; the chain needs it right.
+                let digest = domain
+                    .voucher_digest(&Voucher { channelId: channel.id, maxClaimableAmount: entry.maxClaimableAmount });
+                let Some(signature) = crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config))
+                else {
+                    tracing::error!(channel = %channel.id, "the channel's voucher is not its signer's: it cannot be claimed");
+                    return None;
+                };
+                Some(ClaimRow {
+                    config: channel.config.clone(),
+                    channel_id: channel.id,
+                    max_claimable: entry.maxClaimableAmount,
+                    signature: Bytes::copy_from_slice(&signature),
+                    total_claimed: entry.totalClaimed,
+                })
             });
-            let receiver = (channel.config.receiver, channel.config.token);
-            if !settle.contains(&receiver) {
-                settle.push(receiver);
+            if claim.is_some() || refund.is_some() {
+                parts.push(Part { channel: channel.id, onchain: channel.onchain, claim, refund });
             }
         }
-        if rows.is_empty() && refunds.is_empty() {
+        if parts.is_empty() {
             // Nothing to send; a request is served by finding nothing to do.
             self.record_claimed(claims, records, None).await?;
             return Ok(0);
         }
-        let signature = if rows.is_empty() {
-            Vec::new()
-        } else {
-            self.authorize(claims, domain.claim_batch_digest(&claim_batch(&rows)))?.to_vec()
-        };
-        let input = claim_and_settle_calldata(&rows, &signature, &settle, &refunds);
+        let (parts, reverting) = self.isolate(claims, &domain, parts).await?;
+        for (part, revert) in &reverting {
+            let (_, merchant_number) = records.iter().find(|(r, _)| r.channel.id == part.channel).expect("a record's");
+            self.quarantine(claims, part, *merchant_number, revert, quarantine).await?;
+        }
+        let reverting: HashSet<B256> = reverting.into_iter().map(|(p, _)| p.channel).collect();
+        let served: Vec<(ChannelRecord, u32)> =
+            records.iter().filter(|(r, _)| !reverting.contains(&r.channel.id)).cloned().collect();
+        if parts.is_empty() {
+            return Ok(0);
+        }
+        let input = self.claim_calldata(claims, &domain, &parts)?;
         // The cost varies with the rows: estimated for each transaction.
         let gas = self.chain.estimate_gas(claims.contract, input.clone()).await.map_err(chain_error)?;
         let tx = self.chain.sign_call(claims.contract, input, Some(gas)).await.map_err(chain_error)?;
-        let claimed: u128 = rows.iter().map(|r| r.total_claimed).sum();
-        tracing::info!(
-            tx = %tx.hash, rows = rows.len(), receivers = settle.len(), refunds = refunds.len(), claimed,
-            "claiming channels"
-        );
-        metrics::histogram!(crate::metrics::CLAIM_ROWS).record(rows.len() as f64);
+        let rows = parts.iter().filter(|p| p.claim.is_some()).count();
+        let claimed: u128 = parts.iter().filter_map(|p| p.claim.as_ref()).map(|r| r.total_claimed).sum();
+        let refunds = parts.iter().filter(|p| p.refund.is_some()).count();
+        tracing::info!(tx = %tx.hash, rows, refunds, claimed, "claiming channels");
+        metrics::histogram!(crate::metrics::CLAIM_ROWS).record(rows as f64);
         let hash = tx.hash;
         self.claiming.store(true, std::sync::atomic::Ordering::Release);
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
@@ -279,14 +376,110 @@ impl<C: Chain> Settler<C> {
         let block = match self.chain.receipt(hash).await.map_err(chain_error)? {
             Some(r) if r.success => Some((hash, r.block)),
             Some(r) => {
-                // Nothing was claimed: no event, the requests stay.
-                tracing::error!(tx = %hash, block = r.block, rows = rows.len(), "a claim transaction reverted");
+                // Nothing was claimed: no event, the requests stay, and the
+                // next round's simulation finds the part that reverts.
+                tracing::error!(tx = %hash, block = r.block, rows, "a claim transaction reverted");
                 return Ok(0);
             }
             None => None,
         };
-        self.record_claimed(claims, records, block).await?;
-        Ok(rows.len())
+        for (record, _) in &served {
+            quarantine.remove(&record.channel.id);
+        }
+        self.record_claimed(claims, &served, block).await?;
+        Ok(rows)
+    }
+
+    /// Splits `parts` into those that simulate together and those that
+    /// revert on their own (with the revert): the set is simulated whole,
+    /// then halved until each reverting part stands alone. `k` reverting
+    /// parts of `n` cost about `2k·log2(n)` simulations; none costs one.
+    async fn isolate(
+        &self,
+        claims: &ClaimsConfig,
+        domain: &ChannelDomain,
+        mut parts: Vec<Part>,
+    ) -> Result<(Vec<Part>, Vec<(Part, String)>)> {
+        let mut reverting = Vec::new();
+        // Parts that pass in halves could still fail together: the good
+        // ones are simulated together again until they pass as one. Each
+        // pass takes at least one part out, so this ends.
+        loop {
+            let mut good = Vec::with_capacity(parts.len());
+            let mut found = Vec::new();
+            let mut sets = vec![parts];
+            while let Some(mut set) = sets.pop() {
+                let input = self.claim_calldata(claims, domain, &set)?;
+                match self.chain.simulate(claims.contract, input).await.map_err(chain_error)? {
+                    None => good.append(&mut set),
+                    Some(revert) if set.len() == 1 => found.push((set.remove(0), revert)),
+                    Some(_) => {
+                        let second = set.split_off(set.len() / 2);
+                        sets.push(second);
+                        sets.push(set);
+                    }
+                }
+            }
+            let done = found.is_empty() || good.is_empty();
+            reverting.append(&mut found);
+            parts = good;
+            if done {
+                return Ok((parts, reverting));
+            }
+        }
+    }
+
+    /// Leaves `part`'s channel out of claims for a while after it reverted
+    /// with `revert`, announcing it the first time.
+    async fn quarantine(
+        &self,
+        claims: &ClaimsConfig,
+        part: &Part,
+        merchant_number: u32,
+        revert: &str,
+        quarantine: &mut HashMap<B256, Quarantined>,
+    ) -> Result<()> {
+        let id = part.channel;
+        let entry = quarantine.entry(id).or_insert(Quarantined {
+            failures: 0,
+            until: Instant::now(),
+            withdrawal_announced: false,
+        });
+        entry.failures += 1;
+        let backoff = claims.quarantine.saturating_mul(1 << (entry.failures - 1).min(16)).min(claims.max_quarantine);
+        entry.until = Instant::now() + backoff;
+        tracing::warn!(
+            channel = %id, failures = entry.failures, retry_in = ?backoff, %revert,
+            "a channel's claim reverts on its own: quarantined, the other channels are claimed"
+        );
+        if entry.failures == 1 {
+            entry.withdrawal_announced = part.onchain.withdrawal.is_some();
+            let reason = format!("channel_claim_quarantined: the claim reverts: {revert}");
+            let outcome = ClaimOutcome::Quarantined { merchant_number, reason };
+            self.engine.sync_channel(id, part.onchain, Some(outcome)).await?;
+        }
+        Ok(())
+    }
+
+    /// The calldata of one transaction making `parts`: their claims under
+    /// one batch signature, a settle per receiver claimed for, and their
+    /// refunds.
+    fn claim_calldata(&self, claims: &ClaimsConfig, domain: &ChannelDomain, parts: &[Part]) -> Result<Bytes> {
+        let rows: Vec<ClaimRow> = parts.iter().filter_map(|p| p.claim.clone()).collect();
+        let refunds: Vec<RefundRow> = parts.iter().filter_map(|p| p.refund.clone()).collect();
+        let mut settle = Vec::new();
+        for row in &rows {
+            let receiver = (row.config.receiver, row.config.token);
+            if !settle.contains(&receiver) {
+                settle.push(receiver);
+            }
+        }
+        let signature = if rows.is_empty() {
+            Vec::new()
+        } else {
+            self.authorize(claims, domain.claim_batch_digest(&claim_batch(&rows)))?.to_vec()
+        };
+        Ok(claim_and_settle_calldata(&rows, &signature, &settle, &refunds))
     }
 
     /// Mirrors the channels a claim round served, with the transaction (if
@@ -310,7 +503,7 @@ impl<C: Chain> Settler<C> {
             };
             // No transaction: the request is cleared, no event.
             let claimed = if mined.is_some() || record.claim_requested || record.refund_requested.is_some() {
-                Some(claimed)
+                Some(ClaimOutcome::Claimed(claimed))
             } else {
                 None
             };
