@@ -73,8 +73,14 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// The settlement signer addresses, in pool order.
     fn signers(&self) -> Vec<Address>;
 
-    /// `owner`'s balance of `token`.
+    /// `owner`'s balance of `token`; [`crate::Error::NoContract`] when no
+    /// code is at `token`.
     fn token_balance(&self, token: Address, owner: Address) -> impl Future<Output = Result<U256>> + Send;
+
+    /// Whether `address` holds code: a contract, or an EOA delegated by
+    /// EIP-7702. A token checks such a signer's signature with ERC-1271
+    /// (FiatToken 2.2 `SignatureChecker`), not with `ecrecover`.
+    fn has_code(&self, address: Address) -> impl Future<Output = Result<bool>> + Send;
 
     /// Whether `authorizer`'s EIP-3009 `nonce` on `token` is spent (or cancelled).
     fn authorization_state(

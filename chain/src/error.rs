@@ -30,6 +30,9 @@ pub enum Error {
     /// A setting is wrong.
     #[error("config: {0}")]
     Config(String),
+    /// An address that should hold a contract (a token) holds no code.
+    #[error("no contract at {0}")]
+    NoContract(alloy::primitives::Address),
     /// A sent transaction could not be followed to its receipt.
     #[error("pending transaction: {}", redact_urls(&.0.to_string()))]
     PendingTransaction(#[from] alloy::providers::PendingTransactionError),

@@ -26,7 +26,7 @@ use alloy::{
     providers::{Provider, ProviderBuilder, RootProvider},
     rpc::types::{Filter, TransactionReceipt, TransactionRequest},
     signers::local::PrivateKeySigner,
-    sol_types::SolEvent,
+    sol_types::{SolCall, SolEvent},
 };
 use tokio::sync::Mutex;
 
@@ -202,7 +202,18 @@ impl Chain for AlloyChain {
     }
 
     async fn token_balance(&self, token: Address, owner: Address) -> Result<U256> {
-        Ok(IEip3009::new(token, &self.provider).balanceOf(owner).call().await?)
+        let input = IEip3009::balanceOfCall { account: owner }.abi_encode();
+        let request = TransactionRequest::default().with_to(token).with_input(input);
+        let out = self.provider.call(request).await?;
+        // A call of an address without code succeeds with nothing.
+        if out.is_empty() {
+            return Err(Error::NoContract(token));
+        }
+        IEip3009::balanceOfCall::abi_decode_returns(&out).map_err(|e| Error::Decode(format!("balanceOf: {e}")))
+    }
+
+    async fn has_code(&self, address: Address) -> Result<bool> {
+        Ok(!self.provider.get_code_at(address).await?.is_empty())
     }
 
     async fn authorization_state(&self, token: Address, authorizer: Address, nonce: B256) -> Result<bool> {

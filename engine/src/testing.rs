@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use x402_chain::{Chain, Receipt, SignedTx, TransferLog};
 
 use crate::{
-    balance::{BalanceKey, BalanceSource, Fetched, Lookup, Notifier},
+    balance::{Account, BalanceKey, BalanceSource, Fetched, Lookup, Notifier},
     domain::{Merchant, SettlementPolicy},
 };
 
@@ -66,6 +66,8 @@ struct FakeState {
     head: u64,
     balances: HashMap<(Address, Address), U256>,
     logs: Vec<(Address, TransferLog)>,
+    /// Accounts that hold code (none of the others do).
+    code: std::collections::HashSet<Address>,
 }
 
 impl FakeChain {
@@ -101,6 +103,11 @@ impl FakeChain {
     /// Sets a balance with no log, as if the change were missed.
     pub(crate) fn set_silently(&self, token: Address, owner: Address, value: U256) {
         self.state().balances.insert((token, owner), value);
+    }
+
+    /// Gives `account` code, as a contract wallet or an EIP-7702 delegation.
+    pub(crate) fn set_code(&self, account: Address) {
+        self.state().code.insert(account);
     }
 
     /// Mines `blocks` empty blocks.
@@ -150,6 +157,13 @@ impl Chain for FakeChain {
         let mut paused = self.paused.subscribe();
         let _ = paused.wait_for(|p| !*p).await;
         Ok(balance)
+    }
+
+    async fn has_code(&self, account: Address) -> x402_chain::Result<bool> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(x402_chain::Error::Decode("the fake node is down".into()));
+        }
+        Ok(self.state().code.contains(&account))
     }
 
     async fn authorization_state(&self, _: Address, _: Address, _: B256) -> x402_chain::Result<bool> {
@@ -224,7 +238,7 @@ impl Chain for FakeChain {
 /// [`Lookup::Pending`] until the test calls [`ManualBalances::complete`].
 #[derive(Debug, Default)]
 pub(crate) struct ManualBalances {
-    known: Mutex<HashMap<BalanceKey, U256>>,
+    known: Mutex<HashMap<BalanceKey, Account>>,
     waiting: Mutex<Vec<(BalanceKey, Notifier)>>,
 }
 

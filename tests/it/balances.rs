@@ -7,7 +7,7 @@ use std::time::Duration;
 use alloy::{
     network::EthereumWallet,
     primitives::{Address, U256, address},
-    providers::ProviderBuilder,
+    providers::{ProviderBuilder, ext::AnvilApi},
     signers::local::PrivateKeySigner,
 };
 use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
@@ -23,10 +23,34 @@ const PAY_TO_3: Address = address!("0x90F79bf6EB2c4f870365E785982E1f101E93b906")
 
 /// A signed payment of `value` units to m3.
 fn payment(payer: &Payer, value: u64, request_id: u64) -> pb::SubmitRequest {
+    payment_in(TOKEN, payer, value, request_id)
+}
+
+/// [`payment`] in the token at `asset`.
+fn payment_in(asset: Address, payer: &Payer, value: u64, request_id: u64) -> pb::SubmitRequest {
     let mut req = requirements(PAY_TO_3);
     req.amount = U256::from(value);
+    req.asset = asset;
     let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
     exact_submit(request_id, &req, &payload)
+}
+
+/// An `x402d` process whose merchant m3 settles on `anvil`, with `extra`
+/// in its `[chain]`.
+fn m3_daemon(anvil: &Anvil, signer: &PrivateKeySigner, dir: &std::path::Path, extra: &str) -> Daemon {
+    let chain = ChainSection::new(anvil.endpoint(), signer, None, extra);
+    let config = format!(
+        r#"{}
+[[merchants]]
+id = "m3"
+pay_to = ["{PAY_TO_3}"]
+policy = {{ strategy = "batched", max_rows = 1000, max_wait_ms = 3600000 }}
+api_key_env = "X402D_TEST_M3_KEY"
+{}"#,
+        config(dir),
+        chain.toml
+    );
+    Daemon::start_with_env(dir, &config, &chain.env(&[("X402D_TEST_M3_KEY", M3_KEY)]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,20 +63,7 @@ async fn the_reservation_check_uses_the_balance_on_chain_and_follows_transfers()
 
     let dir = tempfile::tempdir().unwrap();
     // A TTL far beyond the test: only the log follower can refresh a balance.
-    let chain = ChainSection::new(anvil.endpoint(), &signer, None, "balance_ttl_secs = 3600\nbalance_poll_ms = 100\n");
-    let config = format!(
-        r#"{}
-[[merchants]]
-id = "m3"
-pay_to = ["{PAY_TO_3}"]
-policy = {{ strategy = "batched", max_rows = 1000, max_wait_ms = 3600000 }}
-api_key_env = "X402D_TEST_M3_KEY"
-{}"#,
-        config(dir.path()),
-        chain.toml
-    );
-    let env = chain.env(&[("X402D_TEST_M3_KEY", M3_KEY)]);
-    let daemon = Daemon::start_with_env(dir.path(), &config, &env);
+    let daemon = m3_daemon(&anvil, &signer, dir.path(), "balance_ttl_secs = 3600\nbalance_poll_ms = 100\n");
     let mut m3 = payments(daemon.grpc, M3_KEY).await;
 
     // 100 on chain: 60 fits, another 60 on top of it does not.
@@ -89,4 +100,38 @@ api_key_env = "X402D_TEST_M3_KEY"
         assert!(tokio::time::Instant::now() < deadline, "the mint never counted: {}", third.message);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A payer with code (here an EOA delegated by EIP-7702: the token would
+/// check its signature with ERC-1271) is refused, whatever its balance, and
+/// so is a payment in an asset address that holds no contract; the balance
+/// cache reads the code beside the balance, never on a shard thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payers_with_code_and_assets_without_a_contract_are_refused() {
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let (plain, delegated) = (Payer::random(), Payer::random());
+    devnet::deploy(anvil.endpoint(), &[plain.address(), delegated.address()], U256::from(10u64.pow(9))).await.unwrap();
+    let signer = PrivateKeySigner::random();
+    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+    // The EIP-7702 delegation designator: 0xef0100 ++ the delegate.
+    let control = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let designator = [&[0xef, 0x01, 0x00][..], Address::repeat_byte(0x77).as_slice()].concat();
+    control.anvil_set_code(delegated.address(), designator.into()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = m3_daemon(&anvil, &signer, dir.path(), "");
+    let mut m3 = payments(daemon.grpc, M3_KEY).await;
+
+    let answer = m3.submit(payment(&delegated, 60, 1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a payer with code was accepted");
+    assert_eq!(answer.reason, "invalid_exact_evm_signature", "{}", answer.message);
+    assert!(answer.message.contains("holds code"), "{}", answer.message);
+    let plain_answer = m3.submit(payment(&plain, 60, 2)).await.unwrap().into_inner();
+    assert_eq!(outcome(&plain_answer), pb::Outcome::Accepted, "{}", plain_answer.message);
+
+    let nowhere = Address::repeat_byte(0x42);
+    let answer = m3.submit(payment_in(nowhere, &plain, 60, 3)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a payment in no token was accepted");
+    assert_eq!(answer.reason, "invalid_network", "{}", answer.message);
+    assert!(answer.message.contains("no contract"), "{}", answer.message);
 }

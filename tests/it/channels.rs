@@ -1028,3 +1028,36 @@ api_key_env = "X402D_TEST_MC_KEY"
     assert!(status.failure_reason.contains("withdrawal"), "{}", status.failure_reason);
     assert_eq!(s.sent().await, 1, "one claim transaction; the bisection only simulated");
 }
+
+/// A voucher signer with code (an EIP-7702 delegated account, a contract
+/// wallet) is refused, before any deposit of its channel goes on chain: the
+/// contract would check its vouchers with ERC-1271, which x402d does not
+/// verify, so its charges could never be claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vouchers_of_a_signer_with_code_are_refused_and_nothing_is_deposited() {
+    let s = Setup::new(2).await;
+    let e = s.engine(3600).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let designator = [&[0xef, 0x01, 0x00][..], Address::repeat_byte(0x77).as_slice()].concat();
+    for payer in &s.payers {
+        s.wallet.anvil_set_code(payer.address(), designator.clone().into()).await.unwrap();
+    }
+
+    // A funded channel: its first voucher is refused.
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+    s.wallet.anvil_set_code(payer.address(), alloy::primitives::Bytes::new()).await.unwrap();
+    s.deposit(payer, 1_000).await;
+    s.wallet.anvil_set_code(payer.address(), designator.into()).await.unwrap();
+    let answer = client.submit(voucher(1, payer, &config, 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a signer with code was accepted");
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_voucher_signature", "{}", answer.message);
+    assert!(answer.message.contains("holds code"), "{}", answer.message);
+
+    // A first voucher with its deposit: refused, and nothing goes on chain.
+    let (other, other_config) = (&s.payers[1], s.config(&s.payers[1]));
+    let answer = client.submit(deposit_voucher(2, other, &other_config, 500)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a deposit for a signer with code was accepted");
+    assert!(answer.message.contains("holds code"), "{}", answer.message);
+    assert_eq!(s.onchain(other).await, (0, 0));
+    assert_eq!(s.sent().await, 0, "no deposit transaction");
+}

@@ -3,8 +3,9 @@
 //! One cache per chain, keyed by (token, owner), split into stripes each
 //! behind its own short mutex: a shard thread's lookup locks one stripe,
 //! reads the entry and stamps its use, with no allocation and no await. A
-//! miss answers [`Lookup::Pending`] and starts a fetch (`balanceOf`) on the
-//! tokio runtime captured at construction; when it is done every notifier
+//! miss answers [`Lookup::Pending`] and starts a fetch (`balanceOf`, and
+//! `eth_getCode` of the owner beside it) on the tokio runtime captured at
+//! construction; when it is done every notifier
 //! that asked is called with the result. One fetch per key is in flight at a
 //! time.
 //!
@@ -50,12 +51,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::Address;
 use crossbeam::utils::CachePadded;
 use tokio::{runtime::Handle, task::AbortHandle, time::MissedTickBehavior};
 use x402_chain::Chain;
 
-use super::{BalanceKey, BalanceSource, Fetched, Lookup, Notifier};
+use super::{Account, BalanceKey, BalanceSource, Fetched, Lookup, Notifier};
 use crate::{Error, Result};
 
 /// Most blocks the follower reads logs for in one tick; further behind, it
@@ -123,8 +124,8 @@ struct Shared<C> {
 type Stripe = CachePadded<Mutex<HashMap<(Address, Address), Entry>>>;
 
 struct Entry {
-    /// The last balance read; `None` until the first fetch answers.
-    balance: Option<U256>,
+    /// The last account read; `None` until the first fetch answers.
+    balance: Option<Account>,
     /// The first use at or after this re-reads the balance.
     refresh_at: Instant,
     last_used: Instant,
@@ -268,11 +269,16 @@ impl<C: Chain> Shared<C> {
         let guard = FetchGuard { shared: self.clone(), token, owner, id, done: false };
         self.runtime.spawn(async move {
             let shared = &guard.shared;
-            let read =
-                tokio::time::timeout(shared.config.fetch_timeout, shared.chain.token_balance(token, owner)).await;
+            let read = tokio::time::timeout(
+                shared.config.fetch_timeout,
+                futures::future::join(shared.chain.token_balance(token, owner), shared.chain.has_code(owner)),
+            )
+            .await;
             let fetched = match read {
-                Ok(Ok(balance)) => Ok(balance),
-                Ok(Err(e)) => Err(Arc::new(Error::Chain(Box::new(e)))),
+                Ok((Err(x402_chain::Error::NoContract(_)), _)) => Ok(Account::NoToken),
+                Ok((_, Ok(true))) => Ok(Account::HasCode),
+                Ok((Ok(balance), Ok(false))) => Ok(Account::Funds(balance)),
+                Ok((Err(e), _) | (_, Err(e))) => Err(Arc::new(Error::Chain(Box::new(e)))),
                 Err(_) => Err(Arc::new(timed_out("balanceOf", shared.config.fetch_timeout))),
             };
             guard.finish(&fetched);
@@ -508,7 +514,7 @@ fn timed_out(what: &str, after: Duration) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use alloy::primitives::address;
+    use alloy::primitives::{U256, address};
     use tokio::sync::mpsc;
 
     use super::*;
@@ -526,6 +532,10 @@ mod tests {
 
     fn units(n: u64) -> U256 {
         U256::from(n)
+    }
+
+    fn funds(n: u64) -> Account {
+        Account::Funds(U256::from(n))
     }
 
     /// A fast follower; the TTL out of the way unless a test sets it.
@@ -557,7 +567,7 @@ mod tests {
     }
 
     /// Looks `owner` up and, on a miss, waits for the fetch.
-    async fn fetch(balances: &ChainBalances<FakeChain>, owner: Address) -> U256 {
+    async fn fetch(balances: &ChainBalances<FakeChain>, owner: Address) -> Account {
         let (n, mut rx) = notifier();
         match balances.lookup(key(owner), &n) {
             Lookup::Known(balance) => balance,
@@ -571,10 +581,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let got = fetch(balances, owner).await;
-            if got == want {
+            if got == Account::Funds(want) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{owner}: {got}, want {want}");
+            assert!(Instant::now() < deadline, "{owner}: {got:?}, want {want}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -589,9 +599,9 @@ mod tests {
         chain.pause_balances(false);
         for _ in 0..2 {
             let (k, fetched) = next(&mut rx).await;
-            assert_eq!((k, fetched.unwrap()), (key(ALICE), units(100)));
+            assert_eq!((k, fetched.unwrap()), (key(ALICE), funds(100)));
         }
-        assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Known(units(100)));
+        assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Known(funds(100)));
         assert_eq!(chain.balance_reads(), 1);
         assert_eq!(balances.len(), 1);
     }
@@ -599,8 +609,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transfers_refresh_the_cached_owners_they_name() {
         let (chain, balances) = start(fast()).await;
-        assert_eq!(fetch(&balances, ALICE).await, units(100));
-        assert_eq!(fetch(&balances, BOB).await, units(10));
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
+        assert_eq!(fetch(&balances, BOB).await, funds(10));
         chain.transfer(TOKEN, ALICE, BOB, units(30));
         eventually(&balances, ALICE, units(70)).await;
         eventually(&balances, BOB, units(40)).await;
@@ -632,7 +642,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         chain.pause_balances(false);
-        assert_eq!(next(&mut rx).await.1.unwrap(), units(100), "the waiter gets what was read");
+        assert_eq!(next(&mut rx).await.1.unwrap(), funds(100), "the waiter gets what was read");
         eventually(&balances, ALICE, units(40)).await;
     }
 
@@ -640,14 +650,31 @@ mod tests {
     async fn past_the_ttl_the_old_balance_is_served_while_it_is_read_again() {
         let ttl = Duration::from_millis(200);
         let (chain, balances) = start(ChainBalancesConfig { ttl, ..fast() }).await;
-        assert_eq!(fetch(&balances, ALICE).await, units(100));
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
         chain.set_silently(TOKEN, ALICE, units(55));
-        assert_eq!(fetch(&balances, ALICE).await, units(100), "fresh: no read");
+        assert_eq!(fetch(&balances, ALICE).await, funds(100), "fresh: no read");
         assert_eq!(chain.balance_reads(), 1);
         tokio::time::sleep(ttl).await;
         let (n, _rx) = notifier();
-        assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Known(units(100)), "stale, served");
+        assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Known(funds(100)), "stale, served");
         eventually(&balances, ALICE, units(55)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payer_that_gets_code_is_known_as_such_once_read_again() {
+        let ttl = Duration::from_millis(200);
+        let (chain, balances) = start(ChainBalancesConfig { ttl, ..fast() }).await;
+        chain.set_code(BOB);
+        assert_eq!(fetch(&balances, BOB).await, Account::HasCode, "read with the first balance");
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
+        // An EIP-7702 delegation moves no tokens: the TTL re-reads it.
+        chain.set_code(ALICE);
+        tokio::time::sleep(ttl).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fetch(&balances, ALICE).await != Account::HasCode {
+            assert!(Instant::now() < deadline, "the code was never read again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,7 +689,7 @@ mod tests {
         assert!(balances.is_empty());
         chain.fail_balances(false);
         assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Pending, "tried again");
-        assert_eq!(next(&mut rx).await.1.unwrap(), units(100));
+        assert_eq!(next(&mut rx).await.1.unwrap(), funds(100));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -680,8 +707,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (n, _rx) = notifier();
-        assert_eq!(balances.lookup(key(dave), &n), Lookup::Known(U256::ZERO));
-        assert_eq!(balances.lookup(key(CAROL), &n), Lookup::Known(units(7)));
+        assert_eq!(balances.lookup(key(dave), &n), Lookup::Known(Account::Funds(U256::ZERO)));
+        assert_eq!(balances.lookup(key(CAROL), &n), Lookup::Known(funds(7)));
         assert_eq!(balances.lookup(key(ALICE), &n), Lookup::Pending, "evicted");
     }
 
@@ -713,7 +740,7 @@ mod tests {
         let (n, _rx) = notifier();
         assert_eq!(balances.lookup((1, TOKEN, ALICE), &n), Lookup::Unlimited);
         let balances = balances.with_fallback(Arc::new(ConfiguredBalances::new(Some(units(5)))));
-        assert_eq!(balances.lookup((1, TOKEN, ALICE), &n), Lookup::Known(units(5)));
+        assert_eq!(balances.lookup((1, TOKEN, ALICE), &n), Lookup::Known(funds(5)));
         assert_eq!(chain.balance_reads(), 0);
     }
 }

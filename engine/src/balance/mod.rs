@@ -14,7 +14,11 @@
 //! ```
 //!
 //! [`ConfiguredBalances`] always knows (from configuration);
-//! [`ChainBalances`] caches balances read from a chain.
+//! [`ChainBalances`] caches balances read from a chain, and with each
+//! whether the payer holds code: the token would check such a payer's
+//! signature with ERC-1271, not the `ecrecover` x402d verifies with, so the
+//! shard refuses its payments (as it does payments in a token address that
+//! holds no contract).
 
 mod chain;
 
@@ -28,22 +32,35 @@ use crate::Error;
 /// Whose balance: (chain id, token, owner).
 pub type BalanceKey = (u64, Address, Address);
 
+/// What a balance's key holds on chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Account {
+    /// A payer without code, and its balance.
+    Funds(U256),
+    /// The payer holds code (a contract wallet, or an EOA delegated by
+    /// EIP-7702): the token checks its signature with ERC-1271, which
+    /// x402d does not verify, so its payments are refused.
+    HasCode,
+    /// No contract is at the token's address.
+    NoToken,
+}
+
 /// What a [`BalanceSource`] knows about a balance right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// Not limited: the check is skipped.
     Unlimited,
-    /// The spendable balance.
-    Known(U256),
+    /// The account, with its spendable balance.
+    Known(Account),
     /// Not in memory. The source is fetching it and will call the notifier
     /// it was given, once, with the result.
     Pending,
 }
 
-/// What a fetch came to: the balance, or why it could not be read (the
+/// What a fetch came to: the account, or why it could not be read (the
 /// payments waiting for it are answered UNAVAILABLE, never accepted
 /// unchecked).
-pub type Fetched = Result<U256, Arc<Error>>;
+pub type Fetched = Result<Account, Arc<Error>>;
 
 /// Reports a fetch's result to whoever was told [`Lookup::Pending`]. Cloning
 /// is a reference count; the source keeps a clone only on a miss.
@@ -99,6 +116,10 @@ impl ConfiguredBalances {
 
 impl BalanceSource for ConfiguredBalances {
     fn lookup(&self, key: BalanceKey, _: &Notifier) -> Lookup {
-        self.accounts.get(&key).copied().or(self.default).map_or(Lookup::Unlimited, Lookup::Known)
+        self.accounts
+            .get(&key)
+            .copied()
+            .or(self.default)
+            .map_or(Lookup::Unlimited, |b| Lookup::Known(Account::Funds(b)))
     }
 }

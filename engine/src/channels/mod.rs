@@ -500,8 +500,29 @@ pub enum ClaimOutcome {
     Quarantined { merchant_number: u32, reason: String },
 }
 
+/// Why a read of a channel gave no state to check its vouchers against.
+#[derive(Clone, Debug)]
+pub enum ReadFailure {
+    /// The voucher signer holds code (a contract wallet, or an EOA delegated
+    /// by EIP-7702): the contract checks its vouchers with ERC-1271, which
+    /// x402d does not verify, so they are refused.
+    SignerHasCode(Address),
+    /// The chain could not be reached; retryable.
+    Unavailable(Arc<Error>),
+}
+
+impl ReadFailure {
+    /// The message of a voucher refused because its signer holds code.
+    pub fn signer_has_code(signer: Address) -> String {
+        format!(
+            "voucher signer {signer} holds code (a contract wallet or an EIP-7702 delegated account): the \
+             channel contract checks its vouchers with ERC-1271, which x402d does not verify yet"
+        )
+    }
+}
+
 /// What a read of a channel's on-chain state came to.
-pub type ChannelFetched = Result<OnChain, Arc<Error>>;
+pub type ChannelFetched = Result<OnChain, ReadFailure>;
 
 /// Reports a channel read to the shard that asked.
 pub type ChannelNotifier = Arc<dyn Fn(B256, ChannelFetched) + Send + Sync>;
@@ -523,9 +544,9 @@ pub type DepositNotifier = Arc<dyn Fn(B256, Result<OnChain, DepositFailure>) + S
 /// Reads channels' on-chain state and puts deposits on chain for the
 /// shards, off their threads.
 pub trait ChannelSource: Send + Sync + std::fmt::Debug + 'static {
-    /// Starts reading channel `id` (whose config has `withdraw_delay`) from
-    /// `contract` on `chain_id`; calls `notify` once with the result.
-    fn fetch(&self, chain_id: u64, contract: Address, id: B256, withdraw_delay: u64, notify: ChannelNotifier);
+    /// Starts reading `v`'s channel, and whether its voucher signer holds
+    /// code; calls `notify` once with the result.
+    fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier);
 
     /// Starts putting `v`'s deposit on chain (unless its authorization is
     /// already spent: then it landed before), then reads the channel;
@@ -539,13 +560,9 @@ pub trait ChannelSource: Send + Sync + std::fmt::Debug + 'static {
 pub struct NoChannels;
 
 impl ChannelSource for NoChannels {
-    fn fetch(&self, chain_id: u64, _: Address, id: B256, _: u64, notify: ChannelNotifier) {
-        notify(
-            id,
-            Err(Arc::new(Error::Config(format!(
-                "no [chain] configured for chain {chain_id}: channels cannot be read"
-            )))),
-        );
+    fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier) {
+        let message = format!("no [chain] configured for chain {}: channels cannot be read", v.chain_id);
+        notify(v.channel_id, Err(ReadFailure::Unavailable(Arc::new(Error::Config(message)))));
     }
 
     fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
@@ -571,17 +588,27 @@ impl<C: Chain> ChainChannels<C> {
 }
 
 impl<C: Chain> ChannelSource for ChainChannels<C> {
-    fn fetch(&self, chain_id: u64, contract: Address, id: B256, withdraw_delay: u64, notify: ChannelNotifier) {
-        if chain_id != self.chain.chain_id() {
-            return NoChannels.fetch(chain_id, contract, id, withdraw_delay, notify);
+    fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier) {
+        if v.chain_id != self.chain.chain_id() {
+            return NoChannels.fetch(v, notify);
         }
-        let chain = self.chain.clone();
+        let (chain, id, contract) = (self.chain.clone(), v.channel_id, v.contract);
+        let (withdraw_delay, signer) = (v.config.withdrawDelay.to::<u64>(), voucher_signer(&v.config));
         self.runtime.spawn(async move {
-            let read = chain.call(contract, x402_chain::channel::state_calldata(id)).await;
-            let fetched = read
-                .and_then(|out| x402_chain::channel::decode_state(&out, withdraw_delay))
-                .map_err(|e| Arc::new(Error::Chain(Box::new(e))));
-            if let Err(e) = &fetched {
+            let (read, code) = futures::future::join(
+                chain.call(contract, x402_chain::channel::state_calldata(id)),
+                chain.has_code(signer),
+            )
+            .await;
+            let unavailable = |e| ReadFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
+            let fetched = match code {
+                Ok(true) => Err(ReadFailure::SignerHasCode(signer)),
+                Ok(false) => {
+                    read.and_then(|out| x402_chain::channel::decode_state(&out, withdraw_delay)).map_err(unavailable)
+                }
+                Err(e) => Err(unavailable(e)),
+            };
+            if let Err(ReadFailure::Unavailable(e)) = &fetched {
                 tracing::warn!(channel = %id, error = %e, "reading a channel's state failed");
             }
             notify(id, fetched);
@@ -616,6 +643,11 @@ pub(crate) async fn put_deposit<C: Chain>(
     follow: Follow,
 ) -> Result<(Option<B256>, OnChain), DepositFailure> {
     let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
+    // Nothing goes on chain for vouchers that would then be refused.
+    let signer = voucher_signer(&v.config);
+    if chain.has_code(signer).await.map_err(unavailable)? {
+        return Err(DepositFailure::Rejected(ReadFailure::signer_has_code(signer)));
+    }
     let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;
     let mut sent = None;
     if !spent {

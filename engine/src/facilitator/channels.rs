@@ -241,11 +241,15 @@ pub(super) async fn verify(
         Ok(v) => v,
         Err(refusal) => return refused(refusal),
     };
-    let onchain = channels.onchain(&v).await?;
+    let signer = crate::channels::voucher_signer(&v.config);
+    let (onchain, code) = futures::future::join(channels.onchain(&v), channels.chain.has_code(signer)).await;
+    let (onchain, code) = (onchain?, code.map_err(ChannelFacilitator::unavailable)?);
     let delay = v.config.withdrawDelay.to::<u64>();
     let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
     let balance = onchain.balance.saturating_add(deposit);
-    let failure = if balance == 0 {
+    let failure = if code {
+        Some((Reason::VoucherSignature, crate::channels::ReadFailure::signer_has_code(signer)))
+    } else if balance == 0 {
         Some((Reason::ChannelNotFound, "the channel has no balance".to_owned()))
     } else if v.max_claimable > balance {
         Some((Reason::CumulativeExceedsBalance, format!("voucher {} exceeds the balance {balance}", v.max_claimable)))

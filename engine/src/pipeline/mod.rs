@@ -574,7 +574,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        balance::ConfiguredBalances,
+        balance::{Account, ConfiguredBalances},
         domain::{PaymentInput, Requirements},
         ledger::{MemoryLedger, WriteBatch},
         payer::Payer,
@@ -1028,7 +1028,7 @@ mod tests {
     struct SilentChannels;
 
     impl ChannelSource for SilentChannels {
-        fn fetch(&self, _: u64, _: Address, _: B256, _: u64, _: crate::channels::ChannelNotifier) {}
+        fn fetch(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::ChannelNotifier) {}
         fn deposit(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::DepositNotifier) {}
     }
 
@@ -1101,7 +1101,7 @@ mod tests {
         let other = std::iter::repeat_with(Payer::random)
             .find(|p| shard_of(p.address(), 3) == shard_of(payer.address(), 3))
             .unwrap();
-        source.complete((31337, TOKEN, other.address()), &Ok(U256::MAX));
+        source.complete((31337, TOKEN, other.address()), &Ok(Account::Funds(U256::MAX)));
         assert!(matches!(submit(pipeline, submission(&other, 1)), SubmitOutcome::Accepted { .. }));
     }
 
@@ -1119,7 +1119,7 @@ mod tests {
         assert!(replies.iter_mut().all(|rx| rx.try_recv().is_err()), "nothing is answered before the balance");
 
         // Room for two payments of 100, taken in arrival order.
-        source.complete(key, &Ok(U256::from(250)));
+        source.complete(key, &Ok(Account::Funds(U256::from(250))));
         let outcomes: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
         assert!(matches!(outcomes[0], SubmitOutcome::Accepted { .. }), "{outcomes:?}");
         assert!(matches!(outcomes[1], SubmitOutcome::Duplicate { .. }), "{outcomes:?}");
@@ -1158,7 +1158,7 @@ mod tests {
         let reply = pipeline.try_submit(merchant(), first).unwrap();
         drain_shard(&pipeline, &source, &payer);
         assert_eq!(source.waiting(), [key]);
-        source.complete(key, &Ok(U256::from(100)));
+        source.complete(key, &Ok(Account::Funds(U256::from(100))));
         assert!(matches!(reply.blocking_recv().unwrap(), SubmitOutcome::Accepted { .. }));
 
         // A payment still waiting at shutdown is answered, not dropped.

@@ -24,10 +24,10 @@ use super::{
     committer::{ChannelReply, CommitItem},
 };
 use crate::{
-    balance::{BalanceSource, Fetched, Lookup, Notifier},
+    balance::{Account, BalanceSource, Fetched, Lookup, Notifier},
     channels::{
         ChannelFetched, ChannelNotifier, ChannelSource, ChannelView, ClaimOutcome, DepositFailure, DepositNotifier,
-        NoChannels, VerifiedVoucher, new_record,
+        NoChannels, ReadFailure, VerifiedVoucher, new_record,
     },
     domain::{
         ChannelRecord, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey,
@@ -467,7 +467,18 @@ impl Shard {
         };
         match balance {
             Lookup::Unlimited => {}
-            Lookup::Known(balance) => {
+            Lookup::Known(Account::HasCode) => {
+                let message = format!(
+                    "payer {payer} holds code (a contract wallet or an EIP-7702 delegated account): the token \
+                     checks its signature with ERC-1271, which x402d does not verify yet"
+                );
+                return self.reject(reply, id, payer, Reason::Signature, message);
+            }
+            Lookup::Known(Account::NoToken) => {
+                let message = format!("no contract at the asset {} on chain {}", key.1, key.0);
+                return self.reject(reply, id, payer, Reason::InvalidNetwork, message);
+            }
+            Lookup::Known(Account::Funds(balance)) => {
                 let reserved = self.reserved.get(&key).copied().unwrap_or_default();
                 if reserved.saturating_add(value) > balance {
                     return self.reject(
@@ -585,13 +596,7 @@ impl Shard {
         }
         tracing::debug!(shard = self.index, channel = %v.channel_id, "voucher parked until its channel is read");
         self.parked_vouchers.insert(v.channel_id, vec![first]);
-        self.channel_source.fetch(
-            v.chain_id,
-            v.contract,
-            v.channel_id,
-            v.config.withdrawDelay.to::<u64>(),
-            self.channel_notifier.clone(),
-        );
+        self.channel_source.fetch(v, self.channel_notifier.clone());
     }
 
     /// The voucher rules against the channel's state. A voucher refused for
@@ -756,9 +761,24 @@ impl Shard {
         let Some(queue) = self.parked_vouchers.remove(&id) else { return true };
         let onchain = match fetched {
             Ok(onchain) => onchain,
-            Err(e) => {
+            Err(ReadFailure::Unavailable(e)) => {
                 for ParkedVoucher { reply, .. } in queue {
                     let _ = reply.send(SubmitOutcome::Unavailable(format!("reading channel {id} failed: {e}")));
+                }
+                return true;
+            }
+            Err(ReadFailure::SignerHasCode(signer)) => {
+                let channel = self.channels.get(&id).map(|r| ChannelView::from(&r.channel));
+                for ParkedVoucher { verified, reply, .. } in queue {
+                    crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
+                    let _ = reply.send(SubmitOutcome::VoucherRejected {
+                        payer: Some(verified.config.payer),
+                        rejection: Rejection::new(
+                            crate::reason::Reason::VoucherSignature,
+                            ReadFailure::signer_has_code(signer),
+                        ),
+                        channel: channel.clone(),
+                    });
                 }
                 return true;
             }
