@@ -105,17 +105,21 @@ type DomainCache = HashMap<(u64, Address), Vec<(String, String, Eip3009Domain)>>
 #[derive(Debug, Default)]
 pub struct Verifier {
     domains: DomainCache,
+    /// Domains in `domains`, over all its lists.
+    cached: usize,
     min_validity: MinValidity,
     /// The chains this node settles; `None`: record only, any chain.
     settled_chains: Option<Vec<u64>>,
 }
 
 impl Verifier {
-    /// Upper bound on cached domains; the cache is dropped when it grows past it.
+    /// Upper bound on cached domains (every (chain, token, name, version)
+    /// a payment named, whoever sent it); the cache is dropped when it
+    /// grows past it.
     const MAX_DOMAINS: usize = 4096;
 
     pub fn new(min_validity: MinValidity) -> Self {
-        Self { domains: HashMap::new(), min_validity, settled_chains: None }
+        Self { domains: HashMap::new(), cached: 0, min_validity, settled_chains: None }
     }
 
     /// Refuses payments on chains other than `chains` (`None`: any).
@@ -252,18 +256,21 @@ impl Verifier {
     }
 
     fn domain(&mut self, chain_id: u64, req: &Requirements) -> &Eip3009Domain {
-        if self.domains.len() >= Self::MAX_DOMAINS {
+        let found = self
+            .domains
+            .get(&(chain_id, req.asset))
+            .and_then(|entries| entries.iter().position(|(n, v, _)| *n == req.eip712_name && *v == req.eip712_version));
+        if found.is_none() && self.cached >= Self::MAX_DOMAINS {
             self.domains.clear();
+            self.cached = 0;
         }
         let entries = self.domains.entry((chain_id, req.asset)).or_default();
-        let pos = match entries.iter().position(|(n, v, _)| *n == req.eip712_name && *v == req.eip712_version) {
-            Some(pos) => pos,
-            None => {
-                let domain = Eip3009Domain::new(&req.eip712_name, &req.eip712_version, chain_id, req.asset);
-                entries.push((req.eip712_name.clone(), req.eip712_version.clone(), domain));
-                entries.len() - 1
-            }
-        };
+        let pos = found.unwrap_or_else(|| {
+            let domain = Eip3009Domain::new(&req.eip712_name, &req.eip712_version, chain_id, req.asset);
+            entries.push((req.eip712_name.clone(), req.eip712_version.clone(), domain));
+            self.cached += 1;
+            entries.len() - 1
+        });
         &entries[pos].2
     }
 }
@@ -455,6 +462,22 @@ mod tests {
         );
         let digest = b256!("0x93f7d7cc192fe78957fc114318393187c2fc5194c6d9ac26aba364559fac39d2");
         assert_eq!(recover_signer(&sig, digest).unwrap(), address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"));
+    }
+
+    /// Payments naming ever new token domains (one name per payment, all
+    /// on one token) cannot grow the cache without bound.
+    #[test]
+    fn the_domain_cache_is_bounded_whatever_names_payments_carry() {
+        let mut verifier = Verifier::new(MinValidity::default());
+        let base = crate::testing::channel_requirements(Address::repeat_byte(1), Address::repeat_byte(2));
+        for n in 0..3 * Verifier::MAX_DOMAINS {
+            let req = Requirements { eip712_name: format!("token {n}"), ..base.clone() };
+            let domain = verifier.domain(31337, &req).clone();
+            assert_eq!(domain, Eip3009Domain::new(&req.eip712_name, "2", 31337, req.asset));
+            let cached: usize = verifier.domains.values().map(Vec::len).sum();
+            assert!(cached <= Verifier::MAX_DOMAINS, "{cached} domains cached");
+            assert_eq!(cached, verifier.cached);
+        }
     }
 
     /// `batch_settlement` voucher in `shared/x402/vectors.json`.

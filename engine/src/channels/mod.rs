@@ -244,6 +244,18 @@ impl VoucherVerifier {
         self
     }
 
+    /// Chains whose channel domain is kept at most (any chain id a voucher
+    /// names, on a record-only node); past it the cache starts over.
+    const MAX_DOMAINS: usize = 64;
+
+    /// The channel contract's domain on `chain_id`, cached.
+    fn domain(domains: &mut HashMap<u64, ChannelDomain>, chain_id: u64, contract: Address) -> &ChannelDomain {
+        if !domains.contains_key(&chain_id) && domains.len() >= Self::MAX_DOMAINS {
+            domains.clear();
+        }
+        domains.entry(chain_id).or_insert_with(|| ChannelDomain::new(chain_id, contract))
+    }
+
     /// Checks `payload` for `merchant` against `requirements`.
     pub fn verify(
         &mut self,
@@ -320,7 +332,7 @@ impl VoucherVerifier {
                 ),
             ));
         }
-        let domain = self.domains.entry(chain_id).or_insert_with(|| ChannelDomain::new(chain_id, contract));
+        let domain = Self::domain(&mut self.domains, chain_id, contract);
         // A remembered channel with this very config: its id is the config's hash.
         let known = self
             .known
@@ -696,6 +708,18 @@ mod tests {
 
     fn domain() -> ChannelDomain {
         ChannelDomain::new(31337, ChannelContracts::default().channels)
+    }
+
+    #[test]
+    fn the_channel_domain_cache_is_bounded_whatever_chains_vouchers_name() {
+        let mut verifier = VoucherVerifier::new(ChannelContracts::default());
+        let contract = ChannelContracts::default().channels;
+        let config = Payer::random().channel_config(PAY_TO, AUTHORIZER, TOKEN, 900, B256::ZERO);
+        for chain_id in 0..10 * VoucherVerifier::MAX_DOMAINS as u64 {
+            let domain = VoucherVerifier::domain(&mut verifier.domains, chain_id, contract);
+            assert_eq!(domain.channel_id(&config), ChannelDomain::new(chain_id, contract).channel_id(&config));
+            assert!(verifier.domains.len() <= VoucherVerifier::MAX_DOMAINS);
+        }
     }
 
     /// `payer`'s voucher of `max` on its channel with `salt`.
