@@ -105,6 +105,11 @@ pub struct ChainConfig {
     /// How often channel events are read and due claims looked for.
     #[serde(default = "default_channel_poll_ms")]
     pub channel_poll_ms: u64,
+    /// The smallest channel deposit x402d puts on chain (and pays the gas
+    /// of), in token units, decimal; none when absent. A deposit must
+    /// cover at least the voucher it comes with in any case.
+    #[serde(default)]
+    pub min_deposit: Option<String>,
     /// An unmined settlement transaction is replaced by a fee bump after
     /// this many seconds.
     #[serde(default = "default_stuck_after_secs")]
@@ -209,6 +214,7 @@ impl ChainConfig {
             receiver_authorizer_key_file: None,
             receiver_authorizer_key,
             channel_poll_ms: default_channel_poll_ms(),
+            min_deposit: None,
             stuck_after_secs: default_stuck_after_secs(),
             max_bumps: default_max_bumps(),
             finality_depth: default_finality_depth(),
@@ -230,6 +236,13 @@ impl ChainConfig {
     }
 
     /// The channel contract vouchers are signed for.
+    /// [`ChainConfig::min_deposit`] as a number (0 when absent).
+    pub fn min_deposit(&self) -> Result<u128> {
+        self.min_deposit.as_deref().map_or(Ok(0), |m| {
+            m.trim().parse().map_err(|_| Error::Config(format!("chain: min_deposit {m:?} is not a decimal amount")))
+        })
+    }
+
     pub fn channel_contract(&self) -> alloy::primitives::Address {
         self.channel_contract.unwrap_or(x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS)
     }
@@ -306,6 +319,9 @@ pub struct PipelineSection {
     /// no `[chain]` refuses to start rather than accept payments it can
     /// never settle. With a `[chain]` it has no effect.
     pub record_only: bool,
+    /// Per shard: most payments waiting for their payer's balance, and most
+    /// vouchers waiting for their channel's read or deposit.
+    pub max_parked: usize,
 }
 
 impl Default for PipelineSection {
@@ -319,6 +335,7 @@ impl Default for PipelineSection {
             replay_retention_secs: d.replay_retention_secs,
             min_validity_secs: MinValiditySection::default(),
             record_only: false,
+            max_parked: d.max_parked,
         }
     }
 }
@@ -349,6 +366,7 @@ impl PipelineSection {
             max_group: self.max_group,
             min_validity: MinValidity { direct: m.direct, batched: m.batched, channel: m.channel },
             replay_retention_secs: self.replay_retention_secs,
+            max_parked: self.max_parked.max(1),
             ..PipelineConfig::default()
         }
     }

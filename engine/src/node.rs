@@ -103,6 +103,7 @@ impl Node {
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
+            pipeline.min_deposit = c.min_deposit()?;
             if let Some(collector) = c.deposit_collector {
                 pipeline.channel_contracts.collector = collector;
             }
@@ -261,6 +262,7 @@ fn facilitator_info(
                     })?,
                 follow: c.follow(),
                 spending: Arc::default(),
+                min_deposit: c.min_deposit()?,
             }),
             _ => None,
         },

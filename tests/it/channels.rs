@@ -84,6 +84,11 @@ impl Setup {
 
     /// Starts an in-process node whose merchant `mc` has `policy`.
     async fn engine_with(&self, policy: PolicyConfig) -> Engine {
+        self.engine_configured(policy, |_| {}).await
+    }
+
+    /// [`Setup::engine_with`], with its `[chain]` changed by `configure`.
+    async fn engine_configured(&self, policy: PolicyConfig, configure: impl FnOnce(&mut ChainConfig)) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_value(dir.path());
         config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, policy));
@@ -94,6 +99,7 @@ impl Setup {
         );
         chain.receipt_poll_ms = 50;
         chain.channel_poll_ms = 200;
+        configure(&mut chain);
         config.chain = Some(chain);
         Engine { node: start_node(&config).await, _dir: dir }
     }
@@ -266,7 +272,18 @@ fn header_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charge
 
 /// The first request of a channel, with the deposit that funds it.
 fn deposit_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, deposit: u128) -> pb::SubmitRequest {
-    let mut req = priced_voucher(request_id, payer, config, 0, PRICE);
+    priced_deposit_voucher(request_id, payer, config, PRICE, deposit)
+}
+
+/// [`deposit_voucher`] with a voucher of `max` for a request of [`PRICE`].
+fn priced_deposit_voucher(
+    request_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    max: u128,
+    deposit: u128,
+) -> pb::SubmitRequest {
+    let mut req = priced_voucher(request_id, payer, config, max - PRICE, PRICE);
     let id = Setup::domain().channel_id(config);
     let d = payer.sign_deposit(
         &requirements(RECEIVER),
@@ -304,6 +321,22 @@ async fn stream_waves(client: &mut Payments, waves: Vec<Vec<pb::SubmitRequest>>)
         }
     }
     out
+}
+
+/// Sets merchant `mc`'s claim interval through the admin API.
+async fn set_claim_interval(grpc: std::net::SocketAddr, claim_interval_secs: u64) {
+    let mut admin = admin(grpc, ADMIN_KEY).await;
+    let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
+    merchant.policy = Some(pb::SettlementPolicy {
+        strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
+            claim_interval_secs,
+            claim_threshold: u128::MAX.to_string(),
+        })),
+    });
+    admin
+        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: String::new() })
+        .await
+        .unwrap();
 }
 
 /// Waits up to `secs` for `done`.
@@ -381,18 +414,7 @@ async fn a_hundred_channels_of_a_thousand_vouchers_are_claimed_in_one_transactio
     assert_eq!(s.sent().await, 0, "nothing claimed yet");
 
     // Lower the claim interval: the next round finds all 100 channels due.
-    let mut admin = admin(e.node.endpoints().grpc, ADMIN_KEY).await;
-    let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
-    merchant.policy = Some(pb::SettlementPolicy {
-        strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
-            claim_interval_secs: 1,
-            claim_threshold: u128::MAX.to_string(),
-        })),
-    });
-    admin
-        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: String::new() })
-        .await
-        .unwrap();
+    set_claim_interval(e.node.endpoints().grpc, 1).await;
 
     let total = per_channel_charge * CHANNELS as u128;
     eventually(60, "the receiver to be paid", || async { s.receiver_balance().await == U256::from(total) }).await;
@@ -539,7 +561,7 @@ async fn a_claim_interrupted_by_sigkill_is_finished_after_restart_and_nothing_is
 [[merchants]]
 id = "mc"
 pay_to = ["{RECEIVER}"]
-policy = {{ strategy = "channel", claim_interval_secs = 1, claim_threshold = "{}" }}
+policy = {{ strategy = "channel", claim_interval_secs = 3600, claim_threshold = "{}" }}
 api_key_env = "X402D_TEST_MC_KEY"
 {}"#,
         config(dir.path()),
@@ -566,6 +588,10 @@ api_key_env = "X402D_TEST_MC_KEY"
         assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
     }
     let charged = PRICE * VOUCHERS as u128;
+    // Every voucher is in: the claims fall due (a claim interval running
+    // from the first voucher would fall due at the next whole second,
+    // possibly before the last wave).
+    set_claim_interval(daemon.grpc, 1).await;
 
     // The claim is signed, recorded and broadcast: x402d dies before its receipt.
     let pending = || async { s.wallet.get_transaction_count(s.signer.address()).pending().await.unwrap() > 0 };
@@ -581,7 +607,9 @@ api_key_env = "X402D_TEST_MC_KEY"
     // rounds are 2 s apart now, so that the next vouchers (sent at once)
     // all fall into one round: under CPU load, a round between two of them
     // would make two claims of new vouchers, both legitimate.
-    let config = config.replace("channel_poll_ms = 200", "channel_poll_ms = 2000");
+    let config = config
+        .replace("channel_poll_ms = 200", "channel_poll_ms = 2000")
+        .replace("claim_interval_secs = 3600", "claim_interval_secs = 1");
     let daemon = Daemon::start_with_env(dir.path(), &config, &env);
     let mut client = payments(daemon.grpc, MC_KEY).await;
     let next = s.payers.iter().enumerate().map(|(c, p)| voucher(1_000 + c as u64, p, &configs[c], charged, PRICE));
@@ -954,18 +982,7 @@ api_key_env = "X402D_TEST_MC_KEY"
     // the contract now refuses the bad channel's voucher.
     s.wallet.anvil_set_code(delegated.address(), alloy::primitives::bytes!("00")).await.unwrap();
     // Every channel falls due in the same round.
-    let mut admin = admin(daemon.grpc, ADMIN_KEY).await;
-    let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
-    merchant.policy = Some(pb::SettlementPolicy {
-        strategy: Some(pb::settlement_policy::Strategy::Channel(pb::ChannelPolicy {
-            claim_interval_secs: 1,
-            claim_threshold: u128::MAX.to_string(),
-        })),
-    });
-    admin
-        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: String::new() })
-        .await
-        .unwrap();
+    set_claim_interval(daemon.grpc, 1).await;
 
     let good = (CHANNELS - 1) as u128 * 3 * PRICE;
     eventually(60, "the good channels' claim", || async { s.receiver_balance().await == U256::from(good) }).await;
@@ -1060,4 +1077,35 @@ async fn vouchers_of_a_signer_with_code_are_refused_and_nothing_is_deposited() {
     assert!(answer.message.contains("holds code"), "{}", answer.message);
     assert_eq!(s.onchain(other).await, (0, 0));
     assert_eq!(s.sent().await, 0, "no deposit transaction");
+}
+
+/// A deposit goes on chain (at x402d's gas cost) only for a voucher that
+/// passes once the deposit is made, and only from the configured minimum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_deposited_for_a_voucher_that_would_be_refused_or_below_the_minimum() {
+    let s = Setup::new(2).await;
+    let e = s.engine_configured(Setup::merchant(3600), |c| c.min_deposit = Some("3".into())).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let (payer, config) = (&s.payers[0], s.config(&s.payers[0]));
+
+    // A deposit of 5 (above the minimum of 3) cannot pay for a request of
+    // 10: refused before the deposit is sent.
+    let answer = client.submit(deposit_voucher(1, payer, &config, 5)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "{}", answer.message);
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_cumulative_exceeds_balance", "{}", answer.message);
+    // A voucher off the charged total (20 for the first request of 10).
+    let answer = client.submit(priced_deposit_voucher(2, payer, &config, 20, 500)).await.unwrap().into_inner();
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_cumulative_amount_mismatch", "{}", answer.message);
+    // Below the minimum: refused before anything is read or sent.
+    let (other, other_config) = (&s.payers[1], s.config(&s.payers[1]));
+    let answer = client.submit(deposit_voucher(3, other, &other_config, 2)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "{}", answer.message);
+    assert!(answer.message.contains("minimum deposit 3"), "{}", answer.message);
+    assert_eq!((s.onchain(payer).await, s.onchain(other).await), ((0, 0), (0, 0)));
+    assert_eq!(s.sent().await, 0, "no deposit was sent");
+
+    // A good one still lands.
+    let answer = client.submit(deposit_voucher(4, payer, &config, 500)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    assert_eq!((s.onchain(payer).await, s.sent().await), ((500, 0), 1));
 }

@@ -182,6 +182,8 @@ pub struct VoucherVerifier {
     known: KnownChannels,
     /// The chains this node settles; `None`: record only, any chain.
     settled_chains: Option<Vec<u64>>,
+    /// Deposits below this are refused.
+    min_deposit: u128,
 }
 
 /// The channels a verifier thread remembers, in two generations: a channel
@@ -235,12 +237,25 @@ impl VoucherVerifier {
     const GENERATION: usize = 32_768;
 
     pub fn new(contracts: ChannelContracts) -> Self {
-        Self { contracts, domains: HashMap::new(), known: KnownChannels::new(Self::GENERATION), settled_chains: None }
+        Self {
+            contracts,
+            domains: HashMap::new(),
+            known: KnownChannels::new(Self::GENERATION),
+            settled_chains: None,
+            min_deposit: 0,
+        }
     }
 
     /// Refuses vouchers on chains other than `chains` (`None`: any).
     pub fn settling(mut self, chains: Option<Vec<u64>>) -> Self {
         self.settled_chains = chains;
+        self
+    }
+
+    /// Refuses deposits below `amount` (x402d pays the gas of each).
+    #[must_use]
+    pub const fn min_deposit(mut self, amount: u128) -> Self {
+        self.min_deposit = amount;
         self
     }
 
@@ -382,6 +397,12 @@ impl VoucherVerifier {
             })?,
         };
         let deposit = match &payload.deposit {
+            Some(d) if d.amount < self.min_deposit => {
+                return Err(reject(
+                    Reason::DepositFailed,
+                    format!("deposit {} is below this facilitator's minimum deposit {}", d.amount, self.min_deposit),
+                ));
+            }
             Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),
             None => None,
         };

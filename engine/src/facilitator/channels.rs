@@ -57,6 +57,8 @@ pub struct ChannelFacilitator {
     pub follow: Follow,
     /// Transactions sent on each merchant's behalf, rate limited.
     pub spending: Arc<SpendLimiter>,
+    /// Deposits below this are refused before anything goes on chain.
+    pub min_deposit: u128,
 }
 
 /// A token bucket per merchant for the transactions x402d sends (and pays
@@ -209,12 +211,15 @@ fn verified(
 ) -> Result<Result<VerifiedVoucher, Refusal>, Failure> {
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
     let payload = crate::channels::decode_payload(body.payment_payload.clone(), extra)?;
-    let (contracts, chains) = api
-        .info
-        .channels
-        .as_ref()
-        .map_or_else(|| (ChannelContracts::default(), None), |c| (c.contracts, Some(vec![c.chain.chain_id()])));
-    Ok(VoucherVerifier::new(contracts).settling(chains).verify(merchant, &requirements, payload))
+    let (contracts, chains, min_deposit) = api.info.channels.as_ref().map_or_else(
+        || (ChannelContracts::default(), None, 0),
+        |c| (c.contracts, Some(vec![c.chain.chain_id()]), c.min_deposit),
+    );
+    Ok(VoucherVerifier::new(contracts).settling(chains).min_deposit(min_deposit).verify(
+        merchant,
+        &requirements,
+        payload,
+    ))
 }
 
 fn refused(refusal: Refusal) -> Result<VerifyResponse, Failure> {

@@ -68,6 +68,12 @@ pub struct PipelineConfig {
     pub channel_contracts: ChannelContracts,
     /// Where unknown channels' on-chain state is read from.
     pub channels: Arc<dyn ChannelSource>,
+    /// Channel deposits below this are refused before anything goes on chain.
+    pub min_deposit: u128,
+    /// Per shard: most payments waiting for a balance read, and most
+    /// vouchers waiting for a channel read or deposit; beyond, submits are
+    /// answered UNAVAILABLE.
+    pub max_parked: usize,
     /// The chains payments are settled on; a payment on another network is
     /// refused (`invalid_network`). `None`: record only, any network.
     pub settled_chains: Option<Vec<u64>>,
@@ -84,6 +90,8 @@ impl Default for PipelineConfig {
             replay_retention_secs: 300,
             channel_contracts: ChannelContracts::default(),
             channels: Arc::new(NoChannels),
+            min_deposit: 0,
+            max_parked: 65_536,
             settled_chains: None,
         }
     }
@@ -249,6 +257,7 @@ impl Pipeline {
                 let control = shard_controls[i].clone();
                 Shard::new(i, balances.clone(), control, commit_tx.clone(), config.replay_retention_secs)
                     .with_channels(config.channels.clone())
+                    .with_max_parked(config.max_parked)
             })
             .collect();
         let channels = ledger.channels()?;
@@ -302,7 +311,9 @@ impl Pipeline {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
-            let mut vouchers = VoucherVerifier::new(config.channel_contracts).settling(config.settled_chains.clone());
+            let mut vouchers = VoucherVerifier::new(config.channel_contracts)
+                .settling(config.settled_chains.clone())
+                .min_deposit(config.min_deposit);
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {
                 run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
             })?);
@@ -1080,6 +1091,62 @@ mod tests {
             thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!((refused, replies.len()), (136, 64));
+    }
+
+    #[test]
+    fn a_flood_of_vouchers_over_many_channels_is_bounded_per_shard() {
+        use x402_channel::ChannelDomain;
+
+        let ledger: Arc<dyn Ledger> = Arc::new(FlakyLedger::default());
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let config = PipelineConfig {
+            channels: Arc::new(SilentChannels),
+            shards: 1,
+            max_parked: 100,
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::start(&config, &ledger, &balances).unwrap();
+        let authorizer = Address::repeat_byte(0xaa);
+        let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
+        let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
+        // Four channels, 40 vouchers each: under the per-channel bound, over
+        // the shard's.
+        let mut replies = Vec::new();
+        for _ in 0..4 {
+            let payer = Payer::random();
+            let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
+            let id = domain.channel_id(&channel);
+            for n in 1..=40u128 {
+                let voucher = crate::channels::VoucherPayload {
+                    network: "eip155:31337".into(),
+                    config: channel.clone(),
+                    channel_id: id,
+                    max_claimable: n * 10,
+                    signature: payer.sign_voucher(&domain, id, n * 10),
+                    charge: None,
+                    extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
+                    deposit: None,
+                    refund: None,
+                };
+                let submission = Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(voucher)));
+                replies.push(pipeline.try_submit(merchant(), submission).unwrap());
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut refused = 0;
+        while refused < 60 && std::time::Instant::now() < deadline {
+            replies.retain_mut(|rx| match rx.try_recv() {
+                Ok(SubmitOutcome::Unavailable(message)) => {
+                    assert!(message.contains("too many"), "{message}");
+                    refused += 1;
+                    false
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => true,
+            });
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!((refused, replies.len()), (60, 100));
     }
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");

@@ -151,13 +151,16 @@ pub(crate) struct Shard {
     deposit_notifier: DepositNotifier,
     /// Vouchers waiting for a channel read, in arrival order per channel.
     parked_vouchers: HashMap<B256, Vec<ParkedVoucher>>,
+    /// Vouchers in `parked_vouchers`, over all channels.
+    parked_vouchers_len: usize,
+    /// Most payments, and most vouchers, parked at once; beyond, submits
+    /// are answered UNAVAILABLE.
+    max_parked: usize,
 }
 
 impl Shard {
     /// Sweep the replay window this often when idle or busy.
     const SWEEP_EVERY: Duration = Duration::from_secs(30);
-    /// Most payments parked at once; beyond, submits are answered UNAVAILABLE.
-    const MAX_PARKED: usize = 65_536;
     /// Most requests of one channel waiting behind its read or deposit (a
     /// client sends one at a time; more is a flood).
     const MAX_PARKED_PER_CHANNEL: usize = 64;
@@ -200,7 +203,15 @@ impl Shard {
             channel_notifier,
             deposit_notifier,
             parked_vouchers: HashMap::new(),
+            parked_vouchers_len: 0,
+            max_parked: 65_536,
         }
+    }
+
+    /// Parks at most `max` payments, and at most `max` vouchers.
+    pub(crate) const fn with_max_parked(mut self, max: usize) -> Self {
+        self.max_parked = max;
+        self
     }
 
     /// Reads unknown channels from `source`.
@@ -350,6 +361,7 @@ impl Shard {
                 for Parked { reply, .. } in mem::take(&mut self.parked).into_values().flatten() {
                     let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
                 }
+                self.parked_vouchers_len = 0;
                 for ParkedVoucher { reply, .. } in mem::take(&mut self.parked_vouchers).into_values().flatten() {
                     let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
                 }
@@ -380,7 +392,7 @@ impl Shard {
 
     /// Queues a payment behind `key`'s fetch, unless too many wait already.
     fn park(&mut self, key: ReservationKey, parked: Parked) {
-        if self.parked_len >= Self::MAX_PARKED {
+        if self.parked_len >= self.max_parked {
             // A fetch in flight for it finds nothing parked, which is fine.
             let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
             return;
@@ -574,28 +586,68 @@ impl Shard {
                 let _ = reply.send(SubmitOutcome::Unavailable(message));
                 return true;
             }
+            if self.parked_vouchers_len >= self.max_parked {
+                let _ = reply.send(SubmitOutcome::Unavailable("too many vouchers wait for channel reads".into()));
+                return true;
+            }
             queue.push(ParkedVoucher { merchant, verified, reply });
-            return true;
-        }
-        if verified.deposit.is_some() && !verified.dry_run {
-            self.start_deposit(ParkedVoucher { merchant, verified, reply }, Vec::new());
+            self.parked_vouchers_len += 1;
             return true;
         }
         if !self.channels.contains_key(&id) {
+            // Unknown: read first, also before a deposit, whose voucher is
+            // checked against the channel before the deposit goes on chain.
             self.fetch_channel(&verified, ParkedVoucher { merchant, verified: verified.clone(), reply });
+            return true;
+        }
+        if verified.deposit.is_some() && !verified.dry_run {
+            let parked = ParkedVoucher { merchant, verified, reply };
+            if let Some(parked) = self.deposit_allowed(parked) {
+                self.start_deposit(parked, Vec::new());
+            }
             return true;
         }
         self.check_voucher(merchant, verified, reply, true)
     }
 
+    /// The voucher rules for `parked`, whose deposit counts as made (as in
+    /// a dry run): nothing goes on chain for a voucher that would be
+    /// refused after it. `None` when it was refused (and answered).
+    fn deposit_allowed(&mut self, parked: ParkedVoucher) -> Option<ParkedVoucher> {
+        let v = &parked.verified;
+        let record = self.channels.get(&v.channel_id).expect("read before its deposit");
+        let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
+        let policy = crate::channels::claim_policy(&parked.merchant);
+        let rule = match v.refund {
+            Some(_) => record.channel.check_refund(v.max_claimable),
+            None => record.channel.check_voucher(v.max_claimable, v.amount, deposit, unix_millis() / 1000, &policy),
+        };
+        match rule {
+            Ok(()) => Some(parked),
+            Err(e) => {
+                crate::metrics::rejected(crate::reason::Reason::from(e));
+                let _ = parked.reply.send(voucher_rejected(v.config.payer, e, &record.channel));
+                None
+            }
+        }
+    }
+
+    /// The vouchers waiting for channel `id`'s read or deposit.
+    fn take_parked_vouchers(&mut self, id: B256) -> Option<Vec<ParkedVoucher>> {
+        let queue = self.parked_vouchers.remove(&id)?;
+        self.parked_vouchers_len -= queue.len();
+        Some(queue)
+    }
+
     /// Reads a channel's on-chain state; `first` waits for it.
     fn fetch_channel(&mut self, v: &VerifiedVoucher, first: ParkedVoucher) {
-        if self.parked_len + self.parked_vouchers.len() >= Self::MAX_PARKED {
+        if self.parked_vouchers_len >= self.max_parked {
             let _ = first.reply.send(SubmitOutcome::Unavailable("too many vouchers wait for channel reads".into()));
             return;
         }
         tracing::debug!(shard = self.index, channel = %v.channel_id, "voucher parked until its channel is read");
         self.parked_vouchers.insert(v.channel_id, vec![first]);
+        self.parked_vouchers_len += 1;
         self.channel_source.fetch(v, self.channel_notifier.clone());
     }
 
@@ -679,6 +731,7 @@ impl Shard {
         let mut queue = Vec::with_capacity(1 + then.len());
         queue.push(first);
         queue.extend(then);
+        self.parked_vouchers_len += queue.len();
         self.parked_vouchers.insert(id, queue);
     }
 
@@ -688,8 +741,11 @@ impl Shard {
         let mut queue = queue.into_iter();
         while let Some(parked) = queue.next() {
             if parked.verified.deposit.is_some() && !parked.verified.dry_run {
-                self.start_deposit(parked, queue.collect());
-                return true;
+                if let Some(parked) = self.deposit_allowed(parked) {
+                    self.start_deposit(parked, queue.collect());
+                    return true;
+                }
+                continue;
             }
             if !self.check_voucher(parked.merchant, parked.verified, parked.reply, false) {
                 return false;
@@ -702,7 +758,7 @@ impl Shard {
     /// that carried it and those behind it are checked against the new
     /// balance. False when the committer is gone.
     fn deposited(&mut self, id: B256, result: Result<x402_channel::OnChain, DepositFailure>) -> bool {
-        let Some(mut queue) = self.parked_vouchers.remove(&id) else { return true };
+        let Some(mut queue) = self.take_parked_vouchers(id) else { return true };
         match result {
             Ok(onchain) => {
                 queue[0].verified.deposit = None;
@@ -731,7 +787,10 @@ impl Shard {
                         let next = rest.next().expect("not empty");
                         self.fetch_channel(&v, next);
                         match self.parked_vouchers.get_mut(&id) {
-                            Some(parked) => parked.extend(rest),
+                            Some(parked) => {
+                                self.parked_vouchers_len += rest.len();
+                                parked.extend(rest);
+                            }
                             // Too many wait already: `next` was answered so, and so are they.
                             None => {
                                 for ParkedVoucher { reply, .. } in rest {
@@ -758,7 +817,7 @@ impl Shard {
     /// A channel's on-chain state arrived: its waiting vouchers are checked
     /// in arrival order. False when the committer is gone.
     fn channel_fetched(&mut self, id: B256, fetched: ChannelFetched) -> bool {
-        let Some(queue) = self.parked_vouchers.remove(&id) else { return true };
+        let Some(queue) = self.take_parked_vouchers(id) else { return true };
         let onchain = match fetched {
             Ok(onchain) => onchain,
             Err(ReadFailure::Unavailable(e)) => {
