@@ -16,6 +16,10 @@ pub enum Error {
     /// A ledger record is well-formed protobuf but not a valid record.
     #[error("corrupt ledger record: {0}")]
     Corrupt(&'static str),
+    /// The ledger is closed after a failed write and could not be opened
+    /// again yet (the disk may still be full); retried at the next commit.
+    #[error("the ledger is closed after a failed write: {0}")]
+    LedgerClosed(String),
     /// The data directory was written by an incompatible version.
     #[error("ledger schema version {found}, this build reads {expected}")]
     Schema { found: u32, expected: u32 },
@@ -63,6 +67,6 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation later may succeed.
     pub const fn is_retryable(&self) -> bool {
-        matches!(self, Self::Rocks(_) | Self::Io(_))
+        matches!(self, Self::Rocks(_) | Self::Io(_) | Self::LedgerClosed(_))
     }
 }

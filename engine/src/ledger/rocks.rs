@@ -4,8 +4,22 @@
 //! (see `records.rs`); keys are fixed-width big-endian. A commit is one
 //! RocksDB `WriteBatch`, written with `sync` so it is on disk when
 //! [`Ledger::commit`] returns.
+//!
+//! A failed write (a full disk, an I/O error) leaves RocksDB refusing
+//! every later write, even once the disk has room again. So after one the
+//! database is closed, and the next commit opens it again (replaying its
+//! log) before writing: when space is back, the ledger resumes by itself.
+//! Reads wait while it is reopened and fail while it is closed.
 
-use std::path::Path;
+use std::{
+    ops::Deref,
+    path::{Path, PathBuf},
+    sync::{
+        PoisonError, RwLock, RwLockReadGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteOptions};
 
@@ -25,6 +39,9 @@ const CF_INTENTS: &str = "intents";
 const COLUMN_FAMILIES: [&str; 7] = [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS];
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// After a failed write, how often the database is reopened at most.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 const SCHEMA_VERSION: u32 = 1;
 
 /// Tuning of the RocksDB ledger.
@@ -42,19 +59,52 @@ impl Default for RocksOptions {
 
 /// The ledger in a RocksDB database.
 pub struct RocksLedger {
-    db: DB,
+    path: PathBuf,
+    /// `None` while closed after a failed write.
+    db: RwLock<Option<DB>>,
     sync: bool,
+    /// A write failed: the next commit reopens the database first.
+    failed: AtomicBool,
+    /// No reopen is tried before this (each replays the log).
+    next_reopen: std::sync::Mutex<Instant>,
 }
 
 impl std::fmt::Debug for RocksLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksLedger").field("path", &self.db.path()).field("sync", &self.sync).finish()
+        f.debug_struct("RocksLedger").field("path", &self.path).field("sync", &self.sync).finish()
     }
+}
+
+/// The open database, read-locked: a reopen waits for it.
+struct Open<'a>(RwLockReadGuard<'a, Option<DB>>);
+
+impl Deref for Open<'_> {
+    type Target = DB;
+
+    fn deref(&self) -> &DB {
+        self.0.as_ref().expect("checked open")
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name).expect("column families are created on open")
 }
 
 impl RocksLedger {
     /// Opens (or creates) the ledger in `path`.
     pub fn open(path: impl AsRef<Path>, options: RocksOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let db = Self::open_db(&path)?;
+        Ok(Self {
+            path,
+            db: RwLock::new(Some(db)),
+            sync: options.sync,
+            failed: AtomicBool::new(false),
+            next_reopen: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    fn open_db(path: &Path) -> Result<DB> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -62,14 +112,43 @@ impl RocksLedger {
         opts.set_bytes_per_sync(1 << 20);
         let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        let ledger = Self { db, sync: options.sync };
-        ledger.check_schema()?;
-        Ok(ledger)
+        Self::check_schema(&db)?;
+        Ok(db)
     }
 
-    fn check_schema(&self) -> Result<()> {
-        let meta = self.cf(CF_META);
-        match self.db.get_cf(meta, SCHEMA_KEY)? {
+    /// The open database; an error while it is closed after a failed write.
+    fn db(&self) -> Result<Open<'_>> {
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            return Err(Error::LedgerClosed("reopened at the next commit".into()));
+        }
+        Ok(Open(guard))
+    }
+
+    /// Closes the database after a failed write and opens it again, at
+    /// most once per [`REOPEN_EVERY`].
+    fn reopen(&self) -> Result<()> {
+        {
+            let mut next = self.next_reopen.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            if now < *next {
+                return Err(Error::LedgerClosed("a write failed; reopening shortly".into()));
+            }
+            *next = now + REOPEN_EVERY;
+        }
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // Closed first: the new handle needs the directory's lock.
+        drop(guard.take());
+        let db = Self::open_db(&self.path).map_err(|e| Error::LedgerClosed(e.to_string()))?;
+        *guard = Some(db);
+        self.failed.store(false, Ordering::Release);
+        tracing::warn!(path = %self.path.display(), "the ledger is open again after a failed write");
+        Ok(())
+    }
+
+    fn check_schema(db: &DB) -> Result<()> {
+        let meta = cf(db, CF_META);
+        match db.get_cf(meta, SCHEMA_KEY)? {
             Some(bytes) => {
                 let found = u32::from_be_bytes(
                     bytes.as_slice().try_into().map_err(|_| Error::Corrupt("schema version is not 4 bytes"))?,
@@ -81,51 +160,59 @@ impl RocksLedger {
             None => {
                 let mut wo = WriteOptions::default();
                 wo.set_sync(true);
-                self.db.put_cf_opt(meta, SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes(), &wo)?;
+                db.put_cf_opt(meta, SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes(), &wo)?;
             }
         }
         Ok(())
-    }
-
-    fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created on open")
     }
 }
 
 impl Ledger for RocksLedger {
     fn commit(&self, batch: &WriteBatch) -> Result<()> {
         use super::Write;
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let db = self.db()?;
+        let cf = |name| cf(&db, name);
         let mut wb = rocksdb::WriteBatch::default();
         for write in batch.writes() {
             match write {
-                Write::Payment(p) => wb.put_cf(self.cf(CF_PAYMENTS), p.id.0, records::encode_payment(p)),
-                Write::Enqueue(key) => wb.put_cf(self.cf(CF_PENDING), records::pending_key(key), []),
-                Write::Dequeue(key) => wb.delete_cf(self.cf(CF_PENDING), records::pending_key(key)),
-                Write::Event(e) => wb.put_cf(self.cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e)),
-                Write::Merchant(m) => wb.put_cf(self.cf(CF_MERCHANTS), m.id.as_bytes(), records::encode_merchant(m)),
+                Write::Payment(p) => wb.put_cf(cf(CF_PAYMENTS), p.id.0, records::encode_payment(p)),
+                Write::Enqueue(key) => wb.put_cf(cf(CF_PENDING), records::pending_key(key), []),
+                Write::Dequeue(key) => wb.delete_cf(cf(CF_PENDING), records::pending_key(key)),
+                Write::Event(e) => wb.put_cf(cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e)),
+                Write::Merchant(m) => wb.put_cf(cf(CF_MERCHANTS), m.id.as_bytes(), records::encode_merchant(m)),
                 Write::Intent(i) => {
-                    wb.put_cf(self.cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
+                    wb.put_cf(cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
                 }
                 Write::Channel(c) => {
-                    wb.put_cf(self.cf(CF_CHANNELS), c.channel.id, records::encode_channel(c));
+                    wb.put_cf(cf(CF_CHANNELS), c.channel.id, records::encode_channel(c));
                 }
                 Write::ForgetIntent(key) => {
-                    wb.delete_cf(self.cf(CF_INTENTS), records::intent_key(key));
+                    wb.delete_cf(cf(CF_INTENTS), records::intent_key(key));
                 }
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
-        self.db.write_opt(wb, &wo)?;
+        if let Err(e) = db.write_opt(wb, &wo) {
+            // RocksDB now refuses every write until it is opened again.
+            tracing::error!(error = %e, "a ledger write failed; the ledger reopens before the next commit");
+            self.failed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
         Ok(())
     }
 
     fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>> {
-        self.db.get_pinned_cf(self.cf(CF_PAYMENTS), id.0)?.map(|v| records::decode_payment(&v)).transpose()
+        let db = self.db()?;
+        db.get_pinned_cf(cf(&db, CF_PAYMENTS), id.0)?.map(|v| records::decode_payment(&v)).transpose()
     }
 
     fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
-        for item in self.db.iterator_cf(self.cf(CF_PAYMENTS), IteratorMode::Start) {
+        let db = self.db()?;
+        for item in db.iterator_cf(cf(&db, CF_PAYMENTS), IteratorMode::Start) {
             let (_, value) = item?;
             visit(records::decode_payment(&value)?);
         }
@@ -133,15 +220,16 @@ impl Ledger for RocksLedger {
     }
 
     fn pending(&self) -> Result<Vec<PendingKey>> {
-        self.db
-            .iterator_cf(self.cf(CF_PENDING), IteratorMode::Start)
+        let db = self.db()?;
+        db.iterator_cf(cf(&db, CF_PENDING), IteratorMode::Start)
             .map(|item| records::decode_pending_key(&item?.0))
             .collect()
     }
 
     fn pending_head(&self, per_merchant: usize) -> Result<Vec<PendingKey>> {
+        let db = self.db()?;
         let mut out = Vec::new();
-        let mut iter = self.db.raw_iterator_cf(self.cf(CF_PENDING));
+        let mut iter = db.raw_iterator_cf(cf(&db, CF_PENDING));
         iter.seek_to_first();
         let (mut merchant, mut taken) = (None, 0);
         while let Some(bytes) = iter.key() {
@@ -166,17 +254,17 @@ impl Ledger for RocksLedger {
     }
 
     fn merchants(&self) -> Result<Vec<Merchant>> {
-        self.db
-            .iterator_cf(self.cf(CF_MERCHANTS), IteratorMode::Start)
+        let db = self.db()?;
+        db.iterator_cf(cf(&db, CF_MERCHANTS), IteratorMode::Start)
             .map(|item| records::decode_merchant(&item?.1))
             .collect()
     }
 
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let db = self.db()?;
         let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
         let start = start.to_be_bytes();
-        self.db
-            .iterator_cf(self.cf(CF_EVENTS), IteratorMode::From(&start, Direction::Forward))
+        db.iterator_cf(cf(&db, CF_EVENTS), IteratorMode::From(&start, Direction::Forward))
             .take(limit)
             .map(|item| {
                 let (key, value) = item?;
@@ -189,32 +277,30 @@ impl Ledger for RocksLedger {
     }
 
     fn intents(&self) -> Result<Vec<TxIntent>> {
-        self.db
-            .iterator_cf(self.cf(CF_INTENTS), IteratorMode::Start)
-            .map(|item| records::decode_intent(&item?.1))
-            .collect()
+        let db = self.db()?;
+        db.iterator_cf(cf(&db, CF_INTENTS), IteratorMode::Start).map(|item| records::decode_intent(&item?.1)).collect()
     }
 
     fn intent(&self, key: &IntentKey) -> Result<Option<TxIntent>> {
-        self.db
-            .get_pinned_cf(self.cf(CF_INTENTS), records::intent_key(key))?
-            .map(|v| records::decode_intent(&v))
-            .transpose()
+        let db = self.db()?;
+        db.get_pinned_cf(cf(&db, CF_INTENTS), records::intent_key(key))?.map(|v| records::decode_intent(&v)).transpose()
     }
 
     fn channels(&self) -> Result<Vec<ChannelRecord>> {
-        self.db
-            .iterator_cf(self.cf(CF_CHANNELS), IteratorMode::Start)
+        let db = self.db()?;
+        db.iterator_cf(cf(&db, CF_CHANNELS), IteratorMode::Start)
             .map(|item| records::decode_channel(&item?.1))
             .collect()
     }
 
     fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<ChannelRecord>> {
-        self.db.get_pinned_cf(self.cf(CF_CHANNELS), id)?.map(|v| records::decode_channel(&v)).transpose()
+        let db = self.db()?;
+        db.get_pinned_cf(cf(&db, CF_CHANNELS), id)?.map(|v| records::decode_channel(&v)).transpose()
     }
 
     fn last_event_sequence(&self) -> Result<u64> {
-        match self.db.iterator_cf(self.cf(CF_EVENTS), IteratorMode::End).next() {
+        let db = self.db()?;
+        match db.iterator_cf(cf(&db, CF_EVENTS), IteratorMode::End).next() {
             Some(item) => {
                 let (key, _) = item?;
                 Ok(u64::from_be_bytes(key.as_ref().try_into().map_err(|_| Error::Corrupt("event key is not 8 bytes"))?))
@@ -242,9 +328,86 @@ mod tests {
         assert_eq!(ledger.payment(&p.id).unwrap(), Some(p));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        ledger.db.put_cf_opt(ledger.cf(CF_META), SCHEMA_KEY, 99u32.to_be_bytes(), &wo).unwrap();
+        let db = ledger.db().unwrap();
+        db.put_cf_opt(cf(&db, CF_META), SCHEMA_KEY, 99u32.to_be_bytes(), &wo).unwrap();
+        drop(db);
         drop(ledger);
         let err = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap_err();
         assert!(matches!(err, Error::Schema { found: 99, expected: 1 }), "{err}");
+    }
+}
+
+/// A full disk, for real: a small tmpfs (mounting needs root, which the
+/// test machines and CI have).
+#[cfg(test)]
+mod full_disk {
+    use super::*;
+    use crate::{domain::PaymentId, ledger::Write};
+
+    /// A tmpfs of `mib` MiB at a fresh directory, unmounted on drop.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(mib: u32) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .expect("mount runs");
+            assert!(status.success(), "mounting a tmpfs needs root");
+            Self(dir)
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    fn payment(n: u64) -> Box<PaymentRecord> {
+        let mut p = crate::ledger::conformance::sample_payment(1, 1);
+        p.id = PaymentId(alloy::primitives::keccak256(n.to_be_bytes()));
+        Box::new(p)
+    }
+
+    fn commit(ledger: &RocksLedger, from: u64, n: u64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for i in from..from + n {
+            batch.push(Write::Payment(payment(i)));
+        }
+        ledger.commit(&batch)
+    }
+
+    #[test]
+    fn after_a_full_disk_the_ledger_resumes_by_itself_once_space_is_back() {
+        let fs = Tmpfs::mount(8);
+        let filler = fs.0.path().join("filler");
+        std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+        let ledger = RocksLedger::open(fs.0.path().join("ledger"), RocksOptions::default()).unwrap();
+        let mut written = 0;
+        let err = loop {
+            match commit(&ledger, written, 100) {
+                Ok(()) => written += 100,
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert!(commit(&ledger, 1 << 40, 1).is_err(), "still full");
+
+        std::fs::remove_file(&filler).unwrap();
+        // Within a few reopen periods, commits succeed again by themselves.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = commit(&ledger, 1 << 41, 1) {
+            assert!(e.is_retryable(), "{e}");
+            assert!(Instant::now() < deadline, "the ledger never resumed: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Everything acknowledged before the disk filled is there.
+        for i in (0..written).step_by(97) {
+            assert!(ledger.payment(&payment(i).id).unwrap().is_some(), "payment {i} of {written} lost");
+        }
+        assert!(ledger.payment(&payment(1 << 41).id).unwrap().is_some());
     }
 }
