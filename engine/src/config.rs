@@ -291,16 +291,23 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
 }
 
-/// Where the ledger lives.
+/// Where the ledger lives, and how long it keeps settled history.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
     pub path: PathBuf,
+    /// Settled (confirmed, failed, expired) payments whose `validBefore`
+    /// is older than this many days, and events older than it, are
+    /// deleted. 0 (the default) keeps everything; otherwise at least 1.
+    /// Payments still open are kept whatever their age.
+    pub retention_days: u64,
+    /// How often the retention runs.
+    pub prune_every_secs: u64,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        Self { path: PathBuf::from("x402d-data") }
+        Self { path: PathBuf::from("x402d-data"), retention_days: 0, prune_every_secs: 3600 }
     }
 }
 

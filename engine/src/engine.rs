@@ -164,6 +164,14 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.payment(&id)).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// Deletes the settled payments whose `validBefore`, and the events
+    /// last updated, are before `before` (Unix seconds); see
+    /// [`Ledger::prune`].
+    pub async fn prune(&self, before: u64) -> Result<crate::ledger::Pruned> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.prune(before)).await.map_err(|_| Error::PipelineStopped)?
+    }
+
     /// Up to `limit` events after `after`.
     pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
         let ledger = self.ledger.clone();

@@ -34,6 +34,7 @@ pub struct Node {
     http: tokio::task::JoinHandle<Result<()>>,
     stop: watch::Sender<bool>,
     settler: Option<tokio::task::JoinHandle<()>>,
+    retention: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -138,7 +139,8 @@ impl Node {
             tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, streams, until(stopped.clone())));
         let api = crate::facilitator::router(engine.clone(), facilitator);
         let http = tokio::spawn(crate::http::serve(http_listener, api, engine.pipeline_died(), until(stopped)));
-        Ok(Self { engine, endpoints, grpc, http, stop, settler })
+        let retention = start_retention(&engine, &config.ledger);
+        Ok(Self { engine, endpoints, grpc, http, stop, settler, retention })
     }
 
     pub const fn endpoints(&self) -> Endpoints {
@@ -152,7 +154,10 @@ impl Node {
     /// Serves until `shutdown` completes (or a listener fails), then stops
     /// the listeners and lets queued work finish.
     pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let Self { engine, grpc, http, stop, settler, .. } = self;
+        let Self { engine, grpc, http, stop, settler, retention, .. } = self;
+        if let Some(retention) = retention {
+            retention.abort();
+        }
         let mut grpc = grpc;
         let mut http = http;
         let mut died = engine.pipeline_died();
@@ -288,6 +293,31 @@ fn start_settler(
         None => None,
     };
     Ok(Settler::spawn(engine.clone(), chain, config.settler(), claims))
+}
+
+/// Deletes settled history past `[ledger] retention_days`, every
+/// `prune_every_secs` (the first time one period after start).
+fn start_retention(engine: &Arc<Engine>, config: &crate::config::LedgerConfig) -> Option<tokio::task::JoinHandle<()>> {
+    if config.retention_days == 0 {
+        return None;
+    }
+    let (engine, keep) = (engine.clone(), config.retention_days.saturating_mul(86_400));
+    let every = std::time::Duration::from_secs(config.prune_every_secs.max(1));
+    tracing::info!(days = config.retention_days, ?every, "settled payments and events are deleted past retention");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let before = crate::domain::unix_millis() / 1000 - keep.min(crate::domain::unix_millis() / 1000);
+            match engine.prune(before).await {
+                Ok(pruned) => {
+                    tracing::info!(before, payments = pruned.payments, events = pruned.events, "ledger pruned")
+                }
+                Err(err) => tracing::warn!(%err, "pruning the ledger failed; retried next period"),
+            }
+        }
+    }))
 }
 
 fn flatten(r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

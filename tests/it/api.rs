@@ -285,6 +285,9 @@ impl x402_engine::ledger::Ledger for PanickingLedger {
     fn pending(&self) -> x402_engine::Result<Vec<x402_engine::domain::PendingKey>> {
         self.inner.pending()
     }
+    fn prune(&self, before: u64) -> x402_engine::Result<x402_engine::ledger::Pruned> {
+        self.inner.prune(before)
+    }
     fn merchants(&self) -> x402_engine::Result<Vec<x402_engine::domain::Merchant>> {
         self.inner.merchants()
     }
@@ -372,4 +375,71 @@ async fn a_connection_holds_a_bounded_number_of_streams() {
     assert!(!waiting.is_finished(), "a third stream opened on the connection");
     drop(first);
     tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("opens once one closes").unwrap().unwrap();
+}
+
+/// `[ledger] retention_days`: settled payments past it are deleted by the
+/// running node, payments still open are kept whatever their age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_settled_history_and_keeps_open_payments() {
+    use alloy::primitives::{Address, B256, U256};
+    use x402_engine::{
+        domain::{Authorization, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementPolicy},
+        ledger::{Ledger, RocksLedger, RocksOptions, Write, WriteBatch},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    // Two years ago, settled and not.
+    let old = now() - 2 * 365 * 86_400;
+    let record = |seed: u8, state| {
+        let (from, nonce) = (Address::repeat_byte(seed), B256::repeat_byte(seed));
+        PaymentRecord {
+            id: PaymentId::new(31337, TOKEN, from, nonce),
+            merchant_id: "m1".into(),
+            merchant_number: 1,
+            chain_id: 31337,
+            asset: TOKEN,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+            authorization: Authorization {
+                from,
+                to: PAY_TO,
+                value: U256::from(AMOUNT),
+                valid_after: U256::ZERO,
+                valid_before: U256::from(old),
+                nonce,
+            },
+            signature: vec![1; 65],
+            digest: B256::repeat_byte(seed),
+            policy: SettlementPolicy::Direct,
+            status: PaymentStatus::new(state, old * 1000),
+            accepted_at_ms: old * 1000,
+            idempotency: None,
+        }
+    };
+    let (settled, open) = (record(1, PaymentState::Confirmed), record(2, PaymentState::Submitted));
+    {
+        let ledger = RocksLedger::open(&config.ledger.path, RocksOptions::default()).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.push(Write::Enqueue(PendingKey { merchant_number: 1, deadline: old, id: open.id }));
+        batch.push(Write::Payment(Box::new(settled.clone())));
+        batch.push(Write::Payment(Box::new(open.clone())));
+        ledger.commit(&batch).unwrap();
+    }
+    config.ledger.retention_days = 30;
+    config.ledger.prune_every_secs = 1;
+    let node = start_node(&config).await;
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let recent = m1.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&recent), pb::Outcome::Accepted, "{}", recent.message);
+    let get = |id: PaymentId| pb::GetPaymentRequest { payment_id: id.0.to_vec() };
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while m1.get_payment(get(settled.id)).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the settled payment was never pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(m1.get_payment(get(settled.id)).await.unwrap_err().code(), Code::NotFound);
+    assert!(m1.get_payment(get(open.id)).await.is_ok(), "an open payment was pruned");
+    let recent = pb::GetPaymentRequest { payment_id: recent.payment_id };
+    assert!(m1.get_payment(recent).await.is_ok(), "a recent payment was pruned");
 }

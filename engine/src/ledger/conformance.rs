@@ -262,6 +262,58 @@ fn channels_round_trip_in_id_order(ledger: &dyn Ledger) {
     assert_eq!(ledger.channel(&B256::repeat_byte(3)).unwrap(), None);
 }
 
+fn start_up_reads_recent_payments_and_retention_prunes_settled_history(ledger: &dyn Ledger) {
+    use crate::domain::PaymentState::{Confirmed, Failed, Submitted};
+    let payment = |seed, valid_before, state| {
+        let mut p = sample_payment(seed, valid_before);
+        p.status.state = state;
+        p
+    };
+    let old_settled = payment(1, 100, Confirmed);
+    let old_open = payment(2, 100, Submitted);
+    let recent = payment(3, 5_000, Confirmed);
+    let old_failed = payment(4, 200, Failed);
+    let mut batch = WriteBatch::default();
+    for p in [&old_settled, &old_open, &recent, &old_failed] {
+        batch.push(Write::Payment(Box::new(p.clone())));
+    }
+    for (sequence, at) in [(1, 100), (2, 150), (3, 5_000), (4, 120)] {
+        let mut e = event(sequence, &recent);
+        e.status.updated_at_ms = at * 1000;
+        batch.push(Write::Event(e));
+    }
+    ledger.commit(&batch).unwrap();
+    let ids = |from| {
+        let mut ids = Vec::new();
+        ledger.for_each_payment_valid_from(from, &mut |p| ids.push(p.id)).unwrap();
+        ids.sort_unstable();
+        ids
+    };
+    let mut want = vec![recent.id, old_failed.id];
+    want.sort_unstable();
+    assert_eq!(ids(150), want);
+    assert_eq!(ids(0).len(), 4);
+
+    // Settled before 1000: gone; the open one stays, whatever its age. The
+    // events before the first one as recent (and never the newest).
+    let pruned = ledger.prune(1_000).unwrap();
+    assert_eq!(pruned, super::Pruned { payments: 2, events: 2 });
+    assert_eq!(ledger.payment(&old_settled.id).unwrap(), None);
+    assert_eq!(ledger.payment(&old_failed.id).unwrap(), None);
+    assert_eq!(ledger.payment(&old_open.id).unwrap(), Some(old_open.clone()));
+    assert_eq!(ledger.payment(&recent.id).unwrap(), Some(recent.clone()));
+    let sequences: Vec<u64> = ledger.events_after(0, 10).unwrap().iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, [3, 4]);
+    assert_eq!(ledger.last_event_sequence().unwrap(), 4);
+    let mut want = vec![old_open.id, recent.id];
+    want.sort_unstable();
+    assert_eq!(ids(0), want);
+    assert_eq!(ledger.prune(1_000).unwrap(), super::Pruned::default(), "nothing more to prune");
+    // Even far in the future the newest event stays.
+    ledger.prune(u64::MAX).unwrap();
+    assert_eq!(ledger.last_event_sequence().unwrap(), 4);
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -295,6 +347,12 @@ macro_rules! conformance {
             fn intents_are_kept_in_signer_nonce_order() {
                 let (_dir, ledger) = $make;
                 super::intents_are_kept_in_signer_nonce_order(&ledger);
+            }
+
+            #[test]
+            fn start_up_reads_recent_payments_and_retention_prunes_settled_history() {
+                let (_dir, ledger) = $make;
+                super::start_up_reads_recent_payments_and_retention_prunes_settled_history(&ledger);
             }
 
             #[test]
@@ -373,6 +431,12 @@ proptest! {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         memory.for_each_payment(&mut |p| a.push(p)).unwrap();
         rocks.for_each_payment(&mut |p| b.push(p)).unwrap();
+        prop_assert_eq!(a, b);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        memory.for_each_payment_valid_from(500, &mut |p| a.push(p)).unwrap();
+        rocks.for_each_payment_valid_from(500, &mut |p| b.push(p)).unwrap();
+        a.sort_by_key(|p| p.id);
+        b.sort_by_key(|p| p.id);
         prop_assert_eq!(a, b);
     }
 }

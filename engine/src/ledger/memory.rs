@@ -5,7 +5,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::{Ledger, Write, WriteBatch};
+use super::{Ledger, Pruned, Write, WriteBatch};
 use crate::{
     Result,
     domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
@@ -84,6 +84,29 @@ impl Ledger for MemoryLedger {
 
     fn pending(&self) -> Result<Vec<PendingKey>> {
         Ok(self.tables().pending.iter().copied().collect())
+    }
+
+    fn prune(&self, before: u64) -> Result<Pruned> {
+        let mut t = self.tables();
+        let mut pruned = Pruned::default();
+        t.payments.retain(|_, p| {
+            let keep = p.status.state.is_open() || p.authorization.valid_before_secs() >= before;
+            pruned.payments += u64::from(!keep);
+            keep
+        });
+        // The oldest events, up to the first one as recent as `before`.
+        let last = t.events.keys().next_back().copied();
+        let old: Vec<u64> = t
+            .events
+            .iter()
+            .take_while(|&(&sequence, e)| Some(sequence) != last && e.status.updated_at_ms / 1000 < before)
+            .map(|(&sequence, _)| sequence)
+            .collect();
+        for sequence in &old {
+            t.events.remove(sequence);
+        }
+        pruned.events = old.len() as u64;
+        Ok(pruned)
     }
 
     fn merchants(&self) -> Result<Vec<Merchant>> {

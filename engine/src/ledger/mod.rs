@@ -45,6 +45,13 @@ pub enum Write {
     Channel(Box<ChannelRecord>),
 }
 
+/// What [`Ledger::prune`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payments: u64,
+    pub events: u64,
+}
+
 /// Writes applied together, atomically and durably.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteBatch {
@@ -88,6 +95,23 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
 
     /// Visits every payment, in id order.
     fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()>;
+
+    /// Visits every payment whose `validBefore` is `from` (Unix seconds) or
+    /// later, in no particular order: what start-up needs of the history,
+    /// read without going over the rest of it.
+    fn for_each_payment_valid_from(&self, from: u64, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
+        self.for_each_payment(&mut |p| {
+            if p.authorization.valid_before_secs() >= from {
+                visit(p);
+            }
+        })
+    }
+
+    /// Deletes the payments no longer open (confirmed, failed, expired)
+    /// whose `validBefore` is before `before` (Unix seconds), and the
+    /// events last updated before it, except the newest event (whose
+    /// sequence the next one follows).
+    fn prune(&self, before: u64) -> Result<Pruned>;
 
     /// The settlement queue, ordered by merchant, then deadline.
     fn pending(&self) -> Result<Vec<PendingKey>>;

@@ -23,7 +23,7 @@ use std::{
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteOptions};
 
-use super::{Ledger, WriteBatch, records};
+use super::{Ledger, Pruned, WriteBatch, records};
 use crate::{
     Error, Result,
     domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
@@ -36,7 +36,34 @@ const CF_EVENTS: &str = "events";
 const CF_META: &str = "meta";
 const CF_CHANNELS: &str = "channels";
 const CF_INTENTS: &str = "intents";
-const COLUMN_FAMILIES: [&str; 7] = [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS];
+/// Payments by `validBefore`: key `validBefore (8 bytes) ‖ id`, no value.
+/// Start-up reads the recent ones, retention deletes the old ones, and
+/// neither goes over the rest.
+const CF_BY_VALID_BEFORE: &str = "payments_by_valid_before";
+const COLUMN_FAMILIES: [&str; 8] =
+    [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS, CF_BY_VALID_BEFORE];
+
+/// Set once every payment is in [`CF_BY_VALID_BEFORE`] (a ledger written
+/// before the index is indexed once, when first opened).
+const INDEXED_KEY: &[u8] = b"payments_by_valid_before_built";
+
+/// Payments deleted (or indexed) per write batch.
+const CHUNK: usize = 1024;
+
+fn by_valid_before_key(p: &PaymentRecord) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..8].copy_from_slice(&p.authorization.valid_before_secs().to_be_bytes());
+    key[8..].copy_from_slice(p.id.0.as_slice());
+    key
+}
+
+fn decode_by_valid_before(key: &[u8]) -> Result<(u64, PaymentId)> {
+    if key.len() != 40 {
+        return Err(Error::Corrupt("validBefore index key is not 40 bytes"));
+    }
+    let valid_before = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+    Ok((valid_before, PaymentId(alloy::primitives::B256::from_slice(&key[8..]))))
+}
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
@@ -113,7 +140,37 @@ impl RocksLedger {
         let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Self::check_schema(&db)?;
+        Self::build_index(&db)?;
         Ok(db)
+    }
+
+    /// Indexes every payment by `validBefore`, once, for a ledger written
+    /// before the index existed.
+    fn build_index(db: &DB) -> Result<()> {
+        if db.get_cf(cf(db, CF_META), INDEXED_KEY)?.is_some() {
+            return Ok(());
+        }
+        let mut wb = rocksdb::WriteBatch::default();
+        let mut indexed = 0u64;
+        for item in db.iterator_cf(cf(db, CF_PAYMENTS), IteratorMode::Start) {
+            let (_, value) = item?;
+            wb.put_cf(cf(db, CF_BY_VALID_BEFORE), by_valid_before_key(&records::decode_payment(&value)?), []);
+            indexed += 1;
+            if wb.len() >= CHUNK {
+                db.write(std::mem::take(&mut wb))?;
+                if indexed.is_multiple_of(1 << 20) {
+                    tracing::info!(indexed, "indexing the ledger's payments by validBefore");
+                }
+            }
+        }
+        wb.put_cf(cf(db, CF_META), INDEXED_KEY, []);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo)?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed the ledger's payments by validBefore");
+        }
+        Ok(())
     }
 
     /// The open database; an error while it is closed after a failed write.
@@ -178,7 +235,10 @@ impl Ledger for RocksLedger {
         let mut wb = rocksdb::WriteBatch::default();
         for write in batch.writes() {
             match write {
-                Write::Payment(p) => wb.put_cf(cf(CF_PAYMENTS), p.id.0, records::encode_payment(p)),
+                Write::Payment(p) => {
+                    wb.put_cf(cf(CF_PAYMENTS), p.id.0, records::encode_payment(p));
+                    wb.put_cf(cf(CF_BY_VALID_BEFORE), by_valid_before_key(p), []);
+                }
                 Write::Enqueue(key) => wb.put_cf(cf(CF_PENDING), records::pending_key(key), []),
                 Write::Dequeue(key) => wb.delete_cf(cf(CF_PENDING), records::pending_key(key)),
                 Write::Event(e) => wb.put_cf(cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e)),
@@ -217,6 +277,75 @@ impl Ledger for RocksLedger {
             visit(records::decode_payment(&value)?);
         }
         Ok(())
+    }
+
+    fn for_each_payment_valid_from(&self, from: u64, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
+        let db = self.db()?;
+        let start = from.to_be_bytes();
+        for item in db.iterator_cf(cf(&db, CF_BY_VALID_BEFORE), IteratorMode::From(&start, Direction::Forward)) {
+            let (key, _) = item?;
+            let (valid_before, id) = decode_by_valid_before(&key)?;
+            let Some(bytes) = db.get_pinned_cf(cf(&db, CF_PAYMENTS), id.0)? else { continue };
+            let payment = records::decode_payment(&bytes)?;
+            // An entry a rewrite with another validBefore left behind.
+            if payment.authorization.valid_before_secs() == valid_before {
+                visit(payment);
+            }
+        }
+        Ok(())
+    }
+
+    fn prune(&self, before: u64) -> Result<Pruned> {
+        let db = self.db()?;
+        let mut pruned = Pruned::default();
+        let mut wb = rocksdb::WriteBatch::default();
+        let end = before.to_be_bytes();
+        let mut iter = db.raw_iterator_cf(cf(&db, CF_BY_VALID_BEFORE));
+        iter.seek_to_first();
+        while let Some(key) = iter.key() {
+            if key[..8.min(key.len())] >= end[..] {
+                break;
+            }
+            let (valid_before, id) = decode_by_valid_before(key)?;
+            match db.get_pinned_cf(cf(&db, CF_PAYMENTS), id.0)? {
+                Some(bytes) => {
+                    let payment = records::decode_payment(&bytes)?;
+                    let current = payment.authorization.valid_before_secs() == valid_before;
+                    if !current || !payment.status.state.is_open() {
+                        wb.delete_cf(cf(&db, CF_BY_VALID_BEFORE), key);
+                        if current {
+                            wb.delete_cf(cf(&db, CF_PAYMENTS), id.0);
+                            pruned.payments += 1;
+                        }
+                    }
+                }
+                None => wb.delete_cf(cf(&db, CF_BY_VALID_BEFORE), key),
+            }
+            if wb.len() >= CHUNK {
+                db.write(std::mem::take(&mut wb))?;
+            }
+            iter.next();
+        }
+        iter.status()?;
+        // The oldest events, up to the first one as recent as `before`;
+        // never the newest.
+        let last = last_sequence(&db)?;
+        for item in db.iterator_cf(cf(&db, CF_EVENTS), IteratorMode::Start) {
+            let (key, value) = item?;
+            let sequence = decode_sequence(&key)?;
+            if sequence == last || records::decode_event(sequence, &value)?.status.updated_at_ms / 1000 >= before {
+                break;
+            }
+            wb.delete_cf(cf(&db, CF_EVENTS), key);
+            pruned.events += 1;
+            if wb.len() >= CHUNK {
+                db.write(std::mem::take(&mut wb))?;
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo)?;
+        Ok(pruned)
     }
 
     fn pending(&self) -> Result<Vec<PendingKey>> {
@@ -299,20 +428,45 @@ impl Ledger for RocksLedger {
     }
 
     fn last_event_sequence(&self) -> Result<u64> {
-        let db = self.db()?;
-        match db.iterator_cf(cf(&db, CF_EVENTS), IteratorMode::End).next() {
-            Some(item) => {
-                let (key, _) = item?;
-                Ok(u64::from_be_bytes(key.as_ref().try_into().map_err(|_| Error::Corrupt("event key is not 8 bytes"))?))
-            }
-            None => Ok(0),
-        }
+        last_sequence(&*self.db()?)
+    }
+}
+
+fn decode_sequence(key: &[u8]) -> Result<u64> {
+    Ok(u64::from_be_bytes(key.try_into().map_err(|_| Error::Corrupt("event key is not 8 bytes"))?))
+}
+
+/// The sequence of the last event, 0 when there is none.
+fn last_sequence(db: &DB) -> Result<u64> {
+    match db.iterator_cf(cf(db, CF_EVENTS), IteratorMode::End).next() {
+        Some(item) => decode_sequence(&item?.0),
+        None => Ok(0),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_written_before_the_valid_before_index_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = super::super::conformance::sample_payment(7, 4_000);
+        {
+            let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
+            let mut batch = WriteBatch::default();
+            batch.push(super::super::Write::Payment(Box::new(p.clone())));
+            ledger.commit(&batch).unwrap();
+            // As an older version left it: no index, no marker.
+            let db = ledger.db().unwrap();
+            db.delete_cf(cf(&db, CF_BY_VALID_BEFORE), by_valid_before_key(&p)).unwrap();
+            db.delete_cf(cf(&db, CF_META), INDEXED_KEY).unwrap();
+        }
+        let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
+        let mut found = Vec::new();
+        ledger.for_each_payment_valid_from(3_000, &mut |p| found.push(p)).unwrap();
+        assert_eq!(found, [p]);
+    }
 
     #[test]
     fn reopening_keeps_data_and_checks_schema() {

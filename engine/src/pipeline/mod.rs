@@ -269,12 +269,23 @@ impl Pipeline {
         let mut committer =
             Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_controls.clone())
                 .with_key_retention(config.replay_retention_secs);
-        ledger.for_each_payment(&mut |record| {
+        // What start-up needs of the history, read without going over the
+        // rest of it: payments still in the replay window (and their
+        // idempotency keys), then the open ones before it, which hold
+        // reservations (exactly those in the settlement queue).
+        let cutoff = now.saturating_sub(config.replay_retention_secs);
+        let mut restore = |record: &crate::domain::PaymentRecord| {
             let i = shard_of(record.authorization.from, shards);
-            shard_states[i].restore(&record, now);
-            committer.restore_key(&record, now);
-        })?;
+            shard_states[i].restore(record, now);
+            committer.restore_key(record, now);
+        };
+        ledger.for_each_payment_valid_from(cutoff, &mut |record| restore(&record))?;
         let pending = ledger.pending()?;
+        for key in pending.iter().filter(|k| k.deadline < cutoff) {
+            if let Some(record) = ledger.payment(&key.id)? {
+                restore(&record);
+            }
+        }
         committer.restore_pending(&pending, ledger)?;
         let changed_channels = committer.changed_channels();
         let payment_waiters = committer.payment_waiters();
@@ -600,6 +611,8 @@ mod tests {
         inner: MemoryLedger,
         failing: AtomicBool,
         stall: std::sync::Mutex<()>,
+        /// `for_each_payment` calls: reads of the whole history.
+        full_scans: std::sync::atomic::AtomicUsize,
     }
 
     impl Ledger for FlakyLedger {
@@ -614,7 +627,18 @@ mod tests {
             self.inner.payment(id)
         }
         fn for_each_payment(&self, visit: &mut dyn FnMut(crate::domain::PaymentRecord)) -> Result<()> {
+            self.full_scans.fetch_add(1, Ordering::SeqCst);
             self.inner.for_each_payment(visit)
+        }
+        fn for_each_payment_valid_from(
+            &self,
+            from: u64,
+            visit: &mut dyn FnMut(crate::domain::PaymentRecord),
+        ) -> Result<()> {
+            self.inner.for_each_payment_valid_from(from, visit)
+        }
+        fn prune(&self, before: u64) -> Result<crate::ledger::Pruned> {
+            self.inner.prune(before)
         }
         fn pending(&self) -> Result<Vec<crate::domain::PendingKey>> {
             self.inner.pending()
@@ -738,15 +762,36 @@ mod tests {
         };
         assert_eq!(ledger.pending().unwrap().len(), 3);
         assert_eq!(ledger.last_event_sequence().unwrap(), 3);
+        // Long past its validBefore, and still open (its transaction not
+        // mined yet): it holds a reservation all the same. And a history of
+        // settled payments start-up need not read.
+        let mut old = crate::ledger::conformance::sample_payment(9, 1_000);
+        (old.authorization.from, old.asset, old.authorization.value) =
+            (payer.address(), address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"), U256::from(100));
+        old.status.state = crate::domain::PaymentState::Submitted;
+        let mut batch = WriteBatch::default();
+        batch.push(crate::ledger::Write::Enqueue(crate::domain::PendingKey {
+            merchant_number: old.merchant_number,
+            deadline: 1_000,
+            id: old.id,
+        }));
+        batch.push(crate::ledger::Write::Payment(Box::new(old)));
+        for seed in 10..50 {
+            let mut settled = crate::ledger::conformance::sample_payment(seed, 1_000);
+            settled.status.state = crate::domain::PaymentState::Confirmed;
+            batch.push(crate::ledger::Write::Payment(Box::new(settled)));
+        }
+        ledger.commit(&batch).unwrap();
 
-        let pipeline = start(&ledger, &payer, 300);
+        let pipeline = start(&ledger, &payer, 400);
+        assert_eq!(ledger.full_scans.load(Ordering::SeqCst), 0, "start-up read the whole history");
         for (s, id) in submissions.iter().zip(&ids) {
             match submit(&pipeline, s.clone()) {
                 SubmitOutcome::Duplicate { id: dup, .. } => assert_eq!(&dup, id),
                 other => panic!("{other:?}"),
             }
         }
-        // The three restored reservations use up the balance.
+        // The four restored reservations use up the balance.
         let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 4)) else {
             panic!("reservations were restored");
         };
