@@ -206,6 +206,28 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.channels()).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// Merchant `merchant_id`'s channels, from the ledger's index.
+    pub async fn merchant_channels(&self, merchant_id: String) -> Result<Vec<crate::domain::ChannelRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.merchant_channels(&merchant_id))
+            .await
+            .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Up to `limit` of merchant `merchant_number`'s events after `after`,
+    /// from the ledger's index.
+    pub async fn merchant_events_after(
+        &self,
+        merchant_number: u32,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SettlementEvent>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.merchant_events_after(merchant_number, after, limit))
+            .await
+            .map_err(|_| Error::PipelineStopped)?
+    }
+
     /// The channels of `ids` that the ledger has, from the ledger.
     pub async fn channels_by_id(&self, ids: Vec<alloy::primitives::B256>) -> Result<Vec<crate::domain::ChannelRecord>> {
         let ledger = self.ledger.clone();

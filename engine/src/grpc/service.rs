@@ -209,8 +209,9 @@ impl PaymentService for PaymentApi {
         req: Request<pb::ListChannelsRequest>,
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
         let merchant = self.merchant(&req)?;
-        let channels = self.engine.channels().await.map_err(|e| convert::status_from_error(&e))?;
-        let channels = channels.iter().filter(|c| c.merchant_id == merchant.id).map(convert::channel).collect();
+        let channels =
+            self.engine.merchant_channels(merchant.id.clone()).await.map_err(|e| convert::status_from_error(&e))?;
+        let channels = channels.iter().map(convert::channel).collect();
         Ok(Response::new(pb::ListChannelsResponse { channels }))
     }
 
@@ -247,7 +248,7 @@ impl PaymentService for PaymentApi {
             loop {
                 let last = *sequence.borrow_and_update();
                 while cursor < last {
-                    let page = match engine.events_after(cursor, WATCH_PAGE).await {
+                    let page = match engine.merchant_events_after(merchant.number, cursor, WATCH_PAGE).await {
                         Ok(page) => page,
                         Err(err) => {
                             let _ = tx.send(Err(convert::status_from_error(&err))).await;
@@ -259,8 +260,7 @@ impl PaymentService for PaymentApi {
                     }
                     for event in &page {
                         cursor = event.sequence;
-                        if event.merchant_number == merchant.number && tx.send(Ok(convert::event(event))).await.is_err()
-                        {
+                        if tx.send(Ok(convert::event(event))).await.is_err() {
                             return;
                         }
                     }

@@ -314,6 +314,38 @@ fn start_up_reads_recent_payments_and_retention_prunes_settled_history(ledger: &
     assert_eq!(ledger.last_event_sequence().unwrap(), 4);
 }
 
+fn one_merchants_events_and_channels_are_read_apart(ledger: &dyn Ledger) {
+    let p = sample_payment(1, 100);
+    let mut batch = WriteBatch::default();
+    for sequence in 1..=10 {
+        let mut e = event(sequence, &p);
+        e.merchant_number = if sequence % 3 == 0 { 2 } else { 1 };
+        batch.push(Write::Event(e));
+    }
+    for seed in 1..=4 {
+        let mut c = sample_channel(seed, 10, false);
+        c.merchant_id = if seed % 2 == 0 { "m2".into() } else { "m1".into() };
+        batch.push(Write::Channel(Box::new(c)));
+    }
+    ledger.commit(&batch).unwrap();
+    let sequences = |m, after, limit| -> Vec<u64> {
+        ledger.merchant_events_after(m, after, limit).unwrap().iter().map(|e| e.sequence).collect()
+    };
+    assert_eq!(sequences(2, 0, 10), [3, 6, 9]);
+    assert_eq!(sequences(1, 0, 3), [1, 2, 4]);
+    assert_eq!(sequences(1, 4, 10), [5, 7, 8, 10]);
+    assert_eq!(sequences(3, 0, 10), Vec::<u64>::new());
+    for m in ["m1", "m2"] {
+        let channels = ledger.merchant_channels(m).unwrap();
+        assert_eq!(channels.len(), 2);
+        assert!(channels.iter().all(|c| c.merchant_id == m));
+    }
+    assert!(ledger.merchant_channels("m").unwrap().is_empty(), "a prefix of another id is not it");
+    let all = ledger.channels().unwrap();
+    let m1: Vec<_> = all.iter().filter(|c| c.merchant_id == "m1").cloned().collect();
+    assert_eq!(ledger.merchant_channels("m1").unwrap(), m1, "in id order, whole");
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -353,6 +385,12 @@ macro_rules! conformance {
             fn start_up_reads_recent_payments_and_retention_prunes_settled_history() {
                 let (_dir, ledger) = $make;
                 super::start_up_reads_recent_payments_and_retention_prunes_settled_history(&ledger);
+            }
+
+            #[test]
+            fn one_merchants_events_and_channels_are_read_apart() {
+                let (_dir, ledger) = $make;
+                super::one_merchants_events_and_channels_are_read_apart(&ledger);
             }
 
             #[test]
@@ -428,6 +466,11 @@ proptest! {
         prop_assert_eq!(memory.last_event_sequence().unwrap(), rocks.last_event_sequence().unwrap());
         prop_assert_eq!(memory.intents().unwrap(), rocks.intents().unwrap());
         prop_assert_eq!(memory.channels().unwrap(), rocks.channels().unwrap());
+        for m in 0..3 {
+            prop_assert_eq!(memory.merchant_events_after(m, 0, 1000).unwrap(), rocks.merchant_events_after(m, 0, 1000).unwrap());
+            let id = format!("m{m}");
+            prop_assert_eq!(memory.merchant_channels(&id).unwrap(), rocks.merchant_channels(&id).unwrap());
+        }
         let (mut a, mut b) = (Vec::new(), Vec::new());
         memory.for_each_payment(&mut |p| a.push(p)).unwrap();
         rocks.for_each_payment(&mut |p| b.push(p)).unwrap();

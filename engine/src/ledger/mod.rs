@@ -141,6 +141,21 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// Up to `limit` events with a sequence above `after`, in order.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<SettlementEvent>>;
 
+    /// Up to `limit` events of merchant `merchant_number` with a sequence
+    /// above `after`, in order, read without going over other merchants'.
+    fn merchant_events_after(&self, merchant_number: u32, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        while out.len() < limit {
+            let page = self.events_after(cursor, 1024)?;
+            let Some(last) = page.last() else { break };
+            cursor = last.sequence;
+            out.extend(page.into_iter().filter(|e| e.merchant_number == merchant_number));
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// The sequence of the last event, 0 when there is none.
     fn last_event_sequence(&self) -> Result<u64>;
 
@@ -155,6 +170,12 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
 
     /// Every payment channel, ordered by id.
     fn channels(&self) -> Result<Vec<ChannelRecord>>;
+
+    /// The channels of merchant `merchant_id`, ordered by id, read without
+    /// going over other merchants'.
+    fn merchant_channels(&self, merchant_id: &str) -> Result<Vec<ChannelRecord>> {
+        Ok(self.channels()?.into_iter().filter(|c| c.merchant_id == merchant_id).collect())
+    }
 
     /// One payment channel.
     fn channel(&self, id: &alloy::primitives::B256) -> Result<Option<ChannelRecord>>;

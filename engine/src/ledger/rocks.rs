@@ -40,12 +40,48 @@ const CF_INTENTS: &str = "intents";
 /// Start-up reads the recent ones, retention deletes the old ones, and
 /// neither goes over the rest.
 const CF_BY_VALID_BEFORE: &str = "payments_by_valid_before";
-const COLUMN_FAMILIES: [&str; 8] =
-    [CF_PAYMENTS, CF_PENDING, CF_MERCHANTS, CF_EVENTS, CF_META, CF_CHANNELS, CF_INTENTS, CF_BY_VALID_BEFORE];
+/// Events by merchant: key `merchant number (4 bytes) ‖ sequence`, no
+/// value. `WatchSettlements` reads one merchant's events through it.
+const CF_EVENTS_BY_MERCHANT: &str = "events_by_merchant";
+/// Channels by merchant: key `merchant id ‖ '/' ‖ channel id`, no value
+/// (`/` is not allowed in merchant ids). `ListChannels` reads through it.
+const CF_CHANNELS_BY_MERCHANT: &str = "channels_by_merchant";
+const COLUMN_FAMILIES: [&str; 10] = [
+    CF_PAYMENTS,
+    CF_PENDING,
+    CF_MERCHANTS,
+    CF_EVENTS,
+    CF_META,
+    CF_CHANNELS,
+    CF_INTENTS,
+    CF_BY_VALID_BEFORE,
+    CF_EVENTS_BY_MERCHANT,
+    CF_CHANNELS_BY_MERCHANT,
+];
 
-/// Set once every payment is in [`CF_BY_VALID_BEFORE`] (a ledger written
-/// before the index is indexed once, when first opened).
-const INDEXED_KEY: &[u8] = b"payments_by_valid_before_built";
+/// Set once every payment, event and channel is in the indexes above (a
+/// ledger written before them is indexed once, when first opened).
+const INDEXED_KEY: &[u8] = b"indexes_built_v1";
+
+fn merchant_event_key(merchant_number: u32, sequence: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&merchant_number.to_be_bytes());
+    key[4..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+fn merchant_channel_prefix(merchant_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(merchant_id.len() + 33);
+    key.extend_from_slice(merchant_id.as_bytes());
+    key.push(b'/');
+    key
+}
+
+fn merchant_channel_key(c: &ChannelRecord) -> Vec<u8> {
+    let mut key = merchant_channel_prefix(&c.merchant_id);
+    key.extend_from_slice(c.channel.id.as_slice());
+    key
+}
 
 /// Payments deleted (or indexed) per write batch.
 const CHUNK: usize = 1024;
@@ -144,31 +180,46 @@ impl RocksLedger {
         Ok(db)
     }
 
-    /// Indexes every payment by `validBefore`, once, for a ledger written
-    /// before the index existed.
+    /// Builds the indexes, once, for a ledger written before they existed.
     fn build_index(db: &DB) -> Result<()> {
         if db.get_cf(cf(db, CF_META), INDEXED_KEY)?.is_some() {
             return Ok(());
         }
         let mut wb = rocksdb::WriteBatch::default();
         let mut indexed = 0u64;
+        let flush = |wb: &mut rocksdb::WriteBatch, indexed: &mut u64| -> Result<()> {
+            *indexed += 1;
+            if wb.len() >= CHUNK {
+                db.write(std::mem::take(wb))?;
+                if indexed.is_multiple_of(1 << 20) {
+                    tracing::info!(indexed, "indexing the ledger");
+                }
+            }
+            Ok(())
+        };
         for item in db.iterator_cf(cf(db, CF_PAYMENTS), IteratorMode::Start) {
             let (_, value) = item?;
             wb.put_cf(cf(db, CF_BY_VALID_BEFORE), by_valid_before_key(&records::decode_payment(&value)?), []);
-            indexed += 1;
-            if wb.len() >= CHUNK {
-                db.write(std::mem::take(&mut wb))?;
-                if indexed.is_multiple_of(1 << 20) {
-                    tracing::info!(indexed, "indexing the ledger's payments by validBefore");
-                }
-            }
+            flush(&mut wb, &mut indexed)?;
+        }
+        for item in db.iterator_cf(cf(db, CF_EVENTS), IteratorMode::Start) {
+            let (key, value) = item?;
+            let sequence = decode_sequence(&key)?;
+            let event = records::decode_event(sequence, &value)?;
+            wb.put_cf(cf(db, CF_EVENTS_BY_MERCHANT), merchant_event_key(event.merchant_number, sequence), []);
+            flush(&mut wb, &mut indexed)?;
+        }
+        for item in db.iterator_cf(cf(db, CF_CHANNELS), IteratorMode::Start) {
+            let (_, value) = item?;
+            wb.put_cf(cf(db, CF_CHANNELS_BY_MERCHANT), merchant_channel_key(&records::decode_channel(&value)?), []);
+            flush(&mut wb, &mut indexed)?;
         }
         wb.put_cf(cf(db, CF_META), INDEXED_KEY, []);
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         db.write_opt(wb, &wo)?;
         if indexed > 0 {
-            tracing::info!(indexed, "indexed the ledger's payments by validBefore");
+            tracing::info!(indexed, "indexed the ledger's payments, events and channels");
         }
         Ok(())
     }
@@ -241,13 +292,17 @@ impl Ledger for RocksLedger {
                 }
                 Write::Enqueue(key) => wb.put_cf(cf(CF_PENDING), records::pending_key(key), []),
                 Write::Dequeue(key) => wb.delete_cf(cf(CF_PENDING), records::pending_key(key)),
-                Write::Event(e) => wb.put_cf(cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e)),
+                Write::Event(e) => {
+                    wb.put_cf(cf(CF_EVENTS), e.sequence.to_be_bytes(), records::encode_event(e));
+                    wb.put_cf(cf(CF_EVENTS_BY_MERCHANT), merchant_event_key(e.merchant_number, e.sequence), []);
+                }
                 Write::Merchant(m) => wb.put_cf(cf(CF_MERCHANTS), m.id.as_bytes(), records::encode_merchant(m)),
                 Write::Intent(i) => {
                     wb.put_cf(cf(CF_INTENTS), records::intent_key(&i.key()), records::encode_intent(i));
                 }
                 Write::Channel(c) => {
                     wb.put_cf(cf(CF_CHANNELS), c.channel.id, records::encode_channel(c));
+                    wb.put_cf(cf(CF_CHANNELS_BY_MERCHANT), merchant_channel_key(c), []);
                 }
                 Write::ForgetIntent(key) => {
                     wb.delete_cf(cf(CF_INTENTS), records::intent_key(key));
@@ -333,10 +388,12 @@ impl Ledger for RocksLedger {
         for item in db.iterator_cf(cf(&db, CF_EVENTS), IteratorMode::Start) {
             let (key, value) = item?;
             let sequence = decode_sequence(&key)?;
-            if sequence == last || records::decode_event(sequence, &value)?.status.updated_at_ms / 1000 >= before {
+            let event = records::decode_event(sequence, &value)?;
+            if sequence == last || event.status.updated_at_ms / 1000 >= before {
                 break;
             }
             wb.delete_cf(cf(&db, CF_EVENTS), key);
+            wb.delete_cf(cf(&db, CF_EVENTS_BY_MERCHANT), merchant_event_key(event.merchant_number, sequence));
             pruned.events += 1;
             if wb.len() >= CHUNK {
                 db.write(std::mem::take(&mut wb))?;
@@ -405,6 +462,42 @@ impl Ledger for RocksLedger {
             .collect()
     }
 
+    fn merchant_events_after(&self, merchant_number: u32, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let db = self.db()?;
+        let mut out = Vec::new();
+        let from = merchant_event_key(merchant_number, start);
+        for item in db.iterator_cf(cf(&db, CF_EVENTS_BY_MERCHANT), IteratorMode::From(&from, Direction::Forward)) {
+            let (key, _) = item?;
+            if out.len() == limit || key.len() != 12 || key[..4] != merchant_number.to_be_bytes() {
+                break;
+            }
+            let sequence = decode_sequence(&key[4..])?;
+            // An entry whose event retention deleted in between.
+            let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
+            out.push(records::decode_event(sequence, &value)?);
+        }
+        Ok(out)
+    }
+
+    fn merchant_channels(&self, merchant_id: &str) -> Result<Vec<ChannelRecord>> {
+        let db = self.db()?;
+        let prefix = merchant_channel_prefix(merchant_id);
+        let mut out = Vec::new();
+        for item in db.iterator_cf(cf(&db, CF_CHANNELS_BY_MERCHANT), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (key, _) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let Some(value) = db.get_pinned_cf(cf(&db, CF_CHANNELS), &key[prefix.len()..])? else { continue };
+            let record = records::decode_channel(&value)?;
+            if record.merchant_id == merchant_id {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     fn intents(&self) -> Result<Vec<TxIntent>> {
         let db = self.db()?;
         db.iterator_cf(cf(&db, CF_INTENTS), IteratorMode::Start).map(|item| records::decode_intent(&item?.1)).collect()
@@ -449,23 +542,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ledger_written_before_the_valid_before_index_is_indexed_when_opened() {
+    fn a_ledger_written_before_its_indexes_is_indexed_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let p = super::super::conformance::sample_payment(7, 4_000);
+        let channel = super::super::conformance::sample_channel(3, 10, false);
         {
             let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
             let mut batch = WriteBatch::default();
             batch.push(super::super::Write::Payment(Box::new(p.clone())));
+            batch.push(super::super::Write::Event(SettlementEvent {
+                sequence: 1,
+                merchant_number: 5,
+                payment_id: p.id,
+                status: p.status.clone(),
+                channel: None,
+            }));
+            batch.push(super::super::Write::Channel(Box::new(channel.clone())));
             ledger.commit(&batch).unwrap();
-            // As an older version left it: no index, no marker.
+            // As an older version left it: no indexes, no marker.
             let db = ledger.db().unwrap();
             db.delete_cf(cf(&db, CF_BY_VALID_BEFORE), by_valid_before_key(&p)).unwrap();
+            db.delete_cf(cf(&db, CF_EVENTS_BY_MERCHANT), merchant_event_key(5, 1)).unwrap();
+            db.delete_cf(cf(&db, CF_CHANNELS_BY_MERCHANT), merchant_channel_key(&channel)).unwrap();
             db.delete_cf(cf(&db, CF_META), INDEXED_KEY).unwrap();
         }
         let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
         let mut found = Vec::new();
         ledger.for_each_payment_valid_from(3_000, &mut |p| found.push(p)).unwrap();
         assert_eq!(found, [p]);
+        assert_eq!(ledger.merchant_events_after(5, 0, 10).unwrap().len(), 1);
+        assert_eq!(ledger.merchant_channels(&channel.merchant_id).unwrap(), [channel]);
     }
 
     #[test]
