@@ -1,11 +1,20 @@
 //! The HTTP listener: Prometheus `/metrics`, `/healthz`, and the x402
-//! facilitator API ([`crate::facilitator`]).
+//! facilitator API ([`crate::facilitator`]), in plain HTTP or TLS.
 
-use std::{future::Future, sync::OnceLock};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use axum::{Router, http::StatusCode, routing::get};
+use axum::{Router, http::StatusCode, routing::get, serve::Listener};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::Result;
 
@@ -32,11 +41,102 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// TLS handshakes in progress at most; more connections wait to start
+/// theirs.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// A handshake not done by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP listener's connections after their TLS handshake. Handshakes
+/// run on their own tasks (at most [`MAX_HANDSHAKES`] at once, each within
+/// [`HANDSHAKE_TIMEOUT`]), so a client slow to finish one holds up no one
+/// else's.
+struct TlsListener {
+    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor: tokio::task::AbortHandle,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, handshaken) = mpsc::channel(MAX_HANDSHAKES);
+        let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, then go on.
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => drop(tx.send((tls, peer)).await),
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { handshaken, local, acceptor: task.abort_handle() })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor is gone (shutting down): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// The rustls server configuration of the HTTP listener from PEM files,
+/// offering HTTP/2 and HTTP/1.1.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| crate::Error::Config(format!("server.tls: {what}: {e}"));
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("cert_file", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid("key_file", &e))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid("the certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Serves `/metrics`, `/healthz` and the routes of `api` on `listener`
-/// until `shutdown` completes.
+/// (with TLS when `tls` is given) until `shutdown` completes.
 /// `/healthz` answers 503 once a pipeline thread has died (`died`).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     api: Router,
     died: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -53,6 +153,9 @@ pub async fn serve(
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .route("/healthz", get(healthz))
         .merge(api);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    match tls {
+        Some(config) => axum::serve(TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await?,
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
+    }
     Ok(())
 }

@@ -118,6 +118,7 @@ impl Node {
         }
 
         let tls = config.server.tls.as_ref().map(load_tls).transpose()?;
+        let http_tls = config.server.tls.as_ref().map(load_http_tls).transpose()?;
         let grpc_listener = TcpListener::bind(config.server.grpc_addr).await?;
         let http_listener = TcpListener::bind(config.server.http_addr).await?;
         let endpoints = Endpoints { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
@@ -138,7 +139,8 @@ impl Node {
         let grpc =
             tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, streams, until(stopped.clone())));
         let api = crate::facilitator::router(engine.clone(), facilitator);
-        let http = tokio::spawn(crate::http::serve(http_listener, api, engine.pipeline_died(), until(stopped)));
+        let http =
+            tokio::spawn(crate::http::serve(http_listener, http_tls, api, engine.pipeline_died(), until(stopped)));
         let retention = start_retention(&engine, &config.ledger);
         Ok(Self { engine, endpoints, grpc, http, stop, settler, retention })
     }
@@ -330,10 +332,16 @@ async fn open_ledger(path: PathBuf) -> Result<RocksLedger> {
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
 }
 
+fn read_pem(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("server.tls: cannot read {}: {e}", path.display())))
+}
+
 fn load_tls(tls: &TlsConfig) -> Result<ServerTlsConfig> {
-    let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| Error::Config(format!("server.tls: cannot read {}: {e}", path.display())))
-    };
-    let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let identity = Identity::from_pem(read_pem(&tls.cert_file)?, read_pem(&tls.key_file)?);
     Ok(ServerTlsConfig::new().identity(identity))
+}
+
+/// `[server.tls]` for the HTTP listener: the same certificate as gRPC's.
+fn load_http_tls(tls: &TlsConfig) -> Result<std::sync::Arc<rustls::ServerConfig>> {
+    crate::http::tls_config(&read_pem(&tls.cert_file)?, &read_pem(&tls.key_file)?)
 }

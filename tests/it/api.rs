@@ -216,7 +216,7 @@ async fn health_reflection_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_listener() {
+async fn tls_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let cert_pem = cert.cert.pem();
@@ -232,7 +232,7 @@ async fn tls_listener() {
     let port = node.endpoints().grpc.port();
 
     let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(cert_pem))
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
         .domain_name("localhost");
     let channel = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
         .unwrap()
@@ -258,6 +258,23 @@ async fn tls_listener() {
         let mut health = tonic_health::pb::health_client::HealthClient::new(plain);
         assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_err());
     }
+
+    // The HTTP listener (the facilitator API, /metrics, /healthz) has the
+    // same certificate.
+    let http = node.endpoints().http.port();
+    // A client that opens a connection and never says a word holds up no
+    // one else's handshake.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], http).into())
+        .build()
+        .unwrap();
+    let ok = client.get(format!("https://localhost:{http}/healthz")).send().await.expect("TLS handshake");
+    assert!(ok.status().is_success());
+    let metrics = client.get(format!("https://localhost:{http}/metrics")).send().await.unwrap();
+    assert!(metrics.text().await.unwrap().contains("x402d_payments_accepted_total"));
+    assert!(reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await.is_err(), "plaintext HTTP answered");
 }
 
 /// A memory ledger whose commit panics once `broken` is set: a pipeline
