@@ -93,6 +93,11 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// The payment with this id.
     fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>>;
 
+    /// The payments of `ids` the ledger has, in one read.
+    fn payments(&self, ids: &[PaymentId]) -> Result<Vec<PaymentRecord>> {
+        ids.iter().filter_map(|id| self.payment(id).transpose()).collect()
+    }
+
     /// Visits every payment, in id order.
     fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()>;
 

@@ -325,6 +325,18 @@ impl Ledger for RocksLedger {
         db.get_pinned_cf(cf(&db, CF_PAYMENTS), id.0)?.map(|v| records::decode_payment(&v)).transpose()
     }
 
+    fn payments(&self, ids: &[PaymentId]) -> Result<Vec<PaymentRecord>> {
+        let db = self.db()?;
+        let payments = cf(&db, CF_PAYMENTS);
+        let mut out = Vec::new();
+        for value in db.batched_multi_get_cf(payments, ids.iter().map(|id| id.0.as_slice()), false) {
+            if let Some(value) = value? {
+                out.push(records::decode_payment(&value)?);
+            }
+        }
+        Ok(out)
+    }
+
     fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
         let db = self.db()?;
         for item in db.iterator_cf(cf(&db, CF_PAYMENTS), IteratorMode::Start) {

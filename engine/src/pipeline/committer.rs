@@ -399,8 +399,44 @@ impl Committer {
         let now = crate::domain::unix_millis() / 1000;
         let mut claimed_keys = Vec::new();
         let mut group_intents = HashMap::new();
+        // A new payment the ledger already has (its replay entry let go, a
+        // write thought failed that was recorded after all) is never
+        // written over: one read for the group.
+        let new: Vec<PaymentId> = group
+            .iter()
+            .filter_map(|item| if let CommitItem::Payment { record, .. } = item { Some(record.id) } else { None })
+            .collect();
+        let recorded: Result<HashMap<PaymentId, PaymentRecord>> = if new.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            self.ledger.payments(&new).map(|found| found.into_iter().map(|p| (p.id, p)).collect())
+        };
         for item in group.drain(..) {
             match item {
+                CommitItem::Payment { record, shard, reply, .. }
+                    if recorded.as_ref().map_or(true, |r| r.contains_key(&record.id)) =>
+                {
+                    let (id, payer) = (record.id, record.authorization.from);
+                    let reservation = (record.chain_id, record.asset, payer);
+                    let value = record.authorization.value;
+                    match recorded.as_ref().map(|r| &r[&id]) {
+                        // Owed: the shard keeps its reservation and entry.
+                        Ok(existing) if existing.status.state.is_open() => {
+                            let status = existing.status.clone();
+                            let outcome = SubmitOutcome::Duplicate { id, payer, status, retry: false };
+                            done.push(Done::Reply(outcome, reply));
+                        }
+                        Ok(existing) => {
+                            let status = existing.status.clone();
+                            let outcome = SubmitOutcome::Duplicate { id, payer, status, retry: false };
+                            done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
+                        }
+                        Err(e) => {
+                            let outcome = SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}"));
+                            done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
+                        }
+                    }
+                }
                 CommitItem::Payment { record, pending, shard, reply } => {
                     if !self.claim_key(&record, now, &mut claimed_keys) {
                         let (id, payer) = (record.id, record.authorization.from);

@@ -721,6 +721,53 @@ mod tests {
     }
 
     #[test]
+    fn a_payment_the_ledger_already_has_is_never_written_over() {
+        let payer = Payer::random();
+        let (open, settled) = (submission(&payer, 1), submission(&payer, 2));
+        // The records as a first node wrote them.
+        let records: Vec<_> = {
+            let ledger = Arc::new(FlakyLedger::default());
+            let pipeline = start(&ledger, &payer, 1_000);
+            [&open, &settled]
+                .iter()
+                .map(|s| match submit(&pipeline, (*s).clone()) {
+                    SubmitOutcome::Accepted { id, .. } => ledger.payment(&id).unwrap().unwrap(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // A running node whose shards never saw them (a write reported
+        // failed that was recorded after all, an entry let go).
+        let ledger = Arc::new(FlakyLedger::default());
+        let pipeline = start(&ledger, &payer, 200);
+        let mut batch = WriteBatch::default();
+        batch.push(crate::ledger::Write::Payment(Box::new(records[0].clone())));
+        let mut confirmed = records[1].clone();
+        confirmed.status.state = crate::domain::PaymentState::Confirmed;
+        batch.push(crate::ledger::Write::Payment(Box::new(confirmed.clone())));
+        ledger.commit(&batch).unwrap();
+        let sequence = ledger.last_event_sequence().unwrap();
+
+        for (s, record) in [(&open, &records[0]), (&settled, &confirmed)] {
+            match submit(&pipeline, s.clone()) {
+                SubmitOutcome::Duplicate { id, status, .. } => {
+                    assert_eq!((id, status.state), (record.id, record.status.state));
+                }
+                other => panic!("a recorded payment answered {other:?}"),
+            }
+            assert_eq!(ledger.payment(&record.id).unwrap().as_ref(), Some(record), "written over");
+        }
+        assert_eq!(ledger.last_event_sequence().unwrap(), sequence, "no event for a payment already recorded");
+        // The open one is owed and holds its reservation; the settled one
+        // holds none: of 200, 100 is left.
+        assert!(matches!(submit(&pipeline, submission(&payer, 3)), SubmitOutcome::Accepted { .. }));
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, submission(&payer, 4)) else {
+            panic!("the open payment's reservation was not kept");
+        };
+        assert_eq!(rejection.reason, Reason::InsufficientBalance);
+    }
+
+    #[test]
     fn only_durable_channel_writes_are_reported_changed() {
         let ledger = Arc::new(FlakyLedger::default());
         let record = crate::ledger::conformance::sample_channel(4, 100, false);
