@@ -46,6 +46,16 @@ pub struct ChannelLog {
     pub withdraw_initiated: bool,
 }
 
+/// How an EIP-3009 authorization was spent on chain: its
+/// `AuthorizationUsed` or `AuthorizationCanceled` log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AuthorizationSpent {
+    pub tx: B256,
+    pub block: u64,
+    /// `AuthorizationCanceled`: the payer cancelled it; nothing moved.
+    pub canceled: bool,
+}
+
 /// An `AuthorizationUsed` log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AuthorizationUsed {
@@ -89,6 +99,17 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
         authorizer: Address,
         nonce: B256,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The `AuthorizationUsed` or `AuthorizationCanceled` log of
+    /// `authorizer`'s `nonce` on `token` in blocks `from..=to`, if any.
+    fn authorization_spent(
+        &self,
+        token: Address,
+        authorizer: Address,
+        nonce: B256,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Option<AuthorizationSpent>>> + Send;
 
     /// The latest block number.
     fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;

@@ -23,7 +23,10 @@ mod error;
 pub mod gas;
 pub mod tx;
 
-pub use chain::{AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included, send_and_follow};
+pub use chain::{
+    AuthorizationSpent, AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included,
+    send_and_follow,
+};
 pub use eip3009::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 pub use error::{Error, Result, redact_urls};
 pub use tx::{AlloyChain, SignedTx, TxConfig};

@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     Error, Result,
-    chain::{AuthorizationUsed, Chain, ChannelLog, Receipt, TransferLog},
+    chain::{AuthorizationSpent, AuthorizationUsed, Chain, ChannelLog, Receipt, TransferLog},
     eip3009::IEip3009,
 };
 
@@ -226,6 +226,34 @@ impl Chain for AlloyChain {
 
     async fn block_hash(&self, number: u64) -> Result<Option<B256>> {
         Ok(self.provider.get_block_by_number(number.into()).await?.map(|b| b.header.hash))
+    }
+
+    async fn authorization_spent(
+        &self,
+        token: Address,
+        authorizer: Address,
+        nonce: B256,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<AuthorizationSpent>> {
+        let filter = Filter::new()
+            .address(token)
+            .event_signature(vec![
+                IEip3009::AuthorizationUsed::SIGNATURE_HASH,
+                IEip3009::AuthorizationCanceled::SIGNATURE_HASH,
+            ])
+            .topic1(authorizer.into_word())
+            .topic2(nonce)
+            .from_block(from)
+            .to_block(to);
+        let logs = self.provider.get_logs(&filter).await?;
+        Ok(logs.iter().find_map(|log| {
+            Some(AuthorizationSpent {
+                tx: log.transaction_hash?,
+                block: log.block_number?,
+                canceled: log.topic0() == Some(&IEip3009::AuthorizationCanceled::SIGNATURE_HASH),
+            })
+        }))
     }
 
     async fn transfer_logs(&self, token: Address, from: u64, to: u64) -> Result<Vec<TransferLog>> {

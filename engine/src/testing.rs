@@ -170,6 +170,17 @@ impl Chain for FakeChain {
         not_faked()
     }
 
+    async fn authorization_spent(
+        &self,
+        _: Address,
+        _: Address,
+        _: B256,
+        _: u64,
+        _: u64,
+    ) -> x402_chain::Result<Option<x402_chain::AuthorizationSpent>> {
+        not_faked()
+    }
+
     async fn block_number(&self) -> x402_chain::Result<u64> {
         self.head_reads.fetch_add(1, Ordering::SeqCst);
         Ok(self.state().head)

@@ -104,10 +104,11 @@ async fn send_ahead(s: &Setup, input: Bytes) -> B256 {
 
 /// Spends the payment's nonce on a different transfer, drains the second
 /// payer's balance, and cancels the third payment's authorization: each
-/// with a transaction of the payer's own.
-async fn sabotage(s: &Setup, rows: [(&Payer, &ExactPayload); 3]) -> Vec<B256> {
+/// with a transaction of the payer's own. The fourth payment is sent by
+/// someone else first (its own authorization, to its payee).
+async fn sabotage(s: &Setup, rows: [(&Payer, &ExactPayload); 4]) -> Vec<B256> {
     let req = requirements(ELSEWHERE);
-    let [(used_by, used), (drained_by, _), (cancelled_by, cancelled)] = rows;
+    let [(used_by, used), (drained_by, _), (cancelled_by, cancelled), (_, front_run)] = rows;
 
     let same_nonce = used_by.sign_exact(&req, now() - 600, now() + 3600, used.authorization.nonce);
     let sig: [u8; 65] = same_nonce.signature.as_slice().try_into().unwrap();
@@ -122,30 +123,44 @@ async fn sabotage(s: &Setup, rows: [(&Payer, &ExactPayload); 3]) -> Vec<B256> {
     let sig = cancelled_by.sign_cancel(&requirements(PAY_TO_2), nonce);
     let cancel = cancel_authorization_calldata(cancelled_by.address(), nonce, &sig);
 
+    let sig: [u8; 65] = front_run.signature.as_slice().try_into().unwrap();
+    let front_run = transfer_with_authorization_calldata(&front_run.authorization.message(), &sig);
+
     let mut hashes = Vec::new();
-    for input in [spend, drain, cancel] {
+    for input in [spend, drain, cancel, front_run] {
         hashes.push(send_ahead(s, input).await);
     }
     hashes
 }
 
-/// The three sabotaged rows failed with their reasons, every other row is
-/// confirmed in one successful batch, and the merchant got exactly those.
-async fn three_failed_rest_confirmed(s: &Setup, settled: &[PaymentRecord]) {
+/// The three sabotaged rows failed with their reasons (the cancelled one
+/// naming the cancellation), the one sent by someone else is confirmed
+/// with that transaction, every other row is confirmed in one successful
+/// batch, and the merchant got exactly those.
+async fn three_failed_rest_confirmed(s: &Setup, settled: &[PaymentRecord], sabotage: &[B256]) {
     let reason = |i: usize| settled[i].status.failure_reason.clone().unwrap_or_default();
     assert_eq!(settled[0].status.state, PaymentState::Failed);
     assert_eq!(reason(0), "invalid_exact_evm_nonce_already_used");
     assert_eq!(settled[1].status.state, PaymentState::Failed);
     assert_eq!(reason(1), "invalid_exact_evm_insufficient_balance");
     assert_eq!(settled[2].status.state, PaymentState::Failed);
-    assert_eq!(reason(2), "invalid_exact_evm_nonce_already_used");
-    let rest = &settled[3..];
+    assert_eq!(reason(2), "invalid_exact_evm_authorization_canceled", "a cancellation is recorded as such");
+    assert_eq!(settled[2].status.transaction, Some(sabotage[2]));
+    assert_eq!(
+        settled[3].status.state,
+        PaymentState::Confirmed,
+        "paid by someone else's transaction: {:?}",
+        settled[3]
+    );
+    assert_eq!(settled[3].status.transaction, Some(sabotage[3]));
+    let rest = &settled[4..];
     assert!(rest.iter().all(|r| r.status.state == PaymentState::Confirmed), "{rest:?}");
     let txs: HashSet<_> = rest.iter().map(|r| r.status.transaction.unwrap()).collect();
     assert_eq!(txs.len(), 1, "one batch");
     let receipt = s.chain.receipt(*txs.iter().next().unwrap()).await.unwrap().unwrap();
     assert!(receipt.success, "the batch as a whole did not revert");
-    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * rest.len() as u64));
+    let paid = rest.len() as u64 + 1;
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * paid));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,18 +193,18 @@ async fn rows_sabotaged_before_sending_fail_alone() {
     let s = setup(20, 100, 300).await;
     let payloads: Vec<_> = s.payers.iter().map(payment).collect();
     let ids = submit(&s, &payloads).await;
-    let sabotage_txs =
-        sabotage(&s, [(&s.payers[0], &payloads[0]), (&s.payers[1], &payloads[1]), (&s.payers[2], &payloads[2])]).await;
-    for tx in sabotage_txs {
-        assert!(s.chain.wait_receipt(&[tx], Duration::from_secs(10)).await.unwrap().unwrap().success);
+    let rows = std::array::from_fn(|i| (&s.payers[i], &payloads[i]));
+    let sabotage_txs = sabotage(&s, rows).await;
+    for tx in &sabotage_txs {
+        assert!(s.chain.wait_receipt(&[*tx], Duration::from_secs(10)).await.unwrap().unwrap().success);
     }
 
     let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
     let settled = concluded(&s, &ids).await;
     settler.abort();
-    three_failed_rest_confirmed(&s, &settled).await;
-    // Taken out before sending: the failed rows name no transaction.
-    assert!(settled[..3].iter().all(|r| r.status.transaction.is_none()));
+    three_failed_rest_confirmed(&s, &settled, &sabotage_txs).await;
+    // Taken out before sending: the failed rows name no transaction of x402d's.
+    assert!(settled[..2].iter().all(|r| r.status.transaction.is_none()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,16 +218,16 @@ async fn rows_sabotaged_between_simulation_and_inclusion_fail_alone() {
     // The batch was simulated clean and is broadcast; now the payers strike,
     // paying more for their transactions to go first.
     submitted(&s, &ids).await;
-    sabotage(&s, [(&s.payers[0], &payloads[0]), (&s.payers[1], &payloads[1]), (&s.payers[2], &payloads[2])]).await;
+    let sabotage_txs = sabotage(&s, std::array::from_fn(|i| (&s.payers[i], &payloads[i]))).await;
     s.control.anvil_mine(Some(1), None).await.unwrap();
     devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
 
     let settled = concluded(&s, &ids).await;
     settler.abort();
-    three_failed_rest_confirmed(&s, &settled).await;
+    three_failed_rest_confirmed(&s, &settled, &sabotage_txs).await;
     // They were in the batch: the failed rows name its transaction.
-    let batch = settled[3].status.transaction;
-    assert!(settled[..3].iter().all(|r| r.status.transaction == batch));
+    let batch = settled[4].status.transaction;
+    assert!(settled[..2].iter().all(|r| r.status.transaction == batch));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

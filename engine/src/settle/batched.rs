@@ -122,8 +122,16 @@ impl<C: Chain> Settler<C> {
                     kept.push(row);
                 } else {
                     let reason = result.revert_message().map_or(super::SIMULATION_FAILED, |m| classify_revert(&m));
-                    // Not valid yet on chain: left queued for a later batch.
-                    if reason != Reason::ValidAfter.code() {
+                    let spent = if reason == Reason::NonceAlreadyUsed.code() {
+                        self.spent_elsewhere(&row).await?
+                    } else {
+                        None
+                    };
+                    if let Some(status) = spent {
+                        // Spent already, and the chain says by whom and to whom.
+                        transitions.push(Transition { id: row.id, status });
+                    } else if reason != Reason::ValidAfter.code() {
+                        // (Not valid yet on chain: left queued for a later batch.)
                         fail(&mut transitions, &row, reason);
                     }
                 }

@@ -30,8 +30,13 @@ impl<C: Chain> Settler<C> {
                 // tried again next round, until its deadline.
                 return Ok(());
             }
-            let mut failed = status(PaymentState::Failed);
-            failed.failure_reason = Some(reason.into());
+            let spent =
+                if reason == Reason::NonceAlreadyUsed.code() { self.spent_elsewhere(&payment).await? } else { None };
+            let failed = spent.unwrap_or_else(|| {
+                let mut failed = status(PaymentState::Failed);
+                failed.failure_reason = Some(reason.into());
+                failed
+            });
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: failed }]).await;
         }
         // Estimated for this payment: a payee's first receipt of the token

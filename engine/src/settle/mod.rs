@@ -377,6 +377,55 @@ fn chain_error(err: x402_chain::Error) -> Error {
     Error::Chain(Box::new(err))
 }
 
+/// The failure of a payment whose authorization its payer cancelled
+/// (`AuthorizationCanceled`): nothing was paid.
+pub(crate) const AUTHORIZATION_CANCELED: &str = "invalid_exact_evm_authorization_canceled";
+
+/// Blocks one `eth_getLogs` covers when looking for how an authorization
+/// was spent (providers cap the range), and how many such windows back
+/// from the head are searched.
+const SPENT_WINDOW: u64 = 10_000;
+const SPENT_WINDOWS: u64 = 10;
+
+impl<C: Chain> Settler<C> {
+    /// What the chain says of payment `p`, whose authorization is spent but
+    /// not by a transaction of x402d's: `Confirmed` with the spending
+    /// transaction if a transfer of its value from its payer to its payee
+    /// came with it (someone else sent the payer's authorization: the
+    /// payee is paid), `Failed` with [`AUTHORIZATION_CANCELED`] if the payer
+    /// cancelled it; `None` otherwise (the nonce went to another transfer,
+    /// or its log is older than the search: `…_nonce_already_used`).
+    pub(crate) async fn spent_elsewhere(&self, p: &PaymentRecord) -> Result<Option<PaymentStatus>> {
+        let a = &p.authorization;
+        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let mut to = head;
+        for _ in 0..SPENT_WINDOWS {
+            let from = to.saturating_sub(SPENT_WINDOW - 1);
+            let spent =
+                self.chain.authorization_spent(p.asset, a.from, a.nonce, from, to).await.map_err(chain_error)?;
+            if let Some(spent) = spent {
+                if spent.canceled {
+                    let mut failed = status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block));
+                    failed.failure_reason = Some(AUTHORIZATION_CANCELED.into());
+                    return Ok(Some(failed));
+                }
+                let transfers =
+                    self.chain.transfer_logs(p.asset, spent.block, spent.block).await.map_err(chain_error)?;
+                if transfers.iter().any(|t| t.from == a.from && t.to == a.to && t.value == a.value) {
+                    tracing::info!(payment = %p.id, tx = %spent.tx, "a payment was settled by someone else's transaction");
+                    return Ok(Some(status_with_tx(PaymentState::Confirmed, spent.tx, Some(spent.block))));
+                }
+                break;
+            }
+            if from == 0 {
+                break;
+            }
+            to = from - 1;
+        }
+        Ok(None)
+    }
+}
+
 /// A status stamped now.
 fn status(state: PaymentState) -> PaymentStatus {
     PaymentStatus::new(state, crate::domain::unix_millis())

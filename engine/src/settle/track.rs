@@ -177,6 +177,17 @@ impl<C: Chain> Settler<C> {
                     }
                     Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => status(PaymentState::Queued),
                     revert => {
+                        // Spent, not by this transaction: the chain may say how.
+                        let spent = match revert.as_deref() {
+                            Some(r) if classify_revert(r) == Reason::NonceAlreadyUsed.code() => {
+                                self.spent_elsewhere(&p).await?
+                            }
+                            _ => None,
+                        };
+                        if let Some(spent) = spent {
+                            transitions.push(Transition { id: *id, status: spent });
+                            continue;
+                        }
                         let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
                         failed.failure_reason =
                             Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
@@ -230,16 +241,24 @@ impl<C: Chain> Settler<C> {
 
     /// Gives up an intent whose nonce another transaction took: it can
     /// never be mined. Each payment whose authorization the token shows
-    /// spent is `Confirmed` (someone settled it); the others are queued
-    /// again.
+    /// spent is concluded by how it was spent ([`Settler::spent_elsewhere`]:
+    /// confirmed only if its payee got the transfer); the others are
+    /// queued again.
     async fn abandon(&self, intent: TxIntent) -> Result<()> {
         let mut transitions = Vec::with_capacity(intent.payments.len());
         for id in &intent.payments {
             let Some(p) = self.engine.payment(*id).await? else { continue };
             let a = &p.authorization;
             let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await.map_err(chain_error)?;
-            let state = if used { PaymentState::Confirmed } else { PaymentState::Queued };
-            transitions.push(Transition { id: *id, status: status(state) });
+            let status = match used {
+                true => self.spent_elsewhere(&p).await?.unwrap_or_else(|| {
+                    let mut failed = status(PaymentState::Failed);
+                    failed.failure_reason = Some(Reason::NonceAlreadyUsed.code().into());
+                    failed
+                }),
+                false => status(PaymentState::Queued),
+            };
+            transitions.push(Transition { id: *id, status });
         }
         tracing::warn!(signer = %intent.signer, nonce = intent.nonce, "a settlement transaction's nonce was taken; abandoned");
         self.record(vec![IntentChange::Forget(intent.key())], transitions).await
