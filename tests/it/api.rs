@@ -460,3 +460,39 @@ async fn retention_deletes_settled_history_and_keeps_open_payments() {
     let recent = pb::GetPaymentRequest { payment_id: recent.payment_id };
     assert!(m1.get_payment(recent).await.is_ok(), "a recent payment was pruned");
 }
+
+/// A rotated key ends the streams it opened: a stream's next submit, and a
+/// watch with nothing to send, within a second or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_key_ends_the_streams_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    let addr = node.endpoints().grpc;
+    let mut m1 = payments(addr, M1_KEY).await;
+    let payer = Payer::random();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut answers = m1.submit_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut watch = m1.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    tx.send(signed_submit(&payer, PAY_TO, 1)).await.unwrap();
+    assert_eq!(outcome(&answers.message().await.unwrap().unwrap()), pb::Outcome::Accepted);
+    assert!(watch.message().await.unwrap().is_some(), "the acceptance is watched");
+
+    // The operator rotates m1's key.
+    let mut admin = admin(addr, ADMIN_KEY).await;
+    let merchant = admin.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.unwrap().into_inner();
+    let rotated = "test-merchant-one-rotated-key".to_owned();
+    admin
+        .upsert_merchant(pb::UpsertMerchantRequest { merchant: Some(merchant), api_key: rotated.clone() })
+        .await
+        .unwrap();
+
+    tx.send(signed_submit(&payer, PAY_TO, 2)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), answers.message()).await.expect("the stream ends");
+    assert_eq!(ended.unwrap_err().code(), Code::Unauthenticated, "a submit on the old key's stream was taken");
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("the watch ends");
+    assert_eq!(ended.unwrap_err().code(), Code::Unauthenticated);
+    // The new key works; the old one is refused.
+    let accepted = payments(addr, &rotated).await.submit(signed_submit(&payer, PAY_TO, 3)).await.unwrap().into_inner();
+    assert_eq!(outcome(&accepted), pb::Outcome::Accepted, "{}", accepted.message);
+    assert_eq!(m1.submit(signed_submit(&payer, PAY_TO, 4)).await.unwrap_err().code(), Code::Unauthenticated);
+}

@@ -66,6 +66,19 @@ impl PaymentApi {
     }
 }
 
+/// How often a long-lived stream with nothing to do checks that its key
+/// was not rotated.
+const KEY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The merchant `id` as it is now, if the key a stream authenticated with
+/// (`key`, its hash) is still its key; else the status ending the stream.
+fn still_keyed(engine: &Engine, id: &str, key: Option<[u8; 32]>) -> Result<Arc<Merchant>, Status> {
+    match engine.merchant(id) {
+        Some(m) if m.api_key_sha256 == key => Ok(m),
+        _ => Err(Status::unauthenticated("the API key this stream authenticated with was rotated or removed")),
+    }
+}
+
 impl PaymentApi {
     /// Records a claim or refund request for one of `merchant`'s channels.
     async fn channel_request(
@@ -116,7 +129,8 @@ impl PaymentService for PaymentApi {
         &self,
         req: Request<Streaming<pb::SubmitRequest>>,
     ) -> Result<Response<Self::SubmitStreamStream>, Status> {
-        let merchant_id = self.merchant(&req)?.id.clone();
+        let merchant = self.merchant(&req)?;
+        let (merchant_id, key) = (merchant.id.clone(), merchant.api_key_sha256);
         let mut inbound = req.into_inner();
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(1024);
@@ -135,7 +149,10 @@ impl PaymentService for PaymentApi {
                     }
                     () = tokio::time::sleep(OVERLOAD_RETRY), if stalled.is_some() => {
                         let (request_id, submission) = stalled.take().expect("checked");
-                        let Some(merchant) = engine.merchant(&merchant_id) else { return };
+                        let merchant = match still_keyed(&engine, &merchant_id, key) {
+                            Ok(m) => m,
+                            Err(status) => return drop(tx.send(Err(status)).await),
+                        };
                         match engine.try_submit(merchant, *submission) {
                             Ok(rx) => in_flight.push(wait(request_id, rx)),
                             Err(Overloaded(submission)) => stalled = Some((request_id, submission)),
@@ -154,8 +171,12 @@ impl PaymentService for PaymentApi {
                                     continue;
                                 }
                             };
-                            // The merchant's current policy applies to each payment.
-                            let Some(merchant) = engine.merchant(&merchant_id) else { return };
+                            // The merchant's current policy applies to each
+                            // payment, and only while the key still is its.
+                            let merchant = match still_keyed(&engine, &merchant_id, key) {
+                                Ok(m) => m,
+                                Err(status) => return drop(tx.send(Err(status)).await),
+                            };
                             match engine.try_submit(merchant, submission) {
                                 Ok(rx) => in_flight.push(wait(request_id, rx)),
                                 Err(Overloaded(submission)) => stalled = Some((request_id, submission)),
@@ -243,6 +264,9 @@ impl PaymentService for PaymentApi {
         let mut cursor = req.into_inner().after_sequence;
         let engine = self.engine.clone();
         let mut sequence = engine.event_sequence();
+        let key = merchant.api_key_sha256;
+        let mut key_check = tokio::time::interval(KEY_CHECK_EVERY);
+        key_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (tx, rx) = mpsc::channel(WATCH_PAGE);
         tokio::spawn(async move {
             loop {
@@ -268,6 +292,11 @@ impl PaymentService for PaymentApi {
                 tokio::select! {
                     changed = sequence.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    _ = key_check.tick() => {
+                        if let Err(status) = still_keyed(&engine, &merchant.id, key) {
+                            return drop(tx.send(Err(status)).await);
+                        }
+                    }
                 }
             }
         });
