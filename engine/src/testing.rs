@@ -59,6 +59,9 @@ pub(crate) struct FakeChain {
     failing: AtomicBool,
     /// True: `token_balance` reads the balance, then waits until it is false.
     paused: watch::Sender<bool>,
+    /// `simulate` calls so far; the first `panicking_simulations` panic.
+    simulations: AtomicUsize,
+    panicking_simulations: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -79,7 +82,19 @@ impl FakeChain {
             head_reads: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
             paused: watch::Sender::new(false),
+            simulations: AtomicUsize::new(0),
+            panicking_simulations: AtomicUsize::new(0),
         }
+    }
+
+    /// The next `n` simulations panic (a bug on a settlement task).
+    pub(crate) fn panic_simulations(&self, n: usize) {
+        self.panicking_simulations.store(n, Ordering::SeqCst);
+    }
+
+    /// `simulate` calls so far.
+    pub(crate) fn simulations(&self) -> usize {
+        self.simulations.load(Ordering::SeqCst)
     }
 
     fn state(&self) -> MutexGuard<'_, FakeState> {
@@ -205,6 +220,10 @@ impl Chain for FakeChain {
     }
 
     async fn simulate(&self, _: Address, _: Bytes) -> x402_chain::Result<Option<String>> {
+        self.simulations.fetch_add(1, Ordering::SeqCst);
+        let panicking =
+            self.panicking_simulations.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        assert!(panicking.is_err(), "a simulation panicked, as the test asked");
         not_faked()
     }
 

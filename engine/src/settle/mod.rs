@@ -48,6 +48,51 @@ use crate::{
 
 pub use self::claims::{ClaimRound, ClaimsConfig};
 
+/// The settler's tasks, and the payments (or claim markers) each works on:
+/// a task that ends, even by panicking, gives its payments back, and the
+/// next round takes them up again from the ledger.
+#[derive(Default)]
+struct Work {
+    tasks: JoinSet<()>,
+    owners: HashMap<tokio::task::Id, Vec<PaymentId>>,
+    in_flight: HashSet<PaymentId>,
+}
+
+impl Work {
+    /// Runs `task` on `ids`, which no other task takes up meanwhile.
+    fn spawn(&mut self, ids: Vec<PaymentId>, task: impl Future<Output = ()> + Send + 'static) {
+        self.in_flight.extend(ids.iter().copied());
+        let handle = self.tasks.spawn(task);
+        self.owners.insert(handle.id(), ids);
+    }
+
+    /// Gives back the payments of every task that ended.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            let id = match done {
+                Ok((id, ())) => id,
+                Err(err) => {
+                    if err.is_panic() {
+                        tracing::error!(%err, "a settlement task panicked; its payments are taken up again");
+                    }
+                    err.id()
+                }
+            };
+            for payment in self.owners.remove(&id).unwrap_or_default() {
+                self.in_flight.remove(&payment);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn contains(&self, id: &PaymentId) -> bool {
+        self.in_flight.contains(id)
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -171,24 +216,16 @@ impl<C: Chain> Settler<C> {
             tracing::warn!(%err, "reading the pending intents' nonces failed; will retry");
             tokio::time::sleep(self.config.poll).await;
         }
-        let mut tasks = JoinSet::new();
-        // Payments (and so intents) a task is working on.
-        let mut in_flight = HashSet::new();
+        let mut work = Work::default();
         // Payments this settler does not handle (other strategy or chain).
         let mut not_mine = HashSet::new();
         let mut watched_head = None;
         loop {
-            while let Some(done) = tasks.try_join_next() {
-                if let Ok(ids) = done {
-                    for id in ids {
-                        in_flight.remove(&id);
-                    }
-                }
-            }
-            if let Err(err) = self.intents_round(&mut tasks, &mut in_flight, &mut watched_head).await {
+            work.reap();
+            if let Err(err) = self.intents_round(&mut work, &mut watched_head).await {
                 tracing::warn!(%err, "looking at transaction intents failed; will retry");
             }
-            if let Err(err) = self.queue_round(&mut tasks, &mut in_flight, &mut not_mine).await {
+            if let Err(err) = self.queue_round(&mut work, &mut not_mine).await {
                 tracing::warn!(%err, "reading the settlement queue failed; will retry");
             }
             tokio::time::sleep(self.config.poll).await;
@@ -197,21 +234,16 @@ impl<C: Chain> Settler<C> {
 
     /// Resolves pending intents nobody follows and, when the head moved,
     /// checks included ones for reorgs.
-    async fn intents_round(
-        self: &Arc<Self>,
-        tasks: &mut JoinSet<Vec<PaymentId>>,
-        in_flight: &mut HashSet<PaymentId>,
-        watched_head: &mut Option<B256>,
-    ) -> Result<()> {
+    async fn intents_round(self: &Arc<Self>, work: &mut Work, watched_head: &mut Option<B256>) -> Result<()> {
         let intents = self.engine.intents().await?;
         let mut included = Vec::new();
         for intent in intents {
-            if intent.chain_id != self.chain.chain_id() || intent.payments.iter().any(|id| in_flight.contains(id)) {
+            if intent.chain_id != self.chain.chain_id() || intent.payments.iter().any(|id| work.contains(id)) {
                 continue;
             }
             // A channel claim settles no payment: a marker stands for it.
             let marker = intent.payments.is_empty().then(|| claim_marker(&intent));
-            if marker.is_some_and(|m| in_flight.contains(&m)) {
+            if marker.is_some_and(|m| work.contains(&m)) {
                 continue;
             }
             match intent.state {
@@ -219,14 +251,12 @@ impl<C: Chain> Settler<C> {
                     if marker.is_some() && self.claiming.load(Ordering::Acquire) {
                         continue;
                     }
-                    in_flight.extend(intent.payments.iter().copied().chain(marker));
+                    let ids = intent.payments.iter().copied().chain(marker).collect();
                     let this = self.clone();
-                    tasks.spawn(async move {
-                        let ids = intent.payments.iter().copied().chain(marker).collect();
+                    work.spawn(ids, async move {
                         if let Err(err) = this.resolve(intent).await {
                             tracing::warn!(%err, "resolving a transaction intent failed; will retry");
                         }
-                        ids
                     });
                 }
                 IntentState::Included { .. } => included.push(intent),
@@ -256,14 +286,12 @@ impl<C: Chain> Settler<C> {
             };
             if canonical != Some(block_hash) {
                 let marker = intent.payments.is_empty().then(|| claim_marker(&intent));
-                in_flight.extend(intent.payments.iter().copied().chain(marker));
+                let ids = intent.payments.iter().copied().chain(marker).collect();
                 let this = self.clone();
-                tasks.spawn(async move {
-                    let ids = intent.payments.iter().copied().chain(marker).collect();
+                work.spawn(ids, async move {
                     if let Err(err) = this.reorged(intent).await {
                         tracing::warn!(%err, "re-settling after a reorg failed; will retry");
                     }
-                    ids
                 });
             } else if head >= block + self.config.finality_depth {
                 self.forget(&intent).await?;
@@ -276,25 +304,20 @@ impl<C: Chain> Settler<C> {
     /// Starts settling queued payments of this chain, earliest deadline
     /// first: each `direct` one on its own, `batched` ones per token once a
     /// batch is due.
-    async fn queue_round(
-        self: &Arc<Self>,
-        tasks: &mut JoinSet<Vec<PaymentId>>,
-        in_flight: &mut HashSet<PaymentId>,
-        not_mine: &mut HashSet<PaymentId>,
-    ) -> Result<()> {
+    async fn queue_round(self: &Arc<Self>, work: &mut Work, not_mine: &mut HashSet<PaymentId>) -> Result<()> {
         // A round can start at most `max_in_flight` tasks of at most a
         // block's worth of rows each: past what is in flight or not ours,
         // no more of a merchant's queue than that can matter now.
         let gas_cap_rows = self.gas_cap_rows().await;
         let rows = gas_cap_rows.as_ref().map_or(1_000, |&rows| rows);
-        let head = in_flight.len() + not_mine.len() + self.config.max_in_flight * rows;
+        let head = work.in_flight.len() + not_mine.len() + self.config.max_in_flight * rows;
         let mut queue = self.engine.settlement_queue_head(head).await?;
         queue.sort_by_key(|k| (k.deadline, k.id));
         let queued: HashSet<PaymentId> = queue.iter().map(|k| k.id).collect();
         not_mine.retain(|id| queued.contains(id));
         let mut batches: HashMap<Address, Vec<PaymentRecord>> = HashMap::new();
         for key in queue {
-            if in_flight.contains(&key.id) || not_mine.contains(&key.id) {
+            if work.contains(&key.id) || not_mine.contains(&key.id) {
                 continue;
             }
             let Some(record) = self.engine.payment(key.id).await? else { continue };
@@ -307,15 +330,13 @@ impl<C: Chain> Settler<C> {
                 continue;
             }
             match record.policy {
-                SettlementPolicy::Direct if tasks.len() < self.config.max_in_flight => {
-                    in_flight.insert(key.id);
+                SettlementPolicy::Direct if work.len() < self.config.max_in_flight => {
                     let this = self.clone();
-                    tasks.spawn(async move {
+                    work.spawn(vec![key.id], async move {
                         let id = record.id;
                         if let Err(err) = this.settle_direct(record).await {
                             tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
                         }
-                        vec![id]
                     });
                 }
                 SettlementPolicy::Batched { .. } => batches.entry(record.asset).or_default().push(record),
@@ -329,19 +350,17 @@ impl<C: Chain> Settler<C> {
         let now_ms = crate::domain::unix_millis();
         for (token, mut rows) in batches {
             while let Some(take) = self.batch_due(&rows, now_ms, gas_cap_rows) {
-                if tasks.len() >= self.config.max_in_flight {
+                if work.len() >= self.config.max_in_flight {
                     return Ok(());
                 }
                 let rest = rows.split_off(take.min(rows.len()));
                 let batch = std::mem::replace(&mut rows, rest);
                 let ids: Vec<_> = batch.iter().map(|r| r.id).collect();
-                in_flight.extend(ids.iter().copied());
                 let this = self.clone();
-                tasks.spawn(async move {
+                work.spawn(ids, async move {
                     if let Err(err) = this.settle_batch(token, batch).await {
                         tracing::warn!(%err, %token, "settling a batch failed; will retry");
                     }
-                    ids
                 });
                 if rows.is_empty() {
                     break;
@@ -468,6 +487,54 @@ pub(crate) fn classify_revert(message: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A settlement task that panics gives its payment back: the next
+    /// round takes it up again (before, it stayed "in flight" until a
+    /// restart, never settled).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_settlement_task_that_panics_gives_its_payment_back() {
+        use crate::{
+            balance::{BalanceSource, ConfiguredBalances},
+            engine::MerchantUpdate,
+            ledger::{Ledger, MemoryLedger},
+            payer::Payer,
+            pipeline::PipelineConfig,
+            testing::FakeChain,
+        };
+        let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &PipelineConfig::default(), None));
+        let engine = Arc::new(engine.unwrap());
+        let pay_to = Address::repeat_byte(0x70);
+        let update = MerchantUpdate {
+            id: "m".into(),
+            pay_to: vec![pay_to],
+            assets: Vec::new(),
+            policy: SettlementPolicy::Direct,
+            api_key: None,
+        };
+        let merchant = engine.upsert_merchant(update).await.unwrap();
+        let requirements = crate::domain::Requirements {
+            scheme: "exact".into(),
+            ..crate::testing::channel_requirements(Address::repeat_byte(0x5f), pay_to)
+        };
+        let now = crate::domain::unix_millis() / 1000;
+        let payload = Payer::random().sign_exact(&requirements, now - 60, now + 600, B256::repeat_byte(1));
+        let submission = crate::domain::Submission::new(requirements, crate::domain::PaymentInput::Exact(payload));
+        let outcome = engine.submit(merchant, submission).await.unwrap();
+        assert!(matches!(outcome, crate::pipeline::SubmitOutcome::Accepted { .. }), "{outcome:?}");
+
+        let chain = Arc::new(FakeChain::new(31337));
+        chain.panic_simulations(1);
+        let config = SettlerConfig { poll: Duration::from_millis(10), ..SettlerConfig::default() };
+        let settler = Settler::spawn(engine, chain.clone(), config, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while chain.simulations() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the payment was never taken up again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        settler.abort();
+    }
 
     #[test]
     fn reverts_map_to_x402_reasons() {
