@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use alloy::{
     primitives::{B256, U256},
-    providers::{ProviderBuilder, ext::AnvilApi},
+    providers::{Provider, ProviderBuilder, ext::AnvilApi},
     signers::local::PrivateKeySigner,
 };
 use x402_chain::{AlloyChain, Chain, TxConfig, anvil::Anvil, devnet};
@@ -285,4 +285,62 @@ async fn a_node_that_stops_for_ten_seconds_mid_settlement_settles_each_payment_o
     for payer in &addresses {
         assert_eq!(chain.token_balance(TOKEN, *payer).await.unwrap(), U256::from(MINTED - AMOUNT * 10));
     }
+}
+
+/// Each direct payment's gas is estimated for it: a payee's first receipt
+/// of the token costs ~17k more gas than a later one, so a limit learned
+/// from a warm payee would run a cold payee's payment out of gas (and an
+/// out-of-gas transaction is x402d's cost, paid again at each retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_payment_to_a_payee_receiving_its_first_tokens_has_gas_enough() {
+    use x402_engine::config::PolicyConfig;
+    const COLD: alloy::primitives::Address = alloy::primitives::address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
+    let anvil = Anvil::spawn(&[]).unwrap();
+    let payers: Vec<Payer> = (0..3).map(|_| Payer::random()).collect();
+    // m1's payee holds tokens from the start: every payment to it is the
+    // cheap kind, the first one x402d estimates included.
+    let addresses: Vec<_> = payers.iter().map(Payer::address).chain([PAY_TO]).collect();
+    devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let signer = PrivateKeySigner::random();
+    provider.anvil_set_balance(signer.address(), U256::from(10u128.pow(20))).await.unwrap();
+    let address = signer.address();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_value(dir.path());
+    config.merchants.push(merchant_config("cold", COLD, "test-merchant-cold-key-0123", PolicyConfig::Direct));
+    let node = start_node(&config).await;
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), SettlerConfig::default(), None);
+    let confirmed = |client: Payments, id: Vec<u8>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let get = pb::GetPaymentRequest { payment_id: id.clone() };
+            let status = client.clone().get_payment(get).await.unwrap().into_inner().status.unwrap();
+            if status.state == pb::PaymentState::Confirmed as i32 {
+                return;
+            }
+            assert_ne!(status.state, pb::PaymentState::Failed as i32, "failed: {}", status.failure_reason);
+            assert!(tokio::time::Instant::now() < deadline, "not confirmed in time: {status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    let m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    for (i, payer) in payers[..2].iter().enumerate() {
+        let answer = m1.clone().submit(signed_submit(payer, PAY_TO, i as u64)).await.unwrap().into_inner();
+        confirmed(m1.clone(), answer.payment_id).await;
+    }
+    // Then a payee receiving its first tokens.
+    let cold = payments(node.endpoints().grpc, "test-merchant-cold-key-0123").await;
+    let answer = cold.clone().submit(signed_submit(&payers[2], COLD, 9)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    confirmed(cold, answer.payment_id).await;
+    settler.abort();
+    assert_eq!(chain.token_balance(TOKEN, COLD).await.unwrap(), U256::from(AMOUNT));
+    assert_eq!(
+        provider.get_transaction_count(address).await.unwrap(),
+        3,
+        "one transaction per payment, none out of gas"
+    );
 }
