@@ -157,9 +157,6 @@ impl Node {
     /// the listeners and lets queued work finish.
     pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let Self { engine, grpc, http, stop, settler, retention, .. } = self;
-        if let Some(retention) = retention {
-            retention.abort();
-        }
         let mut grpc = grpc;
         let mut http = http;
         let mut died = engine.pipeline_died();
@@ -172,6 +169,9 @@ impl Node {
             Ok(name) = died.wait_for(Option::is_some) => Err(Error::PipelineThreadDied(name.clone().unwrap_or_default())),
         };
         stop.send_replace(true);
+        if let Some(retention) = retention {
+            retention.abort();
+        }
         // Settlement stops between steps: whatever it had recorded is resolved
         // from the ledger's intents on the next start.
         if let Some(settler) = settler {

@@ -446,6 +446,9 @@ async fn retention_deletes_settled_history_and_keeps_open_payments() {
     config.ledger.prune_every_secs = 1;
     let node = start_node(&config).await;
     let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    // Run as `x402d serve` runs it: waiting on the node.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(node.wait(async move { drop(stopped.await) }));
     let recent = m1.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await.unwrap().into_inner();
     assert_eq!(outcome(&recent), pb::Outcome::Accepted, "{}", recent.message);
     let get = |id: PaymentId| pb::GetPaymentRequest { payment_id: id.0.to_vec() };
@@ -459,6 +462,8 @@ async fn retention_deletes_settled_history_and_keeps_open_payments() {
     assert!(m1.get_payment(get(open.id)).await.is_ok(), "an open payment was pruned");
     let recent = pb::GetPaymentRequest { payment_id: recent.payment_id };
     assert!(m1.get_payment(recent).await.is_ok(), "a recent payment was pruned");
+    drop(stop);
+    serving.await.unwrap().unwrap();
 }
 
 /// A rotated key ends the streams it opened: a stream's next submit, and a
