@@ -52,8 +52,14 @@ pub struct ChannelLog {
 pub struct AuthorizationSpent {
     pub tx: B256,
     pub block: u64,
+    /// The block's timestamp (Unix seconds).
+    pub timestamp: u64,
     /// `AuthorizationCanceled`: the payer cancelled it; nothing moved.
     pub canceled: bool,
+    /// For a use: the transfer it authorized, the token's `Transfer` log
+    /// right after the `AuthorizationUsed` in the same transaction (to,
+    /// value), if it is one from the authorizer.
+    pub transfer: Option<(Address, U256)>,
 }
 
 /// An `AuthorizationUsed` log.

@@ -247,13 +247,25 @@ impl Chain for AlloyChain {
             .from_block(from)
             .to_block(to);
         let logs = self.provider.get_logs(&filter).await?;
-        Ok(logs.iter().find_map(|log| {
-            Some(AuthorizationSpent {
-                tx: log.transaction_hash?,
-                block: log.block_number?,
-                canceled: log.topic0() == Some(&IEip3009::AuthorizationCanceled::SIGNATURE_HASH),
-            })
-        }))
+        let Some(log) = logs.iter().find(|l| l.transaction_hash.is_some() && l.block_number.is_some()) else {
+            return Ok(None);
+        };
+        let (tx, block) = (log.transaction_hash.expect("found"), log.block_number.expect("found"));
+        let canceled = log.topic0() == Some(&IEip3009::AuthorizationCanceled::SIGNATURE_HASH);
+        let header = self.provider.get_block_by_number(block.into()).await?;
+        let timestamp = header.map(|b| b.header.timestamp).ok_or_else(|| Error::Decode(format!("no block {block}")))?;
+        let mut transfer = None;
+        if !canceled && let Some(receipt) = self.provider.get_transaction_receipt(tx).await? {
+            // The transfer is the token's next log of the same transaction.
+            let logs = receipt.inner.logs();
+            let at = logs.iter().position(|l| l.log_index == log.log_index);
+            transfer = at
+                .and_then(|i| logs[i + 1..].iter().find(|l| l.address() == token))
+                .and_then(|l| IEip3009::Transfer::decode_log(&l.inner).ok())
+                .filter(|t| t.from == authorizer)
+                .map(|t| (t.to, t.value));
+        }
+        Ok(Some(AuthorizationSpent { tx, block, timestamp, canceled, transfer }))
     }
 
     async fn transfer_logs(&self, token: Address, from: u64, to: u64) -> Result<Vec<TransferLog>> {

@@ -294,3 +294,27 @@ async fn sigkill_after_a_batch_broadcast_settles_each_row_once() {
     // One transaction was ever sent by the settlement key.
     assert_eq!(control.get_transaction_count(signer.address()).await.unwrap(), 1);
 }
+
+/// An authorization another facilitator settled before x402d accepted it
+/// (the payer replays it here): its old transfer paid for something else,
+/// so it is `Failed`, never `Confirmed` with the old transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_settled_before_it_was_accepted_is_not_confirmed_by_that_transfer() {
+    let s = setup(2, 100, 300).await;
+    let payloads: Vec<_> = s.payers.iter().map(payment).collect();
+    // Settled elsewhere first, to this merchant, for this very value.
+    let sig: [u8; 65] = payloads[0].signature.as_slice().try_into().unwrap();
+    let elsewhere =
+        send_ahead(&s, transfer_with_authorization_calldata(&payloads[0].authorization.message(), &sig)).await;
+    assert!(s.chain.wait_receipt(&[elsewhere], Duration::from_secs(10)).await.unwrap().unwrap().success);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let ids = submit(&s, &payloads).await;
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), SettlerConfig::default(), None);
+    let settled = concluded(&s, &ids).await;
+    settler.abort();
+    assert_eq!(settled[0].status.state, PaymentState::Failed, "{:?}", settled[0].status);
+    assert_eq!(settled[0].status.failure_reason.as_deref(), Some("invalid_exact_evm_nonce_already_used"));
+    assert_eq!(settled[1].status.state, PaymentState::Confirmed);
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * 2), "paid once each");
+}

@@ -403,18 +403,34 @@ pub(crate) const AUTHORIZATION_CANCELED: &str = "invalid_exact_evm_authorization
 /// Blocks one `eth_getLogs` covers when looking for how an authorization
 /// was spent (providers cap the range), and how many such windows back
 /// from the head are searched.
-const SPENT_WINDOW: u64 = 10_000;
-const SPENT_WINDOWS: u64 = 10;
+const SPENT_WINDOW: u64 = 2_000;
+const SPENT_WINDOWS: u64 = 50;
+
+/// How far a block's timestamp may lag the wall clock for a spend in it to
+/// still count as after a payment's acceptance.
+const ACCEPT_SKEW_SECS: u64 = 2;
 
 impl<C: Chain> Settler<C> {
     /// What the chain says of payment `p`, whose authorization is spent but
     /// not by a transaction of x402d's: `Confirmed` with the spending
-    /// transaction if a transfer of its value from its payer to its payee
-    /// came with it (someone else sent the payer's authorization: the
-    /// payee is paid), `Failed` with [`AUTHORIZATION_CANCELED`] if the payer
+    /// transaction if that very use moved its value from its payer to its
+    /// payee (the token's `Transfer` right after the `AuthorizationUsed`, in
+    /// the same transaction) and happened after x402d accepted it (someone
+    /// else sent the payer's authorization: the payee is paid for this
+    /// payment); `Failed` with [`AUTHORIZATION_CANCELED`] if the payer
     /// cancelled it; `None` otherwise (the nonce went to another transfer,
-    /// or its log is older than the search: `…_nonce_already_used`).
+    /// it was spent before x402d accepted it, or its log is older than the
+    /// search: `…_nonce_already_used`).
     pub(crate) async fn spent_elsewhere(&self, p: &PaymentRecord) -> Result<Option<PaymentStatus>> {
+        self.find_spend(p).await.or_else(|err| {
+            // Never holds up the rest of a batch or a receipt: the payment
+            // is not x402d's to settle, only its reason is less precise.
+            tracing::warn!(%err, payment = %p.id, "looking up how an authorization was spent failed");
+            Ok(None)
+        })
+    }
+
+    async fn find_spend(&self, p: &PaymentRecord) -> Result<Option<PaymentStatus>> {
         let a = &p.authorization;
         let head = self.chain.block_number().await.map_err(chain_error)?;
         let mut to = head;
@@ -428,9 +444,10 @@ impl<C: Chain> Settler<C> {
                     failed.failure_reason = Some(AUTHORIZATION_CANCELED.into());
                     return Ok(Some(failed));
                 }
-                let transfers =
-                    self.chain.transfer_logs(p.asset, spent.block, spent.block).await.map_err(chain_error)?;
-                if transfers.iter().any(|t| t.from == a.from && t.to == a.to && t.value == a.value) {
+                // A use before the acceptance paid for something else (an
+                // authorization already settled, replayed here): not this.
+                let after_acceptance = spent.timestamp.saturating_add(ACCEPT_SKEW_SECS) >= p.accepted_at_ms / 1000;
+                if after_acceptance && spent.transfer == Some((a.to, a.value)) {
                     tracing::info!(payment = %p.id, tx = %spent.tx, "a payment was settled by someone else's transaction");
                     return Ok(Some(status_with_tx(PaymentState::Confirmed, spent.tx, Some(spent.block))));
                 }
