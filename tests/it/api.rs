@@ -305,6 +305,12 @@ impl x402_engine::ledger::Ledger for PanickingLedger {
     fn prune(&self, before: u64) -> x402_engine::Result<x402_engine::ledger::Pruned> {
         self.inner.prune(before)
     }
+    fn pruned(
+        &self,
+        ids: &[x402_engine::domain::PaymentId],
+    ) -> x402_engine::Result<Vec<x402_engine::domain::PaymentId>> {
+        self.inner.pruned(ids)
+    }
     fn merchants(&self) -> x402_engine::Result<Vec<x402_engine::domain::Merchant>> {
         self.inner.merchants()
     }

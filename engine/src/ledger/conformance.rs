@@ -300,6 +300,11 @@ fn start_up_reads_recent_payments_and_retention_prunes_settled_history(ledger: &
     assert_eq!(pruned, super::Pruned { payments: 2, events: 2 });
     assert_eq!(ledger.payment(&old_settled.id).unwrap(), None);
     assert_eq!(ledger.payment(&old_failed.id).unwrap(), None);
+    let mut gone = ledger.pruned(&[old_settled.id, old_open.id, recent.id, old_failed.id]).unwrap();
+    gone.sort_unstable();
+    let mut want = vec![old_settled.id, old_failed.id];
+    want.sort_unstable();
+    assert_eq!(gone, want, "a pruned payment's id is kept: its nonce stays spent");
     assert_eq!(ledger.payment(&old_open.id).unwrap(), Some(old_open.clone()));
     assert_eq!(ledger.payment(&recent.id).unwrap(), Some(recent.clone()));
     let sequences: Vec<u64> = ledger.events_after(0, 10).unwrap().iter().map(|e| e.sequence).collect();

@@ -26,6 +26,7 @@ struct Tables {
     events: BTreeMap<u64, SettlementEvent>,
     intents: BTreeMap<IntentKey, TxIntent>,
     channels: BTreeMap<alloy::primitives::B256, ChannelRecord>,
+    pruned: BTreeSet<PaymentId>,
 }
 
 impl MemoryLedger {
@@ -89,11 +90,17 @@ impl Ledger for MemoryLedger {
     fn prune(&self, before: u64) -> Result<Pruned> {
         let mut t = self.tables();
         let mut pruned = Pruned::default();
-        t.payments.retain(|_, p| {
-            let keep = p.status.state.is_open() || p.authorization.valid_before_secs() >= before;
-            pruned.payments += u64::from(!keep);
-            keep
-        });
+        let gone: Vec<PaymentId> = t
+            .payments
+            .values()
+            .filter(|p| !p.status.state.is_open() && p.authorization.valid_before_secs() < before)
+            .map(|p| p.id)
+            .collect();
+        for id in gone {
+            t.payments.remove(&id);
+            t.pruned.insert(id);
+            pruned.payments += 1;
+        }
         // The oldest events, up to the first one as recent as `before`.
         let last = t.events.keys().next_back().copied();
         let old: Vec<u64> = t
@@ -107,6 +114,11 @@ impl Ledger for MemoryLedger {
         }
         pruned.events = old.len() as u64;
         Ok(pruned)
+    }
+
+    fn pruned(&self, ids: &[PaymentId]) -> Result<Vec<PaymentId>> {
+        let t = self.tables();
+        Ok(ids.iter().copied().filter(|id| t.pruned.contains(id)).collect())
     }
 
     fn merchants(&self) -> Result<Vec<Merchant>> {

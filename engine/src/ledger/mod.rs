@@ -113,10 +113,14 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Deletes the payments no longer open (confirmed, failed, expired)
-    /// whose `validBefore` is before `before` (Unix seconds), and the
-    /// events last updated before it, except the newest event (whose
-    /// sequence the next one follows).
+    /// whose `validBefore` is before `before` (Unix seconds), keeping their
+    /// ids (see [`Ledger::pruned`]), and the events last updated before it,
+    /// except the newest event (whose sequence the next one follows).
     fn prune(&self, before: u64) -> Result<Pruned>;
+
+    /// The ids of `ids` whose payments [`Ledger::prune`] deleted: their
+    /// nonces are spent, and a payment reusing one is refused.
+    fn pruned(&self, ids: &[PaymentId]) -> Result<Vec<PaymentId>>;
 
     /// The settlement queue, ordered by merchant, then deadline.
     fn pending(&self) -> Result<Vec<PendingKey>>;

@@ -46,7 +46,10 @@ const CF_EVENTS_BY_MERCHANT: &str = "events_by_merchant";
 /// Channels by merchant: key `merchant id ‖ '/' ‖ channel id`, no value
 /// (`/` is not allowed in merchant ids). `ListChannels` reads through it.
 const CF_CHANNELS_BY_MERCHANT: &str = "channels_by_merchant";
-const COLUMN_FAMILIES: [&str; 10] = [
+/// Ids of the payments retention deleted (no value): their nonces stay spent.
+const CF_PRUNED: &str = "pruned_payments";
+const COLUMN_FAMILIES: [&str; 11] = [
+    CF_PRUNED,
     CF_PAYMENTS,
     CF_PENDING,
     CF_MERCHANTS,
@@ -130,6 +133,8 @@ pub struct RocksLedger {
     failed: AtomicBool,
     /// No reopen is tried before this (each replays the log).
     next_reopen: std::sync::Mutex<Instant>,
+    /// Retention has deleted payments (so [`Ledger::pruned`] has to look).
+    has_pruned: AtomicBool,
 }
 
 impl std::fmt::Debug for RocksLedger {
@@ -158,7 +163,9 @@ impl RocksLedger {
     pub fn open(path: impl AsRef<Path>, options: RocksOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let db = Self::open_db(&path)?;
+        let has_pruned = db.iterator_cf(cf(&db, CF_PRUNED), IteratorMode::Start).next().is_some();
         Ok(Self {
+            has_pruned: AtomicBool::new(has_pruned),
             path,
             db: RwLock::new(Some(db)),
             sync: options.sync,
@@ -339,6 +346,21 @@ impl Ledger for RocksLedger {
         Ok(out)
     }
 
+    fn pruned(&self, ids: &[PaymentId]) -> Result<Vec<PaymentId>> {
+        if !self.has_pruned.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        let db = self.db()?;
+        let mut out = Vec::new();
+        let found = db.batched_multi_get_cf(cf(&db, CF_PRUNED), ids.iter().map(|id| id.0.as_slice()), false);
+        for (id, value) in ids.iter().zip(found) {
+            if value?.is_some() {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
     fn for_each_payment(&self, visit: &mut dyn FnMut(PaymentRecord)) -> Result<()> {
         let db = self.db()?;
         for item in db.iterator_cf(cf(&db, CF_PAYMENTS), IteratorMode::Start) {
@@ -384,6 +406,8 @@ impl Ledger for RocksLedger {
                         wb.delete_cf(cf(&db, CF_BY_VALID_BEFORE), key);
                         if current {
                             wb.delete_cf(cf(&db, CF_PAYMENTS), id.0);
+                            wb.put_cf(cf(&db, CF_PRUNED), id.0, []);
+                            self.has_pruned.store(true, Ordering::Release);
                             pruned.payments += 1;
                         }
                     }

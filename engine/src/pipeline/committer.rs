@@ -5,7 +5,11 @@
 //! the queue fills while an fsync runs, so groups grow by themselves and the
 //! cost of a sync is shared by many payments.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use alloy::primitives::{Address, B256, U256};
 use crossbeam::channel::{Receiver, Sender};
@@ -411,8 +415,32 @@ impl Committer {
         } else {
             self.ledger.payments(&new).map(|found| found.into_iter().map(|p| (p.id, p)).collect())
         };
+        // Nor is one whose settled record retention deleted: its nonce is spent.
+        let pruned: Result<HashSet<PaymentId>> = if new.is_empty() {
+            Ok(HashSet::new())
+        } else {
+            self.ledger.pruned(&new).map(|ids| ids.into_iter().collect())
+        };
         for item in group.drain(..) {
             match item {
+                CommitItem::Payment { record, shard, reply, .. }
+                    if pruned.as_ref().map_or(true, |p| p.contains(&record.id)) =>
+                {
+                    let (id, payer) = (record.id, record.authorization.from);
+                    let outcome = match &pruned {
+                        Ok(_) => SubmitOutcome::Rejected {
+                            id: Some(id),
+                            payer: Some(payer),
+                            rejection: Rejection::new(
+                                Reason::NonceAlreadyUsed,
+                                "this nonce was spent by a payment settled long ago",
+                            ),
+                        },
+                        Err(e) => SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}")),
+                    };
+                    let (reservation, value) = ((record.chain_id, record.asset, payer), record.authorization.value);
+                    done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
+                }
                 CommitItem::Payment { record, shard, reply, .. }
                     if recorded.as_ref().map_or(true, |r| r.contains_key(&record.id)) =>
                 {

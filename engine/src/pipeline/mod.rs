@@ -640,6 +640,9 @@ mod tests {
         fn prune(&self, before: u64) -> Result<crate::ledger::Pruned> {
             self.inner.prune(before)
         }
+        fn pruned(&self, ids: &[PaymentId]) -> Result<Vec<PaymentId>> {
+            self.inner.pruned(ids)
+        }
         fn pending(&self) -> Result<Vec<crate::domain::PendingKey>> {
             self.inner.pending()
         }
@@ -765,6 +768,36 @@ mod tests {
             panic!("the open payment's reservation was not kept");
         };
         assert_eq!(rejection.reason, Reason::InsufficientBalance);
+    }
+
+    #[test]
+    fn a_payment_whose_record_retention_deleted_is_refused() {
+        let payer = Payer::random();
+        let payment = submission(&payer, 1);
+        let ledger = Arc::new(FlakyLedger::default());
+        let pipeline = start(&ledger, &payer, 1_000);
+        let SubmitOutcome::Accepted { id, .. } = submit(&pipeline, payment.clone()) else { panic!("accepted") };
+        drop(pipeline);
+        // Settled, then deleted by retention (as if far in the past).
+        let mut record = ledger.payment(&id).unwrap().unwrap();
+        record.status.state = crate::domain::PaymentState::Confirmed;
+        let mut batch = WriteBatch::default();
+        batch.push(crate::ledger::Write::Dequeue(crate::domain::PendingKey {
+            merchant_number: record.merchant_number,
+            deadline: record.authorization.valid_before_secs(),
+            id,
+        }));
+        batch.push(crate::ledger::Write::Payment(Box::new(record)));
+        ledger.commit(&batch).unwrap();
+        assert_eq!(ledger.prune(u64::MAX).unwrap().payments, 1);
+
+        // Its authorization submitted again: refused, not recorded anew.
+        let pipeline = start(&ledger, &payer, 1_000);
+        let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, payment) else {
+            panic!("a spent nonce was accepted again");
+        };
+        assert_eq!(rejection.reason, Reason::NonceAlreadyUsed);
+        assert_eq!(ledger.payment(&id).unwrap(), None);
     }
 
     #[test]
