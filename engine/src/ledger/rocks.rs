@@ -511,9 +511,13 @@ impl Ledger for RocksLedger {
                 break;
             }
             let sequence = decode_sequence(&key[4..])?;
-            // An entry whose event retention deleted in between.
+            // An entry whose event retention deleted in between, or one
+            // another merchant's event replaced.
             let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
-            out.push(records::decode_event(sequence, &value)?);
+            let event = records::decode_event(sequence, &value)?;
+            if event.merchant_number == merchant_number {
+                out.push(event);
+            }
         }
         Ok(out)
     }

@@ -448,16 +448,33 @@ impl Committer {
                     let reservation = (record.chain_id, record.asset, payer);
                     let value = record.authorization.value;
                     match recorded.as_ref().map(|r| &r[&id]) {
-                        // Owed: the shard keeps its reservation and entry.
-                        Ok(existing) if existing.status.state.is_open() => {
-                            let status = existing.status.clone();
-                            let outcome = SubmitOutcome::Duplicate { id, payer, status, retry: false };
-                            done.push(Done::Reply(outcome, reply));
+                        // Another payment with this nonce: as the shard
+                        // answers it (nothing of the other is shown).
+                        Ok(existing) if existing.digest != record.digest => {
+                            let outcome = SubmitOutcome::Rejected {
+                                id: Some(id),
+                                payer: Some(payer),
+                                rejection: Rejection::new(
+                                    Reason::NonceAlreadyUsed,
+                                    format!("nonce {} of {payer} was already used", record.authorization.nonce),
+                                ),
+                            };
+                            done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
                         }
                         Ok(existing) => {
+                            // The same payment: a retry only with the key
+                            // the original carried, from its merchant.
+                            let retry = record.idempotency.is_some()
+                                && record.idempotency == existing.idempotency
+                                && record.merchant_number == existing.merchant_number;
                             let status = existing.status.clone();
-                            let outcome = SubmitOutcome::Duplicate { id, payer, status, retry: false };
-                            done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
+                            let outcome = SubmitOutcome::Duplicate { id, payer, status, retry };
+                            if existing.status.state.is_open() {
+                                // Owed: the shard keeps its reservation and entry.
+                                done.push(Done::Reply(outcome, reply));
+                            } else {
+                                done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
+                            }
                         }
                         Err(e) => {
                             let outcome = SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}"));
@@ -639,6 +656,16 @@ impl Committer {
             Err(err) => {
                 tracing::error!(%err, items = done.len(), "group commit failed; nothing in it was accepted");
                 metrics::counter!(crate::metrics::COMMIT_ERRORS).increment(1);
+                // A write reported failed may be on disk after all (a
+                // ledger reopened replays its log): numbering goes on after
+                // whatever event is there, never over it.
+                if let Ok(last) = self.ledger.last_event_sequence()
+                    && last > self.last_sequence
+                {
+                    tracing::warn!(last, "events of a failed commit were recorded after all");
+                    self.last_sequence = last;
+                    self.events.send_replace(last);
+                }
                 let err = Arc::new(err);
                 let message = format!("ledger write failed: {err}");
                 for item in done.drain(..) {
