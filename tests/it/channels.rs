@@ -1020,6 +1020,10 @@ api_key_env = "X402D_TEST_MC_KEY"
         (gauge("x402d_channel_claims_quarantined "), gauge("x402d_channel_claims_quarantined_withdrawing "))
     };
     eventually(10, "the quarantine gauge", || async { metrics().await == (1.0, 0.0) }).await;
+    // Its vouchers could never be claimed: new ones are refused.
+    let answer = client.submit(voucher(100, &delegated, &configs[BAD], 3 * PRICE, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a quarantined channel's voucher was accepted");
+    assert!(answer.message.contains("claim reverts"), "{}", answer.message);
 
     // The bad channel's payer starts its timed exit: the quarantined
     // channel is counted apart and announced again.

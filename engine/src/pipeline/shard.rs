@@ -156,6 +156,10 @@ pub(crate) struct Shard {
     /// Most payments, and most vouchers, parked at once; beyond, submits
     /// are answered UNAVAILABLE.
     max_parked: usize,
+    /// Channels whose claim reverts (quarantined by the claims): their new
+    /// vouchers are refused, they could not be claimed either, until a
+    /// claim of them is mined.
+    unclaimable: std::collections::HashSet<B256>,
 }
 
 impl Shard {
@@ -205,6 +209,7 @@ impl Shard {
             parked_vouchers: HashMap::new(),
             parked_vouchers_len: 0,
             max_parked: 65_536,
+            unclaimable: std::collections::HashSet::new(),
         }
     }
 
@@ -318,6 +323,7 @@ impl Shard {
                 record.channel.sync(onchain, now_ms / 1000);
                 let mut event = None;
                 if let Some(ClaimOutcome::Quarantined { merchant_number, reason }) = claimed {
+                    self.unclaimable.insert(id);
                     let mut status = PaymentStatus::new(PaymentState::Failed, now_ms);
                     status.failure_reason = Some(reason);
                     event = Some((merchant_number, status));
@@ -329,6 +335,7 @@ impl Shard {
                     }
                     // An event only for a claim mined and successful.
                     if c.tx != B256::ZERO {
+                        self.unclaimable.remove(&id);
                         let mut status = PaymentStatus::new(PaymentState::Confirmed, now_ms);
                         status.transaction = Some(c.tx);
                         status.block = Some(c.block);
@@ -616,6 +623,17 @@ impl Shard {
     fn deposit_allowed(&mut self, parked: ParkedVoucher) -> Option<ParkedVoucher> {
         let v = &parked.verified;
         let record = self.channels.get(&v.channel_id).expect("read before its deposit");
+        if self.unclaimable.contains(&v.channel_id) {
+            let _ = parked.reply.send(SubmitOutcome::VoucherRejected {
+                payer: Some(v.config.payer),
+                rejection: Rejection::new(
+                    crate::reason::Reason::VoucherSignature,
+                    "this channel's claim reverts on chain: nothing is deposited into it",
+                ),
+                channel: Some(ChannelView::from(&record.channel)),
+            });
+            return None;
+        }
         let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
         let policy = crate::channels::claim_policy(&parked.merchant);
         let rule = match v.refund {
@@ -663,6 +681,19 @@ impl Shard {
     ) -> bool {
         let now_ms = unix_millis();
         let now = now_ms / 1000;
+        if self.unclaimable.contains(&v.channel_id) && v.refund.is_none() {
+            crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
+            let channel = self.channels.get(&v.channel_id).map(|r| ChannelView::from(&r.channel));
+            let _ = reply.send(SubmitOutcome::VoucherRejected {
+                payer: Some(v.config.payer),
+                rejection: Rejection::new(
+                    crate::reason::Reason::VoucherSignature,
+                    "this channel's claim reverts on chain: its vouchers cannot be claimed, so new ones are refused",
+                ),
+                channel,
+            });
+            return true;
+        }
         let policy = crate::channels::claim_policy(&merchant);
         let record = self.channels.get_mut(&v.channel_id).expect("checked by the caller");
         // A deposit still carried here is a dry run's: it counts as if made.

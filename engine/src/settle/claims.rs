@@ -112,6 +112,9 @@ struct ClaimsState {
     next_block: Option<u64>,
     book: Option<Book>,
     quarantine: HashMap<B256, Quarantined>,
+    /// Channels sent alone: their claim reverted on chain with others
+    /// though the simulation passed.
+    solo: HashSet<B256>,
 }
 
 /// One channel's share of a claim transaction: its claim row, the refund
@@ -197,7 +200,11 @@ impl<C: Chain> Settler<C> {
         let mut due = Vec::new();
         let instant = Instant::now();
         for record in mine.values() {
-            if state.quarantine.get(&record.channel.id).is_some_and(|q| q.until > instant) {
+            // A quarantined channel waits out its backoff, unless its payer
+            // is withdrawing: then it is tried every round, until the end.
+            if state.quarantine.get(&record.channel.id).is_some_and(|q| q.until > instant)
+                && record.channel.onchain.withdrawal.is_none()
+            {
                 continue;
             }
             let c = &record.channel;
@@ -217,10 +224,14 @@ impl<C: Chain> Settler<C> {
         }
         let mut round = ClaimRound::default();
         for chunk in due.chunks(claims.max_rows.max(1)) {
-            let rows = self.claim(claims, chunk, &mut state.quarantine).await?;
-            if rows > 0 {
-                round.transactions += 1;
-                round.rows += rows;
+            // One chunk's failure (the node, a part) holds up no other chunk.
+            match self.claim(claims, chunk, &mut state.quarantine, &mut state.solo).await {
+                Ok(rows) if rows > 0 => {
+                    round.transactions += 1;
+                    round.rows += rows;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, channels = chunk.len(), "claiming a chunk of channels failed"),
             }
         }
         let withdrawing = state
@@ -305,6 +316,7 @@ impl<C: Chain> Settler<C> {
         claims: &ClaimsConfig,
         records: &[(ChannelRecord, u32)],
         quarantine: &mut HashMap<B256, Quarantined>,
+        solo: &mut HashSet<B256>,
     ) -> Result<usize> {
         let domain = ChannelDomain::new(self.chain.chain_id(), claims.contract);
         let states = self.read_channels(claims.contract, &records.iter().map(|(r, _)| r).collect::<Vec<_>>()).await?;
@@ -348,18 +360,67 @@ impl<C: Chain> Settler<C> {
             self.record_claimed(claims, records, None).await?;
             return Ok(0);
         }
-        let (parts, reverting) = self.isolate(claims, &domain, parts).await?;
+        let (groups, reverting) = self.isolate(claims, &domain, parts, solo).await?;
         for (part, revert) in &reverting {
             let (_, merchant_number) = records.iter().find(|(r, _)| r.channel.id == part.channel).expect("a record's");
             self.quarantine(claims, part, *merchant_number, revert, quarantine).await?;
         }
+        // Records with nothing to send are served by finding nothing to do.
+        let sending: HashSet<B256> = groups.iter().flatten().map(|p| p.channel).collect();
         let reverting: HashSet<B256> = reverting.into_iter().map(|(p, _)| p.channel).collect();
-        let served: Vec<(ChannelRecord, u32)> =
-            records.iter().filter(|(r, _)| !reverting.contains(&r.channel.id)).cloned().collect();
-        if parts.is_empty() {
-            return Ok(0);
+        let idle: Vec<(ChannelRecord, u32)> = records
+            .iter()
+            .filter(|(r, _)| !sending.contains(&r.channel.id) && !reverting.contains(&r.channel.id))
+            .cloned()
+            .collect();
+        if !idle.is_empty() {
+            self.record_claimed(claims, &idle, None).await?;
         }
-        let input = self.claim_calldata(claims, &domain, &parts)?;
+        let mut claimed_rows = 0;
+        for group in groups {
+            let of_group: Vec<(ChannelRecord, u32)> =
+                records.iter().filter(|(r, _)| group.iter().any(|p| p.channel == r.channel.id)).cloned().collect();
+            match self.send_claim(claims, &domain, &group).await {
+                Ok(Some(Ok(block))) => {
+                    for p in &group {
+                        quarantine.remove(&p.channel);
+                        solo.remove(&p.channel);
+                    }
+                    claimed_rows += group.iter().filter(|p| p.claim.is_some()).count();
+                    self.record_claimed(claims, &of_group, Some(block)).await?;
+                }
+                // Not mined in time: the settler's intent round follows it.
+                Ok(None) => self.record_claimed(claims, &of_group, None).await?,
+                Ok(Some(Err(tx))) => {
+                    // Its simulation passed and it reverted on chain: a part
+                    // that behaves differently in a real transaction. Each is
+                    // sent alone from now on; one that reverts alone too is
+                    // quarantined.
+                    match group.as_slice() {
+                        [part] if solo.contains(&part.channel) => {
+                            let (_, merchant_number) = of_group[0];
+                            let revert = format!("its claim transaction {tx} reverted though its simulation passed");
+                            self.quarantine(claims, part, merchant_number, &revert, quarantine).await?;
+                        }
+                        _ => solo.extend(group.iter().map(|p| p.channel)),
+                    }
+                }
+                Err(err) => tracing::warn!(%err, channels = group.len(), "a claim transaction failed; will retry"),
+            }
+        }
+        Ok(claimed_rows)
+    }
+
+    /// Sends one claim transaction for `parts` and follows it:
+    /// `Some(Ok((tx, block)))` mined and successful, `Some(Err(tx))`
+    /// reverted, `None` not mined in time.
+    async fn send_claim(
+        &self,
+        claims: &ClaimsConfig,
+        domain: &ChannelDomain,
+        parts: &[Part],
+    ) -> Result<Option<std::result::Result<(B256, u64), B256>>> {
+        let input = self.claim_calldata(claims, domain, parts)?;
         // The cost varies with the rows: estimated for each transaction.
         let gas = self.chain.estimate_gas(claims.contract, input.clone()).await.map_err(chain_error)?;
         let tx = self.chain.sign_call(claims.contract, input, Some(gas)).await.map_err(chain_error)?;
@@ -373,45 +434,51 @@ impl<C: Chain> Settler<C> {
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
         self.claiming.store(false, std::sync::atomic::Ordering::Release);
         sent?;
-        let block = match self.chain.receipt(hash).await.map_err(chain_error)? {
-            Some(r) if r.success => Some((hash, r.block)),
+        Ok(match self.chain.receipt(hash).await.map_err(chain_error)? {
+            Some(r) if r.success => Some(Ok((hash, r.block))),
             Some(r) => {
-                // Nothing was claimed: no event, the requests stay, and the
-                // next round's simulation finds the part that reverts.
+                // Nothing was claimed: no event, the requests stay.
                 tracing::error!(tx = %hash, block = r.block, rows, "a claim transaction reverted");
-                return Ok(0);
+                Some(Err(hash))
             }
             None => None,
-        };
-        for (record, _) in &served {
-            quarantine.remove(&record.channel.id);
-        }
-        self.record_claimed(claims, &served, block).await?;
-        Ok(rows)
+        })
     }
 
-    /// Splits `parts` into those that simulate together and those that
-    /// revert on their own (with the revert): the set is simulated whole,
-    /// then halved until each reverting part stands alone. `k` reverting
-    /// parts of `n` cost about `2k·log2(n)` simulations; none costs one.
+    /// Splits `parts` into groups that simulate as one transaction each,
+    /// and the parts that revert on their own (with the revert): the set
+    /// is simulated whole, then halved until each reverting part stands
+    /// alone. `k` reverting parts of `n` cost about `2k·log2(n)`
+    /// simulations; none costs one. Parts in `solo` are simulated and sent
+    /// alone. Parts that pass in halves but not together go as the halves.
     async fn isolate(
         &self,
         claims: &ClaimsConfig,
         domain: &ChannelDomain,
-        mut parts: Vec<Part>,
-    ) -> Result<(Vec<Part>, Vec<(Part, String)>)> {
+        parts: Vec<Part>,
+        solo: &HashSet<B256>,
+    ) -> Result<(Vec<Vec<Part>>, Vec<(Part, String)>)> {
+        let (alone, mut parts): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(|p| solo.contains(&p.channel));
+        let mut groups = Vec::new();
         let mut reverting = Vec::new();
-        // Parts that pass in halves could still fail together: the good
-        // ones are simulated together again until they pass as one. Each
-        // pass takes at least one part out, so this ends.
-        loop {
-            let mut good = Vec::with_capacity(parts.len());
+        for part in alone {
+            let input = self.claim_calldata(claims, domain, std::slice::from_ref(&part))?;
+            match self.chain.simulate(claims.contract, input).await.map_err(chain_error)? {
+                None => groups.push(vec![part]),
+                Some(revert) => reverting.push((part, revert)),
+            }
+        }
+        // Parts good in halves could still fail together: the good ones are
+        // simulated together again until no reverting part is left to take
+        // out. Each pass takes one out, so this ends.
+        while !parts.is_empty() {
+            let mut passed: Vec<Vec<Part>> = Vec::new();
             let mut found = Vec::new();
             let mut sets = vec![parts];
             while let Some(mut set) = sets.pop() {
                 let input = self.claim_calldata(claims, domain, &set)?;
                 match self.chain.simulate(claims.contract, input).await.map_err(chain_error)? {
-                    None => good.append(&mut set),
+                    None => passed.push(set),
                     Some(revert) if set.len() == 1 => found.push((set.remove(0), revert)),
                     Some(_) => {
                         let second = set.split_off(set.len() / 2);
@@ -420,13 +487,16 @@ impl<C: Chain> Settler<C> {
                     }
                 }
             }
-            let done = found.is_empty() || good.is_empty();
-            reverting.append(&mut found);
-            parts = good;
-            if done {
-                return Ok((parts, reverting));
+            if found.is_empty() {
+                // Nothing reverts alone: the set passed whole, or its
+                // halves pass apart only and go as such.
+                groups.append(&mut passed);
+                break;
             }
+            reverting.append(&mut found);
+            parts = passed.into_iter().flatten().collect();
         }
+        Ok((groups, reverting))
     }
 
     /// Leaves `part`'s channel out of claims for a while after it reverted
