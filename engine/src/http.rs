@@ -45,8 +45,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
 /// theirs.
 const MAX_HANDSHAKES: usize = 1024;
 
+/// TLS handshakes in progress from one address at most; more connections
+/// from it are closed at once, so that one host cannot take every place.
+const MAX_HANDSHAKES_PER_PEER: usize = 32;
+
 /// A handshake not done by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The HTTP listener's connections after their TLS handshake. Handshakes
 /// run on their own tasks (at most [`MAX_HANDSHAKES`] at once, each within
@@ -64,6 +68,7 @@ impl TlsListener {
         let (tx, handshaken) = mpsc::channel(MAX_HANDSHAKES);
         let acceptor = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -75,10 +80,20 @@ impl TlsListener {
                         continue;
                     }
                 };
+                {
+                    let mut peers = per_peer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let n = peers.entry(peer.ip()).or_default();
+                    if *n >= MAX_HANDSHAKES_PER_PEER {
+                        tracing::debug!(%peer, "too many TLS handshakes from one address; closed");
+                        continue;
+                    }
+                    *n += 1;
+                }
                 let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, per_peer) = (acceptor.clone(), tx.clone(), per_peer.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _peer = PeerSlot(per_peer, peer.ip());
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => drop(tx.send((tls, peer)).await),
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -88,6 +103,21 @@ impl TlsListener {
             }
         });
         Ok(Self { handshaken, local, acceptor: task.abort_handle() })
+    }
+}
+
+/// One handshake in progress from an address; given back when dropped.
+struct PeerSlot(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>, std::net::IpAddr);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = peers.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.1);
+            }
+        }
     }
 }
 

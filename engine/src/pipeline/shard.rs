@@ -608,6 +608,10 @@ impl Shard {
             return true;
         }
         if verified.deposit.is_some() && !verified.dry_run {
+            if self.parked_vouchers_len >= self.max_parked {
+                let _ = reply.send(SubmitOutcome::Unavailable("too many vouchers wait for deposits; retry".into()));
+                return true;
+            }
             let parked = ParkedVoucher { merchant, verified, reply };
             if let Some(parked) = self.deposit_allowed(parked) {
                 self.start_deposit(parked, Vec::new());
