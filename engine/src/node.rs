@@ -105,6 +105,13 @@ impl Node {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
             pipeline.min_deposit = c.min_deposit()?;
+            pipeline.receiver_authorizer = c
+                .receiver_authorizer_key()?
+                .map(|k| k.parse::<alloy::signers::local::PrivateKeySigner>().map(|s| s.address()))
+                .transpose()
+                .map_err(|_| {
+                    Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
+                })?;
             if let Some(collector) = c.deposit_collector {
                 pipeline.channel_contracts.collector = collector;
             }

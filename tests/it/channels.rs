@@ -323,6 +323,24 @@ async fn stream_waves(client: &mut Payments, waves: Vec<Vec<pb::SubmitRequest>>)
     out
 }
 
+/// An `x402d serve` configuration under `dir` whose merchant `mc` is paid
+/// through channels claimed hourly (or sooner by the admin API), settling
+/// by `chain`.
+fn channel_daemon_config(dir: &std::path::Path, chain: &ChainSection) -> String {
+    format!(
+        r#"{}
+[[merchants]]
+id = "mc"
+pay_to = ["{RECEIVER}"]
+policy = {{ strategy = "channel", claim_interval_secs = 3600, claim_threshold = "{}" }}
+api_key_env = "X402D_TEST_MC_KEY"
+{}"#,
+        config(dir),
+        u128::MAX,
+        chain.toml
+    )
+}
+
 /// Sets merchant `mc`'s claim interval through the admin API.
 async fn set_claim_interval(grpc: std::net::SocketAddr, claim_interval_secs: u64) {
     let mut admin = admin(grpc, ADMIN_KEY).await;
@@ -556,18 +574,7 @@ async fn a_claim_interrupted_by_sigkill_is_finished_after_restart_and_nothing_is
 
     let dir = tempfile::tempdir().unwrap();
     let chain = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
-    let config = format!(
-        r#"{}
-[[merchants]]
-id = "mc"
-pay_to = ["{RECEIVER}"]
-policy = {{ strategy = "channel", claim_interval_secs = 3600, claim_threshold = "{}" }}
-api_key_env = "X402D_TEST_MC_KEY"
-{}"#,
-        config(dir.path()),
-        u128::MAX,
-        chain.toml
-    );
+    let config = channel_daemon_config(dir.path(), &chain);
     let env = chain.env(&[("X402D_TEST_MC_KEY", MC_KEY)]);
 
     // Blocks only when the test mines them: the claim waits in the pool.
@@ -949,18 +956,7 @@ async fn a_channel_whose_claim_reverts_is_quarantined_and_the_others_are_claimed
 
     let dir = tempfile::tempdir().unwrap();
     let chain = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
-    let config = format!(
-        r#"{}
-[[merchants]]
-id = "mc"
-pay_to = ["{RECEIVER}"]
-policy = {{ strategy = "channel", claim_interval_secs = 3600, claim_threshold = "{}" }}
-api_key_env = "X402D_TEST_MC_KEY"
-{}"#,
-        config(dir.path()),
-        u128::MAX,
-        chain.toml
-    );
+    let config = channel_daemon_config(dir.path(), &chain);
     let daemon = Daemon::start_with_env(dir.path(), &config, &chain.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
     let mut client = payments(daemon.grpc, MC_KEY).await;
     let mut events =
@@ -1112,4 +1108,24 @@ async fn nothing_is_deposited_for_a_voucher_that_would_be_refused_or_below_the_m
     let answer = client.submit(deposit_voucher(4, payer, &config, 500)).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
     assert_eq!((s.onchain(payer).await, s.sent().await), ((500, 0), 1));
+}
+
+/// A channel whose receiver authorizer is not the key x402d claims with
+/// could never be claimed by it: its vouchers are refused (they would be
+/// served and never paid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vouchers_of_a_channel_x402d_cannot_claim_are_refused() {
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
+    let payer = &s.payers[0];
+    let config = payer.channel_config(RECEIVER, Address::repeat_byte(0x42), TOKEN, WITHDRAW_DELAY, B256::ZERO);
+    s.deposit_into(payer, config.clone(), 1_000).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let answer = client.submit(voucher(1, payer, &config, 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a voucher x402d cannot claim was accepted");
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_receiver_authorizer_mismatch", "{}", answer.message);
+    // The channel x402d claims for is served as ever.
+    s.deposit(payer, 1_000).await;
+    let answer = client.submit(voucher(2, payer, &s.config(payer), 0, PRICE)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
 }

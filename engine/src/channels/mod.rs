@@ -184,6 +184,9 @@ pub struct VoucherVerifier {
     settled_chains: Option<Vec<u64>>,
     /// Deposits below this are refused.
     min_deposit: u128,
+    /// The receiver authorizer x402d claims with, if it holds one: a
+    /// channel naming another could never be claimed by x402d.
+    claims_with: Option<Address>,
 }
 
 /// The channels a verifier thread remembers, in two generations: a channel
@@ -243,12 +246,21 @@ impl VoucherVerifier {
             known: KnownChannels::new(Self::GENERATION),
             settled_chains: None,
             min_deposit: 0,
+            claims_with: None,
         }
     }
 
     /// Refuses vouchers on chains other than `chains` (`None`: any).
     pub fn settling(mut self, chains: Option<Vec<u64>>) -> Self {
         self.settled_chains = chains;
+        self
+    }
+
+    /// Refuses channels whose receiver authorizer is not `authorizer`, the
+    /// key x402d claims with (`None`: any).
+    #[must_use]
+    pub const fn claiming_with(mut self, authorizer: Option<Address>) -> Self {
+        self.claims_with = authorizer;
         self
     }
 
@@ -335,6 +347,18 @@ impl VoucherVerifier {
                 format!(
                     "channel receiverAuthorizer {} is not extra.receiverAuthorizer {}",
                     c.receiverAuthorizer, payload.extra.receiver_authorizer
+                ),
+            ));
+        }
+        if let Some(ours) = self.claims_with
+            && c.receiverAuthorizer != ours
+        {
+            return Err(reject(
+                Reason::ReceiverAuthorizerMismatch,
+                format!(
+                    "channel receiverAuthorizer {} is not the one x402d claims with ({ours}): its vouchers could \
+                     never be claimed",
+                    c.receiverAuthorizer
                 ),
             ));
         }

@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     pub channels: Arc<dyn ChannelSource>,
     /// Channel deposits below this are refused before anything goes on chain.
     pub min_deposit: u128,
+    /// The receiver authorizer x402d claims channels with, if it holds one:
+    /// vouchers of channels naming another are refused.
+    pub receiver_authorizer: Option<Address>,
     /// Per shard: most payments waiting for a balance read, and most
     /// vouchers waiting for a channel read or deposit; beyond, submits are
     /// answered UNAVAILABLE.
@@ -91,6 +94,7 @@ impl Default for PipelineConfig {
             channel_contracts: ChannelContracts::default(),
             channels: Arc::new(NoChannels),
             min_deposit: 0,
+            receiver_authorizer: None,
             max_parked: 65_536,
             settled_chains: None,
         }
@@ -324,7 +328,8 @@ impl Pipeline {
             let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts)
                 .settling(config.settled_chains.clone())
-                .min_deposit(config.min_deposit);
+                .min_deposit(config.min_deposit)
+                .claiming_with(config.receiver_authorizer);
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {
                 run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
             })?);
@@ -1168,6 +1173,27 @@ mod tests {
         fn deposit(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::DepositNotifier) {}
     }
 
+    /// Waits (up to 10 s) for `want` of `replies` to say "too many ...,
+    /// retry", and takes them out; returns how many did. Any other answer
+    /// fails the test.
+    fn told_to_retry(replies: &mut Vec<oneshot::Receiver<SubmitOutcome>>, want: usize) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut refused = 0;
+        while refused < want && std::time::Instant::now() < deadline {
+            replies.retain_mut(|rx| match rx.try_recv() {
+                Ok(SubmitOutcome::Unavailable(message)) => {
+                    assert!(message.contains("too many"), "{message}");
+                    refused += 1;
+                    false
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => true,
+            });
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        refused
+    }
+
     #[test]
     fn a_flood_of_vouchers_behind_one_channel_read_is_bounded() {
         use x402_channel::ChannelDomain;
@@ -1201,21 +1227,7 @@ mod tests {
             })
             .collect();
         // The channel read never comes: 64 wait, the rest are told to retry.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut refused = 0;
-        while refused < 136 && std::time::Instant::now() < deadline {
-            replies.retain_mut(|rx| match rx.try_recv() {
-                Ok(SubmitOutcome::Unavailable(message)) => {
-                    assert!(message.contains("too many"), "{message}");
-                    refused += 1;
-                    false
-                }
-                Ok(other) => panic!("{other:?}"),
-                Err(_) => true,
-            });
-            thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert_eq!((refused, replies.len()), (136, 64));
+        assert_eq!((told_to_retry(&mut replies, 136), replies.len()), (136, 64));
     }
 
     #[test]
@@ -1257,21 +1269,7 @@ mod tests {
                 replies.push(pipeline.try_submit(merchant(), submission).unwrap());
             }
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut refused = 0;
-        while refused < 60 && std::time::Instant::now() < deadline {
-            replies.retain_mut(|rx| match rx.try_recv() {
-                Ok(SubmitOutcome::Unavailable(message)) => {
-                    assert!(message.contains("too many"), "{message}");
-                    refused += 1;
-                    false
-                }
-                Ok(other) => panic!("{other:?}"),
-                Err(_) => true,
-            });
-            thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert_eq!((refused, replies.len()), (60, 100));
+        assert_eq!((told_to_retry(&mut replies, 60), replies.len()), (60, 100));
     }
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
