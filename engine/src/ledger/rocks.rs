@@ -180,7 +180,17 @@ impl RocksLedger {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let cfs = COLUMN_FAMILIES.iter().map(|&name| {
+            let mut cf_opts = Options::default();
+            if name == CF_PAYMENTS || name == CF_PRUNED {
+                // Every new payment is looked up first, and nearly all are
+                // absent: a bloom filter answers those without reading.
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                cf_opts.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(name, cf_opts)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Self::check_schema(&db)?;
         Self::build_index(&db)?;
