@@ -296,6 +296,15 @@ impl ManualBalances {
 }
 
 impl BalanceSource for ManualBalances {
+    /// A known balance is read again when the test completes it.
+    fn refresh(&self, key: BalanceKey, notifier: &Notifier) -> bool {
+        if !self.known.lock().unwrap().contains_key(&key) {
+            return false;
+        }
+        self.waiting.lock().unwrap().push((key, notifier.clone()));
+        true
+    }
+
     fn lookup(&self, key: BalanceKey, notifier: &Notifier) -> Lookup {
         if let Some(balance) = self.known.lock().unwrap().get(&key) {
             return Lookup::Known(*balance);

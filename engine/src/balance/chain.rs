@@ -26,18 +26,15 @@
 //! Entries unused for `idle` are dropped, and beyond `max_entries` the least
 //! recently used go first; an entry that payments wait on is never dropped.
 //!
-//! Known races, both brief:
-//! - our own settlement lowers the payer's balance on chain, and the
-//!   follower re-reads it, a little before the settler records the payment
-//!   as confirmed and its reservation is released. In between, the payment
-//!   counts twice (in the lower balance and as reserved), so a payer near
-//!   the limit may be refused a payment they could afford. This errs on the
-//!   safe side and lasts until the confirmation is recorded;
-//! - the other way round, when the settler records a confirmation before the
-//!   follower has read that block's logs (the window is at most `poll` plus
-//!   one fetch), the reservation is gone while the cached balance still
-//!   includes the settled value, so the payment counts zero times. A payment
-//!   accepted in that window can fail at settlement for want of balance.
+//! Settlement and the cache: a settled payment's reservation is released
+//! only once a read of its payer's balance that started after the
+//! settlement is done ([`BalanceSource::refresh`]: a read in flight then
+//! may predate it, so the refresh waits for the next one). Until then the
+//! settled value counts twice (in the cached balance and as reserved),
+//! which errs on the safe side: a payer near its limit may be refused a
+//! payment it could afford for one read's time. It never counts zero
+//! times. When a read fails, the reservation stays and the shard asks
+//! again at its next sweep.
 //!
 //! Payments on other chains are asked of a fallback source (unlimited by
 //! default).
@@ -133,8 +130,10 @@ struct Entry {
     fetch: Option<u64>,
     /// A transfer touched this owner while `fetch` was in flight.
     dirty: bool,
-    /// Who waits for the first balance.
+    /// Who waits for the first balance (or for the fetch in flight).
     waiters: Vec<Notifier>,
+    /// Who waits for a fetch started after the one in flight.
+    after_next: Vec<Notifier>,
 }
 
 impl<C: Chain> ChainBalances<C> {
@@ -178,6 +177,10 @@ impl<C: Chain> ChainBalances<C> {
 }
 
 impl<C: Chain> BalanceSource for ChainBalances<C> {
+    fn refresh(&self, key: BalanceKey, notifier: &Notifier) -> bool {
+        self.refresh_cached(key, notifier)
+    }
+
     fn lookup(&self, key: BalanceKey, notifier: &Notifier) -> Lookup {
         let (chain_id, token, owner) = key;
         if chain_id != self.shared.chain_id {
@@ -210,6 +213,7 @@ impl<C: Chain> BalanceSource for ChainBalances<C> {
                         fetch: None,
                         dirty: false,
                         waiters: vec![notifier.clone()],
+                        after_next: Vec::new(),
                     };
                     let id = shared.begin_fetch(&mut entry);
                     stripe.insert((token, owner), entry);
@@ -228,6 +232,33 @@ impl<C: Chain> BalanceSource for ChainBalances<C> {
             shared.spawn_fetch(token, owner, id);
         }
         answer
+    }
+}
+
+impl<C: Chain> ChainBalances<C> {
+    /// See [`BalanceSource::refresh`].
+    fn refresh_cached(&self, key: BalanceKey, notifier: &Notifier) -> bool {
+        let (chain_id, token, owner) = key;
+        if chain_id != self.shared.chain_id {
+            return self.fallback.as_ref().is_some_and(|f| f.refresh(key, notifier));
+        }
+        let fetch = {
+            let mut stripe = self.shared.stripe(owner);
+            let Some(entry) = stripe.get_mut(&(token, owner)) else { return false };
+            if entry.fetch.is_some() {
+                // The read in flight may predate the settlement: the next.
+                entry.dirty = true;
+                entry.after_next.push(notifier.clone());
+                None
+            } else {
+                entry.waiters.push(notifier.clone());
+                Some(self.shared.begin_fetch(entry))
+            }
+        };
+        if let Some(id) = fetch {
+            self.shared.spawn_fetch(token, owner, id);
+        }
+        true
     }
 }
 
@@ -295,7 +326,7 @@ impl<C: Chain> Shared<C> {
                 return;
             }
             entry.fetch = None;
-            let waiters = std::mem::take(&mut entry.waiters);
+            let mut waiters = std::mem::take(&mut entry.waiters);
             match fetched {
                 Ok(balance) => {
                     entry.balance = Some(*balance);
@@ -304,6 +335,9 @@ impl<C: Chain> Shared<C> {
                 Err(e) => {
                     tracing::debug!(%token, %owner, error = %e, "balance fetch failed");
                     if entry.balance.is_none() {
+                        // Nothing cached: whoever waited for a later read
+                        // hears of this one's failure too.
+                        waiters.append(&mut entry.after_next);
                         stripe.remove(&(token, owner));
                         self.len.fetch_sub(1, Ordering::Relaxed);
                     } else {
@@ -311,7 +345,11 @@ impl<C: Chain> Shared<C> {
                     }
                 }
             }
-            let again = stripe.get_mut(&(token, owner)).filter(|e| e.dirty).map(|e| self.begin_fetch(e));
+            let again = stripe.get_mut(&(token, owner)).filter(|e| e.dirty).map(|e| {
+                // Those who asked for a read after this one wait for the next.
+                e.waiters = std::mem::take(&mut e.after_next);
+                self.begin_fetch(e)
+            });
             (waiters, again)
         };
         let key = (self.chain_id, token, owner);
@@ -441,7 +479,7 @@ impl<C: Chain> Shared<C> {
             for stripe in &self.stripes {
                 let mut stripe = lock(stripe);
                 let before = stripe.len();
-                stripe.retain(|_, e| !e.waiters.is_empty() || keep(e));
+                stripe.retain(|_, e| !e.waiters.is_empty() || !e.after_next.is_empty() || keep(e));
                 self.len.fetch_sub(before - stripe.len(), Ordering::Relaxed);
             }
         };
@@ -675,6 +713,33 @@ mod tests {
             assert!(Instant::now() < deadline, "the code was never read again");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A refresh asked while a read is in flight is answered by a read
+    /// that starts after it: the one in flight may predate a settlement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_is_answered_by_a_read_started_after_it() {
+        let (chain, balances) = start(fast()).await;
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
+        let (first, mut first_rx) = notifier();
+        let (second, mut second_rx) = notifier();
+        chain.pause_balances(true);
+        let reads = chain.balance_reads();
+        assert!(balances.refresh(key(ALICE), &first));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while chain.balance_reads() == reads {
+            assert!(Instant::now() < deadline, "the refresh reads");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // That read has its value already; the balance moves after it.
+        chain.set_silently(TOKEN, ALICE, units(55));
+        assert!(balances.refresh(key(ALICE), &second));
+        chain.pause_balances(false);
+        assert_eq!(next(&mut first_rx).await.1.unwrap(), funds(100));
+        assert_eq!(next(&mut second_rx).await.1.unwrap(), funds(55), "answered by the read after it");
+        // Nothing cached: nothing to refresh.
+        let (n, _rx) = notifier();
+        assert!(!balances.refresh(key(Address::repeat_byte(0xee)), &n));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

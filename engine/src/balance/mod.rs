@@ -92,6 +92,16 @@ pub trait BalanceSource: Send + Sync + std::fmt::Debug + 'static {
     /// whether it succeeded or not; it clones `notifier` only then, so a
     /// lookup that answers from memory costs no allocation.
     fn lookup(&self, key: BalanceKey, notifier: &Notifier) -> Lookup;
+
+    /// Reads `key` again if it is cached, by a fetch that starts after this
+    /// call, and calls `notifier` once that fetch is done: a settlement moved
+    /// the payer's tokens, and a cached balance from before it would count
+    /// them twice over once their reservation is released. `false` when
+    /// nothing is cached that could be stale (then `notifier` is not called).
+    fn refresh(&self, key: BalanceKey, notifier: &Notifier) -> bool {
+        let _ = (key, notifier);
+        false
+    }
 }
 
 /// Balances given in configuration: a default for everyone and exceptions.

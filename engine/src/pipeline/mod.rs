@@ -1295,6 +1295,43 @@ mod tests {
         assert!(matches!(submit(pipeline, submission(&other, 1)), SubmitOutcome::Accepted { .. }));
     }
 
+    /// A settled payment's reservation is released only once the balance
+    /// source has read the payer's balance after the settlement: a cached
+    /// balance from before still holds the settled tokens, and releasing
+    /// at once would let the payer spend them twice.
+    #[test]
+    fn a_settled_payment_is_reserved_until_the_balance_is_read_again() {
+        use crate::domain::PaymentState;
+        let ledger = Arc::new(FlakyLedger::default());
+        let (pipeline, source) = start_manual(&ledger);
+        let payer = Payer::random();
+        let key = (31337, TOKEN, payer.address());
+        source.complete(key, &Ok(Account::Funds(U256::from(100))));
+        let SubmitOutcome::Accepted { id, .. } = submit(&pipeline, submission(&payer, 1)) else { panic!("accepted") };
+
+        // Settled on chain: the payer's 100 left, but the cache says 100.
+        let mut status = PaymentStatus::new(PaymentState::Confirmed, 1);
+        status.transaction = Some(B256::repeat_byte(7));
+        pipeline
+            .record_settlement(Vec::new(), vec![Transition { id, status }])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        let refused = |n| match submit(&pipeline, submission(&payer, n)) {
+            SubmitOutcome::Rejected { rejection, .. } => rejection.reason == Reason::InsufficientBalance,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(2), "the settled tokens counted again before the balance was read");
+        // The read after the settlement: 0 left, and the reservation goes.
+        source.complete(key, &Ok(Account::Funds(U256::ZERO)));
+        drain_shard(&pipeline, &source, &payer);
+        assert!(refused(3));
+        // A top-up: the payer may pay again.
+        source.complete(key, &Ok(Account::Funds(U256::from(100))));
+        assert!(matches!(submit(&pipeline, submission(&payer, 4)), SubmitOutcome::Accepted { .. }));
+    }
+
     #[test]
     fn payments_wait_for_an_unknown_balance_and_resume_in_order() {
         let ledger = Arc::new(FlakyLedger::default());

@@ -160,6 +160,11 @@ pub(crate) struct Shard {
     /// vouchers are refused, they could not be claimed either, until a
     /// claim of them is mined.
     unclaimable: std::collections::HashSet<B256>,
+    /// Reservations of payments settled on chain, held until the balance
+    /// source has read their payer's balance after the settlement: until
+    /// then a cached balance may still hold the settled tokens, and
+    /// releasing would let them count zero times.
+    settled_unseen: HashMap<ReservationKey, U256>,
 }
 
 impl Shard {
@@ -210,6 +215,7 @@ impl Shard {
             parked_vouchers_len: 0,
             max_parked: 65_536,
             unclaimable: std::collections::HashSet::new(),
+            settled_unseen: HashMap::new(),
         }
     }
 
@@ -304,13 +310,29 @@ impl Shard {
                     entry.status = status;
                 }
                 match reservation {
-                    Some(ReservationChange::Release(key, value)) => self.release(key, value),
+                    Some(ReservationChange::Release(key, value)) => {
+                        if self.balances.refresh(key, &self.notifier) {
+                            *self.settled_unseen.entry(key).or_default() += value;
+                        } else {
+                            self.release(key, value);
+                        }
+                    }
                     Some(ReservationChange::Reserve(key, value)) => *self.reserved.entry(key).or_default() += value,
                     None => {}
                 }
                 true
             }
-            ShardMsg::Balance { key, fetched } => self.resume(key, &fetched),
+            ShardMsg::Balance { key, fetched } => {
+                // A read after the settlement: its tokens are out of the
+                // balance, so out of the reservations too. (After a failed
+                // read they stay reserved; the sweep asks again.)
+                if fetched.is_ok()
+                    && let Some(value) = self.settled_unseen.remove(&key)
+                {
+                    self.release(key, value);
+                }
+                self.resume(key, &fetched)
+            }
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
             ShardMsg::Deposited { id, result } => self.deposited(id, result),
@@ -890,6 +912,14 @@ impl Shard {
     /// Drops replay entries past `validBefore` + retention: no new submit of
     /// them can pass stage 1 any more, and the ledger keeps them.
     fn sweep(&mut self, now: u64) {
+        let unseen: Vec<ReservationKey> = self.settled_unseen.keys().copied().collect();
+        for key in unseen {
+            if !self.balances.refresh(key, &self.notifier)
+                && let Some(value) = self.settled_unseen.remove(&key)
+            {
+                self.release(key, value);
+            }
+        }
         let retention = self.retention_secs;
         self.replay.retain(|_, e| e.valid_before.saturating_add(retention) >= now);
     }
