@@ -44,6 +44,9 @@ pub(crate) enum CommitItem {
     /// With `event`, a claim or refund went through: announced as a
     /// `CONFIRMED` event of the channel for the merchant numbered so.
     ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: ChannelReply },
+    /// The shard applied the revert of channel `id` a failed write sent
+    /// it: its items from here on are built on the recorded state.
+    ChannelReverted { id: B256 },
     /// Record a channel's new state (an accepted voucher), then answer
     /// `outcome`; if the write fails, the shard gets `previous` back.
     Channel {
@@ -146,6 +149,10 @@ pub(crate) struct Committer {
     /// when (unix seconds): a key names one payment only. Keys go with their
     /// payment's replay window.
     keys: HashMap<(u32, IdempotencyKey), (PaymentId, u64)>,
+    /// Channels a failed write sent back to their recorded state, until the
+    /// shard says it applied that: items of theirs until then were built on
+    /// the failed state and are refused, never written.
+    reverting: std::collections::HashSet<B256>,
     /// Prune expired keys once there are this many.
     prune_keys_at: usize,
     retention_secs: u64,
@@ -170,6 +177,7 @@ impl Committer {
             changed_channels: Arc::default(),
             payment_waiters: Arc::default(),
             keys: HashMap::new(),
+            reverting: std::collections::HashSet::new(),
             prune_keys_at: Self::MIN_PRUNE_KEYS_AT,
             retention_secs: 0,
         }
@@ -524,6 +532,17 @@ impl Committer {
                     batch.push(Write::Payment(record));
                 }
                 CommitItem::Reply { outcome, reply } => done.push(Done::Reply(outcome, reply)),
+                CommitItem::ChannelReverted { id } => {
+                    self.reverting.remove(&id);
+                }
+                CommitItem::ChannelWrite { record, reply, .. } if self.reverting.contains(&record.channel.id) => {
+                    reply.send(Err(crate::Error::LedgerClosed("a write of this channel failed; retry".into())));
+                }
+                CommitItem::Channel { record, reply, .. } if self.reverting.contains(&record.channel.id) => {
+                    let _ = reply.send(SubmitOutcome::Unavailable(
+                        "an earlier write of this channel failed; send this voucher again".into(),
+                    ));
+                }
                 CommitItem::ChannelWrite { record, event, reply } => {
                     if let Some((merchant_number, status)) = event {
                         sequence += 1;
@@ -682,7 +701,11 @@ impl Committer {
                             let _ = reply.send(outcome);
                         }
                         Done::Channel { previous, shard, reply, .. } => {
-                            let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });
+                            // The first write of a channel in the group holds
+                            // its recorded state; later ones were built on top.
+                            if self.reverting.insert(previous.channel.id) {
+                                let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });
+                            }
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Merchant(reply) | Done::Settlement { reply, .. } => {

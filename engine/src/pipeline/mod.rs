@@ -618,11 +618,16 @@ mod tests {
         stall: std::sync::Mutex<()>,
         /// `for_each_payment` calls: reads of the whole history.
         full_scans: std::sync::atomic::AtomicUsize,
+        /// The next this many commits fail.
+        fail_next: std::sync::atomic::AtomicUsize,
     }
 
     impl Ledger for FlakyLedger {
         fn commit(&self, batch: &WriteBatch) -> Result<()> {
             drop(self.stall.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            if self.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(Error::Io(std::io::Error::other("one write lost")));
+            }
             if self.failing.load(Ordering::SeqCst) {
                 return Err(Error::Io(std::io::Error::other("disk on fire")));
             }
@@ -1162,6 +1167,83 @@ mod tests {
         for rx in replies.drain(..) {
             assert!(matches!(rx.blocking_recv().unwrap(), SubmitOutcome::Accepted { .. }));
         }
+    }
+
+    /// Every channel holds 1,000 on chain, nothing claimed.
+    #[derive(Debug, Default)]
+    struct FundedChannels;
+
+    impl ChannelSource for FundedChannels {
+        fn fetch(&self, v: &crate::channels::VerifiedVoucher, notify: crate::channels::ChannelNotifier) {
+            let onchain = x402_channel::OnChain { balance: 1_000, total_claimed: 0, withdrawal: None, refund_nonce: 0 };
+            notify(v.channel_id, Ok(onchain));
+        }
+        fn deposit(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::DepositNotifier) {}
+    }
+
+    /// A voucher write that fails while a later voucher of the channel is
+    /// already on its way: the later one was built on the failed state and
+    /// is refused too (not recorded over it), and the channel the shard
+    /// and the ledger agree on takes both once they are sent again.
+    #[test]
+    fn a_failed_voucher_write_takes_back_the_vouchers_built_on_it() {
+        use x402_channel::ChannelDomain;
+
+        let ledger = Arc::new(FlakyLedger::default());
+        let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+        let config = PipelineConfig { channels: Arc::new(FundedChannels), shards: 1, ..PipelineConfig::default() };
+        let dyn_ledger: Arc<dyn Ledger> = ledger.clone();
+        let pipeline = Pipeline::start(&config, &dyn_ledger, &balances).unwrap();
+        let payer = Payer::random();
+        let authorizer = Address::repeat_byte(0xaa);
+        let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
+        let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
+        let id = domain.channel_id(&channel);
+        let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
+        let voucher = |max: u128| {
+            let payload = crate::channels::VoucherPayload {
+                network: "eip155:31337".into(),
+                config: channel.clone(),
+                channel_id: id,
+                max_claimable: max,
+                signature: payer.sign_voucher(&domain, id, max),
+                charge: None,
+                extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
+                deposit: None,
+                refund: None,
+            };
+            Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload)))
+        };
+        let accepted = |o: &SubmitOutcome| matches!(o, SubmitOutcome::VoucherAccepted { .. });
+        assert!(accepted(&submit(&pipeline, voucher(10))));
+
+        // The committer stalls with the second voucher; the third follows.
+        let stall = ledger.stall.lock().unwrap();
+        let second = pipeline.try_submit(merchant(), voucher(20)).unwrap();
+        thread::sleep(std::time::Duration::from_millis(200));
+        let third = pipeline.try_submit(merchant(), voucher(30)).unwrap();
+        thread::sleep(std::time::Duration::from_millis(200));
+        ledger.fail_next.store(1, Ordering::SeqCst);
+        drop(stall);
+        assert!(matches!(second.blocking_recv().unwrap(), SubmitOutcome::Unavailable(_)));
+        let third = third.blocking_recv().unwrap();
+        assert!(matches!(third, SubmitOutcome::Unavailable(_)), "built on a failed write, answered {third:?}");
+
+        // Sent again, both count, once each, in the ledger as in the shard.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let second = loop {
+            let answer = submit(&pipeline, voucher(20));
+            if accepted(&answer) || std::time::Instant::now() > deadline {
+                break answer;
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(accepted(&second), "{second:?}");
+        let SubmitOutcome::VoucherAccepted { channel: view, .. } = submit(&pipeline, voucher(30)) else {
+            panic!("the third voucher, sent again")
+        };
+        assert_eq!(view.charged, 30);
+        assert_eq!(ledger.channel(&id).unwrap().unwrap().channel.charged, 30);
     }
 
     /// Channel reads that never come back.

@@ -383,8 +383,11 @@ impl Shard {
                 self.commit.send(item).is_ok()
             }
             ShardMsg::ChannelRevert { record } => {
-                self.channels.insert(record.channel.id, *record);
-                true
+                let id = record.channel.id;
+                self.channels.insert(id, *record);
+                // Behind whatever this shard sent before, which the
+                // committer refuses until it reads this.
+                self.commit.send(CommitItem::ChannelReverted { id }).is_ok()
             }
             ShardMsg::Stop => {
                 for Parked { reply, .. } in mem::take(&mut self.parked).into_values().flatten() {
