@@ -602,3 +602,24 @@ async fn refund(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SpendLimiter;
+
+    /// A merchant gets its burst of transactions at once, then no more
+    /// until the bucket refills; another merchant's bucket is its own.
+    #[test]
+    fn each_merchant_spends_its_own_burst_then_waits_for_the_refill() {
+        let limiter = SpendLimiter::new(3, 60_000);
+        assert!((0..3).all(|_| limiter.try_spend(1)));
+        assert!(!limiter.try_spend(1), "past the burst");
+        assert!(limiter.try_spend(2), "another merchant is not held up");
+        // 60,000 a minute: one more every millisecond.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(limiter.try_spend(1), "refilled");
+        let slow = SpendLimiter::new(1, 1);
+        assert!(slow.try_spend(7));
+        assert!(!slow.try_spend(7), "one a minute");
+    }
+}
