@@ -344,3 +344,63 @@ async fn a_direct_payment_to_a_payee_receiving_its_first_tokens_has_gas_enough()
         "one transaction per payment, none out of gas"
     );
 }
+
+/// A chain whose clock lags x402d's refuses an authorization as "not yet
+/// valid" although x402d accepted it: the payment stays queued (direct and
+/// batched alike) and is settled once the chain's time passes `validAfter`,
+/// never recorded `Failed` for good (the payer was served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_not_yet_valid_on_a_lagging_chain_stays_queued_until_it_is() {
+    let lag = 3600;
+    let anvil = Anvil::spawn(&["--timestamp", &(now() - lag).to_string()]).unwrap();
+    let payer = Payer::random();
+    devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(MINTED)).await.unwrap();
+    let signer = PrivateKeySigner::random();
+    devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&config_value(dir.path())).await;
+    // Valid from ten minutes ago by x402d's clock, fifty minutes ahead of the chain's.
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let mut m2 = payments(node.endpoints().grpc, M2_KEY).await;
+    let direct = m1.submit(signed_submit(&payer, PAY_TO, 0)).await.unwrap().into_inner();
+    let batched = m2.submit(signed_submit(&payer, PAY_TO_2, 1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&direct), pb::Outcome::Accepted, "{}", direct.message);
+    assert_eq!(outcome(&batched), pb::Outcome::Accepted, "{}", batched.message);
+
+    let config = SettlerConfig { poll: Duration::from_millis(100), ..SettlerConfig::default() };
+    let settler = Settler::spawn(node.engine().clone(), chain.clone(), config, None);
+    let state = |client: &Payments, id: &[u8]| {
+        let mut client = client.clone();
+        let get = pb::GetPaymentRequest { payment_id: id.to_vec() };
+        async move { client.get_payment(get).await.unwrap().into_inner().status.unwrap() }
+    };
+    // Several rounds of settlement see the chain refuse them: still queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (client, id) in [(&m1, &direct.payment_id), (&m2, &batched.payment_id)] {
+        let status = state(client, id).await;
+        assert_eq!(status.state, pb::PaymentState::Queued as i32, "{status:?}");
+    }
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::ZERO);
+
+    // The chain's clock catches up: both are settled, once.
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    provider.anvil_set_time(now()).await.unwrap();
+    provider.anvil_mine(Some(1), None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (client, id) in [(&m1, &direct.payment_id), (&m2, &batched.payment_id)] {
+        loop {
+            let status = state(client, id).await;
+            if status.state == pb::PaymentState::Confirmed as i32 {
+                break;
+            }
+            assert_ne!(status.state, pb::PaymentState::Failed as i32, "{status:?}");
+            assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    settler.abort();
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT));
+    assert_eq!(chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT));
+}
