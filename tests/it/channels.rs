@@ -1129,3 +1129,73 @@ async fn vouchers_of_a_channel_x402d_cannot_claim_are_refused() {
     let answer = client.submit(voucher(2, payer, &s.config(payer), 0, PRICE)).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
 }
+
+/// A claim transaction that passed its simulation and reverted on chain
+/// announces nothing: no channel of it gets a `CONFIRMED` event for a
+/// transaction that claimed nothing. Its channels are then claimed one per
+/// transaction; the one that reverts alone too is quarantined, the other is
+/// claimed and announced with its own (successful) transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_reverts_on_chain_announces_nothing_and_its_channels_are_then_claimed_alone() {
+    let s = Setup::new(2).await;
+    let delegated = Payer::random();
+    let configs =
+        [s.config(&s.payers[0]), ChannelConfig { payerAuthorizer: delegated.address(), ..s.config(&s.payers[1]) }];
+    for (payer, config) in s.payers.iter().zip(&configs) {
+        s.deposit_into(payer, config.clone(), 1_000).await;
+    }
+    let engine = s.engine(3600).await;
+    let grpc = engine.node.endpoints().grpc;
+    let mut client = payments(grpc, MC_KEY).await;
+    let mut events =
+        client.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let signers = [&s.payers[0], &delegated];
+    for (c, config) in configs.iter().enumerate() {
+        let answer = client.submit(voucher(c as u64, signers[c], config, 0, PRICE)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    }
+
+    // The claim of both is simulated and sent, but waits in the pool ...
+    s.wallet.anvil_set_auto_mine(false).await.unwrap();
+    set_claim_interval(grpc, 1).await;
+    eventually(30, "the claim transaction in the pool", || async {
+        s.wallet.get_transaction_count(s.signer.address()).pending().await.unwrap() == 1
+    })
+    .await;
+    // ... while the second channel's authorizer gets code that refuses its
+    // voucher: mined, the claim reverts.
+    s.wallet.anvil_set_code(delegated.address(), alloy::primitives::bytes!("00")).await.unwrap();
+    s.wallet.anvil_mine(Some(1), None).await.unwrap();
+    s.wallet.anvil_set_auto_mine(true).await.unwrap();
+    let block = s.wallet.get_block_by_number(alloy::eips::BlockNumberOrTag::Latest).full().await.unwrap().unwrap();
+    let reverted = block.transactions.hashes().next().expect("the claim was mined");
+    let receipt = s.wallet.get_transaction_receipt(reverted).await.unwrap().unwrap();
+    assert!(!receipt.status(), "the claim was meant to revert");
+
+    // Then the good channel alone is claimed; the other is quarantined.
+    let ids: Vec<B256> = configs.iter().map(|c| Setup::domain().channel_id(c)).collect();
+    let mut seen = (false, false);
+    while seen != (true, true) {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.unwrap().unwrap().unwrap();
+        let status = event.status.unwrap();
+        let tx = B256::try_from(status.transaction.as_slice()).unwrap_or_default();
+        assert_ne!(tx, reverted, "an event for the reverted claim: {status:?}");
+        match pb::PaymentState::try_from(status.state).unwrap() {
+            pb::PaymentState::Confirmed => {
+                assert_eq!(event.payment_id, ids[0].to_vec(), "only the good channel is claimed");
+                let receipt = s.wallet.get_transaction_receipt(tx).await.unwrap().expect("a mined claim");
+                assert!(receipt.status(), "announced for a claim that reverted");
+                seen.0 = true;
+            }
+            pb::PaymentState::Failed => {
+                assert_eq!(event.payment_id, ids[1].to_vec());
+                assert!(status.failure_reason.starts_with("channel_claim_quarantined"), "{}", status.failure_reason);
+                seen.1 = true;
+            }
+            other => panic!("unexpected channel event {other:?}"),
+        }
+    }
+    assert_eq!(s.onchain_of(&configs[0]).await, (1_000, PRICE));
+    assert_eq!(s.onchain_of(&configs[1]).await, (1_000, 0));
+    assert_eq!(s.sent().await, 2, "the reverted claim, then the good channel's alone");
+}
