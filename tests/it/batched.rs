@@ -318,3 +318,65 @@ async fn an_authorization_settled_before_it_was_accepted_is_not_confirmed_by_tha
     assert_eq!(settled[1].status.state, PaymentState::Confirmed);
     assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * 2), "paid once each");
 }
+
+/// A batch whose nonce another transaction of its signer took (the key used
+/// elsewhere at once) can never be mined: it is abandoned, and each row is
+/// concluded by what the chain says of its authorization. One cancelled by
+/// its payer is `Failed` as cancelled (never `Confirmed`), one someone else
+/// sent to its payee is `Confirmed` with that transaction, and one still
+/// unspent is queued again and settled in a new batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_batch_concludes_each_row_by_how_its_authorization_was_spent() {
+    let s = setup(3, 100, 300).await;
+    s.control.anvil_set_auto_mine(false).await.unwrap();
+    let config = SettlerConfig {
+        receipt_timeout: Duration::from_secs(2),
+        stuck_after: Duration::from_secs(1),
+        max_bumps: 0,
+        ..SettlerConfig::default()
+    };
+    let settler = Settler::spawn(s.node.engine().clone(), s.chain.clone(), config, None);
+    let payloads: Vec<_> = s.payers.iter().map(payment).collect();
+    let ids = submit(&s, &payloads).await;
+    submitted(&s, &ids).await;
+    let intents = s.node.engine().intents().await.unwrap();
+    let [intent] = intents.as_slice() else { panic!("one batch: {intents:?}") };
+
+    // The first payer cancels its authorization, the second's is sent to
+    // its payee by someone else, and the batch's nonce goes to another
+    // transaction of the same key (far higher fees: it replaces the batch).
+    let nonce = payloads[0].authorization.nonce;
+    let sig = s.payers[0].sign_cancel(&requirements(PAY_TO_2), nonce);
+    let cancel = send_ahead(&s, cancel_authorization_calldata(s.payers[0].address(), nonce, &sig)).await;
+    let sig: [u8; 65] = payloads[1].signature.as_slice().try_into().unwrap();
+    let relayed =
+        send_ahead(&s, transfer_with_authorization_calldata(&payloads[1].authorization.message(), &sig)).await;
+    s.control.anvil_impersonate_account(intent.signer).await.unwrap();
+    let taker = TransactionRequest::default()
+        .with_from(intent.signer)
+        .with_to(intent.signer)
+        .with_nonce(intent.nonce)
+        .with_gas_limit(21_000)
+        .with_max_fee_per_gas(2_000_000_000_000)
+        .with_max_priority_fee_per_gas(1_000_000_000_000);
+    let taker = *s.control.send_transaction(taker).await.unwrap().tx_hash();
+    s.control.anvil_mine(Some(1), None).await.unwrap();
+    for tx in [cancel, relayed, taker] {
+        assert!(s.chain.receipt(tx).await.unwrap().expect("mined").success);
+    }
+    assert!(s.chain.receipt(intent.tx_hashes[0]).await.unwrap().is_none(), "the batch was replaced");
+    devnet::set_interval_mining(s.anvil.endpoint(), 1).await.unwrap();
+
+    let settled = concluded(&s, &ids).await;
+    settler.abort();
+    assert_eq!(settled[0].status.state, PaymentState::Failed, "{:?}", settled[0].status);
+    assert_eq!(settled[0].status.failure_reason.as_deref(), Some("invalid_exact_evm_authorization_canceled"));
+    assert_eq!(settled[0].status.transaction, Some(cancel));
+    assert_eq!(settled[1].status.state, PaymentState::Confirmed, "{:?}", settled[1].status);
+    assert_eq!(settled[1].status.transaction, Some(relayed));
+    assert_eq!(settled[2].status.state, PaymentState::Confirmed, "{:?}", settled[2].status);
+    let batch = settled[2].status.transaction.unwrap();
+    assert!(s.chain.receipt(batch).await.unwrap().unwrap().success);
+    assert_eq!(s.chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT * 2), "paid once each");
+    assert!(s.node.engine().intents().await.unwrap().iter().all(|i| i.key() != intent.key()), "abandoned");
+}
