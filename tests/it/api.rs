@@ -215,18 +215,66 @@ async fn health_reflection_and_metrics() {
     assert!(ok.status().is_success());
 }
 
+/// The test config served over TLS with a fresh self-signed certificate
+/// for `localhost` (written under `dir`), and that certificate's PEM.
+fn tls_config(dir: &std::path::Path) -> (x402_engine::config::Config, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_pem = cert.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut config = config_value(dir);
+    config.server.tls =
+        Some(x402_engine::config::TlsConfig { cert_file: dir.join("cert.pem"), key_file: dir.join("key.pem") });
+    (config, cert_pem)
+}
+
+/// One address holds at most 32 TLS handshakes of the HTTP listener in
+/// progress: more connections from it are closed at once, and a client
+/// from another address still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_from_one_address_are_capped_and_others_still_connect() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cert_pem) = tls_config(dir.path());
+    let node = start_node(&config).await;
+    let http = node.endpoints().http.port();
+    // 32 connections from 127.0.0.1 that never say a word ...
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", http)).await.unwrap());
+    }
+    // ... (the listener has taken them all up)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... so the next one from there is closed at once, long before the
+    // handshake timeout.
+    let mut over = tokio::net::TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a 33rd silent connection was kept: {read:?}");
+
+    // A client from another address is not held up.
+    let client = |from: [u8; 4]| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+            .resolve("localhost", ([127, 0, 0, 1], http).into())
+            .local_address(std::net::IpAddr::from(from))
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap()
+    };
+    let ok = client([127, 0, 0, 2]).get(format!("https://localhost:{http}/healthz")).send().await;
+    assert!(ok.expect("another address's handshake").status().is_success());
+    // Once the silent ones are gone, 127.0.0.1 connects again.
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ok = client([127, 0, 0, 1]).get(format!("https://localhost:{http}/healthz")).send().await;
+    assert!(ok.expect("a handshake once the slots are free").status().is_success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listeners() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert_pem = cert.cert.pem();
-    std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    let mut config = config_value(dir.path());
-    config.server.tls = Some(x402_engine::config::TlsConfig {
-        cert_file: dir.path().join("cert.pem"),
-        key_file: dir.path().join("key.pem"),
-    });
+    let (mut config, cert_pem) = tls_config(dir.path());
     config.merchants.push(merchant_config("m3", PAY_TO, "test-merchant-three-key-01", PolicyConfig::Direct));
     let node = start_node(&config).await;
     let port = node.endpoints().grpc.port();
