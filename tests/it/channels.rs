@@ -1199,3 +1199,37 @@ async fn a_claim_that_reverts_on_chain_announces_nothing_and_its_channels_are_th
     assert_eq!(s.onchain_of(&configs[1]).await, (1_000, 0));
     assert_eq!(s.sent().await, 2, "the reverted claim, then the good channel's alone");
 }
+
+/// Transactions x402d sends (and pays the gas of) on a merchant's behalf
+/// over HTTP are rate limited per merchant: past its burst of 20, the
+/// next call answers 429 and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_transactions_sent_for_a_merchant_over_http_are_rate_limited() {
+    let s = Setup::new(1).await;
+    let e = s.engine(3600).await;
+    let config = s.config(&s.payers[0]);
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "x402Version": 2,
+        "paymentPayload": {
+            "x402Version": 2,
+            "accepted": requirements_json(&config, 0),
+            "payload": { "type": "settle", "receiver": RECEIVER.to_string(), "token": TOKEN.to_string() },
+        },
+        "paymentRequirements": requirements_json(&config, 0),
+    });
+    let settle = || async {
+        let url = format!("http://{}/settle", e.node.endpoints().http);
+        let response = http.post(url).bearer_auth(MC_KEY).json(&body).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    for n in 0..20 {
+        let (status, answer) = settle().await;
+        assert_eq!(status, 200, "call {n}: {answer}");
+    }
+    let sent = s.sent().await;
+    let (status, answer) = settle().await;
+    assert_eq!(status, 429, "past the burst: {answer}");
+    assert!(answer.contains("too many channel transactions"), "{answer}");
+    assert_eq!(s.sent().await, sent, "nothing sent past the limit");
+}
