@@ -13,10 +13,25 @@
 //!                                                                    ──► WatchSettlements, /metrics
 //! ```
 //!
-//! Modules: [`domain`] (types), [`verify`] (stage 1), [`pipeline`] (the
-//! threads), [`ledger`] (storage trait, RocksDB and memory), [`engine`]
-//! (the parts together), [`grpc`] and [`http`] (adapters), [`config`] and
-//! [`node`] (running it). No feature flags.
+//! The modules, in the order a payment meets them (the README's "Where
+//! each part of the picture lives" maps them to the picture above):
+//!
+//! - [`grpc`], [`http`], [`facilitator`]: the adapters (gRPC services, the
+//!   HTTP listener, the x402 facilitator API);
+//! - [`domain`]: the types every stage shares; [`Reason`] and
+//!   [`Rejection`]: why a payment is refused;
+//! - [`pipeline`]: verifier threads ([`verify`], with [`ecdsa`]), payer
+//!   shards, the committer; [`channels`]: vouchers of `batch-settlement`;
+//! - [`balance`]: the payer balance and code cache the shards read;
+//! - [`ledger`]: the storage trait, RocksDB and in-memory;
+//! - [`settle`]: the settlers (direct, batched, intents, channel claims);
+//! - [`engine`], [`merchants`], [`metrics`]: the parts together, the
+//!   merchant registry, metric names;
+//! - [`config`] and [`node`]: configuring and running a node;
+//! - [`load`] and [`payer`]: the load generator and a test payer's signing
+//!   (tooling; to move out of the server's crate).
+//!
+//! No feature flags.
 
 pub mod balance;
 pub mod channels;

@@ -77,7 +77,8 @@ struct Overrides {
     /// gRPC listen address.
     #[arg(long, env = "X402D_GRPC_ADDR")]
     grpc_addr: Option<SocketAddr>,
-    /// HTTP (/metrics, /healthz) listen address.
+    /// HTTP listen address: the x402 facilitator API (/verify, /settle,
+    /// /supported), /metrics and /healthz.
     #[arg(long, env = "X402D_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
     /// Ledger directory.
