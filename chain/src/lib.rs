@@ -14,8 +14,6 @@ pub mod anvil;
 pub mod batch;
 mod chain;
 pub mod channel;
-/// Tests of the channel contract and its deposit collector on anvil.
-mod channel_contract;
 pub mod contracts;
 pub mod devnet;
 pub mod eip3009;
