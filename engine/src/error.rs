@@ -7,9 +7,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// see [`crate::Rejection`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// RocksDB failed.
-    #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    /// The ledger's storage could not read or write (an I/O error or a
+    /// full disk underneath); nothing of the operation took effect.
+    #[error("ledger storage: {0}")]
+    Storage(String),
     /// A ledger record does not decode.
     #[error("ledger record does not decode: {0}")]
     Decode(#[from] prost::DecodeError),
@@ -37,6 +38,17 @@ pub enum Error {
     /// The chain could not be read or written.
     #[error("chain: {0}")]
     Chain(Box<x402_chain::Error>),
+    /// An answer awaited (from the chain: a receipt, a read) did not come
+    /// in time; the operation may still complete, and can be retried.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A key x402d holds could not sign.
+    #[error("signing: {0}")]
+    Signing(String),
+    /// The request names a chain this node does not settle (no `[chain]`
+    /// for it).
+    #[error("chain {0} is not settled by this node: no [chain] is configured for it")]
+    UnknownChain(u64),
     /// The pipeline has stopped (shutdown or a thread died).
     #[error("pipeline stopped")]
     PipelineStopped,
@@ -56,7 +68,8 @@ pub enum Error {
     /// gRPC reflection could not be set up.
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// A configuration value is wrong.
+    /// A configuration value is wrong (found at start-up, or when a
+    /// configured value is first used).
     #[error("config: {0}")]
     Config(String),
     /// File or socket I/O failed.
@@ -65,8 +78,21 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying the same operation later may succeed.
-    pub const fn is_retryable(&self) -> bool {
-        matches!(self, Self::Rocks(_) | Self::Io(_) | Self::LedgerClosed(_))
+    /// Whether retrying the same operation later may succeed: storage and
+    /// I/O failures, a closed ledger, a timeout, a chain that may come back,
+    /// and a failed commit for any of those reasons.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Storage(_) | Self::Io(_) | Self::LedgerClosed(_) | Self::Timeout(_) => true,
+            Self::Commit(cause) => cause.is_retryable(),
+            Self::Chain(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+impl From<x402_chain::Error> for Error {
+    fn from(e: x402_chain::Error) -> Self {
+        Self::Chain(Box::new(e))
     }
 }

@@ -220,7 +220,7 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
         confirmations: config.confirmations,
         ..TxConfig::default()
     };
-    let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await.map_err(|e| Error::Chain(Box::new(e)))?;
+    let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await?;
     Ok(Some(Arc::new(chain)))
 }
 

@@ -313,3 +313,332 @@ impl BalanceSource for ManualBalances {
         Lookup::Pending
     }
 }
+
+/// A chain that settles by a test's script: it signs real EIP-1559
+/// transactions with one key, keeps what is broadcast, and mines, reverts,
+/// drops or reorgs it when the test says (or mines each broadcast at once
+/// with [`ScriptedChain::auto_mine`]). Settlement runs on it as on a node,
+/// without one.
+#[derive(Debug)]
+pub(crate) struct ScriptedChain {
+    address: Address,
+    wallet: alloy::network::EthereumWallet,
+    script: Mutex<Script>,
+    /// The signed bytes of every transaction signed, by hash.
+    signed: Mutex<HashMap<B256, Bytes>>,
+}
+
+#[derive(Debug, Default)]
+struct Script {
+    auto_mine: bool,
+    /// Confirmations a receipt needs (0 taken as 1).
+    confirmations: u64,
+    next_nonce: u64,
+    head: u64,
+    /// Block hashes changed by a reorg (the others are derived from the number).
+    reorged: HashMap<u64, B256>,
+    /// Every hash broadcast, in order (a rebroadcast counts again).
+    broadcasts: Vec<B256>,
+    mined: HashMap<B256, Receipt>,
+    /// Nonces a transaction of the signer took on chain, and by which.
+    used_nonces: HashMap<u64, B256>,
+    /// What `simulate` answers, once each; then it passes.
+    simulations: std::collections::VecDeque<Option<String>>,
+    spent: HashMap<(Address, Address, B256), x402_chain::AuthorizationSpent>,
+    /// The next this many broadcasts fail as an unreachable node.
+    failing_broadcasts: usize,
+}
+
+impl Script {
+    fn block_hash(&self, number: u64) -> B256 {
+        self.reorged.get(&number).copied().unwrap_or_else(|| alloy::primitives::keccak256(number.to_be_bytes()))
+    }
+}
+
+/// A transaction's `transferWithAuthorization` as (token, from, nonce).
+fn transfer_of(to: Address, input: &[u8]) -> Option<x402_chain::AuthorizationUsed> {
+    use alloy::sol_types::SolCall;
+    let call = x402_chain::eip3009::IEip3009::transferWithAuthorizationCall::abi_decode(input).ok()?;
+    Some(x402_chain::AuthorizationUsed { token: to, authorizer: call.from, nonce: call.nonce })
+}
+
+impl ScriptedChain {
+    pub(crate) const CHAIN_ID: u64 = 31337;
+    /// Gas a mined transaction uses unless it ran out.
+    pub(crate) const GAS_USED: u64 = 60_000;
+
+    pub(crate) fn new() -> Self {
+        let key = alloy::signers::local::PrivateKeySigner::random();
+        Self { address: key.address(), wallet: key.into(), script: Mutex::default(), signed: Mutex::default() }
+    }
+
+    fn script(&self) -> MutexGuard<'_, Script> {
+        self.script.lock().unwrap()
+    }
+
+    /// From now on every broadcast is mined at once, successfully.
+    pub(crate) fn auto_mine(&self, on: bool) {
+        self.script().auto_mine = on;
+    }
+
+    /// Receipts count once they have `n` confirmations.
+    pub(crate) fn require_confirmations(&self, n: u64) {
+        self.script().confirmations = n;
+    }
+
+    /// Every hash broadcast so far, in order.
+    pub(crate) fn broadcasts(&self) -> Vec<B256> {
+        self.script().broadcasts.clone()
+    }
+
+    /// Mines `hash` in a new block: successful, its authorization (if it is
+    /// a `transferWithAuthorization`) used.
+    pub(crate) fn mine(&self, hash: B256) {
+        self.include(hash, true, false);
+    }
+
+    /// Mines `hash` in a new block, reverted; having used all its gas when
+    /// `out_of_gas`.
+    pub(crate) fn revert(&self, hash: B256, out_of_gas: bool) {
+        self.include(hash, false, out_of_gas);
+    }
+
+    fn include(&self, hash: B256, success: bool, out_of_gas: bool) {
+        let raw = self.raw_of(hash);
+        let tx = SignedTx::from_raw(raw, self.address).expect("a transaction this chain signed");
+        let mut script = self.script();
+        script.head += 1;
+        let block = script.head;
+        let receipt = Receipt {
+            tx: hash,
+            block,
+            block_hash: script.block_hash(block),
+            confirmations: 1,
+            success,
+            gas_used: if out_of_gas { tx.gas_limit } else { Self::GAS_USED },
+            effective_gas_price: 1,
+            authorizations_used: if success { transfer_of(tx.to, &tx.input).into_iter().collect() } else { Vec::new() },
+        };
+        script.used_nonces.insert(tx.nonce, hash);
+        script.mined.insert(hash, receipt);
+    }
+
+    /// The signed bytes of a hash this chain was asked to broadcast.
+    fn raw_of(&self, hash: B256) -> Bytes {
+        self.signed.lock().unwrap().get(&hash).cloned().expect("a transaction this chain signed")
+    }
+
+    /// Another transaction of the signer takes `nonce` on chain.
+    pub(crate) fn take_nonce(&self, nonce: u64) {
+        let mut script = self.script();
+        script.head += 1;
+        script.used_nonces.insert(nonce, B256::repeat_byte(0xee));
+    }
+
+    /// `blocks` empty blocks on top.
+    pub(crate) fn mine_blocks(&self, blocks: u64) {
+        self.script().head += blocks;
+    }
+
+    /// A reorg takes `hash`'s block off the chain: the transaction is no
+    /// longer included (mine it again to put it in a new block).
+    pub(crate) fn reorg_out(&self, hash: B256) {
+        let mut script = self.script();
+        let receipt = script.mined.remove(&hash).expect("a mined transaction");
+        script.reorged.insert(receipt.block, B256::repeat_byte(0xab));
+        script.used_nonces.retain(|_, h| *h != hash);
+    }
+
+    /// What the next simulations answer, in order (`None`: it would pass).
+    pub(crate) fn simulate_next(&self, answers: impl IntoIterator<Item = Option<String>>) {
+        self.script().simulations.extend(answers);
+    }
+
+    /// `authorizer`'s `nonce` on `token` was spent, as `spent` says.
+    pub(crate) fn spend(
+        &self,
+        token: Address,
+        authorizer: Address,
+        nonce: B256,
+        spent: x402_chain::AuthorizationSpent,
+    ) {
+        self.script().spent.insert((token, authorizer, nonce), spent);
+    }
+
+    /// The next `n` broadcasts fail as a node that cannot be reached.
+    pub(crate) fn fail_broadcasts(&self, n: usize) {
+        self.script().failing_broadcasts = n;
+    }
+
+    /// The node forgets what nonces it handed out (a restart on a node that
+    /// never saw the pending transactions).
+    pub(crate) fn forget_nonces(&self) {
+        self.script().next_nonce = 0;
+    }
+
+    async fn sign(&self, to: Address, input: Bytes, nonce: u64, gas: u64, fees: (u128, u128)) -> SignedTx {
+        use alloy::{
+            eips::eip2718::Encodable2718,
+            network::{NetworkTransactionBuilder, TransactionBuilder},
+        };
+        let request = alloy::rpc::types::TransactionRequest::default()
+            .with_from(self.address)
+            .with_to(to)
+            .with_input(input)
+            .with_chain_id(Self::CHAIN_ID)
+            .with_nonce(nonce)
+            .with_gas_limit(gas)
+            .with_max_fee_per_gas(fees.0)
+            .with_max_priority_fee_per_gas(fees.1);
+        let envelope = request.build(&self.wallet).await.expect("signs");
+        let raw: Bytes = envelope.encoded_2718().into();
+        let tx = SignedTx::from_raw(raw.clone(), self.address).expect("decodes");
+        self.signed.lock().unwrap().insert(tx.hash, raw);
+        tx
+    }
+}
+
+impl Chain for ScriptedChain {
+    fn chain_id(&self) -> u64 {
+        Self::CHAIN_ID
+    }
+
+    fn signers(&self) -> Vec<Address> {
+        vec![self.address]
+    }
+
+    async fn token_balance(&self, _: Address, _: Address) -> x402_chain::Result<U256> {
+        Ok(U256::MAX)
+    }
+
+    async fn has_code(&self, _: Address) -> x402_chain::Result<bool> {
+        Ok(false)
+    }
+
+    async fn authorization_state(&self, token: Address, authorizer: Address, nonce: B256) -> x402_chain::Result<bool> {
+        let script = self.script();
+        Ok(script.spent.contains_key(&(token, authorizer, nonce))
+            || script.mined.values().any(|r| r.used(token, authorizer, nonce)))
+    }
+
+    async fn authorization_spent(
+        &self,
+        token: Address,
+        authorizer: Address,
+        nonce: B256,
+        from: u64,
+        to: u64,
+    ) -> x402_chain::Result<Option<x402_chain::AuthorizationSpent>> {
+        let spent = self.script().spent.get(&(token, authorizer, nonce)).copied();
+        Ok(spent.filter(|s| (from..=to).contains(&s.block)))
+    }
+
+    async fn block_number(&self) -> x402_chain::Result<u64> {
+        Ok(self.script().head)
+    }
+
+    async fn block_hash(&self, number: u64) -> x402_chain::Result<Option<B256>> {
+        let script = self.script();
+        Ok((number <= script.head).then(|| script.block_hash(number)))
+    }
+
+    async fn transfer_logs(&self, _: Address, _: u64, _: u64) -> x402_chain::Result<Vec<TransferLog>> {
+        Ok(Vec::new())
+    }
+
+    async fn channel_logs(&self, _: Address, _: u64, _: u64) -> x402_chain::Result<Vec<x402_chain::ChannelLog>> {
+        Ok(Vec::new())
+    }
+
+    async fn simulate(&self, _: Address, _: Bytes) -> x402_chain::Result<Option<String>> {
+        Ok(self.script().simulations.pop_front().flatten())
+    }
+
+    async fn call(&self, _: Address, _: Bytes) -> x402_chain::Result<Bytes> {
+        not_faked()
+    }
+
+    async fn estimate_gas(&self, _: Address, _: Bytes) -> x402_chain::Result<u64> {
+        Ok(100_000)
+    }
+
+    async fn block_gas_limit(&self) -> x402_chain::Result<u64> {
+        Ok(30_000_000)
+    }
+
+    async fn sign_call(&self, to: Address, input: Bytes, gas_limit: Option<u64>) -> x402_chain::Result<SignedTx> {
+        let nonce = {
+            let mut script = self.script();
+            script.next_nonce += 1;
+            script.next_nonce - 1
+        };
+        Ok(self.sign(to, input, nonce, gas_limit.unwrap_or(100_000), (2_000_000_000, 1_000_000_000)).await)
+    }
+
+    async fn bump(&self, tx: &SignedTx) -> x402_chain::Result<SignedTx> {
+        let raise = |old: u128| old + old / 8 + 1;
+        let fees = (raise(tx.max_fee_per_gas), raise(tx.max_priority_fee_per_gas));
+        Ok(self.sign(tx.to, tx.input.clone(), tx.nonce, tx.gas_limit, fees).await)
+    }
+
+    async fn floor_nonce(&self, _: Address, next: u64) -> x402_chain::Result<()> {
+        let mut script = self.script();
+        script.next_nonce = script.next_nonce.max(next);
+        Ok(())
+    }
+
+    async fn fill_nonce(&self, tx: &SignedTx) -> x402_chain::Result<()> {
+        self.take_nonce(tx.nonce);
+        Ok(())
+    }
+
+    async fn broadcast(&self, tx: &SignedTx) -> x402_chain::Result<()> {
+        let auto_mine = {
+            let mut script = self.script();
+            if script.failing_broadcasts > 0 {
+                script.failing_broadcasts -= 1;
+                return Err(x402_chain::Error::Rpc(alloy::transports::TransportErrorKind::custom_str(
+                    "connection refused",
+                )));
+            }
+            if script.mined.contains_key(&tx.hash) {
+                return Ok(());
+            }
+            if script.used_nonces.contains_key(&tx.nonce) {
+                return Err(x402_chain::Error::NonceTooLow { signer: tx.signer, nonce: tx.nonce });
+            }
+            script.broadcasts.push(tx.hash);
+            script.auto_mine
+        };
+        if auto_mine {
+            self.mine(tx.hash);
+        }
+        Ok(())
+    }
+
+    fn confirmations(&self) -> u64 {
+        self.script().confirmations.max(1)
+    }
+
+    async fn receipt(&self, hash: B256) -> x402_chain::Result<Option<Receipt>> {
+        let script = self.script();
+        Ok(script.mined.get(&hash).map(|r| Receipt { confirmations: script.head + 1 - r.block, ..r.clone() }))
+    }
+
+    async fn wait_receipt(&self, hashes: &[B256], timeout: Duration) -> x402_chain::Result<Option<Receipt>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for hash in hashes.iter().rev() {
+                if let Some(receipt) = self.receipt(*hash).await?
+                    && receipt.confirmations >= self.confirmations()
+                {
+                    return Ok(Some(receipt));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}

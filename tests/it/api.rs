@@ -325,17 +325,22 @@ async fn tls_listeners() {
     assert!(reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await.is_err(), "plaintext HTTP answered");
 }
 
-/// A memory ledger whose commit panics once `broken` is set: a pipeline
-/// thread dying on input it did not expect.
+/// A memory ledger whose commit panics once `broken` is set (a pipeline
+/// thread dying on input it did not expect), and fails as a full disk
+/// does while `failing` is set.
 #[derive(Debug, Default)]
-struct PanickingLedger {
+struct FaultyLedger {
     inner: x402_engine::ledger::MemoryLedger,
     broken: std::sync::atomic::AtomicBool,
+    failing: std::sync::atomic::AtomicBool,
 }
 
-impl x402_engine::ledger::Ledger for PanickingLedger {
+impl x402_engine::ledger::Ledger for FaultyLedger {
     fn commit(&self, batch: &x402_engine::ledger::WriteBatch) -> x402_engine::Result<()> {
         assert!(!self.broken.load(std::sync::atomic::Ordering::SeqCst), "the ledger broke");
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(x402_engine::Error::Storage("IO error: No space left on device".into()));
+        }
         self.inner.commit(batch)
     }
     fn payment(
@@ -385,7 +390,7 @@ impl x402_engine::ledger::Ledger for PanickingLedger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = std::sync::Arc::new(PanickingLedger::default());
+    let ledger = std::sync::Arc::new(FaultyLedger::default());
     let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
         std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
     let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
@@ -417,6 +422,35 @@ async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
     let stopped = tokio::time::timeout(Duration::from_secs(10), node.wait(std::future::pending())).await;
     let err = stopped.expect("the node stops by itself").unwrap_err();
     assert!(err.to_string().contains("x402d-commit"), "{err}");
+}
+
+/// A ledger that cannot write (a full disk) makes a merchant call answer
+/// `UNAVAILABLE`, which a client retries, not `INTERNAL`; once it writes
+/// again the same call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = std::sync::Arc::new(FaultyLedger::default());
+    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
+        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
+    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let mut admin = admin(node.endpoints().grpc, ADMIN_KEY).await;
+    let merchant = admin.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.unwrap().into_inner();
+    let upsert = || pb::UpsertMerchantRequest { merchant: Some(merchant.clone()), api_key: String::new() };
+
+    ledger.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = admin.upsert_merchant(upsert()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // A payment too: nothing is accepted that is not recorded.
+    let mut m1 = payments(node.endpoints().grpc, M1_KEY).await;
+    let answer = m1.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await;
+    match answer {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Ok(answer) => panic!("answered {:?} with the ledger failing", answer.into_inner()),
+    }
+
+    ledger.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    admin.upsert_merchant(upsert()).await.expect("the ledger writes again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

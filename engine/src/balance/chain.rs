@@ -309,7 +309,7 @@ impl<C: Chain> Shared<C> {
                 Ok((Err(x402_chain::Error::NoContract(_)), _)) => Ok(Account::NoToken),
                 Ok((_, Ok(true))) => Ok(Account::HasCode),
                 Ok((Ok(balance), Ok(false))) => Ok(Account::Funds(balance)),
-                Ok((Err(e), _) | (_, Err(e))) => Err(Arc::new(Error::Chain(Box::new(e)))),
+                Ok((Err(e), _) | (_, Err(e))) => Err(Arc::new(Error::from(e))),
                 Err(_) => Err(Arc::new(timed_out("balanceOf", shared.config.fetch_timeout))),
             };
             guard.finish(&fetched);
@@ -418,7 +418,7 @@ impl<C: Chain> Shared<C> {
 
     /// One round: the logs of blocks after `cursor` up to the head.
     async fn follow_once(self: &Arc<Self>, cursor: &mut Option<u64>) -> Result<()> {
-        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let head = self.chain.block_number().await?;
         let Some(last) = *cursor else {
             // Whatever was read before the first head is re-read.
             *cursor = Some(head);
@@ -443,7 +443,7 @@ impl<C: Chain> Shared<C> {
         let tokens: Vec<Address> = lock(&self.tokens).iter().copied().collect();
         let mut touched = HashSet::new();
         for token in tokens {
-            for log in self.chain.transfer_logs(token, last + 1, head).await.map_err(chain_error)? {
+            for log in self.chain.transfer_logs(token, last + 1, head).await? {
                 touched.insert((token, log.from));
                 touched.insert((token, log.to));
             }
@@ -539,15 +539,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn chain_error(e: x402_chain::Error) -> Error {
-    Error::Chain(Box::new(e))
-}
-
 fn timed_out(what: &str, after: Duration) -> Error {
-    Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("{what}: no answer from the chain in {after:?}"),
-    ))
+    Error::Timeout(format!("{what}: no answer from the chain in {after:?}"))
 }
 
 #[cfg(test)]

@@ -618,13 +618,11 @@ pub struct NoChannels;
 
 impl ChannelSource for NoChannels {
     fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier) {
-        let message = format!("no [chain] configured for chain {}: channels cannot be read", v.chain_id);
-        notify(v.channel_id, Err(ReadFailure::Unavailable(Arc::new(Error::Config(message)))));
+        notify(v.channel_id, Err(ReadFailure::Unavailable(Arc::new(Error::UnknownChain(v.chain_id)))));
     }
 
     fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
-        let message = format!("no [chain] configured for chain {}: deposits cannot be made", v.chain_id);
-        notify(v.channel_id, Err(DepositFailure::Unavailable(Arc::new(Error::Config(message)))));
+        notify(v.channel_id, Err(DepositFailure::Unavailable(Arc::new(Error::UnknownChain(v.chain_id)))));
     }
 }
 
@@ -657,7 +655,7 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
                 chain.has_code(signer),
             )
             .await;
-            let unavailable = |e| ReadFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
+            let unavailable = |e: x402_chain::Error| ReadFailure::Unavailable(Arc::new(Error::from(e)));
             let fetched = match code {
                 Ok(true) => Err(ReadFailure::SignerHasCode(signer)),
                 Ok(false) => {
@@ -699,7 +697,7 @@ pub(crate) async fn put_deposit<C: Chain>(
     d: &VerifiedDeposit,
     follow: Follow,
 ) -> Result<(Option<B256>, OnChain), DepositFailure> {
-    let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::Chain(Box::new(e))));
+    let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::from(e)));
     // Nothing goes on chain for vouchers that would then be refused.
     let signer = voucher_signer(&v.config);
     if chain.has_code(signer).await.map_err(unavailable)? {
@@ -722,7 +720,7 @@ pub(crate) async fn put_deposit<C: Chain>(
                 return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
             }
             None => {
-                let e = Error::Config(format!("deposit transaction {hash} not mined in {:?}", follow.timeout));
+                let e = Error::Timeout(format!("deposit transaction {hash} not mined in {:?}", follow.timeout));
                 return Err(DepositFailure::Unavailable(Arc::new(e)));
             }
         }

@@ -29,11 +29,17 @@ pub(super) fn invalid_argument(err: &InvalidField) -> Status {
     Status::invalid_argument(err.to_string())
 }
 
+/// The gRPC status of a failed call: the caller's mistakes are theirs
+/// (`INVALID_ARGUMENT`, `ALREADY_EXISTS`, `FAILED_PRECONDITION`), anything
+/// that may pass later is `UNAVAILABLE` (nothing took effect: retry), and
+/// the rest, the server's own faults and configuration included, is
+/// `INTERNAL`.
 pub(super) fn status_from_error(err: &Error) -> Status {
     match err {
         Error::DuplicateApiKey { .. } => Status::already_exists(err.to_string()),
-        Error::PipelineStopped => Status::unavailable(err.to_string()),
-        Error::Config(_) | Error::InvalidMerchant(_) => Status::invalid_argument(err.to_string()),
+        Error::InvalidMerchant(_) => Status::invalid_argument(err.to_string()),
+        Error::UnknownChain(_) => Status::failed_precondition(err.to_string()),
+        Error::PipelineStopped | Error::PipelineThreadDied(_) => Status::unavailable(err.to_string()),
         _ if err.is_retryable() => Status::unavailable(err.to_string()),
         _ => Status::internal(err.to_string()),
     }
@@ -492,4 +498,46 @@ pub(super) fn channel_request(id: &[u8], amount: Option<&str>) -> Result<(B256, 
 
 pub(super) fn channel_view(c: &ChannelView) -> pb::ChannelState {
     channel_state(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tonic::Code;
+
+    use super::status_from_error;
+    use crate::Error;
+
+    /// Every class of failure answers the code a client can act on: a
+    /// failed commit is as retryable as what made it fail, and a server
+    /// misconfiguration is never the caller's `INVALID_ARGUMENT`.
+    #[test]
+    fn each_failure_class_has_its_grpc_code() {
+        let storage = || Error::Storage("rocksdb: IO error: No space left on device".into());
+        let rpc = x402_chain::Error::Rpc(alloy::transports::TransportErrorKind::custom_str("connection refused"));
+        let cases = [
+            (storage(), Code::Unavailable),
+            (Error::Commit(Arc::new(storage())), Code::Unavailable),
+            (Error::Commit(Arc::new(Error::LedgerClosed("the disk is full".into()))), Code::Unavailable),
+            (Error::Commit(Arc::new(Error::Corrupt("a record"))), Code::Internal),
+            (Error::LedgerClosed("the disk is full".into()), Code::Unavailable),
+            (Error::Io(std::io::Error::other("broken pipe")), Code::Unavailable),
+            (Error::Timeout("deposit transaction not mined".into()), Code::Unavailable),
+            (Error::from(rpc), Code::Unavailable),
+            (Error::from(x402_chain::Error::Decode("short".into())), Code::Internal),
+            (Error::PipelineStopped, Code::Unavailable),
+            (Error::PipelineThreadDied("shard-0".into()), Code::Unavailable),
+            (Error::InvalidMerchant("pay_to: is required".into()), Code::InvalidArgument),
+            (Error::DuplicateApiKey { merchant: "m1".into() }, Code::AlreadyExists),
+            (Error::UnknownChain(8453), Code::FailedPrecondition),
+            (Error::Config("chain: a signer key is not a 32-byte hex private key".into()), Code::Internal),
+            (Error::Signing("the authorizer key refused".into()), Code::Internal),
+            (Error::Corrupt("a record"), Code::Internal),
+            (Error::Schema { found: 9, expected: 1 }, Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(status_from_error(&err).code(), code, "{err}");
+        }
+    }
 }

@@ -29,6 +29,14 @@ use crate::{
     domain::{ChannelRecord, IntentKey, Merchant, PaymentId, PaymentRecord, PendingKey, SettlementEvent, TxIntent},
 };
 
+/// A RocksDB failure, as the ledger's storage error: callers of the
+/// [`Ledger`] trait see a storage failure, not the database underneath.
+impl From<rocksdb::Error> for Error {
+    fn from(e: rocksdb::Error) -> Self {
+        Self::Storage(format!("rocksdb: {e}"))
+    }
+}
+
 const CF_PAYMENTS: &str = "payments";
 const CF_PENDING: &str = "pending";
 const CF_MERCHANTS: &str = "merchants";

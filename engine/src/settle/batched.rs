@@ -24,7 +24,7 @@ use x402_chain::{
     batch::{aggregate3_calldata, balance_of_rows, decode_aggregate3, decode_balances},
 };
 
-use super::{Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
+use super::{Settler, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState, SettlementPolicy, unix_millis},
@@ -89,8 +89,8 @@ impl<C: Chain> Settler<C> {
             live.iter().map(|r| r.authorization.from).collect::<HashSet<_>>().into_iter().collect();
         if !payers.is_empty() {
             let read = aggregate3_calldata(balance_of_rows(token, &payers));
-            let output = self.chain.call(self.config.multicall, read).await.map_err(chain_error)?;
-            let balances = decode_balances(&decode_aggregate3(&output).map_err(chain_error)?);
+            let output = self.chain.call(self.config.multicall, read).await?;
+            let balances = decode_balances(&decode_aggregate3(&output)?);
             let mut left: HashMap<Address, U256> = payers.into_iter().zip(balances).collect();
             live.retain(|row| {
                 let a = &row.authorization;
@@ -111,8 +111,8 @@ impl<C: Chain> Settler<C> {
                 break;
             }
             let calldata = aggregate3_calldata(live.iter().map(|r| (token, transfer_call(r))));
-            let output = self.chain.call(self.config.multicall, calldata).await.map_err(chain_error)?;
-            let results = decode_aggregate3(&output).map_err(chain_error)?;
+            let output = self.chain.call(self.config.multicall, calldata).await?;
+            let results = decode_aggregate3(&output)?;
             if results.iter().all(|r| r.success) {
                 break;
             }
@@ -143,9 +143,9 @@ impl<C: Chain> Settler<C> {
         }
 
         let calldata = aggregate3_calldata(live.iter().map(|r| (token, transfer_call(r))));
-        let gas = self.chain.estimate_gas(self.config.multicall, calldata.clone()).await.map_err(chain_error)?;
+        let gas = self.chain.estimate_gas(self.config.multicall, calldata.clone()).await?;
         self.row_gas.store(gas / live.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let tx = self.chain.sign_call(self.config.multicall, calldata, Some(gas)).await.map_err(chain_error)?;
+        let tx = self.chain.sign_call(self.config.multicall, calldata, Some(gas)).await?;
         metrics::histogram!(crate::metrics::BATCH_ROWS).record(live.len() as f64);
         tracing::info!(tx = %tx.hash, rows = live.len(), %token, gas, "sending a settlement batch");
         transitions.extend(

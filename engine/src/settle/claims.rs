@@ -47,7 +47,7 @@ use x402_chain::{
 };
 use x402_channel::{ChannelDomain, OnChain, Refund, Voucher};
 
-use super::{Settler, chain_error};
+use super::Settler;
 use crate::{
     Result,
     channels::{ClaimOutcome, Claimed, voucher_signer},
@@ -143,18 +143,21 @@ impl<C: Chain> Settler<C> {
         // Channels may have moved while the engine was down: start from a
         // full refresh of those with anything unclaimed.
         let mut state = ClaimsState::default();
+        let backoff = super::Backoff::default();
         loop {
-            if let Err(err) = self.claims_round(&claims, &mut state).await {
+            let round = self.claims_round(&claims, &mut state).await;
+            backoff.record(&round);
+            if let Err(err) = round {
                 tracing::warn!(%err, "a channel claim round failed; will retry");
             }
-            tokio::time::sleep(claims.poll).await;
+            tokio::time::sleep(backoff.pause(claims.poll)).await;
         }
     }
 
     /// Reads new contract events, mirrors the channels they name, then
     /// claims the due channels.
     async fn claims_round(&self, claims: &ClaimsConfig, state: &mut ClaimsState) -> Result<ClaimRound> {
-        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let head = self.chain.block_number().await?;
         let mine = self.book(claims, &mut state.book).await?;
         let touched: Vec<B256> = match state.next_block {
             None => mine
@@ -163,7 +166,7 @@ impl<C: Chain> Settler<C> {
                 .map(|r| r.channel.id)
                 .collect(),
             Some(from) if from <= head => {
-                let logs = self.chain.channel_logs(claims.contract, from, head).await.map_err(chain_error)?;
+                let logs = self.chain.channel_logs(claims.contract, from, head).await?;
                 let mut ids: Vec<B256> = logs.iter().map(|l| l.channel_id).filter(|id| mine.contains_key(id)).collect();
                 ids.sort_unstable();
                 ids.dedup();
@@ -422,8 +425,8 @@ impl<C: Chain> Settler<C> {
     ) -> Result<Option<std::result::Result<(B256, u64), B256>>> {
         let input = self.claim_calldata(claims, domain, parts)?;
         // The cost varies with the rows: estimated for each transaction.
-        let gas = self.chain.estimate_gas(claims.contract, input.clone()).await.map_err(chain_error)?;
-        let tx = self.chain.sign_call(claims.contract, input, Some(gas)).await.map_err(chain_error)?;
+        let gas = self.chain.estimate_gas(claims.contract, input.clone()).await?;
+        let tx = self.chain.sign_call(claims.contract, input, Some(gas)).await?;
         let rows = parts.iter().filter(|p| p.claim.is_some()).count();
         let claimed: u128 = parts.iter().filter_map(|p| p.claim.as_ref()).map(|r| r.total_claimed).sum();
         let refunds = parts.iter().filter(|p| p.refund.is_some()).count();
@@ -434,7 +437,7 @@ impl<C: Chain> Settler<C> {
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
         self.claiming.store(false, std::sync::atomic::Ordering::Release);
         sent?;
-        Ok(match self.chain.receipt(hash).await.map_err(chain_error)? {
+        Ok(match self.chain.receipt(hash).await? {
             Some(r) if r.success => Some(Ok((hash, r.block))),
             Some(r) => {
                 // Nothing was claimed: no event, the requests stay.
@@ -463,7 +466,7 @@ impl<C: Chain> Settler<C> {
         let mut reverting = Vec::new();
         for part in alone {
             let input = self.claim_calldata(claims, domain, std::slice::from_ref(&part))?;
-            match self.chain.simulate(claims.contract, input).await.map_err(chain_error)? {
+            match self.chain.simulate(claims.contract, input).await? {
                 None => groups.push(vec![part]),
                 Some(revert) => reverting.push((part, revert)),
             }
@@ -477,7 +480,7 @@ impl<C: Chain> Settler<C> {
             let mut sets = vec![parts];
             while let Some(mut set) = sets.pop() {
                 let input = self.claim_calldata(claims, domain, &set)?;
-                match self.chain.simulate(claims.contract, input).await.map_err(chain_error)? {
+                match self.chain.simulate(claims.contract, input).await? {
                     None => passed.push(set),
                     Some(revert) if set.len() == 1 => found.push((set.remove(0), revert)),
                     Some(_) => {
@@ -585,7 +588,7 @@ impl<C: Chain> Settler<C> {
 
     /// The receiver authorizer's signature of `digest`.
     fn authorize(&self, claims: &ClaimsConfig, digest: B256) -> Result<[u8; 65]> {
-        Ok(claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Config(e.to_string()))?.as_bytes())
+        Ok(claims.authorizer.sign_hash_sync(&digest).map_err(|e| crate::Error::Signing(e.to_string()))?.as_bytes())
     }
 
     /// The on-chain state of each of `records`, in order: one `eth_call`
@@ -595,8 +598,8 @@ impl<C: Chain> Settler<C> {
         for chunk in records.chunks(READ_CHUNK) {
             let ids: Vec<B256> = chunk.iter().map(|r| r.channel.id).collect();
             let delays: Vec<u64> = chunk.iter().map(|r| r.channel.config.withdrawDelay.to::<u64>()).collect();
-            let out = self.chain.call(contract, states_calldata(&ids)).await.map_err(chain_error)?;
-            states.extend(decode_states(&out, &delays).map_err(chain_error)?);
+            let out = self.chain.call(contract, states_calldata(&ids)).await?;
+            states.extend(decode_states(&out, &delays)?);
         }
         Ok(states)
     }

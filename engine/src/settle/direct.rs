@@ -3,7 +3,7 @@
 
 use x402_chain::Chain;
 
-use super::{Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
+use super::{Settler, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState, unix_millis},
@@ -23,7 +23,7 @@ impl<C: Chain> Settler<C> {
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: expired }]).await;
         }
         let calldata = transfer_call(&payment);
-        if let Some(revert) = self.chain.simulate(payment.asset, calldata.clone()).await.map_err(chain_error)? {
+        if let Some(revert) = self.chain.simulate(payment.asset, calldata.clone()).await? {
             let reason = classify_revert(&revert);
             if reason == Reason::ValidAfter.code() {
                 // Not valid yet on chain (its clock lags ours): still queued,
@@ -42,8 +42,8 @@ impl<C: Chain> Settler<C> {
         // Estimated for this payment: a payee's first receipt of the token
         // costs ~17k more gas than a later one, so one estimate per kind of
         // call would run some payments out of gas.
-        let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await.map_err(chain_error)?;
-        let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await.map_err(chain_error)?;
+        let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await?;
+        let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await?;
         let submitted =
             vec![Transition { id: payment.id, status: status_with_tx(PaymentState::Submitted, tx.hash, None) }];
         self.send(tx, vec![payment.id], submitted).await

@@ -30,7 +30,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 use x402_chain::{Chain, contracts::MULTICALL3_ADDRESS, eip3009::transfer_with_authorization_calldata};
 
 use crate::{
-    Engine, Error, Result,
+    Engine, Result,
     domain::{IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, TxIntent},
     pipeline::{IntentChange, Transition},
     reason::Reason,
@@ -90,6 +90,48 @@ impl Work {
 
     fn contains(&self, id: &PaymentId) -> bool {
         self.in_flight.contains(id)
+    }
+}
+
+/// The longest pause between settlement rounds while the chain keeps
+/// failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Consecutive retryable failures (the node down, rate limits, timeouts)
+/// and the pause they call for: the poll interval doubled per failure, up
+/// to [`MAX_BACKOFF`], and back to the poll at the first success. A dead
+/// node then costs a few attempts a minute, not one per payment every poll.
+#[derive(Debug, Default)]
+struct Backoff(AtomicU32);
+
+impl Backoff {
+    /// Counts `result`: a retryable error lengthens the pause, a success
+    /// ends it; other errors (a payment's own) leave it as it is.
+    fn record<T>(&self, result: &Result<T>) {
+        match result {
+            Ok(_) => self.succeeded(),
+            Err(_) => self.failed(result),
+        }
+    }
+
+    /// Counts `result` only if it is a retryable error: for steps whose
+    /// success says nothing of the chain (reading the ledger).
+    fn failed<T>(&self, result: &Result<T>) {
+        if let Err(err) = result
+            && err.is_retryable()
+        {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn succeeded(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    /// How long to wait before the next round.
+    fn pause(&self, poll: Duration) -> Duration {
+        let failures = self.0.load(Ordering::Relaxed).min(16);
+        poll.saturating_mul(1 << failures).min(MAX_BACKOFF.max(poll))
     }
 }
 
@@ -167,9 +209,23 @@ pub struct Settler<C> {
     block_gas_limit: AtomicU64,
     /// A channel claim is being sent and followed by the claims task.
     claiming: AtomicBool,
+    /// Paces the rounds while the chain fails.
+    backoff: Backoff,
 }
 
 impl<C: Chain> Settler<C> {
+    fn new(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> Self {
+        Self {
+            engine,
+            chain,
+            config,
+            row_gas: AtomicU64::new(batched::INITIAL_ROW_GAS),
+            block_gas_limit: AtomicU64::new(0),
+            claiming: AtomicBool::new(false),
+            backoff: Backoff::default(),
+        }
+    }
+
     /// Starts settling in the background until the handle is aborted; with
     /// `claims`, channels are claimed too (stopped with the handle).
     pub fn spawn(
@@ -178,14 +234,7 @@ impl<C: Chain> Settler<C> {
         config: SettlerConfig,
         claims: Option<ClaimsConfig>,
     ) -> tokio::task::JoinHandle<()> {
-        let settler = Arc::new(Self {
-            engine,
-            chain,
-            config,
-            row_gas: AtomicU64::new(batched::INITIAL_ROW_GAS),
-            block_gas_limit: AtomicU64::new(0),
-            claiming: AtomicBool::new(false),
-        });
+        let settler = Arc::new(Self::new(engine, chain, config));
         tokio::spawn(async move {
             let claims = claims.map(|c| tokio::spawn(settler.clone().run_claims(c)));
             // Aborting this task drops the guard, which stops the claims.
@@ -206,7 +255,7 @@ impl<C: Chain> Settler<C> {
             }
         }
         for (signer, nonce) in next {
-            self.chain.floor_nonce(signer, nonce).await.map_err(chain_error)?;
+            self.chain.floor_nonce(signer, nonce).await?;
         }
         Ok(())
     }
@@ -222,13 +271,22 @@ impl<C: Chain> Settler<C> {
         let mut watched_head = None;
         loop {
             work.reap();
-            if let Err(err) = self.intents_round(&mut work, &mut watched_head).await {
+            // A round's success says little of the chain (it mostly reads
+            // the ledger): the tasks it starts count successes.
+            let intents = self.intents_round(&mut work, &mut watched_head).await;
+            self.backoff.failed(&intents);
+            let queue = self.queue_round(&mut work, &mut not_mine).await;
+            self.backoff.failed(&queue);
+            if intents.is_ok() && queue.is_ok() && work.len() == 0 {
+                self.backoff.succeeded();
+            }
+            if let Err(err) = intents {
                 tracing::warn!(%err, "looking at transaction intents failed; will retry");
             }
-            if let Err(err) = self.queue_round(&mut work, &mut not_mine).await {
+            if let Err(err) = queue {
                 tracing::warn!(%err, "reading the settlement queue failed; will retry");
             }
-            tokio::time::sleep(self.config.poll).await;
+            tokio::time::sleep(self.backoff.pause(self.config.poll)).await;
         }
     }
 
@@ -254,7 +312,9 @@ impl<C: Chain> Settler<C> {
                     let ids = intent.payments.iter().copied().chain(marker).collect();
                     let this = self.clone();
                     work.spawn(ids, async move {
-                        if let Err(err) = this.resolve(intent).await {
+                        let resolved = this.resolve(intent).await;
+                        this.backoff.record(&resolved);
+                        if let Err(err) = resolved {
                             tracing::warn!(%err, "resolving a transaction intent failed; will retry");
                         }
                     });
@@ -268,8 +328,8 @@ impl<C: Chain> Settler<C> {
             return Ok(());
         }
         // A reorg may keep the head's number: compare hashes.
-        let head = self.chain.block_number().await.map_err(chain_error)?;
-        let head_hash = self.chain.block_hash(head).await.map_err(chain_error)?;
+        let head = self.chain.block_number().await?;
+        let head_hash = self.chain.block_hash(head).await?;
         if *watched_head == head_hash {
             return Ok(());
         }
@@ -279,7 +339,7 @@ impl<C: Chain> Settler<C> {
             let canonical = match hashes.get(&block) {
                 Some(hash) => *hash,
                 None => {
-                    let hash = self.chain.block_hash(block).await.map_err(chain_error)?;
+                    let hash = self.chain.block_hash(block).await?;
                     hashes.insert(block, hash);
                     hash
                 }
@@ -289,7 +349,9 @@ impl<C: Chain> Settler<C> {
                 let ids = intent.payments.iter().copied().chain(marker).collect();
                 let this = self.clone();
                 work.spawn(ids, async move {
-                    if let Err(err) = this.reorged(intent).await {
+                    let settled = this.reorged(intent).await;
+                    this.backoff.record(&settled);
+                    if let Err(err) = settled {
                         tracing::warn!(%err, "re-settling after a reorg failed; will retry");
                     }
                 });
@@ -334,7 +396,9 @@ impl<C: Chain> Settler<C> {
                     let this = self.clone();
                     work.spawn(vec![key.id], async move {
                         let id = record.id;
-                        if let Err(err) = this.settle_direct(record).await {
+                        let settled = this.settle_direct(record).await;
+                        this.backoff.record(&settled);
+                        if let Err(err) = settled {
                             tracing::warn!(%err, payment = %id, "settlement attempt failed; will retry");
                         }
                     });
@@ -358,7 +422,9 @@ impl<C: Chain> Settler<C> {
                 let ids: Vec<_> = batch.iter().map(|r| r.id).collect();
                 let this = self.clone();
                 work.spawn(ids, async move {
-                    if let Err(err) = this.settle_batch(token, batch).await {
+                    let settled = this.settle_batch(token, batch).await;
+                    this.backoff.record(&settled);
+                    if let Err(err) = settled {
                         tracing::warn!(%err, %token, "settling a batch failed; will retry");
                     }
                 });
@@ -374,7 +440,7 @@ impl<C: Chain> Settler<C> {
     async fn gas_cap_rows(&self) -> Result<usize> {
         let mut limit = self.block_gas_limit.load(Ordering::Relaxed);
         if limit == 0 {
-            limit = self.chain.block_gas_limit().await.map_err(chain_error)?;
+            limit = self.chain.block_gas_limit().await?;
             self.block_gas_limit.store(limit, Ordering::Relaxed);
         }
         let row_gas = self.row_gas.load(Ordering::Relaxed).max(1);
@@ -390,10 +456,6 @@ impl<C: Chain> Settler<C> {
     async fn forget(&self, intent: &TxIntent) -> Result<()> {
         self.record(vec![IntentChange::Forget(intent.key())], Vec::new()).await
     }
-}
-
-fn chain_error(err: x402_chain::Error) -> Error {
-    Error::Chain(Box::new(err))
 }
 
 /// The failure of a payment whose authorization its payer cancelled
@@ -432,12 +494,11 @@ impl<C: Chain> Settler<C> {
 
     async fn find_spend(&self, p: &PaymentRecord) -> Result<Option<PaymentStatus>> {
         let a = &p.authorization;
-        let head = self.chain.block_number().await.map_err(chain_error)?;
+        let head = self.chain.block_number().await?;
         let mut to = head;
         for _ in 0..SPENT_WINDOWS {
             let from = to.saturating_sub(SPENT_WINDOW - 1);
-            let spent =
-                self.chain.authorization_spent(p.asset, a.from, a.nonce, from, to).await.map_err(chain_error)?;
+            let spent = self.chain.authorization_spent(p.asset, a.from, a.nonce, from, to).await?;
             if let Some(spent) = spent {
                 if spent.canceled {
                     let mut failed = status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block));
@@ -551,6 +612,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         settler.abort();
+    }
+
+    /// Each retryable failure doubles the pause up to the cap; a payment's
+    /// own error leaves it; a success ends it.
+    #[test]
+    fn the_pause_doubles_per_chain_failure_and_ends_at_a_success() {
+        let backoff = Backoff::default();
+        let poll = Duration::from_millis(100);
+        assert_eq!(backoff.pause(poll), poll);
+        let down: Result<()> = Err(crate::Error::Timeout("no answer from the chain".into()));
+        backoff.record(&down);
+        assert_eq!(backoff.pause(poll), poll * 2);
+        backoff.record(&down);
+        backoff.record(&down);
+        assert_eq!(backoff.pause(poll), poll * 8);
+        backoff.record(&Err::<(), _>(crate::Error::UnknownPayment(PaymentId(B256::ZERO))));
+        assert_eq!(backoff.pause(poll), poll * 8, "a payment's own error is no reason to slow down");
+        for _ in 0..40 {
+            backoff.record(&down);
+        }
+        assert_eq!(backoff.pause(poll), MAX_BACKOFF);
+        backoff.record(&Ok(()));
+        assert_eq!(backoff.pause(poll), poll);
+        assert_eq!(backoff.pause(Duration::from_secs(60)), Duration::from_secs(60), "never shorter than the poll");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use alloy::primitives::B256;
 use x402_chain::{Chain, Receipt, SignedTx};
 
-use super::{SIMULATION_FAILED, Settler, chain_error, classify_revert, status, status_with_tx, transfer_call};
+use super::{SIMULATION_FAILED, Settler, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Error, Result,
     domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
@@ -72,8 +72,7 @@ impl<C: Chain> Settler<C> {
             match self.chain.broadcast(&tx).await {
                 Ok(()) => break,
                 Err(x402_chain::Error::NonceTooLow { .. }) => {
-                    let fresh =
-                        self.chain.sign_call(tx.to, tx.input.clone(), Some(tx.gas_limit)).await.map_err(chain_error)?;
+                    let fresh = self.chain.sign_call(tx.to, tx.input.clone(), Some(tx.gas_limit)).await?;
                     let stale = intent.key();
                     intent = TxIntent::pending(chain_id, &fresh, intent.payments);
                     changes = vec![IntentChange::Forget(stale), IntentChange::Record(intent.clone())];
@@ -81,7 +80,7 @@ impl<C: Chain> Settler<C> {
                     tx = fresh;
                 }
                 // Recorded but perhaps not sent: the next round resolves it.
-                Err(err) => return Err(chain_error(err)),
+                Err(err) => return Err(err.into()),
             }
         }
         self.follow(intent, tx).await
@@ -99,7 +98,7 @@ impl<C: Chain> Settler<C> {
         loop {
             let left = self.config.receipt_timeout.saturating_sub(started.elapsed());
             let wait = self.config.stuck_after.min(left);
-            if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, wait).await.map_err(chain_error)? {
+            if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, wait).await? {
                 return self.conclude(&intent, &receipt).await;
             }
             if started.elapsed() >= self.config.receipt_timeout {
@@ -108,12 +107,12 @@ impl<C: Chain> Settler<C> {
             }
             let bumps = intent.tx_hashes.len().saturating_sub(1);
             if bumps >= self.config.max_bumps as usize
-                || x402_chain::any_included(&*self.chain, &intent.tx_hashes).await.map_err(chain_error)?
+                || x402_chain::any_included(&*self.chain, &intent.tx_hashes).await?
             {
                 continue;
             }
             // Stuck: replace it at the same nonce with higher fees, recorded first.
-            let bumped = self.chain.bump(&tx).await.map_err(chain_error)?;
+            let bumped = self.chain.bump(&tx).await?;
             intent.tx_hashes.push(bumped.hash);
             intent.raw = bumped.raw.to_vec();
             intent.updated_at_ms = unix_millis();
@@ -164,7 +163,7 @@ impl<C: Chain> Settler<C> {
                 // Settled by another transaction: this one cannot undo it.
                 continue;
             } else {
-                let revert = self.chain.simulate(p.asset, transfer_call(&p)).await.map_err(chain_error)?;
+                let revert = self.chain.simulate(p.asset, transfer_call(&p)).await?;
                 match revert {
                     // It failed for a passing reason and would pass now:
                     // queued again, until its deadline. A batch row is; a
@@ -221,20 +220,20 @@ impl<C: Chain> Settler<C> {
     /// concludes it; otherwise the latest signed bytes are sent again and
     /// followed. If its nonce went to another transaction it is abandoned.
     pub(super) async fn resolve(&self, intent: TxIntent) -> Result<()> {
-        let tx = SignedTx::from_raw(intent.raw.clone().into(), intent.signer).map_err(chain_error)?;
+        let tx = SignedTx::from_raw(intent.raw.clone().into(), intent.signer)?;
         let now = std::time::Duration::ZERO;
-        if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, now).await.map_err(chain_error)? {
+        if let Some(receipt) = self.chain.wait_receipt(&intent.tx_hashes, now).await? {
             return self.conclude(&intent, &receipt).await;
         }
         match self.chain.broadcast(&tx).await {
             Ok(()) => tracing::info!(tx = %tx.hash, "rebroadcast a pending settlement transaction"),
             Err(x402_chain::Error::NonceTooLow { .. })
-                if !x402_chain::any_included(&*self.chain, &intent.tx_hashes).await.map_err(chain_error)? =>
+                if !x402_chain::any_included(&*self.chain, &intent.tx_hashes).await? =>
             {
                 return self.abandon(intent).await;
             }
             Err(x402_chain::Error::NonceTooLow { .. }) => {}
-            Err(err) => return Err(chain_error(err)),
+            Err(err) => return Err(err.into()),
         }
         self.follow(intent, tx).await
     }
@@ -249,7 +248,7 @@ impl<C: Chain> Settler<C> {
         for id in &intent.payments {
             let Some(p) = self.engine.payment(*id).await? else { continue };
             let a = &p.authorization;
-            let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await.map_err(chain_error)?;
+            let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await?;
             let status = match used {
                 true => self.spent_elsewhere(&p).await?.unwrap_or_else(|| {
                     let mut failed = status(PaymentState::Failed);
@@ -271,7 +270,7 @@ impl<C: Chain> Settler<C> {
     pub(super) async fn reorged(&self, intent: TxIntent) -> Result<()> {
         metrics::counter!(crate::metrics::REORGS).increment(1);
         for hash in intent.tx_hashes.iter().rev() {
-            if let Some(receipt) = self.chain.receipt(*hash).await.map_err(chain_error)?
+            if let Some(receipt) = self.chain.receipt(*hash).await?
                 && receipt.confirmations >= self.chain.confirmations()
             {
                 tracing::warn!(tx = %hash, block = receipt.block, "a reorg moved a settlement transaction");
@@ -287,3 +286,6 @@ impl<C: Chain> Settler<C> {
         self.record(vec![IntentChange::Record(pending)], transitions).await
     }
 }
+
+#[cfg(test)]
+mod tests;
