@@ -110,7 +110,8 @@ impl AlloyChain {
     /// Connects to the JSON-RPC endpoint `url` with `signers` paying for
     /// transactions.
     pub async fn connect(url: &str, signers: Vec<PrivateKeySigner>, config: TxConfig) -> Result<Self> {
-        let url = url.parse().map_err(|e| Error::Config(format!("rpc url {url:?}: {e}")))?;
+        // Not quoted: an RPC URL often holds the provider's API key.
+        let url = url.parse().map_err(|e| Error::Config(format!("the rpc url does not parse: {e}")))?;
         let provider = ProviderBuilder::default().connect_http(url);
         let chain_id = provider.get_chain_id().await?;
         let signers = signers.into_iter().map(|s| (s.address(), EthereumWallet::from(s))).collect();

@@ -51,11 +51,23 @@ pub struct FacilitatorConfig {
     /// Of those, how many one merchant may have at once, so that one
     /// tenant's waiting `/settle` calls cannot take every place.
     pub max_concurrent_per_merchant: usize,
+    /// Channel transactions (deposits, claims, refunds, settles) x402d
+    /// sends at once for one merchant's `/settle` calls, paying their gas;
+    /// past it they wait for the refill (429).
+    pub channel_tx_burst: u32,
+    /// The refill of that burst, per minute.
+    pub channel_tx_per_minute: u32,
 }
 
 impl Default for FacilitatorConfig {
     fn default() -> Self {
-        Self { settle_wait_ms: 30_000, max_concurrent: 4096, max_concurrent_per_merchant: 1024 }
+        Self {
+            settle_wait_ms: 30_000,
+            max_concurrent: 4096,
+            max_concurrent_per_merchant: 1024,
+            channel_tx_burst: 20,
+            channel_tx_per_minute: 60,
+        }
     }
 }
 

@@ -275,7 +275,10 @@ fn facilitator_info(
                         Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
                     })?,
                 follow: c.follow(),
-                spending: Arc::default(),
+                spending: Arc::new(crate::facilitator::SpendLimiter::new(
+                    config.facilitator.channel_tx_burst,
+                    config.facilitator.channel_tx_per_minute,
+                )),
                 min_deposit: c.min_deposit()?,
             }),
             _ => None,

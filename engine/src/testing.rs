@@ -345,8 +345,8 @@ struct Script {
     /// What `simulate` answers, once each; then it passes.
     simulations: std::collections::VecDeque<Option<String>>,
     spent: HashMap<(Address, Address, B256), x402_chain::AuthorizationSpent>,
-    /// The next this many broadcasts fail as an unreachable node.
-    failing_broadcasts: usize,
+    /// The errors the next broadcasts answer, in order.
+    broadcast_errors: std::collections::VecDeque<&'static str>,
 }
 
 impl Script {
@@ -467,7 +467,13 @@ impl ScriptedChain {
 
     /// The next `n` broadcasts fail as a node that cannot be reached.
     pub(crate) fn fail_broadcasts(&self, n: usize) {
-        self.script().failing_broadcasts = n;
+        self.script().broadcast_errors.extend(std::iter::repeat_n("connection refused", n));
+    }
+
+    /// The node refuses the next `n` broadcasts: their fees are below the
+    /// base fee.
+    pub(crate) fn refuse_broadcasts(&self, n: usize) {
+        self.script().broadcast_errors.extend(std::iter::repeat_n("max fee per gas less than block base fee", n));
     }
 
     /// The node forgets what nonces it handed out (a restart on a node that
@@ -595,11 +601,8 @@ impl Chain for ScriptedChain {
     async fn broadcast(&self, tx: &SignedTx) -> x402_chain::Result<()> {
         let auto_mine = {
             let mut script = self.script();
-            if script.failing_broadcasts > 0 {
-                script.failing_broadcasts -= 1;
-                return Err(x402_chain::Error::Rpc(alloy::transports::TransportErrorKind::custom_str(
-                    "connection refused",
-                )));
+            if let Some(error) = script.broadcast_errors.pop_front() {
+                return Err(x402_chain::Error::Rpc(alloy::transports::TransportErrorKind::custom_str(error)));
             }
             if script.mined.contains_key(&tx.hash) {
                 return Ok(());

@@ -282,7 +282,7 @@ async fn tls_listeners() {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
         .domain_name("localhost");
-    let channel = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
+    let channel = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()

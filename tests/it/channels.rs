@@ -82,6 +82,16 @@ impl Setup {
         self.engine_with(Self::merchant(claim_interval_secs)).await
     }
 
+    /// [`Setup::engine`], with the facilitator's per-merchant channel
+    /// transaction limit set to `burst`, refilled `per_minute`.
+    async fn engine_limited(&self, claim_interval_secs: u64, burst: u32, per_minute: u32) -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = self.node_config(dir.path(), Self::merchant(claim_interval_secs), |_| {});
+        config.facilitator.channel_tx_burst = burst;
+        config.facilitator.channel_tx_per_minute = per_minute;
+        Engine { node: start_node(&config).await, _dir: dir }
+    }
+
     /// Starts an in-process node whose merchant `mc` has `policy`.
     async fn engine_with(&self, policy: PolicyConfig) -> Engine {
         self.engine_configured(policy, |_| {}).await
@@ -90,7 +100,19 @@ impl Setup {
     /// [`Setup::engine_with`], with its `[chain]` changed by `configure`.
     async fn engine_configured(&self, policy: PolicyConfig, configure: impl FnOnce(&mut ChainConfig)) -> Engine {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config_value(dir.path());
+        let config = self.node_config(dir.path(), policy, configure);
+        Engine { node: start_node(&config).await, _dir: dir }
+    }
+
+    /// The test config with `mc` on `policy` and this chain's `[chain]`,
+    /// changed by `configure`.
+    fn node_config(
+        &self,
+        dir: &std::path::Path,
+        policy: PolicyConfig,
+        configure: impl FnOnce(&mut ChainConfig),
+    ) -> x402_engine::config::Config {
+        let mut config = config_value(dir);
         config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, policy));
         let mut chain = ChainConfig::with_keys(
             self.anvil.endpoint(),
@@ -101,7 +123,7 @@ impl Setup {
         chain.channel_poll_ms = 200;
         configure(&mut chain);
         config.chain = Some(chain);
-        Engine { node: start_node(&config).await, _dir: dir }
+        config
     }
 
     fn config(&self, payer: &Payer) -> ChannelConfig {
@@ -1206,7 +1228,8 @@ async fn a_claim_that_reverts_on_chain_announces_nothing_and_its_channels_are_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_transactions_sent_for_a_merchant_over_http_are_rate_limited() {
     let s = Setup::new(1).await;
-    let e = s.engine(3600).await;
+    // No refill within the test, however slow the machine.
+    let e = s.engine_limited(3600, 20, 0).await;
     let config = s.config(&s.payers[0]);
     let http = reqwest::Client::new();
     let body = serde_json::json!({
@@ -1228,6 +1251,7 @@ async fn channel_transactions_sent_for_a_merchant_over_http_are_rate_limited() {
         assert_eq!(status, 200, "call {n}: {answer}");
     }
     let sent = s.sent().await;
+    assert_eq!(sent, 20, "a transaction for each call within the burst");
     let (status, answer) = settle().await;
     assert_eq!(status, 429, "past the burst: {answer}");
     assert!(answer.contains("too many channel transactions"), "{answer}");

@@ -372,8 +372,12 @@ pub(crate) struct RpcProxy {
     pub(crate) url: String,
     fault: std::sync::Arc<std::sync::Mutex<Option<RpcFault>>>,
     hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// `eth_call`s passed through or answered, by the calldata's selector.
+    calls: EthCalls,
     server: tokio::task::JoinHandle<()>,
 }
+
+type EthCalls = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>;
 
 /// Answers `eth_call`s whose calldata starts with `selector`.
 #[derive(Clone, Debug)]
@@ -393,9 +397,28 @@ impl RpcProxy {
             reqwest::Client,
             std::sync::Arc<std::sync::Mutex<Option<RpcFault>>>,
             std::sync::Arc<std::sync::atomic::AtomicU64>,
+            EthCalls,
         );
-        async fn handle(State((upstream, http, fault, hits)): State<Shared>, body: Bytes) -> axum::response::Response {
+        async fn handle(
+            State((upstream, http, fault, hits, seen)): State<Shared>,
+            body: Bytes,
+        ) -> axum::response::Response {
             let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            {
+                let single = [request.clone()];
+                let all = match &request {
+                    Value::Array(calls) => calls.as_slice(),
+                    _ => &single,
+                };
+                let mut seen = seen.lock().unwrap();
+                for call in all.iter().filter(|c| c["method"] == "eth_call") {
+                    let data = [&call["params"][0]["input"], &call["params"][0]["data"]]
+                        .iter()
+                        .find_map(|d| d.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    *seen.entry(data.chars().take(10).collect()).or_default() += 1;
+                }
+            }
             let fault = fault.lock().unwrap().clone();
             if let Some(f) = fault {
                 let prefix = format!("0x{}", alloy::primitives::hex::encode(f.selector));
@@ -434,14 +457,21 @@ impl RpcProxy {
         }
         let fault = std::sync::Arc::new(std::sync::Mutex::new(None));
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let state: Shared = (upstream.to_owned(), reqwest::Client::new(), fault.clone(), hits.clone());
+        let calls = EthCalls::default();
+        let state: Shared = (upstream.to_owned(), reqwest::Client::new(), fault.clone(), hits.clone(), calls.clone());
         let app = axum::Router::new().route("/", post(handle)).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url, fault, hits, server }
+        Self { url, fault, hits, calls, server }
+    }
+
+    /// `eth_call`s of a function with `selector` so far.
+    pub(crate) fn eth_calls(&self, selector: [u8; 4]) -> u64 {
+        let key = format!("0x{}", alloy::primitives::hex::encode(selector));
+        self.calls.lock().unwrap().get(&key).copied().unwrap_or_default()
     }
 
     /// Sets (or with `None` clears) the fault.

@@ -357,7 +357,9 @@ async fn a_payment_not_yet_valid_on_a_lagging_chain_stays_queued_until_it_is() {
     devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(MINTED)).await.unwrap();
     let signer = PrivateKeySigner::random();
     devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
-    let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), vec![signer], TxConfig::default()).await.unwrap());
+    // Through a proxy that counts the simulations.
+    let proxy = RpcProxy::start(anvil.endpoint()).await;
+    let chain = Arc::new(AlloyChain::connect(&proxy.url, vec![signer], TxConfig::default()).await.unwrap());
 
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&config_value(dir.path())).await;
@@ -383,6 +385,11 @@ async fn a_payment_not_yet_valid_on_a_lagging_chain_stays_queued_until_it_is() {
         assert_eq!(status.state, pb::PaymentState::Queued as i32, "{status:?}");
     }
     assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::ZERO);
+    // ... and not for want of trying: each was simulated round after round.
+    const TRANSFER_WITH_AUTHORIZATION: [u8; 4] = [0xe3, 0xee, 0x16, 0x0e];
+    const AGGREGATE3: [u8; 4] = [0x82, 0xad, 0x56, 0xcb];
+    let (direct_tries, batch_tries) = (proxy.eth_calls(TRANSFER_WITH_AUTHORIZATION), proxy.eth_calls(AGGREGATE3));
+    assert!(direct_tries >= 3 && batch_tries >= 3, "simulated {direct_tries} and {batch_tries} times");
 
     // The chain's clock catches up: both are settled, once.
     let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());

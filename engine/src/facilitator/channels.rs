@@ -71,12 +71,6 @@ pub struct SpendLimiter {
     buckets: std::sync::Mutex<std::collections::HashMap<u32, (f64, std::time::Instant)>>,
 }
 
-impl Default for SpendLimiter {
-    fn default() -> Self {
-        Self::new(20, 60)
-    }
-}
-
 impl SpendLimiter {
     pub fn new(burst: u32, per_minute: u32) -> Self {
         Self { burst: f64::from(burst), per_minute: f64::from(per_minute), buckets: Default::default() }

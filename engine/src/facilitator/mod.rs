@@ -72,7 +72,7 @@ pub struct FacilitatorInfo {
 /// about 2 KiB; a claim of many channels more).
 pub const MAX_BODY: usize = 256 * 1024;
 
-pub use self::channels::ChannelFacilitator;
+pub use self::channels::{ChannelFacilitator, SpendLimiter};
 
 #[derive(Clone)]
 struct Api {

@@ -31,8 +31,9 @@ pub(super) fn invalid_argument(err: &InvalidField) -> Status {
 
 /// The gRPC status of a failed call: the caller's mistakes are theirs
 /// (`INVALID_ARGUMENT`, `ALREADY_EXISTS`, `FAILED_PRECONDITION`), anything
-/// that may pass later is `UNAVAILABLE` (nothing took effect: retry), and
-/// the rest, the server's own faults and configuration included, is
+/// that may pass later is `UNAVAILABLE` (retry: every call it can answer
+/// is idempotent, and a payment is never accepted unrecorded), and the
+/// rest, the server's own faults and configuration included, is
 /// `INTERNAL`.
 pub(super) fn status_from_error(err: &Error) -> Status {
     match err {

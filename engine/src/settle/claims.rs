@@ -150,7 +150,7 @@ impl<C: Chain> Settler<C> {
             if let Err(err) = round {
                 tracing::warn!(%err, "a channel claim round failed; will retry");
             }
-            tokio::time::sleep(backoff.pause(claims.poll)).await;
+            tokio::time::sleep(backoff.end_round(claims.poll)).await;
         }
     }
 

@@ -93,45 +93,56 @@ impl Work {
     }
 }
 
-/// The longest pause between settlement rounds while the chain keeps
-/// failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest pause between settlement rounds while attempts keep
+/// failing. Short, so that no payment misses its deadline for it: a direct
+/// payment accepted with the least validity its strategy allows (6 s, of
+/// which 3 s are the expiry margin) still gets several attempts, and a
+/// batch due 20 s before its deadline many.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Consecutive retryable failures (the node down, rate limits, timeouts)
-/// and the pause they call for: the poll interval doubled per failure, up
-/// to [`MAX_BACKOFF`], and back to the poll at the first success. A dead
-/// node then costs a few attempts a minute, not one per payment every poll.
+/// Rounds in a row whose attempts failed for a retryable reason (the node
+/// down, rate limits, timeouts) with none succeeding, and the pause they
+/// call for: the poll doubled per such round up to [`MAX_BACKOFF`], back to
+/// the poll after a round in which an attempt succeeded. Counted per round,
+/// not per attempt, so that many failing payments lengthen it no faster
+/// than one: a dead node costs an attempt a second per payment, not ten.
 #[derive(Debug, Default)]
-struct Backoff(AtomicU32);
+struct Backoff {
+    rounds: AtomicU32,
+    failed: AtomicBool,
+    succeeded: AtomicBool,
+}
 
 impl Backoff {
-    /// Counts `result`: a retryable error lengthens the pause, a success
-    /// ends it; other errors (a payment's own) leave it as it is.
+    /// Counts an attempt's `result` for the round under way: a success, or
+    /// a retryable failure (an error of the payment's own counts as
+    /// neither).
     fn record<T>(&self, result: &Result<T>) {
         match result {
-            Ok(_) => self.succeeded(),
-            Err(_) => self.failed(result),
+            Ok(_) => self.succeeded.store(true, Ordering::Relaxed),
+            Err(err) if err.is_retryable() => self.failed.store(true, Ordering::Relaxed),
+            Err(_) => {}
         }
     }
 
-    /// Counts `result` only if it is a retryable error: for steps whose
-    /// success says nothing of the chain (reading the ledger).
-    fn failed<T>(&self, result: &Result<T>) {
-        if let Err(err) = result
-            && err.is_retryable()
-        {
-            self.0.fetch_add(1, Ordering::Relaxed);
+    /// Counts only a failure of `result`: for steps whose success says
+    /// nothing of the chain (reading the ledger).
+    fn record_failure<T>(&self, result: &Result<T>) {
+        if result.is_err() {
+            self.record(result);
         }
     }
 
-    fn succeeded(&self) {
-        self.0.store(0, Ordering::Relaxed);
-    }
-
-    /// How long to wait before the next round.
-    fn pause(&self, poll: Duration) -> Duration {
-        let failures = self.0.load(Ordering::Relaxed).min(16);
-        poll.saturating_mul(1 << failures).min(MAX_BACKOFF.max(poll))
+    /// Ends a round; how long to wait before the next.
+    fn end_round(&self, poll: Duration) -> Duration {
+        let failed = self.failed.swap(false, Ordering::Relaxed);
+        if self.succeeded.swap(false, Ordering::Relaxed) {
+            self.rounds.store(0, Ordering::Relaxed);
+        } else if failed {
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        let rounds = self.rounds.load(Ordering::Relaxed).min(16);
+        poll.saturating_mul(1 << rounds).min(MAX_BACKOFF.max(poll))
     }
 }
 
@@ -272,21 +283,18 @@ impl<C: Chain> Settler<C> {
         loop {
             work.reap();
             // A round's success says little of the chain (it mostly reads
-            // the ledger): the tasks it starts count successes.
+            // the ledger): the attempts it starts count successes.
             let intents = self.intents_round(&mut work, &mut watched_head).await;
-            self.backoff.failed(&intents);
-            let queue = self.queue_round(&mut work, &mut not_mine).await;
-            self.backoff.failed(&queue);
-            if intents.is_ok() && queue.is_ok() && work.len() == 0 {
-                self.backoff.succeeded();
-            }
+            self.backoff.record_failure(&intents);
             if let Err(err) = intents {
                 tracing::warn!(%err, "looking at transaction intents failed; will retry");
             }
+            let queue = self.queue_round(&mut work, &mut not_mine).await;
+            self.backoff.record_failure(&queue);
             if let Err(err) = queue {
                 tracing::warn!(%err, "reading the settlement queue failed; will retry");
             }
-            tokio::time::sleep(self.backoff.pause(self.config.poll)).await;
+            tokio::time::sleep(self.backoff.end_round(self.config.poll)).await;
         }
     }
 
@@ -614,28 +622,33 @@ mod tests {
         settler.abort();
     }
 
-    /// Each retryable failure doubles the pause up to the cap; a payment's
-    /// own error leaves it; a success ends it.
+    /// The pause doubles per round in which attempts failed for a
+    /// retryable reason and none succeeded, however many failed in it, up
+    /// to the cap; a payment's own error counts for nothing; a round with a
+    /// success ends it.
     #[test]
-    fn the_pause_doubles_per_chain_failure_and_ends_at_a_success() {
+    fn the_pause_doubles_per_failing_round_and_ends_at_a_success() {
         let backoff = Backoff::default();
         let poll = Duration::from_millis(100);
-        assert_eq!(backoff.pause(poll), poll);
         let down: Result<()> = Err(crate::Error::Timeout("no answer from the chain".into()));
-        backoff.record(&down);
-        assert_eq!(backoff.pause(poll), poll * 2);
-        backoff.record(&down);
-        backoff.record(&down);
-        assert_eq!(backoff.pause(poll), poll * 8);
-        backoff.record(&Err::<(), _>(crate::Error::UnknownPayment(PaymentId(B256::ZERO))));
-        assert_eq!(backoff.pause(poll), poll * 8, "a payment's own error is no reason to slow down");
-        for _ in 0..40 {
+        assert_eq!(backoff.end_round(poll), poll, "nothing happened");
+        for _ in 0..50 {
             backoff.record(&down);
         }
-        assert_eq!(backoff.pause(poll), MAX_BACKOFF);
+        assert_eq!(backoff.end_round(poll), poll * 2, "one round, however many attempts failed in it");
+        backoff.record(&down);
+        assert_eq!(backoff.end_round(poll), poll * 4);
+        backoff.record(&Err::<(), _>(crate::Error::UnknownPayment(PaymentId(B256::ZERO))));
+        assert_eq!(backoff.end_round(poll), poll * 4, "a payment's own error is no reason to slow down");
+        backoff.record(&down);
         backoff.record(&Ok(()));
-        assert_eq!(backoff.pause(poll), poll);
-        assert_eq!(backoff.pause(Duration::from_secs(60)), Duration::from_secs(60), "never shorter than the poll");
+        assert_eq!(backoff.end_round(poll), poll, "a success in the round ends it");
+        for _ in 0..40 {
+            backoff.record(&down);
+            backoff.end_round(poll);
+        }
+        assert_eq!(backoff.end_round(poll), MAX_BACKOFF);
+        assert_eq!(backoff.end_round(Duration::from_secs(5)), Duration::from_secs(5), "never shorter than the poll");
     }
 
     #[test]

@@ -233,7 +233,13 @@ impl<C: Chain> Settler<C> {
                 return self.abandon(intent).await;
             }
             Err(x402_chain::Error::NonceTooLow { .. }) => {}
-            Err(err) => return Err(err.into()),
+            // Refused (its fees are below today's base fee, say) or not
+            // sent: followed all the same, so that it is replaced by a fee
+            // bump once it has waited `stuck_after`, rather than left
+            // pending, holding up every later nonce of its signer.
+            Err(err) => {
+                tracing::warn!(%err, tx = %tx.hash, "a pending settlement transaction was not taken; following it")
+            }
         }
         self.follow(intent, tx).await
     }

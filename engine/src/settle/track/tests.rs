@@ -49,6 +49,17 @@ fn quick() -> SettlerConfig {
     }
 }
 
+/// A settler that bumps a transaction unmined for 30 ms, at most
+/// `max_bumps` times, and follows it for 10 s.
+fn bumping(max_bumps: u32) -> SettlerConfig {
+    SettlerConfig {
+        stuck_after: Duration::from_millis(30),
+        receipt_timeout: Duration::from_secs(10),
+        max_bumps,
+        ..quick()
+    }
+}
+
 impl Bench {
     async fn new(config: SettlerConfig) -> Self {
         let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
@@ -101,6 +112,22 @@ impl Bench {
     /// chain mines it at once, left pending after the short follow.
     async fn settle(&self, p: &PaymentRecord) {
         self.settler.settle_direct(p.clone()).await.unwrap();
+    }
+
+    /// Settles `p` on a task, and returns once its transaction was sent
+    /// twice: the original and a fee bump.
+    async fn settle_until_bumped(&self, p: &PaymentRecord) -> tokio::task::JoinHandle<crate::Result<()>> {
+        let task = tokio::spawn({
+            let settler = self.settler.clone();
+            let p = p.clone();
+            async move { settler.settle_direct(p).await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.chain.broadcasts().len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never bumped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        task
     }
 
     /// A spend of `p`'s authorization found on chain, at a block past
@@ -215,22 +242,9 @@ async fn an_abandoned_payment_spent_by_someone_else_is_concluded_by_that_spend()
 /// it. It is followed until the receipt is deep enough, then concluded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intent_whose_own_version_took_the_nonce_is_concluded_not_abandoned() {
-    let config = SettlerConfig {
-        stuck_after: Duration::from_millis(30),
-        receipt_timeout: Duration::from_secs(10),
-        max_bumps: 1,
-        ..quick()
-    };
-    let b = Bench::new(config).await;
+    let b = Bench::new(bumping(1)).await;
     let p = b.pay().await;
-    let task = tokio::spawn({
-        let settler = b.settler.clone();
-        let p = p.clone();
-        async move { settler.settle_direct(p).await }
-    });
-    while b.chain.broadcasts().len() < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let task = b.settle_until_bumped(&p).await;
     task.abort();
     let _ = task.await;
     let intent = b.intent().await;
@@ -255,20 +269,9 @@ async fn an_intent_whose_own_version_took_the_nonce_is_concluded_not_abandoned()
 /// concludes the payment, here the bump.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_transaction_is_replaced_by_a_fee_bump_written_ahead_and_the_bump_concludes_it() {
-    let config =
-        SettlerConfig { stuck_after: Duration::from_millis(30), receipt_timeout: Duration::from_secs(10), ..quick() };
-    let b = Bench::new(config).await;
+    let b = Bench::new(bumping(5)).await;
     let p = b.pay().await;
-    let task = tokio::spawn({
-        let settler = b.settler.clone();
-        let p = p.clone();
-        async move { settler.settle_direct(p).await }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while b.chain.broadcasts().len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "never bumped");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let task = b.settle_until_bumped(&p).await;
     let broadcasts = b.chain.broadcasts();
     let intent = b.intent().await;
     assert_eq!(intent.tx_hashes, broadcasts[..2], "the bump was recorded before it was sent");
@@ -283,25 +286,41 @@ async fn a_stuck_transaction_is_replaced_by_a_fee_bump_written_ahead_and_the_bum
     assert_eq!((status.state, status.transaction), (PaymentState::Confirmed, Some(broadcasts[1])));
 }
 
+/// A pending transaction the node refuses to take again (its fees fell
+/// below the base fee while x402d was down) is followed anyway and
+/// replaced by a fee bump, which concludes it: never left pending, holding
+/// up the signer's later nonces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebroadcast_the_node_refuses_is_replaced_by_a_fee_bump() {
+    let b = Bench::new(bumping(5)).await;
+    let p = b.pay().await;
+    b.chain.fail_broadcasts(1);
+    assert!(b.settler.settle_direct(p.clone()).await.is_err());
+    let intent = b.intent().await;
+    b.chain.refuse_broadcasts(1);
+    let resolving = tokio::spawn({
+        let settler = b.settler.clone();
+        async move { settler.resolve(intent).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.chain.broadcasts().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never replaced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let bump = b.chain.broadcasts()[0];
+    assert_eq!(b.intent().await.tx_hashes[1], bump, "the bump was recorded first");
+    b.chain.mine(bump);
+    resolving.await.unwrap().unwrap();
+    let status = b.status(p.id).await;
+    assert_eq!((status.state, status.transaction), (PaymentState::Confirmed, Some(bump)));
+}
+
 /// The original mined after it was bumped concludes the payment as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_mined_after_a_bump_concludes_it() {
-    let config = SettlerConfig {
-        stuck_after: Duration::from_millis(30),
-        receipt_timeout: Duration::from_secs(10),
-        max_bumps: 1,
-        ..quick()
-    };
-    let b = Bench::new(config).await;
+    let b = Bench::new(bumping(1)).await;
     let p = b.pay().await;
-    let task = tokio::spawn({
-        let settler = b.settler.clone();
-        let p = p.clone();
-        async move { settler.settle_direct(p).await }
-    });
-    while b.chain.broadcasts().len() < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let task = b.settle_until_bumped(&p).await;
     // No more bumps than `max_bumps`.
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(b.chain.broadcasts().len(), 2);
