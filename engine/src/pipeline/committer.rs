@@ -16,68 +16,18 @@ use crossbeam::channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    ChangedChannels, IntentChange, MerchantWrite, PaymentWaiters, SubmitOutcome, Transition, pending_gauge,
-    shard::{ReservationChange, ShardMsg},
-    shard_of,
+    ChangedChannels, IntentChange, PaymentWaiters, SubmitOutcome, Transition,
+    messages::{ChannelReply, CommitItem, ReservationChange, ShardMsg},
+    pending_gauge, shard_of,
 };
 use crate::{
     Error, Result,
-    channels::ChannelView,
     domain::{
         ChannelRecord, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent,
     },
     ledger::{Ledger, Write, WriteBatch},
     reason::{Reason, Rejection},
 };
-
-/// Work for the committer.
-pub(crate) enum CommitItem {
-    /// Record an accepted payment, queue it for settlement, then answer ACCEPTED.
-    Payment { record: Box<PaymentRecord>, pending: PendingKey, shard: usize, reply: oneshot::Sender<SubmitOutcome> },
-    /// Answer once everything queued before it is durable (a DUPLICATE).
-    Reply { outcome: SubmitOutcome, reply: oneshot::Sender<SubmitOutcome> },
-    /// Record a merchant.
-    Merchant(MerchantWrite),
-    /// Record settlement progress: transaction intents and payment state changes.
-    Settlement { intents: Vec<IntentChange>, transitions: Vec<Transition>, reply: oneshot::Sender<Result<()>> },
-    /// Record a channel's refreshed on-chain mirror.
-    /// With `event`, a claim or refund went through: announced as a
-    /// `CONFIRMED` event of the channel for the merchant numbered so.
-    ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: ChannelReply },
-    /// The shard applied the revert of channel `id` a failed write sent
-    /// it: its items from here on are built on the recorded state.
-    ChannelReverted { id: B256 },
-    /// Record a channel's new state (an accepted voucher), then answer
-    /// `outcome`; if the write fails, the shard gets `previous` back.
-    Channel {
-        record: Box<ChannelRecord>,
-        previous: Box<ChannelRecord>,
-        shard: usize,
-        outcome: SubmitOutcome,
-        reply: oneshot::Sender<SubmitOutcome>,
-    },
-}
-
-/// Who hears that a channel write is durable.
-pub(crate) enum ChannelReply {
-    /// The claims task, after mirroring a read.
-    Synced(oneshot::Sender<Result<()>>),
-    /// An operator's request, answered with the channel as recorded.
-    Requested(oneshot::Sender<Result<Option<ChannelView>>>, ChannelView),
-}
-
-impl ChannelReply {
-    fn send(self, result: Result<()>) {
-        match self {
-            Self::Synced(reply) => {
-                let _ = reply.send(result);
-            }
-            Self::Requested(reply, view) => {
-                let _ = reply.send(result.map(|()| Some(view)));
-            }
-        }
-    }
-}
 
 /// What to do once a group is durable (or failed).
 enum Done {

@@ -17,6 +17,7 @@
 //! DUPLICATE is answered only after the group that recorded the original.
 
 mod committer;
+mod messages;
 mod shard;
 mod waiters;
 
@@ -32,8 +33,9 @@ use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use tokio::sync::{oneshot, watch};
 
 use self::{
-    committer::{CommitItem, Committer},
-    shard::{Shard, ShardMsg},
+    committer::Committer,
+    messages::{CommitItem, ShardMsg},
+    shard::Shard,
 };
 use crate::{
     Error, Result,

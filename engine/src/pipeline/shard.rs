@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::{
     SubmitOutcome,
-    committer::{ChannelReply, CommitItem},
+    messages::{ChannelReply, CommitItem, ReservationChange, ReservationKey, ShardMsg},
 };
 use crate::{
     balance::{Account, BalanceSource, Fetched, Lookup, Notifier},
@@ -36,62 +36,6 @@ use crate::{
     reason::{Reason, Rejection},
     verify::Verified,
 };
-
-/// Messages a shard handles.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "`Payment` is nearly every message; boxing it would cost an allocation per payment"
-)]
-pub(crate) enum ShardMsg {
-    /// A payment that passed stage 1.
-    Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
-    /// The commit that would have recorded `id` failed: forget it.
-    Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
-    /// A payment's settlement status changed (durably), perhaps changing
-    /// what its payer owes.
-    Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
-    /// The balance source fetched a balance this shard asked for.
-    Balance { key: ReservationKey, fetched: Fetched },
-    /// A voucher that passed stage 1, for a channel this shard owns.
-    Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
-    /// A channel's on-chain state this shard asked for.
-    ChannelFetched { id: B256, fetched: ChannelFetched },
-    /// A deposit this shard started landed (the channel's state after it)
-    /// or failed.
-    Deposited { id: B256, result: Result<x402_channel::OnChain, DepositFailure> },
-    /// A fresh read of a channel's on-chain state (and, after a claim, when
-    /// it was claimed), to mirror and record.
-    ChannelSync {
-        id: B256,
-        onchain: x402_channel::OnChain,
-        claimed: Option<ClaimOutcome>,
-        reply: oneshot::Sender<crate::Result<()>>,
-    },
-    /// An operator asks for a claim or a refund of a channel; answered with
-    /// the channel (`None` if this shard does not know it) once recorded.
-    ChannelRequest {
-        id: B256,
-        claim: bool,
-        refund: Option<u128>,
-        reply: oneshot::Sender<crate::Result<Option<ChannelView>>>,
-    },
-    /// The commit of a channel's new state failed: this was its state before.
-    ChannelRevert { record: Box<ChannelRecord> },
-    /// Finish: everything queued before this has been handled.
-    Stop,
-}
-
-/// Reservations are per (chain, token, payer).
-pub(crate) type ReservationKey = (u64, Address, Address);
-
-/// How a settlement transition changes a payer's reservations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ReservationChange {
-    /// Settled or given up: no longer owed.
-    Release(ReservationKey, U256),
-    /// A reorg undid its settlement: owed again.
-    Reserve(ReservationKey, U256),
-}
 
 struct ReplayEntry {
     digest: B256,
