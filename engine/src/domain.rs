@@ -4,8 +4,9 @@
 
 use std::fmt;
 
-use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
 use x402_chain::TransferWithAuthorization;
+use x402_channel::ChannelConfig;
 
 /// Unix time in milliseconds.
 pub(crate) fn unix_millis() -> u64 {
@@ -139,7 +140,7 @@ pub enum PaymentInput {
     Exact(ExactPayload),
     Header(String),
     /// An x402 `batch-settlement` voucher.
-    Voucher(Box<crate::channels::VoucherPayload>),
+    Voucher(Box<VoucherPayload>),
 }
 
 /// One payment as a gateway submits it.
@@ -435,5 +436,58 @@ mod tests {
         assert_ne!(base, PaymentId::new(1, from, token, B256::ZERO));
         assert_ne!(base, PaymentId::new(1, token, from, B256::repeat_byte(1)));
         assert_eq!(base, PaymentId::new(1, token, from, B256::ZERO));
+    }
+}
+
+/// The `batch-settlement` fields of the requirements (x402 `extra`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelExtra {
+    /// `extra.receiverAuthorizer`.
+    pub receiver_authorizer: Address,
+    /// `extra.withdrawDelay`, seconds.
+    pub withdraw_delay: u64,
+}
+
+/// A voucher payment as a gateway submits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoucherPayload {
+    /// The network the payer signed for.
+    pub network: String,
+    pub config: ChannelConfig,
+    /// The voucher's channel id, as the client computed it.
+    pub channel_id: B256,
+    pub max_claimable: u128,
+    pub signature: Bytes,
+    /// What the request costs, at most the required amount; `None` charges
+    /// the amount.
+    pub charge: Option<u128>,
+    pub extra: ChannelExtra,
+    /// A deposit made with this request.
+    pub deposit: Option<DepositPayload>,
+    /// A cooperative refund request of up to this much (`None` inside: all
+    /// not charged); the voucher is then the charged total.
+    pub refund: Option<Option<u128>>,
+}
+
+/// The payer's ERC-3009 `ReceiveWithAuthorization` of a deposit, made out
+/// to the deposit collector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositPayload {
+    pub amount: u128,
+    pub valid_after: u64,
+    pub valid_before: u64,
+    pub salt: U256,
+    pub signature: Bytes,
+}
+
+impl DepositPayload {
+    /// The deposit collector's `collectorData` for this authorization.
+    pub fn collector_data(&self) -> Bytes {
+        x402_chain::channel::deposit_collector_data(
+            U256::from(self.valid_after),
+            U256::from(self.valid_before),
+            self.salt,
+            &self.signature,
+        )
     }
 }

@@ -158,6 +158,21 @@ impl InvalidField {
     }
 }
 
+/// Why stage 1 refused a submit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A verification rule failed.
+    Rejected { id: Option<crate::domain::PaymentId>, payer: Option<alloy::primitives::Address>, rejection: Rejection },
+    /// The request is malformed.
+    Invalid(InvalidField),
+}
+
+impl From<InvalidField> for Refusal {
+    fn from(value: InvalidField) -> Self {
+        Self::Invalid(value)
+    }
+}
+
 impl From<x402_channel::VoucherError> for Reason {
     fn from(e: x402_channel::VoucherError) -> Self {
         use x402_channel::VoucherError as E;

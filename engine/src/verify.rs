@@ -56,20 +56,7 @@ impl Verified {
     }
 }
 
-/// Why stage 1 refused a submit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// A verification rule failed.
-    Rejected { id: Option<PaymentId>, payer: Option<Address>, rejection: Rejection },
-    /// The request is malformed.
-    Invalid(InvalidField),
-}
-
-impl From<InvalidField> for Refusal {
-    fn from(value: InvalidField) -> Self {
-        Self::Invalid(value)
-    }
-}
+pub use crate::reason::Refusal;
 
 /// Minimum seconds of validity a payment must have left when accepted, per
 /// settlement strategy: a strategy that settles later needs more.
