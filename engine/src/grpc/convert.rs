@@ -41,8 +41,24 @@ pub(super) fn status_from_error(err: &Error) -> Status {
         Error::InvalidMerchant(_) => Status::invalid_argument(err.to_string()),
         Error::UnknownChain(_) => Status::failed_precondition(err.to_string()),
         Error::PipelineStopped | Error::PipelineThreadDied(_) => Status::unavailable(err.to_string()),
+        // The storage's own words (file paths, the database's messages) are
+        // for the operator's log, not for a merchant.
+        _ if ledger_fault(err) => {
+            tracing::warn!(%err, "a call failed on the ledger");
+            Status::unavailable("the ledger cannot be written or read just now; nothing was recorded; retry")
+        }
         _ if err.is_retryable() => Status::unavailable(err.to_string()),
         _ => Status::internal(err.to_string()),
+    }
+}
+
+/// Whether `err` is the ledger's storage failing (perhaps inside a failed
+/// commit).
+fn ledger_fault(err: &Error) -> bool {
+    match err {
+        Error::Storage(_) | Error::LedgerClosed(_) | Error::Io(_) => true,
+        Error::Commit(cause) => ledger_fault(cause),
+        _ => false,
     }
 }
 
@@ -540,5 +556,7 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(status_from_error(&err).code(), code, "{err}");
         }
+        let status = status_from_error(&Error::Commit(Arc::new(storage())));
+        assert!(!status.message().contains("rocksdb"), "the storage's words stay in the log: {}", status.message());
     }
 }
