@@ -713,6 +713,29 @@ mod tests {
         Pipeline::start(&config, &ledger, &balances).unwrap()
     }
 
+    /// `payer`'s voucher of `max` for its channel of `config` (authorizer
+    /// `authorizer`, 900 s withdraw delay), on the local chain.
+    fn voucher_payload(
+        payer: &Payer,
+        domain: &x402_channel::ChannelDomain,
+        config: &x402_channel::ChannelConfig,
+        authorizer: Address,
+        max: u128,
+    ) -> crate::channels::VoucherPayload {
+        let id = domain.channel_id(config);
+        crate::channels::VoucherPayload {
+            network: "eip155:31337".into(),
+            config: config.clone(),
+            channel_id: id,
+            max_claimable: max,
+            signature: payer.sign_voucher(domain, id, max),
+            charge: None,
+            extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
+            deposit: None,
+            refund: None,
+        }
+    }
+
     fn submit(pipeline: &Pipeline, s: Submission) -> SubmitOutcome {
         pipeline.try_submit(merchant(), s).unwrap().blocking_recv().unwrap()
     }
@@ -1203,17 +1226,7 @@ mod tests {
         let id = domain.channel_id(&channel);
         let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
         let voucher = |max: u128| {
-            let payload = crate::channels::VoucherPayload {
-                network: "eip155:31337".into(),
-                config: channel.clone(),
-                channel_id: id,
-                max_claimable: max,
-                signature: payer.sign_voucher(&domain, id, max),
-                charge: None,
-                extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
-                deposit: None,
-                refund: None,
-            };
+            let payload = voucher_payload(&payer, &domain, &channel, authorizer, max);
             Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload)))
         };
         let accepted = |o: &SubmitOutcome| matches!(o, SubmitOutcome::VoucherAccepted { .. });
@@ -1290,19 +1303,8 @@ mod tests {
         let authorizer = Address::repeat_byte(0xaa);
         let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
         let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
-        let id = domain.channel_id(&channel);
         let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
-        let voucher = |max: u128| crate::channels::VoucherPayload {
-            network: "eip155:31337".into(),
-            config: channel.clone(),
-            channel_id: id,
-            max_claimable: max,
-            signature: payer.sign_voucher(&domain, id, max),
-            charge: None,
-            extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
-            deposit: None,
-            refund: None,
-        };
+        let voucher = |max: u128| voucher_payload(&payer, &domain, &channel, authorizer, max);
         let mut replies: Vec<_> = (1..=200u128)
             .map(|n| {
                 let submission =
@@ -1336,19 +1338,8 @@ mod tests {
         for _ in 0..4 {
             let payer = Payer::random();
             let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
-            let id = domain.channel_id(&channel);
             for n in 1..=40u128 {
-                let voucher = crate::channels::VoucherPayload {
-                    network: "eip155:31337".into(),
-                    config: channel.clone(),
-                    channel_id: id,
-                    max_claimable: n * 10,
-                    signature: payer.sign_voucher(&domain, id, n * 10),
-                    charge: None,
-                    extra: crate::channels::ChannelExtra { receiver_authorizer: authorizer, withdraw_delay: 900 },
-                    deposit: None,
-                    refund: None,
-                };
+                let voucher = voucher_payload(&payer, &domain, &channel, authorizer, n * 10);
                 let submission = Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(voucher)));
                 replies.push(pipeline.try_submit(merchant(), submission).unwrap());
             }
