@@ -50,7 +50,7 @@ fn stateless(c: &mut Criterion) {
         31337,
         submissions[0].requirements.asset,
     );
-    let message = first.authorization.message();
+    let message = x402_chain::TransferWithAuthorization::from(&first.authorization);
     c.bench_function("recover/digest_and_recover", |b| {
         b.iter(|| recover_signer(&signature, domain.signing_hash(&message)).unwrap())
     });

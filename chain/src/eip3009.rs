@@ -71,6 +71,20 @@ sol! {
     }
 }
 
+impl From<&x402_wire::Authorization> for TransferWithAuthorization {
+    /// The EIP-712 message the payer of `a` signed and the token checks.
+    fn from(a: &x402_wire::Authorization) -> Self {
+        Self {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+        }
+    }
+}
+
 /// `(v, r, s)` of a 65-byte `r ‖ s ‖ v` signature, `v` as 27/28.
 fn split_signature(signature: &[u8; 65]) -> (u8, B256, B256) {
     let v = if matches!(signature[64], 0 | 27) { 27 } else { 28 };

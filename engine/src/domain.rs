@@ -4,9 +4,8 @@
 
 use std::fmt;
 
-use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
-use x402_chain::TransferWithAuthorization;
-use x402_channel::ChannelConfig;
+use alloy::primitives::{Address, B256, U256, keccak256};
+pub use x402_wire::{Authorization, ChannelExtra, DepositPayload, ExactPayload, Network, Requirements, VoucherPayload};
 
 /// Unix time in milliseconds.
 pub(crate) fn unix_millis() -> u64 {
@@ -44,93 +43,6 @@ impl fmt::Display for PaymentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0, f)
     }
-}
-
-/// A CAIP-2 EVM network id, `eip155:<chainId>`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Network(pub u64);
-
-impl Network {
-    /// Parses `eip155:<decimal chain id>`.
-    pub fn parse(s: &str) -> Option<Self> {
-        let id = s.strip_prefix("eip155:")?;
-        if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        id.parse().ok().map(Self)
-    }
-
-    /// The chain id.
-    pub const fn chain_id(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for Network {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "eip155:{}", self.0)
-    }
-}
-
-/// The x402 `PaymentRequirements` of a resource, as the resource server
-/// asked for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Requirements {
-    pub scheme: String,
-    pub network: String,
-    pub amount: U256,
-    pub asset: Address,
-    pub pay_to: Address,
-    pub max_timeout_seconds: u64,
-    /// The token's EIP-712 domain name (`extra.name`).
-    pub eip712_name: String,
-    /// The token's EIP-712 domain version (`extra.version`).
-    pub eip712_version: String,
-}
-
-/// An EIP-3009 `TransferWithAuthorization` as the payer signed it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Authorization {
-    pub from: Address,
-    pub to: Address,
-    pub value: U256,
-    pub valid_after: U256,
-    pub valid_before: U256,
-    pub nonce: B256,
-}
-
-impl Authorization {
-    /// `validBefore` in seconds, saturated to `u64::MAX`.
-    pub fn valid_before_secs(&self) -> u64 {
-        self.valid_before.saturating_to()
-    }
-
-    /// `validAfter` in seconds, saturated to `u64::MAX`.
-    pub fn valid_after_secs(&self) -> u64 {
-        self.valid_after.saturating_to()
-    }
-
-    /// The EIP-712 message the payer signs and the token checks.
-    pub const fn message(&self) -> TransferWithAuthorization {
-        TransferWithAuthorization {
-            from: self.from,
-            to: self.to,
-            value: self.value,
-            validAfter: self.valid_after,
-            validBefore: self.valid_before,
-            nonce: self.nonce,
-        }
-    }
-}
-
-/// A typed x402 `exact` payload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExactPayload {
-    /// The network the payer signed for (`accepted.network`).
-    pub network: String,
-    pub authorization: Authorization,
-    /// As sent: 65 bytes `r ‖ s ‖ v` for an EOA; anything else is refused.
-    pub signature: Vec<u8>,
 }
 
 /// The payment part of a submit: typed, or the raw `PAYMENT-SIGNATURE`
@@ -419,15 +331,6 @@ mod tests {
     use alloy::primitives::address;
 
     #[test]
-    fn network_parses_caip2() {
-        assert_eq!(Network::parse("eip155:8453"), Some(Network(8453)));
-        assert_eq!(Network::parse("eip155:31337").unwrap().to_string(), "eip155:31337");
-        for bad in ["eip155:", "eip155:-1", "eip155:0x1", "solana:1", "8453", "eip155:99999999999999999999999"] {
-            assert_eq!(Network::parse(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn payment_id_depends_on_every_part() {
         let token = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
         let from = address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
@@ -436,58 +339,5 @@ mod tests {
         assert_ne!(base, PaymentId::new(1, from, token, B256::ZERO));
         assert_ne!(base, PaymentId::new(1, token, from, B256::repeat_byte(1)));
         assert_eq!(base, PaymentId::new(1, token, from, B256::ZERO));
-    }
-}
-
-/// The `batch-settlement` fields of the requirements (x402 `extra`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChannelExtra {
-    /// `extra.receiverAuthorizer`.
-    pub receiver_authorizer: Address,
-    /// `extra.withdrawDelay`, seconds.
-    pub withdraw_delay: u64,
-}
-
-/// A voucher payment as a gateway submits it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VoucherPayload {
-    /// The network the payer signed for.
-    pub network: String,
-    pub config: ChannelConfig,
-    /// The voucher's channel id, as the client computed it.
-    pub channel_id: B256,
-    pub max_claimable: u128,
-    pub signature: Bytes,
-    /// What the request costs, at most the required amount; `None` charges
-    /// the amount.
-    pub charge: Option<u128>,
-    pub extra: ChannelExtra,
-    /// A deposit made with this request.
-    pub deposit: Option<DepositPayload>,
-    /// A cooperative refund request of up to this much (`None` inside: all
-    /// not charged); the voucher is then the charged total.
-    pub refund: Option<Option<u128>>,
-}
-
-/// The payer's ERC-3009 `ReceiveWithAuthorization` of a deposit, made out
-/// to the deposit collector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DepositPayload {
-    pub amount: u128,
-    pub valid_after: u64,
-    pub valid_before: u64,
-    pub salt: U256,
-    pub signature: Bytes,
-}
-
-impl DepositPayload {
-    /// The deposit collector's `collectorData` for this authorization.
-    pub fn collector_data(&self) -> Bytes {
-        x402_chain::channel::deposit_collector_data(
-            U256::from(self.valid_after),
-            U256::from(self.valid_before),
-            self.salt,
-            &self.signature,
-        )
     }
 }

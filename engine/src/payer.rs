@@ -8,7 +8,7 @@ use alloy::{
     primitives::{Address, B256, U256},
     signers::{SignerSync, local::PrivateKeySigner},
 };
-use x402_chain::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization};
+use x402_chain::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
 
 use crate::{
@@ -65,7 +65,7 @@ impl Payer {
     /// Signs `authorization` in the token domain `requirements` name. The
     /// network must be `eip155:<chain id>`.
     pub fn sign_authorization(&self, requirements: &Requirements, authorization: &Authorization) -> Vec<u8> {
-        self.sign_typed(requirements, &authorization.message()).to_vec()
+        self.sign_typed(requirements, &TransferWithAuthorization::from(authorization)).to_vec()
     }
 
     /// Signs an EIP-3009 `CancelAuthorization` of this payer's `nonce` in

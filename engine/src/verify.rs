@@ -186,7 +186,7 @@ impl Verifier {
         }
         // 4. signature
         let domain = self.domain(chain_id, &requirements);
-        let digest = domain.signing_hash(&auth.message());
+        let digest = domain.signing_hash(&x402_chain::TransferWithAuthorization::from(auth));
         if let Err(message) = check_signature(&payload.signature, digest, auth.from) {
             return Err(reject(Some(id), Reason::Signature, message));
         }
@@ -382,33 +382,13 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     })
 }
 
-pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    hex::decode(s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?).ok()
-}
-
-pub(crate) fn parse_address(s: &str) -> Option<Address> {
-    let bytes = parse_hex(s)?;
-    (bytes.len() == 20).then(|| Address::from_slice(&bytes))
-}
-
-pub(crate) fn parse_b256(s: &str) -> Option<B256> {
-    let bytes = parse_hex(s)?;
-    (bytes.len() == 32).then(|| B256::from_slice(&bytes))
-}
+pub(crate) use x402_wire::fields::{parse_address, parse_b256, parse_decimal_u256, parse_hex};
 
 pub(crate) fn parse_uint(v: &Uint) -> Option<U256> {
     match v {
         Uint::Num(n) => Some(U256::from(*n)),
         Uint::Str(s) => parse_decimal_u256(s),
     }
-}
-
-/// Parses a decimal uint256 as x402 writes amounts (no sign, no exponent).
-pub fn parse_decimal_u256(s: &str) -> Option<U256> {
-    if s.is_empty() || s.len() > 78 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    U256::from_str_radix(s, 10).ok()
 }
 
 #[cfg(test)]

@@ -112,19 +112,19 @@ async fn sabotage(s: &Setup, rows: [(&Payer, &ExactPayload); 4]) -> Vec<B256> {
 
     let same_nonce = used_by.sign_exact(&req, now() - 600, now() + 3600, used.authorization.nonce);
     let sig: [u8; 65] = same_nonce.signature.as_slice().try_into().unwrap();
-    let spend = transfer_with_authorization_calldata(&same_nonce.authorization.message(), &sig);
+    let spend = transfer_with_authorization_calldata(&(&same_nonce.authorization).into(), &sig);
 
     let all = Authorization { value: U256::from(MINTED), ..payment(drained_by).authorization };
     let all = Authorization { to: ELSEWHERE, ..all };
     let sig: [u8; 65] = drained_by.sign_authorization(&req, &all).as_slice().try_into().unwrap();
-    let drain = transfer_with_authorization_calldata(&all.message(), &sig);
+    let drain = transfer_with_authorization_calldata(&(&all).into(), &sig);
 
     let nonce = cancelled.authorization.nonce;
     let sig = cancelled_by.sign_cancel(&requirements(PAY_TO_2), nonce);
     let cancel = cancel_authorization_calldata(cancelled_by.address(), nonce, &sig);
 
     let sig: [u8; 65] = front_run.signature.as_slice().try_into().unwrap();
-    let front_run = transfer_with_authorization_calldata(&front_run.authorization.message(), &sig);
+    let front_run = transfer_with_authorization_calldata(&(&front_run.authorization).into(), &sig);
 
     let mut hashes = Vec::new();
     for input in [spend, drain, cancel, front_run] {
@@ -305,7 +305,7 @@ async fn an_authorization_settled_before_it_was_accepted_is_not_confirmed_by_tha
     // Settled elsewhere first, to this merchant, for this very value.
     let sig: [u8; 65] = payloads[0].signature.as_slice().try_into().unwrap();
     let elsewhere =
-        send_ahead(&s, transfer_with_authorization_calldata(&payloads[0].authorization.message(), &sig)).await;
+        send_ahead(&s, transfer_with_authorization_calldata(&(&payloads[0].authorization).into(), &sig)).await;
     assert!(s.chain.wait_receipt(&[elsewhere], Duration::from_secs(10)).await.unwrap().unwrap().success);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -350,7 +350,7 @@ async fn an_abandoned_batch_concludes_each_row_by_how_its_authorization_was_spen
     let cancel = send_ahead(&s, cancel_authorization_calldata(s.payers[0].address(), nonce, &sig)).await;
     let sig: [u8; 65] = payloads[1].signature.as_slice().try_into().unwrap();
     let relayed =
-        send_ahead(&s, transfer_with_authorization_calldata(&payloads[1].authorization.message(), &sig)).await;
+        send_ahead(&s, transfer_with_authorization_calldata(&(&payloads[1].authorization).into(), &sig)).await;
     s.control.anvil_impersonate_account(intent.signer).await.unwrap();
     let taker = TransactionRequest::default()
         .with_from(intent.signer)

@@ -152,7 +152,17 @@ impl Setup {
             U256::from(1),
         );
         let receipt = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet)
-            .deposit(config.into(), amount, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, deposit.collector_data())
+            .deposit(
+                config.into(),
+                amount,
+                ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+                x402_chain::channel::deposit_collector_data(
+                    U256::from(deposit.valid_after),
+                    U256::from(deposit.valid_before),
+                    deposit.salt,
+                    &deposit.signature,
+                ),
+            )
             .send()
             .await
             .unwrap()

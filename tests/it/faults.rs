@@ -197,7 +197,7 @@ async fn a_restart_after_an_unsent_intent_orphans_no_payment() {
     let first = s.node.engine().payment(ids[0]).await.unwrap().unwrap();
     let signature: [u8; 65] = first.signature.as_slice().try_into().unwrap();
     let calldata =
-        x402_chain::eip3009::transfer_with_authorization_calldata(&first.authorization.message(), &signature);
+        x402_chain::eip3009::transfer_with_authorization_calldata(&(&first.authorization).into(), &signature);
     let tx = s.chain.sign_call(TOKEN, calldata, Some(200_000)).await.unwrap();
     let intent = TxIntent {
         chain_id: s.chain.chain_id(),

@@ -126,7 +126,7 @@ async fn a_payer_who_spends_elsewhere_fails_with_insufficient_balance() {
     let drain = spender.sign_exact(&elsewhere, now() - 600, now() + 3600, random_nonce());
     let signature: [u8; 65] = drain.signature.as_slice().try_into().unwrap();
     let calldata =
-        x402_chain::eip3009::transfer_with_authorization_calldata(&drain.authorization.message(), &signature);
+        x402_chain::eip3009::transfer_with_authorization_calldata(&(&drain.authorization).into(), &signature);
     let tx = chain.sign_call(TOKEN, calldata, None).await.unwrap();
     chain.broadcast(&tx).await.unwrap();
     assert!(chain.wait_receipt(&[tx.hash], Duration::from_secs(20)).await.unwrap().unwrap().success);

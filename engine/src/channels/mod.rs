@@ -447,7 +447,17 @@ fn verify_deposit(
     if signer != config.payer {
         return Err(reject(format!("deposit authorization signed by {signer}, not the payer {}", config.payer)));
     }
-    Ok(VerifiedDeposit { amount: d.amount, collector, collector_data: d.collector_data(), nonce })
+    Ok(VerifiedDeposit { amount: d.amount, collector, collector_data: collector_data(d), nonce })
+}
+
+/// The deposit collector's `collectorData` for the authorization of `d`.
+fn collector_data(d: &DepositPayload) -> Bytes {
+    x402_chain::channel::deposit_collector_data(
+        U256::from(d.valid_after),
+        U256::from(d.valid_before),
+        d.salt,
+        &d.signature,
+    )
 }
 
 /// A fresh channel record for a voucher's channel, not yet synced.

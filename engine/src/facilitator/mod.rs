@@ -36,8 +36,9 @@ use axum::{
     routing::{get, post},
 };
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::time::Instant;
+use x402_wire::{SettleResponse, SupportedKind, SupportedResponse, VerifyResponse, X402_VERSION};
 
 use crate::{
     Engine, SubmitOutcome,
@@ -222,38 +223,6 @@ struct ExtraJson {
     version: Option<String>,
     receiver_authorizer: Option<String>,
     withdraw_delay: Option<Uint>,
-}
-
-#[derive(Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct VerifyResponse {
-    is_valid: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    invalid_reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    invalid_message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    payer: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    extra: Option<serde_json::Value>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SettleResponse {
-    success: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error_reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error_message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    payer: Option<String>,
-    transaction: String,
-    network: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    amount: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    extra: Option<serde_json::Value>,
 }
 
 /// The reference's reason for a settlement broadcast but not yet seen mined.
@@ -516,65 +485,30 @@ async fn settled(
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SupportedKind {
-    x402_version: u64,
-    scheme: &'static str,
-    network: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    extra: Option<serde_json::Value>,
-}
-
-async fn supported(State(api): State<Api>) -> Json<serde_json::Value> {
+async fn supported(State(api): State<Api>) -> Json<SupportedResponse> {
     let info = &api.info;
     let mut kinds = Vec::new();
     for network in &info.networks {
-        kinds.push(SupportedKind { x402_version: 2, scheme: "exact", network: network.clone(), extra: None });
+        let kind = |scheme: &str, extra| SupportedKind {
+            x402_version: X402_VERSION,
+            scheme: scheme.into(),
+            network: network.clone(),
+            extra,
+        };
+        kinds.push(kind("exact", None));
         if let Some(authorizer) = info.receiver_authorizer {
-            kinds.push(SupportedKind {
-                x402_version: 2,
-                scheme: "batch-settlement",
-                network: network.clone(),
-                extra: Some(serde_json::json!({ "receiverAuthorizer": authorizer.to_string() })),
-            });
+            kinds.push(kind(
+                "batch-settlement",
+                Some(serde_json::json!({ "receiverAuthorizer": authorizer.to_string() })),
+            ));
         }
     }
-    let signers: Vec<String> = info.signers.iter().map(ToString::to_string).collect();
-    Json(serde_json::json!({
-        "kinds": kinds,
-        "extensions": [],
-        "signers": { "eip155:*": signers },
-    }))
-}
-
-/// `requirements` as a resource server sends them (`PaymentRequirements`).
-pub fn requirements_json(r: &Requirements) -> serde_json::Value {
-    serde_json::json!({
-        "scheme": r.scheme, "network": r.network, "amount": r.amount.to_string(), "asset": r.asset.to_string(),
-        "payTo": r.pay_to.to_string(), "maxTimeoutSeconds": r.max_timeout_seconds,
-        "extra": { "name": r.eip712_name, "version": r.eip712_version },
-    })
+    let signers = info.signers.iter().map(ToString::to_string).collect();
+    Json(SupportedResponse { kinds, extensions: Vec::new(), signers: [("eip155:*".to_owned(), signers)].into() })
 }
 
 /// The `/verify` or `/settle` body a resource server sends for an `exact`
 /// `payload` of `requirements`: for clients (the load generator, tests).
 pub fn exact_request_json(r: &Requirements, payload: &crate::domain::ExactPayload) -> serde_json::Value {
-    let a = &payload.authorization;
-    serde_json::json!({
-        "x402Version": 2,
-        "paymentRequirements": requirements_json(r),
-        "paymentPayload": {
-            "x402Version": 2,
-            "accepted": requirements_json(r),
-            "payload": {
-                "signature": format!("0x{}", alloy::primitives::hex::encode(&payload.signature)),
-                "authorization": {
-                    "from": a.from.to_string(), "to": a.to.to_string(), "value": a.value.to_string(),
-                    "validAfter": a.valid_after.to_string(), "validBefore": a.valid_before.to_string(),
-                    "nonce": a.nonce.to_string(),
-                },
-            },
-        },
-    })
+    serde_json::to_value(x402_wire::FacilitatorRequest::exact(r, payload)).expect("requests serialize")
 }

@@ -548,7 +548,7 @@ fn status_with_tx(state: PaymentState, tx: B256, block: Option<u64>) -> PaymentS
 fn transfer_call(p: &PaymentRecord) -> Bytes {
     // Accepted payments passed verification: the signature is 65 bytes.
     let signature: &[u8; 65] = p.signature.as_slice().try_into().expect("verified signatures are 65 bytes");
-    transfer_with_authorization_calldata(&p.authorization.message(), signature)
+    transfer_with_authorization_calldata(&(&p.authorization).into(), signature)
 }
 
 /// The x402 reason for a token revert message (the FiatToken v2 strings the

@@ -1,0 +1,176 @@
+//! The formats of x402's JSON fields, with one parser each.
+//!
+//! x402 writes amounts and times as decimal strings (numbers are accepted
+//! on input), addresses as 0x-hex (checksummed on output, any case on
+//! input), 32-byte words and signatures as 0x-hex. The parsers are what
+//! every decoder of outside input uses (JSON, protobuf strings, the
+//! configuration); the `serde` modules apply them to struct fields, with
+//! the same messages, so a decoder can name the field and say what is wrong.
+
+use std::fmt;
+
+use alloy::primitives::{Address, B256, Bytes, U256, hex};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+
+/// Bytes from 0x-hex (`0x` or `0X` required).
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    hex::decode(s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?).ok()
+}
+
+/// A 20-byte address from 0x-hex, in any case (the checksum is not checked:
+/// x402 clients send lowercase addresses).
+pub fn parse_address(s: &str) -> Option<Address> {
+    let bytes = parse_hex(s)?;
+    (bytes.len() == 20).then(|| Address::from_slice(&bytes))
+}
+
+/// A 32-byte word from 0x-hex.
+pub fn parse_b256(s: &str) -> Option<B256> {
+    let bytes = parse_hex(s)?;
+    (bytes.len() == 32).then(|| B256::from_slice(&bytes))
+}
+
+/// A decimal uint256 as x402 writes amounts (digits only: no sign, no
+/// exponent, no hex).
+pub fn parse_decimal_u256(s: &str) -> Option<U256> {
+    if s.is_empty() || s.len() > 78 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    U256::from_str_radix(s, 10).ok()
+}
+
+/// What [`address`] says of a value that is not an address.
+pub const NOT_AN_ADDRESS: &str = "is not a 20-byte hex address";
+/// What [`word`] says of a value that is not a 32-byte word.
+pub const NOT_A_WORD: &str = "is not 32 hex bytes";
+/// What [`bytes`] says of a value that is not hex.
+pub const NOT_HEX: &str = "is not 0x-hex";
+/// What [`decimal`] says of a value that is not a uint256.
+pub const NOT_A_UINT256: &str = "is not a uint256";
+
+/// A uint256 written as a decimal string, x402's amount format. Reads a
+/// decimal string or a JSON number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DecimalU256(pub U256);
+
+impl From<U256> for DecimalU256 {
+    fn from(v: U256) -> Self {
+        Self(v)
+    }
+}
+
+impl fmt::Display for DecimalU256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl Serialize for DecimalU256 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DecimalU256 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Str(String),
+            Num(u64),
+        }
+        match Repr::deserialize(d).map_err(|_| de::Error::custom(NOT_A_UINT256))? {
+            Repr::Num(n) => Ok(Self(U256::from(n))),
+            Repr::Str(s) => parse_decimal_u256(&s).map(Self).ok_or_else(|| de::Error::custom(NOT_A_UINT256)),
+        }
+    }
+}
+
+fn string<'de, D: Deserializer<'de>>(d: D, message: &'static str) -> Result<String, D::Error> {
+    String::deserialize(d).map_err(|_| de::Error::custom(message))
+}
+
+/// `#[serde(with = "decimal")]`: a `U256` field as [`DecimalU256`].
+pub mod decimal {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+        DecimalU256(*v).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
+        DecimalU256::deserialize(d).map(|v| v.0)
+    }
+}
+
+/// `#[serde(with = "address")]`: an address, checksummed on output.
+pub mod address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Address, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
+        parse_address(&string(d, NOT_AN_ADDRESS)?).ok_or_else(|| de::Error::custom(NOT_AN_ADDRESS))
+    }
+}
+
+/// `#[serde(with = "word")]`: a 32-byte word as 0x-hex.
+pub mod word {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &B256, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<B256, D::Error> {
+        parse_b256(&string(d, NOT_A_WORD)?).ok_or_else(|| de::Error::custom(NOT_A_WORD))
+    }
+}
+
+/// `#[serde(with = "bytes")]`: bytes as 0x-hex.
+pub mod bytes {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("0x{}", hex::encode(v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        parse_hex(&string(d, NOT_HEX)?).map(Bytes::from).ok_or_else(|| de::Error::custom(NOT_HEX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_reads_strings_and_numbers_and_nothing_else() {
+        let read = |json: &str| serde_json::from_str::<DecimalU256>(json).map(|v| v.0);
+        assert_eq!(read(r#""1000""#).unwrap(), U256::from(1000));
+        assert_eq!(read("1000").unwrap(), U256::from(1000));
+        assert_eq!(read(&format!(r#""{}""#, U256::MAX)).unwrap(), U256::MAX);
+        for bad in [r#""""#, r#""-1""#, r#""1e3""#, r#""0x10""#, r#"" 1""#, "-1", "1.5", "null"] {
+            let err = read(bad).unwrap_err().to_string();
+            assert!(err.starts_with(NOT_A_UINT256), "{bad}: {err}");
+        }
+        let too_big = format!(r#""{}0""#, U256::MAX);
+        assert!(read(&too_big).is_err());
+        assert_eq!(serde_json::to_string(&DecimalU256(U256::from(7))).unwrap(), r#""7""#);
+    }
+
+    #[test]
+    fn hex_fields_check_their_length() {
+        assert_eq!(
+            parse_address("0x5fbdb2315678afecb367f032d93f642f64180aa3"),
+            parse_address("0X5FbDB2315678afecb367f032d93F642f64180aa3")
+        );
+        assert!(parse_address("5fbdb2315678afecb367f032d93f642f64180aa3").is_none(), "0x is required");
+        assert!(parse_address("0x5fbdb2315678afecb367f032d93f642f64180a").is_none());
+        assert!(parse_b256(&format!("0x{}", "ab".repeat(31))).is_none());
+        assert_eq!(parse_b256(&format!("0x{}", "ab".repeat(32))), Some(B256::repeat_byte(0xab)));
+        assert!(parse_hex("0xabc").is_none(), "odd length");
+    }
+}

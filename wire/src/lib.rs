@@ -1,0 +1,36 @@
+//! The x402 v2 wire format, defined once: what a resource server, a payer
+//! and a facilitator send each other, as typed Rust values.
+//!
+//! - [`Requirements`]: a resource's `PaymentRequirements`;
+//! - [`Authorization`] and [`ExactPayload`]: an `exact` EIP-3009 payment;
+//!   [`ExactEvmPayload`] and [`PaymentPayload`] are its JSON form (the
+//!   `PAYMENT-SIGNATURE` header's content);
+//! - [`VoucherPayload`], [`DepositPayload`], [`ChannelExtra`]: the
+//!   `batch-settlement` scheme's payloads and requirement fields;
+//! - [`FacilitatorRequest`], [`VerifyResponse`], [`SettleResponse`],
+//!   [`SupportedResponse`]: the HTTP facilitator's bodies;
+//! - [`Network`]: a CAIP-2 `eip155:<chainId>` network;
+//! - [`fields`]: the field formats (decimal uint256, 0x-hex addresses,
+//!   words and bytes) with their parsers, for every decoder of outside input.
+//!
+//! Every type that has a JSON form derives both directions from one
+//! definition, so what x402d sends and what it accepts cannot drift apart.
+//! Numbers are written as decimal strings and addresses checksummed, as the
+//! reference implementation writes them.
+//!
+//! No feature flags.
+
+mod batch;
+mod exact;
+mod facilitator;
+pub mod fields;
+mod network;
+
+pub use batch::{ChannelExtra, DepositPayload, VoucherPayload};
+pub use exact::{Authorization, ExactEvmPayload, ExactPayload, PaymentPayload, Requirements};
+pub use facilitator::{FacilitatorRequest, SettleResponse, SupportedKind, SupportedResponse, VerifyResponse};
+pub use fields::DecimalU256;
+pub use network::Network;
+
+/// The x402 protocol version this crate speaks.
+pub const X402_VERSION: u32 = 2;
