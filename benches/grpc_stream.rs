@@ -6,11 +6,11 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tonic::{Request, metadata::MetadataValue};
 use x402_benches::{MERCHANT_KEY, PAY_TO, signed_submissions};
+use x402_devnet::Payer;
 use x402_engine::{
     config::{Config, MerchantConfig, PolicyConfig},
     grpc::submit_request,
     node::Node,
-    payer::Payer,
 };
 use x402_proto::v1::{self as pb, payment_service_client::PaymentServiceClient};
 

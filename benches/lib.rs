@@ -2,10 +2,8 @@
 //! timing starts, and an engine configuration for them.
 
 use alloy::primitives::{Address, B256, U256, address};
-use x402_engine::{
-    domain::{AcceptedAsset, Merchant, PaymentInput, Requirements, SettlementPolicy, Submission},
-    payer::Payer,
-};
+use x402_devnet::Payer;
+use x402_engine::domain::{AcceptedAsset, Merchant, PaymentInput, Requirements, SettlementPolicy, Submission};
 
 pub const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
 pub const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");

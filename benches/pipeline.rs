@@ -24,12 +24,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use x402_benches::{merchant, signed_submissions};
 use x402_chain::Eip3009Domain;
 use x402_channel::ChannelDomain;
+use x402_devnet::Payer;
 use x402_engine::{
     balance::{BalanceSource, ConfiguredBalances},
     channels::{ChannelContracts, ChannelExtra, VoucherPayload, VoucherVerifier},
     domain::{PaymentInput, Requirements},
     ledger::{Ledger, RocksLedger, RocksOptions},
-    payer::Payer,
     pipeline::{Pipeline, PipelineConfig, SubmitOutcome},
     verify::{Verifier, recover_signer},
 };

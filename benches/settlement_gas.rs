@@ -16,7 +16,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     for per_payer in [1, 10] {
         let report = runtime
-            .block_on(x402_chain::gas::measure(&[1, 10, 100, 500], per_payer, |step| eprintln!("{step}")))
+            .block_on(x402_devnet::gas::measure(&[1, 10, 100, 500], per_payer, |step| eprintln!("{step}")))
             .expect("the gas report needs anvil (npm ci)");
         println!("{report}");
     }

@@ -8,9 +8,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What can go wrong talking to a chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The local anvil node could not be installed or started.
-    #[error("anvil: {0}")]
-    Anvil(String),
     /// A JSON-RPC call failed. (Shown without the node's URL, which often
     /// holds the provider's API key.)
     #[error("rpc: {}", redact_urls(&.0.to_string()))]

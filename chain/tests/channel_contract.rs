@@ -17,14 +17,13 @@ use x402_channel::{ChannelDomain, ClaimBatch, ClaimEntry, Refund, Voucher};
 
 use x402_chain::{
     Eip3009Domain, ReceiveWithAuthorization,
-    anvil::Anvil,
     contracts::{
         ERC3009DepositCollector,
         X402BatchSettlement::{self as C, X402BatchSettlementErrors as E, X402BatchSettlementInstance},
         X402TestToken::{self, X402TestTokenInstance},
     },
-    devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet},
 };
+use x402_devnet::{self as devnet, Anvil, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet};
 
 /// Anvil's funded development accounts 1–6 (mnemonic "test test … junk").
 const DEV_KEYS: [&str; 6] = [

@@ -27,9 +27,11 @@
 //! - [`settle`]: the settlers (direct, batched, intents, channel claims);
 //! - [`engine`], [`merchants`], [`metrics`]: the parts together, the
 //!   merchant registry, metric names;
-//! - [`config`] and [`node`]: configuring and running a node;
-//! - [`load`] and [`payer`]: the load generator and a test payer's signing
-//!   (tooling; to move out of the server's crate).
+//! - [`config`] and [`node`]: configuring and running a node.
+//!
+//! The tooling lives in its own crates: the load generator in `x402-load`
+//! (`x402d-load`), the local chain, the dev accounts and a payer that signs
+//! in `x402-devnet`, the x402 JSON types in `x402-wire`.
 //!
 //! No feature flags.
 
@@ -44,11 +46,9 @@ pub mod facilitator;
 pub mod grpc;
 pub mod http;
 pub mod ledger;
-pub mod load;
 pub mod merchants;
 pub mod metrics;
 pub mod node;
-pub mod payer;
 pub mod pipeline;
 mod reason;
 pub mod settle;

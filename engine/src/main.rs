@@ -13,11 +13,10 @@ use alloy::{
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use x402_chain::{
-    anvil::Anvil,
-    devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet},
+use x402_devnet::{
+    self as devnet, Anvil, DEV_ADMIN_KEY, DEV_MERCHANTS, DEV_MINT, DEV_PAY_TO, DEV_PAYER_KEYS, DEV_TOKEN_NAME,
+    DEV_TOKEN_VERSION, Devnet, dev_authorizer,
 };
-mod load_command;
 
 /// Every request allocates (decoded messages, answers, ledger records) on
 /// several threads at once; mimalloc's per-thread free lists cost about
@@ -25,7 +24,6 @@ mod load_command;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use load_command::LoadArgs;
 use x402_engine::{
     config::{AssetConfig, ChainConfig, Config, MerchantConfig, PolicyConfig},
     node::Node,
@@ -55,10 +53,13 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
-    /// Stream pre-signed payments at a running x402d (by default the one
-    /// `x402d dev` starts, as its batched merchant) and report throughput,
-    /// ack latency and rejections.
-    Load(LoadArgs),
+    /// Run the load generator, `x402d-load` (installed beside x402d), with
+    /// these arguments: see `x402d load --help`.
+    #[command(disable_help_flag = true)]
+    Load {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Measure gas per settled payment on a local anvil: direct, and
     /// batched through Multicall3 at each batch size.
     GasReport {
@@ -100,31 +101,6 @@ impl Overrides {
     }
 }
 
-/// Demo credentials of `x402d dev`. Public on purpose: never use them elsewhere.
-const DEV_ADMIN_KEY: &str = "dev-admin-key-not-secret";
-const DEV_MERCHANTS: [(&str, &str); 3] = [
-    ("demo-direct", "dev-direct-key-not-secret"),
-    ("demo-batched", "dev-batched-key-not-secret"),
-    ("demo-channel", "dev-channel-key-not-secret"),
-];
-/// Anvil's well-known development account 1 (mnemonic "test test … junk").
-pub(crate) const DEV_PAY_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
-/// Test tokens minted to each dev payer: 1,000 (6 decimals).
-const DEV_MINT: u64 = 1_000_000_000;
-/// Anvil's well-known development accounts 2–4: the dev payers.
-pub(crate) const DEV_PAYER_KEYS: [&str; 3] = [
-    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
-    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
-    "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
-];
-/// The dev receiver authorizer: a fixed, public key (like the other dev
-/// keys), so that clients such as `x402d load` can open channels to the dev
-/// merchant without asking for it.
-pub(crate) fn dev_authorizer() -> PrivateKeySigner {
-    PrivateKeySigner::from_bytes(&alloy::primitives::keccak256("x402d dev receiver authorizer"))
-        .expect("a keccak digest is a valid secp256k1 key")
-}
-
 fn dev_config(data_dir: PathBuf, devnet: &Devnet) -> Config {
     let mut config = Config::default();
     config.ledger.path = data_dir;
@@ -162,10 +138,10 @@ async fn main() -> anyhow::Result<()> {
     // Kept alive until the node stops: the dev ledger directory and chain.
     let mut devnet = None;
     let (config, _dev_dir) = match cli.command {
-        Command::Load(args) => return load_command::load(args).await,
+        Command::Load { args } => return run_load(&args),
         Command::GasReport { rows, per_payer } => {
             for n in per_payer {
-                let report = x402_chain::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;
+                let report = x402_devnet::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;
                 println!("{report}");
             }
             return Ok(());
@@ -212,6 +188,21 @@ async fn main() -> anyhow::Result<()> {
     node.wait(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `x402d load …`: runs `x402d-load …`, from beside this binary or else
+/// from `PATH`. The load generator is its own program so that the server
+/// carries none of its dependencies (an HTTP client, signing at volume).
+fn run_load(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    const LOAD: &str = "x402d-load";
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(LOAD))).filter(|p| p.is_file());
+    let program = beside.map_or_else(|| LOAD.into(), std::path::PathBuf::into_os_string);
+    let err = std::process::Command::new(&program).args(args).exec();
+    Err(anyhow::anyhow!(
+        "cannot run {}: {err}; build it with `cargo build --release -p x402-load` and put it beside x402d or on PATH",
+        program.to_string_lossy()
+    ))
 }
 
 /// Starts anvil and deploys the token and Multicall3, funding the dev payers.

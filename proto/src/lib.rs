@@ -15,3 +15,5 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every proto in this crate, for gRPC server
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/x402_descriptor.bin"));
+
+pub mod encode;

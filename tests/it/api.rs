@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use tonic::Code;
-use x402_engine::{config::PolicyConfig, payer::Payer};
+use x402_engine::config::PolicyConfig;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Payer;
 
 async fn next_events(stream: &mut tonic::Streaming<pb::SettlementEvent>, n: usize) -> Vec<pb::SettlementEvent> {
     let mut out = Vec::new();

@@ -10,11 +10,13 @@ use alloy::{
     providers::{ProviderBuilder, ext::AnvilApi},
     signers::local::PrivateKeySigner,
 };
-use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
-use x402_engine::payer::Payer;
+use x402_chain::contracts::X402TestToken;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
 
 /// A batched merchant that will not settle during the test: its
 /// reservations stay, so only what the chain says can make room.

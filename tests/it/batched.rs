@@ -14,19 +14,19 @@ use alloy::{
 };
 use x402_chain::{
     AlloyChain, Chain, TxConfig,
-    anvil::Anvil,
-    devnet,
     eip3009::{cancel_authorization_calldata, transfer_with_authorization_calldata},
 };
 use x402_engine::{
     config::PolicyConfig,
     domain::{Authorization, ExactPayload, PaymentId, PaymentRecord, PaymentState},
-    payer::Payer,
     settle::{Settler, SettlerConfig},
 };
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
 
 const MINTED: u64 = AMOUNT * 10;
 const ELSEWHERE: Address = Address::repeat_byte(0x99);

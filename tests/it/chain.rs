@@ -7,11 +7,12 @@ use alloy::{
     providers::ProviderBuilder,
     signers::local::PrivateKeySigner,
 };
-use x402_chain::{anvil::Anvil, contracts::X402TestToken};
-use x402_engine::payer::Payer;
+use x402_chain::contracts::X402TestToken;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
 
 /// Anvil's funded development account 0 (public test key).
 const DEPLOYER_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";

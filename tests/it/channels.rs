@@ -12,10 +12,8 @@ use alloy::{
     signers::local::PrivateKeySigner,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use x402_chain::{
-    anvil::Anvil,
-    contracts::{BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, X402BatchSettlement, X402TestToken},
-    devnet,
+use x402_chain::contracts::{
+    BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, X402BatchSettlement, X402TestToken,
 };
 use x402_channel::{ChannelConfig, ChannelDomain};
 use x402_engine::{
@@ -23,13 +21,15 @@ use x402_engine::{
     config::{ChainConfig, PolicyConfig},
     domain::{PaymentInput, Requirements, Submission},
     grpc::submit_request,
-    load::{self, LoadConfig, Work},
     node::Node,
-    payer::Payer,
 };
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
+use x402_load::{self as load, LoadConfig, Work};
 
 const MC_KEY: &str = "test-merchant-channel-key-1";
 const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");

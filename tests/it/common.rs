@@ -17,12 +17,13 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::Channel,
 };
+use x402_devnet as devnet;
+use x402_devnet::Payer;
 use x402_engine::{
     config::{Config, MerchantConfig, PolicyConfig},
     domain::{ExactPayload, PaymentInput, Requirements, Submission},
     grpc::submit_request,
     node::Node,
-    payer::Payer,
 };
 use x402_proto::v1::{
     self as pb, merchant_admin_service_client::MerchantAdminServiceClient, payment_service_client::PaymentServiceClient,
@@ -231,7 +232,7 @@ impl ChainSection {
 /// in-process node (not settling: tests start their own settler on
 /// [`ChainSetup::chain`]).
 pub(crate) struct ChainSetup {
-    pub(crate) anvil: x402_chain::anvil::Anvil,
+    pub(crate) anvil: x402_devnet::Anvil,
     /// Talks to anvil directly (mining, reorgs, reads).
     pub(crate) control: alloy::providers::RootProvider,
     pub(crate) chain: std::sync::Arc<x402_chain::AlloyChain>,
@@ -245,8 +246,8 @@ impl ChainSetup {
     /// keys, and a node on the test config changed by `configure`.
     pub(crate) async fn start(payers: usize, minted: u64, signers: usize, configure: impl FnOnce(&mut Config)) -> Self {
         use alloy::{providers::ProviderBuilder, signers::local::PrivateKeySigner};
-        use x402_chain::{AlloyChain, TxConfig, anvil::Anvil, devnet};
-        let anvil = Anvil::spawn(&[]).unwrap();
+        use x402_chain::{AlloyChain, TxConfig};
+        let anvil = x402_devnet::Anvil::spawn(&[]).unwrap();
         let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
         let addresses: Vec<_> = payers.iter().map(Payer::address).collect();
         devnet::deploy(anvil.endpoint(), &addresses, U256::from(minted)).await.unwrap();

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use x402_engine::payer::Payer;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Payer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_payments_survive_sigkill() {

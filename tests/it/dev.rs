@@ -8,10 +8,10 @@ use alloy::{
     signers::local::PrivateKeySigner,
 };
 use x402_chain::contracts::{MULTICALL3_ADDRESS, X402TestToken};
-use x402_engine::payer::Payer;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Payer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_a_funded_chain_and_settles_payments() {
@@ -78,4 +78,29 @@ async fn dev_runs_a_funded_chain_and_settles_payments() {
         assert!(tokio::time::Instant::now() < deadline, "anvil outlived a SIGKILLed x402d by 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// `x402d load …` is `x402d-load …`: the load generator is its own program
+/// (so the server carries none of its code), found beside `x402d` first,
+/// with every argument passed on as given.
+#[test]
+fn load_runs_the_load_generator_beside_the_binary_with_its_arguments() {
+    use std::{os::unix::fs::PermissionsExt as _, process::Command};
+    let dir = tempfile::tempdir().unwrap();
+    let x402d = dir.path().join("x402d");
+    std::fs::copy(env!("CARGO_BIN_EXE_x402d"), &x402d).unwrap();
+
+    let run =
+        || Command::new(&x402d).args(["load", "--rate", "5", "-n", "1", "--json"]).env("PATH", "").output().unwrap();
+    let missing = run();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("x402d-load") && err.contains("cargo build --release -p x402-load"), "{err}");
+
+    let fake = dir.path().join("x402d-load");
+    std::fs::write(&fake, "#!/bin/sh\necho \"load generator got: $*\"\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let forwarded = run();
+    assert_eq!(String::from_utf8_lossy(&forwarded.stdout), "load generator got: --rate 5 -n 1 --json\n");
+    assert_eq!(forwarded.status.code(), Some(3), "its exit status is x402d's");
 }

@@ -10,18 +10,20 @@ use alloy::{
     signers::local::PrivateKeySigner,
 };
 use serde_json::{Value, json};
-use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
+use x402_chain::contracts::X402TestToken;
 use x402_engine::{
     config::{AssetConfig, ChainConfig, Config, PolicyConfig},
     domain::{ExactPayload, Requirements},
     facilitator::exact_request_json as body,
     node::Node,
-    payer::Payer,
 };
 
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
 
 struct Setup {
     anvil: Anvil,

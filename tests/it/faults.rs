@@ -10,7 +10,7 @@ use alloy::{
     providers::ext::AnvilApi,
     rpc::types::anvil::ReorgOptions,
 };
-use x402_chain::{Chain, devnet};
+use x402_chain::Chain;
 use x402_engine::{
     domain::{IntentState, PaymentId},
     settle::{Settler, SettlerConfig},
@@ -18,6 +18,7 @@ use x402_engine::{
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
 
 const MINTED: u64 = 1_000_000;
 

@@ -12,10 +12,12 @@ use alloy::{
     signers::local::PrivateKeySigner,
 };
 use serde_json::Value;
-use x402_chain::{anvil::Anvil, contracts::X402TestToken, devnet};
+use x402_chain::contracts::X402TestToken;
 use x402_engine::{config::ChainConfig, node::Node};
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
 
 /// Anvil, a funded payer and an x402d node (m1 paid to `PAY_TO`) whose
 /// facilitator API the script uses.

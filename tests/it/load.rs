@@ -1,11 +1,8 @@
 //! `x402d load`'s generator against an in-process node.
 
-use x402_engine::{
-    load::{self, HttpLoadConfig, LoadConfig, Work},
-    payer::Payer,
-};
-
 use crate::common::*;
+use x402_devnet::Payer;
+use x402_load::{self as load, HttpLoadConfig, LoadConfig, Work};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_streams_every_payment_and_reports_them() {

@@ -6,11 +6,11 @@ use tonic::Code;
 use x402_engine::{
     config::PolicyConfig,
     domain::{ExactPayload, Requirements},
-    payer::Payer,
 };
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Payer;
 
 struct Fixture {
     _dir: tempfile::TempDir,

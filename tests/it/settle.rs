@@ -9,14 +9,14 @@ use alloy::{
     providers::{Provider, ProviderBuilder, ext::AnvilApi},
     signers::local::PrivateKeySigner,
 };
-use x402_chain::{AlloyChain, Chain, TxConfig, anvil::Anvil, devnet};
-use x402_engine::{
-    payer::Payer,
-    settle::{Settler, SettlerConfig},
-};
+use x402_chain::{AlloyChain, Chain, TxConfig};
+use x402_engine::settle::{Settler, SettlerConfig};
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet as devnet;
+use x402_devnet::Anvil;
+use x402_devnet::Payer;
 
 const PAYERS: usize = 20;
 const PER_PAYER: usize = 10;

@@ -2,10 +2,10 @@
 //! tampered copies, and a restart on the same data directory.
 
 use alloy::primitives::Address;
-use x402_engine::payer::Payer;
 use x402_proto::v1 as pb;
 
 use crate::common::*;
+use x402_devnet::Payer;
 
 const PAYERS: usize = 50;
 const PER_PAYER: usize = 200;

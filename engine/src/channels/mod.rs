@@ -691,9 +691,9 @@ pub(crate) async fn put_deposit<C: Chain>(
 #[cfg(test)]
 mod tests {
     use alloy::primitives::address;
+    use x402_devnet::Payer;
 
     use super::*;
-    use crate::payer::Payer;
 
     const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
     const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");

@@ -399,24 +399,13 @@ pub(super) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<Merchant
     Ok(MerchantUpdate { id: m.id, pay_to, assets, policy: policy_from(m.policy)?, api_key })
 }
 
-fn authorization(a: &Authorization) -> pb::ExactAuthorization {
-    pb::ExactAuthorization {
-        from: a.from.to_vec(),
-        to: a.to.to_vec(),
-        value: a.value.to_string(),
-        valid_after: a.valid_after_secs(),
-        valid_before: a.valid_before_secs(),
-        nonce: a.nonce.to_vec(),
-    }
-}
-
 pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
     pb::Payment {
         payment_id: p.id.0.to_vec(),
         merchant_id: p.merchant_id.clone(),
         network: format!("eip155:{}", p.chain_id),
         asset: p.asset.to_vec(),
-        authorization: Some(authorization(&p.authorization)),
+        authorization: Some((&p.authorization).into()),
         signature: p.signature.clone(),
         policy: Some(policy(&p.policy)),
         status: Some(status(&p.status)),
@@ -425,65 +414,14 @@ pub(super) fn payment(p: &PaymentRecord) -> pb::Payment {
 }
 
 /// The request a gateway sends for `submission`: the inverse of the
-/// server's conversion, for Rust clients (the load generator, tests, benches).
+/// server's conversion, for Rust clients (tests, benches; the load generator
+/// uses [`x402_proto::encode`] directly).
 pub fn submit_request(request_id: u64, submission: &Submission) -> pb::SubmitRequest {
     let r = &submission.requirements;
-    let payment = match &submission.input {
-        PaymentInput::Exact(p) => pb::submit_request::Payment::Exact(pb::ExactPayment {
-            network: p.network.clone(),
-            authorization: Some(authorization(&p.authorization)),
-            signature: p.signature.clone(),
-        }),
-        PaymentInput::Header(h) => pb::submit_request::Payment::PaymentSignatureHeader(h.clone()),
-        PaymentInput::Voucher(v) => pb::submit_request::Payment::Voucher(Box::new(pb::VoucherPayment {
-            network: v.network.clone(),
-            channel_config: Some(pb::ChannelConfig {
-                payer: v.config.payer.to_vec(),
-                payer_authorizer: v.config.payerAuthorizer.to_vec(),
-                receiver: v.config.receiver.to_vec(),
-                receiver_authorizer: v.config.receiverAuthorizer.to_vec(),
-                token: v.config.token.to_vec(),
-                withdraw_delay: v.config.withdrawDelay.to::<u64>(),
-                salt: v.config.salt.to_vec(),
-            }),
-            voucher: Some(pb::SignedVoucher {
-                channel_id: v.channel_id.to_vec(),
-                max_claimable_amount: v.max_claimable.to_string(),
-                signature: v.signature.to_vec(),
-            }),
-            charge: v.charge.map(|c| c.to_string()).unwrap_or_default(),
-            deposit: v.deposit.as_ref().map(|d| pb::ChannelDeposit {
-                amount: d.amount.to_string(),
-                valid_after: d.valid_after,
-                valid_before: d.valid_before,
-                salt: d.salt.to_string(),
-                signature: d.signature.to_vec(),
-            }),
-            refund: v
-                .refund
-                .map(|amount| pb::ChannelRefund { amount: amount.map(|a| a.to_string()).unwrap_or_default() }),
-        })),
-    };
-    let (receiver_authorizer, withdraw_delay) = match &submission.input {
-        PaymentInput::Voucher(v) => (v.extra.receiver_authorizer.to_vec(), v.extra.withdraw_delay),
-        _ => (Vec::new(), 0),
-    };
-    pb::SubmitRequest {
-        request_id,
-        requirements: Some(pb::PaymentRequirements {
-            scheme: r.scheme.clone(),
-            network: r.network.clone(),
-            amount: r.amount.to_string(),
-            asset: r.asset.to_vec(),
-            pay_to: r.pay_to.to_vec(),
-            max_timeout_seconds: r.max_timeout_seconds,
-            eip712_name: r.eip712_name.clone(),
-            eip712_version: r.eip712_version.clone(),
-            receiver_authorizer,
-            withdraw_delay,
-        }),
-        payment: Some(payment),
-        idempotency_key: String::new(),
+    match &submission.input {
+        PaymentInput::Exact(p) => x402_proto::encode::exact_request(request_id, r, p),
+        PaymentInput::Header(h) => x402_proto::encode::header_request(request_id, r, h.clone()),
+        PaymentInput::Voucher(v) => x402_proto::encode::voucher_request(request_id, r, v),
     }
 }
 

@@ -598,6 +598,7 @@ pub(crate) fn pending_gauge(strategy: &'static str, depth: usize) {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use x402_devnet::Payer;
 
     use alloy::primitives::{B256, U256, address};
 
@@ -606,7 +607,6 @@ mod tests {
         balance::{Account, ConfiguredBalances},
         domain::{PaymentInput, Requirements},
         ledger::{MemoryLedger, WriteBatch},
-        payer::Payer,
         reason::Reason,
         testing::ManualBalances,
     };

@@ -573,6 +573,7 @@ pub(crate) fn classify_revert(message: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x402_devnet::Payer;
 
     /// A settlement task that panics gives its payment back: the next
     /// round takes it up again (before, it stayed "in flight" until a
@@ -583,7 +584,6 @@ mod tests {
             balance::{BalanceSource, ConfiguredBalances},
             engine::MerchantUpdate,
             ledger::{Ledger, MemoryLedger},
-            payer::Payer,
             pipeline::PipelineConfig,
             testing::FakeChain,
         };

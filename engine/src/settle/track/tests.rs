@@ -19,11 +19,11 @@ use crate::{
     },
     engine::MerchantUpdate,
     ledger::{Ledger, MemoryLedger},
-    payer::Payer,
     pipeline::{PipelineConfig, SubmitOutcome},
     settle::{Settler, SettlerConfig, Work},
     testing::ScriptedChain,
 };
+use x402_devnet::Payer;
 
 const TOKEN: Address = Address::repeat_byte(0x5f);
 const PAY_TO: Address = Address::repeat_byte(0x70);

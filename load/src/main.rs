@@ -1,4 +1,5 @@
-//! `x402d load`: its flags (the defaults fit `x402d dev`) and its run.
+//! `x402d-load` (also run as `x402d load`): its flags (the defaults fit
+//! `x402d dev`) and its run.
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -10,22 +11,16 @@ use std::{
 
 use alloy::{primitives::Address, signers::local::PrivateKeySigner};
 use anyhow::Context as _;
-use clap::{Args, ValueEnum};
-use x402_chain::{
-    contracts::{BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS},
-    devnet,
-};
+use clap::Parser;
+use clap::ValueEnum;
+use x402_chain::contracts::{BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS};
 use x402_channel::ChannelDomain;
-use x402_engine::{
-    load::{self, HttpLoadConfig, LoadConfig, LoadReport, Progress, Work},
-    payer::Payer,
-};
-
-use crate::{DEV_PAY_TO, DEV_PAYER_KEYS, dev_authorizer};
+use x402_devnet::{self as devnet, DEV_PAY_TO, Payer, dev_authorizer};
+use x402_load::{self as load, HttpLoadConfig, LoadConfig, LoadReport, Progress, Work};
 
 /// What to pay with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Scheme {
+enum Scheme {
     /// EIP-3009 `exact` payments.
     Exact,
     /// `batch-settlement` channel vouchers: channels are opened (a deposit
@@ -33,9 +28,12 @@ pub(crate) enum Scheme {
     Voucher,
 }
 
-/// `x402d load` flags; the defaults fit `x402d dev`.
-#[derive(Debug, Args)]
-pub(crate) struct LoadArgs {
+/// Stream pre-signed payments at a running x402d (by default the one
+/// `x402d dev` starts, as its batched merchant) and report throughput, ack
+/// latency and rejections.
+#[derive(Debug, Parser)]
+#[command(name = "x402d-load", version)]
+struct LoadArgs {
     /// gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     endpoint: String,
@@ -98,12 +96,12 @@ pub(crate) struct LoadArgs {
     json: bool,
 }
 
-pub(crate) async fn load(args: LoadArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = LoadArgs::parse();
     let payers: Vec<Payer> = match args.random_payers {
         Some(n) => (0..n.max(1)).map(|_| Payer::random()).collect(),
-        None if args.payer_keys.is_empty() => {
-            DEV_PAYER_KEYS.iter().map(|k| Payer::new(k.parse().expect("valid"))).collect()
-        }
+        None if args.payer_keys.is_empty() => devnet::dev_payers(),
         None => args
             .payer_keys
             .iter()
@@ -180,7 +178,7 @@ async fn open_channels(
     args: &LoadArgs,
     config: &LoadConfig,
     payers: Vec<Payer>,
-    token: x402_engine::domain::Requirements,
+    token: x402_wire::Requirements,
 ) -> anyhow::Result<Work> {
     let channels = args.channels.max(1);
     let plan = load::ChannelPlan {

@@ -1,5 +1,10 @@
-//! `x402d load`: a load generator for the gRPC API and the facilitator's
-//! `POST /verify`.
+//! `x402d-load`: a load generator for x402d's gRPC API and any x402
+//! facilitator's `POST /verify` and `/settle`.
+//!
+//! It talks to the engine only through its public APIs (the gRPC messages of
+//! `x402-proto`, the x402 JSON of `x402-wire`) and signs as payers do
+//! (`x402-devnet`'s [`Payer`](x402_devnet::Payer)), so what it measures is
+//! what a gateway or a resource server would see.
 //!
 //! Work is signed before timing starts, on every core, unless a run at a
 //! fixed rate signs as it goes ([`Work::Live`]). gRPC work is streamed over
@@ -37,7 +42,7 @@ pub use self::{
     http::{HttpLoadConfig, run_verify},
     sign::{ChannelPlan, Vouchers, exact_payloads, live_signer, sign, verify_bodies, vouchers},
 };
-use crate::domain::Requirements;
+use x402_wire::Requirements;
 
 /// Where to send the work, and how fast.
 #[derive(Clone, Debug)]
@@ -441,7 +446,7 @@ pub fn dev_requirements(pay_to: Address, token: Address, amount: u64) -> Require
         asset: token,
         pay_to,
         max_timeout_seconds: 60,
-        eip712_name: x402_chain::devnet::DEV_TOKEN_NAME.into(),
-        eip712_version: x402_chain::devnet::DEV_TOKEN_VERSION.into(),
+        eip712_name: x402_devnet::DEV_TOKEN_NAME.into(),
+        eip712_version: x402_devnet::DEV_TOKEN_VERSION.into(),
     }
 }

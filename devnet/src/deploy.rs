@@ -9,13 +9,12 @@ use alloy::{
     signers::local::PrivateKeySigner,
 };
 
-use crate::{
-    Result,
-    contracts::{
-        BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, ERC3009DepositCollector, MULTICALL3_ADDRESS,
-        Multicall3, X402BatchSettlement, X402TestToken,
-    },
+use x402_chain::contracts::{
+    BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, ERC3009DepositCollector, MULTICALL3_ADDRESS,
+    Multicall3, X402BatchSettlement, X402TestToken,
 };
+
+use crate::Result;
 
 /// Anvil's funded development account 0; it deploys, so the token lands at
 /// [`DEV_TOKEN_ADDRESS`]. A public test key: never use it on a real chain.

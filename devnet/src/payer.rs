@@ -11,10 +11,7 @@ use alloy::{
 use x402_chain::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
 
-use crate::{
-    channels::DepositPayload,
-    domain::{Authorization, ExactPayload, Requirements},
-};
+use x402_wire::{Authorization, DepositPayload, ExactPayload, Network, Requirements};
 
 /// A payer key that signs EIP-3009 authorizations.
 #[derive(Clone, Debug)]
@@ -103,7 +100,6 @@ impl Payer {
     /// A deposit of `amount` into `channel_id`: this payer's ERC-3009
     /// `ReceiveWithAuthorization` to `collector`, in the token domain
     /// `requirements` name, valid until `valid_before`.
-    /// [`DepositPayload::collector_data`] is what the contract takes.
     pub fn sign_deposit(
         &self,
         requirements: &Requirements,
@@ -126,7 +122,7 @@ impl Payer {
     }
 
     fn sign_typed<T: SolStruct>(&self, requirements: &Requirements, message: &T) -> [u8; 65] {
-        let chain_id = crate::domain::Network::parse(&requirements.network).map_or(0, |n| n.chain_id());
+        let chain_id = Network::parse(&requirements.network).map_or(0, |n| n.chain_id());
         let domain =
             Eip3009Domain::new(&requirements.eip712_name, &requirements.eip712_version, chain_id, requirements.asset);
         let digest = domain.signing_hash(message);

@@ -21,16 +21,19 @@ use alloy::{
 use alloy::sol_types::SolCall;
 use x402_channel::{ChannelConfig, ChannelDomain, Voucher};
 
-use crate::{
-    AlloyChain, Chain, Eip3009Domain, Error, ReceiveWithAuthorization, Result, TransferWithAuthorization, TxConfig,
-    anvil::Anvil,
+use x402_chain::{
+    AlloyChain, Chain, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization, TxConfig,
     batch::aggregate3_calldata,
     channel::{
         ClaimRow, claim_and_settle_calldata, claim_batch, deposit_calldata, deposit_collector_data, deposit_nonce,
     },
     contracts::{MULTICALL3_ADDRESS, X402BatchSettlement as C},
-    devnet::{self, DEV_TOKEN_NAME, DEV_TOKEN_VERSION},
     eip3009::transfer_with_authorization_calldata,
+};
+
+use crate::{
+    Anvil, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Error, Result,
+    deploy::{self as devnet},
 };
 
 /// Payments settled directly to measure the direct cost.
@@ -114,7 +117,9 @@ pub async fn measure(sizes: &[usize], per_payer: usize, mut progress: impl FnMut
             validBefore: U256::from(u64::MAX),
             nonce: B256::with_last_byte(nonce),
         };
-        let signature = payer.sign_hash_sync(&domain.signing_hash(&message)).map_err(|e| Error::Sign(e.to_string()))?;
+        let signature = payer
+            .sign_hash_sync(&domain.signing_hash(&message))
+            .map_err(|e| Error::Measure(format!("signing: {e}")))?;
         Ok(transfer_with_authorization_calldata(&message, &signature.as_bytes()))
     };
     // `n` payments: each payer pays `per_payer` times in a row.
@@ -122,7 +127,7 @@ pub async fn measure(sizes: &[usize], per_payer: usize, mut progress: impl FnMut
     let mut payments = |n: usize| -> Result<Vec<Bytes>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let payer = payers.next().ok_or_else(|| Error::Config("ran out of payers".into()))?;
+            let payer = payers.next().ok_or_else(|| Error::Measure("ran out of payers".into()))?;
             for nonce in 0..per_payer.min(n - out.len()) {
                 out.push(call(payer, u8::try_from(nonce).unwrap_or(u8::MAX))?);
             }
@@ -235,32 +240,32 @@ impl Channels {
         let input = claim_and_settle_calldata(&rows, &batch, &[(PAY_TO, self.token)], &[]);
         let receipt = mined(chain, self.contract, input).await?;
         if !receipt.success {
-            return Err(Error::Config("a claim reverted".into()));
+            return Err(Error::Measure("a claim reverted".into()));
         }
         Ok(receipt.gas_used)
     }
 }
 
 fn sign(key: &PrivateKeySigner, digest: B256) -> Result<[u8; 65]> {
-    Ok(key.sign_hash_sync(&digest).map_err(|e| Error::Sign(e.to_string()))?.as_bytes())
+    Ok(key.sign_hash_sync(&digest).map_err(|e| Error::Measure(format!("signing: {e}")))?.as_bytes())
 }
 
 /// Sends one call and waits for its receipt.
-async fn mined(chain: &AlloyChain, to: Address, input: Bytes) -> Result<crate::Receipt> {
+async fn mined(chain: &AlloyChain, to: Address, input: Bytes) -> Result<x402_chain::Receipt> {
     let gas = chain.estimate_gas(to, input.clone()).await?;
     let tx = chain.sign_call(to, input, Some(gas)).await?;
     chain.broadcast(&tx).await?;
     chain
         .wait_receipt(&[tx.hash], Duration::from_secs(30))
         .await?
-        .ok_or_else(|| Error::Config(format!("{} was not mined", tx.hash)))
+        .ok_or_else(|| Error::Measure(format!("{} was not mined", tx.hash)))
 }
 
 /// Sends one call and returns its gas used; every payment in it must settle.
 async fn send(chain: &AlloyChain, to: Address, input: Bytes) -> Result<u64> {
     let receipt = mined(chain, to, input).await?;
     if !receipt.success || receipt.authorizations_used.is_empty() {
-        return Err(Error::Config(format!("{} did not settle its payments", receipt.tx)));
+        return Err(Error::Measure(format!("{} did not settle its payments", receipt.tx)));
     }
     Ok(receipt.gas_used)
 }

@@ -4,14 +4,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy::primitives::{Address, B256, U256};
 use x402_channel::{ChannelConfig, ChannelDomain};
-use x402_proto::v1 as pb;
-
-use crate::{
-    channels::{ChannelExtra, VoucherPayload},
-    domain::{ExactPayload, PaymentInput, Requirements, Submission, unix_millis},
-    grpc::submit_request,
-    payer::Payer,
+use x402_devnet::Payer;
+use x402_proto::{
+    encode::{exact_request, voucher_request},
+    v1 as pb,
 };
+use x402_wire::{ChannelExtra, ExactPayload, FacilitatorRequest, Requirements, VoucherPayload};
+
+/// Unix time in milliseconds.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 
 /// `f(0..n)` on every core, in order.
 fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
@@ -51,9 +54,7 @@ pub fn sign(payers: &[Payer], requirements: &Requirements, n: usize) -> Vec<pb::
     exact_payloads(payers, requirements, n)
         .into_iter()
         .enumerate()
-        .map(|(i, payload)| {
-            submit_request(i as u64, &Submission::new(requirements.clone(), PaymentInput::Exact(payload)))
-        })
+        .map(|(i, payload)| exact_request(i as u64, requirements, &payload))
         .collect()
 }
 
@@ -71,7 +72,7 @@ pub fn live_signer(
         let i = count.fetch_add(1, Ordering::Relaxed);
         let now = now();
         let payload = payers[i as usize % payers.len()].sign_exact(&requirements, now - 60, now + ttl_secs, nonce(i));
-        submit_request(i, &Submission::new(requirements.clone(), PaymentInput::Exact(payload)))
+        exact_request(i, &requirements, &payload)
     }
 }
 
@@ -151,7 +152,7 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
             deposit,
             refund: None,
         };
-        submit_request(i as u64, &Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload))))
+        voucher_request(i as u64, &requirements, &payload)
     });
     let mut deposits = Vec::with_capacity(plan.channels);
     let mut sequences = Vec::with_capacity(plan.channels);
@@ -167,8 +168,6 @@ pub fn vouchers(payers: &[Payer], plan: &ChannelPlan) -> Vouchers {
 pub fn verify_bodies(requirements: &Requirements, payments: &[ExactPayload]) -> Vec<Vec<u8>> {
     payments
         .iter()
-        .map(|p| {
-            serde_json::to_vec(&crate::facilitator::exact_request_json(requirements, p)).expect("JSON values serialize")
-        })
+        .map(|p| serde_json::to_vec(&FacilitatorRequest::exact(requirements, p)).expect("requests serialize"))
         .collect()
 }
