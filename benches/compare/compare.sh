@@ -22,7 +22,7 @@ cd "$ROOT"
 
 [ -d node_modules/@x402/core ] || npm ci --no-audit --no-fund
 if [ -z "${X402D:-}" ]; then
-  cargo build --release --quiet -p x402-engine --bin x402d
+  cargo build --release --quiet --workspace --bin x402d --bin x402d-load
   X402D="${CARGO_TARGET_DIR:-$ROOT/target}/release/x402d"
 fi
 
