@@ -19,8 +19,9 @@ use crate::{
     domain::{AcceptedAsset, Network, SettlementPolicy},
     engine::MerchantUpdate,
     pipeline::PipelineConfig,
-    verify::{MinValidity, parse_decimal_u256},
+    verify::MinValidity,
 };
+use x402_wire::fields::parse_decimal_u256;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]

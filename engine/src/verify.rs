@@ -6,17 +6,14 @@
 
 use std::collections::HashMap;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256};
 use base64::Engine as _;
-use serde::Deserialize;
 use x402_chain::Eip3009Domain;
+use x402_wire::{Accepted, ExactEvmPayload, PaymentPayload};
 
 pub use crate::ecdsa::recover_signer;
 use crate::{
-    domain::{
-        Authorization, ExactPayload, IdempotencyKey, Merchant, Network, PaymentId, PaymentInput, Requirements,
-        Submission,
-    },
+    domain::{ExactPayload, IdempotencyKey, Merchant, Network, PaymentId, PaymentInput, Requirements, Submission},
     reason::{InvalidField, Reason, Rejection},
 };
 
@@ -298,47 +295,6 @@ struct DecodedHeader {
     payload: ExactPayload,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct HeaderJson {
-    x402_version: u32,
-    accepted: AcceptedJson,
-    payload: PayloadJson,
-}
-
-/// A `PAYMENT-SIGNATURE` header's `accepted`: the scheme and network the
-/// payer chose (shared with the channel header decoder).
-#[derive(Deserialize)]
-pub(crate) struct AcceptedJson {
-    pub(crate) scheme: String,
-    pub(crate) network: String,
-}
-
-#[derive(Deserialize)]
-struct PayloadJson {
-    signature: String,
-    authorization: AuthorizationJson,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AuthorizationJson {
-    from: String,
-    to: String,
-    value: Uint,
-    valid_after: Uint,
-    valid_before: Uint,
-    nonce: String,
-}
-
-/// A uint256 as x402 sends it: a decimal string (numbers accepted too).
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(crate) enum Uint {
-    Str(String),
-    Num(u64),
-}
-
 /// The JSON bytes of a `PAYMENT-SIGNATURE` header (standard base64), within
 /// [`MAX_HEADER_LEN`].
 pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
@@ -354,47 +310,40 @@ pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
 fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     const FIELD: &str = "payment_signature_header";
     let json = header_bytes(header)?;
-    let parsed: HeaderJson = serde_json::from_slice(&json)
-        .map_err(|e| InvalidField::new(FIELD, format!("is not an x402 PaymentPayload: {e}")))?;
-    if parsed.x402_version != 2 {
-        return Err(InvalidField::new(
-            format!("{FIELD}.x402Version"),
-            format!("is {}, only 2 is supported", parsed.x402_version),
-        ));
-    }
-    let a = parsed.payload.authorization;
-    let field = |name: &str| format!("{FIELD}.payload.authorization.{name}");
-    let authorization = Authorization {
-        from: parse_address(&a.from).ok_or_else(|| InvalidField::new(field("from"), "is not a 20-byte hex address"))?,
-        to: parse_address(&a.to).ok_or_else(|| InvalidField::new(field("to"), "is not a 20-byte hex address"))?,
-        value: parse_uint(&a.value).ok_or_else(|| InvalidField::new(field("value"), "is not a uint256"))?,
-        valid_after: parse_uint(&a.valid_after)
-            .ok_or_else(|| InvalidField::new(field("validAfter"), "is not a uint256"))?,
-        valid_before: parse_uint(&a.valid_before)
-            .ok_or_else(|| InvalidField::new(field("validBefore"), "is not a uint256"))?,
-        nonce: parse_b256(&a.nonce).ok_or_else(|| InvalidField::new(field("nonce"), "is not 32 hex bytes"))?,
-    };
-    let signature = parse_hex(&parsed.payload.signature)
-        .ok_or_else(|| InvalidField::new(format!("{FIELD}.payload.signature"), "is not 0x-hex"))?;
+    let value = serde_json::from_slice(&json).map_err(|e| InvalidField::new(FIELD, format!("is not JSON: {e}")))?;
+    let parsed: PaymentPayload<ExactEvmPayload, Accepted> = decode_payment_payload(value, FIELD)?;
     Ok(DecodedHeader {
         scheme: parsed.accepted.scheme,
-        payload: ExactPayload { network: parsed.accepted.network, authorization, signature },
+        payload: ExactPayload {
+            network: parsed.accepted.network,
+            authorization: parsed.payload.authorization,
+            signature: parsed.payload.signature.into(),
+        },
     })
 }
 
-pub(crate) use x402_wire::fields::{parse_address, parse_b256, parse_decimal_u256, parse_hex};
-
-pub(crate) fn parse_uint(v: &Uint) -> Option<U256> {
-    match v {
-        Uint::Num(n) => Some(U256::from(*n)),
-        Uint::Str(s) => parse_decimal_u256(s),
+/// An x402 `PaymentPayload` (JSON `value`) as `T`, its fields named under
+/// `field`. The version is checked first, so a v1 payload is refused as
+/// such rather than for its shape.
+pub(crate) fn decode_payment_payload<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    field: &str,
+) -> Result<T, InvalidField> {
+    match value.get("x402Version").and_then(serde_json::Value::as_u64) {
+        Some(2) | None => {}
+        Some(v) => {
+            return Err(InvalidField::new(format!("{field}.x402Version"), format!("is {v}, only 2 is supported")));
+        }
     }
+    x402_wire::from_value(value).map_err(|e| InvalidField::new(e.under(field), e.message))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloy::primitives::U256;
     use alloy::primitives::{address, b256, hex};
+    use x402_wire::fields::parse_decimal_u256;
 
     /// `anvil_eip3009` in `shared/x402/vectors.json`: the signature recovers
     /// to the signer.

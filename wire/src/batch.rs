@@ -1,8 +1,11 @@
 //! The `batch-settlement` scheme's payloads: vouchers against a payment
 //! channel, with an optional deposit or refund request.
 
-use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::primitives::{Address, B256, Bytes, U256, aliases::U40};
+use serde::{Deserialize, Serialize};
 use x402_channel::ChannelConfig;
+
+use crate::{FieldError, fields};
 
 /// The `batch-settlement` fields of the requirements (x402 `extra`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,4 +46,269 @@ pub struct DepositPayload {
     pub valid_before: u64,
     pub salt: U256,
     pub signature: Bytes,
+}
+
+/// The JSON form of a [`ChannelConfig`], as the reference packages write
+/// it: `#[serde(with = "ChannelConfigJson")]` on a `ChannelConfig` field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ChannelConfig", rename_all = "camelCase")]
+#[allow(non_snake_case, missing_debug_implementations)]
+pub struct ChannelConfigJson {
+    #[serde(with = "fields::address")]
+    pub payer: Address,
+    #[serde(rename = "payerAuthorizer", with = "fields::address")]
+    pub payerAuthorizer: Address,
+    #[serde(with = "fields::address")]
+    pub receiver: Address,
+    #[serde(rename = "receiverAuthorizer", with = "fields::address")]
+    pub receiverAuthorizer: Address,
+    #[serde(with = "fields::address")]
+    pub token: Address,
+    #[serde(rename = "withdrawDelay", with = "fields::uint40")]
+    pub withdrawDelay: U40,
+    #[serde(with = "fields::word")]
+    pub salt: B256,
+}
+
+/// The `type` of a payer's `batch-settlement` payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ChannelPayloadType {
+    /// A voucher against a channel with funds.
+    Voucher,
+    /// A voucher with a deposit that opens or tops up the channel.
+    Deposit,
+    /// A cooperative refund request (the voucher is the charged total).
+    Refund,
+}
+
+/// A payer's `batch-settlement` payload (the `payload` of its
+/// [`PaymentPayload`](crate::PaymentPayload)): `{type, channelConfig,
+/// voucher}`, with `deposit` for a deposit and an optional `amount` for a
+/// refund.
+///
+/// One struct rather than an enum tagged by `type`: serde loses the field
+/// path inside internally tagged enums, and errors must name the field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelPayloadJson {
+    #[serde(rename = "type")]
+    pub kind: ChannelPayloadType,
+    #[serde(with = "ChannelConfigJson")]
+    pub channel_config: ChannelConfig,
+    pub voucher: VoucherJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deposit: Option<DepositJson>,
+    /// A refund's amount (absent: everything not charged).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_u128_decimal")]
+    pub amount: Option<u128>,
+}
+
+/// A signed voucher: `{channelId, maxClaimableAmount, signature}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoucherJson {
+    #[serde(with = "fields::word")]
+    pub channel_id: B256,
+    #[serde(with = "fields::u128_decimal")]
+    pub max_claimable_amount: u128,
+    #[serde(with = "fields::bytes")]
+    pub signature: Bytes,
+}
+
+/// A deposit: `{amount, authorization: {erc3009Authorization: {validAfter,
+/// validBefore, salt, signature}}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepositJson {
+    #[serde(with = "fields::u128_decimal")]
+    pub amount: u128,
+    pub authorization: DepositAuthorizationJson,
+}
+
+/// A deposit's authorization.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DepositAuthorizationJson {
+    pub erc3009_authorization: Erc3009AuthorizationJson,
+}
+
+/// The payer's ERC-3009 `ReceiveWithAuthorization` of a deposit (its
+/// `from`, `to`, `value` and nonce follow from the channel).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erc3009AuthorizationJson {
+    #[serde(with = "fields::u64_decimal")]
+    pub valid_after: u64,
+    #[serde(with = "fields::u64_decimal")]
+    pub valid_before: u64,
+    #[serde(with = "fields::salt")]
+    pub salt: U256,
+    #[serde(with = "fields::bytes")]
+    pub signature: Bytes,
+}
+
+impl ChannelPayloadJson {
+    /// The voucher payment this payload makes on `network`, with the
+    /// merchant's `extra` (what the gateway's requirements say, not what
+    /// the client claims it accepted).
+    pub fn into_voucher(self, network: String, extra: ChannelExtra) -> Result<VoucherPayload, FieldError> {
+        let deposit = match (self.kind, self.deposit) {
+            (ChannelPayloadType::Deposit, Some(d)) => {
+                let a = d.authorization.erc3009_authorization;
+                Some(DepositPayload {
+                    amount: d.amount,
+                    valid_after: a.valid_after,
+                    valid_before: a.valid_before,
+                    salt: a.salt,
+                    signature: a.signature,
+                })
+            }
+            (ChannelPayloadType::Deposit, None) => return Err(FieldError::new("", "missing field `deposit`")),
+            _ => None,
+        };
+        Ok(VoucherPayload {
+            network,
+            config: self.channel_config,
+            channel_id: self.voucher.channel_id,
+            max_claimable: self.voucher.max_claimable_amount,
+            signature: self.voucher.signature,
+            charge: None,
+            extra,
+            deposit,
+            refund: (self.kind == ChannelPayloadType::Refund).then_some(self.amount),
+        })
+    }
+}
+
+/// A resource server's `claim` payload to the facilitator: vouchers to
+/// claim, optionally authorized by the server's own claim signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimPayloadJson {
+    pub claims: Vec<ClaimJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
+    pub claim_authorizer_signature: Option<Bytes>,
+}
+
+/// One claimed voucher: the channel, its voucher, and the total claimed
+/// after this claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimJson {
+    pub voucher: ClaimVoucherJson,
+    #[serde(with = "fields::bytes")]
+    pub signature: Bytes,
+    #[serde(with = "fields::u128_decimal")]
+    pub total_claimed: u128,
+}
+
+/// A claimed voucher's channel and amount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimVoucherJson {
+    #[serde(with = "ChannelConfigJson")]
+    pub channel: ChannelConfig,
+    #[serde(with = "fields::u128_decimal")]
+    pub max_claimable_amount: u128,
+}
+
+/// A resource server's `settle` payload: move what `receiver` has claimed
+/// of `token` to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlePayloadJson {
+    #[serde(with = "fields::address")]
+    pub receiver: Address,
+    #[serde(with = "fields::address")]
+    pub token: Address,
+}
+
+/// A resource server's `refund` payload: its claims, then a cooperative
+/// refund of `amount` to the payer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefundPayloadJson {
+    #[serde(with = "ChannelConfigJson")]
+    pub channel_config: ChannelConfig,
+    #[serde(with = "fields::u128_decimal")]
+    pub amount: u128,
+    #[serde(with = "fields::decimal")]
+    pub refund_nonce: U256,
+    #[serde(default)]
+    pub claims: Vec<ClaimJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
+    pub refund_authorizer_signature: Option<Bytes>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
+    pub claim_authorizer_signature: Option<Bytes>,
+}
+
+/// The `type` of a resource server's `batch-settlement` payload to the
+/// facilitator (`claim`, `settle`, `refund`, or a payer's `voucher`,
+/// `deposit`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadType {
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deposit payload as the reference client writes it.
+    fn deposit_json() -> serde_json::Value {
+        serde_json::json!({
+            "type": "deposit",
+            "channelConfig": {
+                "payer": "0x0101010101010101010101010101010101010101",
+                "payerAuthorizer": "0x0101010101010101010101010101010101010101",
+                "receiver": "0x0202020202020202020202020202020202020202",
+                "receiverAuthorizer": "0x0303030303030303030303030303030303030303",
+                "token": "0x0404040404040404040404040404040404040404",
+                "withdrawDelay": 900,
+                "salt": format!("{}", B256::ZERO),
+            },
+            "voucher": {
+                "channelId": format!("{}", B256::repeat_byte(9)),
+                "maxClaimableAmount": "5000",
+                "signature": format!("0x{}", "11".repeat(65)),
+            },
+            "deposit": {
+                "amount": "100000",
+                "authorization": { "erc3009Authorization": {
+                    "validAfter": "0", "validBefore": "1700000000",
+                    "salt": format!("{}", B256::with_last_byte(0xff)),
+                    "signature": format!("0x{}", "22".repeat(65)),
+                }},
+            },
+        })
+    }
+
+    #[test]
+    fn a_reference_deposit_payload_reads_and_writes_the_same_json() {
+        let payload: ChannelPayloadJson = crate::from_value(deposit_json()).unwrap();
+        assert_eq!(payload.channel_config.withdrawDelay, U40::from(900));
+        assert_eq!(serde_json::to_value(&payload).unwrap(), deposit_json());
+        let extra = ChannelExtra { receiver_authorizer: Address::repeat_byte(3), withdraw_delay: 900 };
+        let v = payload.into_voucher("eip155:31337".into(), extra).unwrap();
+        let d = v.deposit.unwrap();
+        assert_eq!(
+            (v.max_claimable, d.amount, d.valid_before, d.salt),
+            (5000, 100_000, 1_700_000_000, U256::from(255))
+        );
+        assert_eq!(v.refund, None);
+    }
+
+    #[test]
+    fn salts_and_delays_take_what_the_reference_writes_and_no_more() {
+        let mut json = deposit_json();
+        json["deposit"]["authorization"]["erc3009Authorization"]["salt"] = "255".into();
+        let payload: ChannelPayloadJson = crate::from_value(json.clone()).unwrap();
+        assert_eq!(payload.deposit.unwrap().authorization.erc3009_authorization.salt, U256::from(255));
+        json["deposit"]["authorization"]["erc3009Authorization"]["salt"] = format!("0x{}", "ab".repeat(33)).into();
+        let err = crate::from_value::<ChannelPayloadJson>(json.clone()).unwrap_err();
+        assert_eq!(err, FieldError::new("deposit.authorization.erc3009Authorization.salt", "is longer than 32 bytes"));
+        json["channelConfig"]["withdrawDelay"] = (1u64 << 40).into();
+        let err = crate::from_value::<ChannelPayloadJson>(json).unwrap_err();
+        assert_eq!(err, FieldError::new("channelConfig.withdrawDelay", "does not fit a uint40"));
+    }
 }

@@ -136,20 +136,31 @@ pub struct ExactEvmPayload {
 }
 
 /// An x402 `PaymentPayload`: what a payer sends in the `PAYMENT-SIGNATURE`
-/// header (base64 of this JSON), `P` being the scheme's payload.
+/// header (base64 of this JSON), `P` being the scheme's payload. `A` is
+/// how much of `accepted` to read: all of it, or only the [`Accepted`]
+/// scheme and network a verifier needs (it checks the payment against the
+/// resource server's own requirements, not the copy the payer echoes).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PaymentPayload<P> {
+pub struct PaymentPayload<P, A = Requirements> {
     pub x402_version: u32,
     /// The resource paid for, as the resource server described it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<serde_json::Value>,
     /// The requirements the payer chose to pay.
-    pub accepted: Requirements,
+    pub accepted: A,
     pub payload: P,
     /// Extensions (`payment-identifier`, …), by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The part of a payload's `accepted` requirements a verifier reads: the
+/// scheme and network the payer chose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub scheme: String,
+    pub network: String,
 }
 
 impl PaymentPayload<ExactEvmPayload> {

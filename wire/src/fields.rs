@@ -142,6 +142,163 @@ pub mod bytes {
     }
 }
 
+/// A uint256 read as [`DecimalU256`] that must fit a narrower integer.
+fn narrow<'de, D: Deserializer<'de>, T: TryFrom<U256>>(d: D, message: &'static str) -> Result<T, D::Error> {
+    let DecimalU256(v) = DecimalU256::deserialize(d).map_err(|_| de::Error::custom(message))?;
+    T::try_from(v).map_err(|_| de::Error::custom(message))
+}
+
+/// `#[serde(with = "u128_decimal")]`: an amount that fits a `u128`,
+/// written as a decimal string.
+pub mod u128_decimal {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        narrow(d, "is not a uint128")
+    }
+}
+
+/// `#[serde(with = "opt_u128_decimal")]`: an optional [`u128_decimal`].
+pub mod opt_u128_decimal {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<u128>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u128>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "u128_decimal")] u128);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+/// `#[serde(with = "u64_decimal")]`: a time or count that fits a `u64`,
+/// written as a decimal string (a number is read too).
+pub mod u64_decimal {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        narrow(d, "is not a uint64")
+    }
+}
+
+/// `#[serde(with = "uint40")]`: a channel's withdraw delay (`uint40`), a
+/// number on output.
+pub mod uint40 {
+    use alloy::primitives::aliases::U40;
+
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &U40, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.to::<u64>())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U40, D::Error> {
+        let v: u64 = narrow(d, "is not a uint64")?;
+        U40::try_from(v).map_err(|_| de::Error::custom("does not fit a uint40"))
+    }
+}
+
+/// `#[serde(with = "salt")]`: a deposit salt as the reference client writes
+/// it, 0x-hex of up to 32 bytes or decimal; written as 32-byte hex.
+pub mod salt {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&B256::from(*v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
+        const NOT_A_SALT: &str = "is not hex or decimal";
+        let s = string(d, NOT_A_SALT)?;
+        match parse_hex(&s) {
+            Some(bytes) if bytes.len() <= 32 => Ok(U256::from_be_slice(&bytes)),
+            Some(_) => Err(de::Error::custom("is longer than 32 bytes")),
+            None => parse_decimal_u256(&s).ok_or_else(|| de::Error::custom(NOT_A_SALT)),
+        }
+    }
+}
+
+/// `#[serde(with = "opt_bytes")]`: optional bytes as 0x-hex (`null` or
+/// absent: none; use with `#[serde(default)]`).
+pub mod opt_bytes {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => bytes::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        match Option::<String>::deserialize(d).map_err(|_| de::Error::custom(NOT_HEX))? {
+            Some(s) => parse_hex(&s).map(|b| Some(b.into())).ok_or_else(|| de::Error::custom(NOT_HEX)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// `#[serde(with = "opt_address")]`: an optional [`address`] (`null` or
+/// absent: none; use with `#[serde(default)]`).
+pub mod opt_address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<Address>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Address>, D::Error> {
+        match Option::<String>::deserialize(d).map_err(|_| de::Error::custom(NOT_AN_ADDRESS))? {
+            Some(s) => parse_address(&s).map(Some).ok_or_else(|| de::Error::custom(NOT_AN_ADDRESS)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// `#[serde(with = "opt_u64_decimal")]`: an optional [`u64_decimal`].
+pub mod opt_u64_decimal {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "u64_decimal")] u64);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+/// Bytes of exactly 20 (an address in protobuf or a ledger record).
+pub fn address_from_bytes(bytes: &[u8]) -> Option<Address> {
+    (bytes.len() == 20).then(|| Address::from_slice(bytes))
+}
+
+/// Bytes of exactly 32 (a word in protobuf or a ledger record).
+pub fn word_from_bytes(bytes: &[u8]) -> Option<B256> {
+    (bytes.len() == 32).then(|| B256::from_slice(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,8 @@
 //! - [`FacilitatorRequest`], [`VerifyResponse`], [`SettleResponse`],
 //!   [`SupportedResponse`]: the HTTP facilitator's bodies;
 //! - [`Network`]: a CAIP-2 `eip155:<chainId>` network;
+//! - [`from_slice`] and [`from_value`]: outside input into these types, a
+//!   [`FieldError`] naming the field when it does not fit;
 //! - [`fields`]: the field formats (decimal uint256, 0x-hex addresses,
 //!   words and bytes) with their parsers, for every decoder of outside input.
 //!
@@ -21,13 +23,19 @@
 //! No feature flags.
 
 mod batch;
+mod decode;
 mod exact;
 mod facilitator;
 pub mod fields;
 mod network;
 
-pub use batch::{ChannelExtra, DepositPayload, VoucherPayload};
-pub use exact::{Authorization, ExactEvmPayload, ExactPayload, PaymentPayload, Requirements};
+pub use batch::{
+    ChannelConfigJson, ChannelExtra, ChannelPayloadJson, ChannelPayloadType, ClaimJson, ClaimPayloadJson,
+    ClaimVoucherJson, DepositAuthorizationJson, DepositJson, DepositPayload, Erc3009AuthorizationJson, PayloadType,
+    RefundPayloadJson, SettlePayloadJson, VoucherJson, VoucherPayload,
+};
+pub use decode::{FieldError, from_slice, from_value};
+pub use exact::{Accepted, Authorization, ExactEvmPayload, ExactPayload, PaymentPayload, Requirements};
 pub use facilitator::{FacilitatorRequest, SettleResponse, SupportedKind, SupportedResponse, VerifyResponse};
 pub use fields::DecimalU256;
 pub use network::Network;

@@ -31,7 +31,7 @@ use crate::{
     reason::{Reason, Refusal, Rejection},
 };
 
-pub(crate) use self::header::{ConfigJson, Fields, decode as decode_header, decode_value as decode_payload};
+pub(crate) use self::header::{decode as decode_header, decode_value as decode_payload};
 
 pub use crate::domain::{ChannelExtra, DepositPayload, VoucherPayload};
 

@@ -25,7 +25,6 @@ use alloy::{
     signers::{SignerSync, local::PrivateKeySigner},
     sol_types::SolCall,
 };
-use serde::Deserialize;
 use x402_chain::{
     AlloyChain, Chain, Follow,
     channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
@@ -36,14 +35,12 @@ use x402_channel::{ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use super::{Api, FacilitatorRequest, Failure, SettleResponse, VerifyResponse, channel_requirements};
 use crate::{
-    channels::{
-        ChannelContracts, ConfigJson, DepositFailure, Fields, VerifiedVoucher, VoucherVerifier, put_deposit,
-        voucher_signer,
-    },
+    channels::{ChannelContracts, DepositFailure, VerifiedVoucher, VoucherVerifier, put_deposit, voucher_signer},
     domain::Merchant,
     reason::{InvalidField, Reason},
-    verify::{Refusal, Uint, parse_address, parse_hex, parse_uint},
+    verify::Refusal,
 };
+use x402_wire::{ClaimJson, ClaimPayloadJson, PayloadType, RefundPayloadJson, SettlePayloadJson};
 
 /// What the facilitator needs to act on channels.
 #[derive(Clone, Debug)]
@@ -92,52 +89,17 @@ impl SpendLimiter {
     }
 }
 
-/// The `type` of a `batch-settlement` payload.
-#[derive(Deserialize)]
-struct Tagged {
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimPayload {
-    claims: Vec<ClaimJson>,
-    claim_authorizer_signature: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimJson {
-    voucher: ClaimVoucherJson,
-    signature: String,
-    total_claimed: Uint,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimVoucherJson {
-    channel: ConfigJson,
-    max_claimable_amount: Uint,
-}
-
-#[derive(Deserialize)]
-struct SettlePayload {
-    receiver: String,
-    token: String,
-}
-
-/// The fields of a facilitator request's payload, for errors.
-const PAYLOAD: Fields<'static> = Fields("paymentPayload.payload");
+/// Where a facilitator request's payload fields are, for errors.
+const PAYLOAD: &str = "paymentPayload.payload";
 
 fn invalid(path: &str, message: &str) -> InvalidField {
-    PAYLOAD.invalid(path, message)
+    InvalidField::new(format!("{PAYLOAD}.{path}"), message.to_owned())
 }
 
-/// The request's `paymentPayload.payload` as `T`.
+/// The request's `paymentPayload.payload` as `T`, a bad field named.
 fn payload<T: serde::de::DeserializeOwned>(body: &FacilitatorRequest) -> Result<T, InvalidField> {
-    serde_json::from_value(body.payment_payload["payload"].clone())
-        .map_err(|e| InvalidField::new("paymentPayload.payload", e.to_string()))
+    x402_wire::from_value(body.payment_payload.get("payload").cloned().unwrap_or_default())
+        .map_err(|e| InvalidField::new(e.under(PAYLOAD), e.message))
 }
 
 impl ChannelFacilitator {
@@ -288,8 +250,8 @@ pub(super) async fn settle(
     body: FacilitatorRequest,
 ) -> Result<SettleResponse, Failure> {
     let channels = api.info.channels.as_ref().ok_or_else(not_configured)?;
-    let network = body.payment_requirements.network.clone();
-    let kind: Tagged = payload(&body)?;
+    let network = channel_requirements(&body.payment_requirements)?.0.network;
+    let kind: PayloadType = payload(&body)?;
     let base = SettleResponse { network: network.clone(), ..SettleResponse::default() };
     let failed = |reason: &str, message: String| SettleResponse {
         error_reason: Some(reason.into()),
@@ -298,13 +260,11 @@ pub(super) async fn settle(
     };
     match kind.kind.as_str() {
         "claim" => {
-            let payload: ClaimPayload = payload(&body)?;
+            let payload: ClaimPayloadJson = payload(&body)?;
             claim(api, channels, merchant, payload, base).await
         }
         "settle" => {
-            let payload: SettlePayload = payload(&body)?;
-            let receiver = parse_address(&payload.receiver).ok_or_else(|| invalid("receiver", "is not an address"))?;
-            let token = parse_address(&payload.token).ok_or_else(|| invalid("token", "is not an address"))?;
+            let SettlePayloadJson { receiver, token } = payload(&body)?;
             if let Err(message) = owned(api, merchant, std::iter::once(receiver)) {
                 return Ok(failed(Reason::ReceiverMismatch.code(), message));
             }
@@ -316,7 +276,7 @@ pub(super) async fn settle(
             })
         }
         "refund" => {
-            let payload: RefundPayload = payload(&body)?;
+            let payload: RefundPayloadJson = payload(&body)?;
             refund(api, channels, merchant, payload, base).await
         }
         "voucher" | "deposit" => {
@@ -404,22 +364,21 @@ fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimR
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let config = c.voucher.channel.config(PAYLOAD, &format!("claims[{i}].voucher.channel"))?;
+            let config = c.voucher.channel.clone();
             let channel_id = domain.channel_id(&config);
-            let max_claimable =
-                PAYLOAD.uint128(&format!("claims[{i}].voucher.maxClaimableAmount"), &c.voucher.max_claimable_amount)?;
-            let field = format!("claims[{i}].signature");
-            let signature = parse_hex(&c.signature).ok_or_else(|| invalid(&field, "is not 0x-hex"))?;
+            let max_claimable = c.voucher.max_claimable_amount;
             // With the `v` the chain needs (x402d's /verify accepts either).
             let digest = domain.voucher_digest(&Voucher { channelId: channel_id, maxClaimableAmount: max_claimable });
-            let signature = crate::ecdsa::claimable(&signature, digest, voucher_signer(&config))
-                .ok_or_else(|| invalid(&field, "is not the voucher signer's signature of the voucher"))?;
+            let signature =
+                crate::ecdsa::claimable(&c.signature, digest, voucher_signer(&config)).ok_or_else(|| {
+                    invalid(&format!("claims[{i}].signature"), "is not the voucher signer's signature of the voucher")
+                })?;
             Ok(ClaimRow {
                 channel_id,
                 config,
                 max_claimable,
                 signature: Bytes::copy_from_slice(&signature),
-                total_claimed: PAYLOAD.uint128(&format!("claims[{i}].totalClaimed"), &c.total_claimed)?,
+                total_claimed: c.total_claimed,
             })
         })
         .collect()
@@ -429,13 +388,12 @@ fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimR
 /// when every channel in `configs` names it; `Err` answers a mismatch.
 fn authorize<'a>(
     channels: &ChannelFacilitator,
-    given: Option<&str>,
-    field: &str,
+    given: Option<&Bytes>,
     mut configs: impl Iterator<Item = (&'a ChannelConfig, B256)>,
     digest: impl FnOnce() -> B256,
 ) -> Result<Result<Vec<u8>, String>, Failure> {
-    if let Some(s) = given {
-        return Ok(Ok(parse_hex(s).ok_or_else(|| invalid(field, "is not 0x-hex"))?));
+    if let Some(signature) = given {
+        return Ok(Ok(signature.to_vec()));
     }
     let authorizer = channels.authorizer.as_ref().ok_or_else(not_configured)?;
     if let Some((config, id)) = configs.find(|(c, _)| c.receiverAuthorizer != authorizer.address()) {
@@ -452,11 +410,11 @@ fn authorize<'a>(
 /// facilitator's (see [`authorize`]).
 fn authorize_claims(
     channels: &ChannelFacilitator,
-    given: Option<&str>,
+    given: Option<&Bytes>,
     domain: &ChannelDomain,
     rows: &[ClaimRow],
 ) -> Result<Result<Vec<u8>, String>, Failure> {
-    authorize(channels, given, "claimAuthorizerSignature", rows.iter().map(|r| (&r.config, r.channel_id)), || {
+    authorize(channels, given, rows.iter().map(|r| (&r.config, r.channel_id)), || {
         domain.claim_batch_digest(&claim_batch(rows))
     })
 }
@@ -475,7 +433,7 @@ async fn claim(
     api: &Api,
     channels: &ChannelFacilitator,
     merchant: &Merchant,
-    payload: ClaimPayload,
+    payload: ClaimPayloadJson,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
     let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
@@ -492,7 +450,7 @@ async fn claim(
     }
     not_kept(api, rows.iter().map(|r| r.channel_id).collect()).await?;
     channels.spend(merchant)?;
-    let signature = match authorize_claims(channels, payload.claim_authorizer_signature.as_deref(), &domain, &rows)? {
+    let signature = match authorize_claims(channels, payload.claim_authorizer_signature.as_ref(), &domain, &rows)? {
         Ok(signature) => signature,
         Err(message) => return Ok(mismatch(base, message)),
     };
@@ -507,32 +465,19 @@ async fn claim(
     })
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RefundPayload {
-    channel_config: ConfigJson,
-    amount: Uint,
-    refund_nonce: Uint,
-    #[serde(default)]
-    claims: Vec<ClaimJson>,
-    refund_authorizer_signature: Option<String>,
-    claim_authorizer_signature: Option<String>,
-}
-
 /// A server-authored cooperative refund: the claims it carries (the
 /// server's charges), then `refundWithSignature`, in one transaction.
 async fn refund(
     api: &Api,
     channels: &ChannelFacilitator,
     merchant: &Merchant,
-    payload: RefundPayload,
+    payload: RefundPayloadJson,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
     let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
-    let config = payload.channel_config.config(PAYLOAD, "channelConfig")?;
+    let config = payload.channel_config.clone();
     let id = domain.channel_id(&config);
-    let amount = PAYLOAD.uint128("amount", &payload.amount)?;
-    let nonce = parse_uint(&payload.refund_nonce).ok_or_else(|| invalid("refundNonce", "is not a uint256"))?;
+    let (amount, nonce) = (payload.amount, payload.refund_nonce);
     let rows = claim_rows(&domain, &payload.claims)?;
     if let Err(message) =
         owned(api, merchant, std::iter::once(config.receiver).chain(rows.iter().map(|r| r.config.receiver)))
@@ -556,20 +501,17 @@ async fn refund(
             ..base
         });
     }
-    let refund_signature = match authorize(
-        channels,
-        payload.refund_authorizer_signature.as_deref(),
-        "refundAuthorizerSignature",
-        std::iter::once((&config, id)),
-        || domain.refund_digest(&x402_channel::Refund { channelId: id, nonce, amount }),
-    )? {
-        Ok(signature) => signature,
-        Err(message) => return Ok(mismatch(base, message)),
-    };
+    let refund_signature =
+        match authorize(channels, payload.refund_authorizer_signature.as_ref(), std::iter::once((&config, id)), || {
+            domain.refund_digest(&x402_channel::Refund { channelId: id, nonce, amount })
+        })? {
+            Ok(signature) => signature,
+            Err(message) => return Ok(mismatch(base, message)),
+        };
     let claim_signature = if rows.is_empty() {
         Vec::new()
     } else {
-        match authorize_claims(channels, payload.claim_authorizer_signature.as_deref(), &domain, &rows)? {
+        match authorize_claims(channels, payload.claim_authorizer_signature.as_ref(), &domain, &rows)? {
             Ok(signature) => signature,
             Err(message) => return Ok(mismatch(base, message)),
         }

@@ -45,7 +45,6 @@ use crate::{
     channels::ChannelExtra,
     domain::{IdempotencyKey, Merchant, PaymentId, PaymentInput, PaymentState, Requirements, Submission},
     reason::{InvalidField, Reason},
-    verify::{Uint, parse_address, parse_decimal_u256, parse_uint},
 };
 
 /// What `/supported` advertises and how long `/settle` waits.
@@ -175,13 +174,9 @@ impl PendingRetries {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct FacilitatorRequest {
-    x402_version: u64,
-    payment_payload: serde_json::Value,
-    payment_requirements: RequirementsJson,
-}
+/// A `/verify` or `/settle` body: its parts are decoded by scheme, so that
+/// errors name the field (`paymentRequirements.payTo`, …).
+type FacilitatorRequest = x402_wire::FacilitatorRequest<serde_json::Value, serde_json::Value>;
 
 /// The x402 extension carrying a client's id for its payment. Unsigned, so
 /// it proves nothing; an id names one payment of a merchant (409 else).
@@ -202,27 +197,14 @@ fn payment_identifier(payload: &serde_json::Value) -> Result<Option<IdempotencyK
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RequirementsJson {
-    scheme: String,
-    network: String,
-    amount: String,
-    asset: String,
-    pay_to: String,
-    #[serde(default)]
-    max_timeout_seconds: u64,
-    #[serde(default)]
-    extra: ExtraJson,
-}
-
+/// The `batch-settlement` fields of a requirements' `extra`.
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ExtraJson {
-    name: Option<String>,
-    version: Option<String>,
-    receiver_authorizer: Option<String>,
-    withdraw_delay: Option<Uint>,
+struct ChannelExtraJson {
+    #[serde(default, with = "x402_wire::fields::opt_address")]
+    receiver_authorizer: Option<Address>,
+    #[serde(default, with = "x402_wire::fields::opt_u64_decimal")]
+    withdraw_delay: Option<u64>,
 }
 
 /// The reference's reason for a settlement broadcast but not yet seen mined.
@@ -267,35 +249,26 @@ impl Api {
 
 /// The requirements of a facilitator request, with the `batch-settlement`
 /// fields of `extra`.
-fn channel_requirements(r: &RequirementsJson) -> Result<(Requirements, ChannelExtra), InvalidField> {
-    let requirements = Requirements {
-        amount: parse_decimal_u256(&r.amount)
-            .ok_or_else(|| InvalidField::new("paymentRequirements.amount", "is not a decimal uint256"))?,
-        asset: parse_address(&r.asset)
-            .ok_or_else(|| InvalidField::new("paymentRequirements.asset", "is not a 20-byte hex address"))?,
-        pay_to: parse_address(&r.pay_to)
-            .ok_or_else(|| InvalidField::new("paymentRequirements.payTo", "is not a 20-byte hex address"))?,
-        scheme: r.scheme.clone(),
-        network: r.network.clone(),
-        max_timeout_seconds: r.max_timeout_seconds,
-        eip712_name: r.extra.name.clone().unwrap_or_default(),
-        eip712_version: r.extra.version.clone().unwrap_or_default(),
+fn channel_requirements(r: &serde_json::Value) -> Result<(Requirements, ChannelExtra), InvalidField> {
+    const FIELD: &str = "paymentRequirements";
+    let invalid = |e: x402_wire::FieldError| InvalidField::new(e.under(FIELD), e.message);
+    let requirements: Requirements = x402_wire::from_value(r.clone()).map_err(invalid)?;
+    let extra: ChannelExtraJson = match r.get("extra") {
+        Some(extra) if !extra.is_null() => x402_wire::from_value(extra.clone())
+            .map_err(|e| InvalidField::new(e.under(&format!("{FIELD}.extra")), e.message))?,
+        _ => ChannelExtraJson::default(),
     };
     let extra = ChannelExtra {
-        receiver_authorizer: match &r.extra.receiver_authorizer {
-            Some(a) => parse_address(a).ok_or_else(|| {
-                InvalidField::new("paymentRequirements.extra.receiverAuthorizer", "is not a 20-byte hex address")
-            })?,
-            None => Address::ZERO,
-        },
-        withdraw_delay: match &r.extra.withdraw_delay {
-            Some(d) => parse_uint(d)
-                .and_then(|d| u64::try_from(d).ok())
-                .ok_or_else(|| InvalidField::new("paymentRequirements.extra.withdrawDelay", "is not a uint64"))?,
-            None => 0,
-        },
+        receiver_authorizer: extra.receiver_authorizer.unwrap_or(Address::ZERO),
+        withdraw_delay: extra.withdraw_delay.unwrap_or(0),
     };
     Ok((requirements, extra))
+}
+
+/// The scheme a request's requirements name (`""` when they name none: the
+/// decoder then says what is missing).
+fn scheme(body: &FacilitatorRequest) -> &str {
+    body.payment_requirements.get("scheme").and_then(serde_json::Value::as_str).unwrap_or_default()
 }
 
 /// The submission of an `exact` facilitator request: the requirements, and
@@ -332,7 +305,7 @@ async fn verify(
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<VerifyResponse>, Failure> {
     let body = v2(body)?;
-    if body.payment_requirements.scheme == "batch-settlement" {
+    if scheme(&body) == "batch-settlement" {
         return channels::verify(&api, &merchant, body).await.map(Json);
     }
     let submission = submission(&body)?;
@@ -369,7 +342,7 @@ async fn settle(
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<SettleResponse>, Failure> {
     let body = v2(body)?;
-    if body.payment_requirements.scheme == "batch-settlement" {
+    if scheme(&body) == "batch-settlement" {
         return channels::settle(&api, &merchant, body).await.map(Json);
     }
     let submission = submission(&body)?;

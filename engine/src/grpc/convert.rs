@@ -16,8 +16,9 @@ use crate::{
     engine::MerchantUpdate,
     pipeline::SubmitOutcome,
     reason::InvalidField,
-    verify::{MAX_HEADER_LEN, parse_decimal_u256},
+    verify::MAX_HEADER_LEN,
 };
+use x402_wire::fields::parse_decimal_u256;
 
 /// Longest accepted short string (scheme, network, EIP-712 name/version, ids).
 const MAX_SHORT_STRING: usize = 256;
@@ -70,17 +71,13 @@ fn short_string(field: &'static str, value: String) -> Result<String, InvalidFie
 }
 
 fn address(field: &'static str, bytes: &[u8]) -> Result<Address, InvalidField> {
-    if bytes.len() != 20 {
-        return Err(InvalidField::new(field, format!("must be 20 bytes, got {}", bytes.len())));
-    }
-    Ok(Address::from_slice(bytes))
+    x402_wire::fields::address_from_bytes(bytes)
+        .ok_or_else(|| InvalidField::new(field, format!("must be 20 bytes, got {}", bytes.len())))
 }
 
 fn word(field: &'static str, bytes: &[u8]) -> Result<B256, InvalidField> {
-    if bytes.len() != 32 {
-        return Err(InvalidField::new(field, format!("must be 32 bytes, got {}", bytes.len())));
-    }
-    Ok(B256::from_slice(bytes))
+    x402_wire::fields::word_from_bytes(bytes)
+        .ok_or_else(|| InvalidField::new(field, format!("must be 32 bytes, got {}", bytes.len())))
 }
 
 fn decimal(field: &'static str, value: &str) -> Result<U256, InvalidField> {

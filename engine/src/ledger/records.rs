@@ -156,11 +156,11 @@ fn unversioned(bytes: &[u8]) -> Result<&[u8]> {
 }
 
 fn address(bytes: &[u8]) -> Result<Address> {
-    (bytes.len() == 20).then(|| Address::from_slice(bytes)).ok_or(Error::Corrupt("address is not 20 bytes"))
+    x402_wire::fields::address_from_bytes(bytes).ok_or(Error::Corrupt("address is not 20 bytes"))
 }
 
 fn word(bytes: &[u8]) -> Result<B256> {
-    (bytes.len() == 32).then(|| B256::from_slice(bytes)).ok_or(Error::Corrupt("word is not 32 bytes"))
+    x402_wire::fields::word_from_bytes(bytes).ok_or(Error::Corrupt("word is not 32 bytes"))
 }
 
 fn uint(bytes: &[u8]) -> Result<U256> {
