@@ -1,29 +1,19 @@
 //! Shared fixtures of the x402d benchmarks: signed payments made before
 //! timing starts, and an engine configuration for them.
 
-use alloy::primitives::{Address, B256, U256, address};
+use alloy::primitives::{Address, B256, address};
 use x402_devnet::Payer;
 use x402_engine::domain::{AcceptedAsset, Merchant, PaymentInput, Requirements, SettlementPolicy, Submission};
 
 pub const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
-pub const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+pub const TOKEN: Address = x402_devnet::DEV_TOKEN_ADDRESS;
 pub const MERCHANT_KEY: &str = "bench-merchant-key-0123456789";
 
-pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
+pub use x402_devnet::unix_now as now;
 
+/// `exact` requirements of 10,000 of the dev token, paid to [`PAY_TO`].
 pub fn requirements() -> Requirements {
-    Requirements {
-        scheme: "exact".into(),
-        network: "eip155:31337".into(),
-        amount: U256::from(10_000),
-        asset: TOKEN,
-        pay_to: PAY_TO,
-        max_timeout_seconds: 60,
-        eip712_name: "USD Coin".into(),
-        eip712_version: "2".into(),
-    }
+    x402_devnet::dev_requirements(PAY_TO, TOKEN, 10_000)
 }
 
 pub fn merchant() -> Merchant {

@@ -2,9 +2,13 @@
 //! clients (the load generator, demos) can use a dev node without being
 //! told them. Never use them anywhere else.
 
-use alloy::signers::local::PrivateKeySigner;
+use alloy::{
+    primitives::{Address, U256},
+    signers::local::PrivateKeySigner,
+};
+use x402_wire::Requirements;
 
-use crate::Payer;
+use crate::{DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Payer};
 
 /// The dev node's admin key.
 pub const DEV_ADMIN_KEY: &str = "dev-admin-key-not-secret";
@@ -37,4 +41,25 @@ pub fn dev_payers() -> Vec<Payer> {
 pub fn dev_authorizer() -> PrivateKeySigner {
     PrivateKeySigner::from_bytes(&alloy::primitives::keccak256("x402d dev receiver authorizer"))
         .expect("a keccak digest is a valid secp256k1 key")
+}
+
+/// `exact` requirements of `amount` of `token` (the dev token unless a
+/// test deploys another) on the local chain (`eip155:31337`), paid to
+/// `pay_to`, with the dev token's EIP-712 domain.
+pub fn dev_requirements(pay_to: Address, token: Address, amount: u64) -> Requirements {
+    Requirements {
+        scheme: "exact".into(),
+        network: "eip155:31337".into(),
+        amount: U256::from(amount),
+        asset: token,
+        pay_to,
+        max_timeout_seconds: 60,
+        eip712_name: DEV_TOKEN_NAME.into(),
+        eip712_version: DEV_TOKEN_VERSION.into(),
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -19,7 +19,10 @@ mod error;
 pub mod gas;
 mod payer;
 
-pub use accounts::{DEV_ADMIN_KEY, DEV_MERCHANTS, DEV_MINT, DEV_PAY_TO, DEV_PAYER_KEYS, dev_authorizer, dev_payers};
+pub use accounts::{
+    DEV_ADMIN_KEY, DEV_MERCHANTS, DEV_MINT, DEV_PAY_TO, DEV_PAYER_KEYS, dev_authorizer, dev_payers, dev_requirements,
+    unix_now,
+};
 pub use anvil::Anvil;
 pub use deploy::{
     DEV_DEPLOYER_KEY, DEV_TOKEN_ADDRESS, DEV_TOKEN_NAME, DEV_TOKEN_VERSION, Devnet, code_at, deploy, fund_ether,

@@ -33,7 +33,9 @@
 //! (`x402d-load`), the local chain, the dev accounts and a payer that signs
 //! in `x402-devnet`, the x402 JSON types in `x402-wire`.
 //!
-//! No feature flags.
+//! One feature flag: `test-utils` makes [`testing`] public (test doubles of
+//! the chain and the balance source, and fixtures), for benchmarks and other
+//! crates' tests; the engine's own unit tests always have it.
 
 pub mod balance;
 pub mod channels;
@@ -52,8 +54,8 @@ pub mod node;
 pub mod pipeline;
 mod reason;
 pub mod settle;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod verify;
 
 pub use engine::{Engine, MerchantUpdate};

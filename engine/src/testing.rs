@@ -1,5 +1,14 @@
-//! Test doubles shared by unit tests: an in-memory [`Chain`] and a
-//! [`BalanceSource`] whose fetches a test completes by hand.
+//! Test doubles and fixtures (feature `test-utils`; always in the engine's
+//! own unit tests):
+//!
+//! - [`FakeChain`]: a chain in memory for balance and code reads (its
+//!   settlement methods fail);
+//! - [`ScriptedChain`]: a chain that signs real transactions and mines,
+//!   reverts, drops, takes nonces or reorgs as the test says, for
+//!   settlement's branches;
+//! - [`ManualBalances`]: a [`BalanceSource`] whose fetches a test completes
+//!   by hand;
+//! - [`direct_merchant`], [`channel_requirements`]: fixtures.
 
 use std::{
     collections::HashMap,
@@ -20,7 +29,7 @@ use crate::{
 };
 
 /// Merchant "m" (number 1), paid at `pay_to` in any accepted asset, settling `direct`.
-pub(crate) fn direct_merchant(pay_to: Address) -> Merchant {
+pub fn direct_merchant(pay_to: Address) -> Merchant {
     Merchant {
         id: "m".into(),
         number: 1,
@@ -34,23 +43,17 @@ pub(crate) fn direct_merchant(pay_to: Address) -> Merchant {
 
 /// `batch-settlement` requirements of 10 of `token` on the local chain, paid
 /// to `pay_to`.
-pub(crate) fn channel_requirements(token: Address, pay_to: Address) -> crate::domain::Requirements {
+pub fn channel_requirements(token: Address, pay_to: Address) -> crate::domain::Requirements {
     crate::domain::Requirements {
         scheme: "batch-settlement".into(),
-        network: "eip155:31337".into(),
-        amount: alloy::primitives::U256::from(10),
-        asset: token,
-        pay_to,
-        max_timeout_seconds: 60,
-        eip712_name: "USD Coin".into(),
-        eip712_version: "2".into(),
+        ..x402_devnet::dev_requirements(pay_to, token, 10)
     }
 }
 
 /// A chain in memory: token balances, a head that moves one block per
 /// transfer, and the transfers' logs. Settlement methods fail.
 #[derive(Debug)]
-pub(crate) struct FakeChain {
+pub struct FakeChain {
     chain_id: u64,
     state: Mutex<FakeState>,
     balance_reads: AtomicUsize,
@@ -74,7 +77,7 @@ struct FakeState {
 }
 
 impl FakeChain {
-    pub(crate) fn new(chain_id: u64) -> Self {
+    pub fn new(chain_id: u64) -> Self {
         Self {
             chain_id,
             state: Mutex::default(),
@@ -88,12 +91,12 @@ impl FakeChain {
     }
 
     /// The next `n` simulations panic (a bug on a settlement task).
-    pub(crate) fn panic_simulations(&self, n: usize) {
+    pub fn panic_simulations(&self, n: usize) {
         self.panicking_simulations.store(n, Ordering::SeqCst);
     }
 
     /// `simulate` calls so far.
-    pub(crate) fn simulations(&self) -> usize {
+    pub fn simulations(&self) -> usize {
         self.simulations.load(Ordering::SeqCst)
     }
 
@@ -103,7 +106,7 @@ impl FakeChain {
 
     /// Moves `value` of `token` in a new block, with its log; from the zero
     /// address it is a mint.
-    pub(crate) fn transfer(&self, token: Address, from: Address, to: Address, value: U256) {
+    pub fn transfer(&self, token: Address, from: Address, to: Address, value: U256) {
         let mut state = self.state();
         state.head += 1;
         if from != Address::ZERO {
@@ -116,36 +119,36 @@ impl FakeChain {
     }
 
     /// Sets a balance with no log, as if the change were missed.
-    pub(crate) fn set_silently(&self, token: Address, owner: Address, value: U256) {
+    pub fn set_silently(&self, token: Address, owner: Address, value: U256) {
         self.state().balances.insert((token, owner), value);
     }
 
     /// Gives `account` code, as a contract wallet or an EIP-7702 delegation.
-    pub(crate) fn set_code(&self, account: Address) {
+    pub fn set_code(&self, account: Address) {
         self.state().code.insert(account);
     }
 
     /// Mines `blocks` empty blocks.
-    pub(crate) fn mine(&self, blocks: u64) {
+    pub fn mine(&self, blocks: u64) {
         self.state().head += blocks;
     }
 
     /// `token_balance` calls so far.
-    pub(crate) fn balance_reads(&self) -> usize {
+    pub fn balance_reads(&self) -> usize {
         self.balance_reads.load(Ordering::SeqCst)
     }
 
     /// `block_number` calls so far.
-    pub(crate) fn head_reads(&self) -> usize {
+    pub fn head_reads(&self) -> usize {
         self.head_reads.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn fail_balances(&self, failing: bool) {
+    pub fn fail_balances(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
     /// While paused, balance reads take their value and then wait.
-    pub(crate) fn pause_balances(&self, paused: bool) {
+    pub fn pause_balances(&self, paused: bool) {
         self.paused.send_replace(paused);
     }
 }
@@ -267,19 +270,19 @@ impl Chain for FakeChain {
 /// A balance source that knows what a test told it; any other balance is
 /// [`Lookup::Pending`] until the test calls [`ManualBalances::complete`].
 #[derive(Debug, Default)]
-pub(crate) struct ManualBalances {
+pub struct ManualBalances {
     known: Mutex<HashMap<BalanceKey, Account>>,
     waiting: Mutex<Vec<(BalanceKey, Notifier)>>,
 }
 
 impl ManualBalances {
     /// The keys lookups are waiting for, one per lookup, oldest first.
-    pub(crate) fn waiting(&self) -> Vec<BalanceKey> {
+    pub fn waiting(&self) -> Vec<BalanceKey> {
         self.waiting.lock().unwrap().iter().map(|(key, _)| *key).collect()
     }
 
     /// Finishes the fetch of `key`: a balance is known from now on.
-    pub(crate) fn complete(&self, key: BalanceKey, fetched: &Fetched) {
+    pub fn complete(&self, key: BalanceKey, fetched: &Fetched) {
         if let Ok(balance) = fetched {
             self.known.lock().unwrap().insert(key, *balance);
         }
@@ -320,7 +323,7 @@ impl BalanceSource for ManualBalances {
 /// with [`ScriptedChain::auto_mine`]). Settlement runs on it as on a node,
 /// without one.
 #[derive(Debug)]
-pub(crate) struct ScriptedChain {
+pub struct ScriptedChain {
     address: Address,
     wallet: alloy::network::EthereumWallet,
     script: Mutex<Script>,
@@ -362,12 +365,20 @@ fn transfer_of(to: Address, input: &[u8]) -> Option<x402_chain::AuthorizationUse
     Some(x402_chain::AuthorizationUsed { token: to, authorizer: call.from, nonce: call.nonce })
 }
 
-impl ScriptedChain {
-    pub(crate) const CHAIN_ID: u64 = 31337;
-    /// Gas a mined transaction uses unless it ran out.
-    pub(crate) const GAS_USED: u64 = 60_000;
+impl Default for ScriptedChain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
-    pub(crate) fn new() -> Self {
+impl ScriptedChain {
+    /// The chain id it signs for.
+    pub const CHAIN_ID: u64 = 31337;
+    /// Gas a mined transaction uses unless it ran out.
+    pub const GAS_USED: u64 = 60_000;
+
+    /// A chain with one random signer and nothing mined.
+    pub fn new() -> Self {
         let key = alloy::signers::local::PrivateKeySigner::random();
         Self { address: key.address(), wallet: key.into(), script: Mutex::default(), signed: Mutex::default() }
     }
@@ -377,29 +388,29 @@ impl ScriptedChain {
     }
 
     /// From now on every broadcast is mined at once, successfully.
-    pub(crate) fn auto_mine(&self, on: bool) {
+    pub fn auto_mine(&self, on: bool) {
         self.script().auto_mine = on;
     }
 
     /// Receipts count once they have `n` confirmations.
-    pub(crate) fn require_confirmations(&self, n: u64) {
+    pub fn require_confirmations(&self, n: u64) {
         self.script().confirmations = n;
     }
 
     /// Every hash broadcast so far, in order.
-    pub(crate) fn broadcasts(&self) -> Vec<B256> {
+    pub fn broadcasts(&self) -> Vec<B256> {
         self.script().broadcasts.clone()
     }
 
     /// Mines `hash` in a new block: successful, its authorization (if it is
     /// a `transferWithAuthorization`) used.
-    pub(crate) fn mine(&self, hash: B256) {
+    pub fn mine(&self, hash: B256) {
         self.include(hash, true, false);
     }
 
     /// Mines `hash` in a new block, reverted; having used all its gas when
     /// `out_of_gas`.
-    pub(crate) fn revert(&self, hash: B256, out_of_gas: bool) {
+    pub fn revert(&self, hash: B256, out_of_gas: bool) {
         self.include(hash, false, out_of_gas);
     }
 
@@ -429,20 +440,20 @@ impl ScriptedChain {
     }
 
     /// Another transaction of the signer takes `nonce` on chain.
-    pub(crate) fn take_nonce(&self, nonce: u64) {
+    pub fn take_nonce(&self, nonce: u64) {
         let mut script = self.script();
         script.head += 1;
         script.used_nonces.insert(nonce, B256::repeat_byte(0xee));
     }
 
     /// `blocks` empty blocks on top.
-    pub(crate) fn mine_blocks(&self, blocks: u64) {
+    pub fn mine_blocks(&self, blocks: u64) {
         self.script().head += blocks;
     }
 
     /// A reorg takes `hash`'s block off the chain: the transaction is no
     /// longer included (mine it again to put it in a new block).
-    pub(crate) fn reorg_out(&self, hash: B256) {
+    pub fn reorg_out(&self, hash: B256) {
         let mut script = self.script();
         let receipt = script.mined.remove(&hash).expect("a mined transaction");
         script.reorged.insert(receipt.block, B256::repeat_byte(0xab));
@@ -450,35 +461,29 @@ impl ScriptedChain {
     }
 
     /// What the next simulations answer, in order (`None`: it would pass).
-    pub(crate) fn simulate_next(&self, answers: impl IntoIterator<Item = Option<String>>) {
+    pub fn simulate_next(&self, answers: impl IntoIterator<Item = Option<String>>) {
         self.script().simulations.extend(answers);
     }
 
     /// `authorizer`'s `nonce` on `token` was spent, as `spent` says.
-    pub(crate) fn spend(
-        &self,
-        token: Address,
-        authorizer: Address,
-        nonce: B256,
-        spent: x402_chain::AuthorizationSpent,
-    ) {
+    pub fn spend(&self, token: Address, authorizer: Address, nonce: B256, spent: x402_chain::AuthorizationSpent) {
         self.script().spent.insert((token, authorizer, nonce), spent);
     }
 
     /// The next `n` broadcasts fail as a node that cannot be reached.
-    pub(crate) fn fail_broadcasts(&self, n: usize) {
+    pub fn fail_broadcasts(&self, n: usize) {
         self.script().broadcast_errors.extend(std::iter::repeat_n("connection refused", n));
     }
 
     /// The node refuses the next `n` broadcasts: their fees are below the
     /// base fee.
-    pub(crate) fn refuse_broadcasts(&self, n: usize) {
+    pub fn refuse_broadcasts(&self, n: usize) {
         self.script().broadcast_errors.extend(std::iter::repeat_n("max fee per gas less than block base fee", n));
     }
 
     /// The node forgets what nonces it handed out (a restart on a node that
     /// never saw the pending transactions).
-    pub(crate) fn forget_nonces(&self) {
+    pub fn forget_nonces(&self) {
         self.script().next_nonce = 0;
     }
 

@@ -31,7 +31,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use alloy::primitives::{Address, U256};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,7 +41,6 @@ pub use self::{
     http::{HttpLoadConfig, run_verify},
     sign::{ChannelPlan, Vouchers, exact_payloads, live_signer, sign, verify_bodies, vouchers},
 };
-use x402_wire::Requirements;
 
 /// Where to send the work, and how fast.
 #[derive(Clone, Debug)]
@@ -438,15 +436,4 @@ async fn stream(
 }
 
 /// The requirements `x402d dev`'s merchants accept: its token on anvil.
-pub fn dev_requirements(pay_to: Address, token: Address, amount: u64) -> Requirements {
-    Requirements {
-        scheme: "exact".into(),
-        network: "eip155:31337".into(),
-        amount: U256::from(amount),
-        asset: token,
-        pay_to,
-        max_timeout_seconds: 60,
-        eip712_name: x402_devnet::DEV_TOKEN_NAME.into(),
-        eip712_version: x402_devnet::DEV_TOKEN_VERSION.into(),
-    }
-}
+pub use x402_devnet::dev_requirements;

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use alloy::primitives::{Address, B256, U256, address};
@@ -34,13 +34,11 @@ pub(crate) const M1_KEY: &str = "test-merchant-one-key-0123";
 pub(crate) const M2_KEY: &str = "test-merchant-two-key-0123";
 pub(crate) const PAY_TO: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
 pub(crate) const PAY_TO_2: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
-pub(crate) const TOKEN: Address = address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
+pub(crate) const TOKEN: Address = devnet::DEV_TOKEN_ADDRESS;
 pub(crate) const NETWORK: &str = "eip155:31337";
 pub(crate) const AMOUNT: u64 = 10_000;
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
+pub(crate) use x402_devnet::unix_now as now;
 
 /// A config for tests: ledger under `dir`, two direct merchants `m1` and `m2`.
 pub(crate) fn config(dir: &Path) -> String {
@@ -299,17 +297,9 @@ pub(crate) async fn admin(addr: SocketAddr, key: &str) -> Admin {
     MerchantAdminServiceClient::with_interceptor(channel(addr).await, bearer(key))
 }
 
+/// `exact` requirements of [`AMOUNT`] of the dev token, paid to `pay_to`.
 pub(crate) fn requirements(pay_to: Address) -> Requirements {
-    Requirements {
-        scheme: "exact".into(),
-        network: NETWORK.into(),
-        amount: U256::from(AMOUNT),
-        asset: TOKEN,
-        pay_to,
-        max_timeout_seconds: 60,
-        eip712_name: "USD Coin".into(),
-        eip712_version: "2".into(),
-    }
+    devnet::dev_requirements(pay_to, TOKEN, AMOUNT)
 }
 
 /// A typed submit of `payload` for `req`, as a Rust gateway sends it.
