@@ -18,7 +18,8 @@ use tokio::sync::{oneshot, watch};
 use super::{
     ChangedChannels, IntentChange, PaymentWaiters, SubmitOutcome, Transition,
     messages::{ChannelReply, CommitItem, ReservationChange, ShardMsg},
-    pending_gauge, shard_of,
+    pending_gauge,
+    verifier::shard_of,
 };
 use crate::{
     Error, Result,

@@ -1,0 +1,118 @@
+//! [`ChannelSource`] on a [`Chain`]: channel reads and deposits, off the
+//! shard threads.
+
+use std::sync::Arc;
+
+use alloy::primitives::B256;
+use x402_chain::{Chain, Follow, send_and_follow};
+use x402_channel::OnChain;
+
+use super::{
+    ChannelNotifier, ChannelSource, DepositFailure, DepositNotifier, NoChannels, ReadFailure, VerifiedDeposit,
+    VerifiedVoucher, voucher_signer,
+};
+use crate::Error;
+
+/// Reads channels through a [`Chain`] with one `eth_call` each.
+#[derive(Debug)]
+pub struct ChainChannels<C> {
+    chain: Arc<C>,
+    /// How deposit transactions are followed to their receipts.
+    follow: Follow,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<C: Chain> ChainChannels<C> {
+    /// Must be called inside a tokio runtime, where the reads will run.
+    pub fn new(chain: Arc<C>, follow: Follow) -> Self {
+        Self { chain, follow, runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl<C: Chain> ChannelSource for ChainChannels<C> {
+    fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier) {
+        if v.chain_id != self.chain.chain_id() {
+            return NoChannels.fetch(v, notify);
+        }
+        let (chain, id, contract) = (self.chain.clone(), v.channel_id, v.contract);
+        let (withdraw_delay, signer) = (v.config.withdrawDelay.to::<u64>(), voucher_signer(&v.config));
+        self.runtime.spawn(async move {
+            let (read, code) = futures::future::join(
+                chain.call(contract, x402_chain::channel::state_calldata(id)),
+                chain.has_code(signer),
+            )
+            .await;
+            let unavailable = |e: x402_chain::Error| ReadFailure::Unavailable(Arc::new(Error::from(e)));
+            let fetched = match code {
+                Ok(true) => Err(ReadFailure::SignerHasCode(signer)),
+                Ok(false) => {
+                    read.and_then(|out| x402_chain::channel::decode_state(&out, withdraw_delay)).map_err(unavailable)
+                }
+                Err(e) => Err(unavailable(e)),
+            };
+            if let Err(ReadFailure::Unavailable(e)) = &fetched {
+                tracing::warn!(channel = %id, error = %e, "reading a channel's state failed");
+            }
+            notify(id, fetched);
+        });
+    }
+
+    fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
+        if v.chain_id != self.chain.chain_id() {
+            return NoChannels.deposit(v, notify);
+        }
+        let Some(d) = v.deposit.clone() else { return };
+        let (chain, v, follow) = (self.chain.clone(), v.clone(), self.follow);
+        self.runtime.spawn(async move {
+            let outcome = put_deposit(&*chain, &v, &d, follow).await.map(|(_, onchain)| onchain);
+            if let Err(e) = &outcome {
+                tracing::warn!(channel = %v.channel_id, error = ?e, "a channel deposit failed");
+            }
+            notify(v.channel_id, outcome);
+        });
+    }
+}
+
+/// Sends the deposit (simulated first) and waits for its receipt, then
+/// reads the channel. An authorization already spent means the deposit
+/// landed before (a retried request): only the read is done.
+/// Returns the deposit transaction (none when it had landed before) and the
+/// channel after it.
+pub(crate) async fn put_deposit<C: Chain>(
+    chain: &C,
+    v: &VerifiedVoucher,
+    d: &VerifiedDeposit,
+    follow: Follow,
+) -> Result<(Option<B256>, OnChain), DepositFailure> {
+    let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::from(e)));
+    // Nothing goes on chain for vouchers that would then be refused.
+    let signer = voucher_signer(&v.config);
+    if chain.has_code(signer).await.map_err(unavailable)? {
+        return Err(DepositFailure::Rejected(ReadFailure::signer_has_code(signer)));
+    }
+    let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;
+    let mut sent = None;
+    if !spent {
+        let input = x402_chain::channel::deposit_calldata(&v.config, d.amount, d.collector, d.collector_data.clone());
+        if let Some(revert) = chain.simulate(v.contract, input.clone()).await.map_err(unavailable)? {
+            return Err(DepositFailure::Rejected(format!("the deposit would revert: {revert}")));
+        }
+        let gas = chain.estimate_gas(v.contract, input.clone()).await.map_err(unavailable)?;
+        let tx = chain.sign_call(v.contract, input, Some(gas)).await.map_err(unavailable)?;
+        let hash = tx.hash;
+        tracing::info!(channel = %v.channel_id, tx = %hash, amount = d.amount, "sending a channel deposit");
+        match send_and_follow(chain, tx, follow).await.map_err(unavailable)? {
+            Some(receipt) if receipt.success => sent = Some(receipt.tx),
+            Some(receipt) => {
+                return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
+            }
+            None => {
+                let e = Error::Timeout(format!("deposit transaction {hash} not mined in {:?}", follow.timeout));
+                return Err(DepositFailure::Unavailable(Arc::new(e)));
+            }
+        }
+    }
+    let out = chain.call(v.contract, x402_chain::channel::state_calldata(v.channel_id)).await.map_err(unavailable)?;
+    let onchain = x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)?;
+    Ok((sent, onchain))
+}
