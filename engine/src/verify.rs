@@ -290,6 +290,7 @@ pub fn check_signature(signature: &[u8], digest: B256, expected: Address) -> Res
 }
 
 /// A decoded `PAYMENT-SIGNATURE` header.
+#[derive(Debug)]
 struct DecodedHeader {
     scheme: String,
     payload: ExactPayload,
@@ -309,9 +310,7 @@ pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
 
 fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     const FIELD: &str = "payment_signature_header";
-    let json = header_bytes(header)?;
-    let value = serde_json::from_slice(&json).map_err(|e| InvalidField::new(FIELD, format!("is not JSON: {e}")))?;
-    let parsed: PaymentPayload<ExactEvmPayload, Accepted> = decode_payment_payload(value, FIELD)?;
+    let parsed: PaymentPayload<ExactEvmPayload, Accepted> = decode_payment_payload(&header_bytes(header)?, FIELD)?;
     Ok(DecodedHeader {
         scheme: parsed.accepted.scheme,
         payload: ExactPayload {
@@ -322,20 +321,26 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     })
 }
 
-/// An x402 `PaymentPayload` (JSON `value`) as `T`, its fields named under
-/// `field`. The version is checked first, so a v1 payload is refused as
-/// such rather than for its shape.
+/// An x402 `PaymentPayload` (the JSON object `json`) as `T`, its fields
+/// named under `field`. The version is checked first, so a v1 payload is
+/// refused as such rather than for its shape; a key given twice is refused.
 pub(crate) fn decode_payment_payload<T: serde::de::DeserializeOwned>(
-    value: serde_json::Value,
+    json: &[u8],
     field: &str,
 ) -> Result<T, InvalidField> {
-    match value.get("x402Version").and_then(serde_json::Value::as_u64) {
-        Some(2) | None => {}
-        Some(v) => {
-            return Err(InvalidField::new(format!("{field}.x402Version"), format!("is {v}, only 2 is supported")));
-        }
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(rename = "x402Version")]
+        version: Option<serde_json::Value>,
     }
-    x402_wire::from_value(value).map_err(|e| InvalidField::new(e.under(field), e.message))
+    // Anything odd about the version itself is the full decode's to report.
+    if let Ok(Version { version: Some(v) }) = x402_wire::from_slice::<Version>(json)
+        && v.as_u64() != Some(u64::from(x402_wire::X402_VERSION))
+        && v.is_number()
+    {
+        return Err(InvalidField::new(format!("{field}.x402Version"), format!("is {v}, only 2 is supported")));
+    }
+    x402_wire::from_slice(json).map_err(|e| InvalidField::new(e.under(field), e.message))
 }
 
 #[cfg(test)]
@@ -430,5 +435,65 @@ mod tests {
         ] {
             assert_eq!(parse_decimal_u256(bad), None, "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use alloy::primitives::{Address, B256, U256};
+    use base64::Engine as _;
+
+    use super::*;
+
+    fn header_json() -> serde_json::Value {
+        serde_json::json!({
+            "x402Version": 2,
+            "accepted": { "scheme": "exact", "network": "eip155:31337",
+                          "extra": { "name": null, "version": null } },
+            "payload": {
+                "signature": format!("0x{}", "11".repeat(65)),
+                "authorization": {
+                    "from": Address::repeat_byte(1).to_string(), "to": Address::repeat_byte(2).to_string(),
+                    "value": "10000", "validAfter": "0", "validBefore": "1900000000",
+                    "nonce": B256::repeat_byte(3).to_string(),
+                },
+            },
+            "extensions": [],
+        })
+    }
+
+    fn encode(json: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(json)
+    }
+
+    #[test]
+    fn a_reference_header_decodes_with_nulls_and_odd_extensions_ignored() {
+        let decoded = decode_header(&encode(&header_json().to_string())).unwrap();
+        assert_eq!(decoded.scheme, "exact");
+        assert_eq!(decoded.payload.authorization.value, U256::from(10_000));
+    }
+
+    /// serde reads a struct from a JSON array too: a header that is an
+    /// array must not slip past the version check.
+    #[test]
+    fn only_an_object_of_version_2_is_a_payload() {
+        let json = header_json();
+        let as_array = serde_json::json!([1, null, json["accepted"], json["payload"], null]).to_string();
+        let err = decode_header(&encode(&as_array)).unwrap_err();
+        assert_eq!(err.field, "payment_signature_header");
+        let mut v1 = json;
+        v1["x402Version"] = 1.into();
+        assert_eq!(decode_header(&encode(&v1.to_string())).unwrap_err().field, "payment_signature_header.x402Version");
+    }
+
+    /// A key given twice is refused, not read as its last value: a gateway
+    /// that reads the first must not see another payment than x402d.
+    #[test]
+    fn a_repeated_key_is_refused() {
+        let json = header_json().to_string().replacen(r#""value":"10000""#, r#""value":"1","value":"10000""#, 1);
+        assert!(json.contains(r#""value":"1","value""#), "{json}");
+        let err = decode_header(&encode(&json)).unwrap_err();
+        assert!(err.message.contains("duplicate field `value`"), "{err:?}");
+        assert_eq!(err.field, "payment_signature_header.payload.authorization");
     }
 }

@@ -245,6 +245,7 @@ pub struct RefundPayloadJson {
 /// facilitator (`claim`, `settle`, `refund`, or a payer's `voucher`,
 /// `deposit`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "payload")]
 pub struct PayloadType {
     #[serde(rename = "type")]
     pub kind: String,

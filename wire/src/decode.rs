@@ -39,20 +39,39 @@ impl fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
-/// `value` as `T`, or the first field that is not what `T` needs.
-pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        // A value deserializer's errors carry no position: the message is
-        // the whole text.
-        FieldError { path: if path == "." { String::new() } else { path }, message: e.into_inner().to_string() }
-    })
+fn field_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let path = e.path().to_string();
+    let e = e.into_inner();
+    // The position says nothing the path does not, and differs by encoding.
+    let mut message = e.to_string();
+    if e.line() != 0 {
+        let position = format!(" at line {} column {}", e.line(), e.column());
+        if let Some(stripped) = message.strip_suffix(&position) {
+            message.truncate(stripped.len());
+        }
+    }
+    FieldError { path: if path == "." || path == "?" { String::new() } else { path }, message }
 }
 
-/// The JSON `bytes` as `T`: [`from_value`] once they parse as JSON.
+/// `value` as `T`, or the first field that is not what `T` needs.
+///
+/// A `Value` keeps the last of a key given twice; decode outside input with
+/// [`from_slice`], which refuses it.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(field_error)
+}
+
+/// The JSON object `bytes` as `T`, or the first field that is not what `T`
+/// needs. Only an object is read (serde would also read a struct from an
+/// array, by position), and a key given twice is refused.
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
-    let value = serde_json::from_slice(bytes).map_err(|e| FieldError::new("", format!("is not JSON: {e}")))?;
-    from_value(value)
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(FieldError::new("", "is not a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(field_error)?;
+    de.end().map_err(|e| FieldError::new("", format!("has data after the object: {e}")))?;
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -81,9 +100,15 @@ mod tests {
         assert_eq!(err.under("body"), "body.inner[0].to");
         let err = from_slice::<Outer>(br#"{"inner": [{}]}"#).unwrap_err();
         assert_eq!(err, FieldError::new("inner[0]", "missing field `to`"));
+        let a = "0x0101010101010101010101010101010101010101";
+        let twice = format!(r#"{{"inner": [{{"to": "{a}", "to": "{a}"}}]}}"#);
+        let err = from_slice::<Outer>(twice.as_bytes()).unwrap_err();
+        assert_eq!(err, FieldError::new("inner[0]", "duplicate field `to`"));
+        let err = from_slice::<Outer>(br#"[[]]"#).unwrap_err();
+        assert_eq!(err, FieldError::new("", "is not a JSON object"));
         let err = from_slice::<Outer>(b"{").unwrap_err();
         assert_eq!(err.path, "");
-        assert!(err.message.starts_with("is not JSON"), "{err}");
+        assert!(err.message.starts_with("EOF"), "{err}");
         assert_eq!(err.under("body"), "body");
         assert_eq!(FieldError::new("[1].x", "m").under("claims"), "claims[1].x");
     }

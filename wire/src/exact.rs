@@ -29,7 +29,7 @@ pub struct Requirements {
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename = "PaymentRequirements", rename_all = "camelCase")]
 struct RequirementsJson {
     scheme: String,
     network: String,
@@ -42,16 +42,17 @@ struct RequirementsJson {
     #[serde(default)]
     max_timeout_seconds: u64,
     #[serde(default)]
-    extra: TokenExtra,
+    extra: Option<TokenExtra>,
 }
 
-/// The token's EIP-712 domain in `extra`.
+/// The token's EIP-712 domain in `extra` (absent or `null`: empty).
 #[derive(Default, Serialize, Deserialize)]
+#[serde(rename = "extra")]
 struct TokenExtra {
     #[serde(default)]
-    name: String,
+    name: Option<String>,
     #[serde(default)]
-    version: String,
+    version: Option<String>,
 }
 
 impl From<Requirements> for RequirementsJson {
@@ -63,7 +64,7 @@ impl From<Requirements> for RequirementsJson {
             asset: r.asset,
             pay_to: r.pay_to,
             max_timeout_seconds: r.max_timeout_seconds,
-            extra: TokenExtra { name: r.eip712_name, version: r.eip712_version },
+            extra: Some(TokenExtra { name: Some(r.eip712_name), version: Some(r.eip712_version) }),
         }
     }
 }
@@ -77,8 +78,8 @@ impl From<RequirementsJson> for Requirements {
             asset: r.asset,
             pay_to: r.pay_to,
             max_timeout_seconds: r.max_timeout_seconds,
-            eip712_name: r.extra.name,
-            eip712_version: r.extra.version,
+            eip712_name: r.extra.as_ref().and_then(|e| e.name.clone()).unwrap_or_default(),
+            eip712_version: r.extra.and_then(|e| e.version).unwrap_or_default(),
         }
     }
 }
@@ -150,9 +151,10 @@ pub struct PaymentPayload<P, A = Requirements> {
     /// The requirements the payer chose to pay.
     pub accepted: A,
     pub payload: P,
-    /// Extensions (`payment-identifier`, …), by name.
+    /// Extensions (`payment-identifier`, …), by name; kept as sent (a
+    /// decoder reads the ones it knows, the others are none of its business).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extensions: Option<serde_json::Map<String, serde_json::Value>>,
+    pub extensions: Option<serde_json::Value>,
 }
 
 /// The part of a payload's `accepted` requirements a verifier reads: the
@@ -210,7 +212,15 @@ mod tests {
                 "maxTimeoutSeconds": 60, "extra": { "name": "USDC", "version": "2" },
             })
         );
-        assert_eq!(serde_json::from_value::<Requirements>(json).unwrap(), requirements());
+        assert_eq!(serde_json::from_value::<Requirements>(json.clone()).unwrap(), requirements());
+        // What clients leave out or send as null reads as empty.
+        for extra in [serde_json::Value::Null, serde_json::json!({ "name": null, "version": null })] {
+            let mut sparse = json.clone();
+            sparse["extra"] = extra;
+            sparse.as_object_mut().unwrap().remove("maxTimeoutSeconds");
+            let r: Requirements = serde_json::from_value(sparse).unwrap();
+            assert_eq!((r.eip712_name.as_str(), r.eip712_version.as_str(), r.max_timeout_seconds), ("", "", 0));
+        }
     }
 
     #[test]

@@ -16,9 +16,11 @@
 //!   words and bytes) with their parsers, for every decoder of outside input.
 //!
 //! Every type that has a JSON form derives both directions from one
-//! definition, so what x402d sends and what it accepts cannot drift apart.
-//! Numbers are written as decimal strings and addresses checksummed, as the
-//! reference implementation writes them.
+//! definition: what x402d writes, it reads back. It writes numbers as
+//! decimal strings and addresses checksummed, as the reference
+//! implementation does; it reads a little more than it writes, as the
+//! reference clients send it (JSON numbers for amounts, addresses in any
+//! case, decimal deposit salts).
 //!
 //! No feature flags.
 

@@ -13,22 +13,21 @@ use crate::{reason::InvalidField, verify::decode_payment_payload};
 /// `extra.withdrawDelay`), not what the client claims it accepted.
 pub(crate) fn decode(header: &str, extra: ChannelExtra) -> Result<VoucherPayload, InvalidField> {
     const FIELD: &str = "payment_signature_header";
-    let json = crate::verify::header_bytes(header)?;
-    let value = serde_json::from_slice(&json).map_err(|e| InvalidField::new(FIELD, format!("is not JSON: {e}")))?;
-    payload(value, extra, FIELD)
+    payload(&crate::verify::header_bytes(header)?, extra, FIELD)
 }
 
 /// [`decode`] of a `PaymentPayload` already parsed as JSON (the body of an
 /// x402 facilitator request), its fields named under `paymentPayload`.
 pub(crate) fn decode_value(
-    payload_json: serde_json::Value,
+    payload_json: &serde_json::Value,
     extra: ChannelExtra,
 ) -> Result<VoucherPayload, InvalidField> {
-    payload(payload_json, extra, "paymentPayload")
+    let json = serde_json::to_vec(payload_json).expect("a JSON value serializes");
+    payload(&json, extra, "paymentPayload")
 }
 
-fn payload(value: serde_json::Value, extra: ChannelExtra, field: &str) -> Result<VoucherPayload, InvalidField> {
-    let parsed: PaymentPayload<ChannelPayloadJson, Accepted> = decode_payment_payload(value, field)?;
+fn payload(json: &[u8], extra: ChannelExtra, field: &str) -> Result<VoucherPayload, InvalidField> {
+    let parsed: PaymentPayload<ChannelPayloadJson, Accepted> = decode_payment_payload(json, field)?;
     if parsed.accepted.scheme != "batch-settlement" {
         return Err(InvalidField::new(format!("{field}.accepted.scheme"), "is not \"batch-settlement\""));
     }

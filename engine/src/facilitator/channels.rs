@@ -166,7 +166,7 @@ fn verified(
     body: &FacilitatorRequest,
 ) -> Result<Result<VerifiedVoucher, Refusal>, Failure> {
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
-    let payload = crate::channels::decode_payload(body.payment_payload.clone(), extra)?;
+    let payload = crate::channels::decode_payload(&body.payment_payload, extra)?;
     let (contracts, chains, min_deposit) = api.info.channels.as_ref().map_or_else(
         || (ChannelContracts::default(), None, 0),
         |c| (c.contracts, Some(vec![c.chain.chain_id()]), c.min_deposit),
