@@ -12,6 +12,16 @@ pub(crate) fn unix_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A token balance on one chain: its owner's holding of `token`. The
+/// balance cache reads balances by it, and the shards reserve open
+/// payments against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BalanceKey {
+    pub chain_id: u64,
+    pub token: Address,
+    pub owner: Address,
+}
+
 /// The id of an `exact` payment: `keccak256(chainId ‖ token ‖ from ‖ nonce)`
 /// with the chain id as a 32-byte big-endian word and addresses as 20 bytes.
 ///
@@ -222,6 +232,14 @@ pub struct PaymentRecord {
     pub accepted_at_ms: u64,
     /// The idempotency key it was accepted with, if any.
     pub idempotency: Option<IdempotencyKey>,
+}
+
+impl PaymentRecord {
+    /// The balance it is paid from (and its value reserved against while
+    /// open).
+    pub const fn balance_key(&self) -> BalanceKey {
+        BalanceKey { chain_id: self.chain_id, token: self.asset, owner: self.authorization.from }
+    }
 }
 
 /// An entry of the settlement queue: a merchant's payment ordered by the

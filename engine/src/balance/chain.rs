@@ -182,7 +182,7 @@ impl<C: Chain> BalanceSource for ChainBalances<C> {
     }
 
     fn lookup(&self, key: BalanceKey, notifier: &Notifier) -> Lookup {
-        let (chain_id, token, owner) = key;
+        let BalanceKey { chain_id, token, owner } = key;
         if chain_id != self.shared.chain_id {
             return self.fallback.as_ref().map_or(Lookup::Unlimited, |f| f.lookup(key, notifier));
         }
@@ -238,7 +238,7 @@ impl<C: Chain> BalanceSource for ChainBalances<C> {
 impl<C: Chain> ChainBalances<C> {
     /// See [`BalanceSource::refresh`].
     fn refresh_cached(&self, key: BalanceKey, notifier: &Notifier) -> bool {
-        let (chain_id, token, owner) = key;
+        let BalanceKey { chain_id, token, owner } = key;
         if chain_id != self.shared.chain_id {
             return self.fallback.as_ref().is_some_and(|f| f.refresh(key, notifier));
         }
@@ -352,7 +352,7 @@ impl<C: Chain> Shared<C> {
             });
             (waiters, again)
         };
-        let key = (self.chain_id, token, owner);
+        let key = BalanceKey { chain_id: self.chain_id, token, owner };
         for waiter in waiters {
             waiter.notify(key, fetched.clone());
         }
@@ -558,7 +558,7 @@ mod tests {
     const CAROL: Address = Address::repeat_byte(0xc4);
 
     fn key(owner: Address) -> BalanceKey {
-        (CHAIN, TOKEN, owner)
+        BalanceKey { chain_id: CHAIN, token: TOKEN, owner }
     }
 
     fn units(n: u64) -> U256 {
@@ -796,9 +796,12 @@ mod tests {
     async fn other_chains_ask_the_fallback() {
         let (chain, balances) = start(fast()).await;
         let (n, _rx) = notifier();
-        assert_eq!(balances.lookup((1, TOKEN, ALICE), &n), Lookup::Unlimited);
+        assert_eq!(balances.lookup(BalanceKey { chain_id: 1, token: TOKEN, owner: ALICE }, &n), Lookup::Unlimited);
         let balances = balances.with_fallback(Arc::new(ConfiguredBalances::new(Some(units(5)))));
-        assert_eq!(balances.lookup((1, TOKEN, ALICE), &n), Lookup::Known(funds(5)));
+        assert_eq!(
+            balances.lookup(BalanceKey { chain_id: 1, token: TOKEN, owner: ALICE }, &n),
+            Lookup::Known(funds(5))
+        );
         assert_eq!(chain.balance_reads(), 0);
     }
 }

@@ -29,8 +29,7 @@ use alloy::primitives::{Address, U256};
 pub use self::chain::{ChainBalances, ChainBalancesConfig};
 use crate::Error;
 
-/// Whose balance: (chain id, token, owner).
-pub type BalanceKey = (u64, Address, Address);
+pub use crate::domain::BalanceKey;
 
 /// What a balance's key holds on chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +118,7 @@ impl ConfiguredBalances {
 
     /// Sets `owner`'s balance of `token` on `chain_id`.
     pub fn with_account(mut self, chain_id: u64, token: Address, owner: Address, balance: U256) -> Self {
-        self.accounts.insert((chain_id, token, owner), balance);
+        self.accounts.insert(BalanceKey { chain_id, token, owner }, balance);
         self
     }
 }

@@ -24,7 +24,8 @@ use super::{
 use crate::{
     Error, Result,
     domain::{
-        ChannelRecord, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey, SettlementEvent,
+        BalanceKey, ChannelRecord, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey,
+        SettlementEvent,
     },
     ledger::{Ledger, Write, WriteBatch},
     reason::{Reason, Rejection},
@@ -38,7 +39,7 @@ enum Done {
         status: PaymentStatus,
         strategy: &'static str,
         shard: usize,
-        reservation: (u64, Address, Address),
+        reservation: BalanceKey,
         value: U256,
         reply: oneshot::Sender<SubmitOutcome>,
     },
@@ -47,7 +48,7 @@ enum Done {
     Refused {
         id: PaymentId,
         shard: usize,
-        reservation: (u64, Address, Address),
+        reservation: BalanceKey,
         value: U256,
         outcome: SubmitOutcome,
         reply: oneshot::Sender<SubmitOutcome>,
@@ -261,7 +262,7 @@ impl Committer {
                 deadline: record.authorization.valid_before_secs(),
                 id: record.id,
             };
-            let key = (record.chain_id, record.asset, payer);
+            let key = BalanceKey { chain_id: record.chain_id, token: record.asset, owner: payer };
             let value = record.authorization.value;
             let (reservation, requeue, dequeued) = match (record.status.state.is_open(), status.state.is_open()) {
                 (true, false) => (Some(ReservationChange::Release(key, value)), None, Some(record.policy.name())),
@@ -297,7 +298,7 @@ impl Committer {
 
     /// Payment `id` was not recorded: its shard forgets it, and a DUPLICATE
     /// of it answered before the shard heard is not sent.
-    fn refuse(&mut self, id: PaymentId, shard: usize, reservation: (u64, Address, Address), value: U256) {
+    fn refuse(&mut self, id: PaymentId, shard: usize, reservation: BalanceKey, value: U256) {
         if self.reverted.len() >= 4096 {
             self.reverted.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(60));
         }
@@ -397,14 +398,17 @@ impl Committer {
                         },
                         Err(e) => SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}")),
                     };
-                    let (reservation, value) = ((record.chain_id, record.asset, payer), record.authorization.value);
+                    let (reservation, value) = (
+                        BalanceKey { chain_id: record.chain_id, token: record.asset, owner: payer },
+                        record.authorization.value,
+                    );
                     done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
                 }
                 CommitItem::Payment { record, shard, reply, .. }
                     if recorded.as_ref().map_or(true, |r| r.contains_key(&record.id)) =>
                 {
                     let (id, payer) = (record.id, record.authorization.from);
-                    let reservation = (record.chain_id, record.asset, payer);
+                    let reservation = record.balance_key();
                     let value = record.authorization.value;
                     match recorded.as_ref().map(|r| &r[&id]) {
                         // Another payment with this nonce: as the shard
@@ -447,7 +451,7 @@ impl Committer {
                         done.push(Done::Refused {
                             id,
                             shard,
-                            reservation: (record.chain_id, record.asset, payer),
+                            reservation: BalanceKey { chain_id: record.chain_id, token: record.asset, owner: payer },
                             value: record.authorization.value,
                             outcome: SubmitOutcome::Rejected {
                                 id: Some(id),
@@ -468,7 +472,7 @@ impl Committer {
                         status: record.status.clone(),
                         strategy: record.policy.name(),
                         shard,
-                        reservation: (record.chain_id, record.asset, record.authorization.from),
+                        reservation: record.balance_key(),
                         value: record.authorization.value,
                         reply,
                     });

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{B256, U256};
 use tokio::sync::oneshot;
 
 use super::{IntentChange, MerchantWrite, SubmitOutcome, Transition};
@@ -15,7 +15,7 @@ use crate::{
     Result,
     balance::Fetched,
     channels::{ChannelFetched, ChannelView, ClaimOutcome, DepositFailure, VerifiedVoucher},
-    domain::{ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentStatus, PendingKey},
+    domain::{BalanceKey, ChannelRecord, Merchant, PaymentId, PaymentRecord, PaymentStatus, PendingKey},
     verify::Verified,
 };
 
@@ -28,12 +28,12 @@ pub(crate) enum ShardMsg {
     /// A payment that passed stage 1.
     Payment { merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome> },
     /// The commit that would have recorded `id` failed: forget it.
-    Revert { id: PaymentId, reservation: ReservationKey, value: U256 },
+    Revert { id: PaymentId, reservation: BalanceKey, value: U256 },
     /// A payment's settlement status changed (durably), perhaps changing
     /// what its payer owes.
     Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
     /// The balance source fetched a balance this shard asked for.
-    Balance { key: ReservationKey, fetched: Fetched },
+    Balance { key: BalanceKey, fetched: Fetched },
     /// A voucher that passed stage 1, for a channel this shard owns.
     Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
     /// A channel's on-chain state this shard asked for.
@@ -58,16 +58,13 @@ pub(crate) enum ShardMsg {
     Stop,
 }
 
-/// Reservations are per (chain, token, payer).
-pub(crate) type ReservationKey = (u64, Address, Address);
-
 /// How a settlement transition changes a payer's reservations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReservationChange {
     /// Settled or given up: no longer owed.
-    Release(ReservationKey, U256),
+    Release(BalanceKey, U256),
     /// A reorg undid its settlement: owed again.
-    Reserve(ReservationKey, U256),
+    Reserve(BalanceKey, U256),
 }
 
 /// Work for the committer.

@@ -28,14 +28,14 @@ use tokio::sync::oneshot;
 use self::vouchers::ParkedVoucher;
 use super::{
     SubmitOutcome,
-    messages::{ChannelReply, CommitItem, ReservationChange, ReservationKey, ShardMsg},
+    messages::{ChannelReply, CommitItem, ReservationChange, ShardMsg},
 };
 use crate::{
     balance::{Account, BalanceSource, Fetched, Lookup, Notifier},
     channels::{ChannelNotifier, ChannelSource, ChannelView, ClaimOutcome, DepositNotifier, NoChannels},
     domain::{
-        ChannelRecord, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey,
-        unix_millis,
+        BalanceKey, ChannelRecord, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus,
+        PendingKey, unix_millis,
     },
     reason::{Reason, Rejection},
     verify::Verified,
@@ -76,12 +76,12 @@ enum Checked {
 pub(crate) struct Shard {
     index: usize,
     replay: HashMap<PaymentId, ReplayEntry>,
-    reserved: HashMap<ReservationKey, U256>,
+    reserved: HashMap<BalanceKey, U256>,
     balances: Arc<dyn BalanceSource>,
     /// Sends fetched balances to this shard's own queue.
     notifier: Notifier,
     /// Payments waiting for a balance, in arrival order per key.
-    parked: HashMap<ReservationKey, Vec<Parked>>,
+    parked: HashMap<BalanceKey, Vec<Parked>>,
     parked_len: usize,
     commit: Sender<CommitItem>,
     retention_secs: u64,
@@ -105,7 +105,7 @@ pub(crate) struct Shard {
     /// source has read their payer's balance after the settlement: until
     /// then a cached balance may still hold the settled tokens, and
     /// releasing would let them count zero times.
-    settled_unseen: HashMap<ReservationKey, U256>,
+    settled_unseen: HashMap<BalanceKey, U256>,
 }
 
 impl Shard {
@@ -185,8 +185,7 @@ impl Shard {
     pub(crate) fn restore(&mut self, record: &PaymentRecord, now: u64) {
         let valid_before = record.authorization.valid_before_secs();
         if record.status.state.is_open() {
-            *self.reserved.entry((record.chain_id, record.asset, record.authorization.from)).or_default() +=
-                record.authorization.value;
+            *self.reserved.entry(record.balance_key()).or_default() += record.authorization.value;
         }
         if valid_before.saturating_add(self.retention_secs) >= now {
             self.replay.insert(
@@ -346,7 +345,8 @@ impl Shard {
     /// A new payment: checked now, or parked behind earlier payments of its
     /// key that wait for a balance. False when the committer is gone.
     fn submit(&mut self, merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome>) -> bool {
-        let key = (verified.chain_id, verified.requirements.asset, verified.payer());
+        let key =
+            BalanceKey { chain_id: verified.chain_id, token: verified.requirements.asset, owner: verified.payer() };
         // Empty unless a fetch is in flight: no hashing on the usual path.
         if !self.parked.is_empty() && self.parked.contains_key(&key) {
             self.park(key, Parked { merchant, verified, reply });
@@ -356,7 +356,7 @@ impl Shard {
             Checked::Commit(item) => self.commit.send(item).is_ok(),
             Checked::Answered => true,
             Checked::Wait(verified, reply) => {
-                tracing::debug!(shard = self.index, payer = %key.2, "payment parked until its balance is fetched");
+                tracing::debug!(shard = self.index, payer = %key.owner, "payment parked until its balance is fetched");
                 self.park(key, Parked { merchant, verified, reply });
                 true
             }
@@ -364,7 +364,7 @@ impl Shard {
     }
 
     /// Queues a payment behind `key`'s fetch, unless too many wait already.
-    fn park(&mut self, key: ReservationKey, parked: Parked) {
+    fn park(&mut self, key: BalanceKey, parked: Parked) {
         if self.parked_len >= self.max_parked {
             // A fetch in flight for it finds nothing parked, which is fine.
             let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
@@ -376,7 +376,7 @@ impl Shard {
 
     /// The balance of `key` was fetched: its parked payments are checked, in
     /// the order they arrived. False when the committer is gone.
-    fn resume(&mut self, key: ReservationKey, fetched: &Fetched) -> bool {
+    fn resume(&mut self, key: BalanceKey, fetched: &Fetched) -> bool {
         let Some(queue) = self.parked.remove(&key) else { return true };
         self.parked_len -= queue.len();
         // `check` refuses those whose validity the wait ate.
@@ -441,7 +441,7 @@ impl Shard {
         }
 
         let value = verified.payload.authorization.value;
-        let key = (verified.chain_id, verified.requirements.asset, payer);
+        let key = BalanceKey { chain_id: verified.chain_id, token: verified.requirements.asset, owner: payer };
         let balance = match fetched {
             Some(Ok(balance)) => Lookup::Known(*balance),
             Some(Err(e)) => {
@@ -460,7 +460,7 @@ impl Shard {
                 return self.reject(reply, id, payer, Reason::Signature, message);
             }
             Lookup::Known(Account::NoToken) => {
-                let message = format!("no contract at the asset {} on chain {}", key.1, key.0);
+                let message = format!("no contract at the asset {} on chain {}", key.token, key.chain_id);
                 return self.reject(reply, id, payer, Reason::InvalidNetwork, message);
             }
             Lookup::Known(Account::Funds(balance)) => {
@@ -534,7 +534,7 @@ impl Shard {
         Checked::Answered
     }
 
-    fn release(&mut self, key: ReservationKey, value: U256) {
+    fn release(&mut self, key: BalanceKey, value: U256) {
         if let Some(reserved) = self.reserved.get_mut(&key) {
             *reserved = reserved.saturating_sub(value);
             if reserved.is_zero() {
@@ -546,7 +546,7 @@ impl Shard {
     /// Drops replay entries past `validBefore` + retention: no new submit of
     /// them can pass stage 1 any more, and the ledger keeps them.
     fn sweep(&mut self, now: u64) {
-        let unseen: Vec<ReservationKey> = self.settled_unseen.keys().copied().collect();
+        let unseen: Vec<BalanceKey> = self.settled_unseen.keys().copied().collect();
         for key in unseen {
             if !self.balances.refresh(key, &self.notifier)
                 && let Some(value) = self.settled_unseen.remove(&key)

@@ -7,6 +7,7 @@ use x402_devnet::Payer;
 use alloy::primitives::{B256, U256, address};
 
 use super::*;
+use crate::domain::BalanceKey;
 use crate::{
     balance::{Account, ConfiguredBalances},
     domain::{PaymentInput, Requirements},
@@ -765,7 +766,8 @@ fn drain_shard(pipeline: &Pipeline, source: &ManualBalances, payer: &Payer) {
     let other = std::iter::repeat_with(Payer::random)
         .find(|p| shard_of(p.address(), 3) == shard_of(payer.address(), 3))
         .unwrap();
-    source.complete((31337, TOKEN, other.address()), &Ok(Account::Funds(U256::MAX)));
+    source
+        .complete(BalanceKey { chain_id: 31337, token: TOKEN, owner: other.address() }, &Ok(Account::Funds(U256::MAX)));
     assert!(matches!(submit(pipeline, submission(&other, 1)), SubmitOutcome::Accepted { .. }));
 }
 
@@ -779,7 +781,7 @@ fn a_settled_payment_is_reserved_until_the_balance_is_read_again() {
     let ledger = Arc::new(FlakyLedger::default());
     let (pipeline, source) = start_manual(&ledger);
     let payer = Payer::random();
-    let key = (31337, TOKEN, payer.address());
+    let key = BalanceKey { chain_id: 31337, token: TOKEN, owner: payer.address() };
     source.complete(key, &Ok(Account::Funds(U256::from(100))));
     let SubmitOutcome::Accepted { id, .. } = submit(&pipeline, submission(&payer, 1)) else { panic!("accepted") };
 
@@ -805,7 +807,7 @@ fn a_settled_payment_is_reserved_until_the_balance_is_read_again() {
 fn payments_wait_for_an_unknown_balance_and_resume_in_order() {
     let ledger = Arc::new(FlakyLedger::default());
     let payer = Payer::random();
-    let key = (31337, TOKEN, payer.address());
+    let key = BalanceKey { chain_id: 31337, token: TOKEN, owner: payer.address() };
     let (pipeline, source) = start_manual(&ledger);
     let first = submission(&payer, 1);
     let queue = [first.clone(), first, submission(&payer, 2), submission(&payer, 3)];
@@ -835,7 +837,7 @@ fn payments_wait_for_an_unknown_balance_and_resume_in_order() {
 fn a_failed_fetch_answers_the_waiting_payments_unavailable() {
     let ledger = Arc::new(FlakyLedger::default());
     let payer = Payer::random();
-    let key = (31337, TOKEN, payer.address());
+    let key = BalanceKey { chain_id: 31337, token: TOKEN, owner: payer.address() };
     let (pipeline, source) = start_manual(&ledger);
     let first = submission(&payer, 1);
     let replies = [first.clone(), submission(&payer, 2)].map(|s| pipeline.try_submit(merchant(), s).unwrap());
