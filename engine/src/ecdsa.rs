@@ -30,13 +30,13 @@ const SECP256K1_HALF_ORDER: U256 =
 /// A 65-byte signature whose form is checked: low `s`, `v` one of 0, 1, 27,
 /// 28, `r` and `s` in range.
 #[derive(Clone, Copy, Debug)]
-pub struct Signature {
+pub(crate) struct Signature {
     recoverable: RecoverableSignature,
 }
 
 impl Signature {
     /// Checks the form of `r ‖ s ‖ v`.
-    pub fn parse(signature: &[u8; 65]) -> Result<Self, String> {
+    pub(crate) fn parse(signature: &[u8; 65]) -> Result<Self, String> {
         let s = U256::from_be_slice(&signature[32..64]);
         if s > SECP256K1_HALF_ORDER {
             return Err("signature s is above half the curve order (malleable); tokens reject it".into());
@@ -53,7 +53,7 @@ impl Signature {
     }
 
     /// The public key that signed `digest`, as `v` says.
-    pub fn recover(&self, digest: B256) -> Result<PublicKey, String> {
+    pub(crate) fn recover(&self, digest: B256) -> Result<PublicKey, String> {
         SECP256K1
             .recover_ecdsa(Message::from_digest(digest.0), &self.recoverable)
             .map_err(|_| "signature does not recover to a public key".to_owned())
@@ -61,7 +61,7 @@ impl Signature {
 
     /// The key of `signer` if it signed `digest`, whichever `v` that takes.
     /// `Err` says whom it recovers to as given.
-    pub fn recover_as(&self, digest: B256, signer: Address) -> Result<PublicKey, String> {
+    pub(crate) fn recover_as(&self, digest: B256, signer: Address) -> Result<PublicKey, String> {
         self.signed_by(digest, signer).map(|(_, key)| key)
     }
 
@@ -82,7 +82,7 @@ impl Signature {
     }
 
     /// Whether `(r, s)` is `key`'s signature of `digest` (`v` not looked at).
-    pub fn verify(&self, digest: B256, key: &PublicKey) -> bool {
+    pub(crate) fn verify(&self, digest: B256, key: &PublicKey) -> bool {
         SECP256K1.verify_ecdsa(Message::from_digest(digest.0), &self.recoverable.to_standard(), key).is_ok()
     }
 
@@ -104,7 +104,7 @@ impl Signature {
 }
 
 /// The Ethereum address of `key`.
-pub fn address_of(key: &PublicKey) -> Address {
+pub(crate) fn address_of(key: &PublicKey) -> Address {
     let uncompressed = key.serialize_uncompressed();
     Address::from_slice(&keccak256(&uncompressed[1..])[12..])
 }
@@ -118,7 +118,7 @@ pub fn recover_signer(signature: &[u8; 65], digest: B256) -> Result<Address, Str
 /// `signature` as the chain takes it: `v` 27 or 28, the one under which it
 /// recovers to `signer`. `None` if it is not `signer`'s signature of
 /// `digest` under either.
-pub fn claimable(signature: &[u8], digest: B256, signer: Address) -> Option<[u8; 65]> {
+pub(crate) fn claimable(signature: &[u8], digest: B256, signer: Address) -> Option<[u8; 65]> {
     let (signed, _) = Signature::parse(signature.try_into().ok()?).ok()?.signed_by(digest, signer).ok()?;
     Some(signed.to_rsv())
 }

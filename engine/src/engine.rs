@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// The shortest API or admin key accepted.
-pub const MIN_KEY_LEN: usize = 16;
+pub(crate) const MIN_KEY_LEN: usize = 16;
 
 /// A merchant as an administrator sets it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use crate::Result;
 
 /// The process-wide Prometheus recorder, installed on first use.
-pub fn prometheus() -> &'static PrometheusHandle {
+pub(crate) fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let handle = PrometheusBuilder::new()
@@ -146,7 +146,7 @@ impl Listener for TlsListener {
 
 /// The rustls server configuration of the HTTP listener from PEM files,
 /// offering HTTP/2 and HTTP/1.1.
-pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
+pub(crate) fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let invalid = |what: &str, e: &dyn std::fmt::Display| crate::Error::Config(format!("server.tls: {what}: {e}"));
     let certs = CertificateDer::pem_slice_iter(cert_pem)
@@ -164,7 +164,7 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerC
 /// Serves `/metrics`, `/healthz` and the routes of `api` on `listener`
 /// (with TLS when `tls` is given) until `shutdown` completes.
 /// `/healthz` answers 503 once a pipeline thread has died (`died`).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     api: Router,

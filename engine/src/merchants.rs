@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::domain::Merchant;
 
 /// SHA-256 of an API key: what the engine stores and compares.
-pub fn hash_api_key(key: &str) -> [u8; 32] {
+pub(crate) fn hash_api_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
@@ -20,12 +20,12 @@ struct Snapshot {
 
 /// Every merchant, swapped whole on change: readers (each submit) never wait.
 #[derive(Debug, Default)]
-pub struct MerchantRegistry {
+pub(crate) struct MerchantRegistry {
     snapshot: ArcSwap<Snapshot>,
 }
 
 impl MerchantRegistry {
-    pub fn new(merchants: impl IntoIterator<Item = Merchant>) -> Self {
+    pub(crate) fn new(merchants: impl IntoIterator<Item = Merchant>) -> Self {
         let registry = Self::default();
         for merchant in merchants {
             registry.insert(merchant);
@@ -34,28 +34,28 @@ impl MerchantRegistry {
     }
 
     /// The merchant whose API key is `key`.
-    pub fn authenticate(&self, key: &str) -> Option<Arc<Merchant>> {
+    pub(crate) fn authenticate(&self, key: &str) -> Option<Arc<Merchant>> {
         self.snapshot.load().by_key.get(&hash_api_key(key)).cloned()
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Merchant>> {
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Merchant>> {
         self.snapshot.load().by_id.get(id).cloned()
     }
 
     /// Every merchant, ordered by id.
-    pub fn list(&self) -> Vec<Arc<Merchant>> {
+    pub(crate) fn list(&self) -> Vec<Arc<Merchant>> {
         let mut all: Vec<_> = self.snapshot.load().by_id.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
     }
 
     /// The next free merchant number.
-    pub fn next_number(&self) -> u32 {
+    pub(crate) fn next_number(&self) -> u32 {
         self.snapshot.load().by_id.values().map(|m| m.number).max().map_or(1, |n| n + 1)
     }
 
     /// Inserts or replaces a merchant. Writers are serialised by the caller.
-    pub fn insert(&self, merchant: Merchant) {
+    pub(crate) fn insert(&self, merchant: Merchant) {
         let current = self.snapshot.load();
         let mut next = Snapshot { by_id: current.by_id.clone(), by_key: HashMap::new() };
         next.by_id.insert(merchant.id.clone(), Arc::new(merchant));

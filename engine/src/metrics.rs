@@ -4,39 +4,39 @@
 use crate::reason::Reason;
 
 /// Payments accepted and durably recorded.
-pub const PAYMENTS_ACCEPTED: &str = "x402d_payments_accepted_total";
+pub(crate) const PAYMENTS_ACCEPTED: &str = "x402d_payments_accepted_total";
 /// Payments answered DUPLICATE.
-pub const PAYMENTS_DUPLICATE: &str = "x402d_payments_duplicate_total";
+pub(crate) const PAYMENTS_DUPLICATE: &str = "x402d_payments_duplicate_total";
 /// Payments rejected, by `reason`.
-pub const PAYMENTS_REJECTED: &str = "x402d_payments_rejected_total";
+pub(crate) const PAYMENTS_REJECTED: &str = "x402d_payments_rejected_total";
 /// Malformed submits, answered `INVALID_ARGUMENT`.
-pub const SUBMITS_INVALID: &str = "x402d_submits_invalid_total";
+pub(crate) const SUBMITS_INVALID: &str = "x402d_submits_invalid_total";
 /// Submits refused because the pipeline was full.
-pub const SUBMITS_OVERLOADED: &str = "x402d_submits_overloaded_total";
+pub(crate) const SUBMITS_OVERLOADED: &str = "x402d_submits_overloaded_total";
 /// Items waiting in a pipeline queue, by `stage`.
-pub const QUEUE_DEPTH: &str = "x402d_pipeline_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "x402d_pipeline_queue_depth";
 /// Duration of one group commit (write + fsync).
-pub const COMMIT_SECONDS: &str = "x402d_ledger_commit_seconds";
+pub(crate) const COMMIT_SECONDS: &str = "x402d_ledger_commit_seconds";
 /// Items per group commit.
-pub const COMMIT_GROUP_SIZE: &str = "x402d_ledger_commit_group_size";
+pub(crate) const COMMIT_GROUP_SIZE: &str = "x402d_ledger_commit_group_size";
 /// Failed group commits.
-pub const COMMIT_ERRORS: &str = "x402d_ledger_commit_errors_total";
+pub(crate) const COMMIT_ERRORS: &str = "x402d_ledger_commit_errors_total";
 /// Payments waiting for settlement, by `strategy`.
-pub const SETTLEMENT_QUEUE_DEPTH: &str = "x402d_settlement_queue_depth";
+pub(crate) const SETTLEMENT_QUEUE_DEPTH: &str = "x402d_settlement_queue_depth";
 /// Rows per settlement batch.
-pub const BATCH_ROWS: &str = "x402d_settlement_batch_rows";
+pub(crate) const BATCH_ROWS: &str = "x402d_settlement_batch_rows";
 /// Gas per confirmed payment, by `strategy`.
-pub const GAS_PER_PAYMENT: &str = "x402d_settlement_gas_per_payment";
+pub(crate) const GAS_PER_PAYMENT: &str = "x402d_settlement_gas_per_payment";
 /// Time from acceptance to confirmation, by `strategy`.
-pub const ACCEPT_TO_CONFIRM_SECONDS: &str = "x402d_settlement_accept_to_confirm_seconds";
+pub(crate) const ACCEPT_TO_CONFIRM_SECONDS: &str = "x402d_settlement_accept_to_confirm_seconds";
 /// Settlement transactions replaced by a fee bump.
-pub const FEE_BUMPS: &str = "x402d_settlement_fee_bumps_total";
+pub(crate) const FEE_BUMPS: &str = "x402d_settlement_fee_bumps_total";
 /// Included settlement transactions whose block a reorg replaced.
-pub const REORGS: &str = "x402d_settlement_reorgs_total";
+pub(crate) const REORGS: &str = "x402d_settlement_reorgs_total";
 
 /// Describes every metric and registers the labelled counters at zero, so a
 /// scrape shows them before the first event.
-pub fn describe() {
+pub(crate) fn describe() {
     metrics::describe_counter!(PAYMENTS_ACCEPTED, "Payments verified and durably recorded");
     metrics::describe_histogram!(CLAIM_ROWS, "Channel rows per claim transaction");
     metrics::describe_gauge!(CLAIMS_QUARANTINED, "Channels left out of claims because their claim reverts");
@@ -73,13 +73,13 @@ pub fn describe() {
 }
 
 /// Channel rows per claim transaction.
-pub const CLAIM_ROWS: &str = "x402d_channel_claim_rows";
+pub(crate) const CLAIM_ROWS: &str = "x402d_channel_claim_rows";
 /// Channels left out of claims because their claim reverts.
-pub const CLAIMS_QUARANTINED: &str = "x402d_channel_claims_quarantined";
+pub(crate) const CLAIMS_QUARANTINED: &str = "x402d_channel_claims_quarantined";
 /// Quarantined channels whose payer started a withdrawal.
-pub const CLAIMS_QUARANTINED_WITHDRAWING: &str = "x402d_channel_claims_quarantined_withdrawing";
+pub(crate) const CLAIMS_QUARANTINED_WITHDRAWING: &str = "x402d_channel_claims_quarantined_withdrawing";
 /// Vouchers accepted (`batch-settlement`).
-pub const VOUCHERS_ACCEPTED: &str = "x402d_vouchers_accepted_total";
+pub(crate) const VOUCHERS_ACCEPTED: &str = "x402d_vouchers_accepted_total";
 
 pub(crate) fn rejected(reason: Reason) {
     metrics::counter!(PAYMENTS_REJECTED, "reason" => reason.code()).increment(1);

@@ -30,7 +30,8 @@ use std::{
 };
 
 use alloy::primitives::Address;
-use crossbeam::channel::{self, Sender, TrySendError};
+// `queue`, not `channel`: in this crate a channel is a payment channel.
+use crossbeam::channel::{self as queue, Sender, TrySendError};
 use tokio::sync::{oneshot, watch};
 
 use self::{
@@ -244,15 +245,15 @@ impl Pipeline {
         let shards = config.shards.max(1);
         let cap = config.queue_capacity.max(1);
 
-        let (verify_tx, verify_rx) = channel::bounded::<VerifyJob>(cap);
-        let (commit_tx, commit_rx) = channel::bounded::<CommitItem>(cap);
-        let (commit_control, commit_control_rx) = channel::unbounded::<CommitItem>();
+        let (verify_tx, verify_rx) = queue::bounded::<VerifyJob>(cap);
+        let (commit_tx, commit_rx) = queue::bounded::<CommitItem>(cap);
+        let (commit_control, commit_control_rx) = queue::unbounded::<CommitItem>();
         let mut shard_txs = Vec::with_capacity(shards);
         let mut shard_rxs = Vec::with_capacity(shards);
         let mut shard_controls = Vec::with_capacity(shards);
         for _ in 0..shards {
-            let (tx, rx) = channel::bounded::<ShardMsg>(cap);
-            let (control, control_rx) = channel::unbounded::<ShardMsg>();
+            let (tx, rx) = queue::bounded::<ShardMsg>(cap);
+            let (control, control_rx) = queue::unbounded::<ShardMsg>();
             shard_txs.push(tx);
             shard_controls.push(control);
             shard_rxs.push((rx, control_rx));
