@@ -13,7 +13,9 @@ use crate::{Result, SignedTx};
 /// A mined transaction, reduced to what settlement decides on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The transaction's hash.
     pub tx: B256,
+    /// The block it was mined in.
     pub block: u64,
     /// The including block's hash: a reorg shows as a different hash at
     /// `block`.
@@ -22,7 +24,9 @@ pub struct Receipt {
     pub confirmations: u64,
     /// Whether the transaction as a whole succeeded.
     pub success: bool,
+    /// Gas it used.
     pub gas_used: u64,
+    /// What it paid per gas, in wei.
     pub effective_gas_price: u128,
     /// Every EIP-3009 `AuthorizationUsed(authorizer, nonce)` log, with the
     /// token that emitted it: the proof of which authorizations it settled.
@@ -40,7 +44,9 @@ impl Receipt {
 /// a payer's withdrawal request (which makes a claim urgent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChannelLog {
+    /// The block of the event.
     pub block: u64,
+    /// The channel it concerns.
     pub channel_id: B256,
     /// A `WithdrawInitiated`.
     pub withdraw_initiated: bool,
@@ -50,7 +56,9 @@ pub struct ChannelLog {
 /// `AuthorizationUsed` or `AuthorizationCanceled` log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AuthorizationSpent {
+    /// The transaction that spent it.
     pub tx: B256,
+    /// The block it was mined in.
     pub block: u64,
     /// The block's timestamp (Unix seconds).
     pub timestamp: u64,
@@ -65,17 +73,24 @@ pub struct AuthorizationSpent {
 /// An `AuthorizationUsed` log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AuthorizationUsed {
+    /// The token that emitted it.
     pub token: Address,
+    /// The payer whose authorization it was.
     pub authorizer: Address,
+    /// The authorization's nonce.
     pub nonce: B256,
 }
 
 /// A token `Transfer` log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransferLog {
+    /// The block of the transfer.
     pub block: u64,
+    /// Who sent.
     pub from: Address,
+    /// Who received.
     pub to: Address,
+    /// How much, in atomic token units.
     pub value: U256,
 }
 

@@ -102,10 +102,13 @@ pub fn deposit_calldata(config: &ChannelConfig, amount: u128, collector: Address
 /// One channel's row of a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRow {
+    /// The channel's config.
     pub config: ChannelConfig,
+    /// Its id.
     pub channel_id: B256,
     /// The signed voucher's ceiling and its signature.
     pub max_claimable: u128,
+    /// The voucher signer's signature of it.
     pub signature: Bytes,
     /// The cumulative total the claim brings the channel to.
     pub total_claimed: u128,
@@ -128,10 +131,13 @@ pub fn claim_batch(rows: &[ClaimRow]) -> ClaimBatch {
 /// A cooperative refund signed by the receiver authorizer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefundRow {
+    /// The channel's config.
     pub config: ChannelConfig,
+    /// What goes back to the payer, in atomic token units.
     pub amount: u128,
     /// The channel's refund nonce it was signed for.
     pub nonce: U256,
+    /// The receiver authorizer's signature of the refund.
     pub signature: [u8; 65],
 }
 

@@ -23,7 +23,12 @@ pub enum Error {
     Sign(String),
     /// The node has seen this signer's nonce used: sign the call again.
     #[error("nonce {nonce} of {signer} is already used on chain")]
-    NonceTooLow { signer: alloy::primitives::Address, nonce: u64 },
+    NonceTooLow {
+        /// The signer.
+        signer: alloy::primitives::Address,
+        /// The nonce the transaction used.
+        nonce: u64,
+    },
     /// A setting is wrong.
     #[error("config: {0}")]
     Config(String),

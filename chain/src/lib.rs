@@ -10,6 +10,8 @@
 //!
 //! No feature flags.
 
+#![warn(missing_docs)]
+
 pub mod batch;
 mod chain;
 pub mod channel;

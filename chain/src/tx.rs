@@ -56,16 +56,23 @@ impl Default for TxConfig {
 /// A signed transaction, ready to record and broadcast.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedTx {
+    /// The transaction hash.
     pub hash: B256,
     /// The EIP-2718 encoding, as broadcast.
     pub raw: Bytes,
+    /// The settlement signer that signed it.
     pub signer: Address,
+    /// Its nonce in the signer's sequence.
     pub nonce: u64,
+    /// The contract called.
     pub to: Address,
     /// The calldata.
     pub input: Bytes,
+    /// Gas limit.
     pub gas_limit: u64,
+    /// EIP-1559 fee cap per gas, in wei.
     pub max_fee_per_gas: u128,
+    /// EIP-1559 priority fee per gas, in wei.
     pub max_priority_fee_per_gas: u128,
 }
 
@@ -114,8 +121,13 @@ impl AlloyChain {
         let url = url.parse().map_err(|e| Error::Config(format!("the rpc url does not parse: {e}")))?;
         let provider = ProviderBuilder::default().connect_http(url);
         let chain_id = provider.get_chain_id().await?;
+        Ok(Self::with_provider(provider, chain_id, signers, config))
+    }
+
+    /// On `provider`, whose chain is `chain_id` (tests: a mocked node).
+    fn with_provider(provider: RootProvider, chain_id: u64, signers: Vec<PrivateKeySigner>, config: TxConfig) -> Self {
         let signers = signers.into_iter().map(|s| (s.address(), EthereumWallet::from(s))).collect();
-        Ok(Self {
+        Self {
             provider,
             chain_id,
             signers,
@@ -123,7 +135,7 @@ impl AlloyChain {
             nonces: Mutex::new(HashMap::new()),
             gas: Mutex::new(HashMap::new()),
             config,
-        })
+        }
     }
 
     /// Signs `request` (nonce, gas and fees already set) with `signer`'s key.
@@ -510,5 +522,98 @@ mod revert_tests {
         ] {
             assert!(!is_revert(code, message), "{code} {message}");
         }
+    }
+}
+
+/// `AlloyChain`'s error paths against a scripted node (alloy's mock
+/// transport): each test queues the node's answers, in order, and checks
+/// what settlement is told.
+#[cfg(test)]
+mod mock_tests {
+    use alloy::transports::mock::{Asserter, MockResponse};
+
+    use super::*;
+
+    fn chain() -> (AlloyChain, Asserter) {
+        let asserter = Asserter::new();
+        let provider = ProviderBuilder::default().connect_mocked_client(asserter.clone());
+        (AlloyChain::with_provider(provider, 31337, vec![PrivateKeySigner::random()], TxConfig::default()), asserter)
+    }
+
+    /// Queues a JSON-RPC error answer.
+    fn push_error(asserter: &Asserter, code: i64, message: &'static str) {
+        asserter.push_failure_msg(message);
+        if let Some(MockResponse::Failure(payload)) = asserter.write_q().back_mut() {
+            payload.code = code;
+        }
+    }
+
+    /// A transaction signed locally (no node asked) with `nonce`.
+    async fn signed(chain: &AlloyChain, nonce: u64) -> SignedTx {
+        let signer = chain.signers()[0];
+        let request = TransactionRequest::default()
+            .with_from(signer)
+            .with_to(Address::repeat_byte(7))
+            .with_input(Bytes::from_static(&[1, 2, 3, 4]))
+            .with_chain_id(31337)
+            .with_nonce(nonce)
+            .with_gas_limit(60_000)
+            .with_max_fee_per_gas(2_000_000_000)
+            .with_max_priority_fee_per_gas(1_000_000_000);
+        chain.sign(signer, request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_revert_is_a_verdict_and_a_provider_error_is_not() {
+        let (chain, asserter) = chain();
+        push_error(&asserter, 3, "execution reverted: FiatTokenV2: authorization is used or canceled");
+        let verdict = chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap();
+        assert_eq!(verdict.as_deref(), Some("execution reverted: FiatTokenV2: authorization is used or canceled"));
+
+        for (code, message) in
+            [(-32005, "request rate exceeded"), (-32000, "header not found"), (429, "Too Many Requests")]
+        {
+            push_error(&asserter, code, message);
+            let err = chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap_err();
+            assert!(err.is_retryable(), "{code} {message}: {err}");
+        }
+        // A node that answers nothing at all.
+        let err = chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_rebroadcast_the_node_knows_is_sent() {
+        let (chain, asserter) = chain();
+        let tx = signed(&chain, 4).await;
+        assert_eq!(tx.nonce, 4);
+        for known in ["already known", "transaction already imported", "ALREADY KNOWN"] {
+            push_error(&asserter, -32000, known);
+            chain.broadcast(&tx).await.unwrap_or_else(|e| panic!("{known}: {e}"));
+        }
+        assert!(asserter.read_q().is_empty(), "nothing else was asked");
+    }
+
+    #[tokio::test]
+    async fn a_nonce_used_elsewhere_resyncs_and_is_retryable() {
+        let (chain, asserter) = chain();
+        let tx = signed(&chain, 4).await;
+        push_error(&asserter, -32000, "nonce too low: next nonce 9, tx nonce 4");
+        asserter.push_success(&serde_json::Value::Null); // eth_getTransactionReceipt: not mined
+        asserter.push_success(&U256::from(9)); // eth_getTransactionCount (pending)
+        let err = chain.broadcast(&tx).await.unwrap_err();
+        assert!(matches!(err, Error::NonceTooLow { nonce: 4, .. }), "{err}");
+        assert!(err.is_retryable());
+        assert_eq!(chain.take_nonce(tx.signer).await.unwrap(), 9, "the next transaction takes the node's nonce");
+    }
+
+    #[tokio::test]
+    async fn a_refused_broadcast_is_an_error_and_the_node_url_is_never_in_it() {
+        let (chain, asserter) = chain();
+        let tx = signed(&chain, 0).await;
+        push_error(&asserter, -32000, "insufficient funds for gas * price + value");
+        let err = chain.broadcast(&tx).await.unwrap_err();
+        assert!(err.to_string().contains("insufficient funds"), "{err}");
+        assert!(!err.to_string().contains("http"), "{err}");
     }
 }

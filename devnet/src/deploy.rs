@@ -21,15 +21,19 @@ use crate::Result;
 pub const DEV_DEPLOYER_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 /// Where the first contract deployed by anvil's account 0 lands.
 pub const DEV_TOKEN_ADDRESS: Address = alloy::primitives::address!("0x5FbDB2315678afecb367f032d93F642f64180aa3");
-/// The token's EIP-712 name and version (those of USDC).
+/// The token's EIP-712 name (that of USDC).
 pub const DEV_TOKEN_NAME: &str = "USD Coin";
+/// The token's EIP-712 version (that of USDC).
 pub const DEV_TOKEN_VERSION: &str = "2";
 
 /// What [`deploy`] set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Devnet {
+    /// The chain id (anvil's 31337).
     pub chain_id: u64,
+    /// The EIP-3009 test token ([`DEV_TOKEN_ADDRESS`]).
     pub token: Address,
+    /// Multicall3, at its canonical address.
     pub multicall: Address,
     /// The `batch-settlement` channel contract.
     pub channels: Address,

@@ -12,6 +12,8 @@
 //!
 //! No feature flags.
 
+#![warn(missing_docs)]
+
 mod accounts;
 mod anvil;
 mod deploy;

@@ -20,6 +20,7 @@ pub struct Payer {
 }
 
 impl Payer {
+    /// A payer signing with `signer`.
     pub const fn new(signer: PrivateKeySigner) -> Self {
         Self { signer }
     }
@@ -34,6 +35,7 @@ impl Payer {
         &self.signer
     }
 
+    /// The payer's address.
     pub fn address(&self) -> Address {
         self.signer.address()
     }

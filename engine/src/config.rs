@@ -27,14 +27,21 @@ use x402_wire::fields::parse_decimal_u256;
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`: the listeners.
     pub server: ServerConfig,
+    /// `[ledger]`: where the ledger lives, and its retention.
     pub ledger: LedgerConfig,
+    /// `[pipeline]`: acceptance pipeline sizing.
     pub pipeline: PipelineSection,
+    /// `[auth]`: where the admin key comes from.
     pub auth: AuthConfig,
+    /// `[balances]`: payer balances given in the file.
     pub balances: BalancesConfig,
+    /// `[[merchants]]`: merchants upserted at start.
     pub merchants: Vec<MerchantConfig>,
     /// The chain payments settle on; without it payments stay queued.
     pub chain: Option<ChainConfig>,
+    /// `[facilitator]`: the x402 facilitator HTTP API.
     pub facilitator: FacilitatorConfig,
 }
 
@@ -204,7 +211,6 @@ const fn default_balance_poll_ms() -> u64 {
 }
 
 impl ChainConfig {
-    /// The signer keys, from code, the environment or the file.
     /// A chain at `rpc_url` with keys given by code (`x402d dev`, tests)
     /// and every other setting at its default.
     pub fn with_keys(
@@ -248,7 +254,6 @@ impl ChainConfig {
         )
     }
 
-    /// The channel contract vouchers are signed for.
     /// [`ChainConfig::min_deposit`] as a number (0 when absent).
     pub fn min_deposit(&self) -> Result<u128> {
         self.min_deposit.as_deref().map_or(Ok(0), |m| {
@@ -256,10 +261,14 @@ impl ChainConfig {
         })
     }
 
+    /// The channel contract vouchers are signed for: `channel_contract`, else
+    /// the public deployment's.
     pub fn channel_contract(&self) -> alloy::primitives::Address {
         self.channel_contract.unwrap_or(x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS)
     }
 
+    /// The signer keys, from code, the environment or the file; an error if
+    /// none is configured.
     pub fn signer_keys(&self) -> Result<Vec<String>> {
         if !self.signer_keys.is_empty() {
             return Ok(self.signer_keys.clone());
@@ -278,7 +287,7 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP listener (`/metrics`, `/healthz`, the x402 facilitator API).
     pub http_addr: SocketAddr,
-    /// TLS for the gRPC listener; plaintext when absent.
+    /// TLS for both listeners, gRPC and HTTP; plaintext when absent.
     pub tls: Option<TlsConfig>,
     /// HTTP/2 streams one gRPC connection may have open at once (a stream
     /// per call; a `SubmitStream` is one stream for many payments).
@@ -300,7 +309,9 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM certificate chain, served on both listeners.
     pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
     pub key_file: PathBuf,
 }
 
@@ -308,6 +319,8 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
+    /// Directory of the ledger (default `x402d-data`; `X402D_DATA_DIR` or
+    /// `--data-dir` overrides it).
     pub path: PathBuf,
     /// Settled (confirmed, failed, expired) payments whose `validBefore`
     /// is older than this many days, and events older than it, are
@@ -328,11 +341,19 @@ impl Default for LedgerConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSection {
+    /// Verifier threads (stage 1); 0, the default, means one per core.
     pub verifiers: usize,
+    /// Payer shards (stage 2), one thread each (default 2).
     pub shards: usize,
+    /// Capacity of each queue between stages (default 65536).
     pub queue_capacity: usize,
+    /// Most items in one fsync'd group commit (default 4096).
     pub max_group: usize,
+    /// Seconds past `validBefore` a payment stays in the in-memory replay
+    /// window (default 300).
     pub replay_retention_secs: u64,
+    /// `[pipeline.min_validity_secs]`: seconds of validity a payment must
+    /// have left when accepted, per strategy.
     pub min_validity_secs: MinValiditySection,
     /// Without a `[chain]`, accept and record payments that nothing will
     /// settle (tests, verification benchmarks). Off by default: a node with
@@ -364,8 +385,11 @@ impl Default for PipelineSection {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MinValiditySection {
+    /// For `direct` merchants (default 6, also the least any strategy gets).
     pub direct: u64,
+    /// For `batched` merchants (default 30).
     pub batched: u64,
+    /// For `channel` merchants (default 60).
     pub channel: u64,
 }
 
@@ -377,6 +401,8 @@ impl Default for MinValiditySection {
 }
 
 impl PipelineSection {
+    /// The [`PipelineConfig`] these settings give (`max_parked` at least 1),
+    /// the rest at its defaults for the node to fill in from `[chain]`.
     pub fn to_pipeline(&self) -> PipelineConfig {
         let m = &self.min_validity_secs;
         PipelineConfig {
@@ -420,6 +446,8 @@ impl Default for AuthConfig {
 pub struct BalancesConfig {
     /// Everyone's balance: `"unlimited"` or atomic units in decimal.
     pub default: String,
+    /// `[[balances.accounts]]`: balances of particular payers, in place of
+    /// the default.
     pub accounts: Vec<BalanceAccount>,
 }
 
@@ -429,12 +457,17 @@ impl Default for BalancesConfig {
     }
 }
 
+/// One payer's balance of one token (`[[balances.accounts]]`).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BalanceAccount {
+    /// The chain, as `eip155:<chain id>`.
     pub network: String,
+    /// The token contract, 0x-hex.
     pub token: String,
+    /// The payer, 0x-hex.
     pub owner: String,
+    /// The balance, atomic token units in decimal.
     pub amount: String,
 }
 
@@ -442,11 +475,16 @@ pub struct BalanceAccount {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantConfig {
+    /// 1–64 characters of `[A-Za-z0-9_.-]`.
     pub id: String,
+    /// Addresses it is paid at, 0x-hex; at least one is required.
     #[serde(default)]
     pub pay_to: Vec<String>,
+    /// Networks and tokens it accepts; empty or absent accepts any.
     #[serde(default)]
     pub assets: Vec<AssetConfig>,
+    /// How its payments are settled: `policy = { strategy = "direct" }` and
+    /// the strategy's parameters.
     pub policy: PolicyConfig,
     /// The key itself; set only by code (`x402d dev`, tests).
     #[serde(skip)]
@@ -457,10 +495,13 @@ pub struct MerchantConfig {
     pub api_key_file: Option<PathBuf>,
 }
 
+/// A network and token a merchant accepts (`assets = [{ network, asset }]`).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AssetConfig {
+    /// The chain, as `eip155:<chain id>`.
     pub network: String,
+    /// The token contract, 0x-hex.
     pub asset: String,
 }
 
@@ -468,9 +509,26 @@ pub struct AssetConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PolicyConfig {
+    /// `strategy = "direct"`: one `transferWithAuthorization` transaction per
+    /// payment.
     Direct,
-    Batched { max_rows: u32, max_wait_ms: u64 },
-    Channel { claim_interval_secs: u64, claim_threshold: String },
+    /// `strategy = "batched"`: many payments per Multicall3 transaction.
+    Batched {
+        /// Most rows per transaction; at least 1.
+        max_rows: u32,
+        /// Milliseconds a batch's oldest row may wait before it goes out.
+        max_wait_ms: u64,
+    },
+    /// `strategy = "channel"`: x402 `batch-settlement` channels, claimed
+    /// periodically.
+    Channel {
+        /// Seconds after its last claim a channel with anything unclaimed is
+        /// claimed.
+        claim_interval_secs: u64,
+        /// Unclaimed value at which a channel is claimed at once, atomic token
+        /// units in decimal.
+        claim_threshold: String,
+    },
 }
 
 impl Config {

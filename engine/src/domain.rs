@@ -17,8 +17,11 @@ pub(crate) fn unix_millis() -> u64 {
 /// payments against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BalanceKey {
+    /// The chain's EIP-155 id.
     pub chain_id: u64,
+    /// The token contract.
     pub token: Address,
+    /// The holder: a payment's payer.
     pub owner: Address,
 }
 
@@ -59,7 +62,9 @@ impl fmt::Display for PaymentId {
 /// header (decoded by a verifier thread, off the async runtime).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PaymentInput {
+    /// An x402 `exact` payment: an EIP-3009 authorization and its signature.
     Exact(ExactPayload),
+    /// The untouched base64 `PAYMENT-SIGNATURE` header, of either scheme.
     Header(String),
     /// An x402 `batch-settlement` voucher.
     Voucher(Box<VoucherPayload>),
@@ -68,7 +73,10 @@ pub enum PaymentInput {
 /// One payment as a gateway submits it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Submission {
+    /// The x402 payment requirements the gateway asks payment for (scheme,
+    /// network, asset, amount, `payTo`, the token's EIP-712 domain).
     pub requirements: Requirements,
+    /// The signed payment offered for them.
     pub input: PaymentInput,
     /// The client's proof that this submit retries an earlier one (gRPC
     /// `idempotency_key`, x402's `payment-identifier` extension).
@@ -117,11 +125,23 @@ impl fmt::Debug for IdempotencyKey {
 /// Where a payment stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PaymentState {
+    /// Accepted and recorded but not yet queued for settlement (the engine
+    /// itself records a new payment as `Queued`).
     Accepted,
+    /// Recorded and waiting to be settled; again so after an attempt that
+    /// failed for a passing reason, or when its transaction's nonce went to
+    /// another transaction.
     Queued,
+    /// In a settlement transaction, recorded before its broadcast, that is
+    /// not yet concluded; again so when a reorg drops its block.
     Submitted,
+    /// Settled: a transaction moving its value to the payee is mined with the
+    /// required confirmations (`transaction`, `block`).
     Confirmed,
+    /// Ended unpaid by the chain's verdict: its transfer reverts, or its
+    /// authorization was cancelled or spent otherwise (`failure_reason`).
     Failed,
+    /// Ended unsent: its `validBefore` came too close before it was submitted.
     Expired,
 }
 
@@ -136,10 +156,17 @@ impl PaymentState {
 /// A payment's state with what settlement has learned about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PaymentStatus {
+    /// Where the payment stands.
     pub state: PaymentState,
+    /// The settlement transaction once submitted, or the transaction that
+    /// spent or cancelled its authorization elsewhere; for a channel event,
+    /// the claim or refund.
     pub transaction: Option<B256>,
+    /// The number of the block that transaction was mined in, once known.
     pub block: Option<u64>,
+    /// The x402 reason code once failed or expired.
     pub failure_reason: Option<String>,
+    /// Unix milliseconds of the last state change.
     pub updated_at_ms: u64,
 }
 
@@ -156,9 +183,22 @@ pub enum SettlementPolicy {
     /// One `transferWithAuthorization` transaction per payment.
     Direct,
     /// Many payments per Multicall3 transaction.
-    Batched { max_rows: u32, max_wait_ms: u64 },
+    Batched {
+        /// Most rows per transaction (a batch takes the smallest among its
+        /// merchants'); at least 1.
+        max_rows: u32,
+        /// Milliseconds a batch's oldest row may wait before it goes out.
+        max_wait_ms: u64,
+    },
     /// x402 `batch-settlement` channels, claimed periodically.
-    Channel { claim_interval_secs: u64, claim_threshold: U256 },
+    Channel {
+        /// Seconds after its last claim a channel with anything unclaimed is
+        /// claimed.
+        claim_interval_secs: u64,
+        /// Unclaimed value, atomic token units, at which a channel is claimed
+        /// at once.
+        claim_threshold: U256,
+    },
 }
 
 impl SettlementPolicy {
@@ -175,7 +215,9 @@ impl SettlementPolicy {
 /// A network and token a merchant accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcceptedAsset {
+    /// The network's EIP-155 chain id.
     pub chain_id: u64,
+    /// The token contract.
     pub asset: Address,
 }
 
@@ -193,15 +235,22 @@ pub fn validate_merchant_id(id: &str) -> Result<(), &'static str> {
 /// A merchant: who is paid, how, and how it authenticates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Merchant {
+    /// Chosen by the operator: 1–64 characters of `[A-Za-z0-9_.-]`
+    /// ([`validate_merchant_id`]).
     pub id: String,
     /// Small number assigned at creation; keys the pending queue.
     pub number: u32,
+    /// The addresses it is paid at (at least one); a payment's `payTo` must be
+    /// one of them.
     pub pay_to: Vec<Address>,
     /// Accepted networks and tokens; empty accepts any.
     pub assets: Vec<AcceptedAsset>,
+    /// How its payments are settled; a change applies to payments accepted
+    /// after it.
     pub policy: SettlementPolicy,
     /// SHA-256 of the API key; the key itself is never stored.
     pub api_key_sha256: Option<[u8; 32]>,
+    /// Unix milliseconds of its last upsert.
     pub updated_at_ms: u64,
 }
 
@@ -215,20 +264,35 @@ impl Merchant {
 /// A payment accepted and recorded in the ledger.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PaymentRecord {
+    /// Its id, from its chain, token, payer and nonce (see [`PaymentId`]).
     pub id: PaymentId,
+    /// The merchant it pays.
     pub merchant_id: String,
+    /// That merchant's [`Merchant::number`].
     pub merchant_number: u32,
+    /// The chain it is paid on (EIP-155 id).
     pub chain_id: u64,
+    /// The token contract it is paid in.
     pub asset: Address,
+    /// The token's EIP-712 domain name the authorization was signed under.
     pub eip712_name: String,
+    /// The token's EIP-712 domain version the authorization was signed under.
     pub eip712_version: String,
+    /// The signed EIP-3009 `transferWithAuthorization` parameters: payer,
+    /// payee, value (atomic token units), validity window (unix seconds)
+    /// and nonce.
     pub authorization: Authorization,
+    /// The payer's signature of the authorization (65 bytes).
     pub signature: Vec<u8>,
     /// The EIP-712 digest the payer signed; two submits of one payment id
     /// are the same payment exactly when their digests are equal.
     pub digest: B256,
+    /// Its merchant's settlement policy when it was accepted; it is settled
+    /// by this one.
     pub policy: SettlementPolicy,
+    /// Its current state and what settlement has learned.
     pub status: PaymentStatus,
+    /// Unix milliseconds when it was accepted.
     pub accepted_at_ms: u64,
     /// The idempotency key it was accepted with, if any.
     pub idempotency: Option<IdempotencyKey>,
@@ -246,9 +310,12 @@ impl PaymentRecord {
 /// deadline by which it must be on chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PendingKey {
+    /// The payment's [`Merchant::number`]: the queue is ordered by merchant
+    /// first.
     pub merchant_number: u32,
     /// `validBefore`, seconds.
     pub deadline: u64,
+    /// The payment; breaks ties between equal deadlines.
     pub id: PaymentId,
 }
 
@@ -260,7 +327,16 @@ pub enum IntentState {
     /// One version (`tx`) was mined in `block` (hash `block_hash`, to tell
     /// a reorg); `success` is its receipt status. Watched until it is
     /// buried past the finality depth, then forgotten.
-    Included { tx: B256, block: u64, block_hash: B256, success: bool },
+    Included {
+        /// The version that was mined (one of `tx_hashes`).
+        tx: B256,
+        /// The number of the block it was mined in.
+        block: u64,
+        /// That block's hash: another at that height means a reorg.
+        block_hash: B256,
+        /// The receipt status: whether it executed without reverting.
+        success: bool,
+    },
     /// Given up: its nonce was taken by another transaction.
     Abandoned,
 }
@@ -271,8 +347,11 @@ pub enum IntentState {
 /// never twice and never forgotten.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxIntent {
+    /// The chain it is sent on (EIP-155 id).
     pub chain_id: u64,
+    /// The settlement signer that signs it (and pays its gas).
     pub signer: Address,
+    /// The signer's account nonce, shared by every version.
     pub nonce: u64,
     /// Every signed version, oldest first: a fee bump replaces a stuck
     /// transaction at the same nonce, so at most one of them is mined.
@@ -281,8 +360,12 @@ pub struct TxIntent {
     pub raw: Vec<u8>,
     /// The payments it settles.
     pub payments: Vec<PaymentId>,
+    /// Pending, included in a block, or abandoned.
     pub state: IntentState,
+    /// Unix milliseconds when it was first recorded.
     pub created_at_ms: u64,
+    /// Unix milliseconds of its last change (a fee bump, an inclusion, a
+    /// reorg).
     pub updated_at_ms: u64,
 }
 
@@ -298,10 +381,14 @@ impl TxIntent {
 /// merchant it pays.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChannelRecord {
+    /// The chain the channel is on (EIP-155 id).
     pub chain_id: u64,
     /// The channel contract.
     pub contract: Address,
+    /// The merchant it pays.
     pub merchant_id: String,
+    /// Its state: terms, charges, latest voucher and on-chain state as last
+    /// read.
     pub channel: x402_channel::Channel,
     /// Unix seconds of the last claim this engine made for it (before the
     /// first claim: of its first voucher).
@@ -311,24 +398,35 @@ pub struct ChannelRecord {
     /// A cooperative refund was asked for, of up to this much
     /// (`u128::MAX`: everything not charged).
     pub refund_requested: Option<u128>,
+    /// Unix milliseconds of the last change to this record.
     pub updated_at_ms: u64,
 }
 
 /// Identifies a [`TxIntent`]: a signer's nonce on a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IntentKey {
+    /// The chain's EIP-155 id.
     pub chain_id: u64,
+    /// The settlement signer's address.
     pub signer: Address,
+    /// The signer's account nonce.
     pub nonce: u64,
 }
 
 /// A payment state change, in ledger order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettlementEvent {
+    /// Position in ledger order, one more than the event before (the first
+    /// is 1); `WatchSettlements` resumes after it.
     pub sequence: u64,
+    /// The [`Merchant::number`] of the merchant it concerns; events are
+    /// indexed by it.
     pub merchant_number: u32,
     /// The payment, or for a channel event the channel id.
     pub payment_id: PaymentId,
+    /// The payment's new status; for a channel event `Confirmed` with the
+    /// claim or refund transaction, or `Failed` when its claim is
+    /// quarantined.
     pub status: PaymentStatus,
     /// A channel event (a claim or a refund went through): the channel
     /// after it.
@@ -338,8 +436,11 @@ pub struct SettlementEvent {
 /// A channel's totals, as events carry them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelSnapshot {
+    /// Charged for served requests so far (cumulative), atomic token units.
     pub charged: u128,
+    /// Claimed by the receiver so far (cumulative), atomic token units.
     pub total_claimed: u128,
+    /// Deposited and neither withdrawn nor refunded, atomic token units.
     pub balance: u128,
 }
 

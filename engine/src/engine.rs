@@ -24,9 +24,13 @@ pub(crate) const MIN_KEY_LEN: usize = 16;
 /// A merchant as an administrator sets it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MerchantUpdate {
+    /// The merchant id (1–64 characters of `[A-Za-z0-9_.-]`).
     pub id: String,
+    /// The addresses it is paid at.
     pub pay_to: Vec<Address>,
+    /// The networks and tokens it accepts (empty: any).
     pub assets: Vec<AcceptedAsset>,
+    /// How its payments are settled.
     pub policy: SettlementPolicy,
     /// A new API key in plain text; `None` keeps the current one.
     pub api_key: Option<String>,
@@ -84,6 +88,7 @@ impl Engine {
         self.merchants.get(id)
     }
 
+    /// Every merchant, as registered now.
     pub fn merchants(&self) -> Vec<Arc<Merchant>> {
         self.merchants.list()
     }

@@ -23,7 +23,12 @@ pub enum Error {
     LedgerClosed(String),
     /// The data directory was written by an incompatible version.
     #[error("ledger schema version {found}, this build reads {expected}")]
-    Schema { found: u32, expected: u32 },
+    Schema {
+        /// The version the data directory holds.
+        found: u32,
+        /// The version this build reads.
+        expected: u32,
+    },
     /// A group commit failed; nothing in it was recorded.
     #[error("ledger commit failed: {0}")]
     Commit(std::sync::Arc<Self>),
@@ -61,7 +66,10 @@ pub enum Error {
     InvalidMerchant(String),
     /// An API key is already in use by another merchant.
     #[error("that API key already belongs to merchant {merchant:?}")]
-    DuplicateApiKey { merchant: String },
+    DuplicateApiKey {
+        /// The merchant that has it.
+        merchant: String,
+    },
     /// The gRPC server failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),

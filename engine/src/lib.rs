@@ -13,19 +13,20 @@
 //!                                                                    ──► WatchSettlements, /metrics
 //! ```
 //!
-//! The modules, in the order a payment meets them (the README's "Where
-//! each part of the picture lives" maps them to the picture above):
+//! The modules, in the order a payment meets them (those in plain text are
+//! private; the README's "Where each part of the picture lives" maps them
+//! to the picture above):
 //!
-//! - [`grpc`], [`http`], [`facilitator`]: the adapters (gRPC services, the
+//! - [`grpc`], `http`, [`facilitator`]: the adapters (gRPC services, the
 //!   HTTP listener, the x402 facilitator API);
 //! - [`domain`]: the types every stage shares; [`Reason`] and
 //!   [`Rejection`]: why a payment is refused;
-//! - [`pipeline`]: verifier threads ([`verify`], with [`ecdsa`]), payer
+//! - [`pipeline`]: verifier threads ([`verify`], with `ecdsa`), payer
 //!   shards, the committer; [`channels`]: vouchers of `batch-settlement`;
 //! - [`balance`]: the payer balance and code cache the shards read;
 //! - [`ledger`]: the storage trait, RocksDB and in-memory;
 //! - [`settle`]: the settlers (direct, batched, intents, channel claims);
-//! - [`engine`], [`merchants`], [`metrics`]: the parts together, the
+//! - [`Engine`] (`engine`), `merchants`, `metrics`: the parts together, the
 //!   merchant registry, metric names;
 //! - [`config`] and [`node`]: configuring and running a node.
 //!
@@ -33,9 +34,11 @@
 //! (`x402d-load`), the local chain, the dev accounts and a payer that signs
 //! in `x402-devnet`, the x402 JSON types in `x402-wire`.
 //!
-//! One feature flag: `test-utils` makes [`testing`] public (test doubles of
+//! One feature flag: `test-utils` makes `testing` public (test doubles of
 //! the chain and the balance source, and fixtures), for benchmarks and other
 //! crates' tests; the engine's own unit tests always have it.
+
+#![warn(missing_docs)]
 
 pub mod balance;
 pub mod channels;

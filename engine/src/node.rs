@@ -21,7 +21,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// Where a running node listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoints {
+    /// The gRPC API.
     pub grpc: SocketAddr,
+    /// The HTTP listener: the facilitator API, `/metrics`, `/healthz`.
     pub http: SocketAddr,
 }
 
@@ -152,10 +154,12 @@ impl Node {
         Ok(Self { engine, endpoints, grpc, http, stop, settler, retention })
     }
 
+    /// Where it listens (the ports it bound, for a config that asked for port 0).
     pub const fn endpoints(&self) -> Endpoints {
         self.endpoints
     }
 
+    /// The engine it runs.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }

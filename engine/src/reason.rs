@@ -133,7 +133,9 @@ impl fmt::Display for Reason {
 /// A refused payment: the reason code and what exactly was wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
+    /// The reason code (the x402 reference's where it has one).
     pub reason: Reason,
+    /// What exactly was wrong, for people.
     pub message: Cow<'static, str>,
 }
 
@@ -148,7 +150,9 @@ impl Rejection {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct InvalidField {
+    /// The field's path in the request (`requirements.amount`, `paymentPayload.payload.voucher.signature`).
     pub field: Cow<'static, str>,
+    /// What is wrong with it.
     pub message: Cow<'static, str>,
 }
 
@@ -162,7 +166,14 @@ impl InvalidField {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// A verification rule failed.
-    Rejected { id: Option<crate::domain::PaymentId>, payer: Option<alloy::primitives::Address>, rejection: Rejection },
+    Rejected {
+        /// The payment's id, once the checks got far enough to compute it.
+        id: Option<crate::domain::PaymentId>,
+        /// Who signed, once known.
+        payer: Option<alloy::primitives::Address>,
+        /// The rule that failed.
+        rejection: Rejection,
+    },
     /// The request is malformed.
     Invalid(InvalidField),
 }

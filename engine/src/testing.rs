@@ -77,6 +77,7 @@ struct FakeState {
 }
 
 impl FakeChain {
+    /// A chain with id `chain_id`, no balances and no blocks yet.
     pub fn new(chain_id: u64) -> Self {
         Self {
             chain_id,
@@ -143,6 +144,7 @@ impl FakeChain {
         self.head_reads.load(Ordering::SeqCst)
     }
 
+    /// Makes balance reads fail (`true`) or answer again (`false`).
     pub fn fail_balances(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
     }

@@ -34,9 +34,13 @@ const ERC6492_MAGIC: [u8; 32] =
 /// A payment that passed steps 1–8.
 #[derive(Clone, Debug)]
 pub struct Verified {
+    /// The payment's id (chain, token, payer and nonce).
     pub id: PaymentId,
+    /// The chain id of the requirements' network.
     pub chain_id: u64,
+    /// The requirements it was verified against.
     pub requirements: Requirements,
+    /// The payment as the payer signed it.
     pub payload: ExactPayload,
     /// The EIP-712 digest the payer signed.
     pub digest: B256,
@@ -59,8 +63,11 @@ pub use crate::reason::Refusal;
 /// settlement strategy: a strategy that settles later needs more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MinValidity {
+    /// Seconds, for `direct` merchants (`[pipeline.min_validity_secs] direct`).
     pub direct: u64,
+    /// Seconds, for `batched` merchants (`[pipeline.min_validity_secs] batched`).
     pub batched: u64,
+    /// Seconds, for `channel` merchants (`[pipeline.min_validity_secs] channel`).
     pub channel: u64,
 }
 
@@ -102,6 +109,7 @@ impl Verifier {
     /// grows past it.
     const MAX_DOMAINS: usize = 4096;
 
+    /// A verifier that requires `min_validity` of every payment.
     pub fn new(min_validity: MinValidity) -> Self {
         Self { domains: HashMap::new(), cached: 0, min_validity, settled_chains: None }
     }

@@ -19,6 +19,8 @@
 //! has the throughput, latency percentiles and rejections by reason, and,
 //! when a process is watched, its resident size over the run.
 
+#![warn(missing_docs)]
+
 mod http;
 mod sign;
 
@@ -70,7 +72,12 @@ pub enum Work {
     Sequences(Vec<Vec<pb::SubmitRequest>>),
     /// `payments` signed as they are sent, by `sign` (on a thread of each
     /// stream's own).
-    Live { payments: usize, sign: Signer },
+    Live {
+        /// How many to send.
+        payments: usize,
+        /// Signs the next one.
+        sign: Signer,
+    },
 }
 
 impl std::fmt::Debug for Work {
@@ -94,6 +101,7 @@ impl Work {
         }
     }
 
+    /// Whether it has no payment.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -179,16 +187,23 @@ impl Source {
 /// What a run measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LoadReport {
+    /// Payments sent.
     pub payments: usize,
+    /// Payments answered `ACCEPTED`.
     pub accepted: u64,
     /// Rejections by x402 reason, `duplicate`s, and errors by code.
     pub rejected: BTreeMap<String, u64>,
+    /// Wall-clock seconds from the first send to the last answer.
     pub seconds: f64,
+    /// Payments answered per second.
     pub per_second: f64,
-    /// Ack latency, microseconds.
+    /// Ack latency, median, microseconds.
     pub latency_p50_us: u64,
+    /// 95th percentile, microseconds.
     pub latency_p95_us: u64,
+    /// 99th percentile, microseconds.
     pub latency_p99_us: u64,
+    /// The slowest, microseconds.
     pub latency_max_us: u64,
     /// Seconds spent signing before timing started.
     pub signing_seconds: f64,
@@ -231,10 +246,13 @@ impl std::fmt::Display for LoadReport {
 /// Errors of a run: the endpoint or the key.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The endpoint did not answer.
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
+    /// The endpoint or the key is malformed.
     #[error("the endpoint or API key is not valid: {0}")]
     Config(String),
+    /// A stream ended with a gRPC error.
     #[error("the stream failed: {0}")]
     Stream(#[from] tonic::Status),
 }
@@ -242,8 +260,11 @@ pub enum LoadError {
 /// Where a run stands, for a progress line.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
+    /// Payments answered so far.
     pub done: u64,
+    /// Payments in the run.
     pub total: u64,
+    /// Time since the run started.
     pub elapsed: Duration,
     /// The watched process's resident size, KiB.
     pub rss_kib: Option<u64>,

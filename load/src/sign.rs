@@ -87,11 +87,15 @@ pub struct ChannelPlan {
     /// An `exact` requirement of the token: its network, address and
     /// EIP-712 domain, and the receiver (`pay_to`).
     pub token: Requirements,
+    /// The receiver authorizer the channels name (the server's claim key).
     pub receiver_authorizer: Address,
+    /// The channels' withdraw delay, seconds.
     pub withdraw_delay: u64,
     /// What one request costs, in the token's atomic units.
     pub price: u128,
+    /// Channels to open.
     pub channels: usize,
+    /// Vouchers each channel pays after its first request.
     pub vouchers_per_channel: usize,
 }
 

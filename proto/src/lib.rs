@@ -5,9 +5,11 @@
 //! server traits and the clients are generated, so tests, benches and
 //! gateways written in Rust share one definition.
 
+#![warn(missing_docs)]
 #![allow(missing_debug_implementations, unreachable_pub, clippy::use_self)]
 
 /// `x402.engine.v1`.
+#[allow(missing_docs, reason = "generated; the .proto documents its messages")]
 pub mod v1 {
     tonic::include_proto!("x402.engine.v1");
 }

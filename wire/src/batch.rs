@@ -21,14 +21,18 @@ pub struct ChannelExtra {
 pub struct VoucherPayload {
     /// The network the payer signed for.
     pub network: String,
+    /// The channel's terms (`channelConfig`), which `channel_id` must be the digest of.
     pub config: ChannelConfig,
     /// The voucher's channel id, as the client computed it.
     pub channel_id: B256,
+    /// The voucher's `maxClaimableAmount`: the cumulative total the receiver may claim, in atomic token units.
     pub max_claimable: u128,
+    /// The voucher's EIP-712 signature by the payer authorizer (the payer when that is zero), as sent.
     pub signature: Bytes,
     /// What the request costs, at most the required amount; `None` charges
     /// the amount.
     pub charge: Option<u128>,
+    /// The requirements' `batch-settlement` fields the channel must match.
     pub extra: ChannelExtra,
     /// A deposit made with this request.
     pub deposit: Option<DepositPayload>,
@@ -41,10 +45,15 @@ pub struct VoucherPayload {
 /// to the deposit collector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DepositPayload {
+    /// The amount deposited (the authorization's `value`), in atomic token units.
     pub amount: u128,
+    /// The authorization's `validAfter`, unix seconds.
     pub valid_after: u64,
+    /// The authorization's `validBefore`, unix seconds: the deposit must land on chain before it.
     pub valid_before: u64,
+    /// The deposit salt; the authorization's nonce is `keccak256(abi.encode(channelId, salt))`.
     pub salt: U256,
+    /// The payer's signature of the `ReceiveWithAuthorization`, in the token's EIP-712 domain.
     pub signature: Bytes,
 }
 
@@ -54,18 +63,25 @@ pub struct DepositPayload {
 #[serde(remote = "ChannelConfig", rename_all = "camelCase")]
 #[allow(non_snake_case, missing_debug_implementations)]
 pub struct ChannelConfigJson {
+    /// The payer: funds the channel and takes back what is unclaimed after a withdrawal.
     #[serde(with = "fields::address")]
     pub payer: Address,
+    /// `payerAuthorizer`: the EOA that signs vouchers; zero means the payer signs (ERC-1271).
     #[serde(rename = "payerAuthorizer", with = "fields::address")]
     pub payerAuthorizer: Address,
+    /// The receiver, to whom claimed funds are settled (the requirements' `payTo`).
     #[serde(with = "fields::address")]
     pub receiver: Address,
+    /// `receiverAuthorizer`: signs claim batches and refunds; must equal the requirements' `extra.receiverAuthorizer`.
     #[serde(rename = "receiverAuthorizer", with = "fields::address")]
     pub receiverAuthorizer: Address,
+    /// The ERC-20 token the channel holds (the requirements' `asset`).
     #[serde(with = "fields::address")]
     pub token: Address,
+    /// `withdrawDelay`: seconds from the payer's `initiateWithdraw` to its `finalizeWithdraw`; a JSON number.
     #[serde(rename = "withdrawDelay", with = "fields::uint40")]
     pub withdrawDelay: U40,
+    /// A 32-byte word (0x-hex) that sets apart channels with otherwise equal terms.
     #[serde(with = "fields::word")]
     pub salt: B256,
 }
@@ -92,11 +108,15 @@ pub enum ChannelPayloadType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelPayloadJson {
+    /// The payload's `type`: `voucher`, `deposit` or `refund`.
     #[serde(rename = "type")]
     pub kind: ChannelPayloadType,
+    /// `channelConfig`: the channel's terms, which the voucher's `channelId` must be the digest of.
     #[serde(with = "ChannelConfigJson")]
     pub channel_config: ChannelConfig,
+    /// The payer's signed cumulative voucher.
     pub voucher: VoucherJson,
+    /// The deposit, present when `type` is `deposit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deposit: Option<DepositJson>,
     /// A refund's amount (absent: everything not charged).
@@ -108,10 +128,13 @@ pub struct ChannelPayloadJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherJson {
+    /// `channelId`: the EIP-712 digest of the channel's config, 0x-hex.
     #[serde(with = "fields::word")]
     pub channel_id: B256,
+    /// `maxClaimableAmount`: the cumulative total the receiver may claim, atomic token units as a decimal string.
     #[serde(with = "fields::u128_decimal")]
     pub max_claimable_amount: u128,
+    /// The voucher's EIP-712 signature by the payer authorizer (the payer when that is zero), 0x-hex.
     #[serde(with = "fields::bytes")]
     pub signature: Bytes,
 }
@@ -120,8 +143,10 @@ pub struct VoucherJson {
 /// validBefore, salt, signature}}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DepositJson {
+    /// The amount deposited, atomic token units as a decimal string.
     #[serde(with = "fields::u128_decimal")]
     pub amount: u128,
+    /// How the deposit is collected: `{erc3009Authorization}`.
     pub authorization: DepositAuthorizationJson,
 }
 
@@ -129,6 +154,7 @@ pub struct DepositJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DepositAuthorizationJson {
+    /// `erc3009Authorization`: the payer's `ReceiveWithAuthorization` to the deposit collector.
     pub erc3009_authorization: Erc3009AuthorizationJson,
 }
 
@@ -137,12 +163,17 @@ pub struct DepositAuthorizationJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Erc3009AuthorizationJson {
+    /// `validAfter`, unix seconds as a decimal string.
     #[serde(with = "fields::u64_decimal")]
     pub valid_after: u64,
+    /// `validBefore`, unix seconds as a decimal string: the deposit must land on chain before it.
     #[serde(with = "fields::u64_decimal")]
     pub valid_before: u64,
+    /// The deposit salt (0x-hex of up to 32 bytes, or decimal); the ERC-3009 nonce is
+    /// `keccak256(abi.encode(channelId, salt))`.
     #[serde(with = "fields::salt")]
     pub salt: U256,
+    /// The payer's signature of the `ReceiveWithAuthorization`, 0x-hex.
     #[serde(with = "fields::bytes")]
     pub signature: Bytes,
 }
@@ -185,7 +216,10 @@ impl ChannelPayloadJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimPayloadJson {
+    /// The vouchers to claim, the rows of one `claimWithSignature`.
     pub claims: Vec<ClaimJson>,
+    /// `claimAuthorizerSignature`: the receiver authorizer's `ClaimBatch` signature of the
+    /// rows, 0x-hex; absent, x402d signs with its own authorizer key if every channel names it.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
     pub claim_authorizer_signature: Option<Bytes>,
 }
@@ -195,9 +229,13 @@ pub struct ClaimPayloadJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimJson {
+    /// The claimed voucher: its channel and `maxClaimableAmount`.
     pub voucher: ClaimVoucherJson,
+    /// The voucher's signature by the payer authorizer (or the payer), 0x-hex.
     #[serde(with = "fields::bytes")]
     pub signature: Bytes,
+    /// `totalClaimed`: the channel's claimed total after this claim (cumulative, not a delta),
+    /// atomic token units as a decimal string.
     #[serde(with = "fields::u128_decimal")]
     pub total_claimed: u128,
 }
@@ -206,8 +244,10 @@ pub struct ClaimJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimVoucherJson {
+    /// The channel's terms, in [`ChannelConfigJson`] form.
     #[serde(with = "ChannelConfigJson")]
     pub channel: ChannelConfig,
+    /// `maxClaimableAmount` of the voucher, atomic token units as a decimal string.
     #[serde(with = "fields::u128_decimal")]
     pub max_claimable_amount: u128,
 }
@@ -216,8 +256,10 @@ pub struct ClaimVoucherJson {
 /// of `token` to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SettlePayloadJson {
+    /// The receiver whose claimed funds move, 0x-hex.
     #[serde(with = "fields::address")]
     pub receiver: Address,
+    /// The token contract whose claimed funds move, 0x-hex.
     #[serde(with = "fields::address")]
     pub token: Address,
 }
@@ -227,16 +269,24 @@ pub struct SettlePayloadJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RefundPayloadJson {
+    /// `channelConfig`: the channel to refund from.
     #[serde(with = "ChannelConfigJson")]
     pub channel_config: ChannelConfig,
+    /// The most to refund to the payer, atomic token units as a decimal string.
     #[serde(with = "fields::u128_decimal")]
     pub amount: u128,
+    /// `refundNonce`: the channel's on-chain refund nonce, which the `Refund` signature covers; a decimal string.
     #[serde(with = "fields::decimal")]
     pub refund_nonce: U256,
+    /// Claims landed in the same transaction before the refund, so the server's charges are not
+    /// refunded (absent: none).
     #[serde(default)]
     pub claims: Vec<ClaimJson>,
+    /// `refundAuthorizerSignature`: the receiver authorizer's `Refund` signature, 0x-hex;
+    /// absent, x402d signs with its own authorizer key if the channel names it.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
     pub refund_authorizer_signature: Option<Bytes>,
+    /// `claimAuthorizerSignature`: the `ClaimBatch` signature of `claims`, as in [`ClaimPayloadJson`].
     #[serde(default, skip_serializing_if = "Option::is_none", with = "fields::opt_bytes")]
     pub claim_authorizer_signature: Option<Bytes>,
 }
@@ -247,6 +297,8 @@ pub struct RefundPayloadJson {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename = "payload")]
 pub struct PayloadType {
+    /// The payload's `type` (`claim`, `settle`, `refund`, `voucher` or `deposit`), read first to
+    /// pick the payload's shape.
     #[serde(rename = "type")]
     pub kind: String,
 }

@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 /// the whole input) and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
+    /// The field's path, such as `payload.authorization.nonce` or `claims[2].signature`; empty for the whole input.
     pub path: String,
+    /// What is wrong with the field, such as [`NOT_AN_ADDRESS`](crate::fields::NOT_AN_ADDRESS).
     pub message: String,
 }
 

@@ -16,11 +16,17 @@ use crate::{X402_VERSION, fields};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "RequirementsJson", from = "RequirementsJson")]
 pub struct Requirements {
+    /// The payment scheme, such as `exact` or `batch-settlement`.
     pub scheme: String,
+    /// The CAIP-2 network, `eip155:<chainId>`, as sent.
     pub network: String,
+    /// The amount to pay, atomic token units as a decimal string.
     pub amount: U256,
+    /// The token contract (`asset`), 0x-hex.
     pub asset: Address,
+    /// `payTo`: the address that receives the payment, 0x-hex.
     pub pay_to: Address,
+    /// `maxTimeoutSeconds`: how long the payment may take, seconds; payers set `validBefore` this far ahead.
     pub max_timeout_seconds: u64,
     /// The token's EIP-712 domain name (`extra.name`).
     pub eip712_name: String,
@@ -91,16 +97,22 @@ impl From<RequirementsJson> for Requirements {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Authorization {
+    /// The payer, who signs and whose tokens move.
     #[serde(with = "fields::address")]
     pub from: Address,
+    /// The recipient, which must be the requirements' `payTo`.
     #[serde(with = "fields::address")]
     pub to: Address,
+    /// The amount, atomic token units as a decimal string; must equal the requirements' `amount`.
     #[serde(with = "fields::decimal")]
     pub value: U256,
+    /// `validAfter`: unix seconds from which the authorization may be used.
     #[serde(with = "fields::decimal")]
     pub valid_after: U256,
+    /// `validBefore`: unix seconds at which the authorization expires; settlement must land on chain before it.
     #[serde(with = "fields::decimal")]
     pub valid_before: U256,
+    /// The payer's random 32-byte EIP-3009 nonce, 0x-hex; spent on chain by the transfer.
     #[serde(with = "fields::word")]
     pub nonce: B256,
 }
@@ -122,6 +134,7 @@ impl Authorization {
 pub struct ExactPayload {
     /// The network the payer signed for (`accepted.network`).
     pub network: String,
+    /// The signed `TransferWithAuthorization`.
     pub authorization: Authorization,
     /// As sent: 65 bytes `r ‖ s ‖ v` for an EOA; anything else is refused.
     pub signature: Vec<u8>,
@@ -131,8 +144,10 @@ pub struct ExactPayload {
 /// `{signature, authorization}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExactEvmPayload {
+    /// The payer's EIP-712 signature of `authorization`, 0x-hex (65 bytes `r ‖ s ‖ v` for an EOA).
     #[serde(with = "fields::bytes")]
     pub signature: Bytes,
+    /// The signed `TransferWithAuthorization`.
     pub authorization: Authorization,
 }
 
@@ -144,12 +159,14 @@ pub struct ExactEvmPayload {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentPayload<P, A = Requirements> {
+    /// `x402Version`: the protocol version, [`X402_VERSION`].
     pub x402_version: u32,
     /// The resource paid for, as the resource server described it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<serde_json::Value>,
     /// The requirements the payer chose to pay.
     pub accepted: A,
+    /// The scheme's payload (`exact`: [`ExactEvmPayload`]).
     pub payload: P,
     /// Extensions (`payment-identifier`, …), by name; kept as sent (a
     /// decoder reads the ones it knows, the others are none of its business).
@@ -161,7 +178,9 @@ pub struct PaymentPayload<P, A = Requirements> {
 /// scheme and network the payer chose.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
+    /// The scheme the payer chose.
     pub scheme: String,
+    /// The CAIP-2 network the payer signed for.
     pub network: String,
 }
 

@@ -94,10 +94,12 @@ fn string<'de, D: Deserializer<'de>>(d: D, message: &'static str) -> Result<Stri
 pub mod decimal {
     use super::*;
 
+    /// Writes `v` as a decimal string.
     pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
         DecimalU256(*v).serialize(s)
     }
 
+    /// Reads a decimal string or a JSON number, refusing anything else with [`NOT_A_UINT256`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
         DecimalU256::deserialize(d).map(|v| v.0)
     }
@@ -107,10 +109,12 @@ pub mod decimal {
 pub mod address {
     use super::*;
 
+    /// Writes `v` as EIP-55 checksummed 0x-hex.
     pub fn serialize<S: Serializer>(v: &Address, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
 
+    /// Reads a 0x-hex address in any case, refusing anything else with [`NOT_AN_ADDRESS`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
         parse_address(&string(d, NOT_AN_ADDRESS)?).ok_or_else(|| de::Error::custom(NOT_AN_ADDRESS))
     }
@@ -120,10 +124,12 @@ pub mod address {
 pub mod word {
     use super::*;
 
+    /// Writes `v` as `0x` and 64 lowercase hex digits.
     pub fn serialize<S: Serializer>(v: &B256, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
 
+    /// Reads 0x-hex of exactly 32 bytes, refusing anything else with [`NOT_A_WORD`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<B256, D::Error> {
         parse_b256(&string(d, NOT_A_WORD)?).ok_or_else(|| de::Error::custom(NOT_A_WORD))
     }
@@ -133,10 +139,12 @@ pub mod word {
 pub mod bytes {
     use super::*;
 
+    /// Writes `v` as `0x` and lowercase hex.
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&format_args!("0x{}", hex::encode(v)))
     }
 
+    /// Reads 0x-hex of any byte length, refusing anything else with [`NOT_HEX`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         parse_hex(&string(d, NOT_HEX)?).map(Bytes::from).ok_or_else(|| de::Error::custom(NOT_HEX))
     }
@@ -153,10 +161,12 @@ fn narrow<'de, D: Deserializer<'de>, T: TryFrom<U256>>(d: D, message: &'static s
 pub mod u128_decimal {
     use super::*;
 
+    /// Writes `v` as a decimal string.
     pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
 
+    /// Reads a decimal string or a JSON number that fits a `u128`, refusing anything else with `is not a uint128`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
         narrow(d, "is not a uint128")
     }
@@ -166,6 +176,7 @@ pub mod u128_decimal {
 pub mod opt_u128_decimal {
     use super::*;
 
+    /// Writes `Some(v)` as a decimal string and `None` as `null`.
     pub fn serialize<S: Serializer>(v: &Option<u128>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => s.collect_str(v),
@@ -173,6 +184,7 @@ pub mod opt_u128_decimal {
         }
     }
 
+    /// Reads `null` as `None`, anything else as [`u128_decimal::deserialize`] does.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u128>, D::Error> {
         #[derive(Deserialize)]
         struct Wrap(#[serde(with = "u128_decimal")] u128);
@@ -185,10 +197,12 @@ pub mod opt_u128_decimal {
 pub mod u64_decimal {
     use super::*;
 
+    /// Writes `v` as a decimal string.
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
 
+    /// Reads a decimal string or a JSON number that fits a `u64`, refusing anything else with `is not a uint64`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         narrow(d, "is not a uint64")
     }
@@ -201,10 +215,13 @@ pub mod uint40 {
 
     use super::*;
 
+    /// Writes `v` as a JSON number.
     pub fn serialize<S: Serializer>(v: &U40, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(v.to::<u64>())
     }
 
+    /// Reads a decimal string or a JSON number that fits a `uint40`, refusing a larger one with
+    /// `does not fit a uint40`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U40, D::Error> {
         let v: u64 = narrow(d, "is not a uint64")?;
         U40::try_from(v).map_err(|_| de::Error::custom("does not fit a uint40"))
@@ -216,10 +233,12 @@ pub mod uint40 {
 pub mod salt {
     use super::*;
 
+    /// Writes `v` as 32-byte 0x-hex, big-endian.
     pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&B256::from(*v))
     }
 
+    /// Reads 0x-hex of up to 32 bytes (big-endian) or a decimal string, refusing longer hex and anything else.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
         const NOT_A_SALT: &str = "is not hex or decimal";
         let s = string(d, NOT_A_SALT)?;
@@ -236,6 +255,7 @@ pub mod salt {
 pub mod opt_bytes {
     use super::*;
 
+    /// Writes `Some(v)` as 0x-hex and `None` as `null`.
     pub fn serialize<S: Serializer>(v: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => bytes::serialize(v, s),
@@ -243,6 +263,7 @@ pub mod opt_bytes {
         }
     }
 
+    /// Reads `null` as `None` and a string as 0x-hex, refusing anything else with [`NOT_HEX`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
         match Option::<String>::deserialize(d).map_err(|_| de::Error::custom(NOT_HEX))? {
             Some(s) => parse_hex(&s).map(|b| Some(b.into())).ok_or_else(|| de::Error::custom(NOT_HEX)),
@@ -256,6 +277,7 @@ pub mod opt_bytes {
 pub mod opt_address {
     use super::*;
 
+    /// Writes `Some(v)` as EIP-55 checksummed 0x-hex and `None` as `null`.
     pub fn serialize<S: Serializer>(v: &Option<Address>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => s.collect_str(v),
@@ -263,6 +285,7 @@ pub mod opt_address {
         }
     }
 
+    /// Reads `null` as `None` and a string as an address in any case, refusing anything else with [`NOT_AN_ADDRESS`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Address>, D::Error> {
         match Option::<String>::deserialize(d).map_err(|_| de::Error::custom(NOT_AN_ADDRESS))? {
             Some(s) => parse_address(&s).map(Some).ok_or_else(|| de::Error::custom(NOT_AN_ADDRESS)),
@@ -275,6 +298,7 @@ pub mod opt_address {
 pub mod opt_u64_decimal {
     use super::*;
 
+    /// Writes `Some(v)` as a decimal string and `None` as `null`.
     pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => s.collect_str(v),
@@ -282,6 +306,7 @@ pub mod opt_u64_decimal {
         }
     }
 
+    /// Reads `null` as `None`, anything else as [`u64_decimal::deserialize`] does.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         #[derive(Deserialize)]
         struct Wrap(#[serde(with = "u64_decimal")] u64);

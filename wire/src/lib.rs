@@ -24,6 +24,8 @@
 //!
 //! No feature flags.
 
+#![warn(missing_docs)]
+
 mod batch;
 mod decode;
 mod exact;

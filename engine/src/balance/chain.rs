@@ -171,6 +171,7 @@ impl<C: Chain> ChainBalances<C> {
         self.shared.len.load(Ordering::Relaxed)
     }
 
+    /// Whether no balance is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -67,6 +67,7 @@ pub type Fetched = Result<Account, Arc<Error>>;
 pub struct Notifier(Arc<dyn Fn(BalanceKey, Fetched) + Send + Sync>);
 
 impl Notifier {
+    /// A notifier calling `notify` with each fetched balance.
     pub fn new(notify: impl Fn(BalanceKey, Fetched) + Send + Sync + 'static) -> Self {
         Self(Arc::new(notify))
     }

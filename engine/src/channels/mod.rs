@@ -48,12 +48,19 @@ pub use crate::domain::{ChannelExtra, DepositPayload, VoucherPayload};
 /// A channel as answers show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChannelView {
+    /// The channel id.
     pub id: B256,
+    /// What its vouchers have been charged in total, in atomic token units.
     pub charged: u128,
+    /// The highest voucher the payer signed (`maxClaimableAmount`).
     pub signed_max_claimable: u128,
+    /// The channel's balance on chain, as last read.
     pub balance: u128,
+    /// What the receiver has claimed on chain so far.
     pub total_claimed: u128,
+    /// When a withdrawal the payer started can be finalized (unix seconds), if one is pending.
     pub withdraw_finalize_after: Option<u64>,
+    /// The contract's refund nonce: the next cooperative refund signs it.
     pub refund_nonce: u64,
 }
 
@@ -106,8 +113,11 @@ pub(crate) fn claim_policy(merchant: &Merchant) -> x402_channel::ClaimPolicy {
 pub struct Claimed {
     /// Unix seconds: the channel's claim interval restarts here.
     pub at: u64,
+    /// The claim or refund transaction.
     pub tx: B256,
+    /// The block it was mined in.
     pub block: u64,
+    /// The number of the merchant whose channel it is.
     pub merchant_number: u32,
     /// It served a "claim now" request.
     pub served_claim: bool,
@@ -123,7 +133,12 @@ pub enum ClaimOutcome {
     /// Its part of a claim reverts on its own: it is left out of claims
     /// for a while, and announced on `WatchSettlements` as `FAILED` with
     /// `reason`.
-    Quarantined { merchant_number: u32, reason: String },
+    Quarantined {
+        /// The number of the merchant whose channel it is.
+        merchant_number: u32,
+        /// Why its claim reverts, as the simulation said.
+        reason: String,
+    },
 }
 
 /// Why a read of a channel gave no state to check its vouchers against.

@@ -37,8 +37,11 @@ impl Default for ChannelContracts {
 /// `deposit` is called with.
 #[derive(Clone, Debug)]
 pub struct VerifiedDeposit {
+    /// The deposit, in atomic token units.
     pub amount: u128,
+    /// The ERC-3009 deposit collector the authorization pays.
     pub collector: Address,
+    /// The collector's `collectorData`: the authorization's validity, salt and signature.
     pub collector_data: Bytes,
     /// The ERC-3009 nonce: spent once the deposit is on chain.
     pub nonce: B256,
@@ -47,11 +50,17 @@ pub struct VerifiedDeposit {
 /// A voucher that passed the stateless checks.
 #[derive(Clone, Debug)]
 pub struct VerifiedVoucher {
+    /// The chain of the channel.
     pub chain_id: u64,
+    /// The channel contract.
     pub contract: Address,
+    /// The channel id: the hash of `config` in the contract's domain.
     pub channel_id: B256,
+    /// The channel's config as the payer sent it.
     pub config: ChannelConfig,
+    /// The voucher's cumulative `maxClaimableAmount`.
     pub max_claimable: u128,
+    /// The voucher signer's signature, as sent.
     pub signature: Bytes,
     /// The required amount: the voucher must be the charged total plus it.
     pub amount: u128,
@@ -74,8 +83,8 @@ pub struct VerifiedVoucher {
 /// the public key of the voucher signer. A later voucher of the channel
 /// then costs a comparison of its config with the remembered one instead
 /// of hashing it, its voucher digest with a cached domain separator, and an
-/// ECDSA verification against the key instead of a recovery (see
-/// [`crate::ecdsa`]).
+/// ECDSA verification against the key instead of a recovery (see the
+/// private `ecdsa` module).
 #[derive(Debug)]
 pub struct VoucherVerifier {
     contracts: ChannelContracts,
@@ -141,6 +150,7 @@ impl VoucherVerifier {
     /// many are remembered, about 250 bytes each.
     const GENERATION: usize = 32_768;
 
+    /// A verifier of vouchers for the channel contract in `contracts`.
     pub fn new(contracts: ChannelContracts) -> Self {
         Self {
             contracts,

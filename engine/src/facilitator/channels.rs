@@ -45,7 +45,9 @@ use x402_wire::{ClaimJson, ClaimPayloadJson, PayloadType, RefundPayloadJson, Set
 /// What the facilitator needs to act on channels.
 #[derive(Clone, Debug)]
 pub struct ChannelFacilitator {
+    /// The chain the channel contract is on.
     pub chain: Arc<AlloyChain>,
+    /// Where the channel contract and its deposit collector are.
     pub contracts: ChannelContracts,
     /// Signs claim batches the server sends unsigned.
     pub authorizer: Option<PrivateKeySigner>,
@@ -69,6 +71,7 @@ pub struct SpendLimiter {
 }
 
 impl SpendLimiter {
+    /// A limiter letting each merchant spend `burst` at once, refilled by `per_minute`.
     pub fn new(burst: u32, per_minute: u32) -> Self {
         Self { burst: f64::from(burst), per_minute: f64::from(per_minute), buckets: Default::default() }
     }

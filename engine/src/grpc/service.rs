@@ -50,6 +50,7 @@ pub struct PaymentApi {
 }
 
 impl PaymentApi {
+    /// The payment service of `engine`.
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
     }
@@ -311,6 +312,7 @@ pub struct MerchantAdminApi {
 }
 
 impl MerchantAdminApi {
+    /// The merchant admin service of `engine`.
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
     }

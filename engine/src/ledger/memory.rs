@@ -30,6 +30,7 @@ struct Tables {
 }
 
 impl MemoryLedger {
+    /// An empty ledger.
     pub fn new() -> Self {
         Self::default()
     }

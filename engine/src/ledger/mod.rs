@@ -48,7 +48,9 @@ pub enum Write {
 /// What [`Ledger::prune`] deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
+    /// Payments deleted (settled or given up, past retention).
     pub payments: u64,
+    /// Settlement events deleted.
     pub events: u64,
 }
 
@@ -59,26 +61,32 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
+    /// An empty batch with room for `capacity` writes.
     pub fn with_capacity(capacity: usize) -> Self {
         Self { writes: Vec::with_capacity(capacity) }
     }
 
+    /// Adds `write`, applied after the writes before it.
     pub fn push(&mut self, write: Write) {
         self.writes.push(write);
     }
 
+    /// The writes, in order.
     pub fn writes(&self) -> &[Write] {
         &self.writes
     }
 
+    /// How many writes it holds.
     pub fn len(&self) -> usize {
         self.writes.len()
     }
 
+    /// Whether it holds no write.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
 
+    /// Removes every write, keeping the allocation.
     pub fn clear(&mut self) {
         self.writes.clear();
     }

@@ -110,28 +110,69 @@ impl Default for PipelineConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubmitOutcome {
     /// Verified and durably recorded.
-    Accepted { id: PaymentId, payer: Address, status: PaymentStatus },
+    Accepted {
+        /// The payment's id.
+        id: PaymentId,
+        /// Who paid (the authorization's `from`).
+        payer: Address,
+        /// Where it stands: `Accepted` or, for a policy that queues at once,
+        /// `Queued`.
+        status: PaymentStatus,
+    },
     /// The same payment was accepted before; this is where it stands. It is
     /// paid for already: whatever it paid for must not be served again,
     /// unless `retry`: the submit carried the idempotency key the original
     /// was accepted with, from the same merchant (a retry of a request
     /// whose answer was lost).
-    Duplicate { id: PaymentId, payer: Address, status: PaymentStatus, retry: bool },
+    Duplicate {
+        /// The payment's id.
+        id: PaymentId,
+        /// Who paid.
+        payer: Address,
+        /// Where the recorded payment stands now.
+        status: PaymentStatus,
+        /// The submit is the original's retry (same merchant, same key).
+        retry: bool,
+    },
     /// A verification rule failed.
-    Rejected { id: Option<PaymentId>, payer: Option<Address>, rejection: Rejection },
+    Rejected {
+        /// The payment's id, once the checks got far enough to compute it.
+        id: Option<PaymentId>,
+        /// Who signed, once known.
+        payer: Option<Address>,
+        /// The rule that failed, with its reason code.
+        rejection: Rejection,
+    },
     /// The request is malformed.
     Invalid(InvalidField),
     /// The ledger could not record it; nothing was accepted. Retryable.
     Unavailable(String),
     /// Checked only (a dry run): it would be accepted. Nothing was reserved
     /// or recorded.
-    Verified { id: PaymentId, payer: Address },
+    Verified {
+        /// The payment's id.
+        id: PaymentId,
+        /// Who paid.
+        payer: Address,
+    },
     /// A voucher was verified and the channel's new charged total recorded
     /// (for a dry run: would be, and `channel` is as it stands).
-    VoucherAccepted { payer: Address, channel: ChannelView },
+    VoucherAccepted {
+        /// The channel's payer.
+        payer: Address,
+        /// The channel after the voucher.
+        channel: ChannelView,
+    },
     /// A voucher failed a rule; `channel` is the channel's state when it is
     /// known, so the client can resynchronise.
-    VoucherRejected { payer: Option<Address>, rejection: Rejection, channel: Option<ChannelView> },
+    VoucherRejected {
+        /// The channel's payer, once known.
+        payer: Option<Address>,
+        /// The rule that failed, with its reason code.
+        rejection: Rejection,
+        /// The channel as it stands, when known.
+        channel: Option<ChannelView>,
+    },
 }
 
 impl From<Refusal> for SubmitOutcome {
@@ -146,7 +187,9 @@ impl From<Refusal> for SubmitOutcome {
 /// A payment's new settlement status, recorded by [`Pipeline::record_settlement`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
+    /// The payment.
     pub id: PaymentId,
+    /// Its new status.
     pub status: PaymentStatus,
 }
 
@@ -443,6 +486,8 @@ impl Pipeline {
         Ok(rx)
     }
 
+    /// The sequence number of the last committed settlement event, watched:
+    /// it changes after every commit that records one.
     pub fn events(&self) -> watch::Receiver<u64> {
         self.events.clone()
     }
