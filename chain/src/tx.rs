@@ -28,6 +28,7 @@ use alloy::{
     signers::local::PrivateKeySigner,
     sol_types::{SolCall, SolEvent},
 };
+use alloy::{rpc::client::ClientBuilder, transports::layers::RetryBackoffLayer};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -99,6 +100,22 @@ fn decode(raw: &Bytes) -> Result<TxEnvelope> {
     TxEnvelope::decode_2718(&mut raw.as_ref()).map_err(|e| Error::Sign(format!("decoding a signed transaction: {e}")))
 }
 
+/// The retry layer of every node client, its answer to a provider's rate
+/// limit (HTTP 429, `-32005` and the other codes alloy knows): a few
+/// retries, backing off (or as long as the provider says), before the
+/// caller sees the error. Settlement then retries on its own schedule, with
+/// its own backoff; this only keeps a burst of rate limits from reaching it.
+fn rate_limit_retries() -> RetryBackoffLayer {
+    /// Retries after the first attempt.
+    const RETRIES: u32 = 3;
+    /// The base delay between them, milliseconds.
+    const BACKOFF_MS: u64 = 100;
+    /// The provider's compute budget alloy paces retries against: high, so
+    /// pacing adds nothing unless the provider names a delay.
+    const COMPUTE_UNITS_PER_SECOND: u64 = 10_000;
+    RetryBackoffLayer::new(RETRIES, BACKOFF_MS, COMPUTE_UNITS_PER_SECOND)
+}
+
 /// An EVM node and the keys that pay for settlement transactions.
 #[derive(Debug)]
 pub struct AlloyChain {
@@ -119,7 +136,8 @@ impl AlloyChain {
     pub async fn connect(url: &str, signers: Vec<PrivateKeySigner>, config: TxConfig) -> Result<Self> {
         // Not quoted: an RPC URL often holds the provider's API key.
         let url = url.parse().map_err(|e| Error::Config(format!("the rpc url does not parse: {e}")))?;
-        let provider = ProviderBuilder::default().connect_http(url);
+        let client = ClientBuilder::default().layer(rate_limit_retries()).http(url);
+        let provider = ProviderBuilder::default().connect_client(client);
         let chain_id = provider.get_chain_id().await?;
         Ok(Self::with_provider(provider, chain_id, signers, config))
     }
@@ -533,6 +551,25 @@ mod mock_tests {
     use alloy::transports::mock::{Asserter, MockResponse};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_rate_limit_is_retried_by_the_client_before_settlement_sees_it() {
+        let asserter = Asserter::new();
+        let client = ClientBuilder::default()
+            .layer(rate_limit_retries())
+            .transport(alloy::transports::mock::MockTransport::new(asserter.clone()), true);
+        let provider = ProviderBuilder::default().connect_client(client);
+        let chain = AlloyChain::with_provider(provider, 31337, vec![PrivateKeySigner::random()], TxConfig::default());
+        push_error(&asserter, -32005, "request rate exceeded");
+        push_error(&asserter, 429, "Too Many Requests");
+        asserter.push_success(&Bytes::from_static(&[0xab]));
+        assert_eq!(chain.call(Address::repeat_byte(1), Bytes::new()).await.unwrap(), Bytes::from_static(&[0xab]));
+        // A verdict is not retried.
+        push_error(&asserter, 3, "execution reverted");
+        asserter.push_success(&Bytes::new());
+        assert!(chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap().is_some());
+        assert_eq!(asserter.read_q().len(), 1, "the revert was answered at once");
+    }
 
     fn chain() -> (AlloyChain, Asserter) {
         let asserter = Asserter::new();
