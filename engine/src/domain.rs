@@ -2,14 +2,68 @@
 //! policies. Everything inside the engine works on these; the gRPC adapter
 //! converts at the edge.
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use alloy::primitives::{Address, B256, U256, keccak256};
 pub use x402_wire::{Authorization, ChannelExtra, DepositPayload, ExactPayload, Network, Requirements, VoucherPayload};
 
-/// Unix time in milliseconds.
+/// Unix time in milliseconds, by the system clock.
 pub(crate) fn unix_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where the pipeline and the settler read the time (Unix time): the
+/// system clock in a node, or a clock a test sets, so that time rules
+/// (`validBefore` margins, replay retention, claim intervals, expiry before
+/// settlement) can be tested without waiting for them.
+///
+/// Cheap to clone and to read: the system clock is a `SystemTime` read, a
+/// set clock an atomic load.
+#[derive(Clone, Default)]
+pub struct Clock(Option<Arc<AtomicU64>>);
+
+impl Clock {
+    /// The system clock.
+    pub const fn system() -> Self {
+        Self(None)
+    }
+
+    /// A clock standing at `now_ms` until it is moved.
+    pub fn set_at(now_ms: u64) -> Self {
+        Self(Some(Arc::new(AtomicU64::new(now_ms))))
+    }
+
+    /// Moves a set clock on by `by` (the system clock moves by itself: no effect).
+    pub fn advance(&self, by: std::time::Duration) {
+        if let Some(ms) = &self.0 {
+            ms.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Unix time in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.0.as_ref().map_or_else(unix_millis, |ms| ms.load(Ordering::SeqCst))
+    }
+
+    /// Unix time in seconds.
+    pub fn now_secs(&self) -> u64 {
+        self.now_ms() / 1000
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("Clock::system"),
+            Some(ms) => write!(f, "Clock::set_at({})", ms.load(Ordering::SeqCst)),
+        }
+    }
 }
 
 /// A token balance on one chain: its owner's holding of `token`. The

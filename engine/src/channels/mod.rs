@@ -78,15 +78,16 @@ impl From<&Channel> for ChannelView {
     }
 }
 
-/// A fresh channel record for a voucher's channel, not yet synced.
-pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher) -> ChannelRecord {
+/// A fresh channel record for a voucher's channel, not yet synced, first
+/// paid at `now` (Unix seconds).
+pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher, now: u64) -> ChannelRecord {
     ChannelRecord {
         chain_id: v.chain_id,
         contract: v.contract,
         merchant_id: merchant.id.clone(),
         channel: Channel::new(v.config.clone(), v.channel_id),
         // The claim interval counts from the first voucher.
-        last_claim_at: crate::domain::unix_millis() / 1000,
+        last_claim_at: now,
         updated_at_ms: 0,
         claim_requested: false,
         refund_requested: None,

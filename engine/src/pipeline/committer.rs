@@ -24,8 +24,8 @@ use super::{
 use crate::{
     Error, Result,
     domain::{
-        BalanceKey, ChannelRecord, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus, PendingKey,
-        SettlementEvent,
+        BalanceKey, ChannelRecord, Clock, IdempotencyKey, IntentKey, PaymentId, PaymentRecord, PaymentStatus,
+        PendingKey, SettlementEvent,
     },
     ledger::{Ledger, Write, WriteBatch},
     reason::{Reason, Rejection},
@@ -108,6 +108,7 @@ pub(crate) struct Committer {
     /// Prune expired keys once there are this many.
     prune_keys_at: usize,
     retention_secs: u64,
+    clock: Clock,
 }
 
 impl Committer {
@@ -132,12 +133,19 @@ impl Committer {
             reverting: std::collections::HashSet::new(),
             prune_keys_at: Self::MIN_PRUNE_KEYS_AT,
             retention_secs: 0,
+            clock: Clock::system(),
         }
     }
 
     const MIN_PRUNE_KEYS_AT: usize = 1024;
 
     /// Keeps idempotency keys until `validBefore` + `retention_secs`.
+    /// Reads the time from `clock`.
+    pub(crate) fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     pub(crate) const fn with_key_retention(mut self, retention_secs: u64) -> Self {
         self.retention_secs = retention_secs;
         self
@@ -360,7 +368,7 @@ impl Committer {
     fn commit_group(&mut self, group: &mut Vec<CommitItem>, batch: &mut WriteBatch, done: &mut Vec<Done>) {
         let first_sequence = self.last_sequence;
         let mut sequence = first_sequence;
-        let now = crate::domain::unix_millis() / 1000;
+        let now = self.clock.now_secs();
         let mut claimed_keys = Vec::new();
         let mut group_intents = HashMap::new();
         // A new payment the ledger already has (its replay entry let go, a

@@ -44,7 +44,7 @@ use crate::{
     Error, Result,
     balance::BalanceSource,
     channels::{ChannelContracts, ChannelSource, ChannelView, NoChannels, VoucherVerifier},
-    domain::{Merchant, PaymentId, PaymentStatus, Submission},
+    domain::{Clock, Merchant, PaymentId, PaymentStatus, Submission},
     ledger::Ledger,
     reason::{InvalidField, Rejection},
     verify::{MinValidity, Refusal, Verifier},
@@ -53,6 +53,8 @@ use crate::{
 /// Pipeline sizing.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
+    /// Where the stages read the time: the system clock but in tests.
+    pub clock: Clock,
     /// Verifier threads (stage 1); 0 means one per core.
     pub verifiers: usize,
     /// Payer shards (stage 2), one thread each.
@@ -90,6 +92,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
+            clock: Clock::system(),
             verifiers: 0,
             shards: 2,
             queue_capacity: 65_536,
@@ -303,13 +306,14 @@ impl Pipeline {
         }
 
         // Rebuild state from the ledger before any thread runs.
-        let now = crate::domain::unix_millis() / 1000;
+        let now = config.clock.now_secs();
         let mut shard_states: Vec<Shard> = (0..shards)
             .map(|i| {
                 let control = shard_controls[i].clone();
                 Shard::new(i, balances.clone(), control, commit_tx.clone(), config.replay_retention_secs)
                     .with_channels(config.channels.clone())
                     .with_max_parked(config.max_parked)
+                    .with_clock(config.clock.clone())
             })
             .collect();
         let channels = ledger.channels()?;
@@ -320,7 +324,8 @@ impl Pipeline {
         let (events_tx, events_rx) = watch::channel(last_sequence);
         let mut committer =
             Committer::new(ledger.clone(), last_sequence, events_tx, config.max_group, shard_controls.clone())
-                .with_key_retention(config.replay_retention_secs);
+                .with_key_retention(config.replay_retention_secs)
+                .with_clock(config.clock.clone());
         // What start-up needs of the history, read without going over the
         // rest of it: payments still in the replay window (and their
         // idempotency keys), then the open ones before it, which hold
@@ -373,13 +378,14 @@ impl Pipeline {
         for i in 0..verifiers {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
+            let clock = config.clock.clone();
             let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts)
                 .settling(config.settled_chains.clone())
                 .min_deposit(config.min_deposit)
                 .claiming_with(config.receiver_authorizer);
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {
-                run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs);
+                run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs, &clock);
             })?);
         }
         Ok(pipeline)

@@ -34,8 +34,8 @@ use crate::{
     balance::{Account, BalanceSource, Fetched, Lookup, Notifier},
     channels::{ChannelNotifier, ChannelSource, ChannelView, ClaimOutcome, DepositNotifier, NoChannels},
     domain::{
-        BalanceKey, ChannelRecord, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState, PaymentStatus,
-        PendingKey, unix_millis,
+        BalanceKey, ChannelRecord, Clock, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState,
+        PaymentStatus, PendingKey,
     },
     reason::{Reason, Rejection},
     verify::Verified,
@@ -106,6 +106,8 @@ pub(crate) struct Shard {
     /// then a cached balance may still hold the settled tokens, and
     /// releasing would let them count zero times.
     settled_unseen: HashMap<BalanceKey, U256>,
+    /// Where the time is read.
+    clock: Clock,
 }
 
 impl Shard {
@@ -157,10 +159,17 @@ impl Shard {
             max_parked: 65_536,
             unclaimable: std::collections::HashSet::new(),
             settled_unseen: HashMap::new(),
+            clock: Clock::system(),
         }
     }
 
     /// Parks at most `max` payments, and at most `max` vouchers.
+    /// Reads the time from `clock`.
+    pub(crate) fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     pub(crate) const fn with_max_parked(mut self, max: usize) -> Self {
         self.max_parked = max;
         self
@@ -230,7 +239,7 @@ impl Shard {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if last_sweep.elapsed() >= Self::SWEEP_EVERY {
-                self.sweep(unix_millis() / 1000);
+                self.sweep(self.clock.now_secs());
                 last_sweep = std::time::Instant::now();
             }
         }
@@ -281,7 +290,7 @@ impl Shard {
                     let _ = reply.send(Ok(()));
                     return true;
                 };
-                let now_ms = unix_millis();
+                let now_ms = self.clock.now_ms();
                 record.channel.sync(onchain, now_ms / 1000);
                 let mut event = None;
                 if let Some(ClaimOutcome::Quarantined { merchant_number, reason }) = claimed {
@@ -317,7 +326,7 @@ impl Shard {
                 if refund.is_some() {
                     record.refund_requested = refund;
                 }
-                record.updated_at_ms = unix_millis();
+                record.updated_at_ms = self.clock.now_ms();
                 let reply = ChannelReply::Requested(reply, ChannelView::from(&record.channel));
                 let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, reply };
                 self.commit.send(item).is_ok()
@@ -432,7 +441,7 @@ impl Shard {
         // eaten the validity, and past `validBefore` the replay window may
         // have let go of an earlier submit of this very payment.
         let valid_before = verified.payload.authorization.valid_before_secs();
-        let now_ms = unix_millis();
+        let now_ms = self.clock.now_ms();
         let now = now_ms / 1000;
         if valid_before <= now {
             let message =

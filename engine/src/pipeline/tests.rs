@@ -549,18 +549,27 @@ fn a_pending_intent_is_replaced_only_by_a_version_of_itself() {
     assert_eq!(ledger.intents().unwrap(), vec![intent(ids[0], &[1, 2])], "the pending intent was kept");
 }
 
+/// The shard checks validity again by the pipeline's clock (here one the
+/// test moves, so nothing waits for real seconds to pass).
 #[test]
 fn a_payment_whose_validity_ran_out_in_the_shard_queue_is_refused() {
     // One shard, queues of one: with the ledger stalled, the shard waits
     // to hand over a payment while the next one sits in its queue.
     let ledger = Arc::new(FlakyLedger::default());
     let payer = Payer::random();
-    let config =
-        PipelineConfig { verifiers: 1, shards: 1, queue_capacity: 1, max_group: 1, ..PipelineConfig::default() };
+    let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+    let config = PipelineConfig {
+        verifiers: 1,
+        shards: 1,
+        queue_capacity: 1,
+        max_group: 1,
+        clock: clock.clone(),
+        ..PipelineConfig::default()
+    };
     let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
     let dyn_ledger: Arc<dyn Ledger> = ledger.clone();
     let pipeline = Pipeline::start(&config, &dyn_ledger, &balances).unwrap();
-    let now = crate::domain::unix_millis() / 1000;
+    let now = clock.now_secs();
     let short = {
         let s = submission(&payer, 9);
         let PaymentInput::Exact(mut payload) = s.input.clone() else { unreachable!() };
@@ -590,7 +599,8 @@ fn a_payment_whose_validity_ran_out_in_the_shard_queue_is_refused() {
         })
         .collect();
     let late = enqueue(short);
-    thread::sleep(std::time::Duration::from_secs(9));
+    // Verified with 8 s left; by the time the shard takes it, 1 s.
+    clock.advance(std::time::Duration::from_secs(7));
     drop(stall);
     let SubmitOutcome::Rejected { rejection, .. } = late.blocking_recv().unwrap() else { panic!("accepted late") };
     assert_eq!(rejection.reason, Reason::ValidBefore, "{}", rejection.message);

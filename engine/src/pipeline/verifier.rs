@@ -9,7 +9,7 @@ use crossbeam::channel::{Receiver, Sender};
 use super::{SubmitOutcome, VerifyJob, messages::ShardMsg};
 use crate::{
     channels::VoucherVerifier,
-    domain::Submission,
+    domain::{Clock, Submission},
     verify::{Refusal, Verifier},
 };
 
@@ -32,6 +32,7 @@ pub(super) fn run_verifier(
     vouchers: &mut VoucherVerifier,
     rx: &Receiver<VerifyJob>,
     shards: &[Sender<ShardMsg>],
+    clock: &Clock,
 ) {
     metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(0.0);
     let mut since_gauge = 0u32;
@@ -41,7 +42,7 @@ pub(super) fn run_verifier(
             since_gauge = 0;
             metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(rx.len() as f64);
         }
-        let now = crate::domain::unix_millis() / 1000;
+        let now = clock.now_secs();
         let VerifyJob { merchant, submission, reply, dry_run } = job;
         let submission = match submission {
             Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload), .. } => {

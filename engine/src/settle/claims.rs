@@ -51,7 +51,7 @@ use super::Settler;
 use crate::{
     Result,
     channels::{ClaimOutcome, Claimed, voucher_signer},
-    domain::{ChannelRecord, IntentState, unix_millis},
+    domain::{ChannelRecord, IntentState},
 };
 
 /// Channels whose state one `eth_call` reads at most (about 10,000 gas
@@ -188,7 +188,7 @@ impl<C: Chain> Settler<C> {
         )
         .await?;
         for (id, onchain) in touched.into_iter().zip(states) {
-            mine.get_mut(&id).expect("filtered").channel.sync(onchain, unix_millis() / 1000);
+            mine.get_mut(&id).expect("filtered").channel.sync(onchain, self.config.clock.now_secs());
         }
         state.next_block = Some(head + 1);
         self.announce_withdrawals(mine, &mut state.quarantine).await?;
@@ -198,7 +198,7 @@ impl<C: Chain> Settler<C> {
         if self.claim_pending().await? {
             return Ok(ClaimRound::default());
         }
-        let now = unix_millis() / 1000;
+        let now = self.config.clock.now_secs();
         let authorizer = claims.authorizer.address();
         let mut due = Vec::new();
         let instant = Instant::now();
@@ -326,7 +326,7 @@ impl<C: Chain> Settler<C> {
         let mut parts = Vec::new();
         for ((record, _), onchain) in records.iter().zip(states) {
             let mut channel = record.channel.clone();
-            channel.sync(onchain, unix_millis() / 1000);
+            channel.sync(onchain, self.config.clock.now_secs());
             let refund = match record.refund_requested.map(|r| channel.refundable(Some(r))) {
                 Some(amount) if amount > 0 => {
                     let nonce = U256::from(channel.onchain.refund_nonce);
@@ -563,7 +563,7 @@ impl<C: Chain> Settler<C> {
         records: &[(ChannelRecord, u32)],
         mined: Option<(B256, u64)>,
     ) -> Result<()> {
-        let at = unix_millis() / 1000;
+        let at = self.config.clock.now_secs();
         let states = self.read_channels(claims.contract, &records.iter().map(|(r, _)| r).collect::<Vec<_>>()).await?;
         let syncs = records.iter().zip(states).map(|((record, merchant_number), onchain)| {
             let claimed = Claimed {

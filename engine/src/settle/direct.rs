@@ -6,7 +6,7 @@ use x402_chain::Chain;
 use super::{Settler, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Result,
-    domain::{PaymentRecord, PaymentState, unix_millis},
+    domain::{PaymentRecord, PaymentState},
     pipeline::Transition,
     reason::Reason,
 };
@@ -17,8 +17,8 @@ impl<C: Chain> Settler<C> {
     /// and `Submitted`, broadcasts and follows the transaction.
     pub(super) async fn settle_direct(&self, payment: PaymentRecord) -> Result<()> {
         let a = &payment.authorization;
-        if a.valid_before_secs() <= unix_millis() / 1000 + self.config.expiry_margin_secs {
-            let mut expired = status(PaymentState::Expired);
+        if a.valid_before_secs() <= self.config.clock.now_secs() + self.config.expiry_margin_secs {
+            let mut expired = status(PaymentState::Expired, self.now_ms());
             expired.failure_reason = Some(Reason::ValidBefore.code().into());
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: expired }]).await;
         }
@@ -33,7 +33,7 @@ impl<C: Chain> Settler<C> {
             let spent =
                 if reason == Reason::NonceAlreadyUsed.code() { self.spent_elsewhere(&payment).await? } else { None };
             let failed = spent.unwrap_or_else(|| {
-                let mut failed = status(PaymentState::Failed);
+                let mut failed = status(PaymentState::Failed, self.now_ms());
                 failed.failure_reason = Some(reason.into());
                 failed
             });
@@ -44,8 +44,10 @@ impl<C: Chain> Settler<C> {
         // call would run some payments out of gas.
         let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await?;
         let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await?;
-        let submitted =
-            vec![Transition { id: payment.id, status: status_with_tx(PaymentState::Submitted, tx.hash, None) }];
+        let submitted = vec![Transition {
+            id: payment.id,
+            status: status_with_tx(PaymentState::Submitted, tx.hash, None, self.now_ms()),
+        }];
         self.send(tx, vec![payment.id], submitted).await
     }
 }

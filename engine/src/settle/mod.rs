@@ -41,7 +41,7 @@ use x402_chain::{Chain, contracts::MULTICALL3_ADDRESS, eip3009::transfer_with_au
 
 use crate::{
     Engine, Result,
-    domain::{IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, TxIntent},
+    domain::{Clock, IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, TxIntent},
     pipeline::{IntentChange, Transition},
     reason::Reason,
 };
@@ -170,6 +170,8 @@ pub(crate) const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simula
 /// How a settler paces itself.
 #[derive(Clone, Debug)]
 pub struct SettlerConfig {
+    /// Where the settler reads the time: the system clock but in tests.
+    pub clock: Clock,
     /// How often the ledger's intents and settlement queue are looked at.
     pub poll: Duration,
     /// Transactions (direct or batch) being worked on at once.
@@ -195,6 +197,7 @@ pub struct SettlerConfig {
 impl Default for SettlerConfig {
     fn default() -> Self {
         Self {
+            clock: Clock::system(),
             poll: Duration::from_millis(100),
             max_in_flight: 64,
             receipt_timeout: Duration::from_secs(120),
@@ -225,6 +228,11 @@ pub struct Settler<C> {
 }
 
 impl<C: Chain> Settler<C> {
+    /// Unix time in milliseconds, by the settler's clock.
+    fn now_ms(&self) -> u64 {
+        self.config.clock.now_ms()
+    }
+
     fn new(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> Self {
         Self {
             engine,
@@ -419,7 +427,7 @@ impl<C: Chain> Settler<C> {
             return Ok(());
         }
         let gas_cap_rows = gas_cap_rows?;
-        let now_ms = crate::domain::unix_millis();
+        let now_ms = self.now_ms();
         for (token, mut rows) in batches {
             while let Some(take) = self.batch_due(&rows, now_ms, gas_cap_rows) {
                 if work.len() >= self.config.max_in_flight {
@@ -509,7 +517,7 @@ impl<C: Chain> Settler<C> {
             let spent = self.chain.authorization_spent(p.asset, a.from, a.nonce, from, to).await?;
             if let Some(spent) = spent {
                 if spent.canceled {
-                    let mut failed = status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block));
+                    let mut failed = status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block), self.now_ms());
                     failed.failure_reason = Some(AUTHORIZATION_CANCELED.into());
                     return Ok(Some(failed));
                 }
@@ -518,7 +526,12 @@ impl<C: Chain> Settler<C> {
                 let after_acceptance = spent.timestamp.saturating_add(ACCEPT_SKEW_SECS) >= p.accepted_at_ms / 1000;
                 if after_acceptance && spent.transfer == Some((a.to, a.value)) {
                     tracing::info!(payment = %p.id, tx = %spent.tx, "a payment was settled by someone else's transaction");
-                    return Ok(Some(status_with_tx(PaymentState::Confirmed, spent.tx, Some(spent.block))));
+                    return Ok(Some(status_with_tx(
+                        PaymentState::Confirmed,
+                        spent.tx,
+                        Some(spent.block),
+                        self.now_ms(),
+                    )));
                 }
                 break;
             }
@@ -531,14 +544,14 @@ impl<C: Chain> Settler<C> {
     }
 }
 
-/// A status stamped now.
-fn status(state: PaymentState) -> PaymentStatus {
-    PaymentStatus::new(state, crate::domain::unix_millis())
+/// A status stamped `now_ms`.
+const fn status(state: PaymentState, now_ms: u64) -> PaymentStatus {
+    PaymentStatus::new(state, now_ms)
 }
 
-/// `state` with the transaction that led to it.
-fn status_with_tx(state: PaymentState, tx: B256, block: Option<u64>) -> PaymentStatus {
-    let mut status = status(state);
+/// `state` with the transaction that led to it, stamped `now_ms`.
+fn status_with_tx(state: PaymentState, tx: B256, block: Option<u64>, now_ms: u64) -> PaymentStatus {
+    let mut status = status(state, now_ms);
     status.transaction = Some(tx);
     status.block = block;
     status

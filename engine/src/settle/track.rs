@@ -10,15 +10,14 @@ use x402_chain::{Chain, Receipt, SignedTx};
 use super::{SIMULATION_FAILED, Settler, classify_revert, status, status_with_tx, transfer_call};
 use crate::{
     Error, Result,
-    domain::{IntentState, PaymentId, PaymentState, TxIntent, unix_millis},
+    domain::{IntentState, PaymentId, PaymentState, TxIntent},
     pipeline::{IntentChange, Transition},
     reason::Reason,
 };
 
 impl TxIntent {
-    /// A freshly signed transaction settling `payments`.
-    fn pending(chain_id: u64, tx: &SignedTx, payments: Vec<PaymentId>) -> Self {
-        let now = unix_millis();
+    /// A freshly signed transaction settling `payments`, signed at `now` (Unix ms).
+    fn pending(chain_id: u64, tx: &SignedTx, payments: Vec<PaymentId>, now: u64) -> Self {
         Self {
             chain_id,
             signer: tx.signer,
@@ -34,10 +33,10 @@ impl TxIntent {
 }
 
 /// Every payment of `intent` back to (or still) `Submitted` with `tx`.
-fn submitted(payments: &[PaymentId], tx: B256) -> Vec<Transition> {
+fn submitted(payments: &[PaymentId], tx: B256, now_ms: u64) -> Vec<Transition> {
     payments
         .iter()
-        .map(|id| Transition { id: *id, status: status_with_tx(PaymentState::Submitted, tx, None) })
+        .map(|id| Transition { id: *id, status: status_with_tx(PaymentState::Submitted, tx, None, now_ms) })
         .collect()
 }
 
@@ -54,7 +53,7 @@ impl<C: Chain> Settler<C> {
     ) -> Result<()> {
         let chain_id = self.chain.chain_id();
         let mut tx = tx;
-        let mut intent = TxIntent::pending(chain_id, &tx, payments);
+        let mut intent = TxIntent::pending(chain_id, &tx, payments, self.now_ms());
         let mut changes = vec![IntentChange::Record(intent.clone())];
         let mut transitions = transitions;
         loop {
@@ -74,9 +73,9 @@ impl<C: Chain> Settler<C> {
                 Err(x402_chain::Error::NonceTooLow { .. }) => {
                     let fresh = self.chain.sign_call(tx.to, tx.input.clone(), Some(tx.gas_limit)).await?;
                     let stale = intent.key();
-                    intent = TxIntent::pending(chain_id, &fresh, intent.payments);
+                    intent = TxIntent::pending(chain_id, &fresh, intent.payments, self.now_ms());
                     changes = vec![IntentChange::Forget(stale), IntentChange::Record(intent.clone())];
-                    transitions = submitted(&intent.payments, fresh.hash);
+                    transitions = submitted(&intent.payments, fresh.hash, self.now_ms());
                     tx = fresh;
                 }
                 // Recorded but perhaps not sent: the next round resolves it.
@@ -115,8 +114,8 @@ impl<C: Chain> Settler<C> {
             let bumped = self.chain.bump(&tx).await?;
             intent.tx_hashes.push(bumped.hash);
             intent.raw = bumped.raw.to_vec();
-            intent.updated_at_ms = unix_millis();
-            let transitions = submitted(&intent.payments, bumped.hash);
+            intent.updated_at_ms = self.now_ms();
+            let transitions = submitted(&intent.payments, bumped.hash, self.now_ms());
             self.record(vec![IntentChange::Record(intent.clone())], transitions).await?;
             metrics::counter!(crate::metrics::FEE_BUMPS).increment(1);
             tracing::info!(
@@ -142,7 +141,7 @@ impl<C: Chain> Settler<C> {
     /// batch.
     async fn conclude(&self, intent: &TxIntent, receipt: &Receipt) -> Result<()> {
         let mut transitions = Vec::with_capacity(intent.payments.len());
-        let now_ms = unix_millis();
+        let now_ms = self.now_ms();
         let mut confirmed = 0u64;
         let mut strategy = "direct";
         // A transaction that ran out of gas failed on its own account, not
@@ -158,7 +157,7 @@ impl<C: Chain> Settler<C> {
                 confirmed += 1;
                 let seconds = now_ms.saturating_sub(p.accepted_at_ms) as f64 / 1000.0;
                 metrics::histogram!(crate::metrics::ACCEPT_TO_CONFIRM_SECONDS, "strategy" => strategy).record(seconds);
-                status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block))
+                status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block), self.now_ms())
             } else if p.status.state == PaymentState::Confirmed && p.status.transaction != Some(receipt.tx) {
                 // Settled by another transaction: this one cannot undo it.
                 continue;
@@ -172,9 +171,11 @@ impl<C: Chain> Settler<C> {
                     // around each attempt would have x402d pay for reverted
                     // transactions without end).
                     None if out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct) => {
-                        status(PaymentState::Queued)
+                        status(PaymentState::Queued, self.now_ms())
                     }
-                    Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => status(PaymentState::Queued),
+                    Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => {
+                        status(PaymentState::Queued, self.now_ms())
+                    }
                     revert => {
                         // Spent, not by this transaction: the chain may say how.
                         let spent = match revert.as_deref() {
@@ -187,7 +188,8 @@ impl<C: Chain> Settler<C> {
                             transitions.push(Transition { id: *id, status: spent });
                             continue;
                         }
-                        let mut failed = status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
+                        let mut failed =
+                            status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block), self.now_ms());
                         failed.failure_reason =
                             Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
                         failed
@@ -210,7 +212,7 @@ impl<C: Chain> Settler<C> {
                 block_hash: receipt.block_hash,
                 success: receipt.success,
             };
-            included.updated_at_ms = unix_millis();
+            included.updated_at_ms = self.now_ms();
             IntentChange::Record(included)
         };
         self.record(vec![change], transitions).await
@@ -257,11 +259,11 @@ impl<C: Chain> Settler<C> {
             let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await?;
             let status = match used {
                 true => self.spent_elsewhere(&p).await?.unwrap_or_else(|| {
-                    let mut failed = status(PaymentState::Failed);
+                    let mut failed = status(PaymentState::Failed, self.now_ms());
                     failed.failure_reason = Some(Reason::NonceAlreadyUsed.code().into());
                     failed
                 }),
-                false => status(PaymentState::Queued),
+                false => status(PaymentState::Queued, self.now_ms()),
             };
             transitions.push(Transition { id: *id, status });
         }
@@ -287,8 +289,8 @@ impl<C: Chain> Settler<C> {
         tracing::warn!(tx = %latest, "a reorg dropped a settlement transaction; it will be sent again");
         let mut pending = intent;
         pending.state = IntentState::Pending;
-        pending.updated_at_ms = unix_millis();
-        let transitions = submitted(&pending.payments, latest);
+        pending.updated_at_ms = self.now_ms();
+        let transitions = submitted(&pending.payments, latest, self.now_ms());
         self.record(vec![IntentChange::Record(pending)], transitions).await
     }
 }

@@ -12,7 +12,7 @@ use super::Shard;
 use crate::{
     SubmitOutcome,
     channels::{ChannelFetched, ChannelView, DepositFailure, ReadFailure, VerifiedVoucher, new_record},
-    domain::{Merchant, unix_millis},
+    domain::Merchant,
     pipeline::messages::CommitItem,
     reason::Rejection,
 };
@@ -90,7 +90,7 @@ impl Shard {
         let policy = crate::channels::claim_policy(&parked.merchant);
         let rule = match v.refund {
             Some(_) => record.channel.check_refund(v.max_claimable),
-            None => record.channel.check_voucher(v.max_claimable, v.amount, deposit, unix_millis() / 1000, &policy),
+            None => record.channel.check_voucher(v.max_claimable, v.amount, deposit, self.clock.now_secs(), &policy),
         };
         match rule {
             Ok(()) => Some(parked),
@@ -131,7 +131,7 @@ impl Shard {
         reply: oneshot::Sender<SubmitOutcome>,
         may_refresh: bool,
     ) -> bool {
-        let now_ms = unix_millis();
+        let now_ms = self.clock.now_ms();
         let now = now_ms / 1000;
         if self.unclaimable.contains(&v.channel_id) && v.refund.is_none() {
             crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
@@ -245,12 +245,12 @@ impl Shard {
         match result {
             Ok(onchain) => {
                 queue[0].verified.deposit = None;
-                let first = &queue[0];
+                let (first, now) = (&queue[0], self.clock.now_secs());
                 self.channels
                     .entry(id)
-                    .or_insert_with(|| new_record(&first.merchant, &first.verified))
+                    .or_insert_with(|| new_record(&first.merchant, &first.verified, now))
                     .channel
-                    .sync(onchain, unix_millis() / 1000);
+                    .sync(onchain, now);
                 self.resume_vouchers(queue)
             }
             Err(DepositFailure::Rejected(message)) => {
@@ -325,11 +325,11 @@ impl Shard {
                 return true;
             }
         };
-        let now = unix_millis() / 1000;
+        let now = self.clock.now_secs();
         let first = &queue[0];
         self.channels
             .entry(id)
-            .or_insert_with(|| new_record(&first.merchant, &first.verified))
+            .or_insert_with(|| new_record(&first.merchant, &first.verified, now))
             .channel
             .sync(onchain, now);
         self.resume_vouchers(queue)

@@ -459,3 +459,22 @@ async fn nonces_start_past_the_pending_intents_after_a_restart() {
     assert!(nonces.contains(&pending.nonce) && nonces.contains(&(pending.nonce + 1)), "{nonces:?}");
     assert_eq!(b.status(p.id).await.transaction, Some(pending.tx_hashes[0]), "the first intent is kept");
 }
+
+/// The settler reads the time from its clock: a payment whose validity ran
+/// out by that clock is concluded `Expired`, stamped by it, and nothing is
+/// signed or sent for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_that_ran_out_by_the_settlers_clock_is_expired_and_never_sent() {
+    let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+    let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
+    let p = b.pay().await;
+    // Valid for 600 s from the payment; by the settler's clock 598 have
+    // passed, inside the 3 s it keeps from `validBefore`.
+    clock.advance(Duration::from_secs(598));
+    b.settle(&p).await;
+    assert!(b.chain.broadcasts().is_empty(), "nothing was sent");
+    assert!(b.intents().await.is_empty(), "nothing was signed");
+    let status = b.status(p.id).await;
+    assert_eq!(status.state, PaymentState::Expired, "{status:?}");
+    assert_eq!(status.updated_at_ms, clock.now_ms());
+}
