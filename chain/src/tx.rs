@@ -28,7 +28,10 @@ use alloy::{
     signers::local::PrivateKeySigner,
     sol_types::{SolCall, SolEvent},
 };
-use alloy::{rpc::client::ClientBuilder, transports::layers::RetryBackoffLayer};
+use alloy::{
+    rpc::client::ClientBuilder,
+    transports::layers::{RateLimitRetryPolicy, RetryBackoffLayer, RetryPolicy},
+};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -101,19 +104,45 @@ fn decode(raw: &Bytes) -> Result<TxEnvelope> {
 }
 
 /// The retry layer of every node client, its answer to a provider's rate
-/// limit (HTTP 429, `-32005` and the other codes alloy knows): a few
-/// retries, backing off (or as long as the provider says), before the
-/// caller sees the error. Settlement then retries on its own schedule, with
-/// its own backoff; this only keeps a burst of rate limits from reaching it.
-fn rate_limit_retries() -> RetryBackoffLayer {
+/// limit (HTTP 429 or 503, `-32005` and the other answers alloy knows): up
+/// to 3 retries, 100 ms apart (or as long as the provider asks, up to 2 s),
+/// before the caller sees the error. Settlement then retries on its own
+/// schedule, with its own backoff; this only keeps a burst of rate limits
+/// from reaching it. A revert is never retried (see [`NotReverts`]).
+fn rate_limit_retries() -> RetryBackoffLayer<NotReverts> {
     /// Retries after the first attempt.
     const RETRIES: u32 = 3;
-    /// The base delay between them, milliseconds.
+    /// The delay before each, milliseconds (fixed, not growing).
     const BACKOFF_MS: u64 = 100;
-    /// The provider's compute budget alloy paces retries against: high, so
-    /// pacing adds nothing unless the provider names a delay.
-    const COMPUTE_UNITS_PER_SECOND: u64 = 10_000;
-    RetryBackoffLayer::new(RETRIES, BACKOFF_MS, COMPUTE_UNITS_PER_SECOND)
+    /// The provider's compute budget alloy paces requests in flight
+    /// against: high, so pacing adds nothing below thousands in flight.
+    const COMPUTE_UNITS_PER_SECOND: u64 = 100_000;
+    RetryBackoffLayer::new_with_policy(RETRIES, BACKOFF_MS, COMPUTE_UNITS_PER_SECOND, NotReverts)
+}
+
+/// alloy's rate-limit policy, except for the EVM's verdicts: alloy matches
+/// rate limits partly by message, and a token's revert reason may well say
+/// "rate limit"; retrying it would turn a revert into a provider error, and
+/// a payment that must fail into one retried until it expires. A hint to
+/// wait is capped, so one call cannot hold a signer's nonce lock or an
+/// HTTP request for minutes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NotReverts;
+
+impl NotReverts {
+    /// The longest wait a provider's hint gets.
+    const MAX_HINT: Duration = Duration::from_secs(2);
+}
+
+impl RetryPolicy for NotReverts {
+    fn should_retry(&self, error: &alloy::transports::TransportError) -> bool {
+        let revert = error.as_error_resp().is_some_and(|e| is_revert(e.code, &e.message));
+        !revert && RateLimitRetryPolicy::default().should_retry(error)
+    }
+
+    fn backoff_hint(&self, error: &alloy::transports::TransportError) -> Option<Duration> {
+        RateLimitRetryPolicy::default().backoff_hint(error).map(|hint| hint.min(Self::MAX_HINT))
+    }
 }
 
 /// An EVM node and the keys that pay for settlement transactions.
@@ -554,26 +583,27 @@ mod mock_tests {
 
     #[tokio::test]
     async fn a_rate_limit_is_retried_by_the_client_before_settlement_sees_it() {
+        let (chain, asserter) = chain();
+        push_error(&asserter, -32005, "request rate exceeded");
+        push_error(&asserter, 429, "Too Many Requests");
+        asserter.push_success(&Bytes::from_static(&[0xab]));
+        assert_eq!(chain.call(Address::repeat_byte(1), Bytes::new()).await.unwrap(), Bytes::from_static(&[0xab]));
+        // A verdict is not retried, even one whose reason reads like a rate limit.
+        push_error(&asserter, 3, "execution reverted: rate limit exceeded for this account");
+        asserter.push_success(&Bytes::new());
+        let verdict = chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap();
+        assert_eq!(verdict.as_deref(), Some("execution reverted: rate limit exceeded for this account"));
+        assert_eq!(asserter.read_q().len(), 1, "the revert was answered at once");
+    }
+
+    /// A chain on a scripted node, through the same retry layer as a
+    /// connected one.
+    fn chain() -> (AlloyChain, Asserter) {
         let asserter = Asserter::new();
         let client = ClientBuilder::default()
             .layer(rate_limit_retries())
             .transport(alloy::transports::mock::MockTransport::new(asserter.clone()), true);
         let provider = ProviderBuilder::default().connect_client(client);
-        let chain = AlloyChain::with_provider(provider, 31337, vec![PrivateKeySigner::random()], TxConfig::default());
-        push_error(&asserter, -32005, "request rate exceeded");
-        push_error(&asserter, 429, "Too Many Requests");
-        asserter.push_success(&Bytes::from_static(&[0xab]));
-        assert_eq!(chain.call(Address::repeat_byte(1), Bytes::new()).await.unwrap(), Bytes::from_static(&[0xab]));
-        // A verdict is not retried.
-        push_error(&asserter, 3, "execution reverted");
-        asserter.push_success(&Bytes::new());
-        assert!(chain.simulate(Address::repeat_byte(1), Bytes::new()).await.unwrap().is_some());
-        assert_eq!(asserter.read_q().len(), 1, "the revert was answered at once");
-    }
-
-    fn chain() -> (AlloyChain, Asserter) {
-        let asserter = Asserter::new();
-        let provider = ProviderBuilder::default().connect_mocked_client(asserter.clone());
         (AlloyChain::with_provider(provider, 31337, vec![PrivateKeySigner::random()], TxConfig::default()), asserter)
     }
 
@@ -645,12 +675,12 @@ mod mock_tests {
     }
 
     #[tokio::test]
-    async fn a_refused_broadcast_is_an_error_and_the_node_url_is_never_in_it() {
+    async fn a_refused_broadcast_is_an_error_with_the_nodes_reason() {
         let (chain, asserter) = chain();
         let tx = signed(&chain, 0).await;
         push_error(&asserter, -32000, "insufficient funds for gas * price + value");
         let err = chain.broadcast(&tx).await.unwrap_err();
         assert!(err.to_string().contains("insufficient funds"), "{err}");
-        assert!(!err.to_string().contains("http"), "{err}");
+        assert!(asserter.read_q().is_empty(), "not retried, nothing else asked");
     }
 }

@@ -303,6 +303,37 @@ pub struct PayloadType {
     pub kind: String,
 }
 
+/// A channel as it stands on chain, as a facilitator reports it (the
+/// `extra` of `/verify`, `extra.channelState` of `/settle`) for the
+/// reference server to mirror.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelStateJson {
+    /// The channel id.
+    #[serde(with = "fields::word")]
+    pub channel_id: B256,
+    /// Its balance, atomic token units as a decimal string.
+    #[serde(with = "fields::u128_decimal")]
+    pub balance: u128,
+    /// What the receiver has claimed so far, a decimal string.
+    #[serde(with = "fields::u128_decimal")]
+    pub total_claimed: u128,
+    /// When the payer asked to withdraw (Unix seconds, a number); 0 when it
+    /// has not.
+    pub withdraw_requested_at: u64,
+    /// The contract's refund nonce, a decimal string.
+    #[serde(with = "fields::u64_decimal")]
+    pub refund_nonce: u64,
+}
+
+/// The `extra` of a `/settle` answer for a channel: `{channelState}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelStateExtra {
+    /// The channel after the settle.
+    pub channel_state: ChannelStateJson,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,7 +157,8 @@ fn narrow<'de, D: Deserializer<'de>, T: TryFrom<U256>>(d: D, message: &'static s
 }
 
 /// `#[serde(with = "u128_decimal")]`: an amount that fits a `u128`,
-/// written as a decimal string.
+/// written as a decimal string (read from one, or from a JSON number that
+/// fits a `u64`).
 pub mod u128_decimal {
     use super::*;
 
@@ -209,7 +210,8 @@ pub mod u64_decimal {
 }
 
 /// `#[serde(with = "uint40")]`: a channel's withdraw delay (`uint40`), a
-/// number on output.
+/// number on output; beyond a `u64` it is refused as "is not a uint64",
+/// beyond a `uint40` as "does not fit a uint40".
 pub mod uint40 {
     use alloy::primitives::aliases::U40;
 

@@ -34,9 +34,9 @@ pub mod fields;
 mod network;
 
 pub use batch::{
-    ChannelConfigJson, ChannelExtra, ChannelPayloadJson, ChannelPayloadType, ClaimJson, ClaimPayloadJson,
-    ClaimVoucherJson, DepositAuthorizationJson, DepositJson, DepositPayload, Erc3009AuthorizationJson, PayloadType,
-    RefundPayloadJson, SettlePayloadJson, VoucherJson, VoucherPayload,
+    ChannelConfigJson, ChannelExtra, ChannelPayloadJson, ChannelPayloadType, ChannelStateExtra, ChannelStateJson,
+    ClaimJson, ClaimPayloadJson, ClaimVoucherJson, DepositAuthorizationJson, DepositJson, DepositPayload,
+    Erc3009AuthorizationJson, PayloadType, RefundPayloadJson, SettlePayloadJson, VoucherJson, VoucherPayload,
 };
 pub use decode::{FieldError, from_slice, from_value};
 pub use exact::{Accepted, Authorization, ExactEvmPayload, ExactPayload, PaymentPayload, Requirements};

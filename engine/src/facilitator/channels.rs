@@ -40,7 +40,9 @@ use crate::{
     reason::{InvalidField, Reason},
     verify::Refusal,
 };
-use x402_wire::{ClaimJson, ClaimPayloadJson, PayloadType, RefundPayloadJson, SettlePayloadJson};
+use x402_wire::{
+    ChannelStateExtra, ChannelStateJson, ClaimJson, ClaimPayloadJson, PayloadType, RefundPayloadJson, SettlePayloadJson,
+};
 
 /// What the facilitator needs to act on channels.
 #[derive(Clone, Debug)]
@@ -152,14 +154,25 @@ impl ChannelFacilitator {
 }
 
 /// The channel on chain as the reference server reads it from `extra`.
+fn channel_state(id: B256, delay: u64, c: &OnChain) -> ChannelStateJson {
+    ChannelStateJson {
+        channel_id: id,
+        balance: c.balance,
+        total_claimed: c.total_claimed,
+        withdraw_requested_at: c.withdrawal.map_or(0, |w| w.finalize_after.saturating_sub(delay)),
+        refund_nonce: c.refund_nonce,
+    }
+}
+
+/// The `extra` of a `/verify` answer: the channel on chain.
 fn onchain_extra(id: B256, delay: u64, c: &OnChain) -> serde_json::Value {
-    serde_json::json!({
-        "channelId": id.to_string(),
-        "balance": c.balance.to_string(),
-        "totalClaimed": c.total_claimed.to_string(),
-        "withdrawRequestedAt": c.withdrawal.map_or(0, |w| w.finalize_after.saturating_sub(delay)),
-        "refundNonce": c.refund_nonce.to_string(),
-    })
+    serde_json::to_value(channel_state(id, delay, c)).expect("channel states serialize")
+}
+
+/// The `extra` of a `/settle` answer: `{channelState}`.
+fn settled_extra(id: B256, delay: u64, c: &OnChain) -> serde_json::Value {
+    serde_json::to_value(ChannelStateExtra { channel_state: channel_state(id, delay, c) })
+        .expect("channel states serialize")
 }
 
 /// A `voucher`, `deposit` or `refund` payload, checked statelessly.
@@ -298,7 +311,7 @@ pub(super) async fn settle(
             let Some(deposit) = v.deposit.clone() else {
                 // A voucher needs nothing on chain: the server claims it later.
                 let onchain = channels.onchain(&v).await?;
-                let extra = serde_json::json!({ "channelState": onchain_extra(v.channel_id, delay, &onchain) });
+                let extra = settled_extra(v.channel_id, delay, &onchain);
                 return Ok(SettleResponse { success: true, payer, extra: Some(extra), ..base });
             };
             channels.spend(merchant)?;
@@ -308,7 +321,7 @@ pub(super) async fn settle(
                     payer,
                     transaction: tx.map(|t| t.to_string()).unwrap_or_default(),
                     amount: Some(deposit.amount.to_string()),
-                    extra: Some(serde_json::json!({ "channelState": onchain_extra(v.channel_id, delay, &onchain) })),
+                    extra: Some(settled_extra(v.channel_id, delay, &onchain)),
                     ..base
                 },
                 Err(DepositFailure::Rejected(message)) => {
@@ -530,7 +543,7 @@ async fn refund(
                 success: true,
                 transaction: tx.to_string(),
                 amount: Some(before.balance.saturating_sub(after.balance).to_string()),
-                extra: Some(serde_json::json!({ "channelState": onchain_extra(id, delay, &after) })),
+                extra: Some(settled_extra(id, delay, &after)),
                 ..base
             }
         }

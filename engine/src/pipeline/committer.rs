@@ -139,13 +139,13 @@ impl Committer {
 
     const MIN_PRUNE_KEYS_AT: usize = 1024;
 
-    /// Keeps idempotency keys until `validBefore` + `retention_secs`.
     /// Reads the time from `clock`.
     pub(crate) fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
     }
 
+    /// Keeps idempotency keys until `validBefore` + `retention_secs`.
     pub(crate) const fn with_key_retention(mut self, retention_secs: u64) -> Self {
         self.retention_secs = retention_secs;
         self

@@ -163,13 +163,13 @@ impl Shard {
         }
     }
 
-    /// Parks at most `max` payments, and at most `max` vouchers.
     /// Reads the time from `clock`.
     pub(crate) fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
     }
 
+    /// Parks at most `max` payments, and at most `max` vouchers.
     pub(crate) const fn with_max_parked(mut self, max: usize) -> Self {
         self.max_parked = max;
         self

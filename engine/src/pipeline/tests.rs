@@ -599,8 +599,11 @@ fn a_payment_whose_validity_ran_out_in_the_shard_queue_is_refused() {
         })
         .collect();
     let late = enqueue(short);
-    // Verified with 8 s left; by the time the shard takes it, 1 s.
-    clock.advance(std::time::Duration::from_secs(7));
+    // Verified with 8 s left (the verifier is idle: it has passed the
+    // payment on by now), then it waits in the shard's queue past its
+    // `validBefore`.
+    thread::sleep(std::time::Duration::from_millis(200));
+    clock.advance(std::time::Duration::from_secs(9));
     drop(stall);
     let SubmitOutcome::Rejected { rejection, .. } = late.blocking_recv().unwrap() else { panic!("accepted late") };
     assert_eq!(rejection.reason, Reason::ValidBefore, "{}", rejection.message);

@@ -245,13 +245,7 @@ impl Shard {
         match result {
             Ok(onchain) => {
                 queue[0].verified.deposit = None;
-                let (first, now) = (&queue[0], self.clock.now_secs());
-                self.channels
-                    .entry(id)
-                    .or_insert_with(|| new_record(&first.merchant, &first.verified, now))
-                    .channel
-                    .sync(onchain, now);
-                self.resume_vouchers(queue)
+                self.resume_synced(id, queue, onchain)
             }
             Err(DepositFailure::Rejected(message)) => {
                 let first = queue.remove(0);
@@ -325,8 +319,14 @@ impl Shard {
                 return true;
             }
         };
-        let now = self.clock.now_secs();
-        let first = &queue[0];
+        self.resume_synced(id, queue, onchain)
+    }
+
+    /// Channel `id` as the chain has it now: recorded (a new record for the
+    /// first of `queue` if the shard had none), then `queue` checked against
+    /// it in order. False when the committer is gone.
+    fn resume_synced(&mut self, id: B256, queue: Vec<ParkedVoucher>, onchain: x402_channel::OnChain) -> bool {
+        let (first, now) = (&queue[0], self.clock.now_secs());
         self.channels
             .entry(id)
             .or_insert_with(|| new_record(&first.merchant, &first.verified, now))
