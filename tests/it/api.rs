@@ -334,6 +334,17 @@ struct FaultyLedger {
     inner: x402_engine::ledger::MemoryLedger,
     broken: std::sync::atomic::AtomicBool,
     failing: std::sync::atomic::AtomicBool,
+    /// Reads of payments, channels and events fail.
+    reads_failing: std::sync::atomic::AtomicBool,
+}
+
+impl FaultyLedger {
+    fn read<T>(&self, read: impl FnOnce() -> x402_engine::Result<T>) -> x402_engine::Result<T> {
+        if self.reads_failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(x402_engine::Error::Storage("IO error: Input/output error reading sst 000042".into()));
+        }
+        read()
+    }
 }
 
 impl x402_engine::ledger::Ledger for FaultyLedger {
@@ -348,7 +359,7 @@ impl x402_engine::ledger::Ledger for FaultyLedger {
         &self,
         id: &x402_engine::domain::PaymentId,
     ) -> x402_engine::Result<Option<x402_engine::domain::PaymentRecord>> {
-        self.inner.payment(id)
+        self.read(|| self.inner.payment(id))
     }
     fn for_each_payment(&self, visit: &mut dyn FnMut(x402_engine::domain::PaymentRecord)) -> x402_engine::Result<()> {
         self.inner.for_each_payment(visit)
@@ -369,7 +380,7 @@ impl x402_engine::ledger::Ledger for FaultyLedger {
         self.inner.merchants()
     }
     fn events_after(&self, after: u64, limit: usize) -> x402_engine::Result<Vec<x402_engine::domain::SettlementEvent>> {
-        self.inner.events_after(after, limit)
+        self.read(|| self.inner.events_after(after, limit))
     }
     fn last_event_sequence(&self) -> x402_engine::Result<u64> {
         self.inner.last_event_sequence()
@@ -378,10 +389,10 @@ impl x402_engine::ledger::Ledger for FaultyLedger {
         self.inner.intents()
     }
     fn channels(&self) -> x402_engine::Result<Vec<x402_engine::domain::ChannelRecord>> {
-        self.inner.channels()
+        self.read(|| self.inner.channels())
     }
     fn channel(&self, id: &alloy::primitives::B256) -> x402_engine::Result<Option<x402_engine::domain::ChannelRecord>> {
-        self.inner.channel(id)
+        self.read(|| self.inner.channel(id))
     }
 }
 
@@ -453,6 +464,136 @@ async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
 
     ledger.failing.store(false, std::sync::atomic::Ordering::SeqCst);
     admin.upsert_merchant(upsert()).await.expect("the ledger writes again");
+}
+
+/// Every gRPC call answers each class of failure with its code: no key
+/// `UNAUTHENTICATED`, the other role's key `PERMISSION_DENIED`, a malformed
+/// request `INVALID_ARGUMENT`, a ledger that cannot be read `UNAVAILABLE`
+/// (without the storage's own words).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_answers_each_failure_class_with_its_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = std::sync::Arc::new(FaultyLedger::default());
+    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
+        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
+    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let addr = node.endpoints().grpc;
+    let id = || vec![7u8; 32];
+    let code = |r: Result<(), tonic::Status>| r.err().map(|s| s.code());
+
+    // The payment service, for each key: none, the admin's, a merchant's.
+    let none = pb::payment_service_client::PaymentServiceClient::new(channel(addr).await);
+    let with_admin_key = payments(addr, ADMIN_KEY).await;
+    let mut m1 = payments(addr, M1_KEY).await;
+    macro_rules! payment_calls {
+        ($client:expr, $want:expr) => {{
+            let c = &mut $client;
+            let want = Some($want);
+            assert_eq!(code(c.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await.map(drop)), want, "submit");
+            assert_eq!(
+                code(c.submit_stream(tokio_stream::iter(Vec::<pb::SubmitRequest>::new())).await.map(drop)),
+                want,
+                "submit_stream"
+            );
+            assert_eq!(
+                code(c.get_payment(pb::GetPaymentRequest { payment_id: id() }).await.map(drop)),
+                want,
+                "get_payment"
+            );
+            assert_eq!(
+                code(c.get_channel(pb::GetChannelRequest { channel_id: id() }).await.map(drop)),
+                want,
+                "get_channel"
+            );
+            assert_eq!(code(c.list_channels(pb::ListChannelsRequest {}).await.map(drop)), want, "list_channels");
+            assert_eq!(
+                code(c.claim_channel(pb::ClaimChannelRequest { channel_id: id() }).await.map(drop)),
+                want,
+                "claim_channel"
+            );
+            let refund = pb::RefundChannelRequest { channel_id: id(), amount: String::new() };
+            assert_eq!(code(c.refund_channel(refund).await.map(drop)), want, "refund_channel");
+            let watch = c.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await;
+            assert_eq!(code(watch.map(drop)), want, "watch_settlements");
+        }};
+    }
+    payment_calls!(none.clone(), Code::Unauthenticated);
+    payment_calls!(with_admin_key.clone(), Code::PermissionDenied);
+
+    // The admin service, for each key: none, a merchant's.
+    let admin_none = pb::merchant_admin_service_client::MerchantAdminServiceClient::new(channel(addr).await);
+    let mut admin_ok = admin(addr, ADMIN_KEY).await;
+    let merchant = admin_ok.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.unwrap().into_inner();
+    let upsert = || pb::UpsertMerchantRequest { merchant: Some(merchant.clone()), api_key: String::new() };
+    macro_rules! admin_calls {
+        ($client:expr, $want:expr) => {{
+            let c = &mut $client;
+            let want = Some($want);
+            assert_eq!(code(c.upsert_merchant(upsert()).await.map(drop)), want, "upsert_merchant");
+            assert_eq!(
+                code(c.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.map(drop)),
+                want,
+                "get_merchant"
+            );
+            assert_eq!(code(c.list_merchants(pb::ListMerchantsRequest {}).await.map(drop)), want, "list_merchants");
+        }};
+    }
+    admin_calls!(admin_none.clone(), Code::Unauthenticated);
+    admin_calls!(admin(addr, M1_KEY).await, Code::PermissionDenied);
+
+    // Malformed requests, with the right key.
+    let short = || vec![7u8; 31];
+    assert_eq!(
+        code(m1.get_payment(pb::GetPaymentRequest { payment_id: short() }).await.map(drop)),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(m1.get_channel(pb::GetChannelRequest { channel_id: short() }).await.map(drop)),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(m1.claim_channel(pb::ClaimChannelRequest { channel_id: short() }).await.map(drop)),
+        Some(Code::InvalidArgument)
+    );
+    let refund = pb::RefundChannelRequest { channel_id: id(), amount: "1e6".into() };
+    assert_eq!(code(m1.refund_channel(refund).await.map(drop)), Some(Code::InvalidArgument));
+    let mut bad = merchant.clone();
+    bad.pay_to = vec![vec![1u8; 19]];
+    let bad = pb::UpsertMerchantRequest { merchant: Some(bad), api_key: String::new() };
+    assert_eq!(code(admin_ok.upsert_merchant(bad).await.map(drop)), Some(Code::InvalidArgument));
+    assert_eq!(
+        code(admin_ok.get_merchant(pb::GetMerchantRequest { id: "no-such".into() }).await.map(drop)),
+        Some(Code::NotFound)
+    );
+
+    // A ledger that cannot be read: every call that reads it.
+    let accepted = m1.submit(signed_submit(&Payer::random(), PAY_TO, 2)).await.unwrap().into_inner();
+    assert_eq!(outcome(&accepted), pb::Outcome::Accepted);
+    ledger.reads_failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let unavailable = |r: Result<(), tonic::Status>, call: &str| {
+        let status = r.expect_err(call);
+        assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+        assert!(
+            !status.message().contains("sst"),
+            "{call}: the storage's own words stay in the log: {}",
+            status.message()
+        );
+    };
+    unavailable(
+        m1.get_payment(pb::GetPaymentRequest { payment_id: accepted.payment_id.clone() }).await.map(drop),
+        "get_payment",
+    );
+    unavailable(m1.get_channel(pb::GetChannelRequest { channel_id: id() }).await.map(drop), "get_channel");
+    unavailable(m1.list_channels(pb::ListChannelsRequest {}).await.map(drop), "list_channels");
+    unavailable(m1.claim_channel(pb::ClaimChannelRequest { channel_id: id() }).await.map(drop), "claim_channel");
+    let refund = pb::RefundChannelRequest { channel_id: id(), amount: String::new() };
+    unavailable(m1.refund_channel(refund).await.map(drop), "refund_channel");
+    let mut watch = m1.watch_settlements(pb::WatchSettlementsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("the watch answers");
+    unavailable(first.map(drop), "watch_settlements");
+
+    ledger.reads_failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    m1.get_payment(pb::GetPaymentRequest { payment_id: accepted.payment_id }).await.expect("the ledger reads again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
