@@ -338,6 +338,15 @@ struct FaultyLedger {
     reads_failing: std::sync::atomic::AtomicBool,
 }
 
+/// A node on the test config whose ledger fails when the test says.
+async fn faulty_node(dir: &std::path::Path) -> (x402_engine::node::Node, std::sync::Arc<FaultyLedger>) {
+    let ledger = std::sync::Arc::new(FaultyLedger::default());
+    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
+        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
+    let node = x402_engine::node::Node::start_with(&config_value(dir), ledger.clone(), balances).await.unwrap();
+    (node, ledger)
+}
+
 impl FaultyLedger {
     fn read<T>(&self, read: impl FnOnce() -> x402_engine::Result<T>) -> x402_engine::Result<T> {
         if self.reads_failing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -402,10 +411,7 @@ impl x402_engine::ledger::Ledger for FaultyLedger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = std::sync::Arc::new(FaultyLedger::default());
-    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
-        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
-    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let (node, ledger) = faulty_node(dir.path()).await;
     let endpoints = node.endpoints();
     let healthz = || async move { reqwest::get(format!("http://{}/healthz", endpoints.http)).await.unwrap().status() };
     assert_eq!(healthz().await, 200);
@@ -442,10 +448,7 @@ async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = std::sync::Arc::new(FaultyLedger::default());
-    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
-        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
-    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let (node, ledger) = faulty_node(dir.path()).await;
     let mut admin = admin(node.endpoints().grpc, ADMIN_KEY).await;
     let merchant = admin.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.unwrap().into_inner();
     let upsert = || pb::UpsertMerchantRequest { merchant: Some(merchant.clone()), api_key: String::new() };
@@ -473,10 +476,7 @@ async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_answers_each_failure_class_with_its_code() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = std::sync::Arc::new(FaultyLedger::default());
-    let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
-        std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
-    let node = x402_engine::node::Node::start_with(&config_value(dir.path()), ledger.clone(), balances).await.unwrap();
+    let (node, ledger) = faulty_node(dir.path()).await;
     let addr = node.endpoints().grpc;
     let id = || vec![7u8; 32];
     let code = |r: Result<(), tonic::Status>| r.err().map(|s| s.code());
