@@ -60,7 +60,7 @@ pub struct DepositPayload {
 /// The JSON form of a [`ChannelConfig`], as the reference packages write
 /// it: `#[serde(with = "ChannelConfigJson")]` on a `ChannelConfig` field.
 #[derive(Serialize, Deserialize)]
-#[serde(remote = "ChannelConfig", rename_all = "camelCase")]
+#[serde(remote = "ChannelConfig", rename_all = "camelCase", expecting = "a channel config object")]
 #[allow(non_snake_case, missing_debug_implementations)]
 pub struct ChannelConfigJson {
     /// The payer: funds the channel and takes back what is unclaimed after a withdrawal.
@@ -295,7 +295,7 @@ pub struct RefundPayloadJson {
 /// facilitator (`claim`, `settle`, `refund`, or a payer's `voucher`,
 /// `deposit`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename = "payload")]
+#[serde(expecting = "a payload object with a type")]
 pub struct PayloadType {
     /// The payload's `type` (`claim`, `settle`, `refund`, `voucher` or `deposit`), read first to
     /// pick the payload's shape.

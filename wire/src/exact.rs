@@ -35,7 +35,7 @@ pub struct Requirements {
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(rename = "PaymentRequirements", rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", expecting = "a PaymentRequirements object")]
 struct RequirementsJson {
     scheme: String,
     network: String,
@@ -53,7 +53,7 @@ struct RequirementsJson {
 
 /// The token's EIP-712 domain in `extra` (absent or `null`: empty).
 #[derive(Default, Serialize, Deserialize)]
-#[serde(rename = "extra")]
+#[serde(expecting = "an extra object")]
 struct TokenExtra {
     #[serde(default)]
     name: Option<String>,
@@ -262,10 +262,16 @@ mod tests {
         assert_eq!(json["payload"]["signature"], format!("0x{}", "2d".repeat(65)));
         assert_eq!(serde_json::from_value::<PaymentPayload<ExactEvmPayload>>(json.clone()).unwrap(), body);
 
-        let mut bad = json;
+        let mut bad = json.clone();
         bad["payload"]["authorization"]["nonce"] = "0x1234".into();
         let err = decode_error(bad);
         assert!(err.contains(fields::NOT_A_WORD), "{err}");
+
+        // What a client is told names the x402 object, not a Rust type.
+        let mut no_requirements = json;
+        no_requirements["accepted"] = serde_json::Value::Null;
+        let err = decode_error(no_requirements);
+        assert!(err.contains("a PaymentRequirements object") && !err.contains("Json"), "{err}");
     }
 
     fn decode_error(json: serde_json::Value) -> String {
