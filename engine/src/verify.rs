@@ -318,7 +318,7 @@ pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
 
 fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     const FIELD: &str = "payment_signature_header";
-    let parsed: PaymentPayload<ExactEvmPayload, Accepted> = decode_payment_payload(&header_bytes(header)?, FIELD)?;
+    let parsed = decode_payment_payload::<ExactEvmPayload>(&header_bytes(header)?, FIELD)?;
     Ok(DecodedHeader {
         scheme: parsed.accepted.scheme,
         payload: ExactPayload {
@@ -329,26 +329,34 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     })
 }
 
-/// An x402 `PaymentPayload` (the JSON object `json`) as `T`, its fields
-/// named under `field`. The version is checked first, so a v1 payload is
-/// refused as such rather than for its shape; a key given twice is refused.
-pub(crate) fn decode_payment_payload<T: serde::de::DeserializeOwned>(
+/// An x402 `PaymentPayload` (the JSON object `json`) with a payload `P`,
+/// its fields named under `field`; a key given twice is refused. A payload
+/// of another version is refused as such rather than for its shape. One
+/// parse on the way to an accepted payment: the version alone is read only
+/// to explain a refusal.
+pub(crate) fn decode_payment_payload<P: serde::de::DeserializeOwned>(
     json: &[u8],
     field: &str,
-) -> Result<T, InvalidField> {
-    #[derive(serde::Deserialize)]
-    struct Version {
-        #[serde(rename = "x402Version")]
-        version: Option<serde_json::Value>,
+) -> Result<PaymentPayload<P, Accepted>, InvalidField> {
+    let wrong_version = |v: &dyn std::fmt::Display| {
+        InvalidField::new(format!("{field}.x402Version"), format!("is {v}, only 2 is supported"))
+    };
+    match x402_wire::from_slice::<PaymentPayload<P, Accepted>>(json) {
+        Ok(payload) if payload.x402_version == x402_wire::X402_VERSION => Ok(payload),
+        Ok(payload) => Err(wrong_version(&payload.x402_version)),
+        Err(e) => {
+            #[derive(serde::Deserialize)]
+            struct Version {
+                #[serde(rename = "x402Version")]
+                version: Option<serde_json::Value>,
+            }
+            // A version that is not even a number is the shape's error.
+            match x402_wire::from_slice::<Version>(json) {
+                Ok(Version { version: Some(v) }) if v.is_number() && v.as_u64() != Some(2) => Err(wrong_version(&v)),
+                _ => Err(InvalidField::new(e.under(field), e.message)),
+            }
+        }
     }
-    // Anything odd about the version itself is the full decode's to report.
-    if let Ok(Version { version: Some(v) }) = x402_wire::from_slice::<Version>(json)
-        && v.as_u64() != Some(u64::from(x402_wire::X402_VERSION))
-        && v.is_number()
-    {
-        return Err(InvalidField::new(format!("{field}.x402Version"), format!("is {v}, only 2 is supported")));
-    }
-    x402_wire::from_slice(json).map_err(|e| InvalidField::new(e.under(field), e.message))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! whose `payload` is a `voucher`, `deposit` or `refund` (the types are
 //! `x402_wire`'s).
 
-use x402_wire::{Accepted, ChannelPayloadJson, PaymentPayload};
+use x402_wire::ChannelPayloadJson;
 
 use super::{ChannelExtra, VoucherPayload};
 use crate::{reason::InvalidField, verify::decode_payment_payload};
@@ -27,7 +27,7 @@ pub(crate) fn decode_value(
 }
 
 fn payload(json: &[u8], extra: ChannelExtra, field: &str) -> Result<VoucherPayload, InvalidField> {
-    let parsed: PaymentPayload<ChannelPayloadJson, Accepted> = decode_payment_payload(json, field)?;
+    let parsed = decode_payment_payload::<ChannelPayloadJson>(json, field)?;
     if parsed.accepted.scheme != "batch-settlement" {
         return Err(InvalidField::new(format!("{field}.accepted.scheme"), "is not \"batch-settlement\""));
     }

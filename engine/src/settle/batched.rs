@@ -24,7 +24,7 @@ use x402_chain::{
     batch::{aggregate3_calldata, balance_of_rows, decode_aggregate3, decode_balances},
 };
 
-use super::{Settler, classify_revert, status, status_with_tx, transfer_call};
+use super::{Settler, classify_revert, transfer_call};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState, SettlementPolicy},
@@ -64,7 +64,7 @@ impl<C: Chain> Settler<C> {
     pub(super) async fn settle_batch(&self, token: Address, rows: Vec<PaymentRecord>) -> Result<()> {
         let mut transitions = Vec::new();
         let fail = |transitions: &mut Vec<Transition>, row: &PaymentRecord, reason: &str| {
-            let mut failed = status(PaymentState::Failed, self.now_ms());
+            let mut failed = self.status(PaymentState::Failed);
             failed.failure_reason = Some(reason.into());
             transitions.push(Transition { id: row.id, status: failed });
         };
@@ -76,7 +76,7 @@ impl<C: Chain> Settler<C> {
         for row in rows {
             let a = &row.authorization;
             if a.valid_before_secs() <= now + self.config.expiry_margin_secs {
-                let mut expired = status(PaymentState::Expired, self.now_ms());
+                let mut expired = self.status(PaymentState::Expired);
                 expired.failure_reason = Some(Reason::ValidBefore.code().into());
                 transitions.push(Transition { id: row.id, status: expired });
             } else if seen.insert((a.from, a.nonce)) {
@@ -148,10 +148,10 @@ impl<C: Chain> Settler<C> {
         let tx = self.chain.sign_call(self.config.multicall, calldata, Some(gas)).await?;
         metrics::histogram!(crate::metrics::BATCH_ROWS).record(live.len() as f64);
         tracing::info!(tx = %tx.hash, rows = live.len(), %token, gas, "sending a settlement batch");
-        transitions.extend(live.iter().map(|r| Transition {
-            id: r.id,
-            status: status_with_tx(PaymentState::Submitted, tx.hash, None, self.now_ms()),
-        }));
+        transitions.extend(
+            live.iter()
+                .map(|r| Transition { id: r.id, status: self.status_with_tx(PaymentState::Submitted, tx.hash, None) }),
+        );
         self.send(tx, live.iter().map(|r| r.id).collect(), transitions).await
     }
 }

@@ -3,7 +3,7 @@
 
 use x402_chain::Chain;
 
-use super::{Settler, classify_revert, status, status_with_tx, transfer_call};
+use super::{Settler, classify_revert, transfer_call};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState},
@@ -18,7 +18,7 @@ impl<C: Chain> Settler<C> {
     pub(super) async fn settle_direct(&self, payment: PaymentRecord) -> Result<()> {
         let a = &payment.authorization;
         if a.valid_before_secs() <= self.config.clock.now_secs() + self.config.expiry_margin_secs {
-            let mut expired = status(PaymentState::Expired, self.now_ms());
+            let mut expired = self.status(PaymentState::Expired);
             expired.failure_reason = Some(Reason::ValidBefore.code().into());
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: expired }]).await;
         }
@@ -33,7 +33,7 @@ impl<C: Chain> Settler<C> {
             let spent =
                 if reason == Reason::NonceAlreadyUsed.code() { self.spent_elsewhere(&payment).await? } else { None };
             let failed = spent.unwrap_or_else(|| {
-                let mut failed = status(PaymentState::Failed, self.now_ms());
+                let mut failed = self.status(PaymentState::Failed);
                 failed.failure_reason = Some(reason.into());
                 failed
             });
@@ -44,10 +44,8 @@ impl<C: Chain> Settler<C> {
         // call would run some payments out of gas.
         let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await?;
         let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await?;
-        let submitted = vec![Transition {
-            id: payment.id,
-            status: status_with_tx(PaymentState::Submitted, tx.hash, None, self.now_ms()),
-        }];
+        let submitted =
+            vec![Transition { id: payment.id, status: self.status_with_tx(PaymentState::Submitted, tx.hash, None) }];
         self.send(tx, vec![payment.id], submitted).await
     }
 }

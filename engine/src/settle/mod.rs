@@ -233,6 +233,16 @@ impl<C: Chain> Settler<C> {
         self.config.clock.now_ms()
     }
 
+    /// A status stamped now, by the settler's clock.
+    fn status(&self, state: PaymentState) -> PaymentStatus {
+        PaymentStatus::new(state, self.now_ms())
+    }
+
+    /// `state` with the transaction that led to it, stamped now.
+    fn status_with_tx(&self, state: PaymentState, tx: B256, block: Option<u64>) -> PaymentStatus {
+        PaymentStatus { transaction: Some(tx), block, ..self.status(state) }
+    }
+
     fn new(engine: Arc<Engine>, chain: Arc<C>, config: SettlerConfig) -> Self {
         Self {
             engine,
@@ -517,7 +527,7 @@ impl<C: Chain> Settler<C> {
             let spent = self.chain.authorization_spent(p.asset, a.from, a.nonce, from, to).await?;
             if let Some(spent) = spent {
                 if spent.canceled {
-                    let mut failed = status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block), self.now_ms());
+                    let mut failed = self.status_with_tx(PaymentState::Failed, spent.tx, Some(spent.block));
                     failed.failure_reason = Some(AUTHORIZATION_CANCELED.into());
                     return Ok(Some(failed));
                 }
@@ -526,12 +536,7 @@ impl<C: Chain> Settler<C> {
                 let after_acceptance = spent.timestamp.saturating_add(ACCEPT_SKEW_SECS) >= p.accepted_at_ms / 1000;
                 if after_acceptance && spent.transfer == Some((a.to, a.value)) {
                     tracing::info!(payment = %p.id, tx = %spent.tx, "a payment was settled by someone else's transaction");
-                    return Ok(Some(status_with_tx(
-                        PaymentState::Confirmed,
-                        spent.tx,
-                        Some(spent.block),
-                        self.now_ms(),
-                    )));
+                    return Ok(Some(self.status_with_tx(PaymentState::Confirmed, spent.tx, Some(spent.block))));
                 }
                 break;
             }
@@ -542,19 +547,6 @@ impl<C: Chain> Settler<C> {
         }
         Ok(None)
     }
-}
-
-/// A status stamped `now_ms`.
-const fn status(state: PaymentState, now_ms: u64) -> PaymentStatus {
-    PaymentStatus::new(state, now_ms)
-}
-
-/// `state` with the transaction that led to it, stamped `now_ms`.
-fn status_with_tx(state: PaymentState, tx: B256, block: Option<u64>, now_ms: u64) -> PaymentStatus {
-    let mut status = status(state, now_ms);
-    status.transaction = Some(tx);
-    status.block = block;
-    status
 }
 
 /// `transferWithAuthorization` of the payment as its payer signed it.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use alloy::primitives::B256;
 use x402_chain::{Chain, Receipt, SignedTx};
 
-use super::{SIMULATION_FAILED, Settler, classify_revert, status, status_with_tx, transfer_call};
+use super::{SIMULATION_FAILED, Settler, classify_revert, transfer_call};
 use crate::{
     Error, Result,
     domain::{IntentState, PaymentId, PaymentState, TxIntent},
@@ -32,15 +32,13 @@ impl TxIntent {
     }
 }
 
-/// Every payment of `intent` back to (or still) `Submitted` with `tx`.
-fn submitted(payments: &[PaymentId], tx: B256, now_ms: u64) -> Vec<Transition> {
-    payments
-        .iter()
-        .map(|id| Transition { id: *id, status: status_with_tx(PaymentState::Submitted, tx, None, now_ms) })
-        .collect()
-}
-
 impl<C: Chain> Settler<C> {
+    /// Every payment of an intent back to (or still) `Submitted` with `tx`.
+    fn submitted(&self, payments: &[PaymentId], tx: B256) -> Vec<Transition> {
+        let status = self.status_with_tx(PaymentState::Submitted, tx, None);
+        payments.iter().map(|id| Transition { id: *id, status: status.clone() }).collect()
+    }
+
     /// Records `tx` as a pending intent for `payments` together with
     /// `transitions` (write-ahead), broadcasts it and follows it. A nonce
     /// the node has seen used (another sender of the same key) is replaced
@@ -75,7 +73,7 @@ impl<C: Chain> Settler<C> {
                     let stale = intent.key();
                     intent = TxIntent::pending(chain_id, &fresh, intent.payments, self.now_ms());
                     changes = vec![IntentChange::Forget(stale), IntentChange::Record(intent.clone())];
-                    transitions = submitted(&intent.payments, fresh.hash, self.now_ms());
+                    transitions = self.submitted(&intent.payments, fresh.hash);
                     tx = fresh;
                 }
                 // Recorded but perhaps not sent: the next round resolves it.
@@ -115,7 +113,7 @@ impl<C: Chain> Settler<C> {
             intent.tx_hashes.push(bumped.hash);
             intent.raw = bumped.raw.to_vec();
             intent.updated_at_ms = self.now_ms();
-            let transitions = submitted(&intent.payments, bumped.hash, self.now_ms());
+            let transitions = self.submitted(&intent.payments, bumped.hash);
             self.record(vec![IntentChange::Record(intent.clone())], transitions).await?;
             metrics::counter!(crate::metrics::FEE_BUMPS).increment(1);
             tracing::info!(
@@ -157,7 +155,7 @@ impl<C: Chain> Settler<C> {
                 confirmed += 1;
                 let seconds = now_ms.saturating_sub(p.accepted_at_ms) as f64 / 1000.0;
                 metrics::histogram!(crate::metrics::ACCEPT_TO_CONFIRM_SECONDS, "strategy" => strategy).record(seconds);
-                status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block), self.now_ms())
+                self.status_with_tx(PaymentState::Confirmed, receipt.tx, Some(receipt.block))
             } else if p.status.state == PaymentState::Confirmed && p.status.transaction != Some(receipt.tx) {
                 // Settled by another transaction: this one cannot undo it.
                 continue;
@@ -171,11 +169,9 @@ impl<C: Chain> Settler<C> {
                     // around each attempt would have x402d pay for reverted
                     // transactions without end).
                     None if out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct) => {
-                        status(PaymentState::Queued, self.now_ms())
+                        self.status(PaymentState::Queued)
                     }
-                    Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => {
-                        status(PaymentState::Queued, self.now_ms())
-                    }
+                    Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => self.status(PaymentState::Queued),
                     revert => {
                         // Spent, not by this transaction: the chain may say how.
                         let spent = match revert.as_deref() {
@@ -188,8 +184,7 @@ impl<C: Chain> Settler<C> {
                             transitions.push(Transition { id: *id, status: spent });
                             continue;
                         }
-                        let mut failed =
-                            status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block), self.now_ms());
+                        let mut failed = self.status_with_tx(PaymentState::Failed, receipt.tx, Some(receipt.block));
                         failed.failure_reason =
                             Some(revert.as_deref().map_or(SIMULATION_FAILED, classify_revert).into());
                         failed
@@ -259,11 +254,11 @@ impl<C: Chain> Settler<C> {
             let used = self.chain.authorization_state(p.asset, a.from, a.nonce).await?;
             let status = match used {
                 true => self.spent_elsewhere(&p).await?.unwrap_or_else(|| {
-                    let mut failed = status(PaymentState::Failed, self.now_ms());
+                    let mut failed = self.status(PaymentState::Failed);
                     failed.failure_reason = Some(Reason::NonceAlreadyUsed.code().into());
                     failed
                 }),
-                false => status(PaymentState::Queued, self.now_ms()),
+                false => self.status(PaymentState::Queued),
             };
             transitions.push(Transition { id: *id, status });
         }
@@ -290,7 +285,7 @@ impl<C: Chain> Settler<C> {
         let mut pending = intent;
         pending.state = IntentState::Pending;
         pending.updated_at_ms = self.now_ms();
-        let transitions = submitted(&pending.payments, latest, self.now_ms());
+        let transitions = self.submitted(&pending.payments, latest);
         self.record(vec![IntentChange::Record(pending)], transitions).await
     }
 }
