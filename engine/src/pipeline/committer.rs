@@ -54,7 +54,8 @@ enum Done {
         reply: oneshot::Sender<SubmitOutcome>,
     },
     Merchant(oneshot::Sender<Result<()>>),
-    ChannelWrite(ChannelReply),
+    /// A channel write; a failed request's `previous` goes back to its shard.
+    ChannelWrite(ChannelReply, Option<(Box<ChannelRecord>, usize)>),
     Settlement {
         settled: Vec<Settled>,
         reply: oneshot::Sender<Result<()>>,
@@ -314,6 +315,16 @@ impl Committer {
         let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
     }
 
+    /// A write of `previous`'s channel failed: its shard goes back to
+    /// `previous`, unless an earlier write of the group already sent it
+    /// back (the first holds the recorded state; later ones were built on
+    /// top), and the channel's items are refused until the shard says so.
+    fn revert_channel(&mut self, previous: Box<ChannelRecord>, shard: usize) {
+        if self.reverting.insert(previous.channel.id) {
+            let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });
+        }
+    }
+
     fn publish_depths(&self) {
         for (strategy, depth) in &self.depths {
             pending_gauge(strategy, *depth);
@@ -506,7 +517,7 @@ impl Committer {
                         "an earlier write of this channel failed; send this voucher again".into(),
                     ));
                 }
-                CommitItem::ChannelWrite { record, event, reply } => {
+                CommitItem::ChannelWrite { record, event, previous, reply } => {
                     if let Some((merchant_number, status)) = event {
                         sequence += 1;
                         let c = &record.channel;
@@ -523,7 +534,7 @@ impl Committer {
                         }));
                     }
                     batch.push(Write::Channel(record));
-                    done.push(Done::ChannelWrite(reply));
+                    done.push(Done::ChannelWrite(reply, previous));
                 }
                 CommitItem::Channel { record, previous, shard, outcome, reply } => {
                     batch.push(Write::Channel(record));
@@ -606,7 +617,7 @@ impl Committer {
                         Done::Merchant(reply) => {
                             let _ = reply.send(Ok(()));
                         }
-                        Done::ChannelWrite(reply) => reply.send(Ok(())),
+                        Done::ChannelWrite(reply, _) => reply.send(Ok(())),
                         Done::Channel { outcome, reply, .. } => {
                             metrics::counter!(crate::metrics::VOUCHERS_ACCEPTED).increment(1);
                             let _ = reply.send(outcome);
@@ -664,17 +675,18 @@ impl Committer {
                             let _ = reply.send(outcome);
                         }
                         Done::Channel { previous, shard, reply, .. } => {
-                            // The first write of a channel in the group holds
-                            // its recorded state; later ones were built on top.
-                            if self.reverting.insert(previous.channel.id) {
-                                let _ = self.shards[shard].send(ShardMsg::ChannelRevert { record: previous });
-                            }
+                            self.revert_channel(previous, shard);
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Merchant(reply) | Done::Settlement { reply, .. } => {
                             let _ = reply.send(Err(crate::Error::Commit(err.clone())));
                         }
-                        Done::ChannelWrite(reply) => reply.send(Err(crate::Error::Commit(err.clone()))),
+                        Done::ChannelWrite(reply, previous) => {
+                            if let Some((previous, shard)) = previous {
+                                self.revert_channel(previous, shard);
+                            }
+                            reply.send(Err(crate::Error::Commit(err.clone())));
+                        }
                     }
                 }
             }

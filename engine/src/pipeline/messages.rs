@@ -80,7 +80,16 @@ pub(crate) enum CommitItem {
     /// Record a channel's refreshed on-chain mirror.
     /// With `event`, a claim or refund went through: announced as a
     /// `CONFIRMED` event of the channel for the merchant numbered so.
-    ChannelWrite { record: Box<ChannelRecord>, event: Option<(u32, PaymentStatus)>, reply: ChannelReply },
+    /// With `previous`, an operator's request: if the write fails, the
+    /// shard gets `previous` back, as after a failed voucher, so that no
+    /// request the caller was told failed is recorded by a later write. A
+    /// sync has none: what the chain showed stays true when the write fails.
+    ChannelWrite {
+        record: Box<ChannelRecord>,
+        event: Option<(u32, PaymentStatus)>,
+        previous: Option<(Box<ChannelRecord>, usize)>,
+        reply: ChannelReply,
+    },
     /// The shard applied the revert of channel `id` a failed write sent
     /// it: its items from here on are built on the recorded state.
     ChannelReverted { id: B256 },

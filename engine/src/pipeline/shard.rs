@@ -315,20 +315,22 @@ impl Shard {
                 }
                 record.updated_at_ms = now_ms;
                 let reply = ChannelReply::Synced(reply);
-                self.commit.send(CommitItem::ChannelWrite { record: Box::new(record.clone()), event, reply }).is_ok()
+                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event, previous: None, reply };
+                self.commit.send(item).is_ok()
             }
             ShardMsg::ChannelRequest { id, claim, refund, reply } => {
                 let Some(record) = self.channels.get_mut(&id) else {
                     let _ = reply.send(Ok(None));
                     return true;
                 };
+                let previous = Some((Box::new(record.clone()), self.index));
                 record.claim_requested |= claim;
                 if refund.is_some() {
                     record.refund_requested = refund;
                 }
                 record.updated_at_ms = self.clock.now_ms();
                 let reply = ChannelReply::Requested(reply, ChannelView::from(&record.channel));
-                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, reply };
+                let item = CommitItem::ChannelWrite { record: Box::new(record.clone()), event: None, previous, reply };
                 self.commit.send(item).is_ok()
             }
             ShardMsg::ChannelRevert { record } => {

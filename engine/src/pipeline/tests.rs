@@ -27,10 +27,13 @@ struct FlakyLedger {
     full_scans: std::sync::atomic::AtomicUsize,
     /// The next this many commits fail.
     fail_next: std::sync::atomic::AtomicUsize,
+    /// Commits begun (counted before the stall).
+    entered: std::sync::atomic::AtomicUsize,
 }
 
 impl Ledger for FlakyLedger {
     fn commit(&self, batch: &WriteBatch) -> Result<()> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
         drop(self.stall.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if self.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(Error::Io(std::io::Error::other("one write lost")));
@@ -144,6 +147,8 @@ fn voucher_payload(
 fn submit(pipeline: &Pipeline, s: Submission) -> SubmitOutcome {
     pipeline.try_submit(merchant(), s).unwrap().blocking_recv().unwrap()
 }
+
+mod model;
 
 #[test]
 fn a_failed_commit_accepts_nothing_and_forgets_the_payment() {
