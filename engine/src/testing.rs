@@ -8,7 +8,14 @@
 //!   settlement's branches;
 //! - [`ManualBalances`]: a [`BalanceSource`] whose fetches a test completes
 //!   by hand;
+//! - [`FaultyLedger`]: a ledger in front of a real one that fails, stalls
+//!   or reports written commits failed, on command or at random from a seed,
+//!   and [`Tmpfs`], a small filesystem to fill for real;
 //! - [`direct_merchant`], [`channel_requirements`]: fixtures.
+
+mod faulty_ledger;
+
+pub use self::faulty_ledger::{FaultyLedger, Injected, RandomFaults, Tmpfs};
 
 use std::{
     collections::HashMap,

@@ -2,6 +2,7 @@
 //! runtime strategy changes, health, reflection, TLS and metrics.
 
 use std::time::Duration;
+use x402_engine::testing::FaultyLedger;
 
 use tonic::Code;
 use x402_engine::config::PolicyConfig;
@@ -326,83 +327,13 @@ async fn tls_listeners() {
     assert!(reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await.is_err(), "plaintext HTTP answered");
 }
 
-/// A memory ledger whose commit panics once `broken` is set (a pipeline
-/// thread dying on input it did not expect), and fails as a full disk
-/// does while `failing` is set.
-#[derive(Debug, Default)]
-struct FaultyLedger {
-    inner: x402_engine::ledger::MemoryLedger,
-    broken: std::sync::atomic::AtomicBool,
-    failing: std::sync::atomic::AtomicBool,
-    /// Reads of payments, channels and events fail.
-    reads_failing: std::sync::atomic::AtomicBool,
-}
-
-/// A node on the test config whose ledger fails when the test says.
+/// A node on the test config whose memory ledger fails when the test says.
 async fn faulty_node(dir: &std::path::Path) -> (x402_engine::node::Node, std::sync::Arc<FaultyLedger>) {
-    let ledger = std::sync::Arc::new(FaultyLedger::default());
+    let ledger = std::sync::Arc::new(FaultyLedger::new(std::sync::Arc::new(x402_engine::ledger::MemoryLedger::new())));
     let balances: std::sync::Arc<dyn x402_engine::balance::BalanceSource> =
         std::sync::Arc::new(x402_engine::balance::ConfiguredBalances::new(None));
     let node = x402_engine::node::Node::start_with(&config_value(dir), ledger.clone(), balances).await.unwrap();
     (node, ledger)
-}
-
-impl FaultyLedger {
-    fn read<T>(&self, read: impl FnOnce() -> x402_engine::Result<T>) -> x402_engine::Result<T> {
-        if self.reads_failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(x402_engine::Error::Storage("IO error: Input/output error reading sst 000042".into()));
-        }
-        read()
-    }
-}
-
-impl x402_engine::ledger::Ledger for FaultyLedger {
-    fn commit(&self, batch: &x402_engine::ledger::WriteBatch) -> x402_engine::Result<()> {
-        assert!(!self.broken.load(std::sync::atomic::Ordering::SeqCst), "the ledger broke");
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(x402_engine::Error::Storage("IO error: No space left on device".into()));
-        }
-        self.inner.commit(batch)
-    }
-    fn payment(
-        &self,
-        id: &x402_engine::domain::PaymentId,
-    ) -> x402_engine::Result<Option<x402_engine::domain::PaymentRecord>> {
-        self.read(|| self.inner.payment(id))
-    }
-    fn for_each_payment(&self, visit: &mut dyn FnMut(x402_engine::domain::PaymentRecord)) -> x402_engine::Result<()> {
-        self.inner.for_each_payment(visit)
-    }
-    fn pending(&self) -> x402_engine::Result<Vec<x402_engine::domain::PendingKey>> {
-        self.inner.pending()
-    }
-    fn prune(&self, before: u64) -> x402_engine::Result<x402_engine::ledger::Pruned> {
-        self.inner.prune(before)
-    }
-    fn pruned(
-        &self,
-        ids: &[x402_engine::domain::PaymentId],
-    ) -> x402_engine::Result<Vec<x402_engine::domain::PaymentId>> {
-        self.inner.pruned(ids)
-    }
-    fn merchants(&self) -> x402_engine::Result<Vec<x402_engine::domain::Merchant>> {
-        self.inner.merchants()
-    }
-    fn events_after(&self, after: u64, limit: usize) -> x402_engine::Result<Vec<x402_engine::domain::SettlementEvent>> {
-        self.read(|| self.inner.events_after(after, limit))
-    }
-    fn last_event_sequence(&self) -> x402_engine::Result<u64> {
-        self.inner.last_event_sequence()
-    }
-    fn intents(&self) -> x402_engine::Result<Vec<x402_engine::domain::TxIntent>> {
-        self.inner.intents()
-    }
-    fn channels(&self) -> x402_engine::Result<Vec<x402_engine::domain::ChannelRecord>> {
-        self.read(|| self.inner.channels())
-    }
-    fn channel(&self, id: &alloy::primitives::B256) -> x402_engine::Result<Option<x402_engine::domain::ChannelRecord>> {
-        self.read(|| self.inner.channel(id))
-    }
 }
 
 /// A pipeline thread that dies is not hidden: `/healthz` answers 503,
@@ -416,7 +347,7 @@ async fn a_dead_pipeline_thread_is_reported_and_stops_the_node() {
     let healthz = || async move { reqwest::get(format!("http://{}/healthz", endpoints.http)).await.unwrap().status() };
     assert_eq!(healthz().await, 200);
 
-    ledger.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    ledger.break_commits();
     let mut m1 = payments(endpoints.grpc, M1_KEY).await;
     let answer = m1.submit(signed_submit(&Payer::random(), PAY_TO, 1)).await;
     assert!(answer.is_err() || outcome(answer.as_ref().unwrap().get_ref()) != pb::Outcome::Accepted, "{answer:?}");
@@ -453,7 +384,7 @@ async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
     let merchant = admin.get_merchant(pb::GetMerchantRequest { id: "m1".into() }).await.unwrap().into_inner();
     let upsert = || pb::UpsertMerchantRequest { merchant: Some(merchant.clone()), api_key: String::new() };
 
-    ledger.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    ledger.fail_commits(true);
     let err = admin.upsert_merchant(upsert()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(!err.message().contains("No space"), "the storage's own words stay in the log: {}", err.message());
@@ -465,7 +396,7 @@ async fn a_ledger_failure_on_a_merchant_call_answers_unavailable() {
         Ok(answer) => panic!("answered {:?} with the ledger failing", answer.into_inner()),
     }
 
-    ledger.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    ledger.fail_commits(false);
     admin.upsert_merchant(upsert()).await.expect("the ledger writes again");
 }
 
@@ -569,7 +500,7 @@ async fn every_call_answers_each_failure_class_with_its_code() {
     // A ledger that cannot be read: every call that reads it.
     let accepted = m1.submit(signed_submit(&Payer::random(), PAY_TO, 2)).await.unwrap().into_inner();
     assert_eq!(outcome(&accepted), pb::Outcome::Accepted);
-    ledger.reads_failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    ledger.fail_reads(true);
     let unavailable = |r: Result<(), tonic::Status>, call: &str| {
         let status = r.expect_err(call);
         assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
@@ -592,7 +523,7 @@ async fn every_call_answers_each_failure_class_with_its_code() {
     let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("the watch answers");
     unavailable(first.map(drop), "watch_settlements");
 
-    ledger.reads_failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    ledger.fail_reads(false);
     m1.get_payment(pb::GetPaymentRequest { payment_id: accepted.payment_id }).await.expect("the ledger reads again");
 }
 

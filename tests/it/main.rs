@@ -9,6 +9,7 @@ mod channels;
 mod common;
 mod crash;
 mod dev;
+mod disk;
 mod facilitator;
 mod faults;
 mod interop;

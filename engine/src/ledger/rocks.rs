@@ -662,29 +662,7 @@ mod tests {
 #[cfg(test)]
 mod full_disk {
     use super::*;
-    use crate::{domain::PaymentId, ledger::Write};
-
-    /// A tmpfs of `mib` MiB at a fresh directory, unmounted on drop.
-    struct Tmpfs(tempfile::TempDir);
-
-    impl Tmpfs {
-        fn mount(mib: u32) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let status = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-                .arg(dir.path())
-                .status()
-                .expect("mount runs");
-            assert!(status.success(), "mounting a tmpfs needs root");
-            Self(dir)
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
-        }
-    }
+    use crate::{domain::PaymentId, ledger::Write, testing::Tmpfs};
 
     fn payment(n: u64) -> Box<PaymentRecord> {
         let mut p = crate::ledger::conformance::sample_payment(1, 1);
@@ -702,10 +680,10 @@ mod full_disk {
 
     #[test]
     fn after_a_full_disk_the_ledger_resumes_by_itself_once_space_is_back() {
-        let fs = Tmpfs::mount(8);
-        let filler = fs.0.path().join("filler");
+        let fs = Tmpfs::mount(8).expect("mounting a tmpfs needs root");
+        let filler = fs.path().join("filler");
         std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
-        let ledger = RocksLedger::open(fs.0.path().join("ledger"), RocksOptions::default()).unwrap();
+        let ledger = RocksLedger::open(fs.path().join("ledger"), RocksOptions::default()).unwrap();
         let mut written = 0;
         let err = loop {
             match commit(&ledger, written, 100) {

@@ -44,6 +44,9 @@ enum Done {
         reply: oneshot::Sender<SubmitOutcome>,
     },
     Reply(SubmitOutcome, oneshot::Sender<SubmitOutcome>),
+    /// The answer to a payment the ledger has already, owed, read from
+    /// the ledger: true even if an earlier write of it was reported failed.
+    Recorded(PaymentId, SubmitOutcome, oneshot::Sender<SubmitOutcome>),
     /// A payment not written: its idempotency key names another payment.
     Refused {
         id: PaymentId,
@@ -106,6 +109,9 @@ pub(crate) struct Committer {
     /// shard says it applied that: items of theirs until then were built on
     /// the failed state and are refused, never written.
     reverting: std::collections::HashSet<B256>,
+    /// A failed write's events may be on disk, and reading the last one
+    /// back failed: the next number is unknown until it is read.
+    numbering_unsure: bool,
     /// Prune expired keys once there are this many.
     prune_keys_at: usize,
     retention_secs: u64,
@@ -132,6 +138,7 @@ impl Committer {
             payment_waiters: Arc::default(),
             keys: HashMap::new(),
             reverting: std::collections::HashSet::new(),
+            numbering_unsure: false,
             prune_keys_at: Self::MIN_PRUNE_KEYS_AT,
             retention_secs: 0,
             clock: Clock::system(),
@@ -315,6 +322,19 @@ impl Committer {
         let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
     }
 
+    /// Reads the last recorded event's number, which a write reported
+    /// failed may have moved: numbering goes on after it.
+    fn read_numbering(&mut self) -> Result<()> {
+        let last = self.ledger.last_event_sequence()?;
+        if last > self.last_sequence {
+            tracing::warn!(last, "events of a failed commit were recorded after all");
+            self.last_sequence = last;
+            self.events.send_replace(last);
+        }
+        self.numbering_unsure = false;
+        Ok(())
+    }
+
     /// A write of `previous`'s channel failed: its shard goes back to
     /// `previous`, unless an earlier write of the group already sent it
     /// back (the first holds the recorded state; later ones were built on
@@ -377,6 +397,9 @@ impl Committer {
     }
 
     fn commit_group(&mut self, group: &mut Vec<CommitItem>, batch: &mut WriteBatch, done: &mut Vec<Done>) {
+        // After a failed write whose events could not be read back, the
+        // next event number is not known: nothing is written until it is.
+        let numbering = if self.numbering_unsure { self.read_numbering() } else { Ok(()) };
         let first_sequence = self.last_sequence;
         let mut sequence = first_sequence;
         let now = self.clock.now_secs();
@@ -453,7 +476,7 @@ impl Committer {
                             let outcome = SubmitOutcome::Duplicate { id, payer, status, retry };
                             if existing.status.state.is_open() {
                                 // Owed: the shard keeps its reservation and entry.
-                                done.push(Done::Reply(outcome, reply));
+                                done.push(Done::Recorded(id, outcome, reply));
                             } else {
                                 done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
                             }
@@ -557,12 +580,31 @@ impl Committer {
 
         let result = if batch.is_empty() {
             Ok(())
+        } else if let Err(err) = numbering {
+            Err(err)
         } else {
             let started = Instant::now();
             let result = self.ledger.commit(batch);
             metrics::histogram!(crate::metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
             metrics::histogram!(crate::metrics::COMMIT_GROUP_SIZE).record(done.len() as f64);
             result
+        };
+        let result = match result {
+            // A write reported failed may have reached the disk all the
+            // same (an fsync error after the log write): a batch is written
+            // whole or not at all, and only this thread writes events, so
+            // if the group's last event is there, the whole group is.
+            // Then its answers stand: telling a payer "retry" for a payment
+            // that will be settled, or keeping a reservation the ledger
+            // released, would make the shards disagree with the disk.
+            Err(err)
+                if sequence != first_sequence && self.ledger.last_event_sequence().is_ok_and(|l| l >= sequence) =>
+            {
+                tracing::warn!(%err, items = done.len(), "a group commit reported failed is on disk: it stands");
+                metrics::counter!(crate::metrics::COMMIT_ERRORS).increment(1);
+                Ok(())
+            }
+            result => result,
         };
         if result.is_ok() {
             self.changed_channels.add(batch.writes().iter().filter_map(|write| match write {
@@ -598,6 +640,13 @@ impl Committer {
                             }
                             self.enqueue(strategy);
                             let _ = reply.send(SubmitOutcome::Accepted { id, payer, status });
+                        }
+                        Done::Recorded(id, outcome, reply) => {
+                            // A write reported failed reached the disk after
+                            // all: what the shard answers of it from now on
+                            // is true.
+                            self.reverted.remove(&id);
+                            let _ = reply.send(outcome);
                         }
                         Done::Reply(outcome, reply) => {
                             let outcome = match outcome {
@@ -652,12 +701,9 @@ impl Committer {
                 // A write reported failed may be on disk after all (a
                 // ledger reopened replays its log): numbering goes on after
                 // whatever event is there, never over it.
-                if let Ok(last) = self.ledger.last_event_sequence()
-                    && last > self.last_sequence
-                {
-                    tracing::warn!(last, "events of a failed commit were recorded after all");
-                    self.last_sequence = last;
-                    self.events.send_replace(last);
+                if sequence != first_sequence {
+                    self.numbering_unsure = true;
+                    let _ = self.read_numbering();
                 }
                 let err = Arc::new(err);
                 let message = format!("ledger write failed: {err}");
@@ -668,6 +714,13 @@ impl Committer {
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Reply(_, reply) => {
+                            let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
+                        }
+                        Done::Recorded(id, _, reply) => {
+                            // Recorded all the same, as the ledger read
+                            // showed: the shard keeps it, and its duplicates
+                            // are true.
+                            self.reverted.remove(&id);
                             let _ = reply.send(SubmitOutcome::Unavailable(message.clone()));
                         }
                         Done::Refused { id, shard, reservation, value, outcome, reply } => {

@@ -29,6 +29,11 @@ struct FlakyLedger {
     fail_next: std::sync::atomic::AtomicUsize,
     /// Commits begun (counted before the stall).
     entered: std::sync::atomic::AtomicUsize,
+    /// The next this many commits are written, then reported failed (an
+    /// fsync error after the write reached the log).
+    lose_next: std::sync::atomic::AtomicUsize,
+    /// The last event's sequence cannot be read.
+    hide_events: AtomicBool,
 }
 
 impl Ledger for FlakyLedger {
@@ -41,7 +46,11 @@ impl Ledger for FlakyLedger {
         if self.failing.load(Ordering::SeqCst) {
             return Err(Error::Io(std::io::Error::other("disk on fire")));
         }
-        self.inner.commit(batch)
+        self.inner.commit(batch)?;
+        if self.lose_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(Error::Io(std::io::Error::other("fsync: Input/output error")));
+        }
+        Ok(())
     }
     fn payment(&self, id: &PaymentId) -> Result<Option<crate::domain::PaymentRecord>> {
         self.inner.payment(id)
@@ -73,6 +82,9 @@ impl Ledger for FlakyLedger {
         self.inner.events_after(after, limit)
     }
     fn last_event_sequence(&self) -> Result<u64> {
+        if self.hide_events.load(Ordering::SeqCst) {
+            return Err(Error::Io(std::io::Error::other("the ledger is reopening")));
+        }
         self.inner.last_event_sequence()
     }
     fn intents(&self) -> Result<Vec<crate::domain::TxIntent>> {
@@ -166,6 +178,85 @@ fn a_failed_commit_accepts_nothing_and_forgets_the_payment() {
         panic!("the second payment exceeds the balance");
     };
     assert_eq!(rejection.reason, Reason::InsufficientBalance);
+}
+
+/// A payment of `value` signed by `payer` with `nonce`.
+fn payment_of(payer: &Payer, nonce: u8, value: u64) -> Submission {
+    let mut s = submission(payer, nonce);
+    s.requirements.amount = U256::from(value);
+    let PaymentInput::Exact(p) = &s.input else { unreachable!("exact") };
+    let (after, before) = (p.authorization.valid_after_secs(), p.authorization.valid_before_secs());
+    let signed = payer.sign_exact(&s.requirements, after, before, B256::repeat_byte(nonce));
+    Submission::new(s.requirements, PaymentInput::Exact(signed))
+}
+
+/// A group reported failed whose write reached the disk all the same
+/// (its last event is there): its answers stand. The payment is
+/// accepted, not "retry" (it will be settled, so a paid request would go
+/// unserved), and a settlement's reservation is released as recorded.
+#[test]
+fn a_group_reported_failed_that_is_on_disk_stands() {
+    use crate::domain::PaymentState;
+    let ledger = Arc::new(FlakyLedger::default());
+    let payer = Payer::random();
+    let pipeline = start(&ledger, &payer, 100);
+    ledger.lose_next.store(1, Ordering::SeqCst);
+    let first = submission(&payer, 1);
+    let SubmitOutcome::Accepted { id, .. } = submit(&pipeline, first.clone()) else { panic!("on disk: accepted") };
+    assert!(matches!(submit(&pipeline, first), SubmitOutcome::Duplicate { retry: false, .. }));
+
+    ledger.lose_next.store(1, Ordering::SeqCst);
+    let mut status = PaymentStatus::new(PaymentState::Confirmed, 1);
+    status.transaction = Some(B256::repeat_byte(7));
+    pipeline.record_settlement(Vec::new(), vec![Transition { id, status }]).unwrap().blocking_recv().unwrap().unwrap();
+    assert!(ledger.pending().unwrap().is_empty());
+    // The balance of 100 is free again.
+    assert!(matches!(submit(&pipeline, submission(&payer, 2)), SubmitOutcome::Accepted { .. }));
+}
+
+/// A write reported failed that reached the disk, when the ledger cannot
+/// say so at once: the payment is recorded (and will be settled), so its
+/// retry must be answered from the ledger: accepted again for the
+/// submit's idempotency key, a duplicate without it. Never "retry"
+/// forever, which would leave a paid request unserved.
+#[test]
+fn a_payment_recorded_by_a_write_reported_failed_is_answered_from_the_ledger() {
+    use crate::domain::IdempotencyKey;
+    let ledger = Arc::new(FlakyLedger::default());
+    let payer = Payer::random();
+    let pipeline = start(&ledger, &payer, 1_000);
+    let key = IdempotencyKey::parse("pay_0123456789abcdef").unwrap();
+    let keyed = Submission { idempotency: Some(key), ..submission(&payer, 1) };
+    ledger.lose_next.store(1, Ordering::SeqCst);
+    ledger.hide_events.store(true, Ordering::SeqCst);
+    assert!(matches!(submit(&pipeline, keyed.clone()), SubmitOutcome::Unavailable(_)));
+    ledger.hide_events.store(false, Ordering::SeqCst);
+    assert!(ledger.payment(&PaymentId::new(31337, TOKEN, payer.address(), B256::repeat_byte(1))).unwrap().is_some());
+
+    // The retry's own group fails too (it writes another payment): the
+    // next retry is answered all the same.
+    let stall = ledger.stall.lock().unwrap();
+    let entered = ledger.entered.load(Ordering::SeqCst);
+    let held = pipeline.try_submit(merchant(), submission(&payer, 5)).unwrap();
+    while ledger.entered.load(Ordering::SeqCst) == entered {
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let retried = pipeline.try_submit(merchant(), keyed.clone()).unwrap();
+    let beside = pipeline.try_submit(merchant(), submission(&payer, 6)).unwrap();
+    thread::sleep(std::time::Duration::from_millis(100));
+    ledger.fail_next.store(2, Ordering::SeqCst);
+    drop(stall);
+    for rx in [held, retried, beside] {
+        let outcome = rx.blocking_recv().unwrap();
+        assert!(matches!(outcome, SubmitOutcome::Unavailable(_)), "{outcome:?}");
+    }
+    let again = submit(&pipeline, keyed.clone());
+    assert!(matches!(again, SubmitOutcome::Duplicate { retry: true, .. }), "the retry with its key: {again:?}");
+    let bare = submit(&pipeline, Submission { idempotency: None, ..keyed });
+    assert!(matches!(bare, SubmitOutcome::Duplicate { retry: false, .. }), "without the key: {bare:?}");
+    // Its reservation is held once: 900 left of 1,000.
+    assert!(matches!(submit(&pipeline, payment_of(&payer, 3, 901)), SubmitOutcome::Rejected { .. }));
+    assert!(matches!(submit(&pipeline, payment_of(&payer, 4, 900)), SubmitOutcome::Accepted { .. }));
 }
 
 #[test]
