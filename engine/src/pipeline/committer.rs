@@ -322,6 +322,43 @@ impl Committer {
         let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
     }
 
+    /// Whether `batch`, reported failed, is on disk all the same. A batch
+    /// is written whole or not at all, and only this thread writes events:
+    /// if the group's last event (`sequence`) is there, the whole group is.
+    /// A group without events is there if each of its records reads back
+    /// as written (then the ledger is as if it had been, at the least).
+    fn on_disk(&self, batch: &WriteBatch, has_events: bool, sequence: u64) -> bool {
+        if has_events {
+            return self.ledger.last_event_sequence().is_ok_and(|last| last >= sequence);
+        }
+        // What each record must read back as: its last write in the batch.
+        let mut channels = HashMap::new();
+        let mut intents = HashMap::new();
+        let mut merchants = HashMap::new();
+        for write in batch.writes() {
+            match write {
+                Write::Channel(record) => {
+                    channels.insert(record.channel.id, record);
+                }
+                Write::Intent(intent) => {
+                    intents.insert(intent.key(), Some(&**intent));
+                }
+                Write::ForgetIntent(key) => {
+                    intents.insert(*key, None);
+                }
+                Write::Merchant(m) => {
+                    merchants.insert(m.id.as_str(), m);
+                }
+                // Payments and the queue are written with events.
+                Write::Payment(_) | Write::Enqueue(_) | Write::Dequeue(_) | Write::Event(_) => return false,
+            }
+        }
+        let recorded_merchants = if merchants.is_empty() { Some(Vec::new()) } else { self.ledger.merchants().ok() };
+        channels.iter().all(|(id, record)| self.ledger.channel(id).is_ok_and(|r| r.as_ref() == Some(*record)))
+            && intents.iter().all(|(key, intent)| self.ledger.intent(key).is_ok_and(|i| i.as_ref() == *intent))
+            && recorded_merchants.is_some_and(|all| merchants.values().all(|m| all.contains(m)))
+    }
+
     /// Reads the last recorded event's number, which a write reported
     /// failed may have moved: numbering goes on after it.
     fn read_numbering(&mut self) -> Result<()> {
@@ -591,15 +628,12 @@ impl Committer {
         };
         let result = match result {
             // A write reported failed may have reached the disk all the
-            // same (an fsync error after the log write): a batch is written
-            // whole or not at all, and only this thread writes events, so
-            // if the group's last event is there, the whole group is.
-            // Then its answers stand: telling a payer "retry" for a payment
-            // that will be settled, or keeping a reservation the ledger
-            // released, would make the shards disagree with the disk.
-            Err(err)
-                if sequence != first_sequence && self.ledger.last_event_sequence().is_ok_and(|l| l >= sequence) =>
-            {
+            // same (an fsync error after the log write). Then its answers
+            // stand: telling a payer "retry" for a payment that will be
+            // settled, keeping a reservation the ledger released, or taking
+            // back a voucher the ledger holds would make the shards
+            // disagree with the disk.
+            Err(err) if self.on_disk(batch, sequence != first_sequence, sequence) => {
                 tracing::warn!(%err, items = done.len(), "a group commit reported failed is on disk: it stands");
                 metrics::counter!(crate::metrics::COMMIT_ERRORS).increment(1);
                 Ok(())
