@@ -49,11 +49,20 @@ pub struct TxConfig {
     pub confirmations: u64,
     /// Added to estimated gas limits, in percent.
     pub gas_margin_percent: u64,
+    /// Longest wait for one answer of the node (connecting included): a
+    /// node that accepts a request and never answers is an error after
+    /// this, retried like any other, not a settler waiting forever.
+    pub rpc_timeout: Duration,
 }
 
 impl Default for TxConfig {
     fn default() -> Self {
-        Self { receipt_poll: Duration::from_millis(200), confirmations: 1, gas_margin_percent: 25 }
+        Self {
+            receipt_poll: Duration::from_millis(200),
+            confirmations: 1,
+            gas_margin_percent: 25,
+            rpc_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -165,7 +174,12 @@ impl AlloyChain {
     pub async fn connect(url: &str, signers: Vec<PrivateKeySigner>, config: TxConfig) -> Result<Self> {
         // Not quoted: an RPC URL often holds the provider's API key.
         let url = url.parse().map_err(|e| Error::Config(format!("the rpc url does not parse: {e}")))?;
-        let client = ClientBuilder::default().layer(rate_limit_retries()).http(url);
+        let http = reqwest::Client::builder()
+            .timeout(config.rpc_timeout)
+            .connect_timeout(config.rpc_timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| Error::Config(format!("the HTTP client for the node: {e}")))?;
+        let client = ClientBuilder::default().layer(rate_limit_retries()).http_with_client(http, url);
         let provider = ProviderBuilder::default().connect_client(client);
         let chain_id = provider.get_chain_id().await?;
         Ok(Self::with_provider(provider, chain_id, signers, config))

@@ -96,6 +96,10 @@ pub struct ChainConfig {
     /// Receipt polling interval.
     #[serde(default = "default_receipt_poll_ms")]
     pub receipt_poll_ms: u64,
+    /// Longest wait for one answer of the node, in milliseconds: a request
+    /// the node never answers fails after this and is retried.
+    #[serde(default = "default_rpc_timeout_ms")]
+    pub rpc_timeout_ms: u64,
     /// Blocks on top of the including block before a payment is confirmed.
     #[serde(default = "default_confirmations")]
     pub confirmations: u64,
@@ -198,6 +202,10 @@ const fn default_receipt_poll_ms() -> u64 {
     200
 }
 
+const fn default_rpc_timeout_ms() -> u64 {
+    10_000
+}
+
 const fn default_confirmations() -> u64 {
     1
 }
@@ -224,6 +232,7 @@ impl ChainConfig {
             signer_keys_file: None,
             signer_keys,
             receipt_poll_ms: default_receipt_poll_ms(),
+            rpc_timeout_ms: default_rpc_timeout_ms(),
             confirmations: default_confirmations(),
             balance_ttl_secs: default_balance_ttl_secs(),
             balance_poll_ms: default_balance_poll_ms(),

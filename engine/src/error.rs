@@ -99,6 +99,31 @@ impl Error {
     }
 }
 
+impl Error {
+    /// What a client is told of this error. A chain node's own words (its
+    /// provider's limits and plans, its URL, its error codes) are for the
+    /// operator's log: a client learns that the chain could not be read
+    /// and that it may retry. Everything else says what it is.
+    pub fn for_clients(&self) -> String {
+        match self {
+            // The node's words: its transport, its provider, its pool.
+            Self::Chain(e)
+                if matches!(
+                    **e,
+                    x402_chain::Error::Rpc(_)
+                        | x402_chain::Error::Contract(_)
+                        | x402_chain::Error::PendingTransaction(_)
+                ) || e.is_retryable() =>
+            {
+                tracing::warn!(error = %e, "a chain request failed; the client is told to retry");
+                "the chain node could not be reached or gave no usable answer; retry".into()
+            }
+            Self::Commit(cause) => format!("ledger commit failed: {}", cause.for_clients()),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<x402_chain::Error> for Error {
     fn from(e: x402_chain::Error) -> Self {
         Self::Chain(Box::new(e))

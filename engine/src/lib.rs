@@ -48,6 +48,9 @@ mod ecdsa;
 mod engine;
 mod error;
 pub mod facilitator;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 mod http;
 pub mod ledger;

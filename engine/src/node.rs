@@ -221,6 +221,7 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
         .map_err(|_| Error::Config("chain: a signer key is not a 32-byte hex private key".into()))?;
     let tx = TxConfig {
         receipt_poll: std::time::Duration::from_millis(config.receipt_poll_ms),
+        rpc_timeout: std::time::Duration::from_millis(config.rpc_timeout_ms.max(1)),
         confirmations: config.confirmations,
         ..TxConfig::default()
     };

@@ -31,18 +31,18 @@ use x402_devnet::Anvil;
 use x402_devnet::Payer;
 use x402_load::{self as load, LoadConfig, Work};
 
-const MC_KEY: &str = "test-merchant-channel-key-1";
-const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
+pub(crate) const MC_KEY: &str = "test-merchant-channel-key-1";
+pub(crate) const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
 const WITHDRAW_DELAY: u64 = 900;
 /// What one request costs (the voucher's step).
-const PRICE: u128 = 10;
+pub(crate) const PRICE: u128 = 10;
 
 /// A chain with funded payers and the keys x402d settles channels with.
-struct Setup {
-    anvil: Anvil,
-    payers: Vec<Payer>,
+pub(crate) struct Setup {
+    pub(crate) anvil: Anvil,
+    pub(crate) payers: Vec<Payer>,
     /// Settles (sends the claims).
-    signer: PrivateKeySigner,
+    pub(crate) signer: PrivateKeySigner,
     /// Signs the claims.
     authorizer: PrivateKeySigner,
     /// Anvil's account 0, for the test's own transactions.
@@ -50,13 +50,13 @@ struct Setup {
 }
 
 /// An in-process x402d node settling channels.
-struct Engine {
+pub(crate) struct Engine {
     _dir: tempfile::TempDir,
-    node: Node,
+    pub(crate) node: Node,
 }
 
 impl Setup {
-    async fn new(payers: usize) -> Self {
+    pub(crate) async fn new(payers: usize) -> Self {
         let anvil = Anvil::spawn(&[]).unwrap();
         let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
         let addresses: Vec<Address> = payers.iter().map(Payer::address).collect();
@@ -73,7 +73,7 @@ impl Setup {
 
     /// The merchant `mc` paid through channels, claiming every
     /// `claim_interval_secs`.
-    fn merchant(claim_interval_secs: u64) -> PolicyConfig {
+    pub(crate) fn merchant(claim_interval_secs: u64) -> PolicyConfig {
         PolicyConfig::Channel { claim_interval_secs, claim_threshold: u128::MAX.to_string() }
     }
 
@@ -98,7 +98,11 @@ impl Setup {
     }
 
     /// [`Setup::engine_with`], with its `[chain]` changed by `configure`.
-    async fn engine_configured(&self, policy: PolicyConfig, configure: impl FnOnce(&mut ChainConfig)) -> Engine {
+    pub(crate) async fn engine_configured(
+        &self,
+        policy: PolicyConfig,
+        configure: impl FnOnce(&mut ChainConfig),
+    ) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let config = self.node_config(dir.path(), policy, configure);
         Engine { node: start_node(&config).await, _dir: dir }
@@ -126,7 +130,7 @@ impl Setup {
         config
     }
 
-    fn config(&self, payer: &Payer) -> ChannelConfig {
+    pub(crate) fn config(&self, payer: &Payer) -> ChannelConfig {
         payer.channel_config(RECEIVER, self.authorizer.address(), TOKEN, WITHDRAW_DELAY, B256::ZERO)
     }
 
@@ -136,7 +140,7 @@ impl Setup {
 
     /// `payer` deposits `amount` into its channel through the ERC-3009
     /// collector (the test relays the transaction).
-    async fn deposit(&self, payer: &Payer, amount: u128) {
+    pub(crate) async fn deposit(&self, payer: &Payer, amount: u128) {
         self.deposit_into(payer, self.config(payer), amount).await;
     }
 
@@ -176,7 +180,7 @@ impl Setup {
         X402TestToken::new(TOKEN, &self.wallet).balanceOf(RECEIVER).call().await.unwrap()
     }
 
-    async fn onchain(&self, payer: &Payer) -> (u128, u128) {
+    pub(crate) async fn onchain(&self, payer: &Payer) -> (u128, u128) {
         self.onchain_of(&self.config(payer)).await
     }
 
@@ -199,7 +203,13 @@ fn channel_requirements() -> Requirements {
 }
 
 /// A voucher for the request after `charged`, with the actual `charge`.
-fn voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charged: u128, charge: u128) -> pb::SubmitRequest {
+pub(crate) fn voucher(
+    request_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    charged: u128,
+    charge: u128,
+) -> pb::SubmitRequest {
     let mut req = priced_voucher(request_id, payer, config, charged, PRICE);
     let Some(pb::submit_request::Payment::Voucher(v)) = req.payment.as_mut() else { unreachable!() };
     v.charge = charge.to_string();

@@ -15,5 +15,7 @@ mod faults;
 mod interop;
 mod load;
 mod rejections;
+mod rpc;
+mod rpc_proxy;
 mod settle;
 mod stream;

@@ -112,6 +112,12 @@ impl ChannelFacilitator {
         Failure(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 
+    /// A chain request failed: the caller is told to retry, in x402d's
+    /// words ([`crate::Error::for_clients`]); the node's go to the log.
+    fn chain_unavailable(e: impl Into<crate::Error>) -> Failure {
+        Self::unavailable(e.into().for_clients())
+    }
+
     /// One transaction on `merchant`'s behalf, or 429 past its rate.
     fn spend(&self, merchant: &Merchant) -> Result<(), Failure> {
         if self.spending.try_spend(merchant.number) {
@@ -129,23 +135,26 @@ impl ChannelFacilitator {
     }
 
     async fn read(&self, id: B256, withdraw_delay: u64) -> Result<OnChain, Failure> {
-        let out = self.chain.call(self.contracts.channels, state_calldata(id)).await.map_err(Self::unavailable)?;
-        decode_state(&out, withdraw_delay).map_err(Self::unavailable)
+        let out =
+            self.chain.call(self.contracts.channels, state_calldata(id)).await.map_err(Self::chain_unavailable)?;
+        decode_state(&out, withdraw_delay).map_err(Self::chain_unavailable)
     }
 
     /// Simulates, then signs, sends and waits for a call of the channel
     /// contract; `Ok(Err(reason))` when it would revert or reverted.
     async fn send(&self, input: Bytes) -> Result<Result<B256, String>, Failure> {
         if let Some(revert) =
-            self.chain.simulate(self.contracts.channels, input.clone()).await.map_err(Self::unavailable)?
+            self.chain.simulate(self.contracts.channels, input.clone()).await.map_err(Self::chain_unavailable)?
         {
             return Ok(Err(format!("the transaction would revert: {revert}")));
         }
         // The cost varies with the call: estimated for each transaction.
-        let gas = self.chain.estimate_gas(self.contracts.channels, input.clone()).await.map_err(Self::unavailable)?;
-        let tx = self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::unavailable)?;
+        let gas =
+            self.chain.estimate_gas(self.contracts.channels, input.clone()).await.map_err(Self::chain_unavailable)?;
+        let tx =
+            self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::chain_unavailable)?;
         let hash = tx.hash;
-        match send_and_follow(&*self.chain, tx, self.follow).await.map_err(Self::unavailable)? {
+        match send_and_follow(&*self.chain, tx, self.follow).await.map_err(Self::chain_unavailable)? {
             Some(r) if r.success => Ok(Ok(r.tx)),
             Some(r) => Ok(Err(format!("transaction {} reverted", r.tx))),
             None => Err(Self::unavailable(format!("transaction {hash} not mined in {:?}", self.follow.timeout))),
@@ -220,7 +229,7 @@ pub(super) async fn verify(
     };
     let signer = crate::channels::voucher_signer(&v.config);
     let (onchain, code) = futures::future::join(channels.onchain(&v), channels.chain.has_code(signer)).await;
-    let (onchain, code) = (onchain?, code.map_err(ChannelFacilitator::unavailable)?);
+    let (onchain, code) = (onchain?, code.map_err(ChannelFacilitator::chain_unavailable)?);
     let delay = v.config.withdrawDelay.to::<u64>();
     let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
     let balance = onchain.balance.saturating_add(deposit);
@@ -327,7 +336,7 @@ pub(super) async fn settle(
                 Err(DepositFailure::Rejected(message)) => {
                     SettleResponse { payer, ..failed(Reason::DepositFailed.code(), message) }
                 }
-                Err(DepositFailure::Unavailable(e)) => return Err(ChannelFacilitator::unavailable(e)),
+                Err(DepositFailure::Unavailable(e)) => return Err(ChannelFacilitator::unavailable(e.for_clients())),
             })
         }
         other => Ok(failed(

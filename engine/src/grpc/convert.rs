@@ -48,7 +48,7 @@ pub(super) fn status_from_error(err: &Error) -> Status {
             tracing::warn!(%err, "a call failed on the ledger");
             Status::unavailable("the ledger cannot be written or read just now; nothing was recorded; retry")
         }
-        _ if err.is_retryable() => Status::unavailable(err.to_string()),
+        _ if err.is_retryable() => Status::unavailable(err.for_clients()),
         _ => Status::internal(err.to_string()),
     }
 }
@@ -187,7 +187,7 @@ fn deposit(d: pb::ChannelDeposit) -> Result<DepositPayload, InvalidField> {
 }
 
 /// The domain submission of a submit request.
-pub(super) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
+pub(crate) fn submission(req: pb::SubmitRequest) -> Result<Submission, InvalidField> {
     let voucher_extra = req.requirements.clone();
     let requirements = requirements(req.requirements)?;
     let idempotency = if req.idempotency_key.is_empty() {
@@ -372,7 +372,7 @@ pub(super) fn merchant(m: &Merchant) -> pb::Merchant {
 /// Shortest API key accepted.
 const MIN_API_KEY_LEN: usize = 16;
 
-pub(super) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<MerchantUpdate, InvalidField> {
+pub(crate) fn merchant_update(req: pb::UpsertMerchantRequest) -> Result<MerchantUpdate, InvalidField> {
     let m = req.merchant.ok_or_else(|| InvalidField::new("merchant", "is required"))?;
     crate::domain::validate_merchant_id(&m.id).map_err(|msg| InvalidField::new("merchant.id", msg))?;
     let pay_to = m.pay_to.iter().map(|a| address("merchant.pay_to", a)).collect::<Result<_, _>>()?;
@@ -438,7 +438,7 @@ pub(super) fn event(e: &SettlementEvent) -> pb::SettlementEvent {
 }
 
 /// A channel id and an optional uint128 amount of a channel request.
-pub(super) fn channel_request(id: &[u8], amount: Option<&str>) -> Result<(B256, Option<u128>), InvalidField> {
+pub(crate) fn channel_request(id: &[u8], amount: Option<&str>) -> Result<(B256, Option<u128>), InvalidField> {
     let id = word("channel_id", id)?;
     let amount = match amount {
         Some("") => Some(u128::MAX),

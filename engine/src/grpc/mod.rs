@@ -1,7 +1,7 @@
 //! The gRPC adapter: `x402.engine.v1` services, `grpc.health.v1` and server
 //! reflection on one listener, with optional TLS.
 
-mod convert;
+pub(crate) mod convert;
 mod service;
 
 use std::{future::Future, sync::Arc};

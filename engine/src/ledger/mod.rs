@@ -8,7 +8,7 @@
 //! [`WriteBatch`] is applied atomically and, for RocksDB, fsync'd.
 
 mod memory;
-mod records;
+pub(crate) mod records;
 mod rocks;
 
 #[cfg(test)]

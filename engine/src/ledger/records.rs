@@ -243,7 +243,7 @@ fn status_from(status: Option<StatusV1>) -> Result<PaymentStatus> {
     })
 }
 
-pub(super) fn encode_payment(p: &PaymentRecord) -> Vec<u8> {
+pub(crate) fn encode_payment(p: &PaymentRecord) -> Vec<u8> {
     let a = &p.authorization;
     versioned(&PaymentV1 {
         id: p.id.0.to_vec(),
@@ -268,7 +268,7 @@ pub(super) fn encode_payment(p: &PaymentRecord) -> Vec<u8> {
     })
 }
 
-pub(super) fn decode_payment(bytes: &[u8]) -> Result<PaymentRecord> {
+pub(crate) fn decode_payment(bytes: &[u8]) -> Result<PaymentRecord> {
     let p = PaymentV1::decode(unversioned(bytes)?)?;
     Ok(PaymentRecord {
         id: PaymentId(word(&p.id)?),
@@ -295,7 +295,7 @@ pub(super) fn decode_payment(bytes: &[u8]) -> Result<PaymentRecord> {
     })
 }
 
-pub(super) fn encode_merchant(m: &Merchant) -> Vec<u8> {
+pub(crate) fn encode_merchant(m: &Merchant) -> Vec<u8> {
     versioned(&MerchantV1 {
         id: m.id.clone(),
         number: m.number,
@@ -307,7 +307,7 @@ pub(super) fn encode_merchant(m: &Merchant) -> Vec<u8> {
     })
 }
 
-pub(super) fn decode_merchant(bytes: &[u8]) -> Result<Merchant> {
+pub(crate) fn decode_merchant(bytes: &[u8]) -> Result<Merchant> {
     let m = MerchantV1::decode(unversioned(bytes)?)?;
     Ok(Merchant {
         id: m.id,
@@ -327,7 +327,7 @@ pub(super) fn decode_merchant(bytes: &[u8]) -> Result<Merchant> {
     })
 }
 
-pub(super) fn encode_event(e: &SettlementEvent) -> Vec<u8> {
+pub(crate) fn encode_event(e: &SettlementEvent) -> Vec<u8> {
     versioned(&EventV1 {
         merchant_number: e.merchant_number,
         payment_id: e.payment_id.0.to_vec(),
@@ -340,7 +340,7 @@ pub(super) fn encode_event(e: &SettlementEvent) -> Vec<u8> {
     })
 }
 
-pub(super) fn decode_event(sequence: u64, bytes: &[u8]) -> Result<SettlementEvent> {
+pub(crate) fn decode_event(sequence: u64, bytes: &[u8]) -> Result<SettlementEvent> {
     let e = EventV1::decode(unversioned(bytes)?)?;
     Ok(SettlementEvent {
         sequence,
@@ -389,7 +389,7 @@ struct IntentV1 {
     included_block_hash: Vec<u8>,
 }
 
-pub(super) fn encode_intent(i: &TxIntent) -> Vec<u8> {
+pub(crate) fn encode_intent(i: &TxIntent) -> Vec<u8> {
     let (state, included_tx, included_block, included_block_hash, included_success) = match i.state {
         IntentState::Pending => (1, Vec::new(), 0, Vec::new(), false),
         IntentState::Included { tx, block, block_hash, success } => {
@@ -414,7 +414,7 @@ pub(super) fn encode_intent(i: &TxIntent) -> Vec<u8> {
     })
 }
 
-pub(super) fn decode_intent(bytes: &[u8]) -> Result<TxIntent> {
+pub(crate) fn decode_intent(bytes: &[u8]) -> Result<TxIntent> {
     let i = IntentV1::decode(unversioned(bytes)?)?;
     let state = match i.state {
         1 => IntentState::Pending,
@@ -503,7 +503,7 @@ fn u128_from(bytes: &[u8]) -> Result<u128> {
     Ok(u128::from_be_bytes(bytes.try_into().map_err(|_| Error::Corrupt("uint128 is not 16 bytes"))?))
 }
 
-pub(super) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
+pub(crate) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
     let c = &r.channel;
     versioned(&ChannelV1 {
         chain_id: r.chain_id,
@@ -533,7 +533,7 @@ pub(super) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
     })
 }
 
-pub(super) fn decode_channel(bytes: &[u8]) -> Result<ChannelRecord> {
+pub(crate) fn decode_channel(bytes: &[u8]) -> Result<ChannelRecord> {
     use x402_channel::{Channel, ChannelConfig, OnChain, SignedVoucher, Withdrawal};
     let m = ChannelV1::decode(unversioned(bytes)?)?;
     let config = ChannelConfig {
@@ -588,7 +588,7 @@ pub(super) fn intent_key(key: &IntentKey) -> [u8; 36] {
 }
 
 /// `merchant_number ‖ deadline ‖ id`, 44 bytes big-endian.
-pub(super) fn pending_key(key: &PendingKey) -> [u8; 44] {
+pub(crate) fn pending_key(key: &PendingKey) -> [u8; 44] {
     let mut out = [0u8; 44];
     out[..4].copy_from_slice(&key.merchant_number.to_be_bytes());
     out[4..12].copy_from_slice(&key.deadline.to_be_bytes());
@@ -596,7 +596,7 @@ pub(super) fn pending_key(key: &PendingKey) -> [u8; 44] {
     out
 }
 
-pub(super) fn decode_pending_key(bytes: &[u8]) -> Result<PendingKey> {
+pub(crate) fn decode_pending_key(bytes: &[u8]) -> Result<PendingKey> {
     if bytes.len() != 44 {
         return Err(Error::Corrupt("pending key is not 44 bytes"));
     }

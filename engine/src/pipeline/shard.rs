@@ -456,7 +456,7 @@ impl Shard {
         let balance = match fetched {
             Some(Ok(balance)) => Lookup::Known(*balance),
             Some(Err(e)) => {
-                let _ = reply.send(SubmitOutcome::Unavailable(e.to_string()));
+                let _ = reply.send(SubmitOutcome::Unavailable(e.for_clients()));
                 return Checked::Answered;
             }
             None => self.balances.lookup(key, &self.notifier),

@@ -283,8 +283,10 @@ impl Shard {
             }
             Err(DepositFailure::Unavailable(e)) => {
                 for ParkedVoucher { reply, .. } in queue {
-                    let _ =
-                        reply.send(SubmitOutcome::Unavailable(format!("the deposit into channel {id} failed: {e}")));
+                    let _ = reply.send(SubmitOutcome::Unavailable(format!(
+                        "the deposit into channel {id} failed: {}",
+                        e.for_clients()
+                    )));
                 }
                 true
             }
@@ -299,7 +301,8 @@ impl Shard {
             Ok(onchain) => onchain,
             Err(ReadFailure::Unavailable(e)) => {
                 for ParkedVoucher { reply, .. } in queue {
-                    let _ = reply.send(SubmitOutcome::Unavailable(format!("reading channel {id} failed: {e}")));
+                    let _ = reply
+                        .send(SubmitOutcome::Unavailable(format!("reading channel {id} failed: {}", e.for_clients())));
                 }
                 return true;
             }
