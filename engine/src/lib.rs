@@ -40,6 +40,16 @@
 
 #![warn(missing_docs)]
 
+/// A crash point of the crash-sweep tests (feature `failpoints`): with
+/// `FAILPOINTS=<name>=return` in its environment, the process aborts here,
+/// as a power cut would stop it. Nothing at all without the feature.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| std::process::abort());
+    };
+}
+
 pub mod balance;
 pub mod channels;
 pub mod config;

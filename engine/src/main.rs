@@ -134,6 +134,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The crash points named in FAILPOINTS (test builds only).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let cli = Cli::parse();
     // Kept alive until the node stops: the dev ledger directory and chain.
     let mut devnet = None;

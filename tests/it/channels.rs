@@ -44,9 +44,9 @@ pub(crate) struct Setup {
     /// Settles (sends the claims).
     pub(crate) signer: PrivateKeySigner,
     /// Signs the claims.
-    authorizer: PrivateKeySigner,
+    pub(crate) authorizer: PrivateKeySigner,
     /// Anvil's account 0, for the test's own transactions.
-    wallet: DynProvider,
+    pub(crate) wallet: DynProvider,
 }
 
 /// An in-process x402d node settling channels.
@@ -176,7 +176,7 @@ impl Setup {
         assert!(receipt.status(), "deposit reverted");
     }
 
-    async fn receiver_balance(&self) -> U256 {
+    pub(crate) async fn receiver_balance(&self) -> U256 {
         X402TestToken::new(TOKEN, &self.wallet).balanceOf(RECEIVER).call().await.unwrap()
     }
 
@@ -313,7 +313,12 @@ fn header_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, charge
 }
 
 /// The first request of a channel, with the deposit that funds it.
-fn deposit_voucher(request_id: u64, payer: &Payer, config: &ChannelConfig, deposit: u128) -> pb::SubmitRequest {
+pub(crate) fn deposit_voucher(
+    request_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    deposit: u128,
+) -> pb::SubmitRequest {
     priced_deposit_voucher(request_id, payer, config, PRICE, deposit)
 }
 
@@ -368,7 +373,7 @@ async fn stream_waves(client: &mut Payments, waves: Vec<Vec<pb::SubmitRequest>>)
 /// An `x402d serve` configuration under `dir` whose merchant `mc` is paid
 /// through channels claimed hourly (or sooner by the admin API), settling
 /// by `chain`.
-fn channel_daemon_config(dir: &std::path::Path, chain: &ChainSection) -> String {
+pub(crate) fn channel_daemon_config(dir: &std::path::Path, chain: &ChainSection) -> String {
     format!(
         r#"{}
 [[merchants]]
@@ -384,7 +389,7 @@ api_key_env = "X402D_TEST_MC_KEY"
 }
 
 /// Sets merchant `mc`'s claim interval through the admin API.
-async fn set_claim_interval(grpc: std::net::SocketAddr, claim_interval_secs: u64) {
+pub(crate) async fn set_claim_interval(grpc: std::net::SocketAddr, claim_interval_secs: u64) {
     let mut admin = admin(grpc, ADMIN_KEY).await;
     let mut merchant = admin.get_merchant(pb::GetMerchantRequest { id: "mc".into() }).await.unwrap().into_inner();
     merchant.policy = Some(pb::SettlementPolicy {
@@ -400,7 +405,7 @@ async fn set_claim_interval(grpc: std::net::SocketAddr, claim_interval_secs: u64
 }
 
 /// Waits up to `secs` for `done`.
-async fn eventually<F: Future<Output = bool>>(secs: u64, what: &str, mut done: impl FnMut() -> F) {
+pub(crate) async fn eventually<F: Future<Output = bool>>(secs: u64, what: &str, mut done: impl FnMut() -> F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !done().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");

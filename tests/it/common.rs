@@ -162,6 +162,21 @@ impl Daemon {
         Self { grpc: addr("grpc="), http: addr("http="), child, banner }
     }
 
+    /// Waits up to `timeout` for the process to end by itself (at a crash
+    /// point); its exit status, or `None` if it still runs.
+    pub(crate) async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();

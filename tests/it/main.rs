@@ -8,6 +8,7 @@ mod chain;
 mod channels;
 mod common;
 mod crash;
+mod crash_sweep;
 mod dev;
 mod disk;
 mod facilitator;

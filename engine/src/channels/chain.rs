@@ -101,8 +101,12 @@ pub(crate) async fn put_deposit<C: Chain>(
         let tx = chain.sign_call(v.contract, input, Some(gas)).await.map_err(unavailable)?;
         let hash = tx.hash;
         tracing::info!(channel = %v.channel_id, tx = %hash, amount = d.amount, "sending a channel deposit");
+        crash_point!("deposit::signed");
         match send_and_follow(chain, tx, follow).await.map_err(unavailable)? {
-            Some(receipt) if receipt.success => sent = Some(receipt.tx),
+            Some(receipt) if receipt.success => {
+                crash_point!("deposit::mined");
+                sent = Some(receipt.tx);
+            }
             Some(receipt) => {
                 return Err(DepositFailure::Rejected(format!("the deposit transaction {} reverted", receipt.tx)));
             }

@@ -437,6 +437,8 @@ impl<C: Chain> Settler<C> {
         let sent = self.send(tx, Vec::new(), Vec::new()).await;
         self.claiming.store(false, std::sync::atomic::Ordering::Release);
         sent?;
+        // Concluded (nothing was owed by payments), the channels not yet synced.
+        crash_point!("claims::concluded");
         Ok(match self.chain.receipt(hash).await? {
             Some(r) if r.success => Some(Ok((hash, r.block))),
             Some(r) => {

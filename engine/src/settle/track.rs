@@ -49,6 +49,7 @@ impl<C: Chain> Settler<C> {
         payments: Vec<PaymentId>,
         transitions: Vec<Transition>,
     ) -> Result<()> {
+        crash_point!("settle::signed");
         let chain_id = self.chain.chain_id();
         let mut tx = tx;
         let mut intent = TxIntent::pending(chain_id, &tx, payments, self.now_ms());
@@ -66,6 +67,7 @@ impl<C: Chain> Settler<C> {
                 }
                 return Err(err);
             }
+            crash_point!("settle::recorded");
             match self.chain.broadcast(&tx).await {
                 Ok(()) => break,
                 Err(x402_chain::Error::NonceTooLow { .. }) => {
@@ -80,6 +82,7 @@ impl<C: Chain> Settler<C> {
                 Err(err) => return Err(err.into()),
             }
         }
+        crash_point!("settle::broadcast");
         self.follow(intent, tx).await
     }
 
@@ -138,6 +141,7 @@ impl<C: Chain> Settler<C> {
     /// reason, such as running out of gas), back to the queue for a later
     /// batch.
     async fn conclude(&self, intent: &TxIntent, receipt: &Receipt) -> Result<()> {
+        crash_point!("settle::mined");
         let mut transitions = Vec::with_capacity(intent.payments.len());
         let now_ms = self.now_ms();
         let mut confirmed = 0u64;

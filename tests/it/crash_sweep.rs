@@ -1,0 +1,206 @@
+//! The crash sweep: an `x402d` process aborted (as by a power cut) at each
+//! step of each chain action, through the crash points compiled into test
+//! builds (feature `failpoints`): a transaction signed but not recorded,
+//! recorded but not broadcast, broadcast but not mined (then anvil's pool
+//! kept or flushed), mined but not concluded; a claim concluded but its
+//! channels not synced; a deposit signed but not sent, mined but not
+//! used. At each it restarts on the same ledger and chain. Afterwards
+//! every payment the ledger holds is settled exactly once on chain (and
+//! none it does not hold is), every voucher is claimed, and every deposit
+//! counted once.
+
+use std::time::Duration;
+
+use alloy::{
+    primitives::{Address, U256},
+    providers::ext::AnvilApi,
+};
+use x402_chain::Chain;
+use x402_proto::v1 as pb;
+
+use crate::{
+    channels::{self, MC_KEY, PRICE, Setup},
+    common::*,
+};
+
+/// The steps every chain transaction of settlement goes through.
+const SEND_POINTS: [&str; 4] = ["settle::signed", "settle::recorded", "settle::broadcast", "settle::mined"];
+
+/// Waits for `daemon` to abort at its crash point.
+async fn crashed(daemon: &mut Daemon, point: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = daemon.exited_within(Duration::from_secs(30)).await;
+    let status = status.unwrap_or_else(|| panic!("{point}: the crash point was never reached"));
+    assert_eq!(status.signal(), Some(6), "{point}: aborted there, not {status}");
+}
+
+/// `point=return`: abort there.
+fn crash_at(point: &str) -> String {
+    format!("{point}=return")
+}
+
+/// Pending transactions stay in the pool until [`release`] for a crash
+/// after the broadcast, so that the crash lands before they are mined.
+async fn hold_pool(s: &Setup, point: &str) {
+    if point == "settle::broadcast" {
+        s.wallet.anvil_set_auto_mine(false).await.unwrap();
+    }
+}
+
+/// The pool kept or flushed (the node restarted, or dropped them), then
+/// mining on again.
+async fn release(s: &Setup, flush: bool) {
+    if flush {
+        s.wallet.anvil_drop_all_transactions().await.unwrap();
+    }
+    s.wallet.evm_mine(None).await.unwrap();
+    s.wallet.anvil_set_auto_mine(true).await.unwrap();
+}
+
+async fn sweep_exact(pay_to: Address, key: &str) {
+    const PER_POINT: usize = 3;
+    let s = Setup::new(SEND_POINTS.len() * 2 * PER_POINT).await;
+    let chain = x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), Default::default()).await.unwrap();
+    let mut payers = s.payers.iter();
+    let mut recorded_total = 0u64;
+    for point in SEND_POINTS {
+        for flush in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let section = ChainSection::new(s.anvil.endpoint(), &s.signer, None, "");
+            let config = format!("{}{}", config(dir.path()), section.toml);
+            let crash = crash_at(point);
+            hold_pool(&s, point).await;
+            let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[("FAILPOINTS", &crash)]));
+            let mut client = payments(daemon.grpc, key).await;
+            let mut sent = Vec::new();
+            for i in 0..PER_POINT {
+                let payer = payers.next().unwrap();
+                let req = requirements(pay_to);
+                let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+                sent.push(payload.clone());
+                // The process may die under a later submit: an answer or not.
+                let _ = client.submit(exact_submit(i as u64, &req, &payload)).await;
+            }
+            crashed(&mut daemon, point).await;
+            release(&s, flush && point == "settle::broadcast").await;
+
+            let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[]));
+            let mut client = payments(daemon.grpc, key).await;
+            let mut recorded = 0u64;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            for payload in &sent {
+                let id = payload_id(&requirements(pay_to), payload);
+                let spent = loop {
+                    let got = client.get_payment(pb::GetPaymentRequest { payment_id: id.0.to_vec() }).await;
+                    let Ok(payment) = got else { break false };
+                    let state = payment.into_inner().status.unwrap().state;
+                    if state == pb::PaymentState::Confirmed as i32 {
+                        recorded += 1;
+                        break true;
+                    }
+                    assert_ne!(state, pb::PaymentState::Failed as i32, "{point}: a payment failed");
+                    assert!(tokio::time::Instant::now() < deadline, "{point} (flush {flush}): still not confirmed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                let a = &payload.authorization;
+                let used = chain.authorization_state(TOKEN, a.from, a.nonce).await.unwrap();
+                assert_eq!(used, spent, "{point} (flush {flush}): recorded and spent on chain go together");
+            }
+            daemon.stop();
+            recorded_total += recorded;
+            let paid = chain.token_balance(TOKEN, pay_to).await.unwrap();
+            assert_eq!(paid, U256::from(AMOUNT * recorded_total), "{point}: settled exactly once");
+        }
+    }
+    assert!(recorded_total >= (SEND_POINTS.len() * 2) as u64, "{recorded_total} payments recorded in all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_settlement_crashed_at_any_step_is_settled_once_after_restart() {
+    sweep_exact(PAY_TO, M1_KEY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_crashed_at_any_step_is_settled_once_after_restart() {
+    sweep_exact(PAY_TO_2, M2_KEY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_crashed_at_any_step_is_claimed_once_after_restart() {
+    const CHANNELS: usize = 2;
+    const VOUCHERS: usize = 5;
+    let points: Vec<&str> = SEND_POINTS.iter().copied().chain(["claims::concluded"]).collect();
+    let s = Setup::new(points.len() * 2 * CHANNELS).await;
+    let mut claimed_total = 0u128;
+    for (round, (point, flush)) in points.iter().flat_map(|p| [(*p, false), (*p, true)]).enumerate() {
+        let payers = &s.payers[round * CHANNELS..(round + 1) * CHANNELS];
+        for payer in payers {
+            s.deposit(payer, 10_000).await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
+        let config = channels::channel_daemon_config(dir.path(), &section);
+        let crash = crash_at(point);
+        let mut daemon = Daemon::start_with_env(
+            dir.path(),
+            &config,
+            &section.env(&[("X402D_TEST_MC_KEY", MC_KEY), ("FAILPOINTS", &crash)]),
+        );
+        let mut client = payments(daemon.grpc, MC_KEY).await;
+        for n in 0..VOUCHERS {
+            for payer in payers {
+                let voucher = channels::voucher(n as u64, payer, &s.config(payer), PRICE * n as u128, PRICE);
+                let answer = client.submit(voucher).await.unwrap().into_inner();
+                assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+            }
+        }
+        hold_pool(&s, point).await;
+        channels::set_claim_interval(daemon.grpc, 1).await;
+        crashed(&mut daemon, point).await;
+        release(&s, flush && point == "settle::broadcast").await;
+
+        let config = config.replace("claim_interval_secs = 3600", "claim_interval_secs = 1");
+        let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
+        let charged = PRICE * VOUCHERS as u128;
+        claimed_total += charged * CHANNELS as u128;
+        for payer in payers {
+            channels::eventually(60, &format!("{point}: the channel claimed"), || async {
+                s.onchain(payer).await.1 == charged
+            })
+            .await;
+        }
+        daemon.stop();
+        assert_eq!(s.receiver_balance().await, U256::from(claimed_total), "{point} (flush {flush}): claimed once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposit_crashed_at_any_step_counts_once_after_restart() {
+    const DEPOSIT: u128 = 5_000;
+    let points = ["deposit::signed", "deposit::mined"];
+    let s = Setup::new(points.len()).await;
+    for (point, payer) in points.iter().zip(&s.payers) {
+        let dir = tempfile::tempdir().unwrap();
+        let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "");
+        let config = channels::channel_daemon_config(dir.path(), &section);
+        let crash = crash_at(point);
+        let mut daemon = Daemon::start_with_env(
+            dir.path(),
+            &config,
+            &section.env(&[("X402D_TEST_MC_KEY", MC_KEY), ("FAILPOINTS", &crash)]),
+        );
+        let mut client = payments(daemon.grpc, MC_KEY).await;
+        let config_of = s.config(payer);
+        let deposit = channels::deposit_voucher(1, payer, &config_of, DEPOSIT);
+        assert!(client.submit(deposit.clone()).await.is_err(), "{point}: answered though the process died");
+        crashed(&mut daemon, point).await;
+
+        // The gateway sends the same request again to the restarted node.
+        let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
+        let mut client = payments(daemon.grpc, MC_KEY).await;
+        let answer = client.submit(deposit).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{point}: {}", answer.message);
+        assert_eq!(s.onchain(payer).await, (DEPOSIT, 0), "{point}: deposited once");
+        daemon.stop();
+    }
+}
