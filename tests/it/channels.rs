@@ -110,7 +110,7 @@ impl Setup {
 
     /// The test config with `mc` on `policy` and this chain's `[chain]`,
     /// changed by `configure`.
-    fn node_config(
+    pub(crate) fn node_config(
         &self,
         dir: &std::path::Path,
         policy: PolicyConfig,
@@ -134,7 +134,7 @@ impl Setup {
         payer.channel_config(RECEIVER, self.authorizer.address(), TOKEN, WITHDRAW_DELAY, B256::ZERO)
     }
 
-    fn domain() -> ChannelDomain {
+    pub(crate) fn domain() -> ChannelDomain {
         ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS)
     }
 

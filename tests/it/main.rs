@@ -20,3 +20,4 @@ mod rpc;
 mod rpc_proxy;
 mod settle;
 mod stream;
+mod tenants;

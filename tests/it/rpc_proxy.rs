@@ -43,11 +43,13 @@ pub(crate) enum Fault {
     LowNonce,
     /// `eth_sendRawTransaction` acknowledged with the hash, never forwarded.
     DropTx,
+    /// Answered right, 400 ms late (a latency spike).
+    Slow,
 }
 
 impl Fault {
     /// Every fault.
-    pub(crate) const ALL: [Self; 11] = [
+    pub(crate) const ALL: [Self; 12] = [
         Self::RateLimited,
         Self::Unavailable,
         Self::HeaderNotFound,
@@ -59,6 +61,7 @@ impl Fault {
         Self::LagBehind,
         Self::LowNonce,
         Self::DropTx,
+        Self::Slow,
     ];
 
     /// The method it is limited to, if any.
@@ -257,6 +260,9 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 respond(&mut stream, 200, "application/json", &serde_json::to_vec(&answer).unwrap()).await
             }
             other => {
+                if other == Some(Fault::Slow) {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
                 let upstream = shared
                     .http
                     .post(&shared.upstream)
