@@ -13,7 +13,7 @@ use x402_proto::v1 as pb;
 
 use crate::{
     channels::{ChannelContracts, VoucherVerifier},
-    domain::{Merchant, PaymentInput, SettlementPolicy},
+    domain::{Merchant, PaymentInput},
     reason::Refusal,
     verify::{MinValidity, Verifier},
 };
@@ -123,15 +123,7 @@ fn round_trip<T: PartialEq + std::fmt::Debug>(
 }
 
 fn merchant(pay_to: Address) -> Merchant {
-    Merchant {
-        id: "fuzz".into(),
-        number: 1,
-        pay_to: vec![pay_to],
-        assets: Vec::new(),
-        policy: SettlementPolicy::Direct,
-        api_key_sha256: None,
-        updated_at_ms: 0,
-    }
+    crate::testing::direct_merchant(pay_to)
 }
 
 fn assert_named(field: &str, message: &str) {

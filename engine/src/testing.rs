@@ -359,6 +359,8 @@ struct Script {
     spent: HashMap<(Address, Address, B256), x402_chain::AuthorizationSpent>,
     /// The errors the next broadcasts answer, in order.
     broadcast_errors: std::collections::VecDeque<&'static str>,
+    /// Log searches (`authorization_spent`) that fail as a node that cannot be reached.
+    log_errors: usize,
 }
 
 impl Script {
@@ -479,6 +481,11 @@ impl ScriptedChain {
         self.script().spent.insert((token, authorizer, nonce), spent);
     }
 
+    /// The next `n` log searches fail as a node that cannot be reached.
+    pub fn fail_log_searches(&self, n: usize) {
+        self.script().log_errors += n;
+    }
+
     /// The next `n` broadcasts fail as a node that cannot be reached.
     pub fn fail_broadcasts(&self, n: usize) {
         self.script().broadcast_errors.extend(std::iter::repeat_n("connection refused", n));
@@ -549,7 +556,14 @@ impl Chain for ScriptedChain {
         from: u64,
         to: u64,
     ) -> x402_chain::Result<Option<x402_chain::AuthorizationSpent>> {
-        let spent = self.script().spent.get(&(token, authorizer, nonce)).copied();
+        let mut script = self.script();
+        if script.log_errors > 0 {
+            script.log_errors -= 1;
+            return Err(x402_chain::Error::Rpc(alloy::transports::TransportErrorKind::custom_str(
+                "connection refused",
+            )));
+        }
+        let spent = script.spent.get(&(token, authorizer, nonce)).copied();
         Ok(spent.filter(|s| (from..=to).contains(&s.block)))
     }
 

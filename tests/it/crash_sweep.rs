@@ -34,6 +34,25 @@ async fn crashed(daemon: &mut Daemon, point: &str) {
     assert_eq!(status.signal(), Some(6), "{point}: aborted there, not {status}");
 }
 
+/// An `x402d` settling channels of `s` under `dir` (its `[chain]` ending
+/// with `extra`), aborting at `point` if given; its config and section.
+fn channel_daemon(
+    s: &Setup,
+    dir: &std::path::Path,
+    extra: &str,
+    point: Option<&str>,
+) -> (Daemon, String, ChainSection) {
+    let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), extra);
+    let config = channels::channel_daemon_config(dir, &section);
+    let crash = point.map(|p| format!("{p}=return"));
+    let mut env = vec![("X402D_TEST_MC_KEY", MC_KEY)];
+    if let Some(crash) = &crash {
+        env.push(("FAILPOINTS", crash));
+    }
+    let daemon = Daemon::start_with_env(dir, &config, &section.env(&env));
+    (daemon, config, section)
+}
+
 /// `point=return`: abort there.
 fn crash_at(point: &str) -> String {
     format!("{point}=return")
@@ -64,7 +83,9 @@ async fn sweep_exact(pay_to: Address, key: &str) {
     let mut payers = s.payers.iter();
     let mut recorded_total = 0u64;
     for point in SEND_POINTS {
-        for flush in [false, true] {
+        // Flushing the pool changes something only after a broadcast.
+        let flushes: &[bool] = if point == "settle::broadcast" { &[false, true] } else { &[false] };
+        for &flush in flushes {
             let dir = tempfile::tempdir().unwrap();
             let section = ChainSection::new(s.anvil.endpoint(), &s.signer, None, "");
             let config = format!("{}{}", config(dir.path()), section.toml);
@@ -77,22 +98,34 @@ async fn sweep_exact(pay_to: Address, key: &str) {
                 let payer = payers.next().unwrap();
                 let req = requirements(pay_to);
                 let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
-                sent.push(payload.clone());
                 // The process may die under a later submit: an answer or not.
-                let _ = client.submit(exact_submit(i as u64, &req, &payload)).await;
+                let answer = client.submit(exact_submit(i as u64, &req, &payload)).await;
+                let acked = answer.is_ok_and(|a| outcome(a.get_ref()) == pb::Outcome::Accepted);
+                sent.push((payload, acked));
             }
             crashed(&mut daemon, point).await;
-            release(&s, flush && point == "settle::broadcast").await;
+            release(&s, flush).await;
 
             let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[]));
             let mut client = payments(daemon.grpc, key).await;
             let mut recorded = 0u64;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            for payload in &sent {
+            for (payload, acked) in &sent {
                 let id = payload_id(&requirements(pay_to), payload);
                 let spent = loop {
                     let got = client.get_payment(pb::GetPaymentRequest { payment_id: id.0.to_vec() }).await;
-                    let Ok(payment) = got else { break false };
+                    let payment = match got {
+                        Ok(payment) => payment,
+                        Err(status) if status.code() == tonic::Code::NotFound => {
+                            assert!(!acked, "{point} (flush {flush}): an acknowledged payment was lost");
+                            break false;
+                        }
+                        Err(status) => {
+                            assert!(tokio::time::Instant::now() < deadline, "{point}: {status:?}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
                     let state = payment.into_inner().status.unwrap().state;
                     if state == pb::PaymentState::Confirmed as i32 {
                         recorded += 1;
@@ -112,7 +145,7 @@ async fn sweep_exact(pay_to: Address, key: &str) {
             assert_eq!(paid, U256::from(AMOUNT * recorded_total), "{point}: settled exactly once");
         }
     }
-    assert!(recorded_total >= (SEND_POINTS.len() * 2) as u64, "{recorded_total} payments recorded in all");
+    assert!(recorded_total >= SEND_POINTS.len() as u64, "{recorded_total} payments recorded in all");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,14 +171,7 @@ async fn a_claim_crashed_at_any_step_is_claimed_once_after_restart() {
             s.deposit(payer, 10_000).await;
         }
         let dir = tempfile::tempdir().unwrap();
-        let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "channel_poll_ms = 200\n");
-        let config = channels::channel_daemon_config(dir.path(), &section);
-        let crash = crash_at(point);
-        let mut daemon = Daemon::start_with_env(
-            dir.path(),
-            &config,
-            &section.env(&[("X402D_TEST_MC_KEY", MC_KEY), ("FAILPOINTS", &crash)]),
-        );
+        let (mut daemon, config, section) = channel_daemon(&s, dir.path(), "channel_poll_ms = 200\n", Some(point));
         let mut client = payments(daemon.grpc, MC_KEY).await;
         for n in 0..VOUCHERS {
             for payer in payers {
@@ -181,14 +207,7 @@ async fn a_deposit_crashed_at_any_step_counts_once_after_restart() {
     let s = Setup::new(points.len()).await;
     for (point, payer) in points.iter().zip(&s.payers) {
         let dir = tempfile::tempdir().unwrap();
-        let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), "");
-        let config = channels::channel_daemon_config(dir.path(), &section);
-        let crash = crash_at(point);
-        let mut daemon = Daemon::start_with_env(
-            dir.path(),
-            &config,
-            &section.env(&[("X402D_TEST_MC_KEY", MC_KEY), ("FAILPOINTS", &crash)]),
-        );
+        let (mut daemon, config, section) = channel_daemon(&s, dir.path(), "", Some(point));
         let mut client = payments(daemon.grpc, MC_KEY).await;
         let config_of = s.config(payer);
         let deposit = channels::deposit_voucher(1, payer, &config_of, DEPOSIT);

@@ -54,7 +54,8 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_faults_under_load_lose_nothing_and_acceptance_resumes_by_itself() {
-    let secs: u64 = std::env::var("X402D_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    // At least 12 s: the phases of faults take that long.
+    let secs: u64 = std::env::var("X402D_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20).max(12);
     let fs = Tmpfs::mount(48).expect("a tmpfs for the ledger (needs root)");
     let rocks = RocksLedger::open(fs.path().join("ledger"), RocksOptions::default()).unwrap();
     let ledger = Arc::new(FaultyLedger::new(Arc::new(rocks)));
@@ -153,6 +154,7 @@ async fn disk_faults_under_load_lose_nothing_and_acceptance_resumes_by_itself() 
     let resumed = acked_at.iter().map(|(at, _)| *at).filter(|at| *at > space_back).min();
     let resumed = resumed.expect("a payment was accepted after the disk had room again") - space_back;
     assert!(injected.inner_failed > 0, "the full disk refused no write");
+    assert!(injected.failed_after > 0 && injected.failed_before > 0 && injected.stalled > 0, "{injected:?}");
 
     // Every acknowledged payment settles, once.
     let ids: HashSet<PaymentId> = accepted.iter().map(|(id, _)| *id).collect();

@@ -119,6 +119,10 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
+    /// How long the fate of a failed group commit is asked after (the
+    /// committer waits, and so does everything behind it).
+    const FATE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
     pub(crate) fn new(
         ledger: Arc<dyn Ledger>,
         last_sequence: u64,
@@ -322,14 +326,17 @@ impl Committer {
         let _ = self.shards[shard].send(ShardMsg::Revert { id, reservation, value });
     }
 
-    /// Whether `batch`, reported failed, is on disk all the same. A batch
-    /// is written whole or not at all, and only this thread writes events:
-    /// if the group's last event (`sequence`) is there, the whole group is.
-    /// A group without events is there if each of its records reads back
-    /// as written (then the ledger is as if it had been, at the least).
-    fn on_disk(&self, batch: &WriteBatch, has_events: bool, sequence: u64) -> bool {
-        if has_events {
-            return self.ledger.last_event_sequence().is_ok_and(|last| last >= sequence);
+    /// Whether `batch`, reported failed, is on disk all the same; `None`
+    /// while the ledger cannot be read. A batch is written whole or not at
+    /// all, and only this thread writes events: if the group's last event
+    /// reads back as written, at its number, the whole group is there. A
+    /// group without events is there if each of its records reads back as
+    /// last written (then the ledger is as if it had been, at the least).
+    fn on_disk(&self, batch: &WriteBatch) -> Option<bool> {
+        let last_event = batch.writes().iter().rev().find_map(|w| if let Write::Event(e) = w { Some(e) } else { None });
+        if let Some(event) = last_event {
+            let read = self.ledger.events_after(event.sequence.saturating_sub(1), 1).ok()?;
+            return Some(read.first() == Some(event));
         }
         // What each record must read back as: its last write in the batch.
         let mut channels = HashMap::new();
@@ -350,13 +357,49 @@ impl Committer {
                     merchants.insert(m.id.as_str(), m);
                 }
                 // Payments and the queue are written with events.
-                Write::Payment(_) | Write::Enqueue(_) | Write::Dequeue(_) | Write::Event(_) => return false,
+                Write::Payment(_) | Write::Enqueue(_) | Write::Dequeue(_) | Write::Event(_) => return Some(false),
             }
         }
-        let recorded_merchants = if merchants.is_empty() { Some(Vec::new()) } else { self.ledger.merchants().ok() };
-        channels.iter().all(|(id, record)| self.ledger.channel(id).is_ok_and(|r| r.as_ref() == Some(*record)))
-            && intents.iter().all(|(key, intent)| self.ledger.intent(key).is_ok_and(|i| i.as_ref() == *intent))
-            && recorded_merchants.is_some_and(|all| merchants.values().all(|m| all.contains(m)))
+        for (id, record) in channels {
+            if self.ledger.channel(&id).ok()?.as_ref() != Some(record) {
+                return Some(false);
+            }
+        }
+        for (key, intent) in intents {
+            if self.ledger.intent(&key).ok()?.as_ref() != intent {
+                return Some(false);
+            }
+        }
+        if !merchants.is_empty() {
+            let recorded = self.ledger.merchants().ok()?;
+            return Some(merchants.values().all(|m| recorded.contains(m)));
+        }
+        Some(true)
+    }
+
+    /// [`Self::on_disk`], asked again for a while when the ledger cannot
+    /// be read at once (a ledger reopening after a failed write replays
+    /// its log first). Still unknown after that, the group counts as not
+    /// written: nothing of it was acknowledged, and a payment of it that
+    /// did land is answered from the ledger when it is sent again.
+    fn landed(&self, batch: &WriteBatch) -> bool {
+        let deadline = Instant::now() + Self::FATE_WAIT;
+        loop {
+            match self.on_disk(batch) {
+                Some(landed) => return landed,
+                None if Instant::now() >= deadline => {
+                    tracing::error!("whether a failed group commit reached the disk cannot be read; it counts as not");
+                    return false;
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// What a client is told when the ledger could not be read (`e`, logged).
+    fn unreadable(e: &Error) -> String {
+        tracing::warn!(%e, "the ledger could not be read");
+        "the ledger could not be read just now; retry".into()
     }
 
     /// Reads the last recorded event's number, which a write reported
@@ -437,6 +480,7 @@ impl Committer {
         // After a failed write whose events could not be read back, the
         // next event number is not known: nothing is written until it is.
         let numbering = if self.numbering_unsure { self.read_numbering() } else { Ok(()) };
+        let mut attempted = false;
         let first_sequence = self.last_sequence;
         let mut sequence = first_sequence;
         let now = self.clock.now_secs();
@@ -475,7 +519,7 @@ impl Committer {
                                 "this nonce was spent by a payment settled long ago",
                             ),
                         },
-                        Err(e) => SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}")),
+                        Err(e) => SubmitOutcome::Unavailable(Self::unreadable(e)),
                     };
                     let (reservation, value) = (
                         BalanceKey { chain_id: record.chain_id, token: record.asset, owner: payer },
@@ -511,6 +555,10 @@ impl Committer {
                                 && record.merchant_number == existing.merchant_number;
                             let status = existing.status.clone();
                             let outcome = SubmitOutcome::Duplicate { id, payer, status, retry };
+                            // Its key names it again (a failed group that
+                            // landed gave it up): another payment with the
+                            // key is refused, not charged a second time.
+                            self.restore_key(existing, now);
                             if existing.status.state.is_open() {
                                 // Owed: the shard keeps its reservation and entry.
                                 done.push(Done::Recorded(id, outcome, reply));
@@ -519,7 +567,7 @@ impl Committer {
                             }
                         }
                         Err(e) => {
-                            let outcome = SubmitOutcome::Unavailable(format!("the ledger could not be read: {e}"));
+                            let outcome = SubmitOutcome::Unavailable(Self::unreadable(e));
                             done.push(Done::Refused { id, shard, reservation, value, outcome, reply });
                         }
                     }
@@ -620,6 +668,7 @@ impl Committer {
         } else if let Err(err) = numbering {
             Err(err)
         } else {
+            attempted = true;
             let started = Instant::now();
             let result = self.ledger.commit(batch);
             metrics::histogram!(crate::metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
@@ -633,7 +682,8 @@ impl Committer {
             // settled, keeping a reservation the ledger released, or taking
             // back a voucher the ledger holds would make the shards
             // disagree with the disk.
-            Err(err) if self.on_disk(batch, sequence != first_sequence, sequence) => {
+            // Only a group that was written can have landed.
+            Err(err) if attempted && self.landed(batch) => {
                 tracing::warn!(%err, items = done.len(), "a group commit reported failed is on disk: it stands");
                 metrics::counter!(crate::metrics::COMMIT_ERRORS).increment(1);
                 Ok(())
@@ -740,7 +790,9 @@ impl Committer {
                     let _ = self.read_numbering();
                 }
                 let err = Arc::new(err);
-                let message = format!("ledger write failed: {err}");
+                // The storage's own words (file paths, its messages) are
+                // for the log above, not for clients.
+                let message = "the ledger could not record it just now; nothing was accepted; retry".to_owned();
                 for item in done.drain(..) {
                     match item {
                         Done::Accepted { id, shard, reservation, value, reply, .. } => {

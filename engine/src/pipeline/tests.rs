@@ -34,6 +34,10 @@ struct FlakyLedger {
     lose_next: std::sync::atomic::AtomicUsize,
     /// The last event's sequence cannot be read.
     hide_events: AtomicBool,
+    /// The next this many reads of the last event's sequence fail.
+    hide_sequence_next: std::sync::atomic::AtomicUsize,
+    /// Events cannot be read (nor, so, a failed group's fate).
+    hide_event_reads: AtomicBool,
 }
 
 impl Ledger for FlakyLedger {
@@ -79,10 +83,15 @@ impl Ledger for FlakyLedger {
         self.inner.merchants()
     }
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<crate::domain::SettlementEvent>> {
+        if self.hide_events.load(Ordering::SeqCst) || self.hide_event_reads.load(Ordering::SeqCst) {
+            return Err(Error::Io(std::io::Error::other("the ledger is reopening")));
+        }
         self.inner.events_after(after, limit)
     }
     fn last_event_sequence(&self) -> Result<u64> {
-        if self.hide_events.load(Ordering::SeqCst) {
+        let once =
+            self.hide_sequence_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if once || self.hide_events.load(Ordering::SeqCst) {
             return Err(Error::Io(std::io::Error::other("the ledger is reopening")));
         }
         self.inner.last_event_sequence()
@@ -212,6 +221,30 @@ fn a_group_reported_failed_that_is_on_disk_stands() {
     assert!(ledger.pending().unwrap().is_empty());
     // The balance of 100 is free again.
     assert!(matches!(submit(&pipeline, submission(&payer, 2)), SubmitOutcome::Accepted { .. }));
+}
+
+/// A group whose fate cannot be read, then a group that is not written
+/// at all because the next event number cannot be read either: neither
+/// stands, however the ledger reads a moment later. (Before, the second
+/// was answered ACCEPTED, with nothing of it on disk, once the last event
+/// number could be read again: the first group's events were there.)
+#[test]
+fn a_group_that_was_never_written_never_stands() {
+    let ledger = Arc::new(FlakyLedger::default());
+    let payer = Payer::random();
+    let pipeline = start(&ledger, &payer, 1_000);
+    ledger.lose_next.store(1, Ordering::SeqCst);
+    ledger.hide_event_reads.store(true, Ordering::SeqCst);
+    ledger.hide_sequence_next.store(2, Ordering::SeqCst);
+    assert!(matches!(submit(&pipeline, submission(&payer, 1)), SubmitOutcome::Unavailable(_)));
+    ledger.hide_event_reads.store(false, Ordering::SeqCst);
+    let second = submission(&payer, 2);
+    let outcome = submit(&pipeline, second);
+    assert!(matches!(outcome, SubmitOutcome::Unavailable(_)), "nothing of it was written: {outcome:?}");
+    let id = PaymentId::new(31337, TOKEN, payer.address(), B256::repeat_byte(2));
+    assert!(ledger.payment(&id).unwrap().is_none());
+    // The first is on disk: answered from the ledger; the second passes now.
+    assert!(matches!(submit(&pipeline, submission(&payer, 3)), SubmitOutcome::Accepted { .. }));
 }
 
 /// A write reported failed that reached the disk, when the ledger cannot

@@ -511,8 +511,13 @@ impl<C: Chain> Settler<C> {
     /// search: `…_nonce_already_used`).
     pub(crate) async fn spent_elsewhere(&self, p: &PaymentRecord) -> Result<Option<PaymentStatus>> {
         self.find_spend(p).await.or_else(|err| {
-            // Never holds up the rest of a batch or a receipt: the payment
-            // is not x402d's to settle, only its reason is less precise.
+            // A node that failed to answer is asked again later: guessing
+            // now would call `Failed` a payment someone else's transaction
+            // settled. Anything else does not hold up the rest of a batch
+            // or a receipt: only the reason is less precise.
+            if err.is_retryable() {
+                return Err(err);
+            }
             tracing::warn!(%err, payment = %p.id, "looking up how an authorization was spent failed");
             Ok(None)
         })

@@ -237,6 +237,25 @@ async fn an_abandoned_payment_spent_by_someone_else_is_concluded_by_that_spend()
     assert_eq!(status.failure_reason.as_deref(), Some("invalid_exact_evm_nonce_already_used"));
 }
 
+/// The search for how an authorization was spent fails (the node cannot
+/// be reached): the payment is not called `Failed` on a guess; the next
+/// round finds the spend and confirms it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_search_for_a_spend_decides_nothing() {
+    let b = Bench::new(quick()).await;
+    let paid = b.pay().await;
+    b.settle(&paid).await;
+    let intent = b.intent().await;
+    let to_payee = b.spent(&paid, false, Some((PAY_TO, paid.authorization.value)));
+    b.chain.take_nonce(intent.nonce);
+    b.chain.fail_log_searches(1);
+    assert!(b.settler.resolve(intent.clone()).await.is_err(), "the node's failure is the round's");
+    assert!(b.status(paid.id).await.state.is_open(), "{:?}", b.status(paid.id).await);
+    b.settler.resolve(intent).await.unwrap();
+    let status = b.status(paid.id).await;
+    assert_eq!((status.state, status.transaction), (PaymentState::Confirmed, Some(to_payee.tx)));
+}
+
 /// After a crash mid-follow, the intent's latest version (a bump) answers
 /// "nonce too low" because its original was mined: no reason to abandon
 /// it. It is followed until the receipt is deep enough, then concluded.
