@@ -6,15 +6,16 @@
 //! field named; and an accepted `exact` payment's digest, recomputed here
 //! from its fields, recovers to its `from`.
 
-use alloy::primitives::{Address, Signature};
+use alloy::primitives::Signature;
 use prost::Message;
 use x402_chain::{Eip3009Domain, TransferWithAuthorization};
 use x402_proto::v1 as pb;
 
 use crate::{
     channels::{ChannelContracts, VoucherVerifier},
-    domain::{Merchant, PaymentInput},
+    domain::PaymentInput,
     reason::Refusal,
+    testing::direct_merchant,
     verify::{MinValidity, Verifier},
 };
 
@@ -30,7 +31,7 @@ pub fn submit_request(data: &[u8]) {
         Ok(submission) => submission,
         Err(invalid) => return assert_named(&invalid.field, &invalid.message),
     };
-    let merchant = merchant(submission.requirements.pay_to);
+    let merchant = direct_merchant(submission.requirements.pay_to);
     if let PaymentInput::Voucher(payload) = submission.input {
         let mut vouchers = VoucherVerifier::new(ChannelContracts::default());
         match vouchers.verify(&merchant, &submission.requirements, *payload) {
@@ -122,10 +123,6 @@ fn round_trip<T: PartialEq + std::fmt::Debug>(
     }
 }
 
-fn merchant(pay_to: Address) -> Merchant {
-    crate::testing::direct_merchant(pay_to)
-}
-
 fn assert_named(field: &str, message: &str) {
     assert!(!field.is_empty() && !message.is_empty(), "an invalid input names its field: {field:?} {message:?}");
 }
@@ -179,7 +176,7 @@ mod tests {
         assert!(seeds.contains(&accepted), "the accepted seed is committed (regenerate: X402D_WRITE_SEEDS=1)");
         let submission = crate::grpc::convert::submission(pb::SubmitRequest::decode(&accepted[..]).unwrap()).unwrap();
         let to = submission.requirements.pay_to;
-        assert!(Verifier::new(MinValidity::default()).verify(&merchant(to), submission, NOW).is_ok());
+        assert!(Verifier::new(MinValidity::default()).verify(&direct_merchant(to), submission, NOW).is_ok());
         corpus("admin_request").iter().for_each(|s| admin_request(s));
         corpus("ledger_record").iter().for_each(|s| ledger_record(s));
     }

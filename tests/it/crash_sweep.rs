@@ -44,7 +44,7 @@ fn channel_daemon(
 ) -> (Daemon, String, ChainSection) {
     let section = ChainSection::new(s.anvil.endpoint(), &s.signer, Some(&s.authorizer), extra);
     let config = channels::channel_daemon_config(dir, &section);
-    let crash = point.map(|p| format!("{p}=return"));
+    let crash = point.map(crash_at);
     let mut env = vec![("X402D_TEST_MC_KEY", MC_KEY)];
     if let Some(crash) = &crash {
         env.push(("FAILPOINTS", crash));
