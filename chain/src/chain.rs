@@ -241,17 +241,59 @@ impl Default for Follow {
 
 /// Broadcasts `tx` and waits for a receipt of it or of one of its
 /// replacements, for transactions sent outside the settler's write-ahead
-/// intents (channel deposits, the HTTP facilitator's channel calls).
+/// intents (channel deposits, the HTTP facilitator's channel calls):
+/// [`send_new`], then [`follow_sent`].
+pub async fn send_and_follow<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) -> Result<Option<Receipt>> {
+    send_new(chain, &tx).await?;
+    follow_sent(chain, tx, follow).await
+}
+
+/// Broadcasts a freshly signed `tx`, asking again after a failure (a node
+/// that could not be reached, a rate limit). One that cannot be sent is an
+/// error, its nonce filled first ([`Chain::fill_nonce`]): a nonce signed
+/// for and never sent would hold up every later transaction of its signer.
+/// ([`Error::NonceTooLow`](crate::Error::NonceTooLow) is answered at once:
+/// the nonce was used, there is no gap.)
+pub async fn send_new<C: Chain>(chain: &C, tx: &SignedTx) -> Result<()> {
+    const TRIES: u32 = 4;
+    let mut attempt = 0;
+    loop {
+        let err = match chain.broadcast(tx).await {
+            Ok(()) => return Ok(()),
+            Err(err @ crate::Error::NonceTooLow { .. }) => return Err(err),
+            Err(err) => err,
+        };
+        attempt += 1;
+        if attempt == TRIES {
+            fill(chain, tx).await;
+            return Err(err);
+        }
+        tracing::warn!(%err, tx = %tx.hash, attempt, "broadcasting a transaction failed; sending it again");
+        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+    }
+}
+
+/// Fills `tx`'s nonce, the failure only logged: the caller is already
+/// answering an error.
+async fn fill<C: Chain>(chain: &C, tx: &SignedTx) {
+    if let Err(err) = chain.fill_nonce(tx).await {
+        tracing::warn!(signer = %tx.signer, nonce = tx.nonce, %err, "could not fill the nonce of an unsent transaction");
+    }
+}
+
+/// Waits for a receipt of `tx`, already broadcast, or of one of its
+/// replacements.
 ///
 /// Each time it has waited [`Follow::stuck_after`] unmined, it is replaced
 /// at the same nonce with higher fees and sent again. Fees below the market
 /// leave a transaction unmined, and so does a node that dropped it from its
 /// pool: anvil drops a transaction that does not fit a full block, together
 /// with every later nonce of its sender, which then wait forever behind the
-/// gap. The replacement fills the gap. `Ok(None)` after [`Follow::timeout`].
-pub async fn send_and_follow<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) -> Result<Option<Receipt>> {
+/// gap. The replacement fills the gap. `Ok(None)` after [`Follow::timeout`],
+/// with the nonce filled when no version is mined (a version still in the
+/// pool keeps it: the filler does not outbid it).
+pub async fn follow_sent<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) -> Result<Option<Receipt>> {
     let started = tokio::time::Instant::now();
-    chain.broadcast(&tx).await?;
     let mut hashes = vec![tx.hash];
     let mut latest = tx;
     loop {
@@ -259,11 +301,15 @@ pub async fn send_and_follow<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) 
         if let Some(receipt) = chain.wait_receipt(&hashes, follow.stuck_after.min(left)).await? {
             return Ok(Some(receipt));
         }
+        // Mined, but not yet deep enough: wait on.
+        let included = any_included(chain, &hashes).await?;
         if started.elapsed() >= follow.timeout {
+            if !included {
+                fill(chain, &latest).await;
+            }
             return Ok(None);
         }
-        // Mined, but not yet deep enough: wait on.
-        if any_included(chain, &hashes).await? {
+        if included {
             continue;
         }
         if hashes.len() <= follow.max_bumps as usize {

@@ -21,8 +21,8 @@ mod error;
 pub mod tx;
 
 pub use chain::{
-    AuthorizationSpent, AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included,
-    send_and_follow,
+    AuthorizationSpent, AuthorizationUsed, Chain, ChannelLog, Follow, Receipt, TransferLog, any_included, follow_sent,
+    send_and_follow, send_new,
 };
 pub use eip3009::{CancelAuthorization, Eip3009Domain, ReceiveWithAuthorization, TransferWithAuthorization};
 pub use error::{Error, Result, redact_urls};

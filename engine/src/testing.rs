@@ -457,6 +457,11 @@ impl ScriptedChain {
         script.used_nonces.insert(nonce, B256::repeat_byte(0xee));
     }
 
+    /// Whether a transaction of the signer took `nonce` on chain.
+    pub fn nonce_taken(&self, nonce: u64) -> bool {
+        self.script().used_nonces.contains_key(&nonce)
+    }
+
     /// `blocks` empty blocks on top.
     pub fn mine_blocks(&self, blocks: u64) {
         self.script().head += blocks;

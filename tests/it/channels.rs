@@ -177,7 +177,12 @@ impl Setup {
     }
 
     pub(crate) async fn receiver_balance(&self) -> U256 {
-        X402TestToken::new(TOKEN, &self.wallet).balanceOf(RECEIVER).call().await.unwrap()
+        self.token_balance(RECEIVER).await
+    }
+
+    /// `owner`'s balance of the test token.
+    pub(crate) async fn token_balance(&self, owner: Address) -> U256 {
+        X402TestToken::new(TOKEN, &self.wallet).balanceOf(owner).call().await.unwrap()
     }
 
     pub(crate) async fn onchain(&self, payer: &Payer) -> (u128, u128) {
@@ -247,9 +252,23 @@ fn priced_voucher(
     )
 }
 
+/// The payer's request for its money back: a zero-charge voucher of what it
+/// was `charged`, refunding the rest.
+pub(crate) fn refund_voucher(
+    request_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    charged: u128,
+) -> pb::SubmitRequest {
+    let mut refund = priced_voucher(request_id, payer, config, charged, 0);
+    let Some(pb::submit_request::Payment::Voucher(v)) = refund.payment.as_mut() else { unreachable!() };
+    v.refund = Some(pb::ChannelRefund { amount: String::new() });
+    refund
+}
+
 /// The requirements of a channel-paid request as the reference server
 /// writes them, with `extra`.
-fn requirements_json(config: &ChannelConfig, amount: u128) -> serde_json::Value {
+pub(crate) fn requirements_json(config: &ChannelConfig, amount: u128) -> serde_json::Value {
     serde_json::json!({
         "scheme": "batch-settlement", "network": NETWORK, "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
         "amount": amount.to_string(), "maxTimeoutSeconds": 60,
@@ -259,7 +278,7 @@ fn requirements_json(config: &ChannelConfig, amount: u128) -> serde_json::Value 
 }
 
 /// A channel config as the reference client writes it.
-fn config_json(config: &ChannelConfig) -> serde_json::Value {
+pub(crate) fn config_json(config: &ChannelConfig) -> serde_json::Value {
     serde_json::json!({
         "payer": config.payer.to_string(), "payerAuthorizer": config.payerAuthorizer.to_string(),
         "receiver": config.receiver.to_string(), "receiverAuthorizer": config.receiverAuthorizer.to_string(),
@@ -268,7 +287,12 @@ fn config_json(config: &ChannelConfig) -> serde_json::Value {
 }
 
 /// A `voucher` (or, with `deposit`, a `deposit`) `PaymentPayload` for `max`.
-fn payload_json(payer: &Payer, config: &ChannelConfig, max: u128, deposit: Option<u128>) -> serde_json::Value {
+pub(crate) fn payload_json(
+    payer: &Payer,
+    config: &ChannelConfig,
+    max: u128,
+    deposit: Option<u128>,
+) -> serde_json::Value {
     let domain = Setup::domain();
     let id = domain.channel_id(config);
     let voucher = serde_json::json!({
@@ -748,10 +772,7 @@ async fn a_refund_request_claims_the_charges_and_returns_the_rest_and_claim_now_
     let before = token.balanceOf(payer.address()).call().await.unwrap();
 
     // The payer asks for its money back: a voucher of what it was charged.
-    let mut refund = priced_voucher(10, payer, &config, 3 * PRICE, 0);
-    let Some(pb::submit_request::Payment::Voucher(v)) = refund.payment.as_mut() else { unreachable!() };
-    v.refund = Some(pb::ChannelRefund { amount: String::new() });
-    let answer = client.submit(refund).await.unwrap().into_inner();
+    let answer = client.submit(refund_voucher(10, payer, &config, 3 * PRICE)).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
     eventually(30, "the refund", || async { s.onchain(payer).await == (3 * PRICE, 3 * PRICE) }).await;
     assert_eq!(s.receiver_balance().await, U256::from(3 * PRICE), "the charges were claimed and settled first");

@@ -4,10 +4,11 @@
 //! recorded but not broadcast, broadcast but not mined (then anvil's pool
 //! kept or flushed), mined but not concluded; a claim concluded but its
 //! channels not synced; a deposit signed but not sent, mined but not
-//! used. At each it restarts on the same ledger and chain. Afterwards
-//! every payment the ledger holds is settled exactly once on chain (and
-//! none it does not hold is), every voucher is claimed, and every deposit
-//! counted once.
+//! used; a claim, refund or deposit of the HTTP facilitator signed, sent
+//! or mined but not answered. At each it restarts on the same ledger and
+//! chain. Afterwards every payment the ledger holds is settled exactly once
+//! on chain (and none it does not hold is), every voucher is claimed, every
+//! refund made once and every deposit counted once.
 
 use std::time::Duration;
 
@@ -61,7 +62,7 @@ fn crash_at(point: &str) -> String {
 /// Pending transactions stay in the pool until [`release`] for a crash
 /// after the broadcast, so that the crash lands before they are mined.
 async fn hold_pool(s: &Setup, point: &str) {
-    if point == "settle::broadcast" {
+    if point.ends_with("::broadcast") {
         s.wallet.anvil_set_auto_mine(false).await.unwrap();
     }
 }
@@ -203,16 +204,23 @@ async fn a_claim_crashed_at_any_step_is_claimed_once_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposit_crashed_at_any_step_counts_once_after_restart() {
     const DEPOSIT: u128 = 5_000;
-    let points = ["deposit::signed", "deposit::mined"];
+    let points = [
+        ("deposit::signed", false),
+        ("deposit::broadcast", false),
+        ("deposit::broadcast", true),
+        ("deposit::mined", false),
+    ];
     let s = Setup::new(points.len()).await;
-    for (point, payer) in points.iter().zip(&s.payers) {
+    for ((point, flush), payer) in points.iter().zip(&s.payers) {
         let dir = tempfile::tempdir().unwrap();
         let (mut daemon, config, section) = channel_daemon(&s, dir.path(), "", Some(point));
         let mut client = payments(daemon.grpc, MC_KEY).await;
         let config_of = s.config(payer);
         let deposit = channels::deposit_voucher(1, payer, &config_of, DEPOSIT);
+        hold_pool(&s, point).await;
         assert!(client.submit(deposit.clone()).await.is_err(), "{point}: answered though the process died");
         crashed(&mut daemon, point).await;
+        release(&s, *flush).await;
 
         // The gateway sends the same request again to the restarted node.
         let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
@@ -221,5 +229,153 @@ async fn a_deposit_crashed_at_any_step_counts_once_after_restart() {
         assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{point}: {}", answer.message);
         assert_eq!(s.onchain(payer).await, (DEPOSIT, 0), "{point}: deposited once");
         daemon.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_crashed_at_any_step_is_made_once_after_restart() {
+    const DEPOSIT: u128 = 1_000;
+    const VOUCHERS: u64 = 3;
+    let points: Vec<&str> = SEND_POINTS.iter().copied().chain(["claims::concluded"]).collect();
+    let rounds: Vec<(&str, bool)> = points
+        .iter()
+        .flat_map(|p| [(*p, false), (*p, true)])
+        .filter(|(p, flush)| !flush || p.ends_with("::broadcast"))
+        .collect();
+    let s = Setup::new(rounds.len()).await;
+    let charged = PRICE * u128::from(VOUCHERS);
+    for ((point, flush), payer) in rounds.into_iter().zip(&s.payers) {
+        s.deposit(payer, DEPOSIT).await;
+        let before = s.token_balance(payer.address()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut daemon, config, section) = channel_daemon(&s, dir.path(), "channel_poll_ms = 200\n", Some(point));
+        let mut client = payments(daemon.grpc, MC_KEY).await;
+        let config_of = s.config(payer);
+        for n in 0..VOUCHERS {
+            let voucher = channels::voucher(n, payer, &config_of, PRICE * u128::from(n), PRICE);
+            let answer = client.submit(voucher).await.unwrap().into_inner();
+            assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+        }
+        hold_pool(&s, point).await;
+        let answer =
+            client.submit(channels::refund_voucher(10, payer, &config_of, charged)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{point}: {}", answer.message);
+        crashed(&mut daemon, point).await;
+        release(&s, flush).await;
+
+        let mut daemon = Daemon::start_with_env(dir.path(), &config, &section.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
+        channels::eventually(60, &format!("{point} (flush {flush}): the refund"), || async {
+            s.onchain(payer).await == (charged, charged)
+        })
+        .await;
+        daemon.stop();
+        let refunded = s.token_balance(payer.address()).await - before;
+        assert_eq!(refunded, U256::from(DEPOSIT - charged), "{point} (flush {flush}): refunded once");
+    }
+}
+
+/// What a resource server asks the HTTP facilitator to put on chain.
+#[derive(Clone, Copy, Debug)]
+enum HttpCall {
+    Deposit,
+    Claim,
+    Refund,
+}
+
+/// The HTTP facilitator's channel transactions, each crashed at every step
+/// before its answer: the resource server, its request unanswered, sends
+/// it again to the restarted node. A deposit is then made once and answered
+/// as made; a claim is claimed once (a claim sent again changes nothing on
+/// chain); a refund is made once, and the one sent again after it landed is
+/// answered with its used nonce and the channel to mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_channel_call_crashed_at_any_step_is_made_once_after_restart() {
+    const DEPOSIT: u128 = 500;
+    const CHARGED: u128 = 3 * PRICE;
+    let mut rounds = Vec::new();
+    for (call, prefix) in [(HttpCall::Deposit, "deposit"), (HttpCall::Claim, "channel"), (HttpCall::Refund, "channel")]
+    {
+        for step in ["signed", "broadcast", "mined"] {
+            for flush in [false, true] {
+                if !flush || step == "broadcast" {
+                    rounds.push((call, format!("{prefix}::{step}"), flush));
+                }
+            }
+        }
+    }
+    let s = Setup::new(rounds.len()).await;
+    let http = reqwest::Client::new();
+    for ((call, point, flush), payer) in rounds.into_iter().zip(&s.payers) {
+        let config = s.config(payer);
+        let domain = Setup::domain();
+        let id = domain.channel_id(&config);
+        let claims = serde_json::json!([{
+            "voucher": { "channel": channels::config_json(&config), "maxClaimableAmount": CHARGED.to_string() },
+            "signature": payer.sign_voucher(&domain, id, CHARGED).to_string(),
+            "totalClaimed": CHARGED.to_string(),
+        }]);
+        let payload = match call {
+            HttpCall::Deposit => channels::payload_json(payer, &config, PRICE, Some(DEPOSIT)),
+            HttpCall::Claim => serde_json::json!({ "type": "claim", "claims": claims }),
+            HttpCall::Refund => serde_json::json!({
+                "type": "refund", "channelConfig": channels::config_json(&config), "amount": DEPOSIT.to_string(),
+                "refundNonce": "0", "claims": claims,
+            }),
+        };
+        let payload = match call {
+            HttpCall::Deposit => payload,
+            _ => {
+                serde_json::json!({ "x402Version": 2, "accepted": channels::requirements_json(&config, 0), "payload": payload })
+            }
+        };
+        let amount = if matches!(call, HttpCall::Deposit) { PRICE } else { 0 };
+        let body = serde_json::json!({
+            "x402Version": 2, "paymentPayload": payload,
+            "paymentRequirements": channels::requirements_json(&config, amount),
+        });
+        if !matches!(call, HttpCall::Deposit) {
+            s.deposit(payer, DEPOSIT).await;
+        }
+        let before = s.token_balance(payer.address()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut daemon, config_toml, section) = channel_daemon(&s, dir.path(), "", Some(&point));
+        hold_pool(&s, &point).await;
+        let settle = |daemon: &Daemon| {
+            http.post(format!("http://{}/settle", daemon.http)).bearer_auth(MC_KEY).json(&body).send()
+        };
+        assert!(settle(&daemon).await.is_err(), "{point}: answered though the process died");
+        crashed(&mut daemon, &point).await;
+        release(&s, flush).await;
+        let landed = point.ends_with("::mined") || (point.ends_with("::broadcast") && !flush);
+
+        // The server sends the same request again to the restarted node.
+        let mut daemon =
+            Daemon::start_with_env(dir.path(), &config_toml, &section.env(&[("X402D_TEST_MC_KEY", MC_KEY)]));
+        let answer: serde_json::Value = settle(&daemon).await.unwrap().json().await.unwrap();
+        daemon.stop();
+        let what = format!("{call:?} at {point} (flush {flush}): {answer}");
+        let refunded = s.token_balance(payer.address()).await - before;
+        match call {
+            HttpCall::Deposit => {
+                assert_eq!(answer["success"], true, "{what}");
+                assert_eq!(answer["extra"]["channelState"]["balance"], DEPOSIT.to_string(), "{what}");
+                assert_eq!(s.onchain(payer).await, (DEPOSIT, 0), "{what}: deposited once");
+            }
+            HttpCall::Claim => {
+                assert_eq!(answer["success"], true, "{what}");
+                assert_eq!(s.onchain(payer).await, (DEPOSIT, CHARGED), "{what}: claimed once");
+            }
+            HttpCall::Refund => {
+                if landed {
+                    assert_eq!(answer["success"], false, "{what}");
+                    assert!(answer["errorMessage"].as_str().unwrap().contains("refund nonce 0 is used"), "{what}");
+                    assert_eq!(answer["extra"]["channelState"]["refundNonce"], "1", "{what}");
+                } else {
+                    assert_eq!(answer["success"], true, "{what}");
+                }
+                assert_eq!(s.onchain(payer).await, (CHARGED, CHARGED), "{what}");
+                assert_eq!(refunded, U256::from(DEPOSIT - CHARGED), "{what}: refunded once");
+            }
+        }
     }
 }

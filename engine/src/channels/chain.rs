@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use alloy::primitives::B256;
-use x402_chain::{Chain, Follow, send_and_follow};
+use x402_chain::{Chain, Follow, follow_sent, send_new};
 use x402_channel::OnChain;
 
 use super::{
@@ -102,7 +102,9 @@ pub(crate) async fn put_deposit<C: Chain>(
         let hash = tx.hash;
         tracing::info!(channel = %v.channel_id, tx = %hash, amount = d.amount, "sending a channel deposit");
         crash_point!("deposit::signed");
-        match send_and_follow(chain, tx, follow).await.map_err(unavailable)? {
+        send_new(chain, &tx).await.map_err(unavailable)?;
+        crash_point!("deposit::broadcast");
+        match follow_sent(chain, tx, follow).await.map_err(unavailable)? {
             Some(receipt) if receipt.success => {
                 crash_point!("deposit::mined");
                 sent = Some(receipt.tx);
@@ -119,4 +121,54 @@ pub(crate) async fn put_deposit<C: Chain>(
     let out = chain.call(v.contract, x402_chain::channel::state_calldata(v.channel_id)).await.map_err(unavailable)?;
     let onchain = x402_chain::channel::decode_state(&out, v.config.withdrawDelay.to::<u64>()).map_err(unavailable)?;
     Ok((sent, onchain))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use alloy::primitives::{Address, Bytes};
+    use x402_chain::{Chain, Follow, send_and_follow};
+
+    use crate::testing::ScriptedChain;
+
+    const FOLLOW: Follow =
+        Follow { stuck_after: Duration::from_millis(20), max_bumps: 2, timeout: Duration::from_millis(500) };
+
+    async fn signed(chain: &ScriptedChain) -> x402_chain::SignedTx {
+        chain.sign_call(Address::repeat_byte(1), Bytes::from_static(b"call"), None).await.unwrap()
+    }
+
+    /// A node that could not be reached for the first broadcast is asked
+    /// again: the transaction is mined, not given up with its nonce unsent.
+    #[tokio::test]
+    async fn a_broadcast_that_failed_once_is_sent_again() {
+        let chain = ScriptedChain::new();
+        chain.auto_mine(true);
+        chain.fail_broadcasts(1);
+        let tx = signed(&chain).await;
+        let receipt = send_and_follow(&chain, tx.clone(), FOLLOW).await.unwrap().expect("mined");
+        assert_eq!(receipt.tx, tx.hash);
+    }
+
+    /// A transaction the node keeps refusing is an error, and its nonce is
+    /// filled: the signer's later transactions do not wait behind a gap.
+    #[tokio::test]
+    async fn a_transaction_never_sent_leaves_no_nonce_gap() {
+        let chain = ScriptedChain::new();
+        chain.refuse_broadcasts(100);
+        let tx = signed(&chain).await;
+        assert!(send_and_follow(&chain, tx.clone(), FOLLOW).await.is_err());
+        assert!(chain.nonce_taken(tx.nonce), "the unsent nonce was filled");
+    }
+
+    /// A transaction sent but never mined (dropped from the pool, every
+    /// replacement too) ends in `None`, and its nonce is filled.
+    #[tokio::test]
+    async fn a_transaction_never_mined_leaves_no_nonce_gap() {
+        let chain = ScriptedChain::new();
+        let tx = signed(&chain).await;
+        assert!(send_and_follow(&chain, tx.clone(), FOLLOW).await.unwrap().is_none());
+        assert!(chain.nonce_taken(tx.nonce), "the unmined nonce was filled");
+    }
 }

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use alloy::{
-    primitives::{Address, B256, Bytes},
+    primitives::{Address, B256, Bytes, U256},
     signers::{SignerSync, local::PrivateKeySigner},
     sol_types::SolCall,
 };
@@ -29,7 +29,7 @@ use x402_chain::{
     AlloyChain, Chain, Follow,
     channel::{ClaimRow, RefundRow, claim_and_settle_calldata, claim_batch, decode_state, state_calldata},
     contracts::X402BatchSettlement,
-    send_and_follow,
+    follow_sent, send_new,
 };
 use x402_channel::{ChannelConfig, ChannelDomain, OnChain, Voucher};
 
@@ -154,8 +154,14 @@ impl ChannelFacilitator {
         let tx =
             self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::chain_unavailable)?;
         let hash = tx.hash;
-        match send_and_follow(&*self.chain, tx, self.follow).await.map_err(Self::chain_unavailable)? {
-            Some(r) if r.success => Ok(Ok(r.tx)),
+        crash_point!("channel::signed");
+        send_new(&*self.chain, &tx).await.map_err(Self::chain_unavailable)?;
+        crash_point!("channel::broadcast");
+        match follow_sent(&*self.chain, tx, self.follow).await.map_err(Self::chain_unavailable)? {
+            Some(r) if r.success => {
+                crash_point!("channel::mined");
+                Ok(Ok(r.tx))
+            }
             Some(r) => Ok(Err(format!("transaction {} reverted", r.tx))),
             None => Err(Self::unavailable(format!("transaction {hash} not mined in {:?}", self.follow.timeout))),
         }
@@ -517,6 +523,20 @@ async fn refund(
     channels.spend(merchant)?;
     let delay = config.withdrawDelay.to::<u64>();
     let before = channels.read(id, delay).await?;
+    // A request sent again (its answer lost to a crash or a dropped
+    // connection) finds its nonce used: said so, with the channel to mirror.
+    if U256::from(before.refund_nonce) > nonce {
+        return Ok(SettleResponse {
+            error_reason: Some("invalid_batch_settlement_evm_refund_transaction_failed".into()),
+            error_message: Some(format!(
+                "refund nonce {nonce} is used: the channel is at refund nonce {}, so a refund at {nonce} was made \
+                 (this one, if it was sent before)",
+                before.refund_nonce
+            )),
+            extra: Some(settled_extra(id, delay, &before)),
+            ..base
+        });
+    }
     let claimed =
         rows.iter().filter(|r| r.channel_id == id).map(|r| r.total_claimed).fold(before.total_claimed, u128::max);
     if amount == 0 || before.balance <= claimed {
