@@ -6,7 +6,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
 };
 
@@ -19,36 +19,69 @@ pub(crate) fn unix_millis() -> u64 {
 }
 
 /// Where the pipeline and the settler read the time (Unix time): the
-/// system clock in a node, or a clock a test sets, so that time rules
-/// (`validBefore` margins, replay retention, claim intervals, expiry before
-/// settlement) can be tested without waiting for them.
+/// system clock in a node, or a clock a test sets or steps, so that time
+/// rules (`validBefore` margins, replay retention, claim intervals, expiry
+/// before settlement) can be tested without waiting for them, and so that
+/// a node can be run through clock steps.
 ///
 /// Cheap to clone and to read: the system clock is a `SystemTime` read, a
 /// set clock an atomic load.
 #[derive(Clone, Default)]
-pub struct Clock(Option<Arc<AtomicU64>>);
+pub struct Clock(Source);
+
+#[derive(Clone, Default)]
+enum Source {
+    #[default]
+    System,
+    /// Stands at this time until moved.
+    Set(Arc<AtomicU64>),
+    /// The system clock shifted by this many milliseconds.
+    Offset(Arc<AtomicI64>),
+}
 
 impl Clock {
     /// The system clock.
     pub const fn system() -> Self {
-        Self(None)
+        Self(Source::System)
     }
 
     /// A clock standing at `now_ms` until it is moved.
     pub fn set_at(now_ms: u64) -> Self {
-        Self(Some(Arc::new(AtomicU64::new(now_ms))))
+        Self(Source::Set(Arc::new(AtomicU64::new(now_ms))))
+    }
+
+    /// The system clock, shifted by what [`Clock::step`] adds: a clock that
+    /// jumps (an NTP correction, a resumed virtual machine) and runs on.
+    pub fn stepping() -> Self {
+        Self(Source::Offset(Arc::new(AtomicI64::new(0))))
     }
 
     /// Moves a set clock on by `by` (the system clock moves by itself: no effect).
     pub fn advance(&self, by: std::time::Duration) {
-        if let Some(ms) = &self.0 {
-            ms.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        self.step(i64::try_from(by.as_millis()).unwrap_or(i64::MAX));
+    }
+
+    /// Moves a set or stepping clock by `ms`, back when negative (the system
+    /// clock: no effect).
+    pub fn step(&self, ms: i64) {
+        match &self.0 {
+            Source::System => {}
+            Source::Set(now) => {
+                let _ = now.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_add_signed(ms)));
+            }
+            Source::Offset(offset) => {
+                offset.fetch_add(ms, Ordering::SeqCst);
+            }
         }
     }
 
     /// Unix time in milliseconds.
     pub fn now_ms(&self) -> u64 {
-        self.0.as_ref().map_or_else(unix_millis, |ms| ms.load(Ordering::SeqCst))
+        match &self.0 {
+            Source::System => unix_millis(),
+            Source::Set(now) => now.load(Ordering::SeqCst),
+            Source::Offset(offset) => unix_millis().saturating_add_signed(offset.load(Ordering::SeqCst)),
+        }
     }
 
     /// Unix time in seconds.
@@ -60,8 +93,9 @@ impl Clock {
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            None => f.write_str("Clock::system"),
-            Some(ms) => write!(f, "Clock::set_at({})", ms.load(Ordering::SeqCst)),
+            Source::System => f.write_str("Clock::system"),
+            Source::Set(ms) => write!(f, "Clock::set_at({})", ms.load(Ordering::SeqCst)),
+            Source::Offset(ms) => write!(f, "Clock::stepping({:+} ms)", ms.load(Ordering::SeqCst)),
         }
     }
 }

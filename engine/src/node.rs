@@ -11,6 +11,7 @@ use crate::{
     Engine, Error, Result,
     balance::{BalanceSource, ChainBalances, ChainBalancesConfig},
     config::{Config, TlsConfig},
+    domain::Clock,
     ledger::{Ledger, RocksLedger, RocksOptions},
     settle::{ClaimsConfig, Settler},
 };
@@ -45,6 +46,12 @@ impl Node {
     /// are read from it (cached) and payments settle on it; otherwise the
     /// configured balances apply.
     pub async fn start(config: &Config) -> Result<Self> {
+        Self::start_with_clock(config, Clock::system()).await
+    }
+
+    /// Like [`Node::start`], with the pipeline and settlement reading the
+    /// time from `clock` (tests run a node through clock steps).
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Self> {
         install_crypto_provider();
         let chain = connect_chain(config).await?;
         let configured: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
@@ -63,7 +70,7 @@ impl Node {
         let path = config.ledger.path.clone();
         std::fs::create_dir_all(&path).map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
         let ledger: Arc<dyn Ledger> = Arc::new(open_ledger(path).await?);
-        Self::run(config, ledger, balances, chain).await
+        Self::run(config, ledger, balances, chain, clock).await
     }
 
     /// Like [`Node::start`], on a given ledger and balance source (a
@@ -75,7 +82,7 @@ impl Node {
     ) -> Result<Self> {
         install_crypto_provider();
         let chain = connect_chain(config).await?;
-        Self::run(config, ledger, balances, chain).await
+        Self::run(config, ledger, balances, chain, Clock::system()).await
     }
 
     async fn run(
@@ -83,6 +90,7 @@ impl Node {
         ledger: Arc<dyn Ledger>,
         balances: Arc<dyn BalanceSource>,
         chain: Option<Arc<AlloyChain>>,
+        clock: Clock,
     ) -> Result<Self> {
         crate::http::prometheus();
         let admin_key = config.admin_key()?;
@@ -91,6 +99,7 @@ impl Node {
         }
         let updates = config.merchant_updates()?;
         let mut pipeline = config.pipeline.to_pipeline();
+        pipeline.clock = clock.clone();
         pipeline.settled_chains = match &chain {
             Some(chain) => Some(vec![chain.chain_id()]),
             None if config.pipeline.record_only => None,
@@ -138,7 +147,7 @@ impl Node {
         };
         let facilitator = facilitator_info(config, &engine, chain.as_ref())?;
         let settler = match chain {
-            Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"))?),
+            Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"), clock)?),
             None => {
                 tracing::warn!("record only, no [chain] configured: accepted payments stay queued");
                 None
@@ -295,6 +304,7 @@ fn start_settler(
     engine: &Arc<Engine>,
     chain: Arc<AlloyChain>,
     config: &crate::config::ChainConfig,
+    clock: Clock,
 ) -> Result<tokio::task::JoinHandle<()>> {
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
     let claims = match config.receiver_authorizer_key()? {
@@ -309,7 +319,7 @@ fn start_settler(
         }
         None => None,
     };
-    Ok(Settler::spawn(engine.clone(), chain, config.settler(), claims))
+    Ok(Settler::spawn(engine.clone(), chain, crate::settle::SettlerConfig { clock, ..config.settler() }, claims))
 }
 
 /// Deletes settled history past `[ledger] retention_days`, every

@@ -34,6 +34,8 @@ use x402_load::{self as load, LoadConfig, Work};
 pub(crate) const MC_KEY: &str = "test-merchant-channel-key-1";
 pub(crate) const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
 const WITHDRAW_DELAY: u64 = 900;
+/// What each payer holds of the test token at the start.
+pub(crate) const MINTED: u64 = 10u64.pow(12);
 /// What one request costs (the voucher's step).
 pub(crate) const PRICE: u128 = 10;
 
@@ -60,7 +62,7 @@ impl Setup {
         let anvil = Anvil::spawn(&[]).unwrap();
         let payers: Vec<Payer> = (0..payers).map(|_| Payer::random()).collect();
         let addresses: Vec<Address> = payers.iter().map(Payer::address).collect();
-        devnet::deploy(anvil.endpoint(), &addresses, U256::from(10u64.pow(12))).await.unwrap();
+        devnet::deploy(anvil.endpoint(), &addresses, U256::from(MINTED)).await.unwrap();
         let signer = PrivateKeySigner::random();
         devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
         let deployer: PrivateKeySigner = devnet::DEV_DEPLOYER_KEY.parse().unwrap();
@@ -131,7 +133,12 @@ impl Setup {
     }
 
     pub(crate) fn config(&self, payer: &Payer) -> ChannelConfig {
-        payer.channel_config(RECEIVER, self.authorizer.address(), TOKEN, WITHDRAW_DELAY, B256::ZERO)
+        self.salted_config(payer, B256::ZERO)
+    }
+
+    /// `payer`'s channel to merchant `mc` with `salt` (one of many).
+    pub(crate) fn salted_config(&self, payer: &Payer, salt: B256) -> ChannelConfig {
+        payer.channel_config(RECEIVER, self.authorizer.address(), TOKEN, WITHDRAW_DELAY, salt)
     }
 
     pub(crate) fn domain() -> ChannelDomain {
@@ -190,7 +197,7 @@ impl Setup {
     }
 
     /// The balance and claimed total of the channel of `config`.
-    async fn onchain_of(&self, config: &ChannelConfig) -> (u128, u128) {
+    pub(crate) async fn onchain_of(&self, config: &ChannelConfig) -> (u128, u128) {
         let id = Self::domain().channel_id(config);
         let state = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &self.wallet).channels(id).call().await.unwrap();
         (state.balance, state.totalClaimed)

@@ -2,13 +2,19 @@
 //! payments (direct and batched) and vouchers at a fixed rate, beside a
 //! hostile merchant that replays their payments over gRPC and HTTP, calls
 //! their channels, floods settlement watches from sequence 0, sends
-//! malformed and oversized input and pays from a payer with code, while
-//! the provider's latency spikes and it rate-limits.
+//! malformed and oversized input and pays from a payer with code; a
+//! hostile payer parks vouchers behind slow deposits and opens 1-wei
+//! channels; the provider's latency spikes and it rate-limits, and the
+//! node's clock steps back and forth by up to 20 s.
 //!
 //! Measured: the honest gateways' ack latency, that everything they were
-//! told was accepted settles, that the hostile merchant got nothing
-//! (served nothing, moved nothing, saw nothing of the others), and the
-//! process's memory and file descriptors before and after.
+//! told was accepted settles (payments due within 40 s too, with
+//! the clock 20 s ahead), that the hostile merchant got nothing (served
+//! nothing, moved nothing, saw nothing of the others), the accounting (what
+//! the ledger confirms is what moved on chain, no reservation outlives its
+//! payment, no payment stays open past its `validBefore`), and the
+//! process's memory, file descriptors and settlement queue before and
+//! after.
 //!
 //! `X402D_SOAK_SECS` sets how long the load runs (default 15).
 
@@ -23,8 +29,10 @@ use alloy::{
 };
 use x402_chain::Chain;
 use x402_engine::{
-    domain::{PaymentId, PaymentState},
+    domain::{Clock, IntentState, PaymentId, PaymentInput, PaymentState, Submission},
     facilitator::exact_request_json,
+    node::Node,
+    pipeline::SubmitOutcome,
 };
 use x402_proto::v1 as pb;
 
@@ -54,15 +62,24 @@ struct Honest {
     /// Accepted exact payments: the request, the payment, its id and its
     /// merchant's `pay_to`.
     accepted: Vec<(pb::SubmitRequest, x402_engine::domain::ExactPayload, PaymentId, Address)>,
+    /// Accepted payments due in 40 s.
+    short: Vec<(x402_engine::domain::ExactPayload, PaymentId, Address)>,
+    /// Payments due in 40 s refused at once, the clock ahead.
+    refused_short: u64,
     vouchers: Vec<u64>,
     latencies: Vec<Duration>,
 }
+
+/// The clock steps the soak puts the node through, in seconds from true time.
+const CLOCK_OFFSETS: [i64; 5] = [-20, -10, 0, 10, 20];
+/// Vouchers sent behind each parked channel's deposit, before any answer.
+const PARKED: u64 = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
     const CHANNELS: usize = 2;
     let secs: u64 = std::env::var("X402D_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
-    let s = Setup::new(6).await;
+    let s = Setup::new(7).await;
     for payer in &s.payers[..CHANNELS] {
         s.deposit(payer, 1_000_000).await;
     }
@@ -75,9 +92,11 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
     let mut config = s.node_config(dir.path(), Setup::merchant(2), |chain| {
         chain.rpc_url = proxy.url.clone();
         chain.rpc_timeout_ms = 2_000;
+        chain.min_deposit = Some("100".into());
     });
     config.merchants.push(merchant_config("mx", HOSTILE_PAY_TO, MX_KEY, x402_engine::config::PolicyConfig::Direct));
-    let node = start_node(&config).await;
+    let clock = Clock::stepping();
+    let node = Node::start_with_clock(&config, clock.clone()).await.unwrap();
     let (grpc, http) = (node.endpoints().grpc, node.endpoints().http);
     // Latency spikes and rate limits: 5% of node requests.
     proxy.inject(50, &[Fault::Slow, Fault::RateLimited], 0x7e4a);
@@ -98,26 +117,33 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
                 let payer = &payers[2 + n as usize % 3];
                 let (client, pay_to) = if n.is_multiple_of(4) { (&mut m1, PAY_TO) } else { (&mut m2, PAY_TO_2) };
                 let req = requirements(pay_to);
-                let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+                // One in five is due in 40 s: with the clock 20 s ahead, it
+                // looks due within the batch deadline margin (20 s) when on
+                // chain it has twice that left.
+                let short = n.is_multiple_of(5);
+                let valid_before = now() + if short { 40 } else { 3600 };
+                let payload = payer.sign_exact(&req, now() - 600, valid_before, random_nonce());
                 let mut request = exact_submit(n, &req, &payload);
                 request.idempotency_key = format!("honest-{n:012}");
                 let started = Instant::now();
-                let resp = loop {
-                    assert!(started.elapsed() < Duration::from_secs(60), "no answer in a minute");
-                    match client.submit(request.clone()).await {
-                        Ok(resp) => break resp.into_inner(),
-                        Err(status) if status.code() == tonic::Code::Unavailable => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(status) => panic!("{status:?}"),
-                    }
-                };
+                let resp = answered(client, &request).await;
+                if short && outcome(&resp) == pb::Outcome::Rejected {
+                    // Refused up front by a clock ahead: too little time
+                    // left to settle it, by that clock. Nobody is served.
+                    assert_eq!(resp.reason, "invalid_exact_evm_payload_authorization_valid_before", "{resp:?}");
+                    honest.lock().unwrap().refused_short += 1;
+                    continue;
+                }
                 assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
                 let id = PaymentId(B256::from_slice(&resp.payment_id));
                 {
                     let mut h = honest.lock().unwrap();
                     h.latencies.push(started.elapsed());
-                    h.accepted.push((request, payload, id, pay_to));
+                    if short {
+                        h.short.push((payload, id, pay_to));
+                    } else {
+                        h.accepted.push((request, payload, id, pay_to));
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -139,6 +165,74 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
             }
         }));
     }
+    // The node's clock steps back and forth.
+    let stepper = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            let (mut rng, mut offset, mut steps) = (0x5eed_u64, 0i64, 0u64);
+            while Instant::now() < deadline {
+                rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let target = CLOCK_OFFSETS[(rng >> 33) as usize % CLOCK_OFFSETS.len()] * 1000;
+                if target != offset {
+                    clock.step(target - offset);
+                    (offset, steps) = (target, steps + 1);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            clock.step(-offset);
+            steps
+        })
+    };
+    // A hostile payer: each round a 1-wei channel (refused before anything
+    // goes on chain), then a channel whose vouchers are sent right behind
+    // its deposit, parked there until it lands through the slow provider.
+    let parker = {
+        let payer = s.payers[6].clone();
+        let salts = 2 * (secs as usize * 4 + 8);
+        let mut configs: Vec<_> = (1..=salts).map(|i| s.salted_config(&payer, B256::from(U256::from(i)))).collect();
+        configs.reverse();
+        tokio::spawn(async move {
+            let mut mc = payments(grpc, MC_KEY).await;
+            let (mut opened, mut tiny) = (Vec::new(), Vec::new());
+            while Instant::now() < deadline {
+                let (Some(one_wei), Some(config)) = (configs.pop(), configs.pop()) else { break };
+                let answer = answered(&mut mc, &channels::deposit_voucher(1, &payer, &one_wei, 1)).await;
+                assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a 1-wei channel: {answer:?}");
+                tiny.push(one_wei);
+                let (tx, rx) = tokio::sync::mpsc::channel(PARKED as usize + 1);
+                tx.send(channels::deposit_voucher(0, &payer, &config, 1_000)).await.unwrap();
+                for n in 1..=PARKED {
+                    tx.send(channels::voucher(n, &payer, &config, PRICE * u128::from(n), PRICE)).await.unwrap();
+                }
+                let Ok(answers) = mc.submit_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+                    continue;
+                };
+                let mut answers = answers.into_inner();
+                let mut accepted = 0u128;
+                for _ in 0..=PARKED {
+                    match answers.message().await {
+                        Ok(Some(a)) if outcome(&a) == pb::Outcome::Accepted => accepted += 1,
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    }
+                }
+                opened.push((config, PRICE * accepted));
+            }
+            (opened, tiny)
+        })
+    };
+    // The settlement queue, sampled.
+    let sampler = {
+        let engine = node.engine().clone();
+        tokio::spawn(async move {
+            let mut deepest = 0;
+            while Instant::now() < deadline {
+                deepest = deepest.max(engine.settlement_queue_head(100_000).await.unwrap().len());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            deepest
+        })
+    };
     // The hostile merchant: replays, other tenants' channels, malformed
     // and oversized input, a payer with code.
     let hostile = {
@@ -235,15 +329,7 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
     }
     // The payer with code pays the hostile merchant: refused.
     let mut mx = payments(grpc, MX_KEY).await;
-    let coded_payment = signed_submit(&coded, HOSTILE_PAY_TO, 1);
-    let answer = loop {
-        match mx.submit(coded_payment.clone()).await {
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            answer => break answer.unwrap().into_inner(),
-        }
-    };
+    let answer = answered(&mut mx, &signed_submit(&coded, HOSTILE_PAY_TO, 1)).await;
     assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a payer with code: {answer:?}");
     assert_eq!(answer.reason, "invalid_exact_evm_signature", "{answer:?}");
 
@@ -254,19 +340,35 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
     for watch in watches {
         watch.await.unwrap();
     }
+    let clock_steps = stepper.await.unwrap();
+    let (opened, tiny) = parker.await.unwrap();
+    let deepest_queue = sampler.await.unwrap();
     proxy.heal();
 
-    // Everything the honest merchants were told was accepted settles.
-    let (accepted, vouchers, mut latencies) = {
+    // Everything the honest merchants were told was accepted settles, the
+    // payments due soon too: the clock steps do not expire what the chain
+    // would still take.
+    let (accepted, short, refused_short, vouchers, mut latencies) = {
         let h = honest.lock().unwrap();
-        (h.accepted.clone(), h.vouchers.clone(), h.latencies.clone())
+        (h.accepted.clone(), h.short.clone(), h.refused_short, h.vouchers.clone(), h.latencies.clone())
     };
     let engine = node.engine();
-    channels::eventually(180, "every honest payment confirmed and every channel claimed", || async {
+    channels::eventually(180, "every honest payment concluded and every channel claimed", || async {
         for (_, _, id, _) in &accepted {
             let record = engine.payment(*id).await.unwrap().unwrap();
             assert_ne!(record.status.state, PaymentState::Failed, "{:?}", record.status);
             if record.status.state != PaymentState::Confirmed {
+                return false;
+            }
+        }
+        for (payload, id, _) in &short {
+            let status = engine.payment(*id).await.unwrap().unwrap().status;
+            let left = payload.authorization.valid_before_secs().saturating_sub(now());
+            assert!(
+                !matches!(status.state, PaymentState::Failed | PaymentState::Expired),
+                "a payment due in 40 s, with {left} s still left on chain: {status:?}"
+            );
+            if status.state != PaymentState::Confirmed {
                 return false;
             }
         }
@@ -275,13 +377,54 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
                 return false;
             }
         }
+        for (config, charged) in &opened {
+            if s.onchain_of(config).await.1 != *charged {
+                return false;
+            }
+        }
         true
     })
     .await;
     let chain = x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), Default::default()).await.unwrap();
-    let paid = |to: Address| U256::from(AMOUNT) * U256::from(accepted.iter().filter(|(_, _, _, t)| *t == to).count());
+    // What the ledger confirms is what moved on chain, and nothing else did.
+    let mut confirmed: Vec<Address> = accepted.iter().map(|(_, _, _, to)| *to).collect();
+    for (payload, _, to) in &short {
+        let a = &payload.authorization;
+        assert!(chain.authorization_state(TOKEN, a.from, a.nonce).await.unwrap(), "confirmed, so spent on chain");
+        confirmed.push(*to);
+    }
+    let paid = |to: Address| U256::from(AMOUNT) * U256::from(confirmed.iter().filter(|t| **t == to).count());
     assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), paid(PAY_TO));
     assert_eq!(chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), paid(PAY_TO_2));
+    let mut spent = U256::ZERO;
+    for payer in &s.payers[2..5] {
+        spent += U256::from(channels::MINTED) - chain.token_balance(TOKEN, payer.address()).await.unwrap();
+    }
+    assert_eq!(spent, U256::from(AMOUNT) * U256::from(confirmed.len()), "the payers paid for what was confirmed");
+    // No payment is left open (none past its `validBefore`), no intent
+    // pending, and no reservation outlives its payment: each payer may pay
+    // its whole balance again, and not a unit more.
+    assert!(engine.settlement_queue_head(100_000).await.unwrap().is_empty(), "a payment left open");
+    // (A claim round may still be concluding its last transaction.)
+    channels::eventually(60, "no intent pending", || async {
+        engine.intents().await.unwrap().iter().all(|i| i.state != IntentState::Pending)
+    })
+    .await;
+    let m2 = engine.merchant("m2").unwrap();
+    for payer in &s.payers[2..5] {
+        let balance: u64 = chain.token_balance(TOKEN, payer.address()).await.unwrap().to();
+        for (value, fits) in [(balance, true), (balance + 1, false)] {
+            let requirements = x402_devnet::dev_requirements(PAY_TO_2, TOKEN, value);
+            let payload = payer.sign_exact(&requirements, now() - 600, now() + 600, random_nonce());
+            let probe = Submission::new(requirements, PaymentInput::Exact(payload));
+            let outcome = engine.verify(m2.clone(), probe).await.unwrap();
+            assert_eq!(matches!(outcome, SubmitOutcome::Verified { .. }), fits, "{value}: {outcome:?}");
+        }
+    }
+    // The hostile payer's 1-wei channels hold nothing.
+    for config in &tiny {
+        assert_eq!(s.onchain_of(config).await, (0, 0), "a 1-wei channel was opened");
+    }
     assert_eq!(
         chain.token_balance(TOKEN, HOSTILE_PAY_TO).await.unwrap(),
         U256::ZERO,
@@ -293,12 +436,18 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     eprintln!(
         "tenant soak: {secs} s; honest: {} payments and {} vouchers, all settled, ack p50 {:?} p99 {:?}; hostile: {attempts} \
-         replays, foreign channel calls and malformed requests, 16 watches from 0, all refused or empty; RSS {} -> {} \
-         MiB, fds {} -> {}; provider faults {:?}",
-        accepted.len(),
+         replays, foreign channel calls and malformed requests, 16 watches from 0, all refused or empty; {} parked \
+         channels ({} vouchers), {} 1-wei channels refused; {clock_steps} clock steps, {} payments due in 40 s all settled \
+         ({refused_short} refused up front); settlement queue at most {deepest_queue}; RSS {} -> {} MiB, fds {} -> {}; provider faults \
+         {:?}",
+        accepted.len() + short.len(),
         vouchers.iter().sum::<u64>(),
         p(0.5),
         p(0.99),
+        opened.len(),
+        opened.iter().map(|(_, charged)| charged / PRICE).sum::<u128>(),
+        tiny.len(),
+        short.len(),
         before.0 >> 10,
         after.0 >> 10,
         before.1,
@@ -306,4 +455,21 @@ async fn hostile_tenants_get_nothing_and_honest_ones_lose_nothing() {
         proxy.injected(),
     );
     assert!(after.1 < before.1 + 100, "file descriptors grew from {} to {}", before.1, after.1);
+    assert!(deepest_queue < 1_000, "the settlement queue grew to {deepest_queue}");
+}
+
+/// Submits `request` until it is answered (a provider fault makes the node
+/// answer UNAVAILABLE: retry).
+async fn answered(client: &mut Payments, request: &pb::SubmitRequest) -> pb::SubmitResponse {
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "no answer in a minute");
+        match client.submit(request.clone()).await {
+            Ok(resp) => return resp.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
 }
