@@ -135,6 +135,11 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// The latest block number.
     fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
 
+    /// The latest block's timestamp (Unix seconds): the time the token last
+    /// checked a `validBefore` against. It can lag the true time (a chain
+    /// that makes blocks only on demand), never lead it by much.
+    fn head_time(&self) -> impl Future<Output = Result<u64>> + Send;
+
     /// The canonical hash of block `number`, `None` past the head.
     fn block_hash(&self, number: u64) -> impl Future<Output = Result<Option<B256>>> + Send;
 

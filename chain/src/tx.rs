@@ -415,6 +415,11 @@ impl Chain for AlloyChain {
         block.map(|b| b.header.gas_limit).ok_or_else(|| Error::Decode("the node has no latest block".into()))
     }
 
+    async fn head_time(&self) -> Result<u64> {
+        let block = self.provider.get_block_by_number(alloy::eips::BlockNumberOrTag::Latest).await?;
+        block.map(|b| b.header.timestamp).ok_or_else(|| Error::Decode("the node has no latest block".into()))
+    }
+
     async fn sign_call(&self, to: Address, input: Bytes, gas_limit: Option<u64>) -> Result<SignedTx> {
         let index = self.next_signer.fetch_add(1, Ordering::Relaxed) % self.signers.len().max(1);
         let signer = self.signers.get(index).map(|(a, _)| *a).ok_or_else(|| Error::Config("no signer keys".into()))?;

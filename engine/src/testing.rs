@@ -213,6 +213,10 @@ impl Chain for FakeChain {
         Ok(self.state().head)
     }
 
+    async fn head_time(&self) -> x402_chain::Result<u64> {
+        Ok(crate::domain::unix_millis() / 1000)
+    }
+
     async fn block_hash(&self, _: u64) -> x402_chain::Result<Option<B256>> {
         not_faked()
     }
@@ -361,6 +365,8 @@ struct Script {
     broadcast_errors: std::collections::VecDeque<&'static str>,
     /// Log searches (`authorization_spent`) that fail as a node that cannot be reached.
     log_errors: usize,
+    /// The latest block's timestamp, when a test set it (else the system clock).
+    head_time: Option<u64>,
 }
 
 impl Script {
@@ -455,6 +461,11 @@ impl ScriptedChain {
         let mut script = self.script();
         script.head += 1;
         script.used_nonces.insert(nonce, B256::repeat_byte(0xee));
+    }
+
+    /// The latest block's timestamp is `secs` from now on.
+    pub fn set_head_time(&self, secs: u64) {
+        self.script().head_time = Some(secs);
     }
 
     /// Whether a transaction of the signer took `nonce` on chain.
@@ -574,6 +585,10 @@ impl Chain for ScriptedChain {
 
     async fn block_number(&self) -> x402_chain::Result<u64> {
         Ok(self.script().head)
+    }
+
+    async fn head_time(&self) -> x402_chain::Result<u64> {
+        Ok(self.script().head_time.unwrap_or_else(|| crate::domain::unix_millis() / 1000))
     }
 
     async fn block_hash(&self, number: u64) -> x402_chain::Result<Option<B256>> {

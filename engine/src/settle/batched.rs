@@ -70,12 +70,11 @@ impl<C: Chain> Settler<C> {
         };
 
         // Deadlines, and one row per (from, nonce).
-        let now = self.config.clock.now_secs();
-        let mut seen = HashSet::new();
+        let (mut seen, mut chain_time) = (HashSet::new(), None);
         let mut live = Vec::with_capacity(rows.len());
         for row in rows {
             let a = &row.authorization;
-            if a.valid_before_secs() <= now + self.config.expiry_margin_secs {
+            if self.expired(a.valid_before_secs(), self.config.expiry_margin_secs, &mut chain_time).await? {
                 let mut expired = self.status(PaymentState::Expired);
                 expired.failure_reason = Some(Reason::ValidBefore.code().into());
                 transitions.push(Transition { id: row.id, status: expired });

@@ -17,7 +17,7 @@ impl<C: Chain> Settler<C> {
     /// and `Submitted`, broadcasts and follows the transaction.
     pub(super) async fn settle_direct(&self, payment: PaymentRecord) -> Result<()> {
         let a = &payment.authorization;
-        if a.valid_before_secs() <= self.config.clock.now_secs() + self.config.expiry_margin_secs {
+        if self.expired(a.valid_before_secs(), self.config.expiry_margin_secs, &mut None).await? {
             let mut expired = self.status(PaymentState::Expired);
             expired.failure_reason = Some(Reason::ValidBefore.code().into());
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: expired }]).await;

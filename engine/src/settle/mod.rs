@@ -233,6 +233,23 @@ impl<C: Chain> Settler<C> {
         self.config.clock.now_ms()
     }
 
+    /// Whether `valid_before` leaves `margin` seconds or less, by the
+    /// settler's clock **and** by the chain's latest block, asked only when
+    /// the clock says so (`chain_time` keeps its answer for the round). A
+    /// clock stepped ahead does not give up a payment the chain would still
+    /// take; a payment the clock still lets through goes on to the
+    /// simulation, against the chain's own time.
+    async fn expired(&self, valid_before: u64, margin: u64, chain_time: &mut Option<u64>) -> Result<bool> {
+        if valid_before > self.config.clock.now_secs().saturating_add(margin) {
+            return Ok(false);
+        }
+        let head = match *chain_time {
+            Some(head) => head,
+            None => *chain_time.insert(self.chain.head_time().await?),
+        };
+        Ok(valid_before <= head.saturating_add(margin))
+    }
+
     /// A status stamped now, by the settler's clock.
     fn status(&self, state: PaymentState) -> PaymentStatus {
         PaymentStatus::new(state, self.now_ms())

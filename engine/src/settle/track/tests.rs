@@ -480,21 +480,40 @@ async fn nonces_start_past_the_pending_intents_after_a_restart() {
 }
 
 /// The settler reads the time from its clock: a payment whose validity ran
-/// out by that clock is concluded `Expired`, stamped by it, and nothing is
-/// signed or sent for it.
+/// out by that clock (and by the chain's) is concluded `Expired`, stamped
+/// by it, and nothing is signed or sent for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_that_ran_out_by_the_settlers_clock_is_expired_and_never_sent() {
     let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
     let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
     let p = b.pay().await;
     // By the settler's clock, 2 s of validity are left: inside the 3 s it
-    // keeps from `validBefore`.
+    // keeps from `validBefore`. The chain's latest block says so too.
     let left = p.authorization.valid_before_secs() - clock.now_secs();
     clock.advance(Duration::from_secs(left - 2));
+    b.chain.set_head_time(clock.now_secs());
     b.settle(&p).await;
     assert!(b.chain.broadcasts().is_empty(), "nothing was sent");
     assert!(b.intents().await.is_empty(), "nothing was signed");
     let status = b.status(p.id).await;
     assert_eq!(status.state, PaymentState::Expired, "{status:?}");
     assert_eq!(status.updated_at_ms, clock.now_ms());
+}
+
+/// A clock stepped ahead (an NTP correction, a resumed virtual machine)
+/// does not give up a payment the chain would still take: its latest block
+/// says 40 s are left, so the payment is settled, not expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_ahead_does_not_expire_what_the_chain_still_takes() {
+    let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+    let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
+    b.chain.auto_mine(true);
+    let p = b.pay().await;
+    let valid_before = p.authorization.valid_before_secs();
+    b.chain.set_head_time(valid_before - 40);
+    clock.advance(Duration::from_secs(valid_before - clock.now_secs()));
+    b.settle(&p).await;
+    let status = b.status(p.id).await;
+    assert_eq!(status.state, PaymentState::Confirmed, "{status:?}");
+    assert_eq!(b.chain.broadcasts().len(), 1);
 }
