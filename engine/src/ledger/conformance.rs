@@ -351,6 +351,60 @@ fn one_merchants_events_and_channels_are_read_apart(ledger: &dyn Ledger) {
     assert_eq!(ledger.merchant_channels("m1").unwrap(), m1, "in id order, whole");
 }
 
+fn payments_are_found_by_their_transactions_and_events_read_newest_first(ledger: &dyn Ledger) {
+    let (a, b) = (B256::repeat_byte(0xa1), B256::repeat_byte(0xb2));
+    let submitted = |seed, tx| {
+        let mut p = sample_payment(seed, 100);
+        p.status = PaymentStatus { transaction: Some(tx), ..PaymentStatus::new(PaymentState::Submitted, 5) };
+        p
+    };
+    let (p1, p2, p3) = (submitted(1, a), submitted(2, b), sample_payment(3, 100));
+    let mut batch = WriteBatch::default();
+    for p in [&p1, &p2, &p3] {
+        batch.push(Write::Payment(Box::new(p.clone())));
+    }
+    for sequence in 1..=10 {
+        let mut e = event(sequence, &p3);
+        e.merchant_number = if sequence % 3 == 0 { 2 } else { 1 };
+        batch.push(Write::Event(e));
+    }
+    ledger.commit(&batch).unwrap();
+    // A fee bump: p1's transaction is now `b`; a lookup by `a` still finds it.
+    let mut bumped = p1.clone();
+    bumped.status.transaction = Some(b);
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Payment(Box::new(bumped.clone())));
+    ledger.commit(&batch).unwrap();
+    let ids =
+        |tx: B256| -> Vec<PaymentId> { ledger.payments_by_transaction(&tx).unwrap().iter().map(|p| p.id).collect() };
+    assert_eq!(ledger.payments_by_transaction(&a).unwrap(), [bumped.clone()], "found by an earlier version");
+    let mut both = vec![p1.id, p2.id];
+    both.sort();
+    assert_eq!(ids(b), both);
+    assert!(ids(B256::repeat_byte(0xc3)).is_empty());
+    assert!(ids(B256::ZERO).is_empty(), "a payment without a transaction is not under zero");
+
+    // Retention deletes p1 (settled, past its deadline): it is found no more.
+    let mut confirmed = bumped;
+    confirmed.status.state = PaymentState::Confirmed;
+    let mut batch = WriteBatch::default();
+    batch.push(Write::Payment(Box::new(confirmed)));
+    ledger.commit(&batch).unwrap();
+    ledger.prune(1_000).unwrap();
+    assert!(ids(a).is_empty());
+    assert_eq!(ids(b), [p2.id], "p2 is still open");
+
+    let sequences = |m, before, limit| -> Vec<u64> {
+        ledger.merchant_events_before(m, before, limit).unwrap().iter().map(|e| e.sequence).collect()
+    };
+    assert_eq!(sequences(1, 11, 3), [10, 8, 7]);
+    assert_eq!(sequences(1, 5, 10), [4, 2, 1]);
+    assert_eq!(sequences(2, u64::MAX, 10), [9, 6, 3]);
+    assert!(sequences(1, 0, 10).is_empty());
+    assert!(sequences(1, 1, 10).is_empty());
+    assert!(sequences(3, u64::MAX, 10).is_empty());
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -399,6 +453,12 @@ macro_rules! conformance {
             }
 
             #[test]
+            fn payments_are_found_by_their_transactions_and_events_read_newest_first() {
+                let (_dir, ledger) = $make;
+                super::payments_are_found_by_their_transactions_and_events_read_newest_first(&ledger);
+            }
+
+            #[test]
             fn channels_round_trip_in_id_order() {
                 let (_dir, ledger) = $make;
                 super::channels_round_trip_in_id_order(&ledger);
@@ -418,7 +478,11 @@ conformance!(rocksdb, rocks());
 
 fn arb_write() -> impl Strategy<Value = Write> {
     prop_oneof![
-        (any::<u8>(), 1u64..1000).prop_map(|(s, d)| Write::Payment(Box::new(sample_payment(s, d)))),
+        (any::<u8>(), 1u64..1000, proptest::option::of(0u8..3)).prop_map(|(s, d, tx)| {
+            let mut p = sample_payment(s, d);
+            p.status.transaction = tx.map(B256::repeat_byte);
+            Write::Payment(Box::new(p))
+        }),
         (any::<u8>(), 1u64..1000, 0u32..3).prop_map(|(s, d, m)| Write::Enqueue(PendingKey {
             merchant_number: m,
             ..pending_of(&sample_payment(s, d))
@@ -473,6 +537,11 @@ proptest! {
         prop_assert_eq!(memory.channels().unwrap(), rocks.channels().unwrap());
         for m in 0..3 {
             prop_assert_eq!(memory.merchant_events_after(m, 0, 1000).unwrap(), rocks.merchant_events_after(m, 0, 1000).unwrap());
+            for before in [0, 1, 30, u64::MAX] {
+                prop_assert_eq!(memory.merchant_events_before(m, before, 7).unwrap(), rocks.merchant_events_before(m, before, 7).unwrap());
+            }
+            let tx = B256::repeat_byte(m as u8);
+            prop_assert_eq!(memory.payments_by_transaction(&tx).unwrap(), rocks.payments_by_transaction(&tx).unwrap());
             let id = format!("m{m}");
             prop_assert_eq!(memory.merchant_channels(&id).unwrap(), rocks.merchant_channels(&id).unwrap());
         }

@@ -27,6 +27,8 @@ struct Tables {
     intents: BTreeMap<IntentKey, TxIntent>,
     channels: BTreeMap<alloy::primitives::B256, ChannelRecord>,
     pruned: BTreeSet<PaymentId>,
+    /// (transaction, payment) for every transaction a payment's status named.
+    by_tx: BTreeSet<(alloy::primitives::B256, PaymentId)>,
 }
 
 impl MemoryLedger {
@@ -46,6 +48,9 @@ impl Ledger for MemoryLedger {
         for write in batch.writes() {
             match write {
                 Write::Payment(p) => {
+                    if let Some(tx) = p.status.transaction {
+                        t.by_tx.insert((tx, p.id));
+                    }
                     t.payments.insert(p.id, (**p).clone());
                 }
                 Write::Enqueue(key) => {
@@ -98,6 +103,9 @@ impl Ledger for MemoryLedger {
             .map(|p| p.id)
             .collect();
         for id in gone {
+            if let Some(tx) = t.payments.get(&id).and_then(|p| p.status.transaction) {
+                t.by_tx.remove(&(tx, id));
+            }
             t.payments.remove(&id);
             t.pruned.insert(id);
             pruned.payments += 1;
@@ -130,6 +138,18 @@ impl Ledger for MemoryLedger {
         let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
         let t = self.tables();
         Ok(t.events.range(start..).take(limit).map(|(_, e)| e.clone()).collect())
+    }
+
+    fn merchant_events_before(&self, merchant_number: u32, before: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let t = self.tables();
+        let newest_first = t.events.range(..before).rev().map(|(_, e)| e);
+        Ok(newest_first.filter(|e| e.merchant_number == merchant_number).take(limit).cloned().collect())
+    }
+
+    fn payments_by_transaction(&self, tx: &alloy::primitives::B256) -> Result<Vec<PaymentRecord>> {
+        let t = self.tables();
+        let ids = t.by_tx.range((*tx, PaymentId(alloy::primitives::B256::ZERO))..).take_while(|(t, _)| t == tx);
+        Ok(ids.filter_map(|(_, id)| t.payments.get(id).cloned()).collect())
     }
 
     fn last_event_sequence(&self) -> Result<u64> {

@@ -173,6 +173,30 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
         Ok(out)
     }
 
+    /// Up to `limit` events of merchant `merchant_number` with a sequence
+    /// below `before`, newest first, read without going over other
+    /// merchants'.
+    fn merchant_events_before(&self, merchant_number: u32, before: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let mut out = self.merchant_events_after(merchant_number, 0, usize::MAX)?;
+        out.retain(|e| e.sequence < before);
+        out.reverse();
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The payments whose settlement is or was `tx` (any version of it, or
+    /// the transaction that spent an authorization elsewhere), ordered by
+    /// id, read by index.
+    fn payments_by_transaction(&self, tx: &alloy::primitives::B256) -> Result<Vec<PaymentRecord>> {
+        let mut out = Vec::new();
+        self.for_each_payment(&mut |p| {
+            if p.status.transaction == Some(*tx) {
+                out.push(p);
+            }
+        })?;
+        Ok(out)
+    }
+
     /// The sequence of the last event, 0 when there is none.
     fn last_event_sequence(&self) -> Result<u64>;
 

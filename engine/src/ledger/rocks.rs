@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use alloy::primitives::B256;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteOptions};
 
 use super::{Ledger, Pruned, WriteBatch, records};
@@ -56,7 +57,11 @@ const CF_EVENTS_BY_MERCHANT: &str = "events_by_merchant";
 const CF_CHANNELS_BY_MERCHANT: &str = "channels_by_merchant";
 /// Ids of the payments retention deleted (no value): their nonces stay spent.
 const CF_PRUNED: &str = "pruned_payments";
-const COLUMN_FAMILIES: [&str; 11] = [
+/// Payments by a settlement transaction: `tx ++ payment id`, empty values.
+/// Every transaction a payment's status named is kept (a fee bump's
+/// earlier versions too), so a lookup by any of them finds it.
+const CF_PAYMENTS_BY_TX: &str = "payments_by_transaction";
+const COLUMN_FAMILIES: [&str; 12] = [
     CF_PRUNED,
     CF_PAYMENTS,
     CF_PENDING,
@@ -68,11 +73,21 @@ const COLUMN_FAMILIES: [&str; 11] = [
     CF_BY_VALID_BEFORE,
     CF_EVENTS_BY_MERCHANT,
     CF_CHANNELS_BY_MERCHANT,
+    CF_PAYMENTS_BY_TX,
 ];
 
 /// Set once every payment, event and channel is in the indexes above (a
 /// ledger written before them is indexed once, when first opened).
 const INDEXED_KEY: &[u8] = b"indexes_built_v1";
+/// Set once [`CF_PAYMENTS_BY_TX`] was built for the payments written before it.
+const TX_INDEXED_KEY: &[u8] = b"indexes_built_v2_transactions";
+
+fn by_tx_key(tx: &B256, id: &PaymentId) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(tx.as_slice());
+    key[32..].copy_from_slice(id.0.as_slice());
+    key
+}
 
 fn merchant_event_key(merchant_number: u32, sequence: u64) -> [u8; 12] {
     let mut key = [0u8; 12];
@@ -202,6 +217,7 @@ impl RocksLedger {
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Self::check_schema(&db)?;
         Self::build_index(&db)?;
+        Self::build_tx_index(&db)?;
         Ok(db)
     }
 
@@ -245,6 +261,34 @@ impl RocksLedger {
         db.write_opt(wb, &wo)?;
         if indexed > 0 {
             tracing::info!(indexed, "indexed the ledger's payments, events and channels");
+        }
+        Ok(())
+    }
+
+    /// Builds [`CF_PAYMENTS_BY_TX`], once, for a ledger written before it.
+    fn build_tx_index(db: &DB) -> Result<()> {
+        if db.get_cf(cf(db, CF_META), TX_INDEXED_KEY)?.is_some() {
+            return Ok(());
+        }
+        let mut wb = rocksdb::WriteBatch::default();
+        let mut indexed = 0u64;
+        for item in db.iterator_cf(cf(db, CF_PAYMENTS), IteratorMode::Start) {
+            let (_, value) = item?;
+            let payment = records::decode_payment(&value)?;
+            if let Some(tx) = payment.status.transaction {
+                wb.put_cf(cf(db, CF_PAYMENTS_BY_TX), by_tx_key(&tx, &payment.id), []);
+                indexed += 1;
+            }
+            if wb.len() >= CHUNK {
+                db.write(std::mem::take(&mut wb))?;
+            }
+        }
+        wb.put_cf(cf(db, CF_META), TX_INDEXED_KEY, []);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo)?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed the ledger's payments by settlement transaction");
         }
         Ok(())
     }
@@ -316,6 +360,9 @@ impl Ledger for RocksLedger {
                 Write::Payment(p) => {
                     wb.put_cf(cf(CF_PAYMENTS), p.id.0, records::encode_payment(p));
                     wb.put_cf(cf(CF_BY_VALID_BEFORE), by_valid_before_key(p), []);
+                    if let Some(tx) = &p.status.transaction {
+                        wb.put_cf(cf(CF_PAYMENTS_BY_TX), by_tx_key(tx, &p.id), []);
+                    }
                 }
                 Write::Enqueue(key) => wb.put_cf(cf(CF_PENDING), records::pending_key(key), []),
                 Write::Dequeue(key) => wb.delete_cf(cf(CF_PENDING), records::pending_key(key)),
@@ -424,6 +471,9 @@ impl Ledger for RocksLedger {
                         wb.delete_cf(cf(&db, CF_BY_VALID_BEFORE), key);
                         if current {
                             wb.delete_cf(cf(&db, CF_PAYMENTS), id.0);
+                            if let Some(tx) = &payment.status.transaction {
+                                wb.delete_cf(cf(&db, CF_PAYMENTS_BY_TX), by_tx_key(tx, &id));
+                            }
                             wb.put_cf(cf(&db, CF_PRUNED), id.0, []);
                             self.has_pruned.store(true, Ordering::Release);
                             pruned.payments += 1;
@@ -540,6 +590,42 @@ impl Ledger for RocksLedger {
         Ok(out)
     }
 
+    fn merchant_events_before(&self, merchant_number: u32, before: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        let Some(last) = before.checked_sub(1) else { return Ok(Vec::new()) };
+        let db = self.db()?;
+        let mut out = Vec::new();
+        let from = merchant_event_key(merchant_number, last);
+        for item in db.iterator_cf(cf(&db, CF_EVENTS_BY_MERCHANT), IteratorMode::From(&from, Direction::Reverse)) {
+            let (key, _) = item?;
+            if out.len() == limit || key.len() != 12 || key[..4] != merchant_number.to_be_bytes() {
+                break;
+            }
+            let sequence = decode_sequence(&key[4..])?;
+            // As in `merchant_events_after`: entries left behind are skipped.
+            let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
+            let event = records::decode_event(sequence, &value)?;
+            if event.merchant_number == merchant_number {
+                out.push(event);
+            }
+        }
+        Ok(out)
+    }
+
+    fn payments_by_transaction(&self, tx: &B256) -> Result<Vec<PaymentRecord>> {
+        let db = self.db()?;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(cf(&db, CF_PAYMENTS_BY_TX), IteratorMode::From(tx.as_slice(), Direction::Forward)) {
+            let (key, _) = item?;
+            if key.len() != 64 || key[..32] != tx[..] {
+                break;
+            }
+            // An entry of a payment retention deleted is skipped.
+            let Some(value) = db.get_pinned_cf(cf(&db, CF_PAYMENTS), &key[32..])? else { continue };
+            out.push(records::decode_payment(&value)?);
+        }
+        Ok(out)
+    }
+
     fn merchant_channels(&self, merchant_id: &str) -> Result<Vec<ChannelRecord>> {
         let db = self.db()?;
         let prefix = merchant_channel_prefix(merchant_id);
@@ -604,7 +690,9 @@ mod tests {
     #[test]
     fn a_ledger_written_before_its_indexes_is_indexed_when_opened() {
         let dir = tempfile::tempdir().unwrap();
-        let p = super::super::conformance::sample_payment(7, 4_000);
+        let mut p = super::super::conformance::sample_payment(7, 4_000);
+        let tx = B256::repeat_byte(0x7e);
+        p.status.transaction = Some(tx);
         let channel = super::super::conformance::sample_channel(3, 10, false);
         {
             let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
@@ -624,14 +712,17 @@ mod tests {
             db.delete_cf(cf(&db, CF_BY_VALID_BEFORE), by_valid_before_key(&p)).unwrap();
             db.delete_cf(cf(&db, CF_EVENTS_BY_MERCHANT), merchant_event_key(5, 1)).unwrap();
             db.delete_cf(cf(&db, CF_CHANNELS_BY_MERCHANT), merchant_channel_key(&channel)).unwrap();
+            db.delete_cf(cf(&db, CF_PAYMENTS_BY_TX), by_tx_key(&tx, &p.id)).unwrap();
             db.delete_cf(cf(&db, CF_META), INDEXED_KEY).unwrap();
+            db.delete_cf(cf(&db, CF_META), TX_INDEXED_KEY).unwrap();
         }
         let ledger = RocksLedger::open(dir.path(), RocksOptions::default()).unwrap();
         let mut found = Vec::new();
         ledger.for_each_payment_valid_from(3_000, &mut |p| found.push(p)).unwrap();
-        assert_eq!(found, [p]);
+        assert_eq!(found, [p.clone()]);
         assert_eq!(ledger.merchant_events_after(5, 0, 10).unwrap().len(), 1);
         assert_eq!(ledger.merchant_channels(&channel.merchant_id).unwrap(), [channel]);
+        assert_eq!(ledger.payments_by_transaction(&tx).unwrap(), [p]);
     }
 
     #[test]

@@ -234,6 +234,14 @@ impl Ledger for FaultyLedger {
         self.read(|| self.inner.merchant_events_after(merchant_number, after, limit))
     }
 
+    fn merchant_events_before(&self, merchant_number: u32, before: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
+        self.read(|| self.inner.merchant_events_before(merchant_number, before, limit))
+    }
+
+    fn payments_by_transaction(&self, tx: &alloy::primitives::B256) -> Result<Vec<PaymentRecord>> {
+        self.read(|| self.inner.payments_by_transaction(tx))
+    }
+
     fn last_event_sequence(&self) -> Result<u64> {
         self.inner.last_event_sequence()
     }
