@@ -200,6 +200,18 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
         async { Ok(()) }
     }
 
+    /// Fills each nonce of `signer` from its next one on the node up to
+    /// `below` that none of `held` (the nonces of recorded intents) takes,
+    /// with a zero-value transfer to itself; returns how many it filled.
+    /// For a start, when nothing of this process is in flight: a process
+    /// stopped between signing and sending a transaction that has no intent
+    /// (a deposit, an HTTP channel call) left such a gap, and the recorded
+    /// transactions above it would wait behind it for ever.
+    fn fill_gaps(&self, signer: Address, below: u64, held: &[u64]) -> impl Future<Output = Result<u64>> + Send {
+        let _ = (signer, below, held);
+        async { Ok(0) }
+    }
+
     /// Fills the nonce of `tx`, signed but never to be sent (its intent
     /// could not be recorded), with a zero-value transfer of the signer to
     /// itself, so that the signer's later transactions are not stuck behind
@@ -257,8 +269,9 @@ pub async fn send_and_follow<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) 
 /// that could not be reached, a rate limit). One that cannot be sent is an
 /// error, its nonce filled first ([`Chain::fill_nonce`]): a nonce signed
 /// for and never sent would hold up every later transaction of its signer.
-/// ([`Error::NonceTooLow`](crate::Error::NonceTooLow) is answered at once:
-/// the nonce was used, there is no gap.)
+/// ([`Error::NonceTooLow`](crate::Error::NonceTooLow) and a replacement
+/// refused as underpriced are answered at once, unfilled: the nonce is used,
+/// or held by another transaction in the pool, and there is no gap.)
 pub async fn send_new<C: Chain>(chain: &C, tx: &SignedTx) -> Result<()> {
     const TRIES: u32 = 4;
     let mut attempt = 0;
@@ -266,6 +279,9 @@ pub async fn send_new<C: Chain>(chain: &C, tx: &SignedTx) -> Result<()> {
         let err = match chain.broadcast(tx).await {
             Ok(()) => return Ok(()),
             Err(err @ crate::Error::NonceTooLow { .. }) => return Err(err),
+            Err(err) if err.to_string().to_lowercase().contains("replacement transaction underpriced") => {
+                return Err(err);
+            }
             Err(err) => err,
         };
         attempt += 1;
@@ -278,11 +294,18 @@ pub async fn send_new<C: Chain>(chain: &C, tx: &SignedTx) -> Result<()> {
     }
 }
 
-/// Fills `tx`'s nonce, the failure only logged: the caller is already
-/// answering an error.
+/// Fills `tx`'s nonce, asking again twice; a failure is only logged (the
+/// caller is already answering an error, and a restart fills the gaps
+/// below the recorded intents: see [`Chain::fill_gaps`]).
 async fn fill<C: Chain>(chain: &C, tx: &SignedTx) {
-    if let Err(err) = chain.fill_nonce(tx).await {
-        tracing::warn!(signer = %tx.signer, nonce = tx.nonce, %err, "could not fill the nonce of an unsent transaction");
+    for attempt in 1..=3u32 {
+        match chain.fill_nonce(tx).await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(signer = %tx.signer, nonce = tx.nonce, %err, attempt, "could not fill the nonce of an unsent transaction");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
     }
 }
 
@@ -295,8 +318,10 @@ async fn fill<C: Chain>(chain: &C, tx: &SignedTx) {
 /// pool: anvil drops a transaction that does not fit a full block, together
 /// with every later nonce of its sender, which then wait forever behind the
 /// gap. The replacement fills the gap. `Ok(None)` after [`Follow::timeout`],
-/// with the nonce filled when no version is mined (a version still in the
-/// pool keeps it: the filler does not outbid it).
+/// with the nonce filled when no version is mined: a filler priced as the
+/// latest version does not outbid it if it is still in the pool, and
+/// replaces an earlier, cheaper one still there (the caller is told it was
+/// not mined, which the filler makes true).
 pub async fn follow_sent<C: Chain>(chain: &C, tx: SignedTx, follow: Follow) -> Result<Option<Receipt>> {
     let started = tokio::time::Instant::now();
     let mut hashes = vec![tx.hash];

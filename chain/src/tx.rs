@@ -229,6 +229,24 @@ impl AlloyChain {
         })
     }
 
+    /// A zero-value transfer of `signer` to itself at `nonce`, sent, with
+    /// fees at least `floor` (max fee, priority fee) and the market's.
+    async fn fill(&self, signer: Address, nonce: u64, floor: (u128, u128)) -> Result<()> {
+        let market = self.provider.estimate_eip1559_fees().await?;
+        let priority = floor.1.max(market.max_priority_fee_per_gas);
+        let request = TransactionRequest::default()
+            .with_from(signer)
+            .with_to(signer)
+            .with_chain_id(self.chain_id)
+            .with_nonce(nonce)
+            .with_gas_limit(21_000)
+            .with_max_fee_per_gas(floor.0.max(market.max_fee_per_gas).max(priority))
+            .with_max_priority_fee_per_gas(priority);
+        let filler = self.sign(signer, request).await?;
+        tracing::warn!(%signer, nonce, tx = %filler.hash, "filling a nonce whose transaction was never sent");
+        self.broadcast(&filler).await
+    }
+
     /// Forgets `signer`'s local nonce; the next transaction asks the node.
     pub async fn resync_nonce(&self, signer: Address) -> Result<()> {
         let pending = self.provider.get_transaction_count(signer).pending().await?;
@@ -472,20 +490,18 @@ impl Chain for AlloyChain {
         Ok(())
     }
 
+    async fn fill_gaps(&self, signer: Address, below: u64, held: &[u64]) -> Result<u64> {
+        let next = self.provider.get_transaction_count(signer).pending().await?;
+        let mut filled = 0;
+        for nonce in (next..below).filter(|n| !held.contains(n)) {
+            self.fill(signer, nonce, (0, 0)).await?;
+            filled += 1;
+        }
+        Ok(filled)
+    }
+
     async fn fill_nonce(&self, tx: &SignedTx) -> Result<()> {
-        let market = self.provider.estimate_eip1559_fees().await?;
-        let priority = tx.max_priority_fee_per_gas.max(market.max_priority_fee_per_gas);
-        let request = TransactionRequest::default()
-            .with_from(tx.signer)
-            .with_to(tx.signer)
-            .with_chain_id(self.chain_id)
-            .with_nonce(tx.nonce)
-            .with_gas_limit(21_000)
-            .with_max_fee_per_gas(tx.max_fee_per_gas.max(market.max_fee_per_gas).max(priority))
-            .with_max_priority_fee_per_gas(priority);
-        let filler = self.sign(tx.signer, request).await?;
-        tracing::warn!(signer = %tx.signer, nonce = tx.nonce, tx = %filler.hash, "filling a nonce whose transaction was never sent");
-        self.broadcast(&filler).await
+        self.fill(tx.signer, tx.nonce, (tx.max_fee_per_gas, tx.max_priority_fee_per_gas)).await
     }
 
     async fn broadcast(&self, tx: &SignedTx) -> Result<()> {

@@ -82,6 +82,32 @@ async fn an_unsent_nonce_is_filled_and_a_floor_holds() {
     assert_eq!(later.nonce, 8, "a floor never lowers the next nonce");
 }
 
+/// What a process stopped between signing and sending leaves: nonce 0
+/// never sent, a recorded transaction at 1 waiting behind it. The gaps
+/// below the recorded nonces are filled, the recorded ones left alone.
+#[tokio::test]
+async fn the_gaps_below_recorded_nonces_are_filled() {
+    let s = setup().await;
+    let signers = funded_signers(s.anvil.endpoint(), 1).await;
+    let chain = AlloyChain::connect(s.anvil.endpoint(), signers, TxConfig::default()).await.unwrap();
+    let txs = [1, 2, 3, 4].map(|n| authorization_call(&s, 100, B256::repeat_byte(n)));
+    let mut signed = Vec::new();
+    for input in txs {
+        signed.push(chain.sign_call(s.token, input, None).await.unwrap());
+    }
+    // Nonces 1 and 3 were recorded and sent; 0 and 2 never were.
+    chain.broadcast(&signed[1]).await.unwrap();
+    chain.broadcast(&signed[3]).await.unwrap();
+    assert!(chain.wait_receipt(&[signed[1].hash], Duration::from_secs(1)).await.unwrap().is_none(), "behind a gap");
+    let signer = signed[0].signer;
+    assert_eq!(chain.fill_gaps(signer, 4, &[1, 3]).await.unwrap(), 2);
+    for tx in [&signed[1], &signed[3]] {
+        let receipt = chain.wait_receipt(&[tx.hash], Duration::from_secs(20)).await.unwrap().expect("mined");
+        assert!(receipt.success);
+    }
+    assert_eq!(chain.fill_gaps(signer, 4, &[1, 3]).await.unwrap(), 0, "nothing left to fill");
+}
+
 #[tokio::test]
 async fn settles_authorizations_through_a_signer_pool() {
     let s = setup().await;

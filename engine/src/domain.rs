@@ -27,7 +27,13 @@ pub(crate) fn unix_millis() -> u64 {
 /// Cheap to clone and to read: the system clock is a `SystemTime` read, a
 /// set clock an atomic load.
 #[derive(Clone, Default)]
-pub struct Clock(Source);
+pub struct Clock {
+    source: Source,
+    /// Unix milliseconds the clock never reads below: the chain's latest
+    /// block time, kept by the node, so that a clock behind the chain does
+    /// not take authorizations the token would refuse as expired.
+    floor: Option<Arc<AtomicU64>>,
+}
 
 #[derive(Clone, Default)]
 enum Source {
@@ -42,18 +48,32 @@ enum Source {
 impl Clock {
     /// The system clock.
     pub const fn system() -> Self {
-        Self(Source::System)
+        Self { source: Source::System, floor: None }
     }
 
     /// A clock standing at `now_ms` until it is moved.
     pub fn set_at(now_ms: u64) -> Self {
-        Self(Source::Set(Arc::new(AtomicU64::new(now_ms))))
+        Self { source: Source::Set(Arc::new(AtomicU64::new(now_ms))), floor: None }
     }
 
     /// The system clock, shifted by what [`Clock::step`] adds: a clock that
     /// jumps (an NTP correction, a resumed virtual machine) and runs on.
     pub fn stepping() -> Self {
-        Self(Source::Offset(Arc::new(AtomicI64::new(0))))
+        Self { source: Source::Offset(Arc::new(AtomicI64::new(0))), floor: None }
+    }
+
+    /// This clock, never reading below what [`Clock::raise_floor`] set.
+    #[must_use]
+    pub fn with_floor(self) -> Self {
+        Self { floor: Some(Arc::new(AtomicU64::new(0))), ..self }
+    }
+
+    /// From now on the clock reads at least `ms` (Unix milliseconds), if it
+    /// has a floor ([`Clock::with_floor`]); a floor is never lowered.
+    pub fn raise_floor(&self, ms: u64) {
+        if let Some(floor) = &self.floor {
+            floor.fetch_max(ms, Ordering::SeqCst);
+        }
     }
 
     /// Moves a set clock on by `by` (the system clock moves by itself: no effect).
@@ -64,24 +84,25 @@ impl Clock {
     /// Moves a set or stepping clock by `ms`, back when negative (the system
     /// clock: no effect).
     pub fn step(&self, ms: i64) {
-        match &self.0 {
+        match &self.source {
             Source::System => {}
             Source::Set(now) => {
                 let _ = now.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_add_signed(ms)));
             }
             Source::Offset(offset) => {
-                offset.fetch_add(ms, Ordering::SeqCst);
+                let _ = offset.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| Some(o.saturating_add(ms)));
             }
         }
     }
 
     /// Unix time in milliseconds.
     pub fn now_ms(&self) -> u64 {
-        match &self.0 {
+        let now = match &self.source {
             Source::System => unix_millis(),
             Source::Set(now) => now.load(Ordering::SeqCst),
             Source::Offset(offset) => unix_millis().saturating_add_signed(offset.load(Ordering::SeqCst)),
-        }
+        };
+        self.floor.as_ref().map_or(now, |floor| now.max(floor.load(Ordering::Relaxed)))
     }
 
     /// Unix time in seconds.
@@ -92,7 +113,7 @@ impl Clock {
 
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
+        match &self.source {
             Source::System => f.write_str("Clock::system"),
             Source::Set(ms) => write!(f, "Clock::set_at({})", ms.load(Ordering::SeqCst)),
             Source::Offset(ms) => write!(f, "Clock::stepping({:+} ms)", ms.load(Ordering::SeqCst)),

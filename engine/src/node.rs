@@ -38,6 +38,8 @@ pub struct Node {
     stop: watch::Sender<bool>,
     settler: Option<tokio::task::JoinHandle<()>>,
     retention: Option<tokio::task::JoinHandle<()>>,
+    /// Keeps the clock's floor at the chain's latest block time.
+    chain_time: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -98,6 +100,19 @@ impl Node {
             tracing::warn!("no admin key configured: merchant admin is disabled");
         }
         let updates = config.merchant_updates()?;
+        // Settling on a chain, the clock never reads below its latest block.
+        let (clock, chain_time) = match &chain {
+            Some(chain) => {
+                let clock = clock.with_floor();
+                // Read once before anything is served, then followed.
+                match chain.head_time().await {
+                    Ok(secs) => clock.raise_floor(secs.saturating_mul(1000)),
+                    Err(err) => tracing::warn!(%err, "reading the chain's latest block time failed"),
+                }
+                (clock.clone(), Some(tokio::spawn(follow_chain_time(chain.clone(), clock))))
+            }
+            None => (clock, None),
+        };
         let mut pipeline = config.pipeline.to_pipeline();
         pipeline.clock = clock.clone();
         pipeline.settled_chains = match &chain {
@@ -160,7 +175,7 @@ impl Node {
         let http =
             tokio::spawn(crate::http::serve(http_listener, http_tls, api, engine.pipeline_died(), until(stopped)));
         let retention = start_retention(&engine, &config.ledger);
-        Ok(Self { engine, endpoints, grpc, http, stop, settler, retention })
+        Ok(Self { engine, endpoints, grpc, http, stop, settler, retention, chain_time })
     }
 
     /// Where it listens (the ports it bound, for a config that asked for port 0).
@@ -176,7 +191,7 @@ impl Node {
     /// Serves until `shutdown` completes (or a listener fails), then stops
     /// the listeners and lets queued work finish.
     pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let Self { engine, grpc, http, stop, settler, retention, .. } = self;
+        let Self { engine, grpc, http, stop, settler, retention, chain_time, .. } = self;
         let mut grpc = grpc;
         let mut http = http;
         let mut died = engine.pipeline_died();
@@ -189,8 +204,8 @@ impl Node {
             Ok(name) = died.wait_for(Option::is_some) => Err(Error::PipelineThreadDied(name.clone().unwrap_or_default())),
         };
         stop.send_replace(true);
-        if let Some(retention) = retention {
-            retention.abort();
+        for task in [retention, chain_time].into_iter().flatten() {
+            task.abort();
         }
         // Settlement stops between steps: whatever it had recorded is resolved
         // from the ledger's intents on the next start.
@@ -209,6 +224,37 @@ impl Node {
         // recorded: blocking work, off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
         result
+    }
+}
+
+/// How often the chain's latest block time is read for the clock's floor.
+const CHAIN_TIME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Raises `clock`'s floor to the chain's latest block time, every
+/// [`CHAIN_TIME_EVERY`]: a clock behind the chain then reads no earlier
+/// than the token checks `validBefore` against, and does not accept a
+/// payment the chain would refuse as expired. (A clock ahead is left
+/// alone: it only refuses early, and the settler checks it against the
+/// chain before it gives a payment up.)
+async fn follow_chain_time(chain: Arc<AlloyChain>, clock: Clock) {
+    let mut behind_logged = false;
+    loop {
+        match chain.head_time().await {
+            Ok(secs) => {
+                let head_ms = secs.saturating_mul(1000);
+                let behind = head_ms.saturating_sub(crate::domain::unix_millis());
+                if behind > 5_000 && !behind_logged {
+                    tracing::warn!(
+                        behind_ms = behind,
+                        "the system clock is behind the chain's latest block; reading time from the chain"
+                    );
+                }
+                behind_logged = behind > 5_000;
+                clock.raise_floor(head_ms);
+            }
+            Err(err) => tracing::debug!(%err, "reading the chain's latest block time failed"),
+        }
+        tokio::time::sleep(CHAIN_TIME_EVERY).await;
     }
 }
 

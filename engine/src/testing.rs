@@ -646,6 +646,14 @@ impl Chain for ScriptedChain {
         Ok(())
     }
 
+    async fn fill_gaps(&self, _: Address, below: u64, held: &[u64]) -> x402_chain::Result<u64> {
+        // The node's next nonce: past the contiguous ones taken.
+        let next = (0..).find(|n| !self.nonce_taken(*n)).unwrap_or(0);
+        let gaps: Vec<u64> = (next..below).filter(|n| !held.contains(n)).collect();
+        gaps.iter().for_each(|n| self.take_nonce(*n));
+        Ok(gaps.len() as u64)
+    }
+
     async fn broadcast(&self, tx: &SignedTx) -> x402_chain::Result<()> {
         let auto_mine = {
             let mut script = self.script();

@@ -411,3 +411,32 @@ async fn a_payment_not_yet_valid_on_a_lagging_chain_stays_queued_until_it_is() {
     assert_eq!(chain.token_balance(TOKEN, PAY_TO).await.unwrap(), U256::from(AMOUNT));
     assert_eq!(chain.token_balance(TOKEN, PAY_TO_2).await.unwrap(), U256::from(AMOUNT));
 }
+
+/// A node whose clock is 2 minutes behind reads no earlier than the chain's
+/// latest block: an authorization the token already refuses as expired
+/// (its `validBefore` 10 s past) is refused, not served unpaid, and one
+/// still valid is accepted and settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_behind_the_chain_does_not_accept_an_expired_authorization() {
+    let s = crate::channels::Setup::new(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = s.node_config(dir.path(), crate::channels::Setup::merchant(3600), |_| {});
+    let clock = x402_engine::domain::Clock::stepping();
+    clock.step(-120_000);
+    let node = x402_engine::node::Node::start_with_clock(&config, clock.clone()).await.unwrap();
+    let mut client = payments(node.endpoints().grpc, M1_KEY).await;
+    let payer = &s.payers[0];
+    let req = requirements(PAY_TO);
+    let expired = payer.sign_exact(&req, now() - 600, now() - 10, random_nonce());
+    let answer = client.submit(exact_submit(1, &req, &expired)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "{answer:?}");
+    assert_eq!(answer.reason, "invalid_exact_evm_payload_authorization_valid_before", "{answer:?}");
+    let valid = payer.sign_exact(&req, now() - 600, now() + 600, random_nonce());
+    let answer = client.submit(exact_submit(2, &req, &valid)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{answer:?}");
+    let id = x402_engine::domain::PaymentId(alloy::primitives::B256::from_slice(&answer.payment_id));
+    crate::channels::eventually(30, "the valid payment settled", || async {
+        node.engine().payment(id).await.unwrap().unwrap().status.state == x402_engine::domain::PaymentState::Confirmed
+    })
+    .await;
+}

@@ -227,27 +227,41 @@ pub struct Settler<C> {
     backoff: Backoff,
 }
 
+/// How far the latest block's timestamp may trail the true time on a
+/// chain making blocks (a slot or two, and the node's delay), in seconds.
+/// A clock ahead of the head by more than this has been stepped ahead.
+const HEAD_LAG: u64 = 30;
+
+/// A latest block older than this (seconds, by the clock) is a chain that
+/// makes no blocks now: its timestamp says nothing of the time.
+const IDLE_HEAD: u64 = 300;
+
 impl<C: Chain> Settler<C> {
     /// Unix time in milliseconds, by the settler's clock.
     fn now_ms(&self) -> u64 {
         self.config.clock.now_ms()
     }
 
-    /// Whether `valid_before` leaves `margin` seconds or less, by the
-    /// settler's clock **and** by the chain's latest block, asked only when
-    /// the clock says so (`chain_time` keeps its answer for the round). A
-    /// clock stepped ahead does not give up a payment the chain would still
-    /// take; a payment the clock still lets through goes on to the
-    /// simulation, against the chain's own time.
+    /// Whether `valid_before` leaves `margin` seconds or less. By the
+    /// settler's clock, unless that clock leads the chain's latest block by
+    /// more than a block's lag can explain ([`HEAD_LAG`]): a clock stepped
+    /// ahead (an NTP correction, a resumed virtual machine) then counts from
+    /// the head plus that lag, and does not give up a payment the chain
+    /// would still take. A head older than [`IDLE_HEAD`] is a chain that
+    /// makes blocks on demand (or has halted): the clock counts. The chain
+    /// is asked only when the clock says expired; `chain_time` keeps its
+    /// answer for the round.
     async fn expired(&self, valid_before: u64, margin: u64, chain_time: &mut Option<u64>) -> Result<bool> {
-        if valid_before > self.config.clock.now_secs().saturating_add(margin) {
+        let clock = self.config.clock.now_secs();
+        if valid_before > clock.saturating_add(margin) {
             return Ok(false);
         }
         let head = match *chain_time {
             Some(head) => head,
             None => *chain_time.insert(self.chain.head_time().await?),
         };
-        Ok(valid_before <= head.saturating_add(margin))
+        let now = if clock.saturating_sub(head) > IDLE_HEAD { clock } else { clock.min(head + HEAD_LAG) };
+        Ok(valid_before <= now.saturating_add(margin))
     }
 
     /// A status stamped now, by the settler's clock.
@@ -291,17 +305,27 @@ impl<C: Chain> Settler<C> {
 
     /// Raises each signer's next nonce past its pending intents, so that a
     /// restart (whose node may never have seen an intent's transaction)
-    /// does not hand the same nonce to a new one.
+    /// does not hand the same nonce to a new one, and fills the nonces below
+    /// them that no intent holds ([`Chain::fill_gaps`]). Run at start.
     pub(crate) async fn floor_nonces(&self) -> Result<()> {
-        let mut next: HashMap<Address, u64> = HashMap::new();
+        let mut held: HashMap<Address, Vec<u64>> = HashMap::new();
         for intent in self.engine.intents().await? {
             if intent.chain_id == self.chain.chain_id() && intent.state == IntentState::Pending {
-                let n = next.entry(intent.signer).or_default();
-                *n = (*n).max(intent.nonce + 1);
+                held.entry(intent.signer).or_default().push(intent.nonce);
             }
         }
-        for (signer, nonce) in next {
-            self.chain.floor_nonce(signer, nonce).await?;
+        for (signer, nonces) in held {
+            let next = nonces.iter().max().map_or(0, |n| n + 1);
+            self.chain.floor_nonce(signer, next).await?;
+            // Nothing of this process is in flight yet: a nonce below a
+            // recorded one that no intent holds was signed and never sent.
+            match self.chain.fill_gaps(signer, next, &nonces).await {
+                Ok(0) => {}
+                Ok(filled) => tracing::warn!(%signer, filled, "filled nonces left unsent below the recorded intents"),
+                Err(err) => {
+                    tracing::warn!(%signer, %err, "could not fill the nonces left unsent below the recorded intents")
+                }
+            }
         }
         Ok(())
     }

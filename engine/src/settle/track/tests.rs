@@ -479,6 +479,26 @@ async fn nonces_start_past_the_pending_intents_after_a_restart() {
     assert_eq!(b.status(p.id).await.transaction, Some(pending.tx_hashes[0]), "the first intent is kept");
 }
 
+/// A process stopped between signing a transaction without an intent (a
+/// deposit, an HTTP channel call) and sending it left its nonce a gap below
+/// a recorded intent: the start fills it, and leaves the intent's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_below_a_recorded_intent_is_filled_at_start() {
+    let b = Bench::new(quick()).await;
+    let unsent =
+        x402_chain::Chain::sign_call(&*b.chain, TOKEN, alloy::primitives::Bytes::from_static(b"deposit"), None)
+            .await
+            .unwrap();
+    let p = b.pay().await;
+    b.settle(&p).await;
+    let pending = b.intent().await;
+    assert_eq!((unsent.nonce, pending.nonce), (0, 1));
+    assert!(!b.chain.nonce_taken(0));
+    b.settler.floor_nonces().await.unwrap();
+    assert!(b.chain.nonce_taken(0), "the gap was filled");
+    assert!(!b.chain.nonce_taken(1), "the intent's nonce is its own");
+}
+
 /// The settler reads the time from its clock: a payment whose validity ran
 /// out by that clock (and by the chain's) is concluded `Expired`, stamped
 /// by it, and nothing is signed or sent for it.
@@ -501,8 +521,9 @@ async fn a_payment_that_ran_out_by_the_settlers_clock_is_expired_and_never_sent(
 }
 
 /// A clock stepped ahead (an NTP correction, a resumed virtual machine)
-/// does not give up a payment the chain would still take: its latest block
-/// says 40 s are left, so the payment is settled, not expired.
+/// does not give up a payment the chain would still take: the chain's
+/// latest block says 40 s are left, so the payment is settled, not
+/// expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_stepped_ahead_does_not_expire_what_the_chain_still_takes() {
     let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
@@ -511,9 +532,29 @@ async fn a_clock_stepped_ahead_does_not_expire_what_the_chain_still_takes() {
     let p = b.pay().await;
     let valid_before = p.authorization.valid_before_secs();
     b.chain.set_head_time(valid_before - 40);
-    clock.advance(Duration::from_secs(valid_before - clock.now_secs()));
+    clock.advance(Duration::from_secs(valid_before + 60 - clock.now_secs()));
     b.settle(&p).await;
     let status = b.status(p.id).await;
     assert_eq!(status.state, PaymentState::Confirmed, "{status:?}");
     assert_eq!(b.chain.broadcasts().len(), 1);
+}
+
+/// The chain's head trails the true time (by a slot, or for long on a
+/// chain that makes blocks on demand): with the clock right, the expiry
+/// margin is kept whole, and nothing is sent for a payment due in 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_trails_the_clock_keeps_the_whole_expiry_margin() {
+    for lag in [8, 3_600] {
+        let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+        let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
+        b.chain.auto_mine(true);
+        let p = b.pay().await;
+        let left = p.authorization.valid_before_secs() - clock.now_secs();
+        clock.advance(Duration::from_secs(left - 2));
+        b.chain.set_head_time(clock.now_secs() - lag);
+        b.settle(&p).await;
+        let status = b.status(p.id).await;
+        assert_eq!(status.state, PaymentState::Expired, "head {lag} s behind: {status:?}");
+        assert!(b.chain.broadcasts().is_empty(), "head {lag} s behind: nothing was sent");
+    }
 }
