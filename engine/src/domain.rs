@@ -29,10 +29,19 @@ pub(crate) fn unix_millis() -> u64 {
 #[derive(Clone, Default)]
 pub struct Clock {
     source: Source,
-    /// Unix milliseconds the clock never reads below: the chain's latest
-    /// block time, kept by the node, so that a clock behind the chain does
-    /// not take authorizations the token would refuse as expired.
-    floor: Option<Arc<AtomicU64>>,
+    /// A lower bound of the time the clock never reads below, as Unix
+    /// milliseconds minus [`monotonic_ms`]: the chain's latest block time
+    /// run on by the monotonic clock since it was read, kept by the node, so
+    /// that a clock behind the chain does not take authorizations the token
+    /// would refuse as expired. (Run on, it never stands still between
+    /// blocks; monotonic, a step of the system clock does not move it.)
+    floor: Option<Arc<AtomicI64>>,
+}
+
+/// Milliseconds of the monotonic clock since this process first asked.
+fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    i64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(i64::MAX)
 }
 
 #[derive(Clone, Default)]
@@ -65,14 +74,16 @@ impl Clock {
     /// This clock, never reading below what [`Clock::raise_floor`] set.
     #[must_use]
     pub fn with_floor(self) -> Self {
-        Self { floor: Some(Arc::new(AtomicU64::new(0))), ..self }
+        Self { floor: Some(Arc::new(AtomicI64::new(i64::MIN))), ..self }
     }
 
-    /// From now on the clock reads at least `ms` (Unix milliseconds), if it
-    /// has a floor ([`Clock::with_floor`]); a floor is never lowered.
+    /// The time is at least `ms` (Unix milliseconds) now: from now on the
+    /// clock reads no less than `ms` plus the monotonic time since, if it
+    /// has a floor ([`Clock::with_floor`]). A floor is never lowered.
     pub fn raise_floor(&self, ms: u64) {
         if let Some(floor) = &self.floor {
-            floor.fetch_max(ms, Ordering::SeqCst);
+            let bound = i64::try_from(ms).unwrap_or(i64::MAX).saturating_sub(monotonic_ms());
+            floor.fetch_max(bound, Ordering::SeqCst);
         }
     }
 
@@ -102,7 +113,11 @@ impl Clock {
             Source::Set(now) => now.load(Ordering::SeqCst),
             Source::Offset(offset) => unix_millis().saturating_add_signed(offset.load(Ordering::SeqCst)),
         };
-        self.floor.as_ref().map_or(now, |floor| now.max(floor.load(Ordering::Relaxed)))
+        let floor = self.floor.as_ref().map_or(i64::MIN, |floor| floor.load(Ordering::Relaxed));
+        if floor == i64::MIN {
+            return now;
+        }
+        now.max(u64::try_from(floor.saturating_add(monotonic_ms())).unwrap_or(0))
     }
 
     /// Unix time in seconds.
@@ -567,5 +582,32 @@ mod tests {
         assert_ne!(base, PaymentId::new(1, from, token, B256::ZERO));
         assert_ne!(base, PaymentId::new(1, token, from, B256::repeat_byte(1)));
         assert_eq!(base, PaymentId::new(1, token, from, B256::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::{Clock, unix_millis};
+
+    /// A clock behind reads no earlier than its floor, and runs on from it
+    /// (it does not stand at the floor between raises); a floor below the
+    /// clock changes nothing, and a floor is never lowered.
+    #[test]
+    fn a_clock_behind_its_floor_runs_on_from_the_floor() {
+        let clock = Clock::stepping().with_floor();
+        clock.step(-120_000);
+        let behind = clock.now_ms();
+        assert!(behind + 100_000 < unix_millis());
+        clock.raise_floor(unix_millis());
+        let floored = clock.now_ms();
+        assert!(floored + 1_000 >= unix_millis(), "{floored}");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(clock.now_ms() >= floored + 30, "it runs on");
+        clock.raise_floor(0);
+        assert!(clock.now_ms() >= floored + 30, "never lowered");
+        let ahead = Clock::stepping().with_floor();
+        ahead.step(60_000);
+        ahead.raise_floor(unix_millis());
+        assert!(ahead.now_ms() >= unix_millis() + 59_000, "a floor below the clock changes nothing");
     }
 }

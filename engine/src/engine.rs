@@ -169,6 +169,42 @@ impl Engine {
         tokio::task::spawn_blocking(move || ledger.payment(&id)).await.map_err(|_| Error::PipelineStopped)?
     }
 
+    /// The payments a settlement transaction `tx` settled or tried to
+    /// (any version of it), from the ledger's index.
+    pub async fn payments_by_transaction(&self, tx: alloy::primitives::B256) -> Result<Vec<PaymentRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.payments_by_transaction(&tx))
+            .await
+            .map_err(|_| Error::PipelineStopped)?
+    }
+
+    /// Merchant `merchant_number`'s `limit` most recently changed payments,
+    /// newest first, from its events (those retention kept).
+    pub async fn recent_payments(&self, merchant_number: u32, limit: usize) -> Result<Vec<PaymentRecord>> {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::with_capacity(limit);
+            let mut seen = std::collections::HashSet::new();
+            let mut before = u64::MAX;
+            while ids.len() < limit {
+                let page = ledger.merchant_events_before(merchant_number, before, 256)?;
+                let Some(last) = page.last() else { break };
+                before = last.sequence;
+                // A channel's events name the channel, not a payment.
+                for e in page.iter().filter(|e| e.channel.is_none()) {
+                    if ids.len() < limit && seen.insert(e.payment_id) {
+                        ids.push(e.payment_id);
+                    }
+                }
+            }
+            let mut payments: std::collections::HashMap<PaymentId, PaymentRecord> =
+                ledger.payments(&ids)?.into_iter().map(|p| (p.id, p)).collect();
+            Ok(ids.iter().filter_map(|id| payments.remove(id)).collect())
+        })
+        .await
+        .map_err(|_| Error::PipelineStopped)?
+    }
+
     /// Deletes the settled payments whose `validBefore`, and the events
     /// last updated, are before `before` (Unix seconds); see
     /// [`Ledger::prune`].

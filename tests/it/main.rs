@@ -19,5 +19,6 @@ mod rejections;
 mod rpc;
 mod rpc_proxy;
 mod settle;
+mod status;
 mod stream;
 mod tenants;

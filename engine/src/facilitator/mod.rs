@@ -16,6 +16,8 @@
 //!   unsigned, so a replay carries it too: it re-authorizes nothing, and the
 //!   same id with another payment of the merchant is HTTP 409;
 //! - `GET /supported` lists each network literally with the signers;
+//! - `GET /settlements…` and `GET /channels/{id}` tell a merchant where its
+//!   payments and channels stand (see [`status`]);
 //! - `batch-settlement` follows the reference facilitator: the resource
 //!   server keeps the charged totals (see the `channels` module).
 //!
@@ -24,6 +26,7 @@
 //! `Authorization: Bearer <its API key>`, as on gRPC.
 
 mod channels;
+pub mod status;
 
 use std::{sync::Arc, time::Duration};
 
@@ -100,6 +103,9 @@ pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
     Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
+        .route("/settlements", get(status::settlements))
+        .route("/settlements/{id}", get(status::settlement))
+        .route("/channels/{id}", get(status::channel))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), admit))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .route("/supported", get(supported))
