@@ -29,6 +29,8 @@ use x402_engine::{
     node::Node,
 };
 
+mod status_cli;
+
 #[derive(Debug, Parser)]
 #[command(name = "x402d", version, about = "x402 settlement engine: verify, record and settle x402 payments")]
 struct Cli {
@@ -59,6 +61,32 @@ enum Command {
     Load {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
+    },
+    /// Show a payment, asked of a running node: where its settlement stands.
+    Payment {
+        /// The payment id (0x-hex, 32 bytes), as submits answer it.
+        id: String,
+        #[command(flatten)]
+        node: status_cli::NodeArgs,
+    },
+    /// List a merchant's payments, asked of a running node: the most
+    /// recently changed, or those of one settlement transaction.
+    Payments {
+        /// Those this transaction settled, or tried to (any fee-bumped version).
+        #[arg(long)]
+        transaction: Option<String>,
+        /// How many of the most recently changed (at most 100).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        node: status_cli::NodeArgs,
+    },
+    /// Show a payment channel x402d keeps, asked of a running node.
+    Channel {
+        /// The channel id (0x-hex, 32 bytes).
+        id: String,
+        #[command(flatten)]
+        node: status_cli::NodeArgs,
     },
     /// Measure gas per settled payment on a local anvil: direct, and
     /// batched through Multicall3 at each batch size.
@@ -142,6 +170,11 @@ async fn main() -> anyhow::Result<()> {
     let mut devnet = None;
     let (config, _dev_dir) = match cli.command {
         Command::Load { args } => return run_load(&args),
+        Command::Payment { id, node } => return status_cli::show(status_cli::Query::Payment(id), node).await,
+        Command::Payments { transaction, limit, node } => {
+            return status_cli::show(status_cli::Query::Payments { transaction, limit }, node).await;
+        }
+        Command::Channel { id, node } => return status_cli::show(status_cli::Query::Channel(id), node).await,
         Command::GasReport { rows, per_payer } => {
             for n in per_payer {
                 let report = x402_devnet::gas::measure(&rows, n, |step| eprintln!("gas report: {step}")).await?;

@@ -51,6 +51,15 @@ async fn state_becomes(http: std::net::SocketAddr, key: &str, id: B256, state: &
     }
 }
 
+/// `x402d <args…> --node <http> --key <key>`: whether it succeeded, and
+/// what it printed on stdout and stderr.
+async fn cli(http: std::net::SocketAddr, key: &str, args: &[&str]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_x402d"));
+    command.args(args).args(["--node", &format!("http://{http}"), "--key", key]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
 async fn accepted(client: &mut Payments, request: pb::SubmitRequest) -> B256 {
     let answer = client.submit(request).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{answer:?}");
@@ -111,6 +120,15 @@ async fn the_status_lookup_answers_every_state_to_its_own_merchant_only() {
     let block = answer["block"].as_u64().expect("a block number");
     let receipt = s.wallet.get_transaction_receipt(tx).await.unwrap().expect("mined");
     assert_eq!(receipt.block_number, Some(block), "the block the chain says");
+    // The same from the command line, to its merchant only.
+    let (ok, out, err) = cli(http, M1_KEY, &["payment", &direct.to_string()]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state         confirmed"), "{out}");
+    assert!(out.contains(&format!("transaction   {tx} (block {block})")), "{out}");
+    let (ok, _, err) = cli(http, M2_KEY, &["payment", &direct.to_string()]).await;
+    assert!(!ok && err.contains("404") && err.contains(&format!("no payment {direct}")), "{err}");
+    let (ok, out, err) = cli(http, M1_KEY, &["payments", "--transaction", &tx.to_string()]).await;
+    assert!(ok && out.starts_with(&format!("{direct}  confirmed")), "{out}{err}");
 
     // Failed: the payer cancels its authorization before mf's batch.
     let mut mf = payments(grpc, MF_KEY).await;
@@ -186,4 +204,9 @@ async fn the_status_lookup_answers_every_state_to_its_own_merchant_only() {
     assert_eq!(channel["payer"], payer.address().to_string());
     let (status, _) = get(http, Some(M1_KEY), &format!("/channels/{id}")).await;
     assert_eq!(status, 404, "another merchant's channel");
+    let (ok, out, err) = cli(http, MC_KEY, &["channel", &id.to_string()]).await;
+    assert!(ok && out.contains("charged       10 (highest voucher 10)"), "{out}{err}");
+    let (ok, out, err) = cli(http, MC_KEY, &["channel", &id.to_string(), "--json"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["channelId"], id.to_string());
 }
