@@ -202,11 +202,15 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
 
     /// Fills each nonce of `signer` from its next one on the node up to
     /// `below` that none of `held` (the nonces of recorded intents) takes,
-    /// with a zero-value transfer to itself; returns how many it filled.
-    /// For a start, when nothing of this process is in flight: a process
-    /// stopped between signing and sending a transaction that has no intent
-    /// (a deposit, an HTTP channel call) left such a gap, and the recorded
-    /// transactions above it would wait behind it for ever.
+    /// with a zero-value transfer to itself; returns how many it filled. A
+    /// transaction without an intent (a deposit, an HTTP channel call)
+    /// signed and never sent, by a process that stopped or whose filler
+    /// failed, leaves such a gap, and the recorded transactions above it
+    /// would wait behind it for ever. A nonce the node says is used, or held
+    /// by a transaction in its pool, is left alone, and one that cannot be
+    /// filled now does not keep the others unfilled. The signer's keys must
+    /// be this node's alone: another sender's transaction not yet seen by
+    /// the node would be filled over.
     fn fill_gaps(&self, signer: Address, below: u64, held: &[u64]) -> impl Future<Output = Result<u64>> + Send {
         let _ = (signer, below, held);
         async { Ok(0) }
@@ -295,15 +299,17 @@ pub async fn send_new<C: Chain>(chain: &C, tx: &SignedTx) -> Result<()> {
 }
 
 /// Fills `tx`'s nonce, asking again twice; a failure is only logged (the
-/// caller is already answering an error, and a restart fills the gaps
-/// below the recorded intents: see [`Chain::fill_gaps`]).
+/// caller is already answering an error, and the settler fills the gaps
+/// that hold up its intents: see [`Chain::fill_gaps`]).
 async fn fill<C: Chain>(chain: &C, tx: &SignedTx) {
     for attempt in 1..=3u32 {
         match chain.fill_nonce(tx).await {
             Ok(()) => return,
             Err(err) => {
                 tracing::warn!(signer = %tx.signer, nonce = tx.nonce, %err, attempt, "could not fill the nonce of an unsent transaction");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                if attempt < 3 {
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
             }
         }
     }

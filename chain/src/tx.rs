@@ -493,9 +493,24 @@ impl Chain for AlloyChain {
     async fn fill_gaps(&self, signer: Address, below: u64, held: &[u64]) -> Result<u64> {
         let next = self.provider.get_transaction_count(signer).pending().await?;
         let mut filled = 0;
+        // Each nonce on its own: one that cannot be filled now (the node
+        // failed to answer) does not keep the others unfilled.
         for nonce in (next..below).filter(|n| !held.contains(n)) {
-            self.fill(signer, nonce, (0, 0)).await?;
-            filled += 1;
+            for attempt in 1..=3u32 {
+                match self.fill(signer, nonce, (0, 0)).await {
+                    Ok(()) => {
+                        filled += 1;
+                        break;
+                    }
+                    // Used meanwhile, or held by a transaction in the pool: no gap.
+                    Err(Error::NonceTooLow { .. }) => break,
+                    Err(err) if err.to_string().to_lowercase().contains("underpriced") => break,
+                    Err(err) => {
+                        tracing::warn!(%signer, nonce, %err, attempt, "filling a nonce gap failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+            }
         }
         Ok(filled)
     }

@@ -38,6 +38,27 @@ pub struct Clock {
     floor: Option<Arc<AtomicI64>>,
 }
 
+/// The time a payment is verified at, in Unix seconds. `latest` is what
+/// the clock reads (never below the chain's latest block time), and the
+/// `validBefore` check counts from it, so that a host clock behind the
+/// chain does not take an expired authorization; `earliest` is what it
+/// reads without the chain's help (never more), and the `validAfter`
+/// check counts from it, so that a node reporting a block from the future
+/// does not make x402d take an authorization before it is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// For `validBefore`.
+    pub latest: u64,
+    /// For `validAfter`.
+    pub earliest: u64,
+}
+
+impl From<u64> for Now {
+    fn from(secs: u64) -> Self {
+        Self { latest: secs, earliest: secs }
+    }
+}
+
 /// Milliseconds of the monotonic clock since this process first asked.
 fn monotonic_ms() -> i64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -79,12 +100,25 @@ impl Clock {
 
     /// The time is at least `ms` (Unix milliseconds) now: from now on the
     /// clock reads no less than `ms` plus the monotonic time since, if it
-    /// has a floor ([`Clock::with_floor`]). A floor is never lowered.
+    /// has a floor ([`Clock::with_floor`]), but never more than
+    /// [`Clock::MAX_FLOOR_LEAD_MS`] ahead of what it read without one (one
+    /// block time far in the future, from a faulty node, moves it that much
+    /// at most). A floor is never lowered.
     pub fn raise_floor(&self, ms: u64) {
         if let Some(floor) = &self.floor {
+            let ms = ms.min(self.unfloored_ms().saturating_add(Self::MAX_FLOOR_LEAD_MS));
             let bound = i64::try_from(ms).unwrap_or(i64::MAX).saturating_sub(monotonic_ms());
             floor.fetch_max(bound, Ordering::SeqCst);
         }
+    }
+
+    /// How far a floor may move the clock ahead, in milliseconds: a host
+    /// clock up to 10 minutes behind is corrected whole.
+    pub const MAX_FLOOR_LEAD_MS: u64 = 600_000;
+
+    /// The time to verify a payment at: see [`Now`].
+    pub fn verification_time(&self) -> Now {
+        Now { latest: self.now_secs(), earliest: self.unfloored_ms() / 1000 }
     }
 
     /// Moves a set clock on by `by` (the system clock moves by itself: no effect).
@@ -108,16 +142,21 @@ impl Clock {
 
     /// Unix time in milliseconds.
     pub fn now_ms(&self) -> u64 {
-        let now = match &self.source {
-            Source::System => unix_millis(),
-            Source::Set(now) => now.load(Ordering::SeqCst),
-            Source::Offset(offset) => unix_millis().saturating_add_signed(offset.load(Ordering::SeqCst)),
-        };
+        let now = self.unfloored_ms();
         let floor = self.floor.as_ref().map_or(i64::MIN, |floor| floor.load(Ordering::Relaxed));
         if floor == i64::MIN {
             return now;
         }
         now.max(u64::try_from(floor.saturating_add(monotonic_ms())).unwrap_or(0))
+    }
+
+    /// What the clock reads without its floor.
+    fn unfloored_ms(&self) -> u64 {
+        match &self.source {
+            Source::System => unix_millis(),
+            Source::Set(now) => now.load(Ordering::SeqCst),
+            Source::Offset(offset) => unix_millis().saturating_add_signed(offset.load(Ordering::SeqCst)),
+        }
     }
 
     /// Unix time in seconds.
@@ -605,6 +644,13 @@ mod clock_tests {
         assert!(clock.now_ms() >= floored + 30, "it runs on");
         clock.raise_floor(0);
         assert!(clock.now_ms() >= floored + 30, "never lowered");
+        let far = Clock::stepping().with_floor();
+        far.raise_floor(unix_millis() + 3_600_000);
+        assert!(far.now_ms() <= unix_millis() + Clock::MAX_FLOOR_LEAD_MS + 100, "an hour ahead moves it a minute");
+        assert!(far.now_ms() + 1_000 >= unix_millis() + Clock::MAX_FLOOR_LEAD_MS);
+        let at = far.verification_time();
+        assert!(at.earliest <= unix_millis() / 1000 + 1, "validAfter counts without the floor: {at:?}");
+        assert!(at.latest >= at.earliest + Clock::MAX_FLOOR_LEAD_MS / 1000 - 1, "{at:?}");
         let ahead = Clock::stepping().with_floor();
         ahead.step(60_000);
         ahead.raise_floor(unix_millis());

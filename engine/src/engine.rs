@@ -47,6 +47,9 @@ pub struct Engine {
     merchant_writes: Mutex<()>,
 }
 
+/// The most events [`Engine::recent_payments`] reads.
+pub(crate) const RECENT_EVENTS_READ: usize = 2_000;
+
 impl Engine {
     /// Starts the engine on `ledger`: loads merchants, rebuilds the pipeline
     /// state and starts its threads. `admin_key` enables merchant admin.
@@ -179,17 +182,20 @@ impl Engine {
     }
 
     /// Merchant `merchant_number`'s `limit` most recently changed payments,
-    /// newest first, from its events (those retention kept).
+    /// newest first, from its events (those retention kept), reading at
+    /// most [`RECENT_EVENTS_READ`] of them: a channel merchant's history is
+    /// mostly its channels'.
     pub async fn recent_payments(&self, merchant_number: u32, limit: usize) -> Result<Vec<PaymentRecord>> {
         let ledger = self.ledger.clone();
         tokio::task::spawn_blocking(move || {
             let mut ids = Vec::with_capacity(limit);
             let mut seen = std::collections::HashSet::new();
-            let mut before = u64::MAX;
-            while ids.len() < limit {
+            let (mut before, mut read) = (u64::MAX, 0);
+            while ids.len() < limit && read < RECENT_EVENTS_READ {
                 let page = ledger.merchant_events_before(merchant_number, before, 256)?;
                 let Some(last) = page.last() else { break };
                 before = last.sequence;
+                read += page.len();
                 // A channel's events name the channel, not a payment.
                 for e in page.iter().filter(|e| e.channel.is_none()) {
                     if ids.len() < limit && seen.insert(e.payment_id) {
@@ -199,7 +205,8 @@ impl Engine {
             }
             let mut payments: std::collections::HashMap<PaymentId, PaymentRecord> =
                 ledger.payments(&ids)?.into_iter().map(|p| (p.id, p)).collect();
-            Ok(ids.iter().filter_map(|id| payments.remove(id)).collect())
+            let theirs = |p: &PaymentRecord| p.merchant_number == merchant_number;
+            Ok(ids.iter().filter_map(|id| payments.remove(id)).filter(theirs).collect())
         })
         .await
         .map_err(|_| Error::PipelineStopped)?

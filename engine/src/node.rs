@@ -233,9 +233,12 @@ const CHAIN_TIME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Raises `clock`'s floor to the chain's latest block time, every
 /// [`CHAIN_TIME_EVERY`]: a clock behind the chain then reads no earlier
 /// than the token checks `validBefore` against, and does not accept a
-/// payment the chain would refuse as expired. (A clock ahead is left
-/// alone: it only refuses early, and the settler checks it against the
-/// chain before it gives a payment up.)
+/// payment the chain would refuse as expired. It moves the clock at most
+/// [`Clock::MAX_FLOOR_LEAD_MS`] ahead of the system's, so that a node
+/// reporting a block from the future cannot take the clock far; and
+/// `validAfter` is checked without the floor ([`crate::domain::Now`]). A
+/// clock ahead of the chain is left alone here: the settler checks it
+/// against the chain before it gives a payment up.
 async fn follow_chain_time(chain: Arc<AlloyChain>, clock: Clock) {
     let mut behind_logged = false;
     loop {
@@ -244,10 +247,19 @@ async fn follow_chain_time(chain: Arc<AlloyChain>, clock: Clock) {
                 let head_ms = secs.saturating_mul(1000);
                 let behind = head_ms.saturating_sub(crate::domain::unix_millis());
                 if behind > 5_000 && !behind_logged {
-                    tracing::warn!(
-                        behind_ms = behind,
-                        "the system clock is behind the chain's latest block; reading time from the chain"
-                    );
+                    if behind > Clock::MAX_FLOOR_LEAD_MS {
+                        tracing::error!(
+                            behind_ms = behind,
+                            corrected_ms = Clock::MAX_FLOOR_LEAD_MS,
+                            "the system clock is behind the chain's latest block by more than x402d corrects (or the \
+                             node reports a block from the future): fix the host's time"
+                        );
+                    } else {
+                        tracing::warn!(
+                            behind_ms = behind,
+                            "the system clock is behind the chain's latest block; reading time from the chain"
+                        );
+                    }
                 }
                 behind_logged = behind > 5_000;
                 clock.raise_floor(head_ms);

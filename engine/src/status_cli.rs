@@ -39,7 +39,9 @@ pub(crate) async fn show(query: Query, args: NodeArgs) -> anyhow::Result<()> {
         Query::Payments { transaction: None, limit } => format!("/settlements?limit={limit}"),
         Query::Channel(id) => format!("/channels/{id}"),
     };
-    let response = reqwest::Client::new()
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?
         .get(format!("{base}{path}"))
         .bearer_auth(args.key.trim())
         .send()

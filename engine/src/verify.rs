@@ -120,8 +120,15 @@ impl Verifier {
         self
     }
 
-    /// Runs steps 1–8 for `merchant` at unix time `now`.
-    pub fn verify(&mut self, merchant: &Merchant, submission: Submission, now: u64) -> Result<Verified, Refusal> {
+    /// Runs steps 1–8 for `merchant` at unix time `now` (one time for both
+    /// bounds, or a [`crate::domain::Now`]).
+    pub fn verify(
+        &mut self,
+        merchant: &Merchant,
+        submission: Submission,
+        now: impl Into<crate::domain::Now>,
+    ) -> Result<Verified, Refusal> {
+        let crate::domain::Now { latest: now, earliest } = now.into();
         let Submission { requirements, input, idempotency } = submission;
         let (payload, accepted_scheme) = match input {
             PaymentInput::Exact(payload) => (payload, None),
@@ -227,11 +234,11 @@ impl Verifier {
         }
         // 7. validAfter: EIP-3009 needs `block.timestamp > validAfter`, and
         // the block that settles it may carry a time a little behind ours.
-        if auth.valid_after_secs().saturating_add(VALID_AFTER_MARGIN) >= now {
+        if auth.valid_after_secs().saturating_add(VALID_AFTER_MARGIN) >= earliest {
             return Err(signed(
                 Reason::ValidAfter,
                 format!(
-                    "validAfter {} must be more than {VALID_AFTER_MARGIN} s before now ({now}): the token \
+                    "validAfter {} must be more than {VALID_AFTER_MARGIN} s before now ({earliest}): the token \
                      accepts it only in a block whose time is after it",
                     auth.valid_after
                 ),

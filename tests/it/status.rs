@@ -71,10 +71,10 @@ async fn the_status_lookup_answers_every_state_to_its_own_merchant_only() {
     let s = Setup::new(4).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = s.node_config(dir.path(), Setup::merchant(3600), |_| {});
-    // mq batches for an hour (its payments wait queued); mf after 3 s.
+    // mq batches for an hour (its payments wait queued); mf after 5 s.
     let batched = |max_wait_ms| PolicyConfig::Batched { max_rows: 100, max_wait_ms };
     config.merchants.push(merchant_config("mq", MQ_PAY_TO, MQ_KEY, batched(3_600_000)));
-    config.merchants.push(merchant_config("mf", MF_PAY_TO, MF_KEY, batched(3_000)));
+    config.merchants.push(merchant_config("mf", MF_PAY_TO, MF_KEY, batched(5_000)));
     let node = start_node(&config).await;
     let (grpc, http) = (node.endpoints().grpc, node.endpoints().http);
     let sign = |payer: usize, pay_to: Address, valid_for: u64| {

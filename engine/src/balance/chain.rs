@@ -80,6 +80,11 @@ pub struct ChainBalancesConfig {
     pub idle: Duration,
     /// Most balances kept.
     pub max_entries: usize,
+    /// Fetches in flight at most; the others wait their turn (up to
+    /// `fetch_timeout`, then fail). Payments from many new payers at once
+    /// (a flood of them) then cost the node's provider, and this process's
+    /// connections to it, no more than this.
+    pub max_fetches: usize,
 }
 
 impl Default for ChainBalancesConfig {
@@ -90,6 +95,7 @@ impl Default for ChainBalancesConfig {
             fetch_timeout: Duration::from_secs(5),
             idle: Duration::from_secs(600),
             max_entries: 100_000,
+            max_fetches: 32,
         }
     }
 }
@@ -115,6 +121,8 @@ struct Shared<C> {
     /// after (never while holding) a stripe.
     tokens: Mutex<HashSet<Address>>,
     next_fetch: AtomicU64,
+    /// [`ChainBalancesConfig::max_fetches`] places.
+    fetches: Arc<tokio::sync::Semaphore>,
 }
 
 /// Entries by (token, owner), behind one lock.
@@ -149,11 +157,12 @@ impl<C: Chain> ChainBalances<C> {
             chain_id: chain.chain_id(),
             chain,
             runtime: runtime.clone(),
-            config,
             stripes: (0..STRIPES).map(|_| CachePadded::new(Mutex::new(HashMap::new()))).collect(),
             len: AtomicUsize::new(0),
             tokens: Mutex::new(HashSet::new()),
             next_fetch: AtomicU64::new(0),
+            fetches: Arc::new(tokio::sync::Semaphore::new(config.max_fetches.max(1))),
+            config,
         });
         let follower = runtime.spawn(shared.clone().follow()).abort_handle();
         Self { shared, fallback: None, follower }
@@ -300,7 +309,13 @@ impl<C: Chain> Shared<C> {
         // it runs), the guard answers the waiters.
         let guard = FetchGuard { shared: self.clone(), token, owner, id, done: false };
         self.runtime.spawn(async move {
-            let shared = &guard.shared;
+            let shared = guard.shared.clone();
+            let place = tokio::time::timeout(shared.config.fetch_timeout, shared.fetches.clone().acquire_owned()).await;
+            let Ok(Ok(_place)) = place else {
+                let busy = format!("too many balance reads at once: none began in {:?}", shared.config.fetch_timeout);
+                guard.finish(&Err(Arc::new(Error::Timeout(busy))));
+                return;
+            };
             let read = tokio::time::timeout(
                 shared.config.fetch_timeout,
                 futures::future::join(shared.chain.token_balance(token, owner), shared.chain.has_code(owner)),
@@ -618,6 +633,34 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "{owner}: {got:?}, want {want}");
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A flood of new payers reads no more than `max_fetches` balances at
+    /// once; the rest wait their turn and are answered all the same, and a
+    /// read that cannot begin within the fetch timeout fails (its payments
+    /// are told to retry) rather than wait without end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_new_payers_reads_a_bounded_number_of_balances_at_once() {
+        let config = ChainBalancesConfig { max_fetches: 2, fetch_timeout: Duration::from_millis(300), ..fast() };
+        let (chain, balances) = start(config).await;
+        let reads = chain.balance_reads();
+        chain.pause_balances(true);
+        let (n, mut rx) = notifier();
+        for i in 0..6u8 {
+            assert_eq!(balances.lookup(key(Address::repeat_byte(0x10 + i)), &n), Lookup::Pending);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(chain.balance_reads() - reads, 2, "two reads at once");
+        chain.pause_balances(false);
+        let mut answered = 0;
+        for _ in 0..6 {
+            answered += usize::from(next(&mut rx).await.1.is_ok());
+        }
+        assert!(answered >= 2, "the reads that began are answered: {answered}");
+        // With the node fast again, every new payer is read.
+        for i in 0..6u8 {
+            assert_eq!(fetch(&balances, Address::repeat_byte(0x10 + i)).await, funds(0));
         }
     }
 

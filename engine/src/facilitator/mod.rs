@@ -85,6 +85,8 @@ struct Api {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Each merchant's share of `in_flight`, by merchant number.
     merchant_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>>,
+    /// Settlement status reads served at once ([`status::STATUS_READS`]).
+    status_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// The facilitator routes, to merge into the HTTP listener's router.
@@ -99,6 +101,7 @@ pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
         pending_retries: Arc::default(),
         in_flight,
         merchant_in_flight: Arc::default(),
+        status_reads: Arc::new(tokio::sync::Semaphore::new(status::STATUS_READS)),
     };
     Router::new()
         .route("/verify", post(verify))

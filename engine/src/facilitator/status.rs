@@ -6,8 +6,11 @@
 //!
 //! - `GET /settlements/{paymentId}`: one payment;
 //! - `GET /settlements?transaction=0x…`: the payments a settlement
-//!   transaction settled, or tried to (any of its fee-bumped versions),
-//!   all of them, ordered by id;
+//!   transaction settled, or tried to (any of its fee-bumped versions, or
+//!   the transaction that spent an authorization elsewhere), ordered by
+//!   id, all of them or the first `limit`. Each answers its *current*
+//!   `transaction`: a payment sent again after a reorg or a lost nonce
+//!   names the later one;
 //! - `GET /settlements?limit=N`: the merchant's most recently changed
 //!   payments, newest first (`N` up to [`MAX_LIMIT`], [`DEFAULT_LIMIT`]
 //!   when absent);
@@ -184,6 +187,18 @@ impl From<&ChannelRecord> for ChannelJson {
     }
 }
 
+/// One of the [`STATUS_READS`] places, or 503: a ledger read of up to
+/// thousands of records each, so that status polling cannot take the
+/// blocking threads settlement reads on.
+fn reading(api: &Api) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
+    api.status_reads.clone().try_acquire_owned().map_err(|_| {
+        Failure(StatusCode::SERVICE_UNAVAILABLE, "too many settlement status reads at once; retry shortly".into())
+    })
+}
+
+/// Status reads served at once, all merchants together.
+pub const STATUS_READS: usize = 32;
+
 /// A 32-byte id from a path or query, the field named when it is not one.
 fn id32(field: &str, text: &str) -> Result<B256, Failure> {
     let hex = text.strip_prefix("0x").unwrap_or(text);
@@ -208,6 +223,7 @@ pub(super) async fn settlement(
     Path(id): Path<String>,
 ) -> Result<Json<SettlementJson>, Failure> {
     let id = id32("paymentId", &id)?;
+    let _read = reading(&api)?;
     match api.engine.payment(PaymentId(id)).await.map_err(|e| unavailable(&e))? {
         Some(p) if p.merchant_id == merchant.id => Ok(Json(SettlementJson::from(&p))),
         _ => Err(not_found("payment", id)),
@@ -228,24 +244,29 @@ pub(super) async fn settlements(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<SettlementsJson>, Failure> {
     let limit = match query.limit.as_deref() {
-        None => DEFAULT_LIMIT,
+        None => None,
         Some(text) => match text.parse::<usize>() {
-            Ok(n @ 1..=MAX_LIMIT) => n,
+            Ok(n @ 1..=MAX_LIMIT) => Some(n),
             _ => {
                 let message = format!("limit: must be a whole number from 1 to {MAX_LIMIT}, got {text:?}");
                 return Err(Failure(StatusCode::BAD_REQUEST, message));
             }
         },
     };
+    let _read = reading(&api)?;
     let payments = match query.transaction.as_deref() {
-        // All of them: a batch holds at most its policy's rows.
+        // All of them unless limited: a batch holds at most its policy's rows.
         Some(tx) => {
             let tx = id32("transaction", tx)?;
             let mut payments = api.engine.payments_by_transaction(tx).await.map_err(|e| unavailable(&e))?;
             payments.retain(|p| p.merchant_id == merchant.id);
+            payments.truncate(limit.unwrap_or(usize::MAX));
             payments
         }
-        None => api.engine.recent_payments(merchant.number, limit).await.map_err(|e| unavailable(&e))?,
+        None => {
+            let limit = limit.unwrap_or(DEFAULT_LIMIT);
+            api.engine.recent_payments(merchant.number, limit).await.map_err(|e| unavailable(&e))?
+        }
     };
     Ok(Json(SettlementsJson { settlements: payments.iter().map(SettlementJson::from).collect() }))
 }
@@ -257,6 +278,7 @@ pub(super) async fn channel(
     Path(id): Path<String>,
 ) -> Result<Json<ChannelJson>, Failure> {
     let id = id32("channelId", &id)?;
+    let _read = reading(&api)?;
     let channels = api.engine.channels_by_id(vec![id]).await.map_err(|e| unavailable(&e))?;
     match channels.first() {
         Some(c) if c.merchant_id == merchant.id => Ok(Json(ChannelJson::from(c))),

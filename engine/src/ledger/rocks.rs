@@ -328,6 +328,36 @@ impl RocksLedger {
         Ok(())
     }
 
+    /// Up to `limit` events of merchant `merchant_number` from sequence
+    /// `from` on, in `direction`, read by the merchant index without going
+    /// over other merchants'.
+    fn merchant_events_from(
+        &self,
+        merchant_number: u32,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<SettlementEvent>> {
+        let db = self.db()?;
+        let mut out = Vec::new();
+        let from = merchant_event_key(merchant_number, from);
+        for item in db.iterator_cf(cf(&db, CF_EVENTS_BY_MERCHANT), IteratorMode::From(&from, direction)) {
+            let (key, _) = item?;
+            if out.len() == limit || key.len() != 12 || key[..4] != merchant_number.to_be_bytes() {
+                break;
+            }
+            let sequence = decode_sequence(&key[4..])?;
+            // An entry whose event retention deleted in between, or one
+            // another merchant's event replaced.
+            let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
+            let event = records::decode_event(sequence, &value)?;
+            if event.merchant_number == merchant_number {
+                out.push(event);
+            }
+        }
+        Ok(out)
+    }
+
     fn check_schema(db: &DB) -> Result<()> {
         let meta = cf(db, CF_META);
         match db.get_cf(meta, SCHEMA_KEY)? {
@@ -569,46 +599,13 @@ impl Ledger for RocksLedger {
     }
 
     fn merchant_events_after(&self, merchant_number: u32, after: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
-        let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
-        let db = self.db()?;
-        let mut out = Vec::new();
-        let from = merchant_event_key(merchant_number, start);
-        for item in db.iterator_cf(cf(&db, CF_EVENTS_BY_MERCHANT), IteratorMode::From(&from, Direction::Forward)) {
-            let (key, _) = item?;
-            if out.len() == limit || key.len() != 12 || key[..4] != merchant_number.to_be_bytes() {
-                break;
-            }
-            let sequence = decode_sequence(&key[4..])?;
-            // An entry whose event retention deleted in between, or one
-            // another merchant's event replaced.
-            let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
-            let event = records::decode_event(sequence, &value)?;
-            if event.merchant_number == merchant_number {
-                out.push(event);
-            }
-        }
-        Ok(out)
+        let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
+        self.merchant_events_from(merchant_number, first, Direction::Forward, limit)
     }
 
     fn merchant_events_before(&self, merchant_number: u32, before: u64, limit: usize) -> Result<Vec<SettlementEvent>> {
         let Some(last) = before.checked_sub(1) else { return Ok(Vec::new()) };
-        let db = self.db()?;
-        let mut out = Vec::new();
-        let from = merchant_event_key(merchant_number, last);
-        for item in db.iterator_cf(cf(&db, CF_EVENTS_BY_MERCHANT), IteratorMode::From(&from, Direction::Reverse)) {
-            let (key, _) = item?;
-            if out.len() == limit || key.len() != 12 || key[..4] != merchant_number.to_be_bytes() {
-                break;
-            }
-            let sequence = decode_sequence(&key[4..])?;
-            // As in `merchant_events_after`: entries left behind are skipped.
-            let Some(value) = db.get_pinned_cf(cf(&db, CF_EVENTS), sequence.to_be_bytes())? else { continue };
-            let event = records::decode_event(sequence, &value)?;
-            if event.merchant_number == merchant_number {
-                out.push(event);
-            }
-        }
-        Ok(out)
+        self.merchant_events_from(merchant_number, last, Direction::Reverse, limit)
     }
 
     fn payments_by_transaction(&self, tx: &B256) -> Result<Vec<PaymentRecord>> {

@@ -42,7 +42,7 @@ pub(super) fn run_verifier(
             since_gauge = 0;
             metrics::gauge!(crate::metrics::QUEUE_DEPTH, "stage" => "verify").set(rx.len() as f64);
         }
-        let now = clock.now_secs();
+        let now = clock.verification_time();
         let VerifyJob { merchant, submission, reply, dry_run } = job;
         let submission = match submission {
             Submission { requirements, input: crate::domain::PaymentInput::Voucher(payload), .. } => {

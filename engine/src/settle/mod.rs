@@ -192,12 +192,16 @@ pub struct SettlerConfig {
     pub multicall: Address,
     /// A batch is sent once its earliest `validBefore` is this close.
     pub batch_deadline_margin_secs: u64,
+    /// A latest block that stays the latest this long is a chain making no
+    /// blocks (on demand, or halted): its time says nothing of the time.
+    pub idle_head: Duration,
 }
 
 impl Default for SettlerConfig {
     fn default() -> Self {
         Self {
             clock: Clock::system(),
+            idle_head: Duration::from_secs(300),
             poll: Duration::from_millis(100),
             max_in_flight: 64,
             receipt_timeout: Duration::from_secs(120),
@@ -221,6 +225,12 @@ pub struct Settler<C> {
     row_gas: AtomicU64,
     /// The chain's block gas limit, once read (0 before).
     block_gas_limit: AtomicU64,
+    /// The latest block time the expiry check saw, and when it first saw it
+    /// (a head that stays for [`SettlerConfig::idle_head`] is a chain
+    /// making no blocks).
+    head_seen: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
+    /// When each signer's nonces were last looked at for gaps.
+    gaps_checked: std::sync::Mutex<HashMap<Address, std::time::Instant>>,
     /// A channel claim is being sent and followed by the claims task.
     claiming: AtomicBool,
     /// Paces the rounds while the chain fails.
@@ -232,10 +242,6 @@ pub struct Settler<C> {
 /// A clock ahead of the head by more than this has been stepped ahead.
 const HEAD_LAG: u64 = 30;
 
-/// A latest block older than this (seconds, by the clock) is a chain that
-/// makes no blocks now: its timestamp says nothing of the time.
-const IDLE_HEAD: u64 = 300;
-
 impl<C: Chain> Settler<C> {
     /// Unix time in milliseconds, by the settler's clock.
     fn now_ms(&self) -> u64 {
@@ -244,13 +250,14 @@ impl<C: Chain> Settler<C> {
 
     /// Whether `valid_before` leaves `margin` seconds or less. By the
     /// settler's clock, unless that clock leads the chain's latest block by
-    /// more than a block's lag can explain ([`HEAD_LAG`]): a clock stepped
-    /// ahead (an NTP correction, a resumed virtual machine) then counts from
-    /// the head plus that lag, and does not give up a payment the chain
-    /// would still take. A head older than [`IDLE_HEAD`] is a chain that
-    /// makes blocks on demand (or has halted): the clock counts. The chain
-    /// is asked only when the clock says expired; `chain_time` keeps its
-    /// answer for the round.
+    /// more than a block's lag can explain ([`HEAD_LAG`]) while the chain
+    /// makes blocks: a clock stepped ahead (an NTP correction, a resumed
+    /// virtual machine) then counts from the head plus that lag, and does
+    /// not give up a payment the chain would still take, however far ahead
+    /// it is. A head that has not changed for [`SettlerConfig::idle_head`]
+    /// (a chain making blocks on demand, or halted) says nothing of the
+    /// time: the clock counts. The chain is asked only when the clock says expired;
+    /// `chain_time` keeps its answer for the round.
     async fn expired(&self, valid_before: u64, margin: u64, chain_time: &mut Option<u64>) -> Result<bool> {
         let clock = self.config.clock.now_secs();
         if valid_before > clock.saturating_add(margin) {
@@ -260,7 +267,17 @@ impl<C: Chain> Settler<C> {
             Some(head) => head,
             None => *chain_time.insert(self.chain.head_time().await?),
         };
-        let now = if clock.saturating_sub(head) > IDLE_HEAD { clock } else { clock.min(head + HEAD_LAG) };
+        let idle = {
+            let mut seen = self.head_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match *seen {
+                Some((time, since)) if time == head => since.elapsed() >= self.config.idle_head,
+                _ => {
+                    *seen = Some((head, std::time::Instant::now()));
+                    false
+                }
+            }
+        };
+        let now = if idle { clock } else { clock.min(head.saturating_add(HEAD_LAG)) };
         Ok(valid_before <= now.saturating_add(margin))
     }
 
@@ -281,6 +298,8 @@ impl<C: Chain> Settler<C> {
             config,
             row_gas: AtomicU64::new(batched::INITIAL_ROW_GAS),
             block_gas_limit: AtomicU64::new(0),
+            head_seen: std::sync::Mutex::default(),
+            gaps_checked: std::sync::Mutex::default(),
             claiming: AtomicBool::new(false),
             backoff: Backoff::default(),
         }
@@ -359,8 +378,45 @@ impl<C: Chain> Settler<C> {
 
     /// Resolves pending intents nobody follows and, when the head moved,
     /// checks included ones for reorgs.
+    /// Fills the gaps below a signer's pending intents that have waited
+    /// unmined for twice [`SettlerConfig::stuck_after`] (at most once per
+    /// that long per signer): a transaction without an intent whose nonce
+    /// was never sent, and whose filler failed too (the node was down),
+    /// would hold them up for ever. A transaction of this process still
+    /// being sent at such a nonce fails on the filler's nonce and is asked
+    /// again by its client; nothing recorded is filled over.
+    async fn fill_stuck_gaps(&self, intents: &[TxIntent]) {
+        let now = self.now_ms();
+        let stuck_ms = u64::try_from(self.config.stuck_after.as_millis()).unwrap_or(u64::MAX).saturating_mul(2);
+        let mut held: HashMap<Address, (Vec<u64>, bool)> = HashMap::new();
+        for i in intents.iter().filter(|i| i.chain_id == self.chain.chain_id() && i.state == IntentState::Pending) {
+            let entry = held.entry(i.signer).or_default();
+            entry.0.push(i.nonce);
+            entry.1 |= now.saturating_sub(i.updated_at_ms) >= stuck_ms;
+        }
+        for (signer, (nonces, stuck)) in held {
+            let due = {
+                let mut checked = self.gaps_checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let due = stuck && checked.get(&signer).is_none_or(|at| at.elapsed() >= self.config.stuck_after);
+                if due {
+                    checked.insert(signer, std::time::Instant::now());
+                }
+                due
+            };
+            let below = nonces.iter().copied().min().unwrap_or(0);
+            if due {
+                match self.chain.fill_gaps(signer, below, &nonces).await {
+                    Ok(0) => {}
+                    Ok(filled) => tracing::warn!(%signer, filled, "filled nonces that held up pending intents"),
+                    Err(err) => tracing::warn!(%signer, %err, "could not fill the nonces holding up pending intents"),
+                }
+            }
+        }
+    }
+
     async fn intents_round(self: &Arc<Self>, work: &mut Work, watched_head: &mut Option<B256>) -> Result<()> {
         let intents = self.engine.intents().await?;
+        self.fill_stuck_gaps(&intents).await;
         let mut included = Vec::new();
         for intent in intents {
             if intent.chain_id != self.chain.chain_id() || intent.payments.iter().any(|id| work.contains(id)) {

@@ -499,6 +499,26 @@ async fn a_gap_below_a_recorded_intent_is_filled_at_start() {
     assert!(!b.chain.nonce_taken(1), "the intent's nonce is its own");
 }
 
+/// The same gap left by a running process (the filler failed too, the
+/// node was down) is filled by the round that finds an intent above it
+/// waiting unmined for twice the fee-bump delay, and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_holding_up_an_intent_is_filled_by_a_later_round() {
+    let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+    let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
+    x402_chain::Chain::sign_call(&*b.chain, TOKEN, alloy::primitives::Bytes::from_static(b"deposit"), None)
+        .await
+        .unwrap();
+    let p = b.pay().await;
+    b.settle(&p).await;
+    b.settler.fill_stuck_gaps(&b.intents().await).await;
+    assert!(!b.chain.nonce_taken(0), "not waiting long enough yet");
+    clock.advance(Duration::from_secs(2 * 3600));
+    b.settler.fill_stuck_gaps(&b.intents().await).await;
+    assert!(b.chain.nonce_taken(0), "the gap was filled");
+    assert!(!b.chain.nonce_taken(1), "the intent's nonce is its own");
+}
+
 /// The settler reads the time from its clock: a payment whose validity ran
 /// out by that clock (and by the chain's) is concluded `Expired`, stamped
 /// by it, and nothing is signed or sent for it.
@@ -539,22 +559,38 @@ async fn a_clock_stepped_ahead_does_not_expire_what_the_chain_still_takes() {
     assert_eq!(b.chain.broadcasts().len(), 1);
 }
 
-/// The chain's head trails the true time (by a slot, or for long on a
-/// chain that makes blocks on demand): with the clock right, the expiry
-/// margin is kept whole, and nothing is sent for a payment due in 2 s.
+/// The chain's head trails the true time by a slot: with the clock right,
+/// the expiry margin is kept whole, and nothing is sent for a payment due
+/// in 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_that_trails_the_clock_keeps_the_whole_expiry_margin() {
-    for lag in [8, 3_600] {
-        let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
-        let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
-        b.chain.auto_mine(true);
-        let p = b.pay().await;
-        let left = p.authorization.valid_before_secs() - clock.now_secs();
-        clock.advance(Duration::from_secs(left - 2));
-        b.chain.set_head_time(clock.now_secs() - lag);
-        b.settle(&p).await;
-        let status = b.status(p.id).await;
-        assert_eq!(status.state, PaymentState::Expired, "head {lag} s behind: {status:?}");
-        assert!(b.chain.broadcasts().is_empty(), "head {lag} s behind: nothing was sent");
-    }
+    let clock = crate::domain::Clock::set_at(crate::domain::unix_millis());
+    let b = Bench::new(SettlerConfig { clock: clock.clone(), ..quick() }).await;
+    b.chain.auto_mine(true);
+    let p = b.pay().await;
+    let left = p.authorization.valid_before_secs() - clock.now_secs();
+    clock.advance(Duration::from_secs(left - 2));
+    b.chain.set_head_time(clock.now_secs() - 8);
+    b.settle(&p).await;
+    let status = b.status(p.id).await;
+    assert_eq!(status.state, PaymentState::Expired, "{status:?}");
+    assert!(b.chain.broadcasts().is_empty(), "nothing was sent");
+}
+
+/// A chain that makes no blocks (on demand, or halted) has a head far
+/// behind the clock: at first sight that could be a clock stepped ahead,
+/// so the head counts; once the head has stayed `idle_head`, the clock
+/// counts. A head that moves meanwhile starts the wait again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_chain_counts_by_the_clock_once_its_head_has_stayed() {
+    let config = SettlerConfig { idle_head: Duration::from_millis(100), ..quick() };
+    let b = Bench::new(config).await;
+    let now = crate::domain::unix_millis() / 1000;
+    let due = now + 2;
+    b.chain.set_head_time(now - 3_600);
+    assert!(!b.settler.expired(due, 3, &mut None).await.unwrap(), "first sight: the head counts");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(b.settler.expired(due, 3, &mut None).await.unwrap(), "the head stayed: the clock counts");
+    b.chain.set_head_time(now - 3_599);
+    assert!(!b.settler.expired(due, 3, &mut None).await.unwrap(), "the head moved");
 }
