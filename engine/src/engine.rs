@@ -183,7 +183,7 @@ impl Engine {
 
     /// Merchant `merchant_number`'s `limit` most recently changed payments,
     /// newest first, from its events (those retention kept), reading at
-    /// most [`RECENT_EVENTS_READ`] of them: a channel merchant's history is
+    /// most `RECENT_EVENTS_READ` (2,000) of them: a channel merchant's history is
     /// mostly its channels'.
     pub async fn recent_payments(&self, merchant_number: u32, limit: usize) -> Result<Vec<PaymentRecord>> {
         let ledger = self.ledger.clone();
