@@ -42,7 +42,7 @@ pub use decode::{FieldError, from_slice, from_value};
 pub use exact::{Accepted, Authorization, ExactEvmPayload, ExactPayload, PaymentPayload, Requirements};
 pub use facilitator::{FacilitatorRequest, SettleResponse, SupportedKind, SupportedResponse, VerifyResponse};
 pub use fields::DecimalU256;
-pub use network::Network;
+pub use network::{Network, V1_NETWORKS};
 
 /// The x402 protocol version this crate speaks.
 pub const X402_VERSION: u32 = 2;
