@@ -80,10 +80,13 @@ pub struct ChainBalancesConfig {
     pub idle: Duration,
     /// Most balances kept.
     pub max_entries: usize,
-    /// Fetches in flight at most; the others wait their turn (up to
-    /// `fetch_timeout`, then fail). Payments from many new payers at once
-    /// (a flood of them) then cost the node's provider, and this process's
-    /// connections to it, no more than this.
+    /// First reads of a balance in flight at most, and as many re-reads of
+    /// cached ones (a `Transfer` seen, a TTL, a settlement), apart; the
+    /// others wait their turn (up to `fetch_timeout`, then fail). Payments
+    /// from many new payers at once (a flood of them) then cost the node's
+    /// provider, and this process's connections to it, no more than this,
+    /// and cannot hold up the re-reads that keep known payers' balances
+    /// true.
     pub max_fetches: usize,
 }
 
@@ -121,8 +124,10 @@ struct Shared<C> {
     /// after (never while holding) a stripe.
     tokens: Mutex<HashSet<Address>>,
     next_fetch: AtomicU64,
-    /// [`ChainBalancesConfig::max_fetches`] places.
+    /// [`ChainBalancesConfig::max_fetches`] places for first reads.
     fetches: Arc<tokio::sync::Semaphore>,
+    /// As many for re-reads of cached balances.
+    rereads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Entries by (token, owner), behind one lock.
@@ -162,6 +167,7 @@ impl<C: Chain> ChainBalances<C> {
             tokens: Mutex::new(HashSet::new()),
             next_fetch: AtomicU64::new(0),
             fetches: Arc::new(tokio::sync::Semaphore::new(config.max_fetches.max(1))),
+            rereads: Arc::new(tokio::sync::Semaphore::new(config.max_fetches.max(1))),
             config,
         });
         let follower = runtime.spawn(shared.clone().follow()).abort_handle();
@@ -308,9 +314,11 @@ impl<C: Chain> Shared<C> {
         // Whatever happens to the task (even a runtime shutting down before
         // it runs), the guard answers the waiters.
         let guard = FetchGuard { shared: self.clone(), token, owner, id, done: false };
+        let cached = self.stripe(owner).get(&(token, owner)).is_some_and(|e| e.balance.is_some());
+        let places = if cached { self.rereads.clone() } else { self.fetches.clone() };
         self.runtime.spawn(async move {
             let shared = guard.shared.clone();
-            let place = tokio::time::timeout(shared.config.fetch_timeout, shared.fetches.clone().acquire_owned()).await;
+            let place = tokio::time::timeout(shared.config.fetch_timeout, places.acquire_owned()).await;
             let Ok(Ok(_place)) = place else {
                 let busy = format!("too many balance reads at once: none began in {:?}", shared.config.fetch_timeout);
                 guard.finish(&Err(Arc::new(Error::Timeout(busy))));
@@ -662,6 +670,32 @@ mod tests {
         for i in 0..6u8 {
             assert_eq!(fetch(&balances, Address::repeat_byte(0x10 + i)).await, funds(0));
         }
+    }
+
+    /// A flood of new payers holding every first-read place does not hold
+    /// up the re-read of a known payer's balance after a transfer: it is
+    /// read apart, and the payer is not served against tokens it moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_new_payers_does_not_hold_up_a_known_payers_re_read() {
+        let config = ChainBalancesConfig { max_fetches: 2, fetch_timeout: Duration::from_secs(5), ..fast() };
+        let (chain, balances) = start(config).await;
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
+        chain.pause_balances(true);
+        let (n, _rx) = notifier();
+        for i in 0..6u8 {
+            assert_eq!(balances.lookup(key(Address::repeat_byte(0x10 + i)), &n), Lookup::Pending);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reads = chain.balance_reads();
+        chain.transfer(TOKEN, ALICE, CAROL, units(100));
+        // The follower's re-read of ALICE starts though the first reads are all taken.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while chain.balance_reads() == reads {
+            assert!(Instant::now() < deadline, "the re-read waited behind the flood");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        chain.pause_balances(false);
+        eventually(&balances, ALICE, units(0)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

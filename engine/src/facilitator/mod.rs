@@ -87,6 +87,8 @@ struct Api {
     merchant_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>>,
     /// Settlement status reads served at once ([`status::STATUS_READS`]).
     status_reads: Arc<tokio::sync::Semaphore>,
+    /// Each merchant's share of them, by merchant number.
+    status_reads_per_merchant: Arc<std::sync::Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>>,
 }
 
 /// The facilitator routes, to merge into the HTTP listener's router.
@@ -102,6 +104,7 @@ pub fn router(engine: Arc<Engine>, info: FacilitatorInfo) -> Router {
         in_flight,
         merchant_in_flight: Arc::default(),
         status_reads: Arc::new(tokio::sync::Semaphore::new(status::STATUS_READS)),
+        status_reads_per_merchant: Arc::default(),
     };
     Router::new()
         .route("/verify", post(verify))

@@ -187,17 +187,44 @@ impl From<&ChannelRecord> for ChannelJson {
     }
 }
 
-/// One of the [`STATUS_READS`] places, or 503: a ledger read of up to
-/// thousands of records each, so that status polling cannot take the
-/// blocking threads settlement reads on.
-fn reading(api: &Api) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
-    api.status_reads.clone().try_acquire_owned().map_err(|_| {
-        Failure(StatusCode::SERVICE_UNAVAILABLE, "too many settlement status reads at once; retry shortly".into())
-    })
+/// Runs `read` (an engine call whose ledger work runs on a blocking
+/// thread, up to thousands of records) holding a place until it is done,
+/// even if the client went away meanwhile: one of [`STATUS_READS`] for all
+/// merchants and one of [`STATUS_READS_PER_MERCHANT`] of its own, else
+/// 503. So status polling cannot take the blocking threads settlement
+/// reads on, nor one merchant every other's status reads.
+async fn read<T: Send + 'static>(
+    api: &Api,
+    merchant: &Merchant,
+    read: impl Future<Output = crate::Result<T>> + Send + 'static,
+) -> Result<T, Failure> {
+    let busy = |whose: &str| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many settlement status reads {whose} at once; retry shortly"),
+        )
+    };
+    let own = api
+        .status_reads_per_merchant
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(merchant.number)
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(STATUS_READS_PER_MERCHANT)))
+        .clone();
+    let own = own.try_acquire_owned().map_err(|_| busy(&format!("of merchant {:?}", merchant.id)))?;
+    let all = api.status_reads.clone().try_acquire_owned().map_err(|_| busy("of all merchants"))?;
+    let task = tokio::spawn(async move {
+        let _places = (own, all);
+        read.await
+    });
+    let done = task.await.map_err(|_| Failure(StatusCode::INTERNAL_SERVER_ERROR, "a status read failed".into()))?;
+    done.map_err(|e| unavailable(&e))
 }
 
 /// Status reads served at once, all merchants together.
 pub const STATUS_READS: usize = 32;
+/// Of those, the most one merchant may have at once.
+pub const STATUS_READS_PER_MERCHANT: usize = 4;
 
 /// A 32-byte id from a path or query, the field named when it is not one.
 fn id32(field: &str, text: &str) -> Result<B256, Failure> {
@@ -223,8 +250,8 @@ pub(super) async fn settlement(
     Path(id): Path<String>,
 ) -> Result<Json<SettlementJson>, Failure> {
     let id = id32("paymentId", &id)?;
-    let _read = reading(&api)?;
-    match api.engine.payment(PaymentId(id)).await.map_err(|e| unavailable(&e))? {
+    let engine = api.engine.clone();
+    match read(&api, &merchant, async move { engine.payment(PaymentId(id)).await }).await? {
         Some(p) if p.merchant_id == merchant.id => Ok(Json(SettlementJson::from(&p))),
         _ => Err(not_found("payment", id)),
     }
@@ -253,19 +280,19 @@ pub(super) async fn settlements(
             }
         },
     };
-    let _read = reading(&api)?;
+    let engine = api.engine.clone();
     let payments = match query.transaction.as_deref() {
         // All of them unless limited: a batch holds at most its policy's rows.
         Some(tx) => {
             let tx = id32("transaction", tx)?;
-            let mut payments = api.engine.payments_by_transaction(tx).await.map_err(|e| unavailable(&e))?;
+            let mut payments = read(&api, &merchant, async move { engine.payments_by_transaction(tx).await }).await?;
             payments.retain(|p| p.merchant_id == merchant.id);
             payments.truncate(limit.unwrap_or(usize::MAX));
             payments
         }
         None => {
-            let limit = limit.unwrap_or(DEFAULT_LIMIT);
-            api.engine.recent_payments(merchant.number, limit).await.map_err(|e| unavailable(&e))?
+            let (limit, number) = (limit.unwrap_or(DEFAULT_LIMIT), merchant.number);
+            read(&api, &merchant, async move { engine.recent_payments(number, limit).await }).await?
         }
     };
     Ok(Json(SettlementsJson { settlements: payments.iter().map(SettlementJson::from).collect() }))
@@ -278,8 +305,8 @@ pub(super) async fn channel(
     Path(id): Path<String>,
 ) -> Result<Json<ChannelJson>, Failure> {
     let id = id32("channelId", &id)?;
-    let _read = reading(&api)?;
-    let channels = api.engine.channels_by_id(vec![id]).await.map_err(|e| unavailable(&e))?;
+    let engine = api.engine.clone();
+    let channels = read(&api, &merchant, async move { engine.channels_by_id(vec![id]).await }).await?;
     match channels.first() {
         Some(c) if c.merchant_id == merchant.id => Ok(Json(ChannelJson::from(c))),
         _ => Err(not_found("channel", id)),
