@@ -263,8 +263,14 @@ impl<C: Chain> ChainBalances<C> {
             let Some(entry) = stripe.get_mut(&(token, owner)) else { return false };
             if entry.fetch.is_some() {
                 // The read in flight may predate the settlement: the next.
+                // A notifier waiting on the read in flight (an earlier
+                // settlement's) waits for the next instead: its answer
+                // releases every settlement it has seen, this one too.
                 entry.dirty = true;
-                entry.after_next.push(notifier.clone());
+                entry.waiters.retain(|w| !w.same(notifier));
+                if !entry.after_next.iter().any(|w| w.same(notifier)) {
+                    entry.after_next.push(notifier.clone());
+                }
                 None
             } else {
                 entry.waiters.push(notifier.clone());
@@ -811,6 +817,29 @@ mod tests {
         // Nothing cached: nothing to refresh.
         let (n, _rx) = notifier();
         assert!(!balances.refresh(key(Address::repeat_byte(0xee)), &n));
+    }
+
+    /// One notifier (a shard's) that refreshes twice, the second time while
+    /// the first read is in flight, is answered by a read started after its
+    /// second refresh only: an answer from the earlier read would release
+    /// the second settlement's reservation on a balance read before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_refresh_by_the_same_notifier_waits_for_a_read_after_it() {
+        let (chain, balances) = start(fast()).await;
+        assert_eq!(fetch(&balances, ALICE).await, funds(100));
+        let (shard, mut rx) = notifier();
+        chain.pause_balances(true);
+        let reads = chain.balance_reads();
+        assert!(balances.refresh(key(ALICE), &shard));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while chain.balance_reads() == reads {
+            assert!(Instant::now() < deadline, "the refresh reads");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        chain.set_silently(TOKEN, ALICE, units(55));
+        assert!(balances.refresh(key(ALICE), &shard));
+        chain.pause_balances(false);
+        assert_eq!(next(&mut rx).await.1.unwrap(), funds(55), "its first answer is a read after its second refresh");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,11 @@ impl Notifier {
     pub fn notify(&self, key: BalanceKey, fetched: Fetched) {
         (self.0)(key, fetched);
     }
+
+    /// Whether `other` is this notifier (a clone of it).
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl std::fmt::Debug for Notifier {
