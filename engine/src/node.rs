@@ -105,11 +105,8 @@ impl Node {
             Some(chain) => {
                 let clock = clock.with_floor();
                 // Read once before anything is served, then followed.
-                match chain.head_time().await {
-                    Ok(secs) => clock.raise_floor(secs.saturating_mul(1000)),
-                    Err(err) => tracing::warn!(%err, "reading the chain's latest block time failed"),
-                }
-                (clock.clone(), Some(tokio::spawn(follow_chain_time(chain.clone(), clock))))
+                let behind_logged = raise_to_chain_time(chain, &clock, false).await;
+                (clock.clone(), Some(tokio::spawn(follow_chain_time(chain.clone(), clock, behind_logged))))
             }
             None => (clock, None),
         };
@@ -239,35 +236,43 @@ const CHAIN_TIME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// `validAfter` is checked without the floor ([`crate::domain::Now`]). A
 /// clock ahead of the chain is left alone here: the settler checks it
 /// against the chain before it gives a payment up.
-async fn follow_chain_time(chain: Arc<AlloyChain>, clock: Clock) {
-    let mut behind_logged = false;
+async fn follow_chain_time(chain: Arc<AlloyChain>, clock: Clock, behind_logged: bool) {
+    let mut behind_logged = behind_logged;
     loop {
-        match chain.head_time().await {
-            Ok(secs) => {
-                let head_ms = secs.saturating_mul(1000);
-                let behind = head_ms.saturating_sub(crate::domain::unix_millis());
-                if behind > 5_000 && !behind_logged {
-                    if behind > Clock::MAX_FLOOR_LEAD_MS {
-                        tracing::error!(
-                            behind_ms = behind,
-                            corrected_ms = Clock::MAX_FLOOR_LEAD_MS,
-                            "the system clock is behind the chain's latest block by more than x402d corrects (or the \
-                             node reports a block from the future): fix the host's time"
-                        );
-                    } else {
-                        tracing::warn!(
-                            behind_ms = behind,
-                            "the system clock is behind the chain's latest block; reading time from the chain"
-                        );
-                    }
-                }
-                behind_logged = behind > 5_000;
-                clock.raise_floor(head_ms);
-            }
-            Err(err) => tracing::debug!(%err, "reading the chain's latest block time failed"),
-        }
         tokio::time::sleep(CHAIN_TIME_EVERY).await;
+        behind_logged = raise_to_chain_time(&chain, &clock, behind_logged).await;
     }
+}
+
+/// One read of [`follow_chain_time`]; whether the system clock is (and was
+/// logged as) behind the chain, so that it is logged once a stretch.
+async fn raise_to_chain_time(chain: &AlloyChain, clock: &Clock, behind_logged: bool) -> bool {
+    let secs = match chain.head_time().await {
+        Ok(secs) => secs,
+        Err(err) => {
+            tracing::debug!(%err, "reading the chain's latest block time failed");
+            return behind_logged;
+        }
+    };
+    let head_ms = secs.saturating_mul(1000);
+    let behind = head_ms.saturating_sub(crate::domain::unix_millis());
+    if behind > 5_000 && !behind_logged {
+        if behind > Clock::MAX_FLOOR_LEAD_MS {
+            tracing::error!(
+                behind_ms = behind,
+                corrected_ms = Clock::MAX_FLOOR_LEAD_MS,
+                "the system clock is behind the chain's latest block by more than x402d corrects (or the node \
+                 reports a block from the future): fix the host's time"
+            );
+        } else {
+            tracing::warn!(
+                behind_ms = behind,
+                "the system clock is behind the chain's latest block; reading time from the chain"
+            );
+        }
+    }
+    clock.raise_floor(head_ms);
+    behind > 5_000
 }
 
 /// Two TLS backends are linked (ring for tonic, aws-lc-rs for alloy's HTTP

@@ -637,6 +637,16 @@ mod tests {
         }
     }
 
+    /// Waits until the chain has been asked for a balance since it had
+    /// been asked `reads` times.
+    async fn reading(chain: &FakeChain, reads: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while chain.balance_reads() == reads {
+            assert!(Instant::now() < deadline, "the refresh reads");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Polls `owner`'s cached balance until it is `want`.
     async fn eventually(balances: &ChainBalances<FakeChain>, owner: Address, want: U256) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -803,11 +813,7 @@ mod tests {
         chain.pause_balances(true);
         let reads = chain.balance_reads();
         assert!(balances.refresh(key(ALICE), &first));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while chain.balance_reads() == reads {
-            assert!(Instant::now() < deadline, "the refresh reads");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        reading(&chain, reads).await;
         // That read has its value already; the balance moves after it.
         chain.set_silently(TOKEN, ALICE, units(55));
         assert!(balances.refresh(key(ALICE), &second));
@@ -831,11 +837,7 @@ mod tests {
         chain.pause_balances(true);
         let reads = chain.balance_reads();
         assert!(balances.refresh(key(ALICE), &shard));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while chain.balance_reads() == reads {
-            assert!(Instant::now() < deadline, "the refresh reads");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        reading(&chain, reads).await;
         chain.set_silently(TOKEN, ALICE, units(55));
         assert!(balances.refresh(key(ALICE), &shard));
         chain.pause_balances(false);

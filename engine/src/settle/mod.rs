@@ -327,26 +327,38 @@ impl<C: Chain> Settler<C> {
     /// does not hand the same nonce to a new one, and fills the nonces below
     /// them that no intent holds ([`Chain::fill_gaps`]). Run at start.
     pub(crate) async fn floor_nonces(&self) -> Result<()> {
-        let mut held: HashMap<Address, Vec<u64>> = HashMap::new();
-        for intent in self.engine.intents().await? {
-            if intent.chain_id == self.chain.chain_id() && intent.state == IntentState::Pending {
-                held.entry(intent.signer).or_default().push(intent.nonce);
-            }
-        }
-        for (signer, nonces) in held {
+        for (signer, (nonces, _)) in self.pending_nonces(&self.engine.intents().await?) {
             let next = nonces.iter().max().map_or(0, |n| n + 1);
             self.chain.floor_nonce(signer, next).await?;
-            // Nothing of this process is in flight yet: a nonce below a
-            // recorded one that no intent holds was signed and never sent.
-            match self.chain.fill_gaps(signer, next, &nonces).await {
-                Ok(0) => {}
-                Ok(filled) => tracing::warn!(%signer, filled, "filled nonces left unsent below the recorded intents"),
-                Err(err) => {
-                    tracing::warn!(%signer, %err, "could not fill the nonces left unsent below the recorded intents")
-                }
-            }
+            // A nonce below a recorded one that no intent holds was signed
+            // and never sent (by a process that stopped in between).
+            self.fill_gaps(signer, next, &nonces).await;
         }
         Ok(())
+    }
+
+    /// Each signer's pending intents on this chain: their nonces, and
+    /// whether one has waited unmined for twice
+    /// [`SettlerConfig::stuck_after`].
+    fn pending_nonces(&self, intents: &[TxIntent]) -> HashMap<Address, (Vec<u64>, bool)> {
+        let now = self.now_ms();
+        let stuck_ms = u64::try_from(self.config.stuck_after.as_millis()).unwrap_or(u64::MAX).saturating_mul(2);
+        let mut held: HashMap<Address, (Vec<u64>, bool)> = HashMap::new();
+        for i in intents.iter().filter(|i| i.chain_id == self.chain.chain_id() && i.state == IntentState::Pending) {
+            let entry = held.entry(i.signer).or_default();
+            entry.0.push(i.nonce);
+            entry.1 |= now.saturating_sub(i.updated_at_ms) >= stuck_ms;
+        }
+        held
+    }
+
+    /// [`Chain::fill_gaps`] below `below`, what it did logged.
+    async fn fill_gaps(&self, signer: Address, below: u64, held: &[u64]) {
+        match self.chain.fill_gaps(signer, below, held).await {
+            Ok(0) => {}
+            Ok(filled) => tracing::warn!(%signer, filled, below, "filled nonces left unsent below pending intents"),
+            Err(err) => tracing::warn!(%signer, %err, "could not fill the nonces left unsent below pending intents"),
+        }
     }
 
     async fn run(self: Arc<Self>) {
@@ -386,15 +398,7 @@ impl<C: Chain> Settler<C> {
     /// being sent at such a nonce fails on the filler's nonce and is asked
     /// again by its client; nothing recorded is filled over.
     async fn fill_stuck_gaps(&self, intents: &[TxIntent]) {
-        let now = self.now_ms();
-        let stuck_ms = u64::try_from(self.config.stuck_after.as_millis()).unwrap_or(u64::MAX).saturating_mul(2);
-        let mut held: HashMap<Address, (Vec<u64>, bool)> = HashMap::new();
-        for i in intents.iter().filter(|i| i.chain_id == self.chain.chain_id() && i.state == IntentState::Pending) {
-            let entry = held.entry(i.signer).or_default();
-            entry.0.push(i.nonce);
-            entry.1 |= now.saturating_sub(i.updated_at_ms) >= stuck_ms;
-        }
-        for (signer, (nonces, stuck)) in held {
+        for (signer, (nonces, stuck)) in self.pending_nonces(intents) {
             let due = {
                 let mut checked = self.gaps_checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let due = stuck && checked.get(&signer).is_none_or(|at| at.elapsed() >= self.config.stuck_after);
@@ -403,13 +407,9 @@ impl<C: Chain> Settler<C> {
                 }
                 due
             };
-            let below = nonces.iter().copied().min().unwrap_or(0);
             if due {
-                match self.chain.fill_gaps(signer, below, &nonces).await {
-                    Ok(0) => {}
-                    Ok(filled) => tracing::warn!(%signer, filled, "filled nonces that held up pending intents"),
-                    Err(err) => tracing::warn!(%signer, %err, "could not fill the nonces holding up pending intents"),
-                }
+                let below = nonces.iter().copied().min().unwrap_or(0);
+                self.fill_gaps(signer, below, &nonces).await;
             }
         }
     }
