@@ -41,6 +41,7 @@ fn payment(i: u64) -> PaymentRecord {
         status: PaymentStatus::new(PaymentState::Queued, 1_700_000_000_000),
         accepted_at_ms: 1_700_000_000_000,
         idempotency: None,
+        signature_kind: Default::default(),
     }
 }
 

@@ -24,7 +24,7 @@ pub fn aggregate3_calldata(rows: impl IntoIterator<Item = (Address, Bytes)>) -> 
 }
 
 /// One row's result in an `aggregate3` return.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowResult {
     /// Whether the row's call succeeded.
     pub success: bool,

@@ -39,6 +39,40 @@ sol!(
     "contracts/out/ERC3009DepositCollector.json"
 );
 
+sol!(
+    /// An ERC-1271 contract wallet owned by one EOA (tests).
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[sol(rpc)]
+    X402TestWallet,
+    "contracts/out/X402TestWallet.json"
+);
+
+sol!(
+    /// A CREATE2 factory of [`X402TestWallet`]s, for counterfactual
+    /// (ERC-6492) wallets (tests).
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[sol(rpc)]
+    X402TestWalletFactory,
+    "contracts/out/X402TestWalletFactory.json"
+);
+
+sol!(
+    /// Code an EOA delegates to by EIP-7702, approving signatures by its own
+    /// key (tests).
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[sol(rpc)]
+    X402TestDelegate,
+    "contracts/out/X402TestDelegate.json"
+);
+
+sol!(
+    /// A hostile wallet whose `isValidSignature` runs out of gas (tests).
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[sol(rpc)]
+    X402TestGasBurner,
+    "contracts/out/X402TestGasBurner.json"
+);
+
 /// The public `batch-settlement` contract's address; `x402d dev` puts ours
 /// there too, so clients built for the public deployment work unchanged.
 pub const BATCH_SETTLEMENT_ADDRESS: Address = alloy::primitives::address!("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003");
@@ -85,26 +119,29 @@ mod tests {
     use alloy::primitives::hex;
 
     /// Each artifact records the SHA-256 of the source it was built from; a
-    /// source edited without `npm run compile-contracts` fails here.
+    /// source edited without `npm run compile-contracts` fails here. A
+    /// source may hold several contracts, each with its artifact.
     #[test]
     fn artifacts_match_their_sources() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts");
-        let mut checked = 0;
-        for entry in std::fs::read_dir(root.join("src")).unwrap() {
+        let sources: Vec<String> = std::fs::read_dir(root.join("src"))
+            .unwrap()
+            .map(|entry| hex::encode(sha256(&std::fs::read(entry.unwrap().path()).unwrap())))
+            .collect();
+        let mut built = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(root.join("out")).unwrap() {
             let path = entry.unwrap().path();
-            let source = std::fs::read(&path).unwrap();
-            let hash = hex::encode(sha256(&source));
-            let name = path.file_stem().unwrap().to_str().unwrap();
-            let artifact: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(root.join("out").join(format!("{name}.json"))).unwrap()).unwrap();
-            assert_eq!(
-                artifact["sourceHash"].as_str().unwrap(),
-                hash,
-                "{name}.sol changed since it was compiled: run `npm run compile-contracts`"
+            let artifact: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let hash = artifact["sourceHash"].as_str().unwrap().to_owned();
+            assert!(
+                sources.contains(&hash),
+                "{} was built from a source that has changed since: run `npm run compile-contracts`",
+                path.display()
             );
-            checked += 1;
+            built.insert(hash);
         }
-        assert!(checked >= 4);
+        assert_eq!(built.len(), sources.len(), "a source has no artifact: run `npm run compile-contracts`");
+        assert!(built.len() >= 5);
     }
 
     fn sha256(data: &[u8]) -> [u8; 32] {

@@ -69,6 +69,22 @@ sol! {
 
         function balanceOf(address account) external view returns (uint256);
     }
+
+    /// FiatToken 2.2's `bytes signature` overloads: the signature goes to
+    /// the token as given, and a signer with code checks it (ERC-1271).
+    #[derive(Debug)]
+    #[allow(missing_debug_implementations)]
+    interface IEip3009Bytes {
+        function transferWithAuthorization(
+            address from,
+            address to,
+            uint256 value,
+            uint256 validAfter,
+            uint256 validBefore,
+            bytes32 nonce,
+            bytes signature
+        ) external;
+    }
 }
 
 impl From<&x402_wire::Authorization> for TransferWithAuthorization {
@@ -113,6 +129,24 @@ pub fn transfer_with_authorization_calldata(message: &TransferWithAuthorization,
         v,
         r,
         s,
+    }
+    .abi_encode()
+    .into()
+}
+
+/// Calldata of the `bytes signature` overload of
+/// `transferWithAuthorization` for `message` with `signature` as it is:
+/// what a payer with code signed, checked by its ERC-1271
+/// `isValidSignature` (FiatToken 2.2; older tokens lack the overload).
+pub fn transfer_with_authorization_bytes_calldata(message: &TransferWithAuthorization, signature: Bytes) -> Bytes {
+    IEip3009Bytes::transferWithAuthorizationCall {
+        from: message.from,
+        to: message.to,
+        value: message.value,
+        validAfter: message.validAfter,
+        validBefore: message.validBefore,
+        nonce: message.nonce,
+        signature,
     }
     .abi_encode()
     .into()

@@ -63,6 +63,12 @@ impl Error {
     pub const fn is_retryable(&self) -> bool {
         matches!(self, Self::Rpc(_) | Self::PendingTransaction(_) | Self::NonceTooLow { .. })
     }
+
+    /// Whether the node ran the call and it reverted (as opposed to the
+    /// node failing to answer); see [`crate::tx::is_revert`].
+    pub fn is_revert(&self) -> bool {
+        matches!(self, Self::Rpc(e) if e.as_error_resp().is_some_and(|r| crate::tx::is_revert(r.code, &r.message)))
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod channel;
 pub mod contracts;
 pub mod eip3009;
 mod error;
+pub mod signature;
 pub mod tx;
 
 pub use chain::{

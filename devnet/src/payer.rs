@@ -49,8 +49,21 @@ impl Payer {
         valid_before: u64,
         nonce: B256,
     ) -> ExactPayload {
+        self.sign_exact_from(self.address(), requirements, valid_after, valid_before, nonce)
+    }
+
+    /// [`Payer::sign_exact`] for a payment from `from`: a contract wallet
+    /// this key owns, which approves the key's signatures (ERC-1271).
+    pub fn sign_exact_from(
+        &self,
+        from: Address,
+        requirements: &Requirements,
+        valid_after: u64,
+        valid_before: u64,
+        nonce: B256,
+    ) -> ExactPayload {
         let authorization = Authorization {
-            from: self.address(),
+            from,
             to: requirements.pay_to,
             value: requirements.amount,
             valid_after: U256::from(valid_after),

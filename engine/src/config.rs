@@ -151,6 +151,12 @@ pub struct ChainConfig {
     /// The Multicall3 contract batches go through; the canonical address
     /// when absent.
     pub multicall: Option<alloy::primitives::Address>,
+    /// The wallet factories whose counterfactual (ERC-6492) signatures are
+    /// accepted: their deployment is simulated with each check, and made
+    /// by the settlement transaction. Signatures naming any other factory
+    /// are refused. None by default.
+    #[serde(default)]
+    pub erc6492_factories: Vec<alloy::primitives::Address>,
 }
 
 impl ChainConfig {
@@ -248,6 +254,7 @@ impl ChainConfig {
             finality_depth: default_finality_depth(),
             batch_deadline_margin_secs: default_batch_deadline_margin_secs(),
             multicall: None,
+            erc6492_factories: Vec::new(),
         }
     }
 

@@ -445,8 +445,14 @@ pub struct PaymentRecord {
     /// payee, value (atomic token units), validity window (unix seconds)
     /// and nonce.
     pub authorization: Authorization,
-    /// The payer's signature of the authorization (65 bytes).
+    /// The payer's signature of the authorization, as the token will be
+    /// given it: 65 bytes from a payer without code; from a payer with code,
+    /// whatever its `isValidSignature` approved (an ERC-6492 wrapper kept
+    /// only while the wallet is not deployed).
     pub signature: Vec<u8>,
+    /// How the token will check [`PaymentRecord::signature`], so how it is
+    /// settled.
+    pub signature_kind: SignatureKind,
     /// The EIP-712 digest the payer signed; two submits of one payment id
     /// are the same payment exactly when their digests are equal.
     pub digest: B256,
@@ -459,6 +465,25 @@ pub struct PaymentRecord {
     pub accepted_at_ms: u64,
     /// The idempotency key it was accepted with, if any.
     pub idempotency: Option<IdempotencyKey>,
+}
+
+/// How the token checks a payment's signature, as found when it was
+/// accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SignatureKind {
+    /// `ecrecover`: the payer held no code. Settled with the `(v, r, s)`
+    /// function, which every EIP-3009 token has.
+    #[default]
+    Ecdsa,
+    /// ERC-1271 `isValidSignature`: the payer held code (a contract wallet,
+    /// an EIP-7702 delegated EOA). Settled with the `bytes signature`
+    /// function, the signature passed as the wallet approved it.
+    Erc1271,
+    /// ERC-6492: the payer's wallet was not deployed yet, and its signature
+    /// carries the (allowlisted) factory call that deploys it. Settled by
+    /// one transaction that makes that call, then the `bytes signature`
+    /// transfer with the wallet's inner signature.
+    Erc6492,
 }
 
 impl PaymentRecord {

@@ -70,6 +70,7 @@ pub mod node;
 pub mod pipeline;
 mod reason;
 pub mod settle;
+pub mod signature;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod verify;

@@ -125,6 +125,12 @@ impl Node {
             }
         };
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
+            pipeline.signatures = Arc::new(crate::signature::ChainSignatures::new(
+                chain.clone(),
+                c.settler().multicall,
+                crate::signature::ChainSignaturesConfig::default(),
+            ));
+            pipeline.erc6492_factories = c.erc6492_factories.clone();
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
             pipeline.min_deposit = c.min_deposit()?;

@@ -27,9 +27,7 @@ const MIN_VALID_BEFORE_MARGIN: u64 = 6;
 /// 7, made strict as the token is, with room for a chain clock behind ours).
 pub const VALID_AFTER_MARGIN: u64 = 2;
 
-/// ERC-6492 wraps signatures of undeployed smart wallets and ends with this.
-const ERC6492_MAGIC: [u8; 32] =
-    alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
+use x402_chain::signature::Erc6492;
 
 /// A payment that passed steps 1–8.
 #[derive(Clone, Debug)]
@@ -44,14 +42,33 @@ pub struct Verified {
     pub payload: ExactPayload,
     /// The EIP-712 digest the payer signed.
     pub digest: B256,
+    /// What the signature is, as far as stage 1 can tell without the chain.
+    pub signature: SignatureCheck,
     /// Only check it (x402 `/verify`): nothing is reserved or recorded.
     pub dry_run: bool,
     /// The submit's idempotency key.
     pub idempotency: Option<IdempotencyKey>,
 }
 
+/// What stage 1 found of a payment's signature. Whether it is valid also
+/// depends on whether the payer holds code, which the stateful stage learns
+/// with its balance: the token checks a signer with code by ERC-1271, even
+/// when an ECDSA signature recovers to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignatureCheck {
+    /// It recovers to `authorization.from`: valid for a payer without code.
+    Recovered,
+    /// It does not (why: the length, another signer): valid only if the
+    /// payer holds code that approves it.
+    NotRecovered(String),
+    /// An ERC-6492 wrapper by an allowlisted factory: valid if the wallet
+    /// that factory deploys approves its inner signature.
+    Counterfactual(Erc6492),
+}
+
 impl Verified {
-    /// The payer, recovered from the signature.
+    /// The payer (`authorization.from`; whether it signed is
+    /// [`Verified::signature`]'s to say).
     pub const fn payer(&self) -> Address {
         self.payload.authorization.from
     }
@@ -101,6 +118,8 @@ pub struct Verifier {
     min_validity: MinValidity,
     /// The chains this node settles; `None`: record only, any chain.
     settled_chains: Option<Vec<u64>>,
+    /// The factories whose ERC-6492 deployments are simulated.
+    factories: Vec<Address>,
 }
 
 impl Verifier {
@@ -111,7 +130,15 @@ impl Verifier {
 
     /// A verifier that requires `min_validity` of every payment.
     pub fn new(min_validity: MinValidity) -> Self {
-        Self { domains: HashMap::new(), cached: 0, min_validity, settled_chains: None }
+        Self { domains: HashMap::new(), cached: 0, min_validity, settled_chains: None, factories: Vec::new() }
+    }
+
+    /// Accepts ERC-6492 signatures of wallets deployed by `factories` (no
+    /// other: a factory call is code x402d runs, in simulation and then in
+    /// its own settlement transaction).
+    pub fn with_factories(mut self, factories: Vec<Address>) -> Self {
+        self.factories = factories;
+        self
     }
 
     /// Refuses payments on chains other than `chains` (`None`: any).
@@ -196,12 +223,29 @@ impl Verifier {
                 format!("merchant does not accept token {} on {network}", requirements.asset),
             ));
         }
-        // 4. signature
+        // 4. signature: recovered here, or left to the chain for a payer
+        // with code (the stateful stage knows which payers hold code).
         let domain = self.domain(chain_id, &requirements);
         let digest = domain.signing_hash(&x402_chain::TransferWithAuthorization::from(auth));
-        if let Err(message) = check_signature(&payload.signature, digest, auth.from) {
-            return Err(reject(Some(id), Reason::Signature, message));
-        }
+        let signature = match Erc6492::unwrap(&payload.signature) {
+            None => match check_signature(&payload.signature, digest, auth.from) {
+                Ok(()) => SignatureCheck::Recovered,
+                Err(why) => SignatureCheck::NotRecovered(why),
+            },
+            Some(Ok(wrapped)) if self.factories.contains(&wrapped.factory) => SignatureCheck::Counterfactual(wrapped),
+            Some(Ok(wrapped)) => {
+                return Err(reject(
+                    Some(id),
+                    Reason::Signature,
+                    format!(
+                        "ERC-6492 signature deploys its wallet through factory {}, which is not on this node's \
+                         allowlist ([chain] erc6492_factories)",
+                        wrapped.factory
+                    ),
+                ));
+            }
+            Some(Err(why)) => return Err(reject(Some(id), Reason::Signature, why)),
+        };
         let signed = |reason, message: String| Refusal::Rejected {
             id: Some(id),
             payer: Some(auth.from),
@@ -251,7 +295,7 @@ impl Verifier {
                 format!("authorization.value {} is not the required amount {}", auth.value, requirements.amount),
             ));
         }
-        Ok(Verified { id, chain_id, requirements, payload, digest, dry_run: false, idempotency })
+        Ok(Verified { id, chain_id, requirements, payload, digest, signature, dry_run: false, idempotency })
     }
 
     fn domain(&mut self, chain_id: u64, req: &Requirements) -> &Eip3009Domain {
@@ -289,11 +333,8 @@ pub(crate) fn settles(settled: Option<&[u64]>, network: Network) -> Result<(), S
 /// by `expected`.
 pub fn check_signature(signature: &[u8], digest: B256, expected: Address) -> Result<(), String> {
     if signature.len() != 65 {
-        if signature.len() >= 32 && signature[signature.len() - 32..] == ERC6492_MAGIC {
-            return Err("ERC-6492 smart-wallet signatures need an on-chain check and are not accepted".into());
-        }
         return Err(format!(
-            "signature is {} bytes, not 65 (smart-contract wallet signatures need an on-chain check and are not accepted)",
+            "signature is {} bytes, not 65 (only a payer with code may sign otherwise: it checks its own signatures)",
             signature.len()
         ));
     }
@@ -435,11 +476,7 @@ mod tests {
     }
 
     #[test]
-    fn smart_wallet_signatures_are_refused_clearly() {
-        let mut wrapped = vec![0u8; 200];
-        wrapped[168..].copy_from_slice(&ERC6492_MAGIC);
-        let err = check_signature(&wrapped, B256::ZERO, Address::ZERO).unwrap_err();
-        assert!(err.contains("ERC-6492"), "{err}");
+    fn a_signature_of_another_length_is_not_an_ecdsa_one() {
         let err = check_signature(&[0u8; 64], B256::ZERO, Address::ZERO).unwrap_err();
         assert!(err.contains("64 bytes"), "{err}");
     }

@@ -593,6 +593,7 @@ async fn retention_deletes_settled_history_and_keeps_open_payments() {
             status: PaymentStatus::new(state, old * 1000),
             accepted_at_ms: old * 1000,
             idempotency: None,
+            signature_kind: Default::default(),
         }
     };
     let (settled, open) = (record(1, PaymentState::Confirmed), record(2, PaymentState::Submitted));

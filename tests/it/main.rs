@@ -22,3 +22,4 @@ mod settle;
 mod status;
 mod stream;
 mod tenants;
+mod wallets;

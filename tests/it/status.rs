@@ -28,7 +28,7 @@ const MF_PAY_TO: Address = Address::repeat_byte(0x4d);
 
 /// `GET path` as the holder of `key` (none: unauthenticated): the status
 /// and the JSON body.
-async fn get(http: std::net::SocketAddr, key: Option<&str>, path: &str) -> (u16, Value) {
+pub(crate) async fn get(http: std::net::SocketAddr, key: Option<&str>, path: &str) -> (u16, Value) {
     let mut request = reqwest::Client::new().get(format!("http://{http}{path}"));
     if let Some(key) = key {
         request = request.bearer_auth(key);
@@ -38,7 +38,7 @@ async fn get(http: std::net::SocketAddr, key: Option<&str>, path: &str) -> (u16,
 }
 
 /// Waits until payment `id`, read by its merchant's `key`, is in `state`.
-async fn state_becomes(http: std::net::SocketAddr, key: &str, id: B256, state: &str) -> Value {
+pub(crate) async fn state_becomes(http: std::net::SocketAddr, key: &str, id: B256, state: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (status, answer) = get(http, Some(key), &format!("/settlements/{id}")).await;

@@ -5,7 +5,12 @@ pragma solidity 0.8.37;
 /// @notice USDC-like ERC-20 (6 decimals) for local/test chains, implementing
 ///         EIP-2612 (permit) and EIP-3009 (transfer/receive/cancel with
 ///         authorization) with the same observable behaviour as Circle's
-///         FiatToken v2 for EOA signers. Not for production use.
+///         FiatToken v2.2: a signer without code is checked by `ecrecover`,
+///         a signer with code (a contract wallet, an EIP-7702 delegated EOA)
+///         by its ERC-1271 `isValidSignature` (FiatToken's
+///         `SignatureChecker`), and the `(v, r, s)` functions pass
+///         `abi.encodePacked(r, s, v)` to the same check as the `bytes
+///         signature` ones. Not for production use.
 ///
 /// Constructor: constructor(string name, string version) -- symbol is "USDC",
 /// decimals is 6, the deployer becomes the owner (the only account allowed to
@@ -13,7 +18,9 @@ pragma solidity 0.8.37;
 ///
 /// Revert strings (exact; the x402d engine classifies failures by these):
 ///   "FiatTokenV2: invalid signature"                  bad length / v not 27|28 / s > n/2 /
-///                                                     recovered zero address / signer mismatch
+///                                                     recovered zero address / signer mismatch /
+///                                                     a signer with code that does not answer
+///                                                     the ERC-1271 magic value
 ///                                                     (EIP-3009 and EIP-2612 alike)
 ///   "FiatTokenV2: authorization is not yet valid"     block.timestamp <= validAfter
 ///   "FiatTokenV2: authorization is expired"           block.timestamp >= validBefore
@@ -213,28 +220,33 @@ contract X402TestToken {
     }
 
     // ---------------------------------------------------------------------
-    // Signature recovery (EOA only)
+    // Signature checks (FiatToken v2.2 SignatureChecker)
     // ---------------------------------------------------------------------
 
-    function _recover(bytes32 digest, uint8 v, bytes32 r, bytes32 s) private pure returns (address signer) {
-        require(uint256(s) <= HALF_CURVE_ORDER, ERR_INVALID_SIGNATURE);
-        require(v == 27 || v == 28, ERR_INVALID_SIGNATURE);
-        signer = ecrecover(digest, v, r, s);
-        require(signer != address(0), ERR_INVALID_SIGNATURE);
-    }
+    bytes4 private constant ERC1271_MAGIC = 0x1626ba7e;
 
-    function _requireValidSignature(address expected, bytes32 digest, uint8 v, bytes32 r, bytes32 s) private pure {
-        require(_recover(digest, v, r, s) == expected, ERR_INVALID_SIGNATURE);
-    }
-
-    /// Splits a 65-byte r || s || v signature.
-    function _split(bytes memory signature) private pure returns (uint8 v, bytes32 r, bytes32 s) {
+    /// `signer` signed `digest`: by ECDSA when it holds no code, else by its
+    /// ERC-1271 approval.
+    function _requireValidSignature(address signer, bytes32 digest, bytes memory signature) private view {
+        if (signer.code.length != 0) {
+            (bool ok, bytes memory ret) =
+                signer.staticcall(abi.encodeWithSelector(ERC1271_MAGIC, digest, signature));
+            require(ok && ret.length >= 32 && abi.decode(ret, (bytes4)) == ERC1271_MAGIC, ERR_INVALID_SIGNATURE);
+            return;
+        }
         require(signature.length == 65, ERR_INVALID_SIGNATURE);
+        bytes32 r;
+        bytes32 s;
+        uint8 v;
         assembly ("memory-safe") {
             r := mload(add(signature, 0x20))
             s := mload(add(signature, 0x40))
             v := byte(0, mload(add(signature, 0x60)))
         }
+        require(uint256(s) <= HALF_CURVE_ORDER, ERR_INVALID_SIGNATURE);
+        require(v == 27 || v == 28, ERR_INVALID_SIGNATURE);
+        address recovered = ecrecover(digest, v, r, s);
+        require(recovered != address(0) && recovered == signer, ERR_INVALID_SIGNATURE);
     }
 
     // ---------------------------------------------------------------------
@@ -247,7 +259,7 @@ contract X402TestToken {
         require(deadline >= block.timestamp, "FiatTokenV2: permit is expired");
         bytes32 digest =
             _hashTypedData(keccak256(abi.encode(PERMIT_TYPEHASH, holder, spender, value, nonces[holder]++, deadline)));
-        _requireValidSignature(holder, digest, v, r, s);
+        _requireValidSignature(holder, digest, abi.encodePacked(r, s, v));
         _approve(holder, spender, value);
     }
 
@@ -271,7 +283,7 @@ contract X402TestToken {
         bytes32 s
     ) external {
         _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
         );
     }
 
@@ -284,9 +296,8 @@ contract X402TestToken {
         bytes32 nonce,
         bytes memory signature
     ) external {
-        (uint8 v, bytes32 r, bytes32 s) = _split(signature);
         _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
         );
     }
 
@@ -303,7 +314,7 @@ contract X402TestToken {
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
         _transferWithAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
         );
     }
 
@@ -317,19 +328,17 @@ contract X402TestToken {
         bytes memory signature
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
-        (uint8 v, bytes32 r, bytes32 s) = _split(signature);
         _transferWithAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
         );
     }
 
     function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
-        _cancelAuthorization(authorizer, nonce, v, r, s);
+        _cancelAuthorization(authorizer, nonce, abi.encodePacked(r, s, v));
     }
 
     function cancelAuthorization(address authorizer, bytes32 nonce, bytes memory signature) external {
-        (uint8 v, bytes32 r, bytes32 s) = _split(signature);
-        _cancelAuthorization(authorizer, nonce, v, r, s);
+        _cancelAuthorization(authorizer, nonce, signature);
     }
 
     function _requireValidAuthorization(address authorizer, bytes32 nonce, uint256 validAfter, uint256 validBefore)
@@ -353,14 +362,12 @@ contract X402TestToken {
         uint256 validAfter,
         uint256 validBefore,
         bytes32 nonce,
-        uint8 v,
-        bytes32 r,
-        bytes32 s
+        bytes memory signature
     ) private {
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
         bytes32 digest =
             _hashTypedData(keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce)));
-        _requireValidSignature(from, digest, v, r, s);
+        _requireValidSignature(from, digest, signature);
 
         // Mark used before moving funds.
         _authorizationStates[from][nonce] = true;
@@ -369,10 +376,10 @@ contract X402TestToken {
         _transfer(from, to, value);
     }
 
-    function _cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) private {
+    function _cancelAuthorization(address authorizer, bytes32 nonce, bytes memory signature) private {
         _requireUnusedAuthorization(authorizer, nonce);
         bytes32 digest = _hashTypedData(keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce)));
-        _requireValidSignature(authorizer, digest, v, r, s);
+        _requireValidSignature(authorizer, digest, signature);
 
         _authorizationStates[authorizer][nonce] = true;
         emit AuthorizationCanceled(authorizer, nonce);

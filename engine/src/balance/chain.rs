@@ -337,7 +337,7 @@ impl<C: Chain> Shared<C> {
             .await;
             let fetched = match read {
                 Ok((Err(x402_chain::Error::NoContract(_)), _)) => Ok(Account::NoToken),
-                Ok((_, Ok(true))) => Ok(Account::HasCode),
+                Ok((Ok(balance), Ok(true))) => Ok(Account::Contract(balance)),
                 Ok((Ok(balance), Ok(false))) => Ok(Account::Funds(balance)),
                 Ok((Err(e), _) | (_, Err(e))) => Err(Arc::new(Error::from(e))),
                 Err(_) => Err(Arc::new(timed_out("balanceOf", shared.config.fetch_timeout))),
@@ -790,13 +790,13 @@ mod tests {
         let ttl = Duration::from_millis(200);
         let (chain, balances) = start(ChainBalancesConfig { ttl, ..fast() }).await;
         chain.set_code(BOB);
-        assert_eq!(fetch(&balances, BOB).await, Account::HasCode, "read with the first balance");
+        assert_eq!(fetch(&balances, BOB).await, Account::Contract(units(10)), "read with the first balance");
         assert_eq!(fetch(&balances, ALICE).await, funds(100));
         // An EIP-7702 delegation moves no tokens: the TTL re-reads it.
         chain.set_code(ALICE);
         tokio::time::sleep(ttl).await;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fetch(&balances, ALICE).await != Account::HasCode {
+        while fetch(&balances, ALICE).await != Account::Contract(units(100)) {
             assert!(Instant::now() < deadline, "the code was never read again");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

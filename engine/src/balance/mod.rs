@@ -15,10 +15,9 @@
 //!
 //! [`ConfiguredBalances`] always knows (from configuration);
 //! [`ChainBalances`] caches balances read from a chain, and with each
-//! whether the payer holds code: the token would check such a payer's
-//! signature with ERC-1271, not the `ecrecover` x402d verifies with, so the
-//! shard refuses its payments (as it does payments in a token address that
-//! holds no contract).
+//! whether the payer holds code: the token checks such a payer's signature
+//! with ERC-1271, not `ecrecover`, so the shard has its signature proved on
+//! chain (see [`crate::signature`]).
 
 mod chain;
 
@@ -36,10 +35,10 @@ pub use crate::domain::BalanceKey;
 pub enum Account {
     /// A payer without code, and its balance.
     Funds(U256),
-    /// The payer holds code (a contract wallet, or an EOA delegated by
-    /// EIP-7702): the token checks its signature with ERC-1271, which
-    /// x402d does not verify, so its payments are refused.
-    HasCode,
+    /// A payer that holds code (a contract wallet, or an EOA delegated by
+    /// EIP-7702), and its balance: the token checks its signature with
+    /// ERC-1271, so it is proved on chain.
+    Contract(U256),
     /// No contract is at the token's address.
     NoToken,
 }

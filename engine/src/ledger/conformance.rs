@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::domain::{
     AcceptedAsset, Authorization, IdempotencyKey, IntentState, PaymentState, PaymentStatus, SettlementPolicy,
+    SignatureKind,
 };
 
 /// A payment whose id is derived from `seed` and whose deadline is `deadline`.
@@ -37,6 +38,7 @@ pub(crate) fn sample_payment(seed: u8, deadline: u64) -> PaymentRecord {
         status: PaymentStatus::new(PaymentState::Queued, 1_700_000_000_000),
         accepted_at_ms: 1_700_000_000_000,
         idempotency: seed.is_multiple_of(2).then(|| IdempotencyKey(B256::repeat_byte(seed))),
+        signature_kind: [SignatureKind::Ecdsa, SignatureKind::Erc1271, SignatureKind::Erc6492][usize::from(seed % 3)],
     }
 }
 

@@ -12,7 +12,8 @@ use crate::{
     Error, Result,
     domain::{
         AcceptedAsset, Authorization, ChannelRecord, ChannelSnapshot, IdempotencyKey, IntentKey, IntentState, Merchant,
-        PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, TxIntent,
+        PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, SignatureKind,
+        TxIntent,
     },
 };
 
@@ -90,6 +91,10 @@ struct PaymentV1 {
     /// Hash of the idempotency key it was accepted with.
     #[prost(bytes = "vec", optional, tag = "19")]
     idempotency: Option<Vec<u8>>,
+    /// How the token checks its signature: 0 (absent in older records)
+    /// ECDSA, 1 ERC-1271, 2 ERC-6492.
+    #[prost(uint32, tag = "20")]
+    signature_kind: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -265,6 +270,11 @@ pub(crate) fn encode_payment(p: &PaymentRecord) -> Vec<u8> {
         status: Some(status_to(&p.status)),
         accepted_at_ms: p.accepted_at_ms,
         idempotency: p.idempotency.map(|k| k.0.to_vec()),
+        signature_kind: match p.signature_kind {
+            SignatureKind::Ecdsa => 0,
+            SignatureKind::Erc1271 => 1,
+            SignatureKind::Erc6492 => 2,
+        },
     })
 }
 
@@ -292,6 +302,12 @@ pub(crate) fn decode_payment(bytes: &[u8]) -> Result<PaymentRecord> {
         status: status_from(p.status)?,
         accepted_at_ms: p.accepted_at_ms,
         idempotency: p.idempotency.as_deref().map(word).transpose()?.map(IdempotencyKey),
+        signature_kind: match p.signature_kind {
+            0 => SignatureKind::Ecdsa,
+            1 => SignatureKind::Erc1271,
+            2 => SignatureKind::Erc6492,
+            _ => return Err(Error::Corrupt("unknown signature kind")),
+        },
     })
 }
 

@@ -34,6 +34,9 @@ pub(crate) enum ShardMsg {
     Settled { id: PaymentId, status: PaymentStatus, reservation: Option<ReservationChange> },
     /// The balance source fetched a balance this shard asked for.
     Balance { key: BalanceKey, fetched: Fetched },
+    /// The proof of a parked payment's signature (of `key`'s queue) that
+    /// this shard asked for under `ticket`.
+    Proved { key: BalanceKey, ticket: u64, proved: crate::signature::Proved },
     /// A voucher that passed stage 1, for a channel this shard owns.
     Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
     /// A channel's on-chain state this shard asked for.

@@ -87,6 +87,11 @@ pub struct PipelineConfig {
     /// The chains payments are settled on; a payment on another network is
     /// refused (`invalid_network`). `None`: record only, any network.
     pub settled_chains: Option<Vec<u64>>,
+    /// Proves the signatures of payers with code.
+    pub signatures: Arc<dyn crate::signature::SignatureSource>,
+    /// The factories whose ERC-6492 (counterfactual wallet) signatures are
+    /// accepted.
+    pub erc6492_factories: Vec<Address>,
 }
 
 impl Default for PipelineConfig {
@@ -105,6 +110,8 @@ impl Default for PipelineConfig {
             receiver_authorizer: None,
             max_parked: 65_536,
             settled_chains: None,
+            signatures: Arc::new(crate::signature::NoSignatures),
+            erc6492_factories: Vec::new(),
         }
     }
 }
@@ -314,6 +321,7 @@ impl Pipeline {
                     .with_channels(config.channels.clone())
                     .with_max_parked(config.max_parked)
                     .with_clock(config.clock.clone())
+                    .with_signatures(config.signatures.clone())
             })
             .collect();
         let channels = ledger.channels()?;
@@ -379,7 +387,9 @@ impl Pipeline {
             let rx = verify_rx.clone();
             let shard_txs = shard_txs.clone();
             let clock = config.clock.clone();
-            let mut verifier = Verifier::new(config.min_validity).settling(config.settled_chains.clone());
+            let mut verifier = Verifier::new(config.min_validity)
+                .settling(config.settled_chains.clone())
+                .with_factories(config.erc6492_factories.clone());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts)
                 .settling(config.settled_chains.clone())
                 .min_deposit(config.min_deposit)

@@ -13,13 +13,25 @@
 //! ([`ShardMsg::Balance`]); then they are checked in arrival order. A failed
 //! fetch answers them UNAVAILABLE.
 //!
+//! A payer that holds code (the balance source says so) has its signature
+//! proved on chain ([`crate::signature`]): its payment is parked the same
+//! way, at the head of its payer's queue, until the proof comes back
+//! ([`ShardMsg::Proved`]). The later payments of that payer parked behind
+//! it are sent to be proved at once, so one payer's burst costs one batch,
+//! not one round trip per payment; they are still checked in order.
+//!
 //! A shard also owns the `batch-settlement` channels whose ids hash to it;
 //! that half of [`Shard`] (vouchers, channel reads, deposits) is in
 //! `shard/vouchers.rs`.
 
 mod vouchers;
 
-use std::{collections::HashMap, mem, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    mem,
+    sync::Arc,
+    time::Duration,
+};
 
 use alloy::primitives::{Address, B256, U256};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -35,10 +47,11 @@ use crate::{
     channels::{ChannelNotifier, ChannelSource, ChannelView, ClaimOutcome, DepositNotifier, NoChannels},
     domain::{
         BalanceKey, ChannelRecord, Clock, IdempotencyKey, Merchant, PaymentId, PaymentRecord, PaymentState,
-        PaymentStatus, PendingKey,
+        PaymentStatus, PendingKey, SignatureKind,
     },
     reason::{Reason, Rejection},
-    verify::Verified,
+    signature::{NoSignatures, Proof, ProofNotifier, Proved, SignatureRequest, SignatureSource},
+    verify::{SignatureCheck, Verified},
 };
 
 struct ReplayEntry {
@@ -52,11 +65,74 @@ struct ReplayEntry {
     idempotency: Option<IdempotencyKey>,
 }
 
-/// A payment waiting for its payer's balance.
+/// A payment waiting for its payer's balance, or for its signature's proof.
 struct Parked {
     merchant: Arc<Merchant>,
     verified: Verified,
     reply: oneshot::Sender<SubmitOutcome>,
+    proof: ProofState,
+}
+
+/// Where a parked payment's on-chain signature proof stands.
+enum ProofState {
+    /// None asked (none needed, or not known yet).
+    None,
+    /// Asked, under this ticket.
+    Asked(u64),
+    /// Answered.
+    Ready(Proved),
+}
+
+impl Parked {
+    fn new(merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome>) -> Self {
+        Self { merchant, verified, reply, proof: ProofState::None }
+    }
+}
+
+/// What the token will be given to check a payment's signature, and how.
+struct Signed {
+    kind: SignatureKind,
+    /// The signature to record, when not the one submitted.
+    signature: Option<Vec<u8>>,
+}
+
+/// How `verified`'s signature must be checked, for a payer that holds code
+/// or not: locally done (`Ok(Err(signed))`), to prove on chain
+/// (`Ok(Ok(request))`), or refused (`Err(why)`).
+fn signature_plan(verified: &Verified, has_code: bool) -> Result<Result<SignatureRequest, Signed>, String> {
+    let signer = verified.payer();
+    let request = |signature: Vec<u8>, deploy| SignatureRequest {
+        signer,
+        digest: verified.digest,
+        signature: signature.into(),
+        deploy,
+    };
+    match (&verified.signature, has_code) {
+        (SignatureCheck::Recovered, false) => Ok(Err(Signed { kind: SignatureKind::Ecdsa, signature: None })),
+        (SignatureCheck::NotRecovered(why), false) => Err(why.clone()),
+        (SignatureCheck::Counterfactual(wrapped), false) => {
+            Ok(Ok(request(wrapped.signature.to_vec(), Some(wrapped.clone()))))
+        }
+        // A deployed wallet checks its own signature, whatever the wrapper
+        // would have deployed.
+        (SignatureCheck::Counterfactual(wrapped), true) => Ok(Ok(request(wrapped.signature.to_vec(), None))),
+        (SignatureCheck::Recovered | SignatureCheck::NotRecovered(_), true) => {
+            Ok(Ok(request(verified.payload.signature.clone(), None)))
+        }
+    }
+}
+
+impl Signed {
+    /// What a proved `request` is recorded and settled as.
+    fn proved(request: &SignatureRequest, submitted: &[u8]) -> Self {
+        match request.deploy {
+            Some(_) => Self { kind: SignatureKind::Erc6492, signature: None },
+            None => Self {
+                kind: SignatureKind::Erc1271,
+                signature: (request.signature.as_ref() != submitted).then(|| request.signature.to_vec()),
+            },
+        }
+    }
 }
 
 /// What [`Shard::check`] came to.
@@ -71,6 +147,9 @@ enum Checked {
     Answered,
     /// The balance is being fetched: park it.
     Wait(Verified, oneshot::Sender<SubmitOutcome>),
+    /// Its signature must be proved on chain: park it and ask; the payer
+    /// holds code (`true`) or the signature is a counterfactual one.
+    Prove(Verified, oneshot::Sender<SubmitOutcome>, SignatureRequest, bool),
 }
 
 pub(crate) struct Shard {
@@ -80,8 +159,8 @@ pub(crate) struct Shard {
     balances: Arc<dyn BalanceSource>,
     /// Sends fetched balances to this shard's own queue.
     notifier: Notifier,
-    /// Payments waiting for a balance, in arrival order per key.
-    parked: HashMap<BalanceKey, Vec<Parked>>,
+    /// Payments waiting for a balance or a proof, in arrival order per key.
+    parked: HashMap<BalanceKey, VecDeque<Parked>>,
     parked_len: usize,
     commit: Sender<CommitItem>,
     retention_secs: u64,
@@ -108,6 +187,12 @@ pub(crate) struct Shard {
     settled_unseen: HashMap<BalanceKey, U256>,
     /// Where the time is read.
     clock: Clock,
+    /// Proves the signatures of payers with code.
+    signatures: Arc<dyn SignatureSource>,
+    /// This shard's own control queue, where proofs are delivered.
+    control: Sender<ShardMsg>,
+    /// The ticket of the next proof asked.
+    next_ticket: u64,
 }
 
 impl Shard {
@@ -130,9 +215,9 @@ impl Shard {
         commit: Sender<CommitItem>,
         retention_secs: u64,
     ) -> Self {
-        let (channel_control, deposit_control) = (control.clone(), control.clone());
+        let (channel_control, deposit_control, balance_control) = (control.clone(), control.clone(), control.clone());
         let notifier = Notifier::new(move |key, fetched| {
-            let _ = control.send(ShardMsg::Balance { key, fetched });
+            let _ = balance_control.send(ShardMsg::Balance { key, fetched });
         });
         let channel_notifier: ChannelNotifier = Arc::new(move |id, fetched| {
             let _ = channel_control.send(ShardMsg::ChannelFetched { id, fetched });
@@ -160,7 +245,16 @@ impl Shard {
             unclaimable: std::collections::HashSet::new(),
             settled_unseen: HashMap::new(),
             clock: Clock::system(),
+            signatures: Arc::new(NoSignatures),
+            control,
+            next_ticket: 0,
         }
+    }
+
+    /// Proves the signatures of payers with code through `signatures`.
+    pub(crate) fn with_signatures(mut self, signatures: Arc<dyn SignatureSource>) -> Self {
+        self.signatures = signatures;
+        self
     }
 
     /// Reads the time from `clock`.
@@ -280,7 +374,16 @@ impl Shard {
                 {
                     self.release(key, value);
                 }
-                self.resume(key, &fetched)
+                self.resume(key, Some(&fetched))
+            }
+            ShardMsg::Proved { key, ticket, proved } => {
+                let Some(queue) = self.parked.get_mut(&key) else { return true };
+                let Some(parked) = queue.iter_mut().find(|p| matches!(p.proof, ProofState::Asked(t) if t == ticket))
+                else {
+                    return true;
+                };
+                parked.proof = ProofState::Ready(proved);
+                self.resume(key, None)
             }
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
@@ -354,24 +457,46 @@ impl Shard {
     }
 
     /// A new payment: checked now, or parked behind earlier payments of its
-    /// key that wait for a balance. False when the committer is gone.
+    /// key that wait for a balance or a proof. False when the committer is
+    /// gone.
     fn submit(&mut self, merchant: Arc<Merchant>, verified: Verified, reply: oneshot::Sender<SubmitOutcome>) -> bool {
         let key =
             BalanceKey { chain_id: verified.chain_id, token: verified.requirements.asset, owner: verified.payer() };
         // Empty unless a fetch is in flight: no hashing on the usual path.
         if !self.parked.is_empty() && self.parked.contains_key(&key) {
-            self.park(key, Parked { merchant, verified, reply });
+            self.park(key, Parked::new(merchant, verified, reply));
             return true;
         }
-        match self.check(&merchant, verified, reply, None) {
+        match self.check(&merchant, verified, reply, None, None) {
             Checked::Commit(item) => self.commit.send(item).is_ok(),
             Checked::Answered => true,
             Checked::Wait(verified, reply) => {
                 tracing::debug!(shard = self.index, payer = %key.owner, "payment parked until its balance is fetched");
-                self.park(key, Parked { merchant, verified, reply });
+                self.park(key, Parked::new(merchant, verified, reply));
+                true
+            }
+            Checked::Prove(verified, reply, request, _) => {
+                if self.parked_len >= self.max_parked {
+                    let _ = reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
+                    return true;
+                }
+                let ticket = self.ask(key, request);
+                self.park(key, Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
                 true
             }
         }
+    }
+
+    /// Asks for `request`'s proof, delivered to this shard's control queue.
+    fn ask(&mut self, key: BalanceKey, request: SignatureRequest) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let control = self.control.clone();
+        let done = ProofNotifier::new(move |proved| {
+            let _ = control.send(ShardMsg::Proved { key, ticket, proved });
+        });
+        self.signatures.prove(key.chain_id, request, done);
+        ticket
     }
 
     /// Queues a payment behind `key`'s fetch, unless too many wait already.
@@ -382,37 +507,72 @@ impl Shard {
             return;
         }
         self.parked_len += 1;
-        self.parked.entry(key).or_default().push(parked);
+        self.parked.entry(key).or_default().push_back(parked);
     }
 
-    /// The balance of `key` was fetched: its parked payments are checked, in
-    /// the order they arrived. False when the committer is gone.
-    fn resume(&mut self, key: BalanceKey, fetched: &Fetched) -> bool {
-        let Some(queue) = self.parked.remove(&key) else { return true };
-        self.parked_len -= queue.len();
+    /// `key`'s balance was fetched (`fetched`), or a proof of one of its
+    /// parked payments came back: its parked payments are checked, in the
+    /// order they arrived, up to the first that waits again. False when the
+    /// committer is gone.
+    fn resume(&mut self, key: BalanceKey, fetched: Option<&Fetched>) -> bool {
+        let Some(mut queue) = self.parked.remove(&key) else { return true };
+        let before = queue.len();
+        let mut alive = true;
         // `check` refuses those whose validity the wait ate.
-        for Parked { merchant, verified, reply } in queue {
-            match self.check(&merchant, verified, reply, Some(fetched)) {
+        while let Some(Parked { merchant, verified, reply, proof }) = queue.pop_front() {
+            let proof = match proof {
+                ProofState::Asked(ticket) => {
+                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
+                    break;
+                }
+                ProofState::Ready(proved) => Some(proved),
+                ProofState::None => None,
+            };
+            match self.check(&merchant, verified, reply, fetched, proof) {
                 Checked::Commit(item) => {
                     if self.commit.send(item).is_err() {
-                        return false;
+                        alive = false;
+                        break;
                     }
                 }
                 Checked::Answered => {}
-                Checked::Wait(..) => unreachable!("a check given the fetched balance does not wait"),
+                Checked::Wait(verified, reply) => {
+                    queue.push_front(Parked::new(merchant, verified, reply));
+                    break;
+                }
+                Checked::Prove(verified, reply, request, has_code) => {
+                    let ticket = self.ask(key, request);
+                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
+                    // The payer's later payments need theirs too: asked now,
+                    // they are proved together.
+                    for parked in queue.iter_mut().skip(1) {
+                        if matches!(parked.proof, ProofState::None)
+                            && let Ok(Ok(request)) = signature_plan(&parked.verified, has_code)
+                        {
+                            parked.proof = ProofState::Asked(self.ask(key, request));
+                        }
+                    }
+                    break;
+                }
             }
         }
-        true
+        self.parked_len -= before - queue.len();
+        if alive && !queue.is_empty() {
+            self.parked.insert(key, queue);
+        }
+        alive
     }
 
     /// Step 9 from local state, with `fetched` as the balance if given, else
-    /// the source's.
+    /// the source's, and for a payer with code step 4 with `proof` (asked
+    /// for when `None`).
     fn check(
         &mut self,
         merchant: &Merchant,
         verified: Verified,
         reply: oneshot::Sender<SubmitOutcome>,
         fetched: Option<&Fetched>,
+        proof: Option<Proved>,
     ) -> Checked {
         let payer = verified.payer();
         let id = verified.id;
@@ -461,32 +621,47 @@ impl Shard {
             }
             None => self.balances.lookup(key, &self.notifier),
         };
-        match balance {
-            Lookup::Unlimited => {}
-            Lookup::Known(Account::HasCode) => {
-                let message = format!(
-                    "payer {payer} holds code (a contract wallet or an EIP-7702 delegated account): the token \
-                     checks its signature with ERC-1271, which x402d does not verify yet"
-                );
-                return self.reject(reply, id, payer, Reason::Signature, message);
-            }
+        let (balance, has_code) = match balance {
+            Lookup::Unlimited => (None, false),
             Lookup::Known(Account::NoToken) => {
                 let message = format!("no contract at the asset {} on chain {}", key.token, key.chain_id);
                 return self.reject(reply, id, payer, Reason::InvalidNetwork, message);
             }
-            Lookup::Known(Account::Funds(balance)) => {
-                let reserved = self.reserved.get(&key).copied().unwrap_or_default();
-                if reserved.saturating_add(value) > balance {
-                    return self.reject(
-                        reply,
-                        id,
-                        payer,
-                        Reason::InsufficientBalance,
-                        format!("balance {balance} does not cover {value} on top of {reserved} pending"),
-                    );
-                }
-            }
+            Lookup::Known(Account::Funds(balance)) => (Some(balance), false),
+            Lookup::Known(Account::Contract(balance)) => (Some(balance), true),
             Lookup::Pending => return Checked::Wait(verified, reply),
+        };
+        let signed = match signature_plan(&verified, has_code) {
+            Err(why) => return self.reject(reply, id, payer, Reason::Signature, why),
+            Ok(Err(signed)) => signed,
+            Ok(Ok(_)) if balance.is_none() => {
+                let message = format!(
+                    "{payer}'s signature needs an on-chain check, and this node reads no balances or code from a \
+                     chain to make it"
+                );
+                return self.reject(reply, id, payer, Reason::Signature, message);
+            }
+            Ok(Ok(request)) => match proof {
+                None => return Checked::Prove(verified, reply, request, has_code),
+                Some(Ok(Proof::Valid)) => Signed::proved(&request, &verified.payload.signature),
+                Some(Ok(Proof::Invalid(why))) => return self.reject(reply, id, payer, Reason::Signature, why),
+                Some(Err(e)) => {
+                    let _ = reply.send(SubmitOutcome::Unavailable(e.for_clients()));
+                    return Checked::Answered;
+                }
+            },
+        };
+        if let Some(balance) = balance {
+            let reserved = self.reserved.get(&key).copied().unwrap_or_default();
+            if reserved.saturating_add(value) > balance {
+                return self.reject(
+                    reply,
+                    id,
+                    payer,
+                    Reason::InsufficientBalance,
+                    format!("balance {balance} does not cover {value} on top of {reserved} pending"),
+                );
+            }
         }
         if verified.dry_run {
             let _ = reply.send(SubmitOutcome::Verified { id, payer });
@@ -517,7 +692,8 @@ impl Shard {
             eip712_name: requirements.eip712_name,
             eip712_version: requirements.eip712_version,
             authorization: payload.authorization,
-            signature: payload.signature,
+            signature: signed.signature.unwrap_or(payload.signature),
+            signature_kind: signed.kind,
             digest,
             policy: merchant.policy.clone(),
             status,

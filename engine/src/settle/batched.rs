@@ -24,7 +24,7 @@ use x402_chain::{
     batch::{aggregate3_calldata, balance_of_rows, decode_aggregate3, decode_balances},
 };
 
-use super::{Settler, classify_revert, transfer_call};
+use super::{Settler, classify_revert, settlement_rows};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState, SettlementPolicy},
@@ -109,9 +109,10 @@ impl<C: Chain> Settler<C> {
             if live.is_empty() {
                 break;
             }
-            let calldata = aggregate3_calldata(live.iter().map(|r| (token, transfer_call(r))));
-            let output = self.chain.call(self.config.multicall, calldata).await?;
+            let (rows, transfers) = batch_rows(&live);
+            let output = self.chain.call(self.config.multicall, aggregate3_calldata(rows)).await?;
             let results = decode_aggregate3(&output)?;
+            let results: Vec<_> = transfers.iter().map(|&i| results.get(i).cloned().unwrap_or_default()).collect();
             if results.iter().all(|r| r.success) {
                 break;
             }
@@ -141,7 +142,7 @@ impl<C: Chain> Settler<C> {
             return self.record(Vec::new(), transitions).await;
         }
 
-        let calldata = aggregate3_calldata(live.iter().map(|r| (token, transfer_call(r))));
+        let calldata = aggregate3_calldata(batch_rows(&live).0);
         let gas = self.chain.estimate_gas(self.config.multicall, calldata.clone()).await?;
         self.row_gas.store(gas / live.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let tx = self.chain.sign_call(self.config.multicall, calldata, Some(gas)).await?;
@@ -153,4 +154,17 @@ impl<C: Chain> Settler<C> {
         );
         self.send(tx, live.iter().map(|r| r.id).collect(), transitions).await
     }
+}
+
+/// The `aggregate3` rows settling `payments` in order, and the index of
+/// each payment's transfer row among them (a counterfactual wallet's
+/// factory row comes just before its transfer).
+fn batch_rows(payments: &[PaymentRecord]) -> (Vec<(Address, alloy::primitives::Bytes)>, Vec<usize>) {
+    let mut rows = Vec::with_capacity(payments.len());
+    let mut transfers = Vec::with_capacity(payments.len());
+    for p in payments {
+        rows.extend(settlement_rows(p));
+        transfers.push(rows.len() - 1);
+    }
+    (rows, transfers)
 }

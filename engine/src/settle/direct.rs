@@ -3,7 +3,7 @@
 
 use x402_chain::Chain;
 
-use super::{Settler, classify_revert, transfer_call};
+use super::{Settler, classify_revert};
 use crate::{
     Result,
     domain::{PaymentRecord, PaymentState},
@@ -22,8 +22,7 @@ impl<C: Chain> Settler<C> {
             expired.failure_reason = Some(Reason::ValidBefore.code().into());
             return self.record(Vec::new(), vec![Transition { id: payment.id, status: expired }]).await;
         }
-        let calldata = transfer_call(&payment);
-        if let Some(revert) = self.chain.simulate(payment.asset, calldata.clone()).await? {
+        if let Some(revert) = self.simulate_payment(&payment).await? {
             let reason = classify_revert(&revert);
             if reason == Reason::ValidAfter.code() {
                 // Not valid yet on chain (its clock lags ours): still queued,
@@ -42,8 +41,9 @@ impl<C: Chain> Settler<C> {
         // Estimated for this payment: a payee's first receipt of the token
         // costs ~17k more gas than a later one, so one estimate per kind of
         // call would run some payments out of gas.
-        let gas = self.chain.estimate_gas(payment.asset, calldata.clone()).await?;
-        let tx = self.chain.sign_call(payment.asset, calldata, Some(gas)).await?;
+        let (to, calldata) = self.settlement_call(&payment);
+        let gas = self.chain.estimate_gas(to, calldata.clone()).await?;
+        let tx = self.chain.sign_call(to, calldata, Some(gas)).await?;
         let submitted =
             vec![Transition { id: payment.id, status: self.status_with_tx(PaymentState::Submitted, tx.hash, None) }];
         self.send(tx, vec![payment.id], submitted).await

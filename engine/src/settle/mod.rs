@@ -37,11 +37,16 @@ use std::{
 
 use alloy::primitives::{Address, B256, Bytes};
 use tokio::task::JoinSet;
-use x402_chain::{Chain, contracts::MULTICALL3_ADDRESS, eip3009::transfer_with_authorization_calldata};
+use x402_chain::{
+    Chain,
+    contracts::MULTICALL3_ADDRESS,
+    eip3009::{transfer_with_authorization_bytes_calldata, transfer_with_authorization_calldata},
+    signature::Erc6492,
+};
 
 use crate::{
     Engine, Result,
-    domain::{Clock, IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, TxIntent},
+    domain::{Clock, IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, SignatureKind, TxIntent},
     pipeline::{IntentChange, Transition},
     reason::Reason,
 };
@@ -651,11 +656,75 @@ impl<C: Chain> Settler<C> {
     }
 }
 
-/// `transferWithAuthorization` of the payment as its payer signed it.
+/// `transferWithAuthorization` of the payment as its payer signed it: the
+/// `(v, r, s)` function for a payer without code (every EIP-3009 token has
+/// it), the `bytes signature` one for a payer with code, which the token
+/// asks with ERC-1271 for exactly the bytes its wallet approved.
 fn transfer_call(p: &PaymentRecord) -> Bytes {
-    // Accepted payments passed verification: the signature is 65 bytes.
-    let signature: &[u8; 65] = p.signature.as_slice().try_into().expect("verified signatures are 65 bytes");
-    transfer_with_authorization_calldata(&(&p.authorization).into(), signature)
+    let message = (&p.authorization).into();
+    match p.signature_kind {
+        SignatureKind::Ecdsa => match <&[u8; 65]>::try_from(p.signature.as_slice()) {
+            Ok(signature) => transfer_with_authorization_calldata(&message, signature),
+            // Accepted ECDSA signatures are 65 bytes; anything else goes as
+            // it is, for the token to refuse.
+            Err(_) => transfer_with_authorization_bytes_calldata(&message, p.signature.clone().into()),
+        },
+        SignatureKind::Erc1271 => transfer_with_authorization_bytes_calldata(&message, p.signature.clone().into()),
+        SignatureKind::Erc6492 => {
+            let inner = match Erc6492::unwrap(&p.signature) {
+                Some(Ok(wrapped)) => wrapped.signature,
+                _ => p.signature.clone().into(),
+            };
+            transfer_with_authorization_bytes_calldata(&message, inner)
+        }
+    }
+}
+
+/// The `aggregate3` rows settling `p`: for a counterfactual (ERC-6492)
+/// wallet the factory call that deploys it, then the transfer, so that one
+/// transaction does both; else the transfer alone. A factory row of a
+/// wallet deployed meanwhile is harmless: it deploys nothing, or fails
+/// alone.
+fn settlement_rows(p: &PaymentRecord) -> Vec<(Address, Bytes)> {
+    let deploy = match (p.signature_kind, Erc6492::unwrap(&p.signature)) {
+        (SignatureKind::Erc6492, Some(Ok(wrapped))) => Some(wrapped.deploy_row()),
+        _ => None,
+    };
+    deploy.into_iter().chain([(p.asset, transfer_call(p))]).collect()
+}
+
+impl<C: Chain> Settler<C> {
+    /// The call that settles `p` alone: the token's transfer, or for a
+    /// counterfactual wallet an `aggregate3` deploying it first.
+    fn settlement_call(&self, p: &PaymentRecord) -> (Address, Bytes) {
+        match p.signature_kind {
+            SignatureKind::Erc6492 => {
+                (self.config.multicall, x402_chain::batch::aggregate3_calldata(settlement_rows(p)))
+            }
+            _ => (p.asset, transfer_call(p)),
+        }
+    }
+
+    /// Simulates settling `p` alone against the latest state: `Some` with
+    /// the token's revert message when its transfer would fail.
+    async fn simulate_payment(&self, p: &PaymentRecord) -> Result<Option<String>> {
+        let (to, calldata) = self.settlement_call(p);
+        if to != self.config.multicall || p.signature_kind != SignatureKind::Erc6492 {
+            return Ok(self.chain.simulate(to, calldata).await?);
+        }
+        // Every row may fail alone: the transfer's row tells.
+        let output = match self.chain.call(to, calldata).await {
+            Ok(output) => output,
+            Err(e) if e.is_revert() => return Ok(Some(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let results = x402_chain::batch::decode_aggregate3(&output)?;
+        Ok(match results.last() {
+            Some(row) if row.success => None,
+            Some(row) => Some(row.revert_message().unwrap_or_else(|| "the transfer reverted".into())),
+            None => Some("aggregate3 answered no rows".into()),
+        })
+    }
 }
 
 /// The x402 reason for a token revert message (the FiatToken v2 strings the

@@ -7,7 +7,7 @@ use std::time::Instant;
 use alloy::primitives::B256;
 use x402_chain::{Chain, Receipt, SignedTx};
 
-use super::{SIMULATION_FAILED, Settler, classify_revert, transfer_call};
+use super::{SIMULATION_FAILED, Settler, classify_revert};
 use crate::{
     Error, Result,
     domain::{IntentState, PaymentId, PaymentState, TxIntent},
@@ -164,7 +164,7 @@ impl<C: Chain> Settler<C> {
                 // Settled by another transaction: this one cannot undo it.
                 continue;
             } else {
-                let revert = self.chain.simulate(p.asset, transfer_call(&p)).await?;
+                let revert = self.simulate_payment(&p).await?;
                 match revert {
                     // It failed for a passing reason and would pass now:
                     // queued again, until its deadline. A batch row is; a

@@ -1,0 +1,144 @@
+//! Signatures a token checks on chain: a signer with code (a contract
+//! wallet, an EIP-7702 delegated EOA) approves a digest through ERC-1271
+//! `isValidSignature`, and a wallet not yet deployed wraps its signature in
+//! ERC-6492 with the factory call that deploys it.
+//!
+//! Checks are `aggregate3` rows (see [`crate::batch`]): one row per check,
+//! preceded by the factory row for a counterfactual wallet, so that one
+//! `eth_call` deploys and checks many wallets against the latest state.
+
+use alloy::{
+    primitives::{Address, B256, Bytes},
+    sol,
+    sol_types::{SolCall, SolValue},
+};
+
+use crate::batch::RowResult;
+
+/// The ERC-1271 magic value: `isValidSignature.selector`.
+pub const ERC1271_MAGIC: [u8; 4] = [0x16, 0x26, 0xba, 0x7e];
+
+/// An ERC-6492 signature ends with these 32 bytes.
+pub const ERC6492_MAGIC: [u8; 32] =
+    alloy::primitives::hex!("6492649264926492649264926492649264926492649264926492649264926492");
+
+sol! {
+    /// ERC-1271.
+    interface IErc1271 {
+        function isValidSignature(bytes32 hash, bytes signature) external view returns (bytes4 magicValue);
+    }
+}
+
+/// An ERC-6492 signature, unwrapped: the wallet is deployed by calling
+/// `factory` with `calldata`, then checks `signature`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Erc6492 {
+    /// The factory that deploys the wallet.
+    pub factory: Address,
+    /// The call of `factory` that deploys it.
+    pub calldata: Bytes,
+    /// The wallet's own signature, as it checks it once deployed.
+    pub signature: Bytes,
+}
+
+impl Erc6492 {
+    /// `signature` unwrapped, if it ends with [`ERC6492_MAGIC`]; `Err` when
+    /// it does but the rest is not `abi.encode(address, bytes, bytes)`.
+    pub fn unwrap(signature: &[u8]) -> Option<Result<Self, String>> {
+        let body = signature.strip_suffix(&ERC6492_MAGIC)?;
+        Some(
+            <(Address, Bytes, Bytes)>::abi_decode_params(body)
+                .map(|(factory, calldata, signature)| Self { factory, calldata, signature })
+                .map_err(|e| format!("the ERC-6492 wrapper does not decode as (address, bytes, bytes): {e}")),
+        )
+    }
+
+    /// `signature` wrapped for a wallet `factory` deploys with `calldata`.
+    pub fn wrap(&self) -> Bytes {
+        let mut out = (self.factory, self.calldata.clone(), self.signature.clone()).abi_encode_params();
+        out.extend_from_slice(&ERC6492_MAGIC);
+        out.into()
+    }
+
+    /// The `aggregate3` row deploying the wallet.
+    pub fn deploy_row(&self) -> (Address, Bytes) {
+        (self.factory, self.calldata.clone())
+    }
+}
+
+/// The `aggregate3` row asking `signer` whether it approves `signature` of
+/// `digest`.
+pub fn is_valid_signature_row(signer: Address, digest: B256, signature: Bytes) -> (Address, Bytes) {
+    (signer, IErc1271::isValidSignatureCall { hash: digest, signature }.abi_encode().into())
+}
+
+/// What a check row's result says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The signer answered the magic value.
+    Valid,
+    /// The signer answered something else (or nothing: no code).
+    Invalid(String),
+    /// The call reverted: a refusal, or a row starved of gas by the rows
+    /// before it; only a row checked alone tells.
+    Reverted(String),
+}
+
+/// The verdict of [`is_valid_signature_row`]'s result `row` for `signer`.
+pub fn verdict(signer: Address, row: &RowResult) -> Verdict {
+    if !row.success {
+        let why = row.revert_message().unwrap_or_else(|| format!("revert data 0x{}", alloy::hex::encode(&row.data)));
+        return Verdict::Reverted(format!("isValidSignature of {signer} reverted: {why}"));
+    }
+    // A bytes4 comes back left-aligned in a 32-byte word, its padding zero:
+    // the token decodes the first word with `abi.decode(ret, (bytes4))`,
+    // which refuses dirty padding.
+    match row.data.get(..32) {
+        Some(word) if word[..4] == ERC1271_MAGIC && word[4..].iter().all(|b| *b == 0) => Verdict::Valid,
+        Some(word) => Verdict::Invalid(format!(
+            "isValidSignature of {signer} answered 0x{}, not the ERC-1271 magic value",
+            alloy::hex::encode(word)
+        )),
+        None if row.data.is_empty() => Verdict::Invalid(format!("{signer} holds no code that answers isValidSignature")),
+        None => Verdict::Invalid(format!(
+            "isValidSignature of {signer} answered 0x{}, not a 32-byte word",
+            alloy::hex::encode(&row.data)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erc6492_round_trips_and_plain_signatures_are_not_wrapped() {
+        let wrapped = Erc6492 {
+            factory: Address::repeat_byte(7),
+            calldata: Bytes::from(vec![1, 2, 3]),
+            signature: Bytes::from(vec![9; 65]),
+        };
+        assert_eq!(Erc6492::unwrap(&wrapped.wrap()), Some(Ok(wrapped)));
+        assert_eq!(Erc6492::unwrap(&[0u8; 65]), None);
+        let mut garbage = vec![0xffu8; 40];
+        garbage.extend_from_slice(&ERC6492_MAGIC);
+        assert!(Erc6492::unwrap(&garbage).unwrap().is_err());
+    }
+
+    #[test]
+    fn only_the_magic_word_is_valid() {
+        let signer = Address::repeat_byte(1);
+        let word = |b: [u8; 4]| alloy::primitives::FixedBytes(b).abi_encode().into();
+        assert_eq!(verdict(signer, &RowResult { success: true, data: word(ERC1271_MAGIC) }), Verdict::Valid);
+        assert!(matches!(verdict(signer, &RowResult { success: true, data: word([0xff; 4]) }), Verdict::Invalid(_)));
+        // An EOA answers nothing.
+        assert!(matches!(verdict(signer, &RowResult { success: true, data: Bytes::new() }), Verdict::Invalid(m) if m.contains("no code")));
+        // Dirty padding is refused by the token's abi.decode.
+        let mut dirty = word(ERC1271_MAGIC).to_vec();
+        dirty[31] = 1;
+        assert!(matches!(verdict(signer, &RowResult { success: true, data: dirty.into() }), Verdict::Invalid(_)));
+        // Four bare bytes are not a word.
+        assert!(matches!(verdict(signer, &RowResult { success: true, data: ERC1271_MAGIC.into() }), Verdict::Invalid(_)));
+        assert!(matches!(verdict(signer, &RowResult { success: false, data: Bytes::new() }), Verdict::Reverted(_)));
+    }
+}

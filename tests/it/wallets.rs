@@ -1,0 +1,196 @@
+//! Payers with code, on a real anvil: an ERC-1271 contract wallet, a
+//! counterfactual (ERC-6492) wallet that its first settlement deploys, and
+//! an EOA delegated by a real EIP-7702 transaction. Their payments are
+//! proved on chain (Multicall3 `aggregate3` of `isValidSignature`) and
+//! settle through `direct` and `batched`, with the token checking them as
+//! FiatToken 2.2 does; forged signatures from each are refused, and so is a
+//! factory that is not on the allowlist.
+
+use alloy::{
+    eips::eip7702::Authorization as Delegation,
+    network::{TransactionBuilder, TransactionBuilder7702},
+    primitives::{Address, B256, Bytes, U256},
+    providers::Provider,
+    rpc::types::TransactionRequest,
+    signers::SignerSync,
+    sol_types::SolCall,
+};
+use x402_chain::{
+    contracts::{X402TestDelegate, X402TestToken, X402TestWallet, X402TestWalletFactory},
+    signature::Erc6492,
+};
+use x402_devnet::Payer;
+use x402_engine::domain::Requirements;
+use x402_proto::v1 as pb;
+use x402_wire::ExactPayload;
+
+use crate::{
+    channels::Setup,
+    common::*,
+    status::{get, state_becomes},
+};
+
+/// What the test deployed.
+struct Wallets {
+    factory: Address,
+    /// Its wallets are refused: it is not on the allowlist.
+    rogue_factory: Address,
+    /// Owned by `owner`, deployed.
+    wallet: Address,
+    owner: Payer,
+    /// Owns counterfactual wallets of the factory (not deployed).
+    counterfactual_owner: Payer,
+    /// Delegated to the test delegate by EIP-7702.
+    delegated: Payer,
+}
+
+async fn deploy_wallets(s: &Setup) -> Wallets {
+    let factory = *X402TestWalletFactory::deploy(&s.wallet).await.unwrap().address();
+    let rogue_factory = *X402TestWalletFactory::deploy(&s.wallet).await.unwrap().address();
+    let owner = Payer::random();
+    let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
+    let delegate = *X402TestDelegate::deploy(&s.wallet).await.unwrap().address();
+
+    // A real EIP-7702 transaction, sent by the deployer, carrying the
+    // delegated account's signed authorization.
+    let delegated = Payer::random();
+    let nonce = s.wallet.get_transaction_count(delegated.address()).await.unwrap();
+    let delegation = Delegation { chain_id: U256::from(31337), address: delegate, nonce };
+    let signature = delegated.signer().sign_hash_sync(&delegation.signature_hash()).unwrap();
+    // (To a plain account: the delegated one now runs the delegate's code,
+    // which takes no empty call.)
+    let tx = TransactionRequest::default()
+        .with_to(Address::repeat_byte(0x5e))
+        .with_authorization_list(vec![delegation.into_signed(signature)]);
+    let receipt = s.wallet.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+    assert!(receipt.status(), "the delegation was refused");
+    let code = s.wallet.get_code_at(delegated.address()).await.unwrap();
+    assert_eq!(&code[..3], &[0xef, 0x01, 0x00], "not delegated: {code}");
+
+    let wallets = Wallets {
+        factory,
+        rogue_factory,
+        wallet,
+        owner,
+        counterfactual_owner: Payer::random(),
+        delegated,
+    };
+    let token = X402TestToken::new(TOKEN, &s.wallet);
+    for holder in [wallet, delegated_address(&wallets), counterfactual(&s.wallet, &wallets, 1).await, counterfactual(&s.wallet, &wallets, 2).await] {
+        token.mint(holder, U256::from(1_000_000u64)).send().await.unwrap().get_receipt().await.unwrap();
+    }
+    wallets
+}
+
+fn delegated_address(w: &Wallets) -> Address {
+    w.delegated.address()
+}
+
+/// The address of `w`'s counterfactual wallet number `salt`.
+async fn counterfactual(provider: &impl Provider, w: &Wallets, salt: u8) -> Address {
+    X402TestWalletFactory::new(w.factory, provider)
+        .walletAddress(w.counterfactual_owner.address(), B256::with_last_byte(salt))
+        .call()
+        .await
+        .unwrap()
+}
+
+/// A payment of [`AMOUNT`] to `pay_to` from `from`, signed by `key`.
+fn pay(key: &Payer, from: Address, pay_to: Address) -> (Requirements, ExactPayload) {
+    let req = requirements(pay_to);
+    let payload = key.sign_exact_from(from, &req, now() - 600, now() + 3600, random_nonce());
+    (req, payload)
+}
+
+/// `payload` with its signature wrapped for `factory` deploying
+/// `owner`'s wallet number `salt` (ERC-6492).
+fn wrapped(mut payload: ExactPayload, factory: Address, owner: Address, salt: u8) -> ExactPayload {
+    let calldata = X402TestWalletFactory::createWalletCall { owner, salt: B256::with_last_byte(salt) }.abi_encode();
+    let wrapper = Erc6492 { factory, calldata: calldata.into(), signature: Bytes::from(payload.signature) };
+    payload.signature = wrapper.wrap().to_vec();
+    payload
+}
+
+async fn submit(client: &mut Payments, req: &Requirements, payload: &ExactPayload) -> pb::SubmitResponse {
+    client.submit(exact_submit(1, req, payload)).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payers_with_code_are_proved_on_chain_and_settle_direct_and_batched() {
+    let s = Setup::new(1).await;
+    let w = deploy_wallets(&s).await;
+    let (c1, c2) = (counterfactual(&s.wallet, &w, 1).await, counterfactual(&s.wallet, &w, 2).await);
+    assert!(s.wallet.get_code_at(c1).await.unwrap().is_empty(), "counterfactual wallets are not deployed yet");
+    let dir = tempfile::tempdir().unwrap();
+    let factory = w.factory;
+    let config = s.node_config(dir.path(), Setup::merchant(3600), |c| c.erc6492_factories = vec![factory]);
+    let node = start_node(&config).await;
+    let (grpc, http) = (node.endpoints().grpc, node.endpoints().http);
+    let (mut m1, mut m2) = (payments(grpc, M1_KEY).await, payments(grpc, M2_KEY).await);
+
+    // Forged signatures first, while every wallet is as the test made it.
+    let stranger = Payer::random();
+    let forged = [
+        ("an ERC-1271 wallet", pay(&stranger, w.wallet, PAY_TO)),
+        ("a 7702-delegated EOA", pay(&stranger, w.delegated.address(), PAY_TO)),
+        ("a counterfactual wallet", {
+            let (req, payload) = pay(&stranger, c1, PAY_TO);
+            (req, wrapped(payload, w.factory, w.counterfactual_owner.address(), 1))
+        }),
+    ];
+    for (who, (req, payload)) in &forged {
+        let answer = submit(&mut m1, req, payload).await;
+        assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a forged signature from {who} was accepted");
+        assert_eq!(answer.reason, "invalid_exact_evm_signature", "{who}: {}", answer.message);
+    }
+    // The owner's signature, wrapped for a factory not on the allowlist.
+    let (req, payload) = pay(&w.counterfactual_owner, c1, PAY_TO);
+    let rogue = wrapped(payload, w.rogue_factory, w.counterfactual_owner.address(), 1);
+    let answer = submit(&mut m1, &req, &rogue).await;
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a factory off the allowlist was accepted");
+    assert_eq!(answer.reason, "invalid_exact_evm_signature");
+    assert!(answer.message.contains("allowlist"), "{}", answer.message);
+    // Refused before settlement: nothing deployed.
+    assert!(s.wallet.get_code_at(c1).await.unwrap().is_empty());
+
+    // Genuine payments from each, direct (m1) and batched (m2).
+    let mut accepted = Vec::new();
+    for (key, client, pay_to) in [(M1_KEY, &mut m1, PAY_TO), (M2_KEY, &mut m2, PAY_TO_2)] {
+        let salt = if key == M1_KEY { 1 } else { 2 };
+        let cf = if salt == 1 { c1 } else { c2 };
+        let payments = [
+            ("ERC-1271", pay(&w.owner, w.wallet, pay_to)),
+            ("EIP-7702", pay(&w.delegated, w.delegated.address(), pay_to)),
+            ("ERC-6492", {
+                let (req, payload) = pay(&w.counterfactual_owner, cf, pay_to);
+                (req, wrapped(payload, w.factory, w.counterfactual_owner.address(), salt))
+            }),
+        ];
+        for (kind, (req, payload)) in payments {
+            let answer = submit(client, &req, &payload).await;
+            assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{kind} to {key}: {}", answer.message);
+            // The same payment again is the same payment, not a second one.
+            let again = submit(client, &req, &payload).await;
+            assert_eq!(outcome(&again), pb::Outcome::Duplicate, "{kind} replayed: {}", again.message);
+            accepted.push((kind, key, B256::from_slice(&answer.payment_id)));
+        }
+    }
+
+    for (kind, key, id) in &accepted {
+        let answer = state_becomes(http, key, *id, "confirmed").await;
+        let (status, _) = get(http, Some(key), &format!("/settlements/{id}")).await;
+        assert_eq!(status, 200, "{kind}");
+        assert!(answer["transaction"].is_string(), "{kind}: {answer}");
+    }
+    // Both counterfactual wallets were deployed by their settlements.
+    for cf in [c1, c2] {
+        assert!(!s.wallet.get_code_at(cf).await.unwrap().is_empty(), "{cf} was not deployed");
+    }
+    let token = X402TestToken::new(TOKEN, &s.wallet);
+    for (holder, paid) in [(w.wallet, 2u64), (w.delegated.address(), 2), (c1, 1), (c2, 1)] {
+        let balance = token.balanceOf(holder).call().await.unwrap();
+        assert_eq!(balance, U256::from(1_000_000 - paid * AMOUNT), "{holder}");
+    }
+    assert_eq!(token.balanceOf(PAY_TO).call().await.unwrap(), U256::from(3 * AMOUNT));
+    assert_eq!(token.balanceOf(PAY_TO_2).call().await.unwrap(), U256::from(3 * AMOUNT));
+}
