@@ -69,6 +69,17 @@ impl Error {
     pub fn is_revert(&self) -> bool {
         matches!(self, Self::Rpc(e) if e.as_error_resp().is_some_and(|r| crate::tx::is_revert(r.code, &r.message)))
     }
+
+    /// Whether the node ran the call and it failed in execution: it
+    /// reverted, or ran out of gas (which anvil answers as an internal
+    /// error, -32603 "EVM error OutOfGas", and geth as -32000 "out of gas").
+    pub fn is_execution_failure(&self) -> bool {
+        self.is_revert()
+            || matches!(self, Self::Rpc(e) if e.as_error_resp().is_some_and(|r| {
+                let message = r.message.to_ascii_lowercase();
+                message.contains("out of gas") || message.contains("outofgas")
+            }))
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,11 @@ use crate::reason::Reason;
 
 /// Payments accepted and durably recorded.
 pub(crate) const PAYMENTS_ACCEPTED: &str = "x402d_payments_accepted_total";
+/// `eth_call`s proving signatures of payers with code.
+pub(crate) const SIGNATURE_CALLS: &str = "x402d_signature_calls_total";
+/// Signatures of payers with code proved, counted once per call they were
+/// in (a row proved again after a starved batch counts again).
+pub(crate) const SIGNATURE_PROOFS: &str = "x402d_signature_proofs_total";
 /// Payments answered DUPLICATE.
 pub(crate) const PAYMENTS_DUPLICATE: &str = "x402d_payments_duplicate_total";
 /// Payments rejected, by `reason`.
@@ -46,6 +51,8 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(VOUCHERS_ACCEPTED, "batch-settlement vouchers verified and durably recorded");
     metrics::describe_counter!(PAYMENTS_DUPLICATE, "Submits of an already accepted payment");
+    metrics::describe_counter!(SIGNATURE_CALLS, "eth_calls proving signatures of payers with code");
+    metrics::describe_counter!(SIGNATURE_PROOFS, "Signatures of payers with code proved, per call they were in");
     metrics::describe_counter!(PAYMENTS_REJECTED, "Payments rejected, by x402 reason");
     metrics::describe_counter!(SUBMITS_INVALID, "Malformed submits");
     metrics::describe_counter!(SUBMITS_OVERLOADED, "Submits refused because the pipeline was full");

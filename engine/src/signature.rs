@@ -260,12 +260,14 @@ impl<C: Chain> Batcher<C> {
         while let Some(group) = groups.pop() {
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             self.stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::SIGNATURE_CALLS).increment(1);
+            metrics::counter!(crate::metrics::SIGNATURE_PROOFS).increment(group.len() as u64);
             let halve = |groups: &mut Vec<Vec<usize>>, group: Vec<usize>| {
                 let (a, b) = group.split_at(group.len() / 2);
                 groups.push(a.to_vec());
                 groups.push(b.to_vec());
             };
-            let reverted = |e: &Error| matches!(e, Error::Chain(c) if c.is_revert());
+            let reverted = |e: &Error| matches!(e, Error::Chain(c) if c.is_execution_failure());
             match self.call(group.iter().map(|&i| requests[i])).await {
                 Err(e) if reverted(&e) && group.len() > 1 => halve(&mut groups, group),
                 Err(e) if reverted(&e) => {

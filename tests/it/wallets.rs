@@ -194,3 +194,67 @@ async fn payers_with_code_are_proved_on_chain_and_settle_direct_and_batched() {
     assert_eq!(token.balanceOf(PAY_TO).call().await.unwrap(), U256::from(3 * AMOUNT));
     assert_eq!(token.balanceOf(PAY_TO_2).call().await.unwrap(), U256::from(3 * AMOUNT));
 }
+
+/// Proofs on a real chain: a hundred requests take one `eth_call`, and a
+/// hostile wallet that burns all its gas in a batch starves no honest row
+/// of it (they are proved again without it) and is refused itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
+    use std::{sync::Arc, sync::atomic::Ordering};
+    use x402_engine::signature::{ChainSignatures, ChainSignaturesConfig, Proof, ProofNotifier, SignatureRequest, SignatureSource};
+
+    let s = Setup::new(0).await;
+    let owner = Payer::random();
+    let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
+    let burner = *x402_chain::contracts::X402TestGasBurner::deploy(&s.wallet).await.unwrap().address();
+    let chain = x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), x402_chain::TxConfig::default())
+        .await
+        .unwrap();
+    let config = ChainSignaturesConfig { window: std::time::Duration::from_millis(50), ..Default::default() };
+    let signatures = ChainSignatures::new(Arc::new(chain), x402_chain::contracts::MULTICALL3_ADDRESS, config);
+
+    let request = |signer: Address, key: &Payer| {
+        let digest = random_nonce();
+        let signature = key.signer().sign_hash_sync(&digest).unwrap().as_bytes().to_vec();
+        SignatureRequest { signer, digest, signature: signature.into(), deploy: None }
+    };
+    let prove_all = |requests: Vec<SignatureRequest>| {
+        let receivers: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                signatures.prove(31337, r, ProofNotifier::new(move |p| drop(tx.send(p))));
+                rx
+            })
+            .collect();
+        async move {
+            let mut proofs = Vec::new();
+            for rx in receivers {
+                proofs.push(rx.await.unwrap().unwrap());
+            }
+            proofs
+        }
+    };
+
+    let proofs = prove_all((0..100).map(|_| request(wallet, &owner)).collect()).await;
+    assert!(proofs.iter().all(|p| *p == Proof::Valid), "{proofs:?}");
+    assert_eq!(signatures.stats().calls.load(Ordering::Relaxed), 1, "a hundred proofs took more than one call");
+
+    // 30 honest rows, two burners among them, and a forgery.
+    let mut requests: Vec<_> = (0..30).map(|_| request(wallet, &owner)).collect();
+    requests[3] = request(burner, &owner);
+    requests[17] = request(burner, &owner);
+    requests[25] = request(wallet, &Payer::random());
+    let before = signatures.stats().calls.load(Ordering::Relaxed);
+    let proofs = prove_all(requests).await;
+    for (i, proof) in proofs.iter().enumerate() {
+        match i {
+            3 | 17 => assert!(matches!(proof, Proof::Invalid(m) if m.contains("reverted") || m.contains("gas")), "{i}: {proof:?}"),
+            25 => assert!(matches!(proof, Proof::Invalid(m) if m.contains("magic")), "{i}: {proof:?}"),
+            _ => assert_eq!(*proof, Proof::Valid, "honest row {i} was starved"),
+        }
+    }
+    let calls = signatures.stats().calls.load(Ordering::Relaxed) - before;
+    assert!(calls <= 16, "{calls} calls for two burners in 30 rows");
+    eprintln!("30 rows with two gas burners: {calls} calls");
+}

@@ -576,26 +576,12 @@ impl Shard {
     ) -> Checked {
         let payer = verified.payer();
         let id = verified.id;
-        if let Some(entry) = self.replay.get(&id) {
-            if entry.digest == verified.digest {
-                metrics::counter!(crate::metrics::PAYMENTS_DUPLICATE).increment(1);
-                let retry = verified.idempotency.is_some()
-                    && verified.idempotency == entry.idempotency
-                    && entry.merchant_number == merchant.number;
-                // Answered by the committer, after the original's group is durable.
-                let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone(), retry };
-                return Checked::Commit(CommitItem::Reply { outcome, reply });
-            }
-            return self.reject(
-                reply,
-                id,
-                payer,
-                Reason::NonceAlreadyUsed,
-                format!(
-                    "nonce {} of {payer} was already used by another payment",
-                    verified.payload.authorization.nonce
-                ),
-            );
+        // A signature that recovers to the payer is the payer's: its replays
+        // are told apart at once. Any other is the payer's only once the
+        // chain says so, and until then says nothing of the payer's nonces.
+        let recovered = matches!(verified.signature, SignatureCheck::Recovered);
+        if recovered && self.replay.contains_key(&id) {
+            return self.replayed(merchant, &verified, reply);
         }
 
         // Stage 1 checked the time when it verified; a wait for this shard or
@@ -651,6 +637,9 @@ impl Shard {
                 }
             },
         };
+        if !recovered && self.replay.contains_key(&id) {
+            return self.replayed(merchant, &verified, reply);
+        }
         if let Some(balance) = balance {
             let reserved = self.reserved.get(&key).copied().unwrap_or_default();
             if reserved.saturating_add(value) > balance {
@@ -702,6 +691,25 @@ impl Shard {
         };
         let pending = PendingKey { merchant_number: merchant.number, deadline: valid_before, id };
         Checked::Commit(CommitItem::Payment { record: Box::new(record), pending, shard: self.index, reply })
+    }
+
+    /// The answer to `verified`, whose id is in the replay window: the same
+    /// payment (its digest), or another with the same nonce.
+    fn replayed(&self, merchant: &Merchant, verified: &Verified, reply: oneshot::Sender<SubmitOutcome>) -> Checked {
+        let (id, payer) = (verified.id, verified.payer());
+        let entry = &self.replay[&id];
+        if entry.digest == verified.digest {
+            metrics::counter!(crate::metrics::PAYMENTS_DUPLICATE).increment(1);
+            let retry = verified.idempotency.is_some()
+                && verified.idempotency == entry.idempotency
+                && entry.merchant_number == merchant.number;
+            // Answered by the committer, after the original's group is durable.
+            let outcome = SubmitOutcome::Duplicate { id, payer: entry.payer, status: entry.status.clone(), retry };
+            return Checked::Commit(CommitItem::Reply { outcome, reply });
+        }
+        let nonce = verified.payload.authorization.nonce;
+        let message = format!("nonce {nonce} of {payer} was already used by another payment");
+        self.reject(reply, id, payer, Reason::NonceAlreadyUsed, message)
     }
 
     fn reject(

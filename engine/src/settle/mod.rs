@@ -715,7 +715,7 @@ impl<C: Chain> Settler<C> {
         // Every row may fail alone: the transfer's row tells.
         let output = match self.chain.call(to, calldata).await {
             Ok(output) => output,
-            Err(e) if e.is_revert() => return Ok(Some(e.to_string())),
+            Err(e) if e.is_execution_failure() => return Ok(Some(e.to_string())),
             Err(e) => return Err(e.into()),
         };
         let results = x402_chain::batch::decode_aggregate3(&output)?;
