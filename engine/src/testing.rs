@@ -330,6 +330,49 @@ impl BalanceSource for ManualBalances {
     }
 }
 
+/// Signature proofs a test gives by hand: every request waits until the
+/// test answers it.
+#[derive(Debug, Default)]
+pub struct ManualSignatures {
+    waiting: Mutex<Vec<(crate::signature::SignatureRequest, crate::signature::ProofNotifier)>>,
+}
+
+impl ManualSignatures {
+    /// The requests waiting for an answer, oldest first.
+    pub fn waiting(&self) -> Vec<crate::signature::SignatureRequest> {
+        self.waiting.lock().unwrap().iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// Waits until `n` requests wait (at most 10 s).
+    pub fn wait_for(&self, n: usize) -> Vec<crate::signature::SignatureRequest> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting = self.waiting();
+            if waiting.len() >= n {
+                return waiting;
+            }
+            assert!(std::time::Instant::now() < deadline, "{} proofs asked, not {n}", waiting.len());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Answers the request for `digest` with `proved`.
+    pub fn answer(&self, digest: B256, proved: crate::signature::Proved) {
+        let done = {
+            let mut waiting = self.waiting.lock().unwrap();
+            let at = waiting.iter().position(|(r, _)| r.digest == digest).expect("a proof was asked for it");
+            waiting.remove(at).1
+        };
+        done.notify(proved);
+    }
+}
+
+impl crate::signature::SignatureSource for ManualSignatures {
+    fn prove(&self, _: u64, request: crate::signature::SignatureRequest, done: crate::signature::ProofNotifier) {
+        self.waiting.lock().unwrap().push((request, done));
+    }
+}
+
 /// A chain that settles by a test's script: it signs real EIP-1559
 /// transactions with one key, keeps what is broadcast, and mines, reverts,
 /// drops or reorgs it when the test says (or mines each broadcast at once

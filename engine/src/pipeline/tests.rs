@@ -1008,3 +1008,67 @@ fn a_failed_fetch_answers_the_waiting_payments_unavailable() {
     pipeline.shutdown();
     assert!(matches!(reply.blocking_recv().unwrap(), SubmitOutcome::Unavailable(_)));
 }
+
+/// A payer with code: its payments wait for their on-chain proofs, in
+/// arrival order, and a burst of them is proved together (asked at once,
+/// not one round trip after another); a refused proof refuses only its
+/// payment, and a failed one answers UNAVAILABLE.
+#[test]
+fn a_payer_with_code_waits_for_its_proofs_in_order() {
+    use crate::signature::Proof;
+    let ledger = Arc::new(FlakyLedger::default());
+    let source = Arc::new(ManualBalances::default());
+    let signatures = Arc::new(crate::testing::ManualSignatures::default());
+    let config =
+        PipelineConfig { verifiers: 1, shards: 3, signatures: signatures.clone(), ..PipelineConfig::default() };
+    let (ledger_dyn, balances): (Arc<dyn Ledger>, Arc<dyn BalanceSource>) = (ledger.clone(), source.clone());
+    let pipeline = Pipeline::start(&config, &ledger_dyn, &balances).unwrap();
+
+    // A wallet owned by `owner`, holding 250: room for two payments of 100.
+    let (owner, wallet) = (Payer::random(), Address::repeat_byte(0xaa));
+    let key = BalanceKey { chain_id: 31337, token: TOKEN, owner: wallet };
+    source.complete(key, &Ok(Account::Contract(U256::from(250))));
+    let signed = |by: &Payer, nonce: u8| {
+        let mut s = submission(by, nonce);
+        let PaymentInput::Exact(payload) = &mut s.input else { unreachable!() };
+        payload.authorization.from = wallet;
+        payload.signature = by.sign_authorization(&s.requirements, &payload.authorization);
+        s
+    };
+    let queue = [signed(&Payer::random(), 1), signed(&owner, 2), signed(&owner, 3), signed(&owner, 4), signed(&owner, 5)];
+    let mut replies: Vec<_> = queue.into_iter().map(|s| pipeline.try_submit(merchant(), s).unwrap()).collect();
+
+    // The first is asked alone; the rest wait behind it.
+    let first = signatures.wait_for(1);
+    assert_eq!(first[0].signer, wallet);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(signatures.waiting().len(), 1, "a later payment was asked before its turn");
+    signatures.answer(first[0].digest, Ok(Proof::Invalid("forged".into())));
+    let SubmitOutcome::Rejected { rejection, .. } = replies.remove(0).blocking_recv().unwrap() else {
+        panic!("a refused proof")
+    };
+    assert_eq!(rejection.reason, Reason::Signature);
+    assert!(rejection.message.contains("forged"), "{}", rejection.message);
+
+    // The next one's turn: it and every payment behind it are asked at once.
+    let burst = signatures.wait_for(4);
+    assert_eq!(burst.len(), 4);
+    // Answered last to first: nothing is decided out of order.
+    let down = Arc::new(Error::Io(std::io::Error::other("node down")));
+    signatures.answer(burst[3].digest, Err(down));
+    signatures.answer(burst[2].digest, Ok(Proof::Valid));
+    signatures.answer(burst[1].digest, Ok(Proof::Valid));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(replies.iter_mut().all(|rx| rx.try_recv().is_err()), "answered before the first of them");
+    signatures.answer(burst[0].digest, Ok(Proof::Valid));
+    let outcomes: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+    let SubmitOutcome::Accepted { id, .. } = &outcomes[0] else { panic!("{outcomes:?}") };
+    assert!(matches!(outcomes[1], SubmitOutcome::Accepted { .. }), "{outcomes:?}");
+    let SubmitOutcome::Rejected { rejection, .. } = &outcomes[2] else { panic!("{outcomes:?}") };
+    assert_eq!(rejection.reason, Reason::InsufficientBalance, "the third of 100 does not fit in 250");
+    assert!(matches!(&outcomes[3], SubmitOutcome::Unavailable(m) if m.contains("node down")), "{outcomes:?}");
+
+    // Recorded as a contract wallet's payment, settled through ERC-1271.
+    let record = ledger.payment(id).unwrap().unwrap();
+    assert_eq!(record.signature_kind, crate::domain::SignatureKind::Erc1271);
+}
