@@ -33,7 +33,7 @@ use x402_load::{self as load, LoadConfig, Work};
 
 pub(crate) const MC_KEY: &str = "test-merchant-channel-key-1";
 pub(crate) const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
-const WITHDRAW_DELAY: u64 = 900;
+pub(crate) const WITHDRAW_DELAY: u64 = 900;
 /// What each payer holds of the test token at the start.
 pub(crate) const MINTED: u64 = 10u64.pow(12);
 /// What one request costs (the voucher's step).
@@ -95,7 +95,7 @@ impl Setup {
     }
 
     /// Starts an in-process node whose merchant `mc` has `policy`.
-    async fn engine_with(&self, policy: PolicyConfig) -> Engine {
+    pub(crate) async fn engine_with(&self, policy: PolicyConfig) -> Engine {
         self.engine_configured(policy, |_| {}).await
     }
 
@@ -152,7 +152,7 @@ impl Setup {
     }
 
     /// [`Setup::deposit`] into the channel of `config`.
-    async fn deposit_into(&self, payer: &Payer, config: ChannelConfig, amount: u128) {
+    pub(crate) async fn deposit_into(&self, payer: &Payer, config: ChannelConfig, amount: u128) {
         let id = Self::domain().channel_id(&config);
         let deposit = payer.sign_deposit(
             &requirements(RECEIVER),
@@ -210,7 +210,7 @@ impl Setup {
 }
 
 /// The requirements of a channel-paid request of `PRICE`.
-fn channel_requirements() -> Requirements {
+pub(crate) fn channel_requirements() -> Requirements {
     Requirements { scheme: "batch-settlement".into(), amount: U256::from(PRICE), ..requirements(RECEIVER) }
 }
 

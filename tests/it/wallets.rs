@@ -258,3 +258,65 @@ async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
     assert!(calls <= 16, "{calls} calls for two burners in 30 rows");
     eprintln!("30 rows with two gas burners: {calls} calls");
 }
+
+/// A channel whose `payerAuthorizer` is an ERC-1271 wallet: its vouchers,
+/// signed by the wallet's owner, are proved on chain and claimed (the
+/// contract asks the wallet, as x402d did); a stranger's voucher for it is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
+    use x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS;
+    use x402_engine::{
+        channels::{ChannelExtra, VoucherPayload},
+        config::PolicyConfig,
+        domain::{PaymentInput, Submission},
+        grpc::submit_request,
+    };
+
+    use crate::channels::{MC_KEY, PRICE, WITHDRAW_DELAY, channel_requirements, eventually};
+
+    let s = Setup::new(1).await;
+    let owner = Payer::random();
+    let authorizer = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
+    let e = s.engine_with(PolicyConfig::Channel { claim_interval_secs: 3600, claim_threshold: "30".into() }).await;
+    let payer = &s.payers[0];
+    let mut config = s.config(payer);
+    config.payerAuthorizer = authorizer;
+    s.deposit_into(payer, config.clone(), 1_000).await;
+    let domain = x402_channel::ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS);
+    let id = domain.channel_id(&config);
+    let voucher = |n: u64, by: &Payer| {
+        let max = PRICE * u128::from(n as u8 + 1);
+        let payload = VoucherPayload {
+            network: NETWORK.into(),
+            config: config.clone(),
+            channel_id: id,
+            max_claimable: max,
+            signature: by.sign_voucher(&domain, id, max),
+            charge: None,
+            extra: ChannelExtra { receiver_authorizer: config.receiverAuthorizer, withdraw_delay: WITHDRAW_DELAY },
+            deposit: None,
+            refund: None,
+        };
+        let requirements = channel_requirements();
+        submit_request(n, &Submission::new(requirements, PaymentInput::Voucher(Box::new(payload))))
+    };
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+
+    // Neither the payer's own key nor a stranger's signs for the wallet.
+    for forger in [payer, &Payer::random()] {
+        let answer = client.submit(voucher(0, forger)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a forged voucher was accepted");
+        assert_eq!(answer.reason, "invalid_batch_settlement_evm_voucher_signature", "{}", answer.message);
+    }
+    for n in 0..3 {
+        let answer = client.submit(voucher(n, &owner)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "voucher {n}: {}", answer.message);
+    }
+    // 30 charged reaches the threshold: claimed on chain.
+    let bsc = x402_chain::contracts::X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &s.wallet);
+    eventually(30, "the claim of the wallet-authorized channel", || async {
+        bsc.channels(id).call().await.unwrap().totalClaimed == 3 * PRICE
+    })
+    .await;
+}

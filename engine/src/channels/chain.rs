@@ -36,10 +36,15 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
         }
         let (chain, id, contract) = (self.chain.clone(), v.channel_id, v.contract);
         let (withdraw_delay, signer) = (v.config.withdrawDelay.to::<u64>(), voucher_signer(&v.config));
+        // A voucher proved on chain has a contract signer, which the
+        // contract checks as x402d did; one recovered locally is refused if
+        // its signer holds code (an EIP-7702 delegated EOA, which the
+        // contract would ask instead of recovering).
+        let proved = v.proved;
         self.runtime.spawn(async move {
             let (read, code) = futures::future::join(
                 chain.call(contract, x402_chain::channel::state_calldata(id)),
-                chain.has_code(signer),
+                async { if proved { Ok(false) } else { chain.has_code(signer).await } },
             )
             .await;
             let unavailable = |e: x402_chain::Error| ReadFailure::Unavailable(Arc::new(Error::from(e)));
@@ -87,7 +92,7 @@ pub(crate) async fn put_deposit<C: Chain>(
     let unavailable = |e: x402_chain::Error| DepositFailure::Unavailable(Arc::new(Error::from(e)));
     // Nothing goes on chain for vouchers that would then be refused.
     let signer = voucher_signer(&v.config);
-    if chain.has_code(signer).await.map_err(unavailable)? {
+    if !v.proved && chain.has_code(signer).await.map_err(unavailable)? {
         return Err(DepositFailure::Rejected(ReadFailure::signer_has_code(signer)));
     }
     let spent = chain.authorization_state(v.config.token, v.config.payer, d.nonce).await.map_err(unavailable)?;

@@ -62,6 +62,17 @@ pub struct VerifiedVoucher {
     pub max_claimable: u128,
     /// The voucher signer's signature, as sent.
     pub signature: Bytes,
+    /// The EIP-712 digest of the voucher, which the signer signed.
+    pub digest: B256,
+    /// Why the signature does not recover to the voucher signer, when it
+    /// does not: it is valid only if the signer is a contract (a wallet as
+    /// `payerAuthorizer`, or the payer) whose ERC-1271 `isValidSignature`
+    /// approves it, which the shard has proved on chain before anything
+    /// else. `None` once recovered or proved.
+    pub unproved: Option<String>,
+    /// Its signature was proved on chain (ERC-1271): its signer is a
+    /// contract, and that is not a reason to refuse its channel.
+    pub proved: bool,
     /// The required amount: the voucher must be the charged total plus it.
     pub amount: u128,
     /// What is actually charged (≤ `amount`).
@@ -301,29 +312,28 @@ impl VoucherVerifier {
             ));
         }
         let signer = voucher_signer(c);
-        let signature = <&[u8; 65]>::try_from(payload.signature.as_ref()).map_err(|_| {
-            reject(
-                Reason::VoucherSignature,
-                format!(
-                    "signature is {} bytes, not 65 (ERC-1271 payer signatures need an on-chain check and are not accepted)",
-                    payload.signature.len()
-                ),
-            )
-        })?;
-        let signature = Signature::parse(signature).map_err(|m| reject(Reason::VoucherSignature, m))?;
         let digest = domain.voucher_digest(&Voucher { channelId: id, maxClaimableAmount: payload.max_claimable });
         let not_signed = |m: String| Refusal::Rejected {
             id: None,
             payer: Some(c.payer),
             rejection: Rejection::new(Reason::VoucherSignature, format!("voucher {m}")),
         };
-        match known {
-            Some(key) if signature.verify(digest, &key) => {}
-            Some(_) => return Err(not_signed(format!("not signed by {signer}"))),
-            None => {
-                let signer_key = signature.recover_as(digest, signer).map_err(not_signed)?;
-                self.known.insert(id, KnownChannel { chain_id, config: c.clone(), signer_key });
-            }
+        let parsed = <&[u8; 65]>::try_from(payload.signature.as_ref())
+            .map_err(|_| format!("signature is {} bytes, not 65", payload.signature.len()))
+            .and_then(Signature::parse);
+        let mut unproved = None;
+        match (known, parsed) {
+            // A channel whose signer's key is known: an EOA, whose key alone signs.
+            (Some(key), Ok(signature)) if signature.verify(digest, &key) => {}
+            (Some(_), Ok(_)) => return Err(not_signed(format!("not signed by {signer}"))),
+            (Some(_), Err(m)) => return Err(not_signed(m)),
+            (None, parsed) => match parsed.and_then(|signature| signature.recover_as(digest, signer)) {
+                Ok(signer_key) => {
+                    self.known.insert(id, KnownChannel { chain_id, config: c.clone(), signer_key });
+                }
+                // Perhaps a contract signer's (ERC-1271): the chain says.
+                Err(why) => unproved = Some(why),
+            },
         }
         let amount: u128 = match payload.refund {
             // A refund charges nothing: its voucher is the charged total.
@@ -356,6 +366,9 @@ impl VoucherVerifier {
             config: payload.config,
             max_claimable: payload.max_claimable,
             signature: payload.signature,
+            digest,
+            unproved,
+            proved: false,
             amount,
             charge,
             deposit,

@@ -37,6 +37,9 @@ pub(crate) enum ShardMsg {
     /// The proof of a parked payment's signature (of `key`'s queue) that
     /// this shard asked for under `ticket`.
     Proved { key: BalanceKey, ticket: u64, proved: crate::signature::Proved },
+    /// The proof of a voucher's signature this shard asked for under
+    /// `ticket`.
+    VoucherProved { ticket: u64, proved: crate::signature::Proved },
     /// A voucher that passed stage 1, for a channel this shard owns.
     Voucher { merchant: Arc<Merchant>, verified: VerifiedVoucher, reply: oneshot::Sender<SubmitOutcome> },
     /// A channel's on-chain state this shard asked for.

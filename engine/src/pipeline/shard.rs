@@ -193,6 +193,8 @@ pub(crate) struct Shard {
     control: Sender<ShardMsg>,
     /// The ticket of the next proof asked.
     next_ticket: u64,
+    /// Vouchers whose signatures are being proved on chain, by ticket.
+    proving_vouchers: HashMap<u64, ParkedVoucher>,
 }
 
 impl Shard {
@@ -248,6 +250,7 @@ impl Shard {
             signatures: Arc::new(NoSignatures),
             control,
             next_ticket: 0,
+            proving_vouchers: HashMap::new(),
         }
     }
 
@@ -386,6 +389,7 @@ impl Shard {
                 self.resume(key, None)
             }
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
+            ShardMsg::VoucherProved { ticket, proved } => self.voucher_proved(ticket, proved),
             ShardMsg::ChannelFetched { id, fetched } => self.channel_fetched(id, fetched),
             ShardMsg::Deposited { id, result } => self.deposited(id, result),
             ShardMsg::ChannelSync { id, onchain, claimed, reply } => {
@@ -449,6 +453,9 @@ impl Shard {
                 }
                 self.parked_vouchers_len = 0;
                 for ParkedVoucher { reply, .. } in mem::take(&mut self.parked_vouchers).into_values().flatten() {
+                    let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
+                }
+                for ParkedVoucher { reply, .. } in mem::take(&mut self.proving_vouchers).into_values() {
                     let _ = reply.send(SubmitOutcome::Unavailable("shutting down".into()));
                 }
                 false

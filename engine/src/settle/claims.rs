@@ -341,16 +341,19 @@ impl<C: Chain> Settler<C> {
                 // signer's key, which does not see `v`; the chain needs it right.
                 let digest = domain
                     .voucher_digest(&Voucher { channelId: channel.id, maxClaimableAmount: entry.maxClaimableAmount });
-                let Some(signature) = crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config))
-                else {
-                    tracing::error!(channel = %channel.id, "the channel's voucher is not its signer's: it cannot be claimed");
-                    return None;
+                // A signature that recovers to no one is a contract signer's,
+                // proved on chain when accepted: it goes as it is, for the
+                // contract to ask the signer (the simulation before sending
+                // finds it if the signer has changed its mind).
+                let signature = match crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config)) {
+                    Some(signature) => Bytes::copy_from_slice(&signature),
+                    None => Bytes::copy_from_slice(&signature),
                 };
                 Some(ClaimRow {
                     config: channel.config.clone(),
                     channel_id: channel.id,
                     max_claimable: entry.maxClaimableAmount,
-                    signature: Bytes::copy_from_slice(&signature),
+                    signature,
                     total_claimed: entry.totalClaimed,
                 })
             });

@@ -31,9 +31,13 @@ impl Shard {
     pub(super) fn voucher(
         &mut self,
         merchant: Arc<Merchant>,
-        verified: VerifiedVoucher,
+        mut verified: VerifiedVoucher,
         reply: oneshot::Sender<SubmitOutcome>,
     ) -> bool {
+        if let Some(why) = verified.unproved.take() {
+            self.prove_voucher(ParkedVoucher { merchant, verified, reply }, why);
+            return true;
+        }
         let id = verified.channel_id;
         if let Some(queue) = self.parked_vouchers.get_mut(&id) {
             if queue.len() >= Self::MAX_PARKED_PER_CHANNEL {
@@ -67,6 +71,66 @@ impl Shard {
             return true;
         }
         self.check_voucher(merchant, verified, reply, true)
+    }
+
+    /// Has the signature of `parked`, which does not recover to its signer
+    /// (`why`), proved on chain: valid only if the signer is a contract that
+    /// approves it (ERC-1271), as the channel contract will check it. The
+    /// voucher comes back through [`Shard::voucher_proved`].
+    fn prove_voucher(&mut self, parked: ParkedVoucher, why: String) {
+        if self.parked_vouchers_len >= self.max_parked {
+            let _ = parked.reply.send(SubmitOutcome::Unavailable("too many vouchers wait for checks; retry".into()));
+            return;
+        }
+        let v = &parked.verified;
+        let request = crate::signature::SignatureRequest {
+            signer: crate::channels::voucher_signer(&v.config),
+            digest: v.digest,
+            signature: v.signature.clone(),
+            deploy: None,
+        };
+        let (ticket, chain_id) = (self.next_ticket, v.chain_id);
+        self.next_ticket += 1;
+        let control = self.control.clone();
+        let done = crate::signature::ProofNotifier::new(move |proved| {
+            let _ = control.send(crate::pipeline::messages::ShardMsg::VoucherProved { ticket, proved });
+        });
+        tracing::debug!(shard = self.index, channel = %v.channel_id, %why, "voucher signature sent to be proved on chain");
+        self.proving_vouchers.insert(ticket, parked);
+        self.parked_vouchers_len += 1;
+        self.signatures.prove(chain_id, request, done);
+    }
+
+    /// The on-chain proof of a voucher's signature came back: on it goes,
+    /// or it is refused. False when the committer is gone.
+    pub(super) fn voucher_proved(&mut self, ticket: u64, proved: crate::signature::Proved) -> bool {
+        let Some(ParkedVoucher { merchant, mut verified, reply }) = self.proving_vouchers.remove(&ticket) else {
+            return true;
+        };
+        self.parked_vouchers_len -= 1;
+        match proved {
+            Ok(crate::signature::Proof::Valid) => {
+                verified.proved = true;
+                self.voucher(merchant, verified, reply)
+            }
+            Ok(crate::signature::Proof::Invalid(why)) => {
+                crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
+                let channel = self.channels.get(&verified.channel_id).map(|r| ChannelView::from(&r.channel));
+                let _ = reply.send(SubmitOutcome::VoucherRejected {
+                    payer: Some(verified.config.payer),
+                    rejection: Rejection::new(crate::reason::Reason::VoucherSignature, format!("voucher {why}")),
+                    channel,
+                });
+                true
+            }
+            Err(e) => {
+                let _ = reply.send(SubmitOutcome::Unavailable(format!(
+                    "the voucher's signature could not be checked on chain: {}",
+                    e.for_clients()
+                )));
+                true
+            }
+        }
     }
 
     /// The voucher rules for `parked`, whose deposit counts as made (as in
