@@ -320,3 +320,38 @@ async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
     })
     .await;
 }
+
+/// A stream of payments in which one in ten comes from one of ten contract
+/// wallets (a hundred each): every one is accepted, in a handful of proof
+/// calls, however the wallets' payments queue behind each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_contract_wallets_is_accepted_in_few_proof_calls() {
+    let s = Setup::new(90).await;
+    let token = X402TestToken::new(TOKEN, &s.wallet);
+    let mut wallets = Vec::new();
+    for _ in 0..10 {
+        let owner = Payer::random();
+        let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
+        token.mint(wallet, U256::from(10u64.pow(12))).send().await.unwrap().get_receipt().await.unwrap();
+        wallets.push((owner, wallet));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = s.node_config(dir.path(), Setup::merchant(3600), |c| c.balance_ttl_secs = 3600);
+    let node = start_node(&config).await;
+    let mut m2 = payments(node.endpoints().grpc, M2_KEY).await;
+    let requests: Vec<_> = (0..1000)
+        .map(|i| {
+            let (key, from) = match i % 10 {
+                9 => (&wallets[i / 10 % 10].0, wallets[i / 10 % 10].1),
+                _ => (&s.payers[i % 90], s.payers[i % 90].address()),
+            };
+            let (req, payload) = pay(key, from, PAY_TO_2);
+            exact_submit(i as u64, &req, &payload)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let answers = stream_all(&mut m2, requests).await;
+    let refused: Vec<_> = answers.iter().filter(|a| outcome(a) != pb::Outcome::Accepted).collect();
+    assert!(refused.is_empty(), "{} refused, the first: {:?}", refused.len(), refused.first());
+    eprintln!("1000 payments, 100 from contract wallets, in {:?}", started.elapsed());
+}
