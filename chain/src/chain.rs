@@ -170,6 +170,15 @@ pub trait Chain: Send + Sync + std::fmt::Debug + 'static {
     /// returns its output (a revert is an error).
     fn call(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Bytes>> + Send;
 
+    /// Runs the signature probe ([`crate::signature`]) with `input`, its
+    /// code placed at [`crate::signature::PROBE_ADDRESS`] by a state
+    /// override, in a block of time `time` (Unix seconds) on the latest
+    /// state, and returns its output.
+    fn probe(&self, input: Bytes, time: u64) -> impl Future<Output = Result<Bytes>> + Send {
+        let _ = (input, time);
+        async { Err(crate::Error::Config("this chain cannot run the signature probe".into())) }
+    }
+
     /// The gas `to` with `input` takes now, plus the configured margin.
     fn estimate_gas(&self, to: Address, input: Bytes) -> impl Future<Output = Result<u64>> + Send;
 

@@ -40,6 +40,15 @@ sol!(
 );
 
 sol!(
+    /// Runs many signature checks in one `eth_call`, each alone with its own
+    /// gas allowance; placed by a state override, never deployed.
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[derive(Debug, PartialEq, Eq)]
+    X402SignatureProbe,
+    "contracts/out/X402SignatureProbe.json"
+);
+
+sol!(
     /// An ERC-1271 contract wallet owned by one EOA (tests).
     #[allow(missing_debug_implementations, unreachable_pub)]
     #[sol(rpc)]

@@ -3,9 +3,17 @@
 //! `isValidSignature`, and a wallet not yet deployed wraps its signature in
 //! ERC-6492 with the factory call that deploys it.
 //!
-//! Checks are `aggregate3` rows (see [`crate::batch`]): one row per check,
-//! preceded by the factory row for a counterfactual wallet, so that one
-//! `eth_call` deploys and checks many wallets against the latest state.
+//! Checks run in one `eth_call` of the [`X402SignatureProbe`] code, placed
+//! at [`PROBE_ADDRESS`] by a state override ([`crate::Chain::probe`]): each
+//! check alone, with its own gas allowance, its effects undone, so that a
+//! hostile wallet can neither starve the others nor leave them a wallet
+//! deployed. A payment's check is the token's own
+//! `transferWithAuthorization`, run as its settlement will run it (after
+//! the factory call of a counterfactual wallet); a voucher's is the
+//! signer's `isValidSignature`, by STATICCALL as the channel contract makes
+//! it.
+//!
+//! [`X402SignatureProbe`]: crate::contracts::X402SignatureProbe
 
 use alloy::{
     primitives::{Address, B256, Bytes},
@@ -13,7 +21,81 @@ use alloy::{
     sol_types::{SolCall, SolValue},
 };
 
-use crate::batch::RowResult;
+use crate::{
+    batch::RowResult,
+    contracts::X402SignatureProbe,
+};
+
+/// Where the probe's code is placed for its `eth_call`: an address no one
+/// holds a key to, holding nothing.
+pub const PROBE_ADDRESS: Address = alloy::primitives::address!("0x00000000000000000000000000000000000402d1");
+
+/// One check for the probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// A counterfactual wallet's deployment, made first (it must succeed).
+    pub deploy: Option<Erc6492>,
+    /// The contract called.
+    pub target: Address,
+    /// The call.
+    pub data: Bytes,
+    /// By STATICCALL (a verifying contract's `isValidSignature` call).
+    pub is_static: bool,
+}
+
+/// How a probe ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probed {
+    /// The call returned this.
+    Returned(Bytes),
+    /// The call reverted with this.
+    Reverted(Bytes),
+    /// The factory call failed with this.
+    FactoryFailed(Bytes),
+    /// The check used up its gas allowance.
+    OutOfGas,
+    /// Not run: the `eth_call` had too little gas left. Ask again.
+    NotRun,
+}
+
+/// The input of the probe's `probe(probes, gasPerProbe)`.
+pub fn probe_calldata(probes: &[Probe], gas_per_probe: u64) -> Bytes {
+    let probes = probes
+        .iter()
+        .map(|p| X402SignatureProbe::Probe {
+            factory: p.deploy.as_ref().map_or(Address::ZERO, |d| d.factory),
+            factoryCalldata: p.deploy.as_ref().map(|d| d.calldata.clone()).unwrap_or_default(),
+            target: p.target,
+            data: p.data.clone(),
+            isStatic: p.is_static,
+        })
+        .collect();
+    X402SignatureProbe::probeCall { probes, gasPerProbe: alloy::primitives::U256::from(gas_per_probe) }
+        .abi_encode()
+        .into()
+}
+
+/// The outcomes of [`probe_calldata`]'s probes, in order.
+pub fn decode_probes(output: &[u8]) -> crate::Result<Vec<Probed>> {
+    let ret = X402SignatureProbe::probeCall::abi_decode_returns(output)
+        .map_err(|e| crate::Error::Decode(format!("the signature probe returned something else: {e}")))?;
+    if ret.outcomes.len() != ret.data.len() {
+        return Err(crate::Error::Decode("the signature probe's outcomes and data differ in length".into()));
+    }
+    Ok(ret
+        .outcomes
+        .into_iter()
+        .zip(ret.data)
+        // `X402SignatureProbe.Outcome`, in its order.
+        .map(|(outcome, data)| match u8::from(outcome) {
+            0 => Probed::Returned(data),
+            1 => Probed::Reverted(data),
+            2 => Probed::FactoryFailed(data),
+            3 => Probed::OutOfGas,
+            _ => Probed::NotRun,
+        })
+        .collect())
+}
 
 /// The ERC-1271 magic value: `isValidSignature.selector`.
 pub const ERC1271_MAGIC: [u8; 4] = [0x16, 0x26, 0xba, 0x7e];

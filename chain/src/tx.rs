@@ -421,6 +421,18 @@ impl Chain for AlloyChain {
         Ok(self.provider.call(request).await?)
     }
 
+    async fn probe(&self, input: Bytes, time: u64) -> Result<Bytes> {
+        use alloy::rpc::types::{BlockOverrides, state::AccountOverride};
+        let probe = crate::signature::PROBE_ADDRESS;
+        let request = TransactionRequest::default().with_to(probe).with_input(input);
+        let code = AccountOverride {
+            code: Some(crate::contracts::X402SignatureProbe::DEPLOYED_BYTECODE.clone()),
+            ..AccountOverride::default()
+        };
+        let block = BlockOverrides { time: Some(time), ..BlockOverrides::default() };
+        Ok(self.provider.call(request).account_override(probe, code).with_block_overrides(block).await?)
+    }
+
     async fn estimate_gas(&self, to: Address, input: Bytes) -> Result<u64> {
         let from = self.signers.first().map(|(a, _)| *a).unwrap_or_default();
         let request = TransactionRequest::default().with_from(from).with_to(to).with_input(input);

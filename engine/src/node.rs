@@ -127,7 +127,6 @@ impl Node {
         if let (Some(chain), Some(c)) = (&chain, &config.chain) {
             pipeline.signatures = Arc::new(crate::signature::ChainSignatures::new(
                 chain.clone(),
-                c.settler().multicall,
                 crate::signature::ChainSignaturesConfig::default(),
             ));
             pipeline.erc6492_factories = c.erc6492_factories.clone();

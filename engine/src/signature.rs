@@ -13,22 +13,26 @@
 //! payer) until the [`ProofNotifier`] it gave is called, as it does for
 //! balance reads. [`ChainSignatures`] gathers the requests of all shards for
 //! a few milliseconds and proves up to `max_rows` of them in one `eth_call`
-//! of Multicall3's `aggregate3`: per request, the factory row of a
-//! counterfactual wallet, then its `isValidSignature` row, so one call
-//! deploys and checks many wallets against the latest state.
+//! of the signature probe (`x402_chain::signature`), its code placed by a
+//! state override:
 //!
 //! ```text
-//!  shard ── prove(request, notifier) ──► queue ── gathered (≤ max_rows, ≤ window) ──► aggregate3 eth_call
+//!  shard ── prove(request, notifier) ──► queue ── gathered (≤ max_rows, ≤ window) ──► one probe eth_call
 //!    ▲                                                                                      │
-//!    └────────────── notifier(Valid | Invalid(why) | Err) ◄── one verdict per request ──────┘
+//!    └────────── notifier(Valid | Refused(reason, why) | Err) ◄── one outcome per request ──┘
 //! ```
 //!
-//! A reverted row is ambiguous in a batch: a hostile wallet that burns all
-//! the gas it is given starves the rows after it. Reverted rows are
-//! therefore proved again without the rows that answered, and a group in
-//! which every row reverted is halved, until each reverting row stands
-//! alone; only then is its revert a refusal. Honest rows never cost more
-//! than their first call.
+//! What a request runs is what the chain will run: for a payment, the
+//! token's own `transferWithAuthorization` as its settlement sends it (the
+//! `bytes signature` function, after the factory call of a counterfactual
+//! wallet), so a token that cannot take it, a spent nonce or a wallet that
+//! refuses all refuse the payment before it is accepted; for a voucher, the
+//! signer's `isValidSignature` by STATICCALL, as the channel contract makes
+//! it. Each check runs alone with its own gas allowance (`gas_per_check`),
+//! its effects undone: a hostile wallet burning gas uses up its own
+//! allowance only and is refused, and a wallet one check deploys is gone
+//! for the next. A check the call had no gas left for is asked again in
+//! the next call.
 
 use std::{
     fmt,
@@ -43,25 +47,42 @@ use alloy::primitives::{Address, B256, Bytes};
 use tokio::{sync::mpsc, task::AbortHandle};
 use x402_chain::{
     Chain,
-    batch::{aggregate3_calldata, decode_aggregate3},
-    signature::{Erc6492, Verdict, is_valid_signature_row, verdict},
+    signature::{Erc6492, Probe, Probed, Verdict, decode_probes, is_valid_signature_row, probe_calldata, verdict},
 };
 
-use crate::Error;
+use crate::{Error, reason::Reason};
 
-/// A signature to prove on chain: `signer` (which holds code, or which
-/// `deploy` deploys) approves `signature` of `digest`.
+/// A signature to prove on chain, for `signer` (which holds code, or which
+/// `deploy` deploys).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignatureRequest {
-    /// Who must approve it: the payment's `from`.
+    /// Whose signature it is: the payment's `from`, the voucher's signer.
     pub signer: Address,
-    /// The EIP-712 digest the token will check.
-    pub digest: B256,
-    /// The signature the token will be given (an ERC-6492 wrapper's inner
-    /// signature).
-    pub signature: Bytes,
-    /// For a counterfactual wallet, the factory call that deploys it.
+    /// What the chain is asked.
+    pub check: Check,
+    /// For a counterfactual wallet, the factory call that deploys it first.
     pub deploy: Option<Erc6492>,
+}
+
+/// The call a [`SignatureRequest`] proves by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A payment: `calldata` of `token`'s `transferWithAuthorization`, as
+    /// its settlement sends it; valid if it succeeds.
+    Transfer {
+        /// The token.
+        token: Address,
+        /// The call.
+        calldata: Bytes,
+    },
+    /// A voucher: the signer's `isValidSignature(digest, signature)`, by
+    /// STATICCALL; valid if it answers the ERC-1271 magic value.
+    Erc1271 {
+        /// The digest signed.
+        digest: B256,
+        /// The signature.
+        signature: Bytes,
+    },
 }
 
 /// What the chain said of a signature.
@@ -69,8 +90,9 @@ pub struct SignatureRequest {
 pub enum Proof {
     /// The signer approves it: the token will accept it.
     Valid,
-    /// It does not, and why.
-    Invalid(String),
+    /// Refused, for this reason (the token's, for a transfer that would
+    /// revert), and why.
+    Refused(Reason, String),
 }
 
 /// A proof, or why the chain could not be asked (the payment is answered
@@ -112,10 +134,10 @@ pub struct NoSignatures;
 
 impl SignatureSource for NoSignatures {
     fn prove(&self, chain_id: u64, request: SignatureRequest, done: ProofNotifier) {
-        done.notify(Ok(Proof::Invalid(format!(
-            "{} needs an on-chain signature check, and this node reads no chain {chain_id} to ask",
-            request.signer
-        ))));
+        done.notify(Ok(Proof::Refused(
+            Reason::Signature,
+            format!("{} needs an on-chain signature check, and this node reads no chain {chain_id} to ask", request.signer),
+        )));
     }
 }
 
@@ -124,6 +146,9 @@ impl SignatureSource for NoSignatures {
 pub struct ChainSignaturesConfig {
     /// Most requests proved in one call.
     pub max_rows: usize,
+    /// Gas each check may use; a check that needs more is refused (a
+    /// wallet that costs that much to ask would cost as much to settle).
+    pub gas_per_check: u64,
     /// How long the first request of a batch waits for others.
     pub window: Duration,
     /// Calls in flight at most; further batches wait their turn.
@@ -135,7 +160,13 @@ pub struct ChainSignaturesConfig {
 
 impl Default for ChainSignaturesConfig {
     fn default() -> Self {
-        Self { max_rows: 100, window: Duration::from_millis(2), max_calls: 8, timeout: Duration::from_secs(5) }
+        Self {
+            max_rows: 100,
+            gas_per_check: 500_000,
+            window: Duration::from_millis(2),
+            max_calls: 8,
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -144,14 +175,15 @@ impl Default for ChainSignaturesConfig {
 pub struct SignatureStats {
     /// `eth_call`s made.
     pub calls: AtomicU64,
-    /// Requests proved.
+    /// Requests proved, counted once per call they were in (a request the
+    /// call had no gas left for counts again in the next).
     pub requests: AtomicU64,
 }
 
 type Job = (SignatureRequest, ProofNotifier);
 
-/// Signatures proved by `eth_call`s of Multicall3 `aggregate3` on one
-/// chain, many per call. Dropping it stops its task; requests still queued
+/// Signatures proved by `eth_call`s of the signature probe on one chain,
+/// many per call. Dropping it stops its task; requests still queued
 /// are answered UNAVAILABLE.
 pub struct ChainSignatures {
     chain_id: u64,
@@ -161,13 +193,13 @@ pub struct ChainSignatures {
 }
 
 impl ChainSignatures {
-    /// Proves signatures on `chain` through the Multicall3 at `multicall`;
-    /// its task runs on the current tokio runtime.
-    pub fn new<C: Chain>(chain: Arc<C>, multicall: Address, config: ChainSignaturesConfig) -> Self {
+    /// Proves signatures on `chain`; its task runs on the current tokio
+    /// runtime.
+    pub fn new<C: Chain>(chain: Arc<C>, config: ChainSignaturesConfig) -> Self {
         let (queue, jobs) = mpsc::unbounded_channel();
         let stats = Arc::new(SignatureStats::default());
         let chain_id = chain.chain_id();
-        let batcher = Batcher { chain, multicall, config, stats: stats.clone() };
+        let batcher = Batcher { chain, config, stats: stats.clone() };
         let task = tokio::spawn(batcher.run(jobs)).abort_handle();
         Self { chain_id, queue, stats, task }
     }
@@ -181,10 +213,8 @@ impl ChainSignatures {
 impl SignatureSource for ChainSignatures {
     fn prove(&self, chain_id: u64, request: SignatureRequest, done: ProofNotifier) {
         if chain_id != self.chain_id {
-            return done.notify(Ok(Proof::Invalid(format!(
-                "signatures are proved on chain {}, not {chain_id}",
-                self.chain_id
-            ))));
+            let why = format!("signatures are proved on chain {}, not {chain_id}", self.chain_id);
+            return done.notify(Ok(Proof::Refused(Reason::InvalidNetwork, why)));
         }
         if let Err(mpsc::error::SendError((_, done))) = self.queue.send((request, done)) {
             done.notify(Err(Arc::new(Error::Timeout("the signature prover has stopped".into()))));
@@ -206,7 +236,6 @@ impl fmt::Debug for ChainSignatures {
 
 struct Batcher<C> {
     chain: Arc<C>,
-    multicall: Address,
     config: ChainSignaturesConfig,
     stats: Arc<SignatureStats>,
 }
@@ -256,84 +285,131 @@ impl<C: Chain> Batcher<C> {
     /// One proof per request, in order.
     async fn prove_all(&self, requests: &[&SignatureRequest]) -> Vec<Proved> {
         let mut proofs: Vec<Option<Proved>> = vec![None; requests.len()];
-        let mut groups = vec![(0..requests.len()).collect::<Vec<_>>()];
-        while let Some(group) = groups.pop() {
+        let mut todo: Vec<usize> = (0..requests.len()).collect();
+        while !todo.is_empty() {
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            self.stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
+            self.stats.requests.fetch_add(todo.len() as u64, Ordering::Relaxed);
             metrics::counter!(crate::metrics::SIGNATURE_CALLS).increment(1);
-            metrics::counter!(crate::metrics::SIGNATURE_PROOFS).increment(group.len() as u64);
-            let halve = |groups: &mut Vec<Vec<usize>>, group: Vec<usize>| {
-                let (a, b) = group.split_at(group.len() / 2);
-                groups.push(a.to_vec());
-                groups.push(b.to_vec());
-            };
-            let reverted = |e: &Error| matches!(e, Error::Chain(c) if c.is_execution_failure());
-            match self.call(group.iter().map(|&i| requests[i])).await {
-                Err(e) if reverted(&e) && group.len() > 1 => halve(&mut groups, group),
-                Err(e) if reverted(&e) => {
-                    let why = format!("the check of {} ran out of gas or reverted: {e}", requests[group[0]].signer);
-                    proofs[group[0]] = Some(Ok(Proof::Invalid(why)));
-                }
+            metrics::counter!(crate::metrics::SIGNATURE_PROOFS).increment(todo.len() as u64);
+            let probes: Vec<Probe> = todo.iter().map(|&i| probe(requests[i])).collect();
+            let outcomes = match self.call(&probes).await {
+                Ok(outcomes) => outcomes,
                 Err(e) => {
                     let e = Arc::new(e);
-                    for i in group {
+                    for i in todo {
                         proofs[i] = Some(Err(e.clone()));
                     }
+                    break;
                 }
-                Ok(verdicts) => {
-                    let alone = group.len() == 1;
-                    let mut again = Vec::new();
-                    for (i, v) in group.iter().copied().zip(verdicts) {
-                        proofs[i] = Some(Ok(match v {
-                            Verdict::Valid => Proof::Valid,
-                            Verdict::Invalid(why) => Proof::Invalid(why),
-                            Verdict::Reverted(why) if alone => Proof::Invalid(why),
-                            Verdict::Reverted(_) => {
-                                again.push(i);
-                                continue;
-                            }
-                        }));
-                    }
-                    match again.len() {
-                        0 => {}
-                        n if n == group.len() => halve(&mut groups, again),
-                        _ => groups.push(again),
-                    }
+            };
+            let mut again = Vec::new();
+            for (i, outcome) in todo.iter().copied().zip(outcomes) {
+                match self.proof(requests[i], outcome) {
+                    Some(proof) => proofs[i] = Some(Ok(proof)),
+                    None => again.push(i),
                 }
             }
+            if again.len() == todo.len() {
+                // No room for even one check: the node's call gas cap is
+                // below one allowance.
+                let e = Arc::new(Error::from(x402_chain::Error::Config(format!(
+                    "the node's eth_call gas cap leaves no room for a check of {} gas",
+                    self.config.gas_per_check
+                ))));
+                for i in again {
+                    proofs[i] = Some(Err(e.clone()));
+                }
+                break;
+            }
+            todo = again;
         }
         proofs.into_iter().map(|p| p.expect("every request is proved or failed")).collect()
     }
 
-    /// The verdicts of one `aggregate3` call proving `requests`.
-    async fn call<'a>(
-        &self,
-        requests: impl Iterator<Item = &'a SignatureRequest>,
-    ) -> crate::Result<Vec<Verdict>> {
-        let mut rows = Vec::new();
-        let mut checks = Vec::new();
-        for r in requests {
-            if let Some(deploy) = &r.deploy {
-                rows.push(deploy.deploy_row());
+    /// What `outcome` says of `request`; `None` when it was not run.
+    fn proof(&self, request: &SignatureRequest, outcome: Probed) -> Option<Proof> {
+        let signer = request.signer;
+        let refused = |reason, why: String| Some(Proof::Refused(reason, why));
+        match (outcome, &request.check) {
+            (Probed::NotRun, _) => None,
+            (Probed::OutOfGas, _) => refused(
+                Reason::Signature,
+                format!("checking {signer}'s signature takes more than {} gas", self.config.gas_per_check),
+            ),
+            (Probed::FactoryFailed(data), _) => {
+                refused(Reason::Signature, format!("the ERC-6492 factory call failed: {}", revert_text(&data)))
             }
-            checks.push((rows.len(), r.signer));
-            rows.push(is_valid_signature_row(r.signer, r.digest, r.signature.clone()));
+            (Probed::Returned(_), Check::Transfer { .. }) => Some(Proof::Valid),
+            (Probed::Reverted(data), Check::Transfer { .. }) => {
+                let text = revert_text(&data);
+                let reason = token_reason(&text);
+                refused(reason, format!("the token refuses the transfer from {signer}: {text}"))
+            }
+            (Probed::Returned(data), Check::Erc1271 { .. }) => {
+                match verdict(signer, &x402_chain::batch::RowResult { success: true, data }) {
+                    Verdict::Valid => Some(Proof::Valid),
+                    Verdict::Invalid(why) | Verdict::Reverted(why) => refused(Reason::Signature, why),
+                }
+            }
+            (Probed::Reverted(data), Check::Erc1271 { .. }) => refused(
+                Reason::Signature,
+                format!("isValidSignature of {signer} reverted: {}", revert_text(&data)),
+            ),
         }
-        let call = self.chain.call(self.multicall, aggregate3_calldata(rows));
-        let output = tokio::time::timeout(self.config.timeout, call)
+    }
+
+    /// The outcomes of one probe call of `probes`.
+    async fn call(&self, probes: &[Probe]) -> crate::Result<Vec<Probed>> {
+        let input = probe_calldata(probes, self.config.gas_per_check);
+        let now = crate::domain::unix_millis() / 1000;
+        let output = tokio::time::timeout(self.config.timeout, self.chain.probe(input, now))
             .await
             .map_err(|_| Error::Timeout(format!("no answer to a signature check in {:?}", self.config.timeout)))??;
-        let results = decode_aggregate3(&output)?;
-        checks
-            .into_iter()
-            .map(|(row, signer)| {
-                results.get(row).map(|r| verdict(signer, r)).ok_or_else(|| {
-                    Error::from(x402_chain::Error::Decode(format!(
-                        "aggregate3 answered {} rows, fewer than asked",
-                        results.len()
-                    )))
-                })
-            })
-            .collect()
+        let outcomes = decode_probes(&output)?;
+        if outcomes.len() != probes.len() {
+            let got = outcomes.len();
+            return Err(x402_chain::Error::Decode(format!("the probe answered {got} checks, not {}", probes.len())).into());
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The probe that proves `request`.
+fn probe(request: &SignatureRequest) -> Probe {
+    let (target, data, is_static) = match &request.check {
+        Check::Transfer { token, calldata } => (*token, calldata.clone(), false),
+        Check::Erc1271 { digest, signature } => {
+            let (target, data) = is_valid_signature_row(request.signer, *digest, signature.clone());
+            (target, data, true)
+        }
+    };
+    Probe { deploy: request.deploy.clone(), target, data, is_static }
+}
+
+/// Revert data in words: its `Error(string)` message, else its hex.
+fn revert_text(data: &[u8]) -> String {
+    use alloy::sol_types::SolError;
+    match alloy::sol_types::Revert::abi_decode(data) {
+        Ok(revert) => revert.reason,
+        Err(_) if data.is_empty() => "no reason given".into(),
+        Err(_) => format!("0x{}", alloy::hex::encode(data)),
+    }
+}
+
+/// The x402 reason of a token's refusal of a transfer (the FiatToken
+/// strings the test token shares with USDC); a refusal x402d cannot name
+/// is the signature's, the one thing the payer with code controls.
+fn token_reason(message: &str) -> Reason {
+    let m = message.to_ascii_lowercase();
+    if m.contains("exceeds balance") {
+        Reason::InsufficientBalance
+    } else if m.contains("used or canceled") || m.contains("used or cancelled") {
+        Reason::NonceAlreadyUsed
+    } else if m.contains("expired") {
+        Reason::ValidBefore
+    } else if m.contains("not yet valid") {
+        Reason::ValidAfter
+    } else {
+        Reason::Signature
     }
 }

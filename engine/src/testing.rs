@@ -356,11 +356,11 @@ impl ManualSignatures {
         }
     }
 
-    /// Answers the request for `digest` with `proved`.
-    pub fn answer(&self, digest: B256, proved: crate::signature::Proved) {
+    /// Answers `request` with `proved`.
+    pub fn answer(&self, request: &crate::signature::SignatureRequest, proved: crate::signature::Proved) {
         let done = {
             let mut waiting = self.waiting.lock().unwrap();
-            let at = waiting.iter().position(|(r, _)| r.digest == digest).expect("a proof was asked for it");
+            let at = waiting.iter().position(|(r, _)| r == request).expect("a proof was asked for it");
             waiting.remove(at).1
         };
         done.notify(proved);

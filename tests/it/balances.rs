@@ -106,8 +106,8 @@ async fn the_reservation_check_uses_the_balance_on_chain_and_follows_transfers()
 
 /// A payer with code (here an EOA delegated by EIP-7702 to an address with
 /// no code: the token checks its signature with ERC-1271, and nothing
-/// answers) is refused, however well its key signed and whatever its
-/// balance, and so is a payment in an asset address that holds no contract;
+/// answers) is refused as the token refuses it, however well its key signed
+/// and whatever its balance, and so is a payment in an asset address that holds no contract;
 /// the balance cache reads the code beside the balance, never on a shard
 /// thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +129,7 @@ async fn payers_with_code_and_assets_without_a_contract_are_refused() {
     let answer = m3.submit(payment(&delegated, 60, 1)).await.unwrap().into_inner();
     assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a payer with code was accepted");
     assert_eq!(answer.reason, "invalid_exact_evm_signature", "{}", answer.message);
-    assert!(answer.message.contains("isValidSignature"), "{}", answer.message);
+    assert!(answer.message.contains("invalid signature"), "{}", answer.message);
     let plain_answer = m3.submit(payment(&plain, 60, 2)).await.unwrap().into_inner();
     assert_eq!(outcome(&plain_answer), pb::Outcome::Accepted, "{}", plain_answer.message);
 

@@ -196,27 +196,31 @@ async fn payers_with_code_are_proved_on_chain_and_settle_direct_and_batched() {
 }
 
 /// Proofs on a real chain: a hundred requests take one `eth_call`, and a
-/// hostile wallet that burns all its gas in a batch starves no honest row
-/// of it (they are proved again without it) and is refused itself.
+/// hostile wallet that burns all the gas it is given uses up its own
+/// allowance only: it is refused, and every honest check in its call is
+/// valid; a wallet one check deploys is gone for the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
     use std::{sync::Arc, sync::atomic::Ordering};
-    use x402_engine::signature::{ChainSignatures, ChainSignaturesConfig, Proof, ProofNotifier, SignatureRequest, SignatureSource};
+    use x402_engine::signature::{
+        ChainSignatures, ChainSignaturesConfig, Check, Proof, ProofNotifier, SignatureRequest, SignatureSource,
+    };
 
     let s = Setup::new(0).await;
     let owner = Payer::random();
     let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
     let burner = *x402_chain::contracts::X402TestGasBurner::deploy(&s.wallet).await.unwrap().address();
+    let factory = *X402TestWalletFactory::deploy(&s.wallet).await.unwrap().address();
     let chain = x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), x402_chain::TxConfig::default())
         .await
         .unwrap();
     let config = ChainSignaturesConfig { window: std::time::Duration::from_millis(50), ..Default::default() };
-    let signatures = ChainSignatures::new(Arc::new(chain), x402_chain::contracts::MULTICALL3_ADDRESS, config);
+    let signatures = ChainSignatures::new(Arc::new(chain), config);
 
     let request = |signer: Address, key: &Payer| {
         let digest = random_nonce();
         let signature = key.signer().sign_hash_sync(&digest).unwrap().as_bytes().to_vec();
-        SignatureRequest { signer, digest, signature: signature.into(), deploy: None }
+        SignatureRequest { signer, check: Check::Erc1271 { digest, signature: signature.into() }, deploy: None }
     };
     let prove_all = |requests: Vec<SignatureRequest>| {
         let receivers: Vec<_> = requests
@@ -240,23 +244,45 @@ async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
     assert!(proofs.iter().all(|p| *p == Proof::Valid), "{proofs:?}");
     assert_eq!(signatures.stats().calls.load(Ordering::Relaxed), 1, "a hundred proofs took more than one call");
 
-    // 30 honest rows, two burners among them, and a forgery.
+    // 30 checks: two burners among them, a forgery, and a counterfactual
+    // wallet whose deployment by one check must not serve the next, which
+    // names it without deploying it.
+    let cf_owner = Payer::random();
+    let cf = X402TestWalletFactory::new(factory, &s.wallet)
+        .walletAddress(cf_owner.address(), B256::ZERO)
+        .call()
+        .await
+        .unwrap();
+    let deploy = Erc6492 {
+        factory,
+        calldata: X402TestWalletFactory::createWalletCall { owner: cf_owner.address(), salt: B256::ZERO }
+            .abi_encode()
+            .into(),
+        signature: Bytes::new(),
+    };
     let mut requests: Vec<_> = (0..30).map(|_| request(wallet, &owner)).collect();
     requests[3] = request(burner, &owner);
     requests[17] = request(burner, &owner);
     requests[25] = request(wallet, &Payer::random());
+    requests[26] = SignatureRequest { deploy: Some(deploy), ..request(cf, &cf_owner) };
+    requests[27] = request(cf, &cf_owner);
     let before = signatures.stats().calls.load(Ordering::Relaxed);
     let proofs = prove_all(requests).await;
     for (i, proof) in proofs.iter().enumerate() {
         match i {
-            3 | 17 => assert!(matches!(proof, Proof::Invalid(m) if m.contains("reverted") || m.contains("gas")), "{i}: {proof:?}"),
-            25 => assert!(matches!(proof, Proof::Invalid(m) if m.contains("magic")), "{i}: {proof:?}"),
-            _ => assert_eq!(*proof, Proof::Valid, "honest row {i} was starved"),
+            // Starved by its own allowance: its call fails (with 1/64 of
+            // the allowance left to say so), or the check runs out.
+            3 | 17 => assert!(
+                matches!(proof, Proof::Refused(_, m) if m.contains("reverted") || m.contains("gas")),
+                "{i}: {proof:?}"
+            ),
+            25 => assert!(matches!(proof, Proof::Refused(_, m) if m.contains("magic")), "{i}: {proof:?}"),
+            27 => assert!(matches!(proof, Proof::Refused(_, m) if m.contains("no code")), "{i}: {proof:?}"),
+            _ => assert_eq!(*proof, Proof::Valid, "check {i}"),
         }
     }
     let calls = signatures.stats().calls.load(Ordering::Relaxed) - before;
-    assert!(calls <= 16, "{calls} calls for two burners in 30 rows");
-    eprintln!("30 rows with two gas burners: {calls} calls");
+    assert_eq!(calls, 1, "two burners in 30 checks took {calls} calls");
 }
 
 /// A channel whose `payerAuthorizer` is an ERC-1271 wallet: its vouchers,

@@ -50,9 +50,10 @@ use crate::{
         PaymentStatus, PendingKey, SignatureKind,
     },
     reason::{Reason, Rejection},
-    signature::{NoSignatures, Proof, ProofNotifier, Proved, SignatureRequest, SignatureSource},
+    signature::{Check, NoSignatures, Proof, ProofNotifier, Proved, SignatureRequest, SignatureSource},
     verify::{SignatureCheck, Verified},
 };
+use x402_chain::{eip3009::transfer_with_authorization_bytes_calldata, signature::Erc6492};
 
 struct ReplayEntry {
     digest: B256,
@@ -100,37 +101,42 @@ struct Signed {
 /// or not: locally done (`Ok(Err(signed))`), to prove on chain
 /// (`Ok(Ok(request))`), or refused (`Err(why)`).
 fn signature_plan(verified: &Verified, has_code: bool) -> Result<Result<SignatureRequest, Signed>, String> {
-    let signer = verified.payer();
-    let request = |signature: Vec<u8>, deploy| SignatureRequest {
-        signer,
-        digest: verified.digest,
-        signature: signature.into(),
-        deploy,
+    // The transfer its settlement will send: the `bytes signature` function
+    // with `signature`, after the factory call of `deploy`.
+    let request = |signature: &[u8], deploy: Option<&Erc6492>| SignatureRequest {
+        signer: verified.payer(),
+        check: Check::Transfer {
+            token: verified.requirements.asset,
+            calldata: transfer_with_authorization_bytes_calldata(
+                &(&verified.payload.authorization).into(),
+                signature.to_vec().into(),
+            ),
+        },
+        deploy: deploy.cloned(),
     };
     match (&verified.signature, has_code) {
         (SignatureCheck::Recovered, false) => Ok(Err(Signed { kind: SignatureKind::Ecdsa, signature: None })),
         (SignatureCheck::NotRecovered(why), false) => Err(why.clone()),
-        (SignatureCheck::Counterfactual(wrapped), false) => {
-            Ok(Ok(request(wrapped.signature.to_vec(), Some(wrapped.clone()))))
-        }
+        (SignatureCheck::Counterfactual(wrapped), false) => Ok(Ok(request(&wrapped.signature, Some(wrapped)))),
         // A deployed wallet checks its own signature, whatever the wrapper
         // would have deployed.
-        (SignatureCheck::Counterfactual(wrapped), true) => Ok(Ok(request(wrapped.signature.to_vec(), None))),
+        (SignatureCheck::Counterfactual(wrapped), true) => Ok(Ok(request(&wrapped.signature, None))),
         (SignatureCheck::Recovered | SignatureCheck::NotRecovered(_), true) => {
-            Ok(Ok(request(verified.payload.signature.clone(), None)))
+            Ok(Ok(request(&verified.payload.signature, None)))
         }
     }
 }
 
 impl Signed {
-    /// What a proved `request` is recorded and settled as.
-    fn proved(request: &SignatureRequest, submitted: &[u8]) -> Self {
-        match request.deploy {
-            Some(_) => Self { kind: SignatureKind::Erc6492, signature: None },
-            None => Self {
-                kind: SignatureKind::Erc1271,
-                signature: (request.signature.as_ref() != submitted).then(|| request.signature.to_vec()),
-            },
+    /// What a payment whose `request` was proved is recorded and settled
+    /// as: the signature the proved transfer carried.
+    fn proved(request: &SignatureRequest, verified: &Verified) -> Self {
+        match (&request.deploy, &verified.signature) {
+            (Some(_), _) => Self { kind: SignatureKind::Erc6492, signature: None },
+            (None, SignatureCheck::Counterfactual(wrapped)) => {
+                Self { kind: SignatureKind::Erc1271, signature: Some(wrapped.signature.to_vec()) }
+            }
+            (None, _) => Self { kind: SignatureKind::Erc1271, signature: None },
         }
     }
 }
@@ -636,8 +642,8 @@ impl Shard {
             }
             Ok(Ok(request)) => match proof {
                 None => return Checked::Prove(verified, reply, request, has_code),
-                Some(Ok(Proof::Valid)) => Signed::proved(&request, &verified.payload.signature),
-                Some(Ok(Proof::Invalid(why))) => return self.reject(reply, id, payer, Reason::Signature, why),
+                Some(Ok(Proof::Valid)) => Signed::proved(&request, &verified),
+                Some(Ok(Proof::Refused(reason, why))) => return self.reject(reply, id, payer, reason, why),
                 Some(Err(e)) => {
                     let _ = reply.send(SubmitOutcome::Unavailable(e.for_clients()));
                     return Checked::Answered;

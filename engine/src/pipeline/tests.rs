@@ -1043,7 +1043,7 @@ fn a_payer_with_code_waits_for_its_proofs_in_order() {
     assert_eq!(first[0].signer, wallet);
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(signatures.waiting().len(), 1, "a later payment was asked before its turn");
-    signatures.answer(first[0].digest, Ok(Proof::Invalid("forged".into())));
+    signatures.answer(&first[0], Ok(Proof::Refused(Reason::Signature, "forged".into())));
     let SubmitOutcome::Rejected { rejection, .. } = replies.remove(0).blocking_recv().unwrap() else {
         panic!("a refused proof")
     };
@@ -1055,12 +1055,12 @@ fn a_payer_with_code_waits_for_its_proofs_in_order() {
     assert_eq!(burst.len(), 4);
     // Answered last to first: nothing is decided out of order.
     let down = Arc::new(Error::Io(std::io::Error::other("node down")));
-    signatures.answer(burst[3].digest, Err(down));
-    signatures.answer(burst[2].digest, Ok(Proof::Valid));
-    signatures.answer(burst[1].digest, Ok(Proof::Valid));
+    signatures.answer(&burst[3], Err(down));
+    signatures.answer(&burst[2], Ok(Proof::Valid));
+    signatures.answer(&burst[1], Ok(Proof::Valid));
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(replies.iter_mut().all(|rx| rx.try_recv().is_err()), "answered before the first of them");
-    signatures.answer(burst[0].digest, Ok(Proof::Valid));
+    signatures.answer(&burst[0], Ok(Proof::Valid));
     let outcomes: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
     let SubmitOutcome::Accepted { id, .. } = &outcomes[0] else { panic!("{outcomes:?}") };
     assert!(matches!(outcomes[1], SubmitOutcome::Accepted { .. }), "{outcomes:?}");

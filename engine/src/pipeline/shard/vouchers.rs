@@ -85,8 +85,7 @@ impl Shard {
         let v = &parked.verified;
         let request = crate::signature::SignatureRequest {
             signer: crate::channels::voucher_signer(&v.config),
-            digest: v.digest,
-            signature: v.signature.clone(),
+            check: crate::signature::Check::Erc1271 { digest: v.digest, signature: v.signature.clone() },
             deploy: None,
         };
         let (ticket, chain_id) = (self.next_ticket, v.chain_id);
@@ -113,7 +112,7 @@ impl Shard {
                 verified.proved = true;
                 self.voucher(merchant, verified, reply)
             }
-            Ok(crate::signature::Proof::Invalid(why)) => {
+            Ok(crate::signature::Proof::Refused(_, why)) => {
                 crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
                 let channel = self.channels.get(&verified.channel_id).map(|r| ChannelView::from(&r.channel));
                 let _ = reply.send(SubmitOutcome::VoucherRejected {
