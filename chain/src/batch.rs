@@ -23,6 +23,16 @@ pub fn aggregate3_calldata(rows: impl IntoIterator<Item = (Address, Bytes)>) -> 
     Multicall3::aggregate3Call { calls }.abi_encode().into()
 }
 
+/// Calldata of `aggregate3` over `(target, calldata, allow_failure)` rows:
+/// a row not allowed to fail reverts the whole call when it fails.
+pub fn aggregate3_calldata_with(rows: impl IntoIterator<Item = (Address, Bytes, bool)>) -> Bytes {
+    let calls = rows
+        .into_iter()
+        .map(|(target, call_data, allow_failure)| Call3 { target, allowFailure: allow_failure, callData: call_data })
+        .collect::<Vec<_>>();
+    Multicall3::aggregate3Call { calls }.abi_encode().into()
+}
+
 /// One row's result in an `aggregate3` return.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowResult {

@@ -246,10 +246,17 @@ impl Verifier {
             }
             Some(Err(why)) => return Err(reject(Some(id), Reason::Signature, why)),
         };
-        let signed = |reason, message: String| Refusal::Rejected {
-            id: Some(id),
-            payer: Some(auth.from),
-            rejection: Rejection::new(reason, message),
+        // Steps 5–8 refuse a payment signed by its payer for what it says. A
+        // signature that does not recover is refused for that first, as the
+        // reference does (the payment it would authorize is not this one),
+        // and names no payer: only the chain could say it is a wallet's.
+        let signed = |reason, message: String| match &signature {
+            SignatureCheck::NotRecovered(why) => Refusal::Rejected {
+                id: Some(id),
+                payer: None,
+                rejection: Rejection::new(Reason::Signature, format!("{why} (and {message})")),
+            },
+            _ => Refusal::Rejected { id: Some(id), payer: Some(auth.from), rejection: Rejection::new(reason, message) },
         };
         // 5. recipient
         if auth.to != requirements.pay_to {

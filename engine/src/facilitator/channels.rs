@@ -202,11 +202,24 @@ fn verified(
         || (ChannelContracts::default(), None, 0),
         |c| (c.contracts, Some(vec![c.chain.chain_id()]), c.min_deposit),
     );
-    Ok(VoucherVerifier::new(contracts).settling(chains).min_deposit(min_deposit).verify(
+    let verified = VoucherVerifier::new(contracts).settling(chains).min_deposit(min_deposit).verify(
         merchant,
         &requirements,
         payload,
-    ))
+    );
+    // A signature that does not recover to its signer would need an
+    // on-chain proof, which only the pipeline (gRPC) makes: refused here.
+    Ok(verified.and_then(|v| match &v.unproved {
+        None => Ok(v),
+        Some(why) => Err(Refusal::Rejected {
+            id: None,
+            payer: Some(v.config.payer),
+            rejection: crate::reason::Rejection::new(
+                Reason::VoucherSignature,
+                format!("voucher {why} (a contract signer's vouchers are proved over gRPC only)"),
+            ),
+        }),
+    }))
 }
 
 fn refused(refusal: Refusal) -> Result<VerifyResponse, Failure> {

@@ -78,10 +78,12 @@ struct Parked {
 enum ProofState {
     /// None asked (none needed, or not known yet).
     None,
-    /// Asked, under this ticket.
-    Asked(u64),
-    /// Answered.
-    Ready(Proved),
+    /// Asked, under this ticket, for this request.
+    Asked(u64, SignatureRequest),
+    /// Answered, for this request: it counts only if the payment's request
+    /// is still this one when its turn comes (its payer's code may have
+    /// been read again meanwhile).
+    Ready(Proved, SignatureRequest),
 }
 
 impl Parked {
@@ -201,6 +203,12 @@ pub(crate) struct Shard {
     next_ticket: u64,
     /// Vouchers whose signatures are being proved on chain, by ticket.
     proving_vouchers: HashMap<u64, ParkedVoucher>,
+    /// Of those, how many per channel.
+    proving_per_channel: HashMap<B256, usize>,
+    /// Channels whose voucher signer is a contract (a voucher of theirs was
+    /// proved on chain): every voucher of theirs is proved, even one whose
+    /// signature recovers (an EIP-7702 delegate decides, not the key).
+    contract_signed: std::collections::HashSet<B256>,
 }
 
 impl Shard {
@@ -209,6 +217,9 @@ impl Shard {
     /// Most requests of one channel waiting behind its read or deposit (a
     /// client sends one at a time; more is a flood).
     const MAX_PARKED_PER_CHANNEL: usize = 64;
+    /// Most payments of one payer waiting for their proofs (a payer with
+    /// code, or one named as such by a flood); beyond, UNAVAILABLE.
+    const MAX_PARKED_PER_PAYER: usize = 256;
     /// A channel mirror younger than this is trusted when a voucher exceeds
     /// its balance; an older one is read again first.
     const CHANNEL_REFRESH: Duration = Duration::from_secs(2);
@@ -257,6 +268,8 @@ impl Shard {
             control,
             next_ticket: 0,
             proving_vouchers: HashMap::new(),
+            proving_per_channel: HashMap::new(),
+            contract_signed: std::collections::HashSet::new(),
         }
     }
 
@@ -387,11 +400,14 @@ impl Shard {
             }
             ShardMsg::Proved { key, ticket, proved } => {
                 let Some(queue) = self.parked.get_mut(&key) else { return true };
-                let Some(parked) = queue.iter_mut().find(|p| matches!(p.proof, ProofState::Asked(t) if t == ticket))
+                let Some(parked) = queue.iter_mut().find(|p| matches!(p.proof, ProofState::Asked(t, _) if t == ticket))
                 else {
                     return true;
                 };
-                parked.proof = ProofState::Ready(proved);
+                let ProofState::Asked(_, request) = mem::replace(&mut parked.proof, ProofState::None) else {
+                    unreachable!("found asked")
+                };
+                parked.proof = ProofState::Ready(proved, request);
                 self.resume(key, None)
             }
             ShardMsg::Voucher { merchant, verified, reply } => self.voucher(merchant, verified, reply),
@@ -493,8 +509,8 @@ impl Shard {
                     let _ = reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
                     return true;
                 }
-                let ticket = self.ask(key, request);
-                self.park(key, Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
+                let ticket = self.ask(key, request.clone());
+                self.park(key, Parked { merchant, verified, reply, proof: ProofState::Asked(ticket, request) });
                 true
             }
         }
@@ -514,6 +530,13 @@ impl Shard {
 
     /// Queues a payment behind `key`'s fetch, unless too many wait already.
     fn park(&mut self, key: BalanceKey, parked: Parked) {
+        // Behind a proof: a payer with code (payments behind a balance read
+        // are bounded by `max_parked` alone).
+        let proving = |q: &VecDeque<Parked>| q.front().is_some_and(|p| !matches!(p.proof, ProofState::None));
+        if self.parked.get(&key).is_some_and(|q| proving(q) && q.len() >= Self::MAX_PARKED_PER_PAYER) {
+            let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments of this payer wait; retry".into()));
+            return;
+        }
         if self.parked_len >= self.max_parked {
             // A fetch in flight for it finds nothing parked, which is fine.
             let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments wait for payer balances".into()));
@@ -534,11 +557,11 @@ impl Shard {
         // `check` refuses those whose validity the wait ate.
         while let Some(Parked { merchant, verified, reply, proof }) = queue.pop_front() {
             let proof = match proof {
-                ProofState::Asked(ticket) => {
-                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
+                ProofState::Asked(ticket, request) => {
+                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket, request) });
                     break;
                 }
-                ProofState::Ready(proved) => Some(proved),
+                ProofState::Ready(proved, request) => Some((proved, request)),
                 ProofState::None => None,
             };
             match self.check(&merchant, verified, reply, fetched, proof) {
@@ -554,15 +577,15 @@ impl Shard {
                     break;
                 }
                 Checked::Prove(verified, reply, request, has_code) => {
-                    let ticket = self.ask(key, request);
-                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket) });
+                    let ticket = self.ask(key, request.clone());
+                    queue.push_front(Parked { merchant, verified, reply, proof: ProofState::Asked(ticket, request) });
                     // The payer's later payments need theirs too: asked now,
                     // they are proved together.
                     for parked in queue.iter_mut().skip(1) {
                         if matches!(parked.proof, ProofState::None)
                             && let Ok(Ok(request)) = signature_plan(&parked.verified, has_code)
                         {
-                            parked.proof = ProofState::Asked(self.ask(key, request));
+                            parked.proof = ProofState::Asked(self.ask(key, request.clone()), request);
                         }
                     }
                     break;
@@ -585,7 +608,7 @@ impl Shard {
         verified: Verified,
         reply: oneshot::Sender<SubmitOutcome>,
         fetched: Option<&Fetched>,
-        proof: Option<Proved>,
+        proof: Option<(Proved, SignatureRequest)>,
     ) -> Checked {
         let payer = verified.payer();
         let id = verified.id;
@@ -640,8 +663,19 @@ impl Shard {
                 );
                 return self.reject(reply, id, payer, Reason::Signature, message);
             }
-            Ok(Ok(request)) => match proof {
-                None => return Checked::Prove(verified, reply, request, has_code),
+            Ok(Ok(request)) => match proof.filter(|(_, asked)| *asked == request).map(|(proved, _)| proved) {
+                None => {
+                    // Not asked before the balance allows it: a flood of
+                    // payments "from" a funded contract costs no proof.
+                    if let Some(balance) = balance {
+                        let reserved = self.reserved.get(&key).copied().unwrap_or_default();
+                        if reserved.saturating_add(value) > balance {
+                            let message = format!("{payer}'s balance does not cover {value} on top of its pending payments");
+                            return self.reject(reply, id, payer, Reason::InsufficientBalance, message);
+                        }
+                    }
+                    return Checked::Prove(verified, reply, request, has_code);
+                }
                 Some(Ok(Proof::Valid)) => Signed::proved(&request, &verified),
                 Some(Ok(Proof::Refused(reason, why))) => return self.reject(reply, id, payer, reason, why),
                 Some(Err(e)) => {

@@ -1071,4 +1071,12 @@ fn a_payer_with_code_waits_for_its_proofs_in_order() {
     // Recorded as a contract wallet's payment, settled through ERC-1271.
     let record = ledger.payment(id).unwrap().unwrap();
     assert_eq!(record.signature_kind, crate::domain::SignatureKind::Erc1271);
+
+    // 50 left: a payment of 100 "from" the wallet is refused before any
+    // proof is asked (a flood naming a funded contract costs no RPC).
+    let SubmitOutcome::Rejected { rejection, .. } = submit(&pipeline, signed(&Payer::random(), 9)) else {
+        panic!("over the balance")
+    };
+    assert_eq!(rejection.reason, Reason::InsufficientBalance);
+    assert!(signatures.waiting().is_empty(), "a proof was asked for a payment the balance refuses");
 }

@@ -519,8 +519,14 @@ impl<C: Chain> Settler<C> {
                 // Submitted: its intent is resolved above.
                 continue;
             }
+            // A payer with code settles alone, whatever its merchant's
+            // strategy: its wallet's check runs code, and in a batch a hostile
+            // one could burn the gas of the rows after it.
+            let alone = matches!(record.policy, SettlementPolicy::Direct)
+                || (matches!(record.policy, SettlementPolicy::Batched { .. })
+                    && record.signature_kind != SignatureKind::Ecdsa);
             match record.policy {
-                SettlementPolicy::Direct if work.len() < self.config.max_in_flight => {
+                _ if alone && work.len() < self.config.max_in_flight => {
                     let this = self.clone();
                     work.spawn(vec![key.id], async move {
                         let id = record.id;
@@ -531,7 +537,7 @@ impl<C: Chain> Settler<C> {
                         }
                     });
                 }
-                SettlementPolicy::Batched { .. } => batches.entry(record.asset).or_default().push(record),
+                SettlementPolicy::Batched { .. } if !alone => batches.entry(record.asset).or_default().push(record),
                 _ => {}
             }
         }
@@ -695,11 +701,18 @@ fn settlement_rows(p: &PaymentRecord) -> Vec<(Address, Bytes)> {
 
 impl<C: Chain> Settler<C> {
     /// The call that settles `p` alone: the token's transfer, or for a
-    /// counterfactual wallet an `aggregate3` deploying it first.
+    /// counterfactual wallet an `aggregate3` deploying it first. The
+    /// transfer's row may not fail there: the transaction reverts with it,
+    /// so its gas is estimated for a transfer that succeeds (with a failing
+    /// row allowed, the estimate could settle on gas at which the wallet's
+    /// check runs out and nothing moves).
     fn settlement_call(&self, p: &PaymentRecord) -> (Address, Bytes) {
         match p.signature_kind {
             SignatureKind::Erc6492 => {
-                (self.config.multicall, x402_chain::batch::aggregate3_calldata(settlement_rows(p)))
+                let rows = settlement_rows(p);
+                let last = rows.len() - 1;
+                let rows = rows.into_iter().enumerate().map(|(i, (to, data))| (to, data, i != last));
+                (self.config.multicall, x402_chain::batch::aggregate3_calldata_with(rows))
             }
             _ => (p.asset, transfer_call(p)),
         }
@@ -712,7 +725,8 @@ impl<C: Chain> Settler<C> {
         if to != self.config.multicall || p.signature_kind != SignatureKind::Erc6492 {
             return Ok(self.chain.simulate(to, calldata).await?);
         }
-        // Every row may fail alone: the transfer's row tells.
+        // Every row allowed to fail: the transfer's row tells why it fails.
+        let calldata = x402_chain::batch::aggregate3_calldata(settlement_rows(p));
         let output = match self.chain.call(to, calldata).await {
             Ok(output) => output,
             Err(e) if e.is_execution_failure() => return Ok(Some(e.to_string())),

@@ -172,7 +172,10 @@ impl<C: Chain> Settler<C> {
                     // gas (else a payer who moves its balance away and back
                     // around each attempt would have x402d pay for reverted
                     // transactions without end).
-                    None if out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct) => {
+                    None if out_of_gas
+                        || (!matches!(p.policy, crate::domain::SettlementPolicy::Direct)
+                            && p.signature_kind == crate::domain::SignatureKind::Ecdsa) =>
+                    {
                         self.status(PaymentState::Queued)
                     }
                     Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => self.status(PaymentState::Queued),

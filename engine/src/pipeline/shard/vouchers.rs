@@ -34,11 +34,18 @@ impl Shard {
         mut verified: VerifiedVoucher,
         reply: oneshot::Sender<SubmitOutcome>,
     ) -> bool {
-        if let Some(why) = verified.unproved.take() {
+        let id = verified.channel_id;
+        let unproved = verified.unproved.take().or_else(|| {
+            (!verified.proved && self.contract_signed.contains(&id))
+                .then(|| "its channel's signer is a contract, which decides".to_owned())
+        });
+        if let Some(why) = unproved {
             self.prove_voucher(ParkedVoucher { merchant, verified, reply }, why);
             return true;
         }
-        let id = verified.channel_id;
+        if verified.proved {
+            self.contract_signed.insert(id);
+        }
         if let Some(queue) = self.parked_vouchers.get_mut(&id) {
             if queue.len() >= Self::MAX_PARKED_PER_CHANNEL {
                 let message = format!("too many requests of channel {id} wait for its deposit or its read; retry");
@@ -78,10 +85,13 @@ impl Shard {
     /// approves it (ERC-1271), as the channel contract will check it. The
     /// voucher comes back through [`Shard::voucher_proved`].
     fn prove_voucher(&mut self, parked: ParkedVoucher, why: String) {
-        if self.parked_vouchers_len >= self.max_parked {
+        let channel = parked.verified.channel_id;
+        let proving = self.proving_per_channel.get(&channel).copied().unwrap_or_default();
+        if self.parked_vouchers_len >= self.max_parked || proving >= Self::MAX_PARKED_PER_CHANNEL {
             let _ = parked.reply.send(SubmitOutcome::Unavailable("too many vouchers wait for checks; retry".into()));
             return;
         }
+        *self.proving_per_channel.entry(channel).or_default() += 1;
         let v = &parked.verified;
         let request = crate::signature::SignatureRequest {
             signer: crate::channels::voucher_signer(&v.config),
@@ -107,6 +117,13 @@ impl Shard {
             return true;
         };
         self.parked_vouchers_len -= 1;
+        let channel = verified.channel_id;
+        if let Some(n) = self.proving_per_channel.get_mut(&channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.proving_per_channel.remove(&channel);
+            }
+        }
         match proved {
             Ok(crate::signature::Proof::Valid) => {
                 verified.proved = true;
