@@ -371,9 +371,27 @@ pub(crate) fn header_bytes(header: &str) -> Result<Vec<u8>, InvalidField> {
         .map_err(|e| InvalidField::new(FIELD, format!("is not base64: {e}")))
 }
 
+/// A `PAYMENT-SIGNATURE` header (x402 v2), or an `X-PAYMENT` one (v1: its
+/// network a v1 name, read as the CAIP-2 id it stands for).
 fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     const FIELD: &str = "payment_signature_header";
-    let parsed = decode_payment_payload::<ExactEvmPayload>(&header_bytes(header)?, FIELD)?;
+    let json = header_bytes(header)?;
+    let parsed = match decode_payment_payload::<ExactEvmPayload>(&json, FIELD) {
+        Ok(parsed) => parsed,
+        Err(e) if e.field.ends_with("x402Version") && payload_version(&json) == Some(1) => {
+            let v1: x402_wire::v1::PaymentPayloadV1<ExactEvmPayload> =
+                x402_wire::from_slice(&json).map_err(|e| InvalidField::new(e.under(FIELD), e.message))?;
+            return Ok(DecodedHeader {
+                scheme: v1.scheme,
+                payload: ExactPayload {
+                    network: x402_wire::v1::caip2_of(&v1.network),
+                    authorization: v1.payload.authorization,
+                    signature: v1.payload.signature.into(),
+                },
+            });
+        }
+        Err(e) => return Err(e),
+    };
     Ok(DecodedHeader {
         scheme: parsed.accepted.scheme,
         payload: ExactPayload {
@@ -382,6 +400,16 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
             signature: parsed.payload.signature.into(),
         },
     })
+}
+
+/// The `x402Version` of the JSON object `json`, if it is a number.
+fn payload_version(json: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(rename = "x402Version")]
+        version: Option<serde_json::Value>,
+    }
+    x402_wire::from_slice::<Version>(json).ok()?.version?.as_u64()
 }
 
 /// An x402 `PaymentPayload` (the JSON object `json`) with a payload `P`,
@@ -548,9 +576,29 @@ mod header_tests {
         let as_array = serde_json::json!([1, null, json["accepted"], json["payload"], null]).to_string();
         let err = decode_header(&encode(&as_array)).unwrap_err();
         assert_eq!(err.field, "payment_signature_header");
-        let mut v1 = json;
-        v1["x402Version"] = 1.into();
-        assert_eq!(decode_header(&encode(&v1.to_string())).unwrap_err().field, "payment_signature_header.x402Version");
+        let mut v3 = json;
+        v3["x402Version"] = 3.into();
+        assert_eq!(decode_header(&encode(&v3.to_string())).unwrap_err().field, "payment_signature_header.x402Version");
+    }
+
+    /// An `X-PAYMENT` header (x402 v1, as the v1 packages' documentation
+    /// shows it): its v1 network name is read as the CAIP-2 id.
+    #[test]
+    fn a_v1_x_payment_header_decodes_with_its_network_mapped() {
+        let json = header_json();
+        let v1 = serde_json::json!({
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": "base-sepolia",
+            "payload": json["payload"],
+        });
+        let decoded = decode_header(&encode(&v1.to_string())).unwrap();
+        assert_eq!(decoded.scheme, "exact");
+        assert_eq!(decoded.payload.network, "eip155:84532");
+        assert_eq!(decoded.payload.authorization.value, U256::from(10_000));
+        // A v1 body missing its payload names the field.
+        let err = decode_header(&encode(r#"{"x402Version":1,"scheme":"exact","network":"base"}"#)).unwrap_err();
+        assert!(err.field.starts_with("payment_signature_header"), "{err:?}");
     }
 
     /// A key given twice is refused, not read as its last value: a gateway

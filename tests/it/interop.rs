@@ -31,7 +31,12 @@ struct Interop {
 
 impl Interop {
     async fn start() -> Self {
-        let anvil = Anvil::spawn(&[]).unwrap();
+        Self::start_with(&[]).await
+    }
+
+    /// [`Interop::start`] on an anvil started with `args`.
+    async fn start_with(args: &[&str]) -> Self {
+        let anvil = Anvil::spawn(args).unwrap();
         let payer = PrivateKeySigner::random();
         devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
         let signer = PrivateKeySigner::random();
@@ -131,4 +136,54 @@ async fn the_reference_batch_settlement_client_and_server_pay_through_x402d_chan
     assert_eq!(t.balance(PAY_TO).await, U256::from(3_000));
     assert!(lines.iter().any(|l| l["step"] == "refunded"), "{lines:?}");
     assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 3_000));
+}
+
+/// An x402 v1 payment, signed by the reference v1 scheme and sent in v1
+/// bodies by the reference facilitator client, verifies and settles on a
+/// chain with a v1 name (an anvil with Base Sepolia's chain id); a replay
+/// is refused; `/supported` lists the v1 kind; and an `X-PAYMENT` header
+/// goes through gRPC's raw-header field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_client_pays_through_x402d() {
+    use x402_proto::v1 as pb;
+    let t = Interop::start_with(&["--chain-id", "84532"]).await;
+    let lines = t.run("exact_v1.mjs").await;
+    let scenario =
+        |name: &str| lines.iter().find(|l| l["scenario"] == name).unwrap_or_else(|| panic!("{name}: {lines:?}"));
+
+    let kinds = scenario("supported")["kinds"].as_array().unwrap().clone();
+    assert!(
+        kinds.iter().any(|k| k["x402Version"] == 1 && k["scheme"] == "exact" && k["network"] == "base-sepolia"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k["x402Version"] == 2 && k["network"] == "eip155:84532"), "{kinds:?}");
+
+    let verified = scenario("verified");
+    assert_eq!(verified["isValid"], true, "{verified}");
+    assert_eq!(verified["payer"].as_str().unwrap().parse::<Address>().unwrap(), t.payer.address());
+    let settled = scenario("settled");
+    assert_eq!(settled["success"], true, "{settled}");
+    assert_eq!(settled["network"], "base-sepolia", "answered in v1 words");
+    let tx = settled["transaction"].as_str().unwrap().parse().unwrap();
+    assert!(t.provider.get_transaction_receipt(tx).await.unwrap().unwrap().status());
+    let replayed = scenario("replayed");
+    assert_eq!(replayed["success"], false, "{replayed}");
+    assert_eq!(replayed["errorReason"], "invalid_exact_evm_nonce_already_used");
+    let tampered = scenario("tampered");
+    assert_eq!(tampered["isValid"], false);
+    assert_eq!(tampered["invalidReason"], "invalid_exact_evm_signature", "{tampered}");
+
+    // The X-PAYMENT header through gRPC, against the gateway's typed (v2)
+    // requirements of the same payment.
+    let header = scenario("header")["header"].as_str().unwrap().to_owned();
+    let mut req = x402_devnet::dev_requirements(PAY_TO, TOKEN, 1000);
+    req.network = "eip155:84532".into();
+    let mut client = payments(t.node.endpoints().grpc, M1_KEY).await;
+    let answer = client.submit(header_submit(1, &req, header)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while t.balance(PAY_TO).await != U256::from(2_000) {
+        assert!(tokio::time::Instant::now() < deadline, "the X-PAYMENT payment was not settled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

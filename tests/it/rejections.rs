@@ -337,9 +337,17 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     expect_invalid(&mut f.m1, header_submit_of(&req, "not base64!".into()), "payment_signature_header").await;
     let not_x402 = base64::engine::general_purpose::STANDARD.encode(r#"{"hello": "world"}"#);
     expect_invalid(&mut f.m1, header_submit_of(&req, not_x402), "payment_signature_header").await;
-    let v1 = base64::engine::general_purpose::STANDARD
-        .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replace("\"x402Version\":2", "\"x402Version\":1"));
-    expect_invalid(&mut f.m1, header_submit_of(&req, v1), "payment_signature_header.x402Version").await;
+    // A version x402d does not speak is refused as such; a v2 body that
+    // says it is v1 is read as v1 (an X-PAYMENT header), and lacks its
+    // shape.
+    let versioned = |v: u32| {
+        base64::engine::general_purpose::STANDARD.encode(
+            decode_b64(&header_of(&req, &valid(&f.payer, &req)))
+                .replace("\"x402Version\":2", &format!("\"x402Version\":{v}")),
+        )
+    };
+    expect_invalid(&mut f.m1, header_submit_of(&req, versioned(3)), "payment_signature_header.x402Version").await;
+    expect_invalid(&mut f.m1, header_submit_of(&req, versioned(1)), "payment_signature_header").await;
     let bad_from = base64::engine::general_purpose::STANDARD
         .encode(decode_b64(&header_of(&req, &valid(&f.payer, &req))).replacen("\"from\":\"0x", "\"from\":\"0xzz", 1));
     expect_invalid(&mut f.m1, header_submit_of(&req, bad_from), "payment_signature_header.payload.authorization.from")

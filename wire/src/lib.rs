@@ -10,6 +10,8 @@
 //! - [`FacilitatorRequest`], [`VerifyResponse`], [`SettleResponse`],
 //!   [`SupportedResponse`]: the HTTP facilitator's bodies;
 //! - [`Network`]: a CAIP-2 `eip155:<chainId>` network;
+//! - [`v1`]: the x402 v1 bodies (`maxAmountRequired`, v1 network names,
+//!   `X-PAYMENT`), read into these types;
 //! - [`from_slice`] and [`from_value`]: outside input into these types, a
 //!   [`FieldError`] naming the field when it does not fit;
 //! - [`fields`]: the field formats (decimal uint256, 0x-hex addresses,
@@ -32,6 +34,7 @@ mod exact;
 mod facilitator;
 pub mod fields;
 mod network;
+pub mod v1;
 
 pub use batch::{
     ChannelConfigJson, ChannelExtra, ChannelPayloadJson, ChannelPayloadType, ChannelStateExtra, ChannelStateJson,

@@ -21,8 +21,9 @@
 //! - `batch-settlement` follows the reference facilitator: the resource
 //!   server keeps the charged totals (see the `channels` module).
 //!
-//! Bodies are x402 v2; business failures are HTTP 200 with a full body, as
-//! the reference clients require. A merchant authenticates with
+//! Bodies are x402 v2, or v1 for `exact` (`maxAmountRequired`, v1 network
+//! names, answered with the v1 name); business failures are HTTP 200 with a
+//! full body, as the reference clients require. A merchant authenticates with
 //! `Authorization: Bearer <its API key>`, as on gRPC.
 
 mod channels;
@@ -284,21 +285,34 @@ fn scheme(body: &FacilitatorRequest) -> &str {
 }
 
 /// The submission of an `exact` facilitator request: the requirements, and
-/// the payment payload as the header the gRPC path takes.
+/// the payment payload as the header the gRPC path takes (an x402 v1
+/// payload is an `X-PAYMENT` header's content, which it reads too).
 fn submission(body: &FacilitatorRequest) -> Result<Submission, InvalidField> {
-    let (requirements, _) = channel_requirements(&body.payment_requirements)?;
+    let requirements = if body.x402_version == x402_wire::v1::X402_V1 {
+        let v1: x402_wire::v1::RequirementsV1 = x402_wire::from_value(body.payment_requirements.clone())
+            .map_err(|e| InvalidField::new(e.under("paymentRequirements"), e.message))?;
+        v1.to_v2()
+    } else {
+        channel_requirements(&body.payment_requirements)?.0
+    };
     let idempotency = payment_identifier(&body.payment_payload)?;
     let header = base64::engine::general_purpose::STANDARD.encode(body.payment_payload.to_string());
     Ok(Submission { requirements, input: PaymentInput::Header(header), idempotency })
 }
 
-/// The body, if it is x402 v2.
-fn v2(body: Result<Json<FacilitatorRequest>, JsonRejection>) -> Result<FacilitatorRequest, Failure> {
+/// The body, if it is x402 v2 or v1.
+fn versioned(body: Result<Json<FacilitatorRequest>, JsonRejection>) -> Result<FacilitatorRequest, Failure> {
     let body = body.map_err(Failure::from)?.0;
-    if body.x402_version != 2 {
-        return Err(InvalidField::new("x402Version", format!("is {}, only 2 is supported", body.x402_version)).into());
+    if body.x402_version != X402_VERSION && body.x402_version != x402_wire::v1::X402_V1 {
+        let message = format!("is {}, only 1 and 2 are supported", body.x402_version);
+        return Err(InvalidField::new("x402Version", message).into());
     }
     Ok(body)
+}
+
+/// Whether `body` is `batch-settlement`, which x402 v1 has not.
+fn is_channel(body: &FacilitatorRequest) -> bool {
+    body.x402_version == X402_VERSION && scheme(body) == "batch-settlement"
 }
 
 fn overloaded() -> Failure {
@@ -316,8 +330,8 @@ async fn verify(
     Extension(merchant): Extension<Arc<Merchant>>,
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<VerifyResponse>, Failure> {
-    let body = v2(body)?;
-    if scheme(&body) == "batch-settlement" {
+    let body = versioned(body)?;
+    if is_channel(&body) {
         return channels::verify(&api, &merchant, body).await.map(Json);
     }
     let submission = submission(&body)?;
@@ -353,12 +367,16 @@ async fn settle(
     Extension(merchant): Extension<Arc<Merchant>>,
     body: Result<Json<FacilitatorRequest>, JsonRejection>,
 ) -> Result<Json<SettleResponse>, Failure> {
-    let body = v2(body)?;
-    if scheme(&body) == "batch-settlement" {
+    let body = versioned(body)?;
+    if is_channel(&body) {
         return channels::settle(&api, &merchant, body).await.map(Json);
     }
     let submission = submission(&body)?;
-    let network = submission.requirements.network.clone();
+    // Answered in the request's words: a v1 network name for v1.
+    let network = match body.x402_version {
+        x402_wire::v1::X402_V1 => x402_wire::v1::v1_name_of(&submission.requirements.network),
+        _ => submission.requirements.network.clone(),
+    };
     let amount = submission.requirements.amount;
     let outcome = api.engine.submit(merchant.clone(), submission).await.map_err(|_| overloaded())?;
     let failed = |reason: &str, message: String, payer: Option<Address>| SettleResponse {
@@ -486,6 +504,15 @@ async fn supported(State(api): State<Api>) -> Json<SupportedResponse> {
                 "batch-settlement",
                 Some(serde_json::json!({ "receiverAuthorizer": authorizer.to_string() })),
             ));
+        }
+    }
+    // x402 v1, under its network names (a chain v1 has no name for is not
+    // listed: a v1 client could not name it).
+    for network in &info.networks {
+        let name = x402_wire::v1::v1_name_of(network);
+        if name != *network {
+            let scheme = "exact".into();
+            kinds.push(SupportedKind { x402_version: x402_wire::v1::X402_V1, scheme, network: name, extra: None });
         }
     }
     let signers = info.signers.iter().map(ToString::to_string).collect();

@@ -654,7 +654,13 @@ impl Shard {
             Lookup::Pending => return Checked::Wait(verified, reply),
         };
         let signed = match signature_plan(&verified, has_code) {
-            Err(why) => return self.reject(reply, id, payer, Reason::Signature, why),
+            Err(why) => {
+                // Not the payer's signature: the refusal names no payer.
+                crate::metrics::rejected(Reason::Signature);
+                let rejection = Rejection::new(Reason::Signature, why);
+                let _ = reply.send(SubmitOutcome::Rejected { id: Some(id), payer: None, rejection });
+                return Checked::Answered;
+            }
             Ok(Err(signed)) => signed,
             Ok(Ok(_)) if balance.is_none() => {
                 let message = format!(
