@@ -39,8 +39,13 @@ pub struct Config {
     pub balances: BalancesConfig,
     /// `[[merchants]]`: merchants upserted at start.
     pub merchants: Vec<MerchantConfig>,
-    /// The chain payments settle on; without it payments stay queued.
+    /// `[chain]`: the chain payments settle on; without it (and without
+    /// `[[chains]]`) payments stay queued.
     pub chain: Option<ChainConfig>,
+    /// `[[chains]]`: more chains settled by the same process, one table
+    /// each (after `[chain]`, if both are given). Each has its own
+    /// transaction manager, settler, balance and code cache and proofs.
+    pub chains: Vec<ChainConfig>,
     /// `[facilitator]`: the x402 facilitator HTTP API.
     pub facilitator: FacilitatorConfig,
 }
@@ -561,6 +566,13 @@ impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Every chain settled: `[chain]`, then each of `[[chains]]`. The first
+    /// is the primary one: `batch-settlement` channels and the clock's
+    /// floor are its.
+    pub fn chain_configs(&self) -> Vec<&ChainConfig> {
+        self.chain.iter().chain(&self.chains).collect()
     }
 
     /// The admin key, from the environment or a file.

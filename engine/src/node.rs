@@ -10,7 +10,7 @@ use x402_chain::{AlloyChain, Chain, TxConfig};
 use crate::{
     Engine, Error, Result,
     balance::{BalanceSource, ChainBalances, ChainBalancesConfig},
-    config::{Config, TlsConfig},
+    config::{ChainConfig, Config, TlsConfig},
     domain::Clock,
     ledger::{Ledger, RocksLedger, RocksOptions},
     settle::{ClaimsConfig, Settler},
@@ -36,7 +36,8 @@ pub struct Node {
     grpc: tokio::task::JoinHandle<Result<()>>,
     http: tokio::task::JoinHandle<Result<()>>,
     stop: watch::Sender<bool>,
-    settler: Option<tokio::task::JoinHandle<()>>,
+    /// One settler per chain.
+    settlers: Vec<tokio::task::JoinHandle<()>>,
     retention: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the clock's floor at the chain's latest block time.
     chain_time: Option<tokio::task::JoinHandle<()>>,
@@ -55,43 +56,42 @@ impl Node {
     /// time from `clock` (tests run a node through clock steps).
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Self> {
         install_crypto_provider();
-        let chain = connect_chain(config).await?;
-        let configured: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
-        let balances: Arc<dyn BalanceSource> = match (&chain, &config.chain) {
-            (Some(chain), Some(section)) => {
-                let cache = ChainBalancesConfig {
-                    ttl: std::time::Duration::from_secs(section.balance_ttl_secs),
-                    poll: std::time::Duration::from_millis(section.balance_poll_ms.max(1)),
-                    ..ChainBalancesConfig::default()
-                };
-                tracing::info!(chain_id = chain.chain_id(), ttl = ?cache.ttl, poll = ?cache.poll, "payer balances read from the chain");
-                Arc::new(ChainBalances::new(chain.clone(), cache).with_fallback(configured))
-            }
-            _ => configured,
-        };
+        let chains = connect_chains(config).await?;
+        // One cache per chain, each asking the next for other chains' payers,
+        // the configured balances last.
+        let mut balances: Arc<dyn BalanceSource> = Arc::new(config.balances()?);
+        for (section, chain) in chains.iter().rev() {
+            let cache = ChainBalancesConfig {
+                ttl: std::time::Duration::from_secs(section.balance_ttl_secs),
+                poll: std::time::Duration::from_millis(section.balance_poll_ms.max(1)),
+                ..ChainBalancesConfig::default()
+            };
+            tracing::info!(chain_id = chain.chain_id(), ttl = ?cache.ttl, poll = ?cache.poll, "payer balances read from the chain");
+            balances = Arc::new(ChainBalances::new(chain.clone(), cache).with_fallback(balances));
+        }
         let path = config.ledger.path.clone();
         std::fs::create_dir_all(&path).map_err(|e| Error::Config(format!("ledger.path {}: {e}", path.display())))?;
         let ledger: Arc<dyn Ledger> = Arc::new(open_ledger(path).await?);
-        Self::run(config, ledger, balances, chain, clock).await
+        Self::run(config, ledger, balances, chains, clock).await
     }
 
-    /// Like [`Node::start`], on a given ledger and balance source (a
-    /// `[chain]` is still settled on).
+    /// Like [`Node::start`], on a given ledger and balance source (the
+    /// chains are still settled on).
     pub async fn start_with(
         config: &Config,
         ledger: Arc<dyn Ledger>,
         balances: Arc<dyn BalanceSource>,
     ) -> Result<Self> {
         install_crypto_provider();
-        let chain = connect_chain(config).await?;
-        Self::run(config, ledger, balances, chain, Clock::system()).await
+        let chains = connect_chains(config).await?;
+        Self::run(config, ledger, balances, chains, Clock::system()).await
     }
 
     async fn run(
         config: &Config,
         ledger: Arc<dyn Ledger>,
         balances: Arc<dyn BalanceSource>,
-        chain: Option<Arc<AlloyChain>>,
+        chains: Vec<(ChainConfig, Arc<AlloyChain>)>,
         clock: Clock,
     ) -> Result<Self> {
         crate::http::prometheus();
@@ -100,9 +100,12 @@ impl Node {
             tracing::warn!("no admin key configured: merchant admin is disabled");
         }
         let updates = config.merchant_updates()?;
-        // Settling on a chain, the clock never reads below its latest block.
-        let (clock, chain_time) = match &chain {
-            Some(chain) => {
+        let primary = chains.first();
+        // Settling on a chain, the clock never reads below the latest block
+        // of the primary one (the chains' clocks agree to seconds; one is
+        // followed).
+        let (clock, chain_time) = match primary {
+            Some((_, chain)) => {
                 let clock = clock.with_floor();
                 // Read once before anything is served, then followed.
                 let behind_logged = raise_to_chain_time(chain, &clock, false).await;
@@ -112,8 +115,8 @@ impl Node {
         };
         let mut pipeline = config.pipeline.to_pipeline();
         pipeline.clock = clock.clone();
-        pipeline.settled_chains = match &chain {
-            Some(chain) => Some(vec![chain.chain_id()]),
+        pipeline.settled_chains = match primary {
+            Some(_) => Some(chains.iter().map(|(_, chain)| chain.chain_id()).collect()),
             None if config.pipeline.record_only => None,
             None => {
                 return Err(Error::Config(
@@ -124,12 +127,19 @@ impl Node {
                 ));
             }
         };
-        if let (Some(chain), Some(c)) = (&chain, &config.chain) {
-            pipeline.signatures = Arc::new(crate::signature::ChainSignatures::new(
-                chain.clone(),
-                crate::signature::ChainSignaturesConfig::default(),
-            ));
-            pipeline.erc6492_factories = c.erc6492_factories.clone();
+        let mut provers = crate::signature::ByChain::default();
+        for (section, chain) in &chains {
+            provers.insert(
+                chain.chain_id(),
+                Arc::new(crate::signature::ChainSignatures::new(
+                    chain.clone(),
+                    crate::signature::ChainSignaturesConfig::default(),
+                )),
+            );
+            pipeline.erc6492_factories.extend(section.erc6492_factories.iter().map(|f| (chain.chain_id(), *f)));
+        }
+        pipeline.signatures = Arc::new(provers);
+        if let Some((c, chain)) = primary {
             pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
             pipeline.channel_contracts.channels = c.channel_contract();
             pipeline.min_deposit = c.min_deposit()?;
@@ -162,14 +172,15 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let facilitator = facilitator_info(config, &engine, chain.as_ref())?;
-        let settler = match chain {
-            Some(chain) => Some(start_settler(&engine, chain, config.chain.as_ref().expect("connected"), clock)?),
-            None => {
-                tracing::warn!("record only, no [chain] configured: accepted payments stay queued");
-                None
-            }
-        };
+        let facilitator = facilitator_info(config, &engine, &chains)?;
+        if chains.is_empty() {
+            tracing::warn!("record only, no [chain] configured: accepted payments stay queued");
+        }
+        let settlers = chains
+            .into_iter()
+            .enumerate()
+            .map(|(i, (section, chain))| start_settler(&engine, chain, &section, clock.clone(), i == 0))
+            .collect::<Result<Vec<_>>>()?;
         let streams = config.server.max_concurrent_streams.max(1);
         let grpc =
             tokio::spawn(crate::grpc::serve(engine.clone(), grpc_listener, tls, streams, until(stopped.clone())));
@@ -177,7 +188,7 @@ impl Node {
         let http =
             tokio::spawn(crate::http::serve(http_listener, http_tls, api, engine.pipeline_died(), until(stopped)));
         let retention = start_retention(&engine, &config.ledger);
-        Ok(Self { engine, endpoints, grpc, http, stop, settler, retention, chain_time })
+        Ok(Self { engine, endpoints, grpc, http, stop, settlers, retention, chain_time })
     }
 
     /// Where it listens (the ports it bound, for a config that asked for port 0).
@@ -193,7 +204,7 @@ impl Node {
     /// Serves until `shutdown` completes (or a listener fails), then stops
     /// the listeners and lets queued work finish.
     pub async fn wait(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let Self { engine, grpc, http, stop, settler, retention, chain_time, .. } = self;
+        let Self { engine, grpc, http, stop, settlers, retention, chain_time, .. } = self;
         let mut grpc = grpc;
         let mut http = http;
         let mut died = engine.pipeline_died();
@@ -211,8 +222,10 @@ impl Node {
         }
         // Settlement stops between steps: whatever it had recorded is resolved
         // from the ledger's intents on the next start.
-        if let Some(settler) = settler {
+        for settler in &settlers {
             settler.abort();
+        }
+        for settler in settlers {
             let _ = settler.await;
         }
         // Unary calls finish; long-lived streams (watches) would hold a
@@ -286,10 +299,27 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Connects to the `[chain]`, if there is one; shared by settlement and the
-/// balance cache.
-async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
-    let Some(config) = &config.chain else { return Ok(None) };
+/// Connects to every chain configured (`[chain]`, then `[[chains]]`), each
+/// shared by its settler, balance cache and proofs; two with one chain id
+/// are refused.
+async fn connect_chains(config: &Config) -> Result<Vec<(ChainConfig, Arc<AlloyChain>)>> {
+    let mut chains: Vec<(ChainConfig, Arc<AlloyChain>)> = Vec::new();
+    for section in config.chain_configs() {
+        let chain = connect_chain(section).await?;
+        if let Some((other, _)) = chains.iter().find(|(_, c)| c.chain_id() == chain.chain_id()) {
+            return Err(Error::Config(format!(
+                "chains: {} and {} are both chain {}: configure each chain once",
+                x402_chain::redact_urls(&other.rpc_url),
+                x402_chain::redact_urls(&section.rpc_url),
+                chain.chain_id()
+            )));
+        }
+        chains.push((section.clone(), Arc::new(chain)));
+    }
+    Ok(chains)
+}
+
+async fn connect_chain(config: &ChainConfig) -> Result<AlloyChain> {
     let signers = config
         .signer_keys()?
         .iter()
@@ -302,8 +332,7 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
         confirmations: config.confirmations,
         ..TxConfig::default()
     };
-    let chain = AlloyChain::connect(&config.rpc_url, signers, tx).await?;
-    Ok(Some(Arc::new(chain)))
+    Ok(AlloyChain::connect(&config.rpc_url, signers, tx).await?)
 }
 
 /// What the facilitator API advertises: the chain's network (a record-only
@@ -312,19 +341,19 @@ async fn connect_chain(config: &Config) -> Result<Option<Arc<AlloyChain>>> {
 fn facilitator_info(
     config: &Config,
     engine: &Engine,
-    chain: Option<&Arc<AlloyChain>>,
+    chains: &[(ChainConfig, Arc<AlloyChain>)],
 ) -> Result<crate::facilitator::FacilitatorInfo> {
     // Only what is settled is advertised; a record-only node lists its
     // merchants' networks.
-    let mut networks: Vec<String> = match chain {
-        Some(chain) => vec![format!("eip155:{}", chain.chain_id())],
-        None => {
-            engine.merchants().iter().flat_map(|m| m.assets.iter().map(|a| format!("eip155:{}", a.chain_id))).collect()
-        }
+    let mut networks: Vec<String> = match chains {
+        [] => engine.merchants().iter().flat_map(|m| m.assets.iter().map(|a| format!("eip155:{}", a.chain_id))).collect(),
+        chains => chains.iter().map(|(_, chain)| format!("eip155:{}", chain.chain_id())).collect(),
     };
+    let chain = chains.first().map(|(_, chain)| chain);
+    let primary = chains.first().map(|(section, _)| section);
     networks.sort();
     networks.dedup();
-    let receiver_authorizer = match config.chain.as_ref().map(crate::config::ChainConfig::receiver_authorizer_key) {
+    let receiver_authorizer = match primary.map(ChainConfig::receiver_authorizer_key) {
         Some(Ok(Some(key))) => Some(
             key.parse::<alloy::signers::local::PrivateKeySigner>()
                 .map_err(|_| {
@@ -337,12 +366,12 @@ fn facilitator_info(
     };
     Ok(crate::facilitator::FacilitatorInfo {
         networks,
-        signers: chain.map(|c| c.signers()).unwrap_or_default(),
+        signers: chains.iter().flat_map(|(_, chain)| chain.signers()).collect(),
         receiver_authorizer,
         settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
         max_concurrent: config.facilitator.max_concurrent.max(1),
         max_concurrent_per_merchant: config.facilitator.max_concurrent_per_merchant.max(1),
-        channels: match (chain, &config.chain) {
+        channels: match (chain, primary) {
             (Some(chain), Some(c)) => Some(crate::facilitator::ChannelFacilitator {
                 chain: Arc::clone(chain),
                 contracts: crate::channels::ChannelContracts {
@@ -368,15 +397,18 @@ fn facilitator_info(
     })
 }
 
+/// Starts `chain`'s settler; the primary chain's (`primary`) also claims
+/// channels, when a receiver authorizer key is configured.
 fn start_settler(
     engine: &Arc<Engine>,
     chain: Arc<AlloyChain>,
-    config: &crate::config::ChainConfig,
+    config: &ChainConfig,
     clock: Clock,
+    primary: bool,
 ) -> Result<tokio::task::JoinHandle<()>> {
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
     let claims = match config.receiver_authorizer_key()? {
-        Some(key) => {
+        Some(key) if primary => {
             let authorizer = key.parse::<alloy::signers::local::PrivateKeySigner>().map_err(|_| {
                 Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
             })?;
@@ -384,6 +416,14 @@ fn start_settler(
             claims.poll = std::time::Duration::from_millis(config.channel_poll_ms);
             tracing::info!(contract = %claims.contract, authorizer = %claims.authorizer.address(), "claiming channels");
             Some(claims)
+        }
+        Some(_) => {
+            tracing::warn!(
+                chain_id = chain.chain_id(),
+                "a receiver authorizer key is configured on a chain other than the first: channels are served on \
+                 the first chain only, so it is not used"
+            );
+            None
         }
         None => None,
     };

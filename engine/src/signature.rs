@@ -141,6 +141,27 @@ impl SignatureSource for NoSignatures {
     }
 }
 
+/// Each chain's prover, by chain id: a request for a chain none proves is
+/// refused.
+#[derive(Debug, Default)]
+pub struct ByChain(std::collections::HashMap<u64, Arc<dyn SignatureSource>>);
+
+impl ByChain {
+    /// Proves the signatures of `chain_id` with `source`.
+    pub fn insert(&mut self, chain_id: u64, source: Arc<dyn SignatureSource>) {
+        self.0.insert(chain_id, source);
+    }
+}
+
+impl SignatureSource for ByChain {
+    fn prove(&self, chain_id: u64, request: SignatureRequest, done: ProofNotifier) {
+        match self.0.get(&chain_id) {
+            Some(source) => source.prove(chain_id, request, done),
+            None => NoSignatures.prove(chain_id, request, done),
+        }
+    }
+}
+
 /// How [`ChainSignatures`] batches its calls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainSignaturesConfig {

@@ -118,8 +118,8 @@ pub struct Verifier {
     min_validity: MinValidity,
     /// The chains this node settles; `None`: record only, any chain.
     settled_chains: Option<Vec<u64>>,
-    /// The factories whose ERC-6492 deployments are simulated.
-    factories: Vec<Address>,
+    /// The factories whose ERC-6492 deployments are simulated, by chain.
+    factories: Vec<(u64, Address)>,
 }
 
 impl Verifier {
@@ -133,10 +133,10 @@ impl Verifier {
         Self { domains: HashMap::new(), cached: 0, min_validity, settled_chains: None, factories: Vec::new() }
     }
 
-    /// Accepts ERC-6492 signatures of wallets deployed by `factories` (no
-    /// other: a factory call is code x402d runs, in simulation and then in
-    /// its own settlement transaction).
-    pub fn with_factories(mut self, factories: Vec<Address>) -> Self {
+    /// Accepts ERC-6492 signatures of wallets deployed by `factories`, each
+    /// on its chain (no other: a factory call is code x402d runs, in
+    /// simulation and then in its own settlement transaction).
+    pub fn with_factories(mut self, factories: Vec<(u64, Address)>) -> Self {
         self.factories = factories;
         self
     }
@@ -232,7 +232,9 @@ impl Verifier {
                 Ok(()) => SignatureCheck::Recovered,
                 Err(why) => SignatureCheck::NotRecovered(why),
             },
-            Some(Ok(wrapped)) if self.factories.contains(&wrapped.factory) => SignatureCheck::Counterfactual(wrapped),
+            Some(Ok(wrapped)) if self.factories.contains(&(chain_id, wrapped.factory)) => {
+                SignatureCheck::Counterfactual(wrapped)
+            }
             Some(Ok(wrapped)) => {
                 return Err(reject(
                     Some(id),

@@ -6,12 +6,14 @@
 //   MERCHANT_KEY     the merchant's API key (Bearer auth on /verify, /settle, /supported)
 //   PAY_TO, TOKEN    the merchant's address and the EIP-3009 token
 //   PAYER_KEY        the payer's private key (0x-hex)
+//   NETWORK          the CAIP-2 network paid on (default eip155:31337)
 import express from "express";
 import { paymentMiddleware, x402ResourceServer } from "@x402/express";
 import { HTTPFacilitatorClient } from "@x402/core/server";
 import { privateKeyToAccount } from "viem/accounts";
 
-export const NETWORK = "eip155:31337";
+// The network paid on (a node settling several chains is paid on each).
+export const NETWORK = process.env.NETWORK ?? "eip155:31337";
 export const PRICE = "1000";
 
 export function env(name) {

@@ -54,32 +54,47 @@ impl Interop {
 
     /// Runs `tests/interop/<script>` and returns its JSON lines.
     async fn run(&self, script: &str) -> Vec<Value> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop").join(script);
-        let (http, rpc, payer_key) =
-            (self.node.endpoints().http, self.anvil.endpoint().to_owned(), self.payer.to_bytes().to_string());
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new("node")
-                .arg(script)
-                .env("FACILITATOR_URL", format!("http://{http}"))
-                .env("MERCHANT_KEY", M1_KEY)
-                .env("PAY_TO", PAY_TO.to_string())
-                .env("TOKEN", TOKEN.to_string())
-                .env("PAYER_KEY", payer_key)
-                .env("RPC_URL", rpc)
-                .output()
-                .expect("node runs (npm ci installs the reference packages)")
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-        eprintln!("{stdout}");
-        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        run_script(script, self.node.endpoints().http, self.anvil.endpoint(), &self.payer, None).await
     }
 
     async fn balance(&self, owner: Address) -> U256 {
         X402TestToken::new(TOKEN, &self.provider).balanceOf(owner).call().await.unwrap()
     }
+}
+
+/// Runs `tests/interop/<script>` against the x402d node at `http`, paying as
+/// `payer` on `network` (the script's default when `None`) through the node
+/// at `rpc`; returns its JSON lines.
+pub(crate) async fn run_script(
+    script: &str,
+    http: std::net::SocketAddr,
+    rpc: &str,
+    payer: &PrivateKeySigner,
+    network: Option<&str>,
+) -> Vec<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop").join(script);
+    let (rpc, payer_key, network) = (rpc.to_owned(), payer.to_bytes().to_string(), network.map(str::to_owned));
+    let output = tokio::task::spawn_blocking(move || {
+        let mut command = Command::new("node");
+        command
+            .arg(script)
+            .env("FACILITATOR_URL", format!("http://{http}"))
+            .env("MERCHANT_KEY", M1_KEY)
+            .env("PAY_TO", PAY_TO.to_string())
+            .env("TOKEN", TOKEN.to_string())
+            .env("PAYER_KEY", payer_key)
+            .env("RPC_URL", rpc);
+        if let Some(network) = network {
+            command.env("NETWORK", network);
+        }
+        command.output().expect("node runs (npm ci installs the reference packages)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    eprintln!("{stdout}");
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@ mod facilitator;
 mod faults;
 mod interop;
 mod load;
+mod multichain;
 mod rejections;
 mod rpc;
 mod rpc_proxy;

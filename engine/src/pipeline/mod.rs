@@ -90,8 +90,8 @@ pub struct PipelineConfig {
     /// Proves the signatures of payers with code.
     pub signatures: Arc<dyn crate::signature::SignatureSource>,
     /// The factories whose ERC-6492 (counterfactual wallet) signatures are
-    /// accepted.
-    pub erc6492_factories: Vec<Address>,
+    /// accepted, with the chain of each.
+    pub erc6492_factories: Vec<(u64, Address)>,
 }
 
 impl Default for PipelineConfig {

@@ -1,0 +1,135 @@
+//! One x402d settling on two chains at once (`[[chains]]`): two anvils, one
+//! node; each chain has its own settler, balance cache and proofs. Payments
+//! on either settle on their own chain, through `direct` and `batched`;
+//! `/supported` lists both; a payment on a chain the node does not settle
+//! is refused; and the reference client pays on either.
+
+use std::time::Duration;
+
+use alloy::{
+    primitives::{Address, U256},
+    providers::{Provider, ProviderBuilder},
+    signers::local::PrivateKeySigner,
+};
+use x402_chain::contracts::X402TestToken;
+use x402_devnet::{Anvil, Payer};
+use x402_engine::config::ChainConfig;
+use x402_proto::v1 as pb;
+
+use crate::common::*;
+
+/// The second chain's id.
+const OTHER: u64 = 31_338;
+
+struct TwoChains {
+    anvils: [Anvil; 2],
+    payer: Payer,
+    node: x402_engine::node::Node,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoChains {
+    async fn start() -> Self {
+        let anvils = [Anvil::spawn(&[]).unwrap(), Anvil::spawn(&["--chain-id", "31338"]).unwrap()];
+        let payer = Payer::random();
+        let signer = PrivateKeySigner::random();
+        for anvil in &anvils {
+            x402_devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
+            x402_devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_value(dir.path());
+        config.chains = anvils
+            .iter()
+            .map(|anvil| {
+                let mut chain = ChainConfig::with_keys(anvil.endpoint(), vec![signer.to_bytes().to_string()], None);
+                chain.receipt_poll_ms = 50;
+                chain
+            })
+            .collect();
+        let node = start_node(&config).await;
+        Self { anvils, payer, node, _dir: dir }
+    }
+
+    async fn balance(&self, chain: usize, owner: Address) -> U256 {
+        let provider = ProviderBuilder::new().connect_http(self.anvils[chain].endpoint().parse().unwrap());
+        X402TestToken::new(TOKEN, &provider).balanceOf(owner).call().await.unwrap()
+    }
+
+    /// Waits until `owner` holds `want` on `chain`.
+    async fn balance_becomes(&self, chain: usize, owner: Address, want: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.balance(chain, owner).await != U256::from(want) {
+            assert!(tokio::time::Instant::now() < deadline, "chain {chain}: {owner} never held {want}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A payment of [`AMOUNT`] to `pay_to` on `chain_id`.
+fn pay(payer: &Payer, pay_to: Address, chain_id: u64, request_id: u64) -> pb::SubmitRequest {
+    let mut req = requirements(pay_to);
+    req.network = format!("eip155:{chain_id}");
+    let payload = payer.sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+    exact_submit(request_id, &req, &payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_settles_on_two_chains_at_once() {
+    let t = TwoChains::start().await;
+    let grpc = t.node.endpoints().grpc;
+    let (mut m1, mut m2) = (payments(grpc, M1_KEY).await, payments(grpc, M2_KEY).await);
+    for (chain_id, n) in [(31_337, 1), (OTHER, 2)] {
+        for (client, pay_to) in [(&mut m1, PAY_TO), (&mut m2, PAY_TO_2)] {
+            let answer = client.submit(pay(&t.payer, pay_to, chain_id, n)).await.unwrap().into_inner();
+            assert_eq!(outcome(&answer), pb::Outcome::Accepted, "chain {chain_id}: {}", answer.message);
+        }
+    }
+    // A chain the node does not settle.
+    let answer = m1.submit(pay(&t.payer, PAY_TO, 1, 3)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected);
+    assert_eq!(answer.reason, "invalid_network", "{}", answer.message);
+
+    // Each settles on its own chain, direct and batched.
+    for chain in 0..2 {
+        t.balance_becomes(chain, PAY_TO, AMOUNT).await;
+        t.balance_becomes(chain, PAY_TO_2, AMOUNT).await;
+        t.balance_becomes(chain, t.payer.address(), 1_000_000 - 2 * AMOUNT).await;
+    }
+
+    let supported: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/supported", t.node.endpoints().http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for network in ["eip155:31337", "eip155:31338"] {
+        assert!(
+            supported["kinds"].as_array().unwrap().iter().any(|k| k["network"] == network && k["scheme"] == "exact"),
+            "{network}: {supported}"
+        );
+    }
+}
+
+/// The reference `@x402/express` server and `@x402/fetch` client, paying
+/// through one x402d on either of its chains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_client_pays_on_either_chain() {
+    let t = TwoChains::start().await;
+    let http = t.node.endpoints().http;
+    for (chain, network) in [(0, "eip155:31337"), (1, "eip155:31338")] {
+        let lines =
+            crate::interop::run_script("exact.mjs", http, t.anvils[chain].endpoint(), t.payer.signer(), Some(network))
+                .await;
+        let paid = lines.iter().find(|l| l["scenario"] == "paid").unwrap_or_else(|| panic!("{lines:?}"));
+        assert_eq!(paid["status"], 200, "{network}");
+        assert_eq!(paid["network"], network);
+        let tx = paid["transaction"].as_str().unwrap().parse().unwrap();
+        let provider = ProviderBuilder::new().connect_http(t.anvils[chain].endpoint().parse().unwrap());
+        assert!(provider.get_transaction_receipt(tx).await.unwrap().unwrap().status(), "{network}: on its chain");
+        // The paid request and the raced one: two payments, on this chain.
+        assert_eq!(t.balance(chain, PAY_TO).await, U256::from(2_000), "{network}");
+    }
+}
