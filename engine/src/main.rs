@@ -193,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev { overrides } => {
             let dir =
                 tempfile::Builder::new().prefix("x402d-dev-").tempdir().context("creating the dev data directory")?;
-            let (anvil, chain) = start_devnet().await?;
+            let (anvil, chain) = start_devnet(&[]).await?;
             let mut config = dev_config(dir.path().to_path_buf(), &chain);
             let signers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
             let addresses: Vec<Address> = signers.iter().map(PrivateKeySigner::address).collect();
@@ -208,8 +208,22 @@ async fn main() -> anyhow::Result<()> {
             chain_config.balance_poll_ms = 500;
             // Blocks come every second: ten blocks unmined is stuck.
             chain_config.stuck_after_secs = 10;
-            config.chain = Some(chain_config);
-            devnet = Some((anvil, chain, authorizer.address()));
+            config.chain = Some(chain_config.clone());
+            // A second chain, settled by the same process (channels stay on
+            // the first).
+            let (second, second_chain) = start_devnet(&["--chain-id", "31338"]).await?;
+            devnet::fund_ether(second.endpoint(), &addresses).await.context("funding settlement signers")?;
+            config.chains = vec![ChainConfig {
+                receiver_authorizer_key: None,
+                ..ChainConfig { rpc_url: second.endpoint().to_owned(), ..chain_config }
+            }];
+            for merchant in config.merchants.iter_mut().filter(|m| !matches!(m.policy, PolicyConfig::Channel { .. })) {
+                merchant.assets.push(AssetConfig {
+                    network: format!("eip155:{}", second_chain.chain_id),
+                    asset: second_chain.token.to_string(),
+                });
+            }
+            devnet = Some((anvil, chain, authorizer.address(), second, second_chain));
             overrides.apply(&mut config);
             (config, Some(dir))
         }
@@ -218,8 +232,9 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::start(&config).await.context("starting x402d")?;
     let endpoints = node.endpoints();
     println!("x402d listening grpc={} http={}", endpoints.grpc, endpoints.http);
-    if let Some((anvil, chain, authorizer)) = &devnet {
-        print_dev_banner(&config, endpoints.http, anvil.endpoint(), chain, *authorizer);
+    if let Some((anvil, chain, authorizer, second, second_chain)) = &devnet {
+        let second = (second.endpoint(), second_chain.chain_id);
+        print_dev_banner(&config, endpoints.http, anvil.endpoint(), chain, *authorizer, second);
     }
     node.wait(shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -241,9 +256,10 @@ fn run_load(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
     ))
 }
 
-/// Starts anvil and deploys the token and Multicall3, funding the dev payers.
-async fn start_devnet() -> anyhow::Result<(Anvil, Devnet)> {
-    let anvil = tokio::task::spawn_blocking(|| Anvil::spawn(&[])).await?.context("starting anvil")?;
+/// Starts anvil (with `args`) and deploys the token and Multicall3, funding
+/// the dev payers.
+async fn start_devnet(args: &'static [&'static str]) -> anyhow::Result<(Anvil, Devnet)> {
+    let anvil = tokio::task::spawn_blocking(|| Anvil::spawn(args)).await?.context("starting anvil")?;
     let payers: Vec<Address> =
         DEV_PAYER_KEYS.iter().map(|k| k.parse::<PrivateKeySigner>().map(|s| s.address())).collect::<Result<_, _>>()?;
     let chain =
@@ -254,7 +270,14 @@ async fn start_devnet() -> anyhow::Result<(Anvil, Devnet)> {
     Ok((anvil, chain))
 }
 
-fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet, authorizer: Address) {
+fn print_dev_banner(
+    config: &Config,
+    http: SocketAddr,
+    rpc: &str,
+    chain: &Devnet,
+    authorizer: Address,
+    (second_rpc, second_id): (&str, u64),
+) {
     println!();
     println!("ledger      {}", config.ledger.path.display());
     println!("admin key   {DEV_ADMIN_KEY}");
@@ -271,6 +294,7 @@ fn print_dev_banner(config: &Config, http: SocketAddr, rpc: &str, chain: &Devnet
     println!("channels    {} (deposit collector {})", chain.channels, chain.deposit_collector);
     println!("authorizer  {authorizer} (receiver authorizer: x402d signs channel claims with its key)");
     println!("settlement  direct, batched and channel payments settle on this chain");
+    println!("chain two   {second_rpc} (eip155:{second_id}, anvil: the same token, payers and merchants; direct and batched)");
     println!("balances    read from the chain, refreshed from Transfer logs");
     println!("metrics     http://{http}/metrics");
     println!();

@@ -60,9 +60,26 @@ async fn dev_runs_a_funded_chain_and_settles_payments() {
     let paid = token_contract.balanceOf(PAY_TO).call().await.unwrap() - before;
     assert_eq!(paid, U256::from(AMOUNT));
 
-    // Stopping x402d stops its chain.
+    // The second chain: the same merchant takes a payment there, and it
+    // settles there.
+    let second_rpc = daemon.banner_value("chain two").split_whitespace().next().unwrap().to_owned();
+    let second = ProviderBuilder::new().connect_http(second_rpc.parse().unwrap());
+    assert_eq!(second.get_chain_id().await.unwrap(), 31338);
+    req.network = "eip155:31338".into();
+    let payload = Payer::new(payer_key.parse().unwrap()).sign_exact(&req, now() - 600, now() + 3600, random_nonce());
+    let resp = client.submit(exact_submit(2, &req, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&resp), pb::Outcome::Accepted, "{resp:?}");
+    let second_token = X402TestToken::new(token, &second);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while second_token.balanceOf(PAY_TO).call().await.unwrap() != U256::from(AMOUNT) {
+        assert!(tokio::time::Instant::now() < deadline, "not settled on the second chain in time");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Stopping x402d stops its chains.
     daemon.stop();
     assert!(provider.get_chain_id().await.is_err(), "anvil is gone with x402d");
+    assert!(second.get_chain_id().await.is_err(), "the second anvil is gone with x402d");
 
     // So does killing it, when no code of x402d runs: anvil's watchdog ends it.
     let mut daemon = Daemon::dev();
