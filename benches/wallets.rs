@@ -1,8 +1,8 @@
 //! Payers with code against all-EOA traffic, on a local anvil: the whole
 //! pipeline in process (RocksDB, fsync'd group commit), with balances and
 //! code read from the chain (cached) and the signatures of contract wallets
-//! proved on chain in batches (Multicall3 `aggregate3` of
-//! `isValidSignature`, `ChainSignatures`). Pre-signed payments, 4,096 in
+//! proved on chain in batches (`ChainSignatures`: one `eth_call` of the
+//! signature probe runs many payments' transfers, each alone). Pre-signed payments, 4,096 in
 //! flight: all-EOA, then one in ten from ERC-1271 contract wallets.
 //!
 //! Printed: the throughput of each run, the proof `eth_call`s per
@@ -27,7 +27,7 @@ use alloy::{
 use x402_benches::{merchant, now, requirements};
 use x402_chain::{
     AlloyChain, TxConfig,
-    contracts::{MULTICALL3_ADDRESS, X402TestToken, X402TestWallet},
+    contracts::{X402TestToken, X402TestWallet},
 };
 use x402_devnet::{Anvil, Payer};
 use x402_engine::{
@@ -56,7 +56,8 @@ fn main() {
 
 async fn run() {
     let anvil = Anvil::spawn(&[]).expect("anvil (npm ci)");
-    let eoas: Vec<From> = (0..PAYERS).map(|_| Payer::random()).map(|key| From { address: key.address(), key }).collect();
+    let eoas: Vec<From> =
+        (0..PAYERS).map(|_| Payer::random()).map(|key| From { address: key.address(), key }).collect();
     let addresses: Vec<Address> = eoas.iter().map(|p| p.address).collect();
     x402_devnet::deploy(anvil.endpoint(), &addresses, U256::from(10u64.pow(15))).await.unwrap();
     let deployer: PrivateKeySigner = x402_devnet::DEV_DEPLOYER_KEY.parse().unwrap();
@@ -74,11 +75,11 @@ async fn run() {
         }
     }
     let chain = Arc::new(AlloyChain::connect(anvil.endpoint(), Vec::new(), TxConfig::default()).await.unwrap());
-    let balances: Arc<dyn BalanceSource> = Arc::new(ChainBalances::new(chain.clone(), ChainBalancesConfig {
-        ttl: std::time::Duration::from_secs(3600),
-        ..ChainBalancesConfig::default()
-    }));
-    let signatures = Arc::new(ChainSignatures::new(chain, MULTICALL3_ADDRESS, ChainSignaturesConfig::default()));
+    let balances: Arc<dyn BalanceSource> = Arc::new(ChainBalances::new(
+        chain.clone(),
+        ChainBalancesConfig { ttl: std::time::Duration::from_secs(3600), ..ChainBalancesConfig::default() },
+    ));
+    let signatures = Arc::new(ChainSignatures::new(chain, ChainSignaturesConfig::default()));
     let dir = tempfile::tempdir().unwrap();
     let ledger: Arc<dyn Ledger> = Arc::new(RocksLedger::open(dir.path(), RocksOptions { sync: true }).unwrap());
     let config = PipelineConfig {

@@ -21,10 +21,7 @@ use alloy::{
     sol_types::{SolCall, SolValue},
 };
 
-use crate::{
-    batch::RowResult,
-    contracts::X402SignatureProbe,
-};
+use crate::{batch::RowResult, contracts::X402SignatureProbe};
 
 /// Where the probe's code is placed for its `eth_call`: an address no one
 /// holds a key to, holding nothing.
@@ -87,7 +84,7 @@ pub fn decode_probes(output: &[u8]) -> crate::Result<Vec<Probed>> {
         .into_iter()
         .zip(ret.data)
         // `X402SignatureProbe.Outcome`, in its order.
-        .map(|(outcome, data)| match u8::from(outcome) {
+        .map(|(outcome, data)| match outcome {
             0 => Probed::Returned(data),
             1 => Probed::Reverted(data),
             2 => Probed::FactoryFailed(data),
@@ -181,7 +178,9 @@ pub fn verdict(signer: Address, row: &RowResult) -> Verdict {
             "isValidSignature of {signer} answered 0x{}, not the ERC-1271 magic value",
             alloy::hex::encode(word)
         )),
-        None if row.data.is_empty() => Verdict::Invalid(format!("{signer} holds no code that answers isValidSignature")),
+        None if row.data.is_empty() => {
+            Verdict::Invalid(format!("{signer} holds no code that answers isValidSignature"))
+        }
         None => Verdict::Invalid(format!(
             "isValidSignature of {signer} answered 0x{}, not a 32-byte word",
             alloy::hex::encode(&row.data)
@@ -214,13 +213,18 @@ mod tests {
         assert_eq!(verdict(signer, &RowResult { success: true, data: word(ERC1271_MAGIC) }), Verdict::Valid);
         assert!(matches!(verdict(signer, &RowResult { success: true, data: word([0xff; 4]) }), Verdict::Invalid(_)));
         // An EOA answers nothing.
-        assert!(matches!(verdict(signer, &RowResult { success: true, data: Bytes::new() }), Verdict::Invalid(m) if m.contains("no code")));
+        assert!(
+            matches!(verdict(signer, &RowResult { success: true, data: Bytes::new() }), Verdict::Invalid(m) if m.contains("no code"))
+        );
         // Dirty padding is refused by the token's abi.decode.
         let mut dirty = word(ERC1271_MAGIC).to_vec();
         dirty[31] = 1;
         assert!(matches!(verdict(signer, &RowResult { success: true, data: dirty.into() }), Verdict::Invalid(_)));
         // Four bare bytes are not a word.
-        assert!(matches!(verdict(signer, &RowResult { success: true, data: ERC1271_MAGIC.into() }), Verdict::Invalid(_)));
+        assert!(matches!(
+            verdict(signer, &RowResult { success: true, data: ERC1271_MAGIC.into() }),
+            Verdict::Invalid(_)
+        ));
         assert!(matches!(verdict(signer, &RowResult { success: false, data: Bytes::new() }), Verdict::Reverted(_)));
     }
 }

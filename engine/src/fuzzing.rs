@@ -62,7 +62,9 @@ pub fn submit_request(data: &[u8]) {
                 .and_then(|signature| signature.recover_address_from_prehash(&digest).ok())
                 .is_some_and(|signer| signer == auth.from);
             match &verified.signature {
-                crate::verify::SignatureCheck::Recovered => assert!(recovers, "a recovered payment is signed by its from"),
+                crate::verify::SignatureCheck::Recovered => {
+                    assert!(recovers, "a recovered payment is signed by its from")
+                }
                 crate::verify::SignatureCheck::NotRecovered(_) => assert!(
                     crate::verify::check_signature(&verified.payload.signature, digest, auth.from).is_err(),
                     "a signature of its from was left to the chain"

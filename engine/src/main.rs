@@ -294,7 +294,9 @@ fn print_dev_banner(
     println!("channels    {} (deposit collector {})", chain.channels, chain.deposit_collector);
     println!("authorizer  {authorizer} (receiver authorizer: x402d signs channel claims with its key)");
     println!("settlement  direct, batched and channel payments settle on this chain");
-    println!("chain two   {second_rpc} (eip155:{second_id}, anvil: the same token, payers and merchants; direct and batched)");
+    println!(
+        "chain two   {second_rpc} (eip155:{second_id}, anvil: the same token, payers and merchants; direct and batched)"
+    );
     println!("balances    read from the chain, refreshed from Transfer logs");
     println!("metrics     http://{http}/metrics");
     println!();

@@ -346,7 +346,9 @@ fn facilitator_info(
     // Only what is settled is advertised; a record-only node lists its
     // merchants' networks.
     let mut networks: Vec<String> = match chains {
-        [] => engine.merchants().iter().flat_map(|m| m.assets.iter().map(|a| format!("eip155:{}", a.chain_id))).collect(),
+        [] => {
+            engine.merchants().iter().flat_map(|m| m.assets.iter().map(|a| format!("eip155:{}", a.chain_id))).collect()
+        }
         chains => chains.iter().map(|(_, chain)| format!("eip155:{}", chain.chain_id())).collect(),
     };
     let chain = chains.first().map(|(_, chain)| chain);

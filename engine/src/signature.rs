@@ -136,7 +136,10 @@ impl SignatureSource for NoSignatures {
     fn prove(&self, chain_id: u64, request: SignatureRequest, done: ProofNotifier) {
         done.notify(Ok(Proof::Refused(
             Reason::Signature,
-            format!("{} needs an on-chain signature check, and this node reads no chain {chain_id} to ask", request.signer),
+            format!(
+                "{} needs an on-chain signature check, and this node reads no chain {chain_id} to ask",
+                request.signer
+            ),
         )));
     }
 }
@@ -372,10 +375,9 @@ impl<C: Chain> Batcher<C> {
                     Verdict::Invalid(why) | Verdict::Reverted(why) => refused(Reason::Signature, why),
                 }
             }
-            (Probed::Reverted(data), Check::Erc1271 { .. }) => refused(
-                Reason::Signature,
-                format!("isValidSignature of {signer} reverted: {}", revert_text(&data)),
-            ),
+            (Probed::Reverted(data), Check::Erc1271 { .. }) => {
+                refused(Reason::Signature, format!("isValidSignature of {signer} reverted: {}", revert_text(&data)))
+            }
         }
     }
 
@@ -389,7 +391,9 @@ impl<C: Chain> Batcher<C> {
         let outcomes = decode_probes(&output)?;
         if outcomes.len() != probes.len() {
             let got = outcomes.len();
-            return Err(x402_chain::Error::Decode(format!("the probe answered {got} checks, not {}", probes.len())).into());
+            return Err(
+                x402_chain::Error::Decode(format!("the probe answered {got} checks, not {}", probes.len())).into()
+            );
         }
         Ok(outcomes)
     }

@@ -67,16 +67,14 @@ async fn deploy_wallets(s: &Setup) -> Wallets {
     let code = s.wallet.get_code_at(delegated.address()).await.unwrap();
     assert_eq!(&code[..3], &[0xef, 0x01, 0x00], "not delegated: {code}");
 
-    let wallets = Wallets {
-        factory,
-        rogue_factory,
-        wallet,
-        owner,
-        counterfactual_owner: Payer::random(),
-        delegated,
-    };
+    let wallets = Wallets { factory, rogue_factory, wallet, owner, counterfactual_owner: Payer::random(), delegated };
     let token = X402TestToken::new(TOKEN, &s.wallet);
-    for holder in [wallet, delegated_address(&wallets), counterfactual(&s.wallet, &wallets, 1).await, counterfactual(&s.wallet, &wallets, 2).await] {
+    for holder in [
+        wallet,
+        delegated_address(&wallets),
+        counterfactual(&s.wallet, &wallets, 1).await,
+        counterfactual(&s.wallet, &wallets, 2).await,
+    ] {
         token.mint(holder, U256::from(1_000_000u64)).send().await.unwrap().get_receipt().await.unwrap();
     }
     wallets
@@ -211,9 +209,8 @@ async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
     let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
     let burner = *x402_chain::contracts::X402TestGasBurner::deploy(&s.wallet).await.unwrap().address();
     let factory = *X402TestWalletFactory::deploy(&s.wallet).await.unwrap().address();
-    let chain = x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), x402_chain::TxConfig::default())
-        .await
-        .unwrap();
+    let chain =
+        x402_chain::AlloyChain::connect(s.anvil.endpoint(), Vec::new(), x402_chain::TxConfig::default()).await.unwrap();
     let config = ChainSignaturesConfig { window: std::time::Duration::from_millis(50), ..Default::default() };
     let signatures = ChainSignatures::new(Arc::new(chain), config);
 

@@ -42,11 +42,11 @@ impl<C: Chain> ChannelSource for ChainChannels<C> {
         // contract would ask instead of recovering).
         let proved = v.proved;
         self.runtime.spawn(async move {
-            let (read, code) = futures::future::join(
-                chain.call(contract, x402_chain::channel::state_calldata(id)),
-                async { if proved { Ok(false) } else { chain.has_code(signer).await } },
-            )
-            .await;
+            let (read, code) =
+                futures::future::join(chain.call(contract, x402_chain::channel::state_calldata(id)), async {
+                    if proved { Ok(false) } else { chain.has_code(signer).await }
+                })
+                .await;
             let unavailable = |e: x402_chain::Error| ReadFailure::Unavailable(Arc::new(Error::from(e)));
             let fetched = match code {
                 Ok(true) => Err(ReadFailure::SignerHasCode(signer)),

@@ -12,8 +12,8 @@ use crate::{
     Error, Result,
     domain::{
         AcceptedAsset, Authorization, ChannelRecord, ChannelSnapshot, IdempotencyKey, IntentKey, IntentState, Merchant,
-        PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy, SignatureKind,
-        TxIntent,
+        PaymentId, PaymentRecord, PaymentState, PaymentStatus, PendingKey, SettlementEvent, SettlementPolicy,
+        SignatureKind, TxIntent,
     },
 };
 

@@ -676,7 +676,8 @@ impl Shard {
                     if let Some(balance) = balance {
                         let reserved = self.reserved.get(&key).copied().unwrap_or_default();
                         if reserved.saturating_add(value) > balance {
-                            let message = format!("{payer}'s balance does not cover {value} on top of its pending payments");
+                            let message =
+                                format!("{payer}'s balance does not cover {value} on top of its pending payments");
                             return self.reject(reply, id, payer, Reason::InsufficientBalance, message);
                         }
                     }

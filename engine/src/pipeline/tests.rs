@@ -1035,7 +1035,8 @@ fn a_payer_with_code_waits_for_its_proofs_in_order() {
         payload.signature = by.sign_authorization(&s.requirements, &payload.authorization);
         s
     };
-    let queue = [signed(&Payer::random(), 1), signed(&owner, 2), signed(&owner, 3), signed(&owner, 4), signed(&owner, 5)];
+    let queue =
+        [signed(&Payer::random(), 1), signed(&owner, 2), signed(&owner, 3), signed(&owner, 4), signed(&owner, 5)];
     let mut replies: Vec<_> = queue.into_iter().map(|s| pipeline.try_submit(merchant(), s).unwrap()).collect();
 
     // The first is asked alone; the rest wait behind it.

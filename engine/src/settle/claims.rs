@@ -336,7 +336,7 @@ impl<C: Chain> Settler<C> {
                 }
                 _ => None,
             };
-            let claim = channel.claim_entry().and_then(|(entry, signature)| {
+            let claim = channel.claim_entry().map(|(entry, signature)| {
                 // The pipeline checks vouchers of known channels against the
                 // signer's key, which does not see `v`; the chain needs it right.
                 let digest = domain
@@ -349,13 +349,13 @@ impl<C: Chain> Settler<C> {
                     Some(signature) => Bytes::copy_from_slice(&signature),
                     None => Bytes::copy_from_slice(&signature),
                 };
-                Some(ClaimRow {
+                ClaimRow {
                     config: channel.config.clone(),
                     channel_id: channel.id,
                     max_claimable: entry.maxClaimableAmount,
                     signature,
                     total_claimed: entry.totalClaimed,
-                })
+                }
             });
             if claim.is_some() || refund.is_some() {
                 parts.push(Part { channel: channel.id, onchain: channel.onchain, claim, refund });

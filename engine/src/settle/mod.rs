@@ -46,7 +46,10 @@ use x402_chain::{
 
 use crate::{
     Engine, Result,
-    domain::{Clock, IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, SignatureKind, TxIntent},
+    domain::{
+        Clock, IntentState, PaymentId, PaymentRecord, PaymentState, PaymentStatus, SettlementPolicy, SignatureKind,
+        TxIntent,
+    },
     pipeline::{IntentChange, Transition},
     reason::Reason,
 };

@@ -40,7 +40,7 @@ impl Shard {
                 .then(|| "its channel's signer is a contract, which decides".to_owned())
         });
         if let Some(why) = unproved {
-            self.prove_voucher(ParkedVoucher { merchant, verified, reply }, why);
+            self.prove_voucher(ParkedVoucher { merchant, verified, reply }, &why);
             return true;
         }
         if verified.proved {
@@ -84,7 +84,7 @@ impl Shard {
     /// (`why`), proved on chain: valid only if the signer is a contract that
     /// approves it (ERC-1271), as the channel contract will check it. The
     /// voucher comes back through [`Shard::voucher_proved`].
-    fn prove_voucher(&mut self, parked: ParkedVoucher, why: String) {
+    fn prove_voucher(&mut self, parked: ParkedVoucher, why: &str) {
         let channel = parked.verified.channel_id;
         let proving = self.proving_per_channel.get(&channel).copied().unwrap_or_default();
         if self.parked_vouchers_len >= self.max_parked || proving >= Self::MAX_PARKED_PER_CHANNEL {
