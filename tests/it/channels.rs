@@ -33,7 +33,7 @@ use x402_load::{self as load, LoadConfig, Work};
 
 pub(crate) const MC_KEY: &str = "test-merchant-channel-key-1";
 pub(crate) const RECEIVER: Address = address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65");
-pub(crate) const WITHDRAW_DELAY: u64 = 900;
+const WITHDRAW_DELAY: u64 = 900;
 /// What each payer holds of the test token at the start.
 pub(crate) const MINTED: u64 = 10u64.pow(12);
 /// What one request costs (the voucher's step).
@@ -210,7 +210,7 @@ impl Setup {
 }
 
 /// The requirements of a channel-paid request of `PRICE`.
-pub(crate) fn channel_requirements() -> Requirements {
+fn channel_requirements() -> Requirements {
     Requirements { scheme: "batch-settlement".into(), amount: U256::from(PRICE), ..requirements(RECEIVER) }
 }
 
@@ -229,7 +229,7 @@ pub(crate) fn voucher(
 }
 
 /// A voucher for a request priced `price` after `charged`, charged in full.
-fn priced_voucher(
+pub(crate) fn priced_voucher(
     request_id: u64,
     payer: &Payer,
     config: &ChannelConfig,

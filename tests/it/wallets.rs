@@ -289,14 +289,9 @@ async fn a_hundred_proofs_take_one_call_and_a_gas_burner_starves_no_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
     use x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS;
-    use x402_engine::{
-        channels::{ChannelExtra, VoucherPayload},
-        config::PolicyConfig,
-        domain::{PaymentInput, Submission},
-        grpc::submit_request,
-    };
+    use x402_engine::config::PolicyConfig;
 
-    use crate::channels::{MC_KEY, PRICE, WITHDRAW_DELAY, channel_requirements, eventually};
+    use crate::channels::{MC_KEY, PRICE, eventually, priced_voucher};
 
     let s = Setup::new(1).await;
     let owner = Payer::random();
@@ -306,24 +301,9 @@ async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
     let mut config = s.config(payer);
     config.payerAuthorizer = authorizer;
     s.deposit_into(payer, config.clone(), 1_000).await;
-    let domain = x402_channel::ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS);
-    let id = domain.channel_id(&config);
-    let voucher = |n: u64, by: &Payer| {
-        let max = PRICE * u128::from(n as u8 + 1);
-        let payload = VoucherPayload {
-            network: NETWORK.into(),
-            config: config.clone(),
-            channel_id: id,
-            max_claimable: max,
-            signature: by.sign_voucher(&domain, id, max),
-            charge: None,
-            extra: ChannelExtra { receiver_authorizer: config.receiverAuthorizer, withdraw_delay: WITHDRAW_DELAY },
-            deposit: None,
-            refund: None,
-        };
-        let requirements = channel_requirements();
-        submit_request(n, &Submission::new(requirements, PaymentInput::Voucher(Box::new(payload))))
-    };
+    let id = x402_channel::ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS).channel_id(&config);
+    // The request after `n` paid ones, its voucher signed by `by`.
+    let voucher = |n: u64, by: &Payer| priced_voucher(n, by, &config, PRICE * u128::from(n as u8), PRICE);
     let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
 
     // Neither the payer's own key nor a stranger's signs for the wallet.
