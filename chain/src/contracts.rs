@@ -82,6 +82,15 @@ sol!(
     "contracts/out/X402TestGasBurner.json"
 );
 
+sol!(
+    /// A hostile delegate that approves in simulations and burns its gas in
+    /// paid transactions (tests).
+    #[allow(missing_debug_implementations, unreachable_pub)]
+    #[sol(rpc)]
+    X402TestPricedBurner,
+    "contracts/out/X402TestPricedBurner.json"
+);
+
 /// The public `batch-settlement` contract's address; `x402d dev` puts ours
 /// there too, so clients built for the public deployment work unchanged.
 pub const BATCH_SETTLEMENT_ADDRESS: Address = alloy::primitives::address!("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003");

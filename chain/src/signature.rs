@@ -72,6 +72,18 @@ pub fn probe_calldata(probes: &[Probe], gas_per_probe: u64) -> Bytes {
         .into()
 }
 
+/// The probe's `codeSizes(accounts)`: whether each holds code now.
+pub fn code_sizes_calldata(accounts: &[Address]) -> Bytes {
+    X402SignatureProbe::codeSizesCall { accounts: accounts.to_vec() }.abi_encode().into()
+}
+
+/// Whether each account of [`code_sizes_calldata`] holds code.
+pub fn decode_code_sizes(output: &[u8]) -> crate::Result<Vec<bool>> {
+    let sizes = X402SignatureProbe::codeSizesCall::abi_decode_returns(output)
+        .map_err(|e| crate::Error::Decode(format!("the probe's codeSizes returned something else: {e}")))?;
+    Ok(sizes.into_iter().map(|size| !size.is_zero()).collect())
+}
+
 /// The outcomes of [`probe_calldata`]'s probes, in order.
 pub fn decode_probes(output: &[u8]) -> crate::Result<Vec<Probed>> {
     let ret = X402SignatureProbe::probeCall::abi_decode_returns(output)
@@ -79,19 +91,21 @@ pub fn decode_probes(output: &[u8]) -> crate::Result<Vec<Probed>> {
     if ret.outcomes.len() != ret.data.len() {
         return Err(crate::Error::Decode("the signature probe's outcomes and data differ in length".into()));
     }
-    Ok(ret
-        .outcomes
+    ret.outcomes
         .into_iter()
         .zip(ret.data)
         // `X402SignatureProbe.Outcome`, in its order.
-        .map(|(outcome, data)| match outcome {
-            0 => Probed::Returned(data),
-            1 => Probed::Reverted(data),
-            2 => Probed::FactoryFailed(data),
-            3 => Probed::OutOfGas,
-            _ => Probed::NotRun,
+        .map(|(outcome, data)| {
+            Ok(match outcome {
+                0 => Probed::Returned(data),
+                1 => Probed::Reverted(data),
+                2 => Probed::FactoryFailed(data),
+                3 => Probed::OutOfGas,
+                4 => Probed::NotRun,
+                other => return Err(crate::Error::Decode(format!("the signature probe answered outcome {other}"))),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The ERC-1271 magic value: `isValidSignature.selector`.

@@ -318,6 +318,20 @@ impl<C: Chain> Batcher<C> {
             let probes: Vec<Probe> = todo.iter().map(|&i| probe(requests[i])).collect();
             let outcomes = match self.call(&probes).await {
                 Ok(outcomes) => outcomes,
+                // The whole call failed in execution (the probe bounds what
+                // each check costs it, so this is a node's own limit): each
+                // half alone, until one request stands alone.
+                Err(Error::Chain(e)) if e.is_execution_failure() && todo.len() > 1 => {
+                    let half = todo.split_off(todo.len() / 2);
+                    let (first, second) = (
+                        Box::pin(self.prove_all(&pick(requests, &todo))).await,
+                        Box::pin(self.prove_all(&pick(requests, &half))).await,
+                    );
+                    for (i, proved) in todo.iter().chain(&half).copied().zip(first.into_iter().chain(second)) {
+                        proofs[i] = Some(proved);
+                    }
+                    break;
+                }
                 Err(e) => {
                     let e = Arc::new(e);
                     for i in todo {
@@ -397,6 +411,11 @@ impl<C: Chain> Batcher<C> {
         }
         Ok(outcomes)
     }
+}
+
+/// The requests at `indices`.
+fn pick<'a>(requests: &[&'a SignatureRequest], indices: &[usize]) -> Vec<&'a SignatureRequest> {
+    indices.iter().map(|&i| requests[i]).collect()
 }
 
 /// The probe that proves `request`.

@@ -358,3 +358,55 @@ async fn a_stream_with_contract_wallets_is_accepted_in_few_proof_calls() {
     assert!(refused.is_empty(), "{} refused, the first: {:?}", refused.len(), refused.first());
     eprintln!("1000 payments, 100 from contract wallets, in {:?}", started.elapsed());
 }
+
+/// An EOA pays a batched merchant with its own key, then delegates (EIP-7702)
+/// to a contract that approves in simulations and burns all its gas in paid
+/// transactions. In a batch, the token's check of it would starve every row
+/// after it, batch after batch, until they expired. Its rows leave the batch
+/// and settle alone (and fail, its gas burnt once), and the honest rows of
+/// the batch settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eoa_delegated_after_paying_cannot_starve_its_batch() {
+    use x402_engine::config::PolicyConfig;
+    let s = Setup::new(3).await;
+    let burner = *x402_chain::contracts::X402TestPricedBurner::deploy(&s.wallet).await.unwrap().address();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = s.node_config(dir.path(), Setup::merchant(3600), |_| {});
+    // Time to delegate before the batch goes out.
+    config.merchants[1].policy = PolicyConfig::Batched { max_rows: 100, max_wait_ms: 5_000 };
+    let node = start_node(&config).await;
+    let (grpc, http) = (node.endpoints().grpc, node.endpoints().http);
+    let mut m2 = payments(grpc, M2_KEY).await;
+
+    // The attacker's payment has the earliest deadline: first in its batch.
+    let (attacker, honest) = (&s.payers[2], &s.payers[..2]);
+    let req = requirements(PAY_TO_2);
+    let payload = attacker.sign_exact(&req, now() - 600, now() + 90, random_nonce());
+    let answer = m2.submit(exact_submit(1, &req, &payload)).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    let attacked = B256::from_slice(&answer.payment_id);
+    for (n, payer) in honest.iter().enumerate() {
+        let (req, payload) = pay(payer, payer.address(), PAY_TO_2);
+        let answer = m2.submit(exact_submit(2 + n as u64, &req, &payload)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message);
+    }
+
+    // Now it delegates to the burner.
+    let nonce = s.wallet.get_transaction_count(attacker.address()).await.unwrap();
+    let delegation = Delegation { chain_id: U256::from(31337), address: burner, nonce };
+    let signature = attacker.signer().sign_hash_sync(&delegation.signature_hash()).unwrap();
+    let tx = TransactionRequest::default()
+        .with_to(Address::repeat_byte(0x5e))
+        .with_authorization_list(vec![delegation.into_signed(signature)]);
+    assert!(s.wallet.send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status());
+
+    // The honest payments settle; the attacker's fails on its own.
+    let token = X402TestToken::new(TOKEN, &s.wallet);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while token.balanceOf(PAY_TO_2).call().await.unwrap() != U256::from(2 * AMOUNT) {
+        assert!(tokio::time::Instant::now() < deadline, "the honest payments of the batch never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let answer = state_becomes(http, M2_KEY, attacked, "failed").await;
+    assert!(answer["transaction"].is_string(), "settled alone, in its own transaction: {answer}");
+}

@@ -69,12 +69,16 @@ contract X402SignatureProbe {
         }
     }
 
+    /// Return or revert data kept of a call: enough for a bytes4 answer or
+    /// a revert reason, never a hostile contract's megabytes.
+    uint256 private constant KEPT = 256;
+
     /// One probe; always reverts with its outcome, undoing what it did.
     function run(Probe calldata p) external {
         require(msg.sender == address(this));
         if (p.factory != address(0)) {
             (bool deployed, bytes memory why) = p.factory.call(p.factoryCalldata);
-            if (!deployed) revert Ended(false, true, why);
+            if (!deployed) revert Ended(false, true, _kept(why));
         }
         bool ok;
         bytes memory ret;
@@ -83,14 +87,33 @@ contract X402SignatureProbe {
         } else {
             (ok, ret) = p.target.call(p.data);
         }
-        revert Ended(ok, false, ret);
+        revert Ended(ok, false, _kept(ret));
+    }
+
+    /// The first `KEPT` bytes of `data`, in place.
+    function _kept(bytes memory data) private pure returns (bytes memory) {
+        if (data.length > KEPT) {
+            assembly ("memory-safe") {
+                mstore(data, KEPT)
+            }
+        }
+        return data;
+    }
+
+    /// The code size of each of `accounts` (payers whose code may have
+    /// changed since they were accepted).
+    function codeSizes(address[] calldata accounts) external view returns (uint256[] memory sizes) {
+        sizes = new uint256[](accounts.length);
+        for (uint256 i = 0; i < accounts.length; ++i) {
+            sizes[i] = accounts[i].code.length;
+        }
     }
 
     function _decode(bytes memory reason) private pure returns (Outcome, bytes memory) {
         // Anything but `Ended` (no data at all: out of gas) is the probe
-        // running out of its allowance; so is an outcome too big to be an
-        // answer (a wallet returning megabytes), which is not decoded.
-        if (reason.length < 4 || reason.length > 16_384 || bytes4(reason) != Ended.selector) {
+        // running out of its allowance (`run` keeps at most `KEPT` bytes of
+        // any answer, so a bigger outcome is not one of its own).
+        if (reason.length < 4 || reason.length > 1024 || bytes4(reason) != Ended.selector) {
             return (Outcome.OutOfGas, "");
         }
         // The arguments of `Ended`, in place: a length word written over the

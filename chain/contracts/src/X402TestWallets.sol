@@ -97,3 +97,16 @@ contract X402TestGasBurner {
         return ERC1271_MAGIC;
     }
 }
+
+/// A hostile delegate that approves everything in a simulation (gas price
+/// 0) and burns all its gas when the gas is paid for (tests of an EOA
+/// that delegates to it after paying, to starve the rows of its batch).
+contract X402TestPricedBurner {
+    function isValidSignature(bytes32, bytes calldata) external view returns (bytes4) {
+        uint256 n;
+        while (tx.gasprice > 0) {
+            n = uint256(keccak256(abi.encode(n)));
+        }
+        return ERC1271_MAGIC;
+    }
+}

@@ -390,8 +390,10 @@ impl Pipeline {
             let mut verifier = Verifier::new(config.min_validity)
                 .settling(config.settled_chains.clone())
                 .with_factories(config.erc6492_factories.clone());
+            // Channels are served on the first chain settled only.
+            let channel_chains = config.settled_chains.as_ref().map(|chains| chains.iter().take(1).copied().collect());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts)
-                .settling(config.settled_chains.clone())
+                .settling(channel_chains)
                 .min_deposit(config.min_deposit)
                 .claiming_with(config.receiver_authorizer);
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {

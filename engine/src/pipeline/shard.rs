@@ -217,8 +217,9 @@ impl Shard {
     /// Most requests of one channel waiting behind its read or deposit (a
     /// client sends one at a time; more is a flood).
     const MAX_PARKED_PER_CHANNEL: usize = 64;
-    /// Most payments of one payer waiting for their proofs (a payer with
-    /// code, or one named as such by a flood); beyond, UNAVAILABLE.
+    /// Most payments of one payer, from one merchant, waiting for their
+    /// proofs (a payer with code, or one named as such by a flood); beyond,
+    /// UNAVAILABLE.
     const MAX_PARKED_PER_PAYER: usize = 256;
     /// A channel mirror younger than this is trusted when a voucher exceeds
     /// its balance; an older one is read again first.
@@ -532,8 +533,15 @@ impl Shard {
     fn park(&mut self, key: BalanceKey, parked: Parked) {
         // Behind a proof: a payer with code (payments behind a balance read
         // are bounded by `max_parked` alone).
+        // Counted per merchant: one merchant's flood of payments "from" a
+        // wallet cannot keep its payments to other merchants out.
         let proving = |q: &VecDeque<Parked>| q.front().is_some_and(|p| !matches!(p.proof, ProofState::None));
-        if self.parked.get(&key).is_some_and(|q| proving(q) && q.len() >= Self::MAX_PARKED_PER_PAYER) {
+        let merchant = parked.merchant.number;
+        let full = |q: &VecDeque<Parked>| {
+            q.len() >= Self::MAX_PARKED_PER_PAYER
+                && q.iter().filter(|p| p.merchant.number == merchant).count() >= Self::MAX_PARKED_PER_PAYER
+        };
+        if self.parked.get(&key).is_some_and(|q| proving(q) && full(q)) {
             let _ = parked.reply.send(SubmitOutcome::Unavailable("too many payments of this payer wait; retry".into()));
             return;
         }

@@ -86,6 +86,22 @@ impl<C: Chain> Settler<C> {
         // Each payer's rows must together fit its balance, earliest deadline first.
         let payers: Vec<Address> =
             live.iter().map(|r| r.authorization.from).collect::<HashSet<_>>().into_iter().collect();
+        // A payer that holds code now (an EOA delegated since it paid) has
+        // its wallet asked by the token, which may burn the gas of the rows
+        // after it: its rows leave the batch and settle alone.
+        if !payers.is_empty() {
+            let with_code = self.payers_with_code(&payers).await?;
+            if !with_code.is_empty() {
+                let mut alone = self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                live.retain(|row| {
+                    let code = with_code.contains(&row.authorization.from);
+                    if code {
+                        alone.insert(row.id);
+                    }
+                    !code
+                });
+            }
+        }
         if !payers.is_empty() {
             let read = aggregate3_calldata(balance_of_rows(token, &payers));
             let output = self.chain.call(self.config.multicall, read).await?;
@@ -121,7 +137,17 @@ impl<C: Chain> Settler<C> {
                 if result.success {
                     kept.push(row);
                 } else {
-                    let reason = result.revert_message().map_or(super::SIMULATION_FAILED, |m| classify_revert(&m));
+                    // No reason at all: out of gas, perhaps starved by a row
+                    // before it. Alone it tells.
+                    let message = match result.revert_message() {
+                        Some(message) => Some(message),
+                        None => self.simulate_payment(&row).await?,
+                    };
+                    let Some(message) = message else {
+                        kept.push(row);
+                        continue;
+                    };
+                    let reason = classify_revert(&message);
                     let spent = if reason == Reason::NonceAlreadyUsed.code() {
                         self.spent_elsewhere(&row).await?
                     } else {
@@ -153,6 +179,22 @@ impl<C: Chain> Settler<C> {
                 .map(|r| Transition { id: r.id, status: self.status_with_tx(PaymentState::Submitted, tx.hash, None) }),
         );
         self.send(tx, live.iter().map(|r| r.id).collect(), transitions).await
+    }
+}
+
+impl<C: Chain> Settler<C> {
+    /// Which of `payers` hold code now (none, on a chain that cannot run
+    /// the probe).
+    async fn payers_with_code(&self, payers: &[Address]) -> Result<HashSet<Address>> {
+        let now = self.now_ms() / 1000;
+        match self.chain.probe(x402_chain::signature::code_sizes_calldata(payers), now).await {
+            Ok(output) => {
+                let sizes = x402_chain::signature::decode_code_sizes(&output)?;
+                Ok(payers.iter().zip(sizes).filter(|(_, code)| *code).map(|(p, _)| *p).collect())
+            }
+            Err(x402_chain::Error::Config(_)) => Ok(HashSet::new()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

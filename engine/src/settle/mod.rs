@@ -243,6 +243,9 @@ pub struct Settler<C> {
     claiming: AtomicBool,
     /// Paces the rounds while the chain fails.
     backoff: Backoff,
+    /// Batched payments whose payer held code when its batch was formed:
+    /// they settle alone (in memory: a restart finds them again).
+    alone: std::sync::Mutex<HashSet<PaymentId>>,
 }
 
 /// How far the latest block's timestamp may trail the true time on a
@@ -310,6 +313,7 @@ impl<C: Chain> Settler<C> {
             gaps_checked: std::sync::Mutex::default(),
             claiming: AtomicBool::new(false),
             backoff: Backoff::default(),
+            alone: std::sync::Mutex::default(),
         }
     }
 
@@ -508,6 +512,7 @@ impl<C: Chain> Settler<C> {
         queue.sort_by_key(|k| (k.deadline, k.id));
         let queued: HashSet<PaymentId> = queue.iter().map(|k| k.id).collect();
         not_mine.retain(|id| queued.contains(id));
+        self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|id| queued.contains(id));
         let mut batches: HashMap<Address, Vec<PaymentRecord>> = HashMap::new();
         for key in queue {
             if work.contains(&key.id) || not_mine.contains(&key.id) {
@@ -527,7 +532,8 @@ impl<C: Chain> Settler<C> {
             // one could burn the gas of the rows after it.
             let alone = matches!(record.policy, SettlementPolicy::Direct)
                 || (matches!(record.policy, SettlementPolicy::Batched { .. })
-                    && record.signature_kind != SignatureKind::Ecdsa);
+                    && (record.signature_kind != SignatureKind::Ecdsa
+                        || self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&record.id)));
             match record.policy {
                 _ if alone && work.len() < self.config.max_in_flight => {
                     let this = self.clone();

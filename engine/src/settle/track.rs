@@ -172,9 +172,12 @@ impl<C: Chain> Settler<C> {
                     // gas (else a payer who moves its balance away and back
                     // around each attempt would have x402d pay for reverted
                     // transactions without end).
-                    None if out_of_gas
-                        || (!matches!(p.policy, crate::domain::SettlementPolicy::Direct)
-                            && p.signature_kind == crate::domain::SignatureKind::Ecdsa) =>
+                    // A payer with code decides what its check costs: one that
+                    // ran its own transaction out of gas (perhaps only when
+                    // the gas is paid for) is not sent again.
+                    None if p.signature_kind == crate::domain::SignatureKind::Ecdsa
+                        && !self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(id)
+                        && (out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct)) =>
                     {
                         self.status(PaymentState::Queued)
                     }
