@@ -588,6 +588,10 @@ pub struct ChannelRecord {
     pub refund_requested: Option<u128>,
     /// Unix milliseconds of the last change to this record.
     pub updated_at_ms: u64,
+    /// Its voucher signer is a contract: a voucher of it was proved on
+    /// chain (ERC-1271), so every voucher of it is, even one whose
+    /// signature recovers (an EIP-7702 delegate decides, not the key).
+    pub contract_signer: bool,
 }
 
 /// Identifies a [`TxIntent`]: a signer's nonce on a chain.

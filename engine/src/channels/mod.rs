@@ -91,6 +91,7 @@ pub(crate) fn new_record(merchant: &Merchant, v: &VerifiedVoucher, now: u64) -> 
         updated_at_ms: 0,
         claim_requested: false,
         refund_requested: None,
+        contract_signer: v.proved,
     }
 }
 

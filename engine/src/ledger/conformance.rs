@@ -243,6 +243,7 @@ pub(crate) fn sample_channel(seed: u8, charged: u128, withdrawing: bool) -> Chan
         updated_at_ms: 1_700_000_000_123,
         claim_requested: withdrawing,
         refund_requested: seed.is_multiple_of(3).then_some(u128::from(seed) << 100),
+        contract_signer: seed.is_multiple_of(2),
     }
 }
 

@@ -509,6 +509,9 @@ struct ChannelV1 {
     claim_requested: bool,
     #[prost(bytes = "vec", optional, tag = "24")]
     refund_requested: Option<Vec<u8>>,
+    /// Its voucher signer is a contract (false in older records).
+    #[prost(bool, tag = "25")]
+    contract_signer: bool,
 }
 
 fn u128_bytes(value: u128) -> Vec<u8> {
@@ -546,6 +549,7 @@ pub(crate) fn encode_channel(r: &ChannelRecord) -> Vec<u8> {
         updated_at_ms: r.updated_at_ms,
         claim_requested: r.claim_requested,
         refund_requested: r.refund_requested.map(u128_bytes),
+        contract_signer: r.contract_signer,
     })
 }
 
@@ -591,6 +595,7 @@ pub(crate) fn decode_channel(bytes: &[u8]) -> Result<ChannelRecord> {
         updated_at_ms: m.updated_at_ms,
         claim_requested: m.claim_requested,
         refund_requested: m.refund_requested.as_deref().map(u128_from).transpose()?,
+        contract_signer: m.contract_signer,
     })
 }
 

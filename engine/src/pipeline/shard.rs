@@ -205,10 +205,6 @@ pub(crate) struct Shard {
     proving_vouchers: HashMap<u64, ParkedVoucher>,
     /// Of those, how many per channel.
     proving_per_channel: HashMap<B256, usize>,
-    /// Channels whose voucher signer is a contract (a voucher of theirs was
-    /// proved on chain): every voucher of theirs is proved, even one whose
-    /// signature recovers (an EIP-7702 delegate decides, not the key).
-    contract_signed: std::collections::HashSet<B256>,
 }
 
 impl Shard {
@@ -270,7 +266,6 @@ impl Shard {
             next_ticket: 0,
             proving_vouchers: HashMap::new(),
             proving_per_channel: HashMap::new(),
-            contract_signed: std::collections::HashSet::new(),
         }
     }
 

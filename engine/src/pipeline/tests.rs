@@ -1081,3 +1081,57 @@ fn a_payer_with_code_waits_for_its_proofs_in_order() {
     assert_eq!(rejection.reason, Reason::InsufficientBalance);
     assert!(signatures.waiting().is_empty(), "a proof was asked for a payment the balance refuses");
 }
+
+/// A channel whose voucher was proved on chain keeps its signer as a
+/// contract across a restart: a later voucher that recovers to the signer
+/// (an EIP-7702 delegated key, whose delegate the contract asks) is proved
+/// too, not accepted on its key alone.
+#[test]
+fn a_contract_signer_stays_one_across_a_restart() {
+    use crate::signature::Proof;
+    use x402_channel::ChannelDomain;
+
+    let ledger = Arc::new(FlakyLedger::default());
+    let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+    let start = |signatures: &Arc<crate::testing::ManualSignatures>| {
+        let config = PipelineConfig {
+            channels: Arc::new(FundedChannels),
+            shards: 1,
+            signatures: signatures.clone(),
+            ..PipelineConfig::default()
+        };
+        let dyn_ledger: Arc<dyn Ledger> = ledger.clone();
+        Pipeline::start(&config, &dyn_ledger, &balances).unwrap()
+    };
+    let payer = Payer::random();
+    let authorizer = Address::repeat_byte(0xaa);
+    let domain = ChannelDomain::new(31337, crate::channels::ChannelContracts::default().channels);
+    let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
+    let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
+    let voucher = |max: u128, recovers: bool| {
+        let mut payload = voucher_payload(&payer, &domain, &channel, authorizer, max);
+        if !recovers {
+            // Not an ECDSA signature: only the signer's code can approve it.
+            let mut signature = payload.signature.to_vec();
+            signature.push(0);
+            payload.signature = signature.into();
+        }
+        Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload)))
+    };
+
+    let signatures = Arc::new(crate::testing::ManualSignatures::default());
+    let pipeline = start(&signatures);
+    let first = pipeline.try_submit(merchant(), voucher(10, false)).unwrap();
+    let asked = signatures.wait_for(1);
+    signatures.answer(&asked[0], Ok(Proof::Valid));
+    assert!(matches!(first.blocking_recv().unwrap(), SubmitOutcome::VoucherAccepted { .. }));
+    pipeline.shutdown();
+
+    let signatures = Arc::new(crate::testing::ManualSignatures::default());
+    let pipeline = start(&signatures);
+    let second = pipeline.try_submit(merchant(), voucher(20, true)).unwrap();
+    let asked = signatures.wait_for(1);
+    assert_eq!(asked.len(), 1, "the recovering voucher of a contract signer's channel is proved");
+    signatures.answer(&asked[0], Ok(Proof::Valid));
+    assert!(matches!(second.blocking_recv().unwrap(), SubmitOutcome::VoucherAccepted { .. }));
+}

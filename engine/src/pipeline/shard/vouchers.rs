@@ -35,16 +35,22 @@ impl Shard {
         reply: oneshot::Sender<SubmitOutcome>,
     ) -> bool {
         let id = verified.channel_id;
+        // A channel's record says (durably) whether its signer is a
+        // contract: then every voucher of it is proved.
+        let contract_signer = self.channels.get(&id).is_some_and(|r| r.contract_signer);
         let unproved = verified.unproved.take().or_else(|| {
-            (!verified.proved && self.contract_signed.contains(&id))
+            (!verified.proved && contract_signer)
                 .then(|| "its channel's signer is a contract, which decides".to_owned())
         });
         if let Some(why) = unproved {
             self.prove_voucher(ParkedVoucher { merchant, verified, reply }, &why);
             return true;
         }
-        if verified.proved {
-            self.contract_signed.insert(id);
+        if verified.proved
+            && let Some(record) = self.channels.get_mut(&id)
+        {
+            // Written with the record's next change.
+            record.contract_signer = true;
         }
         if let Some(queue) = self.parked_vouchers.get_mut(&id) {
             if queue.len() >= Self::MAX_PARKED_PER_CHANNEL {
