@@ -70,6 +70,12 @@ impl Error {
         matches!(self, Self::Rpc(e) if e.as_error_resp().is_some_and(|r| crate::tx::is_revert(r.code, &r.message)))
     }
 
+    /// Whether the node answered with a JSON-RPC error (it refused the
+    /// request), as opposed to not answering.
+    pub fn is_error_answer(&self) -> bool {
+        matches!(self, Self::Rpc(e) if e.as_error_resp().is_some())
+    }
+
     /// Whether the node ran the call and it failed in execution: it
     /// reverted, or ran out of gas (which anvil answers as an internal
     /// error, -32603 "EVM error OutOfGas", and geth as -32000 "out of gas").

@@ -86,22 +86,7 @@ impl<C: Chain> Settler<C> {
         // Each payer's rows must together fit its balance, earliest deadline first.
         let payers: Vec<Address> =
             live.iter().map(|r| r.authorization.from).collect::<HashSet<_>>().into_iter().collect();
-        // A payer that holds code now (an EOA delegated since it paid) has
-        // its wallet asked by the token, which may burn the gas of the rows
-        // after it: its rows leave the batch and settle alone.
-        if !payers.is_empty() {
-            let with_code = self.payers_with_code(&payers).await?;
-            if !with_code.is_empty() {
-                let mut alone = self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                live.retain(|row| {
-                    let code = with_code.contains(&row.authorization.from);
-                    if code {
-                        alone.insert(row.id);
-                    }
-                    !code
-                });
-            }
-        }
+
         if !payers.is_empty() {
             let read = aggregate3_calldata(balance_of_rows(token, &payers));
             let output = self.chain.call(self.config.multicall, read).await?;
@@ -183,18 +168,25 @@ impl<C: Chain> Settler<C> {
 }
 
 impl<C: Chain> Settler<C> {
-    /// Which of `payers` hold code now (none, on a chain that cannot run
-    /// the probe).
-    async fn payers_with_code(&self, payers: &[Address]) -> Result<HashSet<Address>> {
-        let now = self.now_ms() / 1000;
-        match self.chain.probe(x402_chain::signature::code_sizes_calldata(payers), now).await {
-            Ok(output) => {
-                let sizes = x402_chain::signature::decode_code_sizes(&output)?;
-                Ok(payers.iter().zip(sizes).filter(|(_, code)| *code).map(|(p, _)| *p).collect())
-            }
-            Err(x402_chain::Error::Config(_)) => Ok(HashSet::new()),
-            Err(e) => Err(e.into()),
+    /// Which of `payers` hold code now: one probe call, or, on a node that
+    /// refuses the probe's overrides, `eth_getCode` each (none, on a chain
+    /// that can do neither).
+    pub(super) async fn payers_with_code(&self, payers: &[Address]) -> Result<HashSet<Address>> {
+        if payers.is_empty() {
+            return Ok(HashSet::new());
         }
+        let now = self.now_ms() / 1000;
+        let sizes = match self.chain.probe(x402_chain::signature::code_sizes_calldata(payers), now).await {
+            Ok(output) => x402_chain::signature::decode_code_sizes(&output)?,
+            Err(x402_chain::Error::Config(_)) => return Ok(HashSet::new()),
+            Err(e) if !e.is_error_answer() => return Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "the node refused the code probe; reading each payer's code");
+                let reads = futures::future::join_all(payers.iter().map(|p| self.chain.has_code(*p))).await;
+                reads.into_iter().collect::<x402_chain::Result<Vec<bool>>>()?
+            }
+        };
+        Ok(payers.iter().zip(sizes).filter(|(_, code)| *code).map(|(p, _)| *p).collect())
     }
 }
 

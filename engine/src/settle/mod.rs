@@ -246,7 +246,14 @@ pub struct Settler<C> {
     /// Batched payments whose payer held code when its batch was formed:
     /// they settle alone (in memory: a restart finds them again).
     alone: std::sync::Mutex<HashSet<PaymentId>>,
+    /// Payers with code whose own settlement ran out of gas: how many
+    /// times each was sent again (in memory: a restart allows as many more).
+    out_of_gas: std::sync::Mutex<HashMap<PaymentId, u32>>,
 }
+
+/// How many times a payment of a payer with code is sent again after its
+/// own transaction ran out of gas, before it fails.
+const OUT_OF_GAS_RETRIES: u32 = 2;
 
 /// How far the latest block's timestamp may trail the true time on a
 /// chain making blocks (a slot or two, and the node's delay), in seconds.
@@ -314,6 +321,7 @@ impl<C: Chain> Settler<C> {
             claiming: AtomicBool::new(false),
             backoff: Backoff::default(),
             alone: std::sync::Mutex::default(),
+            out_of_gas: std::sync::Mutex::default(),
         }
     }
 
@@ -561,7 +569,30 @@ impl<C: Chain> Settler<C> {
                     return Ok(());
                 }
                 let rest = rows.split_off(take.min(rows.len()));
-                let batch = std::mem::replace(&mut rows, rest);
+                let mut batch = std::mem::replace(&mut rows, rest);
+                // A payer that holds code now (an EOA delegated since it
+                // paid) has its wallet asked by the token, which may burn the
+                // gas of the rows after it: its rows settle alone, from the
+                // next round on (so that no task holds them meanwhile).
+                let payers: Vec<Address> =
+                    batch.iter().map(|r| r.authorization.from).collect::<HashSet<_>>().into_iter().collect();
+                let with_code = self.payers_with_code(&payers).await?;
+                if !with_code.is_empty() {
+                    let mut alone = self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    batch.retain(|row| {
+                        let code = with_code.contains(&row.authorization.from);
+                        if code {
+                            alone.insert(row.id);
+                        }
+                        !code
+                    });
+                }
+                if batch.is_empty() {
+                    if rows.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
                 let ids: Vec<_> = batch.iter().map(|r| r.id).collect();
                 let this = self.clone();
                 work.spawn(ids, async move {
@@ -577,6 +608,18 @@ impl<C: Chain> Settler<C> {
             }
         }
         Ok(())
+    }
+
+    /// Whether payment `id` (a payer with code whose transaction ran out of
+    /// gas) may be sent again; counts the retry.
+    fn retry_out_of_gas(&self, id: PaymentId) -> bool {
+        let mut retries = self.out_of_gas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if retries.len() > 100_000 {
+            retries.clear();
+        }
+        let n = retries.entry(id).or_default();
+        *n += 1;
+        *n <= OUT_OF_GAS_RETRIES
     }
 
     /// How many batch rows fit under half the block gas limit.

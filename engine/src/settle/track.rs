@@ -174,13 +174,16 @@ impl<C: Chain> Settler<C> {
                     // transactions without end).
                     // A payer with code decides what its check costs: one that
                     // ran its own transaction out of gas (perhaps only when
-                    // the gas is paid for) is not sent again.
+                    // the gas is paid for) is sent again at most
+                    // `OUT_OF_GAS_RETRIES` times (an estimate may have drifted),
+                    // then fails.
                     None if p.signature_kind == crate::domain::SignatureKind::Ecdsa
                         && !self.alone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(id)
                         && (out_of_gas || !matches!(p.policy, crate::domain::SettlementPolicy::Direct)) =>
                     {
                         self.status(PaymentState::Queued)
                     }
+                    None if out_of_gas && self.retry_out_of_gas(*id) => self.status(PaymentState::Queued),
                     Some(r) if classify_revert(&r) == Reason::ValidAfter.code() => self.status(PaymentState::Queued),
                     revert => {
                         // Spent, not by this transaction: the chain may say how.
