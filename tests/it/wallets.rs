@@ -51,19 +51,8 @@ async fn deploy_wallets(s: &Setup) -> Wallets {
     let wallet = *X402TestWallet::deploy(&s.wallet, owner.address()).await.unwrap().address();
     let delegate = *X402TestDelegate::deploy(&s.wallet).await.unwrap().address();
 
-    // A real EIP-7702 transaction, sent by the deployer, carrying the
-    // delegated account's signed authorization.
     let delegated = Payer::random();
-    let nonce = s.wallet.get_transaction_count(delegated.address()).await.unwrap();
-    let delegation = Delegation { chain_id: U256::from(31337), address: delegate, nonce };
-    let signature = delegated.signer().sign_hash_sync(&delegation.signature_hash()).unwrap();
-    // (To a plain account: the delegated one now runs the delegate's code,
-    // which takes no empty call.)
-    let tx = TransactionRequest::default()
-        .with_to(Address::repeat_byte(0x5e))
-        .with_authorization_list(vec![delegation.into_signed(signature)]);
-    let receipt = s.wallet.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
-    assert!(receipt.status(), "the delegation was refused");
+    delegate_to(s, &delegated, delegate).await;
     let code = s.wallet.get_code_at(delegated.address()).await.unwrap();
     assert_eq!(&code[..3], &[0xef, 0x01, 0x00], "not delegated: {code}");
 
@@ -78,6 +67,21 @@ async fn deploy_wallets(s: &Setup) -> Wallets {
         token.mint(holder, U256::from(1_000_000u64)).send().await.unwrap().get_receipt().await.unwrap();
     }
     wallets
+}
+
+/// `account` delegates to `code` (EIP-7702): a real type-4 transaction,
+/// sent by the deployer, carrying the account's signed authorization.
+async fn delegate_to(s: &Setup, account: &Payer, code: Address) {
+    let nonce = s.wallet.get_transaction_count(account.address()).await.unwrap();
+    let delegation = Delegation { chain_id: U256::from(31337), address: code, nonce };
+    let signature = account.signer().sign_hash_sync(&delegation.signature_hash()).unwrap();
+    // (To a plain account: the delegated one may run code that takes no
+    // empty call.)
+    let tx = TransactionRequest::default()
+        .with_to(Address::repeat_byte(0x5e))
+        .with_authorization_list(vec![delegation.into_signed(signature)]);
+    let receipt = s.wallet.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+    assert!(receipt.status(), "the delegation was refused");
 }
 
 fn delegated_address(w: &Wallets) -> Address {
@@ -392,13 +396,7 @@ async fn an_eoa_delegated_after_paying_cannot_starve_its_batch() {
     }
 
     // Now it delegates to the burner.
-    let nonce = s.wallet.get_transaction_count(attacker.address()).await.unwrap();
-    let delegation = Delegation { chain_id: U256::from(31337), address: burner, nonce };
-    let signature = attacker.signer().sign_hash_sync(&delegation.signature_hash()).unwrap();
-    let tx = TransactionRequest::default()
-        .with_to(Address::repeat_byte(0x5e))
-        .with_authorization_list(vec![delegation.into_signed(signature)]);
-    assert!(s.wallet.send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status());
+    delegate_to(&s, attacker, burner).await;
 
     // The honest payments settle; the attacker's fails on its own.
     let token = X402TestToken::new(TOKEN, &s.wallet);
