@@ -380,7 +380,7 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
     let json = header_bytes(header)?;
     let parsed = match decode_payment_payload::<ExactEvmPayload>(&json, FIELD) {
         Ok(parsed) => parsed,
-        Err(e) if e.field.ends_with("x402Version") && payload_version(&json) == Some(1) => {
+        Err(e) if e.field.ends_with("x402Version") && payload_version(&json).and_then(|v| v.as_u64()) == Some(1) => {
             let v1: x402_wire::v1::PaymentPayloadV1<ExactEvmPayload> =
                 x402_wire::from_slice(&json).map_err(|e| InvalidField::new(e.under(FIELD), e.message))?;
             return Ok(DecodedHeader {
@@ -405,13 +405,13 @@ fn decode_header(header: &str) -> Result<DecodedHeader, InvalidField> {
 }
 
 /// The `x402Version` of the JSON object `json`, if it is a number.
-fn payload_version(json: &[u8]) -> Option<u64> {
+fn payload_version(json: &[u8]) -> Option<serde_json::Value> {
     #[derive(serde::Deserialize)]
     struct Version {
         #[serde(rename = "x402Version")]
         version: Option<serde_json::Value>,
     }
-    x402_wire::from_slice::<Version>(json).ok()?.version?.as_u64()
+    x402_wire::from_slice::<Version>(json).ok()?.version.filter(serde_json::Value::is_number)
 }
 
 /// An x402 `PaymentPayload` (the JSON object `json`) with a payload `P`,
@@ -429,18 +429,11 @@ pub(crate) fn decode_payment_payload<P: serde::de::DeserializeOwned>(
     match x402_wire::from_slice::<PaymentPayload<P, Accepted>>(json) {
         Ok(payload) if payload.x402_version == x402_wire::X402_VERSION => Ok(payload),
         Ok(payload) => Err(wrong_version(&payload.x402_version)),
-        Err(e) => {
-            #[derive(serde::Deserialize)]
-            struct Version {
-                #[serde(rename = "x402Version")]
-                version: Option<serde_json::Value>,
-            }
-            // A version that is not even a number is the shape's error.
-            match x402_wire::from_slice::<Version>(json) {
-                Ok(Version { version: Some(v) }) if v.is_number() && v.as_u64() != Some(2) => Err(wrong_version(&v)),
-                _ => Err(InvalidField::new(e.under(field), e.message)),
-            }
-        }
+        // A version that is not even a number is the shape's error.
+        Err(e) => match payload_version(json) {
+            Some(v) if v.as_u64() != Some(2) => Err(wrong_version(&v)),
+            _ => Err(InvalidField::new(e.under(field), e.message)),
+        },
     }
 }
 

@@ -773,13 +773,12 @@ impl<C: Chain> Settler<C> {
     /// Simulates settling `p` alone against the latest state: `Some` with
     /// the token's revert message when its transfer would fail.
     async fn simulate_payment(&self, p: &PaymentRecord) -> Result<Option<String>> {
-        let (to, calldata) = self.settlement_call(p);
-        if to != self.config.multicall || p.signature_kind != SignatureKind::Erc6492 {
-            return Ok(self.chain.simulate(to, calldata).await?);
+        if p.signature_kind != SignatureKind::Erc6492 {
+            return Ok(self.chain.simulate(p.asset, transfer_call(p)).await?);
         }
         // Every row allowed to fail: the transfer's row tells why it fails.
         let calldata = x402_chain::batch::aggregate3_calldata(settlement_rows(p));
-        let output = match self.chain.call(to, calldata).await {
+        let output = match self.chain.call(self.config.multicall, calldata).await {
             Ok(output) => output,
             Err(e) if e.is_execution_failure() => return Ok(Some(e.to_string())),
             Err(e) => return Err(e.into()),
