@@ -275,6 +275,28 @@ impl ChainConfig {
         )
     }
 
+    /// The receiver authorizer, if its key is configured: the key x402d
+    /// claims channels with.
+    pub fn receiver_authorizer(&self) -> Result<Option<alloy::signers::local::PrivateKeySigner>> {
+        self.receiver_authorizer_key()?
+            .map(|key| key.parse::<alloy::signers::local::PrivateKeySigner>())
+            .transpose()
+            .map_err(|_| Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into()))
+    }
+
+    /// What this chain's channels are held to: its contracts, least
+    /// deposit and receiver authorizer.
+    pub fn channel_terms(&self) -> Result<crate::channels::ChannelTerms> {
+        Ok(crate::channels::ChannelTerms {
+            contracts: crate::channels::ChannelContracts {
+                channels: self.channel_contract(),
+                collector: self.deposit_collector.unwrap_or(x402_chain::contracts::ERC3009_DEPOSIT_COLLECTOR_ADDRESS),
+            },
+            min_deposit: self.min_deposit()?,
+            receiver_authorizer: self.receiver_authorizer()?.map(|signer| signer.address()),
+        })
+    }
+
     /// [`ChainConfig::min_deposit`] as a number (0 when absent).
     pub fn min_deposit(&self) -> Result<u128> {
         self.min_deposit.as_deref().map_or(Ok(0), |m| {

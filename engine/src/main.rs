@@ -209,15 +209,12 @@ async fn main() -> anyhow::Result<()> {
             // Blocks come every second: ten blocks unmined is stuck.
             chain_config.stuck_after_secs = 10;
             config.chain = Some(chain_config.clone());
-            // A second chain, settled by the same process (channels stay on
-            // the first).
+            // A second chain, settled (and its channels claimed) by the same
+            // process.
             let (second, second_chain) = start_devnet(&["--chain-id", "31338"]).await?;
             devnet::fund_ether(second.endpoint(), &addresses).await.context("funding settlement signers")?;
-            config.chains = vec![ChainConfig {
-                receiver_authorizer_key: None,
-                ..ChainConfig { rpc_url: second.endpoint().to_owned(), ..chain_config }
-            }];
-            for merchant in config.merchants.iter_mut().filter(|m| !matches!(m.policy, PolicyConfig::Channel { .. })) {
+            config.chains = vec![ChainConfig { rpc_url: second.endpoint().to_owned(), ..chain_config }];
+            for merchant in &mut config.merchants {
                 merchant.assets.push(AssetConfig {
                     network: format!("eip155:{}", second_chain.chain_id),
                     asset: second_chain.token.to_string(),
@@ -295,7 +292,7 @@ fn print_dev_banner(
     println!("authorizer  {authorizer} (receiver authorizer: x402d signs channel claims with its key)");
     println!("settlement  direct, batched and channel payments settle on this chain");
     println!(
-        "chain two   {second_rpc} (eip155:{second_id}, anvil: the same token, payers and merchants; direct and batched)"
+        "chain two   {second_rpc} (eip155:{second_id}, anvil: the same token, payers, merchants and channel contract)"
     );
     println!("balances    read from the chain, refreshed from Transfer logs");
     println!("metrics     http://{http}/metrics");

@@ -127,32 +127,38 @@ impl Node {
                 ));
             }
         };
+        // One prover per chain, for the pipeline and the HTTP facilitator.
         let mut provers = crate::signature::ByChain::default();
         for (section, chain) in &chains {
-            provers.insert(
-                chain.chain_id(),
-                Arc::new(crate::signature::ChainSignatures::new(
-                    chain.clone(),
-                    crate::signature::ChainSignaturesConfig::default(),
-                )),
-            );
+            provers.insert(chain.chain_id(), chain_prover(chain));
             pipeline.erc6492_factories.extend(section.erc6492_factories.iter().map(|f| (chain.chain_id(), *f)));
         }
-        pipeline.signatures = Arc::new(provers);
-        if let Some((c, chain)) = primary {
-            pipeline.channels = Arc::new(crate::channels::ChainChannels::new(chain.clone(), c.follow()));
-            pipeline.channel_contracts.channels = c.channel_contract();
-            pipeline.min_deposit = c.min_deposit()?;
-            pipeline.receiver_authorizer = c
-                .receiver_authorizer_key()?
-                .map(|k| k.parse::<alloy::signers::local::PrivateKeySigner>().map(|s| s.address()))
-                .transpose()
-                .map_err(|_| {
-                    Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
-                })?;
-            if let Some(collector) = c.deposit_collector {
-                pipeline.channel_contracts.collector = collector;
+        let provers = Arc::new(provers);
+        pipeline.signatures = provers.clone();
+        // Channels on every chain settled whose receiver authorizer key
+        // x402d holds (elsewhere it could never claim their vouchers), each
+        // chain on its own terms.
+        if !chains.is_empty() {
+            let mut sources = crate::channels::ByChain::default();
+            let mut terms = Vec::with_capacity(chains.len());
+            for (section, chain) in &chains {
+                let chain_terms = section.channel_terms()?;
+                if chain_terms.receiver_authorizer.is_none() {
+                    tracing::info!(
+                        chain_id = chain.chain_id(),
+                        "no receiver authorizer key for this chain: its batch-settlement vouchers are refused over \
+                         gRPC (x402d could never claim them)"
+                    );
+                    continue;
+                }
+                sources.insert(
+                    chain.chain_id(),
+                    Arc::new(crate::channels::ChainChannels::new(chain.clone(), section.follow())),
+                );
+                terms.push((chain.chain_id(), chain_terms));
             }
+            pipeline.channels = Arc::new(sources);
+            pipeline.channel_chains = Some(terms);
         }
         let engine = tokio::task::block_in_place(|| Engine::start(ledger, &balances, &pipeline, admin_key.as_deref()))?;
         let engine = Arc::new(engine);
@@ -172,14 +178,13 @@ impl Node {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let facilitator = facilitator_info(config, &engine, &chains)?;
+        let facilitator = facilitator_info(config, &engine, &chains, &provers)?;
         if chains.is_empty() {
             tracing::warn!("record only, no [chain] configured: accepted payments stay queued");
         }
         let settlers = chains
             .into_iter()
-            .enumerate()
-            .map(|(i, (section, chain))| start_settler(&engine, chain, &section, clock.clone(), i == 0))
+            .map(|(section, chain)| start_settler(&engine, chain, &section, clock.clone()))
             .collect::<Result<Vec<_>>>()?;
         let streams = config.server.max_concurrent_streams.max(1);
         let grpc =
@@ -335,13 +340,14 @@ async fn connect_chain(config: &ChainConfig) -> Result<AlloyChain> {
     Ok(AlloyChain::connect(&config.rpc_url, signers, tx).await?)
 }
 
-/// What the facilitator API advertises: the chain's network (a record-only
-/// node: the merchants' networks), the settlement signers, the receiver
-/// authorizer.
+/// What the facilitator API advertises: the chains' networks (a record-only
+/// node: the merchants' networks), the settlement signers, and
+/// `batch-settlement` on each chain.
 fn facilitator_info(
     config: &Config,
     engine: &Engine,
     chains: &[(ChainConfig, Arc<AlloyChain>)],
+    provers: &Arc<crate::signature::ByChain>,
 ) -> Result<crate::facilitator::FacilitatorInfo> {
     // Only what is settled is advertised; a record-only node lists its
     // merchants' networks.
@@ -351,84 +357,57 @@ fn facilitator_info(
         }
         chains => chains.iter().map(|(_, chain)| format!("eip155:{}", chain.chain_id())).collect(),
     };
-    let chain = chains.first().map(|(_, chain)| chain);
-    let primary = chains.first().map(|(section, _)| section);
     networks.sort();
     networks.dedup();
-    let receiver_authorizer = match primary.map(ChainConfig::receiver_authorizer_key) {
-        Some(Ok(Some(key))) => Some(
-            key.parse::<alloy::signers::local::PrivateKeySigner>()
-                .map_err(|_| {
-                    Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
-                })?
-                .address(),
-        ),
-        Some(Err(e)) => return Err(e),
-        _ => None,
-    };
+    // One budget for the transactions sent on merchants' behalf, whatever
+    // chain they go to.
+    let spending = Arc::new(crate::facilitator::SpendLimiter::new(
+        config.facilitator.channel_tx_burst,
+        config.facilitator.channel_tx_per_minute,
+    ));
+    let channels = chains
+        .iter()
+        .map(|(section, chain)| {
+            Ok(crate::facilitator::ChannelFacilitator {
+                chain: Arc::clone(chain),
+                terms: section.channel_terms()?,
+                authorizer: section.receiver_authorizer()?,
+                follow: section.follow(),
+                spending: spending.clone(),
+                signatures: provers.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(crate::facilitator::FacilitatorInfo {
         networks,
         signers: chains.iter().flat_map(|(_, chain)| chain.signers()).collect(),
-        receiver_authorizer,
         settle_wait: std::time::Duration::from_millis(config.facilitator.settle_wait_ms),
         max_concurrent: config.facilitator.max_concurrent.max(1),
         max_concurrent_per_merchant: config.facilitator.max_concurrent_per_merchant.max(1),
-        channels: match (chain, primary) {
-            (Some(chain), Some(c)) => Some(crate::facilitator::ChannelFacilitator {
-                chain: Arc::clone(chain),
-                contracts: crate::channels::ChannelContracts {
-                    channels: c.channel_contract(),
-                    collector: c.deposit_collector.unwrap_or(x402_chain::contracts::ERC3009_DEPOSIT_COLLECTOR_ADDRESS),
-                },
-                authorizer: c
-                    .receiver_authorizer_key()?
-                    .map(|k| k.parse::<alloy::signers::local::PrivateKeySigner>())
-                    .transpose()
-                    .map_err(|_| {
-                        Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
-                    })?,
-                follow: c.follow(),
-                spending: Arc::new(crate::facilitator::SpendLimiter::new(
-                    config.facilitator.channel_tx_burst,
-                    config.facilitator.channel_tx_per_minute,
-                )),
-                min_deposit: c.min_deposit()?,
-            }),
-            _ => None,
-        },
+        channels,
     })
 }
 
-/// Starts `chain`'s settler; the primary chain's (`primary`) also claims
-/// channels, when a receiver authorizer key is configured.
+/// Proves the signatures of payers with code on `chain`.
+fn chain_prover(chain: &Arc<AlloyChain>) -> Arc<dyn crate::signature::SignatureSource> {
+    Arc::new(crate::signature::ChainSignatures::new(chain.clone(), crate::signature::ChainSignaturesConfig::default()))
+}
+
+/// Starts `chain`'s settler, which also claims the chain's channels when a
+/// receiver authorizer key is configured for it.
 fn start_settler(
     engine: &Arc<Engine>,
     chain: Arc<AlloyChain>,
     config: &ChainConfig,
     clock: Clock,
-    primary: bool,
 ) -> Result<tokio::task::JoinHandle<()>> {
     tracing::info!(chain_id = chain.chain_id(), signers = chain.signers().len(), "settling on chain");
-    let claims = match config.receiver_authorizer_key()? {
-        Some(key) if primary => {
-            let authorizer = key.parse::<alloy::signers::local::PrivateKeySigner>().map_err(|_| {
-                Error::Config("chain: the receiver authorizer key is not a 32-byte hex private key".into())
-            })?;
-            let mut claims = ClaimsConfig::new(config.channel_contract(), authorizer);
-            claims.poll = std::time::Duration::from_millis(config.channel_poll_ms);
-            tracing::info!(contract = %claims.contract, authorizer = %claims.authorizer.address(), "claiming channels");
-            Some(claims)
-        }
-        Some(_) => {
-            tracing::warn!(
-                chain_id = chain.chain_id(),
-                "a receiver authorizer key is configured on a chain other than the first: channels are served on \
-                 the first chain only, so it is not used"
-            );
-            None
-        }
-        None => None,
-    };
+    let claims = config.receiver_authorizer()?.map(|authorizer| {
+        let mut claims = ClaimsConfig::new(config.channel_contract(), authorizer);
+        claims.poll = std::time::Duration::from_millis(config.channel_poll_ms);
+        tracing::info!(chain_id = chain.chain_id(), contract = %claims.contract, authorizer = %claims.authorizer.address(), "claiming channels");
+        claims
+    });
     Ok(Settler::spawn(engine.clone(), chain, crate::settle::SettlerConfig { clock, ..config.settler() }, claims))
 }
 

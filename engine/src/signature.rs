@@ -120,6 +120,20 @@ impl fmt::Debug for ProofNotifier {
     }
 }
 
+/// Proves `request` through `source` and waits for the proof (an async
+/// caller's way, the HTTP facilitator's; the shards never wait).
+pub async fn prove(source: &dyn SignatureSource, chain_id: u64, request: SignatureRequest) -> Proved {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    source.prove(
+        chain_id,
+        request,
+        ProofNotifier::new(move |proved| {
+            let _ = tx.send(proved);
+        }),
+    );
+    rx.await.unwrap_or_else(|_| Err(Arc::new(Error::PipelineStopped)))
+}
+
 /// Proves signatures of payers with code.
 pub trait SignatureSource: Send + Sync + fmt::Debug + 'static {
     /// Proves `request` on chain `chain_id` and calls `done` once with the

@@ -2,7 +2,8 @@
 //! `package.json`): the scripts in `tests/interop/` run an `@x402/express`
 //! resource server whose facilitator is this x402d node, and pay it with
 //! `@x402/fetch` and the `@x402/evm` clients, on anvil with the project's
-//! token.
+//! token; `tests/interop/v1/` does the same with the x402 v1 packages
+//! (`x402-express`, `x402-fetch` 1.x, pinned in their own `package.json`).
 
 use std::{path::Path, process::Command};
 
@@ -112,9 +113,19 @@ async fn the_reference_express_server_and_fetch_client_pay_through_x402d() {
     let tx = paid["transaction"].as_str().unwrap().parse().unwrap();
     let receipt = t.provider.get_transaction_receipt(tx).await.unwrap().unwrap();
     assert!(receipt.status());
-    // Every replay of the paid signature, one after another or at once, is
-    // refused with a 402 and never served.
-    let replayed = scenario("replayed");
+    replays_are_refused_and_one_racer_is_served(scenario("replayed"), scenario("raced"));
+    // The chain saw two payments of the price, no more.
+    assert_eq!(t.balance(PAY_TO).await, U256::from(2_000));
+    assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 2_000));
+    let tampered = scenario("tampered");
+    assert_eq!(tampered["status"], 402);
+    assert_eq!(tampered["error"], "invalid_exact_evm_signature", "{lines:?}");
+}
+
+/// Every replay of the paid signature, one after another or at once, is
+/// refused with a 402 and never served (`replayed`); of ten copies of one
+/// fresh payment sent at once, exactly one is served (`raced`).
+fn replays_are_refused_and_one_racer_is_served(replayed: &Value, raced: &Value) {
     for kind in ["sequential", "concurrent"] {
         let answers = replayed[kind].as_array().unwrap();
         assert_eq!(answers.len(), 10);
@@ -123,18 +134,48 @@ async fn the_reference_express_server_and_fetch_client_pay_through_x402d() {
             assert_eq!(answer["served"], false, "{kind} replay served: {replayed}");
         }
     }
-    // Ten copies of one fresh payment at once: exactly one served.
-    let raced = scenario("raced")["copies"].as_array().unwrap().clone();
+    let raced = raced["copies"].as_array().unwrap();
     assert_eq!(raced.len(), 10);
     let served = raced.iter().filter(|c| c["status"] == 200 && c["served"] == true).count();
     assert_eq!(served, 1, "{raced:?}");
     assert!(raced.iter().all(|c| c["status"] == 200 || c["status"] == 402), "{raced:?}");
-    // The chain saw two payments of the price, no more.
-    assert_eq!(t.balance(PAY_TO).await, U256::from(2_000));
+}
+
+/// The x402 v1 reference packages end to end, installed apart
+/// (`tests/interop/v1`): an `x402-express` 1.x server whose facilitator is
+/// x402d and an `x402-fetch` 1.x client, on an anvil with Base Sepolia's
+/// chain id. The 402 names `base-sepolia` and `maxAmountRequired`; the paid
+/// request is served and settled on chain; replays of its `X-PAYMENT` are
+/// refused, one of ten racing copies of a fresh one is served, and a
+/// tampered one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v1_express_server_and_fetch_client_pay_through_x402d() {
+    let t = Interop::start_with(&["--chain-id", "84532"]).await;
+    let lines = t.run("v1/exact.mjs").await;
+    let scenario =
+        |name: &str| lines.iter().find(|l| l["scenario"] == name).unwrap_or_else(|| panic!("{name}: {lines:?}"));
+
+    let unpaid = scenario("unpaid");
+    assert_eq!(
+        (&unpaid["status"], &unpaid["x402Version"], &unpaid["network"], &unpaid["maxAmountRequired"]),
+        (&402.into(), &1.into(), &"base-sepolia".into(), &"1000".into()),
+        "{unpaid}"
+    );
+    let paid = scenario("paid");
+    assert_eq!((&paid["status"], &paid["success"]), (&200.into(), &true.into()), "{paid}");
+    assert_eq!(paid["network"], "base-sepolia", "answered in v1 words: {paid}");
+    assert_eq!(paid["payer"].as_str().unwrap().parse::<Address>().unwrap(), t.payer.address());
+    let tx = paid["transaction"].as_str().unwrap().parse().unwrap();
+    assert!(t.provider.get_transaction_receipt(tx).await.unwrap().unwrap().status());
+    replays_are_refused_and_one_racer_is_served(scenario("replayed"), scenario("raced"));
+    assert_eq!(scenario("tampered")["status"], 402, "{lines:?}");
+    // The paid request and the raced one settle; nothing else does.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while t.balance(PAY_TO).await != U256::from(2_000) {
+        assert!(tokio::time::Instant::now() < deadline, "the raced payment was not settled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(t.balance(t.payer.address()).await, U256::from(1_000_000 - 2_000));
-    let tampered = scenario("tampered");
-    assert_eq!(tampered["status"], 402);
-    assert_eq!(tampered["error"], "invalid_exact_evm_signature", "{lines:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

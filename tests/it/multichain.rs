@@ -7,16 +7,19 @@
 use std::time::Duration;
 
 use alloy::{
-    primitives::{Address, U256},
+    primitives::{Address, B256, U256},
     providers::{Provider, ProviderBuilder},
     signers::local::PrivateKeySigner,
 };
-use x402_chain::contracts::X402TestToken;
+use x402_chain::contracts::{BATCH_SETTLEMENT_ADDRESS, X402BatchSettlement, X402TestToken};
 use x402_devnet::{Anvil, Payer};
-use x402_engine::config::ChainConfig;
+use x402_engine::config::{ChainConfig, PolicyConfig};
 use x402_proto::v1 as pb;
 
-use crate::common::*;
+use crate::{
+    channels::{MC_KEY, RECEIVER},
+    common::*,
+};
 
 /// The second chain's id.
 const OTHER: u64 = 31_338;
@@ -24,6 +27,8 @@ const OTHER: u64 = 31_338;
 struct TwoChains {
     anvils: [Anvil; 2],
     payer: Payer,
+    /// Each chain's receiver authorizer (channels of merchant `mc`).
+    authorizers: [PrivateKeySigner; 2],
     node: x402_engine::node::Node,
     _dir: tempfile::TempDir,
 }
@@ -37,18 +42,27 @@ impl TwoChains {
             x402_devnet::deploy(anvil.endpoint(), &[payer.address()], U256::from(1_000_000)).await.unwrap();
             x402_devnet::fund_ether(anvil.endpoint(), &[signer.address()]).await.unwrap();
         }
+        let authorizers = [PrivateKeySigner::random(), PrivateKeySigner::random()];
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_value(dir.path());
+        let channels = PolicyConfig::Channel { claim_interval_secs: 3600, claim_threshold: "30".into() };
+        config.merchants.push(merchant_config("mc", RECEIVER, MC_KEY, channels));
         config.chains = anvils
             .iter()
-            .map(|anvil| {
-                let mut chain = ChainConfig::with_keys(anvil.endpoint(), vec![signer.to_bytes().to_string()], None);
+            .zip(&authorizers)
+            .map(|(anvil, authorizer)| {
+                let mut chain = ChainConfig::with_keys(
+                    anvil.endpoint(),
+                    vec![signer.to_bytes().to_string()],
+                    Some(authorizer.to_bytes().to_string()),
+                );
                 chain.receipt_poll_ms = 50;
+                chain.channel_poll_ms = 200;
                 chain
             })
             .collect();
         let node = start_node(&config).await;
-        Self { anvils, payer, node, _dir: dir }
+        Self { anvils, payer, authorizers, node, _dir: dir }
     }
 
     async fn balance(&self, chain: usize, owner: Address) -> U256 {
@@ -131,5 +145,65 @@ async fn the_reference_client_pays_on_either_chain() {
         assert!(provider.get_transaction_receipt(tx).await.unwrap().unwrap().status(), "{network}: on its chain");
         // The paid request and the raced one: two payments, on this chain.
         assert_eq!(t.balance(chain, PAY_TO).await, U256::from(2_000), "{network}");
+    }
+}
+
+/// A channel on each chain, opened by a deposit x402d puts on that chain,
+/// paid by vouchers over gRPC and claimed there by that chain's settler
+/// with that chain's receiver authorizer; a channel naming the other
+/// chain's authorizer is refused before anything goes on chain, and
+/// `/supported` lists `batch-settlement` on each with its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
+    use crate::channels::{PRICE, WITHDRAW_DELAY, deposit_voucher_on, eventually, priced_voucher_on};
+
+    let t = TwoChains::start().await;
+    let mut client = payments(t.node.endpoints().grpc, MC_KEY).await;
+    let config_for = |authorizer: &PrivateKeySigner| {
+        t.payer.channel_config(RECEIVER, authorizer.address(), TOKEN, WITHDRAW_DELAY, B256::ZERO)
+    };
+    for (chain, chain_id) in [(0, 31_337), (1, OTHER)] {
+        // The other chain's authorizer does not claim here.
+        let foreign = config_for(&t.authorizers[1 - chain]);
+        let answer = client.submit(deposit_voucher_on(chain_id, 1, &t.payer, &foreign, PRICE, 1_000)).await;
+        let answer = answer.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Rejected, "chain {chain_id}: {}", answer.message);
+        assert_eq!(answer.reason, "invalid_batch_settlement_evm_receiver_authorizer_mismatch", "{}", answer.message);
+
+        let config = config_for(&t.authorizers[chain]);
+        let answer = client.submit(deposit_voucher_on(chain_id, 2, &t.payer, &config, PRICE, 1_000)).await;
+        let answer = answer.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "chain {chain_id}: {}", answer.message);
+        for n in 1..3u8 {
+            let voucher =
+                priced_voucher_on(chain_id, 2 + u64::from(n), &t.payer, &config, PRICE * u128::from(n), PRICE);
+            let answer = client.submit(voucher).await.unwrap().into_inner();
+            assert_eq!(outcome(&answer), pb::Outcome::Accepted, "chain {chain_id}, voucher {n}: {}", answer.message);
+        }
+        // 30 charged reaches the threshold: claimed on this chain.
+        let provider = ProviderBuilder::new().connect_http(t.anvils[chain].endpoint().parse().unwrap());
+        let contract = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &provider);
+        let id = x402_channel::ChannelDomain::new(chain_id, BATCH_SETTLEMENT_ADDRESS).channel_id(&config);
+        eventually(30, "the claim on this chain", || async {
+            contract.channels(id).call().await.unwrap().totalClaimed == 3 * PRICE
+        })
+        .await;
+        let foreign_id = x402_channel::ChannelDomain::new(chain_id, BATCH_SETTLEMENT_ADDRESS).channel_id(&foreign);
+        assert_eq!(contract.channels(foreign_id).call().await.unwrap().balance, 0, "nothing deposited");
+    }
+
+    let supported: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/supported", t.node.endpoints().http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (network, authorizer) in ["eip155:31337", "eip155:31338"].into_iter().zip(&t.authorizers) {
+        let kinds = supported["kinds"].as_array().unwrap();
+        let channel = kinds.iter().find(|k| k["network"] == network && k["scheme"] == "batch-settlement");
+        let channel = channel.unwrap_or_else(|| panic!("{network}: {supported}"));
+        assert_eq!(channel["extra"]["receiverAuthorizer"], authorizer.address().to_string(), "{network}");
     }
 }

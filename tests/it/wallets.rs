@@ -328,6 +328,73 @@ async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
     .await;
 }
 
+/// A payer delegated by EIP-7702 signs its own channel's vouchers: they
+/// recover locally, but the contract asks its delegate (ERC-1271), so x402d
+/// proves them on chain as it does a contract's, and claims them; once its
+/// delegate is one that approves nothing, its vouchers are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vouchers_of_a_delegated_payer_are_proved_and_claimed() {
+    use x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS;
+    use x402_engine::config::PolicyConfig;
+
+    use crate::channels::{MC_KEY, PRICE, eventually, payload_json, priced_voucher, requirements_json};
+
+    let s = Setup::new(2).await;
+    let delegate = *X402TestDelegate::deploy(&s.wallet).await.unwrap().address();
+    let e = s.engine_with(PolicyConfig::Channel { claim_interval_secs: 3600, claim_threshold: "30".into() }).await;
+    let mut client = payments(e.node.endpoints().grpc, MC_KEY).await;
+    let (payer, refuser) = (&s.payers[0], &s.payers[1]);
+    // Their channels over gRPC, and others of theirs over HTTP.
+    let over_http = |p: &Payer| s.salted_config(p, B256::repeat_byte(1));
+    for p in [payer, refuser] {
+        s.deposit(p, 1_000).await;
+        s.deposit_into(p, over_http(p), 1_000).await;
+    }
+    delegate_to(&s, payer, delegate).await;
+    // Delegated to an account with no code: its code approves nothing.
+    delegate_to(&s, refuser, Address::repeat_byte(0x77)).await;
+    let config = s.config(payer);
+    let voucher = |n: u64, by: &Payer| priced_voucher(n, by, &config, PRICE * u128::from(n as u8), PRICE);
+
+    let answer = client.submit(voucher(0, &Payer::random())).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a stranger's voucher was accepted");
+    assert_eq!(answer.reason, "invalid_batch_settlement_evm_voucher_signature", "{}", answer.message);
+    for n in 0..3 {
+        let answer = client.submit(voucher(n, payer)).await.unwrap().into_inner();
+        assert_eq!(outcome(&answer), pb::Outcome::Accepted, "voucher {n}: {}", answer.message);
+    }
+    let refused = priced_voucher(9, refuser, &s.config(refuser), 0, PRICE);
+    let answer = client.submit(refused).await.unwrap().into_inner();
+    assert_eq!(outcome(&answer), pb::Outcome::Rejected, "a voucher its signer's code refuses was accepted");
+    assert!(answer.message.contains("isValidSignature"), "{}", answer.message);
+
+    // 30 charged reaches the threshold: claimed, the contract asking the delegate.
+    let id = x402_channel::ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS).channel_id(&config);
+    let bsc = x402_chain::contracts::X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &s.wallet);
+    eventually(30, "the claim of the delegated payer's channel", || async {
+        bsc.channels(id).call().await.unwrap().totalClaimed == 3 * PRICE
+    })
+    .await;
+
+    // The facilitator API asks their code too.
+    let http = reqwest::Client::new();
+    for (p, valid) in [(payer, true), (refuser, false)] {
+        let config = over_http(p);
+        let body = serde_json::json!({
+            "x402Version": 2,
+            "paymentPayload": payload_json(p, &config, PRICE, None),
+            "paymentRequirements": requirements_json(&config, PRICE),
+        });
+        let url = format!("http://{}/verify", e.node.endpoints().http);
+        let response = http.post(url).bearer_auth(MC_KEY).json(&body).send().await.unwrap();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(answer["isValid"], valid, "{answer}");
+        if !valid {
+            assert_eq!(answer["invalidReason"], "invalid_batch_settlement_evm_voucher_signature", "{answer}");
+        }
+    }
+}
+
 /// A stream of payments in which one in ten comes from one of ten contract
 /// wallets (a hundred each): every one is accepted, in a handful of proof
 /// calls, however the wallets' payments queue behind each other.

@@ -36,7 +36,7 @@ use crate::{
 
 pub use self::{
     chain::ChainChannels,
-    verify::{ChannelContracts, VerifiedDeposit, VerifiedVoucher, VoucherVerifier},
+    verify::{ChannelContracts, ChannelTerms, VerifiedDeposit, VerifiedVoucher, VoucherVerifier},
 };
 pub(crate) use self::{
     chain::put_deposit,
@@ -147,19 +147,22 @@ pub enum ClaimOutcome {
 #[derive(Clone, Debug)]
 pub enum ReadFailure {
     /// The voucher signer holds code (a contract wallet, or an EOA delegated
-    /// by EIP-7702): the contract checks its vouchers with ERC-1271, which
-    /// x402d does not verify, so they are refused.
+    /// by EIP-7702) though its signature recovers: the contract checks its
+    /// vouchers with ERC-1271, so the shard has them proved on chain.
     SignerHasCode(Address),
     /// The chain could not be reached; retryable.
     Unavailable(Arc<Error>),
 }
 
 impl ReadFailure {
-    /// The message of a voucher refused because its signer holds code.
+    /// The message of a deposit refused because its voucher's signer
+    /// holds code that was not asked about the voucher (it gained code
+    /// after its channel was first read).
     pub fn signer_has_code(signer: Address) -> String {
         format!(
-            "voucher signer {signer} holds code (a contract wallet or an EIP-7702 delegated account): the \
-             channel contract checks its vouchers with ERC-1271, which x402d does not verify yet"
+            "voucher signer {signer} holds code (a contract wallet or an EIP-7702 delegated account) that was \
+             not asked about this voucher: the channel contract checks its vouchers with ERC-1271, so nothing \
+             is deposited"
         )
     }
 }
@@ -209,5 +212,31 @@ impl ChannelSource for NoChannels {
 
     fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
         notify(v.channel_id, Err(DepositFailure::Unavailable(Arc::new(Error::UnknownChain(v.chain_id)))));
+    }
+}
+
+/// Each chain's channels through its own source; a voucher on another
+/// chain is answered as [`NoChannels`] answers it.
+#[derive(Debug, Default)]
+pub struct ByChain(std::collections::HashMap<u64, Arc<dyn ChannelSource>>);
+
+impl ByChain {
+    /// Reads and deposits `chain_id`'s channels through `source`.
+    pub fn insert(&mut self, chain_id: u64, source: Arc<dyn ChannelSource>) {
+        self.0.insert(chain_id, source);
+    }
+
+    fn source(&self, chain_id: u64) -> &dyn ChannelSource {
+        self.0.get(&chain_id).map_or(&NoChannels, |source| &**source)
+    }
+}
+
+impl ChannelSource for ByChain {
+    fn fetch(&self, v: &VerifiedVoucher, notify: ChannelNotifier) {
+        self.source(v.chain_id).fetch(v, notify);
+    }
+
+    fn deposit(&self, v: &VerifiedVoucher, notify: DepositNotifier) {
+        self.source(v.chain_id).deposit(v, notify);
     }
 }

@@ -33,6 +33,19 @@ impl Default for ChannelContracts {
     }
 }
 
+/// What a chain's channels are held to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelTerms {
+    /// Where its channel contract and deposit collector are.
+    pub contracts: ChannelContracts,
+    /// Deposits below this are refused (x402d pays the gas of each).
+    pub min_deposit: u128,
+    /// The receiver authorizer x402d claims with there, if it holds one: a
+    /// channel naming another could never be claimed by x402d, and is
+    /// refused. `None`: any.
+    pub receiver_authorizer: Option<Address>,
+}
+
 /// A deposit whose authorization verified: what the channel contract's
 /// `deposit` is called with.
 #[derive(Clone, Debug)]
@@ -98,17 +111,16 @@ pub struct VerifiedVoucher {
 /// private `ecdsa` module).
 #[derive(Debug)]
 pub struct VoucherVerifier {
-    contracts: ChannelContracts,
+    /// The terms of a chain not in `chains` (a record-only verifier's, for any chain).
+    any_chain: ChannelTerms,
+    /// The chains channels are served on, with their terms; `None`: any
+    /// chain, on `any_chain`'s.
+    chains: Option<Vec<(u64, ChannelTerms)>>,
     /// The channel contract's EIP-712 domain, by chain id.
     domains: HashMap<u64, ChannelDomain>,
     known: KnownChannels,
     /// The chains this node settles; `None`: record only, any chain.
     settled_chains: Option<Vec<u64>>,
-    /// Deposits below this are refused.
-    min_deposit: u128,
-    /// The receiver authorizer x402d claims with, if it holds one: a
-    /// channel naming another could never be claimed by x402d.
-    claims_with: Option<Address>,
 }
 
 /// The channels a verifier thread remembers, in two generations: a channel
@@ -161,36 +173,37 @@ impl VoucherVerifier {
     /// many are remembered, about 250 bytes each.
     const GENERATION: usize = 32_768;
 
-    /// A verifier of vouchers for the channel contract in `contracts`.
+    /// A verifier of vouchers for the channel contract in `contracts`, on
+    /// any chain, with no least deposit and any receiver authorizer.
     pub fn new(contracts: ChannelContracts) -> Self {
         Self {
-            contracts,
+            any_chain: ChannelTerms { contracts, ..ChannelTerms::default() },
+            chains: None,
             domains: HashMap::new(),
             known: KnownChannels::new(Self::GENERATION),
             settled_chains: None,
-            min_deposit: 0,
-            claims_with: None,
+        }
+    }
+
+    /// Serves channels on `chains` only (`None`: any chain), each on its
+    /// terms: a voucher on another chain is refused (`invalid_network`).
+    #[must_use]
+    pub fn on_chains(mut self, chains: Option<Vec<(u64, ChannelTerms)>>) -> Self {
+        self.chains = chains;
+        self
+    }
+
+    /// The terms of `chain_id`'s channels, if they are served there.
+    fn terms(&self, chain_id: u64) -> Option<ChannelTerms> {
+        match &self.chains {
+            None => Some(self.any_chain),
+            Some(chains) => chains.iter().find(|(id, _)| *id == chain_id).map(|(_, terms)| *terms),
         }
     }
 
     /// Refuses vouchers on chains other than `chains` (`None`: any).
     pub fn settling(mut self, chains: Option<Vec<u64>>) -> Self {
         self.settled_chains = chains;
-        self
-    }
-
-    /// Refuses channels whose receiver authorizer is not `authorizer`, the
-    /// key x402d claims with (`None`: any).
-    #[must_use]
-    pub const fn claiming_with(mut self, authorizer: Option<Address>) -> Self {
-        self.claims_with = authorizer;
-        self
-    }
-
-    /// Refuses deposits below `amount` (x402d pays the gas of each).
-    #[must_use]
-    pub const fn min_deposit(mut self, amount: u128) -> Self {
-        self.min_deposit = amount;
         self
     }
 
@@ -213,8 +226,6 @@ impl VoucherVerifier {
         requirements: &Requirements,
         payload: VoucherPayload,
     ) -> Result<VerifiedVoucher, Refusal> {
-        let contracts = self.contracts;
-        let contract = contracts.channels;
         let reject = |reason, message: String| Refusal::Rejected {
             id: None,
             payer: None,
@@ -242,6 +253,15 @@ impl VoucherVerifier {
         if let Err(message) = crate::verify::settles(self.settled_chains.as_deref(), network) {
             return Err(reject(Reason::InvalidNetwork, message));
         }
+        let Some(terms) = self.terms(chain_id) else {
+            let served: Vec<u64> = self.chains.iter().flatten().map(|(id, _)| *id).collect();
+            return Err(reject(
+                Reason::InvalidNetwork,
+                format!("this node serves no batch-settlement channel on {network}: it serves them on {served:?}"),
+            ));
+        };
+        let contracts = terms.contracts;
+        let contract = contracts.channels;
         if !merchant.accepts(chain_id, requirements.asset) {
             return Err(reject(
                 Reason::InvalidNetwork,
@@ -273,7 +293,7 @@ impl VoucherVerifier {
                 ),
             ));
         }
-        if let Some(ours) = self.claims_with
+        if let Some(ours) = terms.receiver_authorizer
             && c.receiverAuthorizer != ours
         {
             return Err(reject(
@@ -343,10 +363,10 @@ impl VoucherVerifier {
             })?,
         };
         let deposit = match &payload.deposit {
-            Some(d) if d.amount < self.min_deposit => {
+            Some(d) if d.amount < terms.min_deposit => {
                 return Err(reject(
                     Reason::DepositFailed,
-                    format!("deposit {} is below this facilitator's minimum deposit {}", d.amount, self.min_deposit),
+                    format!("deposit {} is below this facilitator's minimum deposit {}", d.amount, terms.min_deposit),
                 ));
             }
             Some(d) => Some(verify_deposit(requirements, chain_id, &payload.config, id, d, contracts.collector)?),

@@ -35,22 +35,27 @@ use x402_channel::{ChannelConfig, ChannelDomain, OnChain, Voucher};
 
 use super::{Api, FacilitatorRequest, Failure, SettleResponse, VerifyResponse, channel_requirements};
 use crate::{
-    channels::{ChannelContracts, DepositFailure, VerifiedVoucher, VoucherVerifier, put_deposit, voucher_signer},
+    channels::{
+        ChannelContracts, ChannelTerms, DepositFailure, VerifiedVoucher, VoucherVerifier, put_deposit, voucher_signer,
+    },
     domain::Merchant,
     reason::{InvalidField, Reason},
+    signature::{Check, Proof, SignatureRequest, SignatureSource},
     verify::Refusal,
 };
 use x402_wire::{
     ChannelStateExtra, ChannelStateJson, ClaimJson, ClaimPayloadJson, PayloadType, RefundPayloadJson, SettlePayloadJson,
 };
 
-/// What the facilitator needs to act on channels.
+/// What the facilitator needs to act on one chain's channels.
 #[derive(Clone, Debug)]
 pub struct ChannelFacilitator {
     /// The chain the channel contract is on.
     pub chain: Arc<AlloyChain>,
-    /// Where the channel contract and its deposit collector are.
-    pub contracts: ChannelContracts,
+    /// Where the channel contract and its deposit collector are, and the
+    /// least deposit (its receiver authorizer is not required of channels
+    /// here: a server may claim with its own).
+    pub terms: ChannelTerms,
     /// Signs claim batches the server sends unsigned.
     pub authorizer: Option<PrivateKeySigner>,
     /// How claim, settle and deposit transactions are followed to their
@@ -58,8 +63,8 @@ pub struct ChannelFacilitator {
     pub follow: Follow,
     /// Transactions sent on each merchant's behalf, rate limited.
     pub spending: Arc<SpendLimiter>,
-    /// Deposits below this are refused before anything goes on chain.
-    pub min_deposit: u128,
+    /// Proves the vouchers of signers with code, as the pipeline's are.
+    pub signatures: Arc<dyn SignatureSource>,
 }
 
 /// A token bucket per merchant for the transactions x402d sends (and pays
@@ -130,13 +135,38 @@ impl ChannelFacilitator {
         }
     }
 
+    /// Whether `v`'s signer signed it, as the contract will check it: a
+    /// signature that recovers to a signer without code is its; otherwise
+    /// the signer's ERC-1271 `isValidSignature` decides, asked on chain.
+    /// `Ok(Ok(proved))`: signed, and whether that was proved on chain.
+    async fn signed(&self, v: &VerifiedVoucher) -> Result<Result<bool, String>, Failure> {
+        let signer = voucher_signer(&v.config);
+        let code = self.chain.has_code(signer).await.map_err(Self::chain_unavailable)?;
+        match (&v.unproved, code) {
+            (None, false) => return Ok(Ok(false)),
+            // Recovers to no one, and no code would approve it.
+            (Some(why), false) => return Ok(Err(why.clone())),
+            _ => {}
+        }
+        let check = Check::Erc1271 { digest: v.digest, signature: v.signature.clone() };
+        let request = SignatureRequest { signer, check, deploy: None };
+        match crate::signature::prove(&*self.signatures, v.chain_id, request).await {
+            Ok(Proof::Valid) => Ok(Ok(true)),
+            Ok(Proof::Refused(_, why)) => Ok(Err(why)),
+            Err(e) => Err(Self::unavailable(e.for_clients())),
+        }
+    }
+
     async fn onchain(&self, v: &VerifiedVoucher) -> Result<OnChain, Failure> {
         self.read(v.channel_id, v.config.withdrawDelay.to::<u64>()).await
     }
 
     async fn read(&self, id: B256, withdraw_delay: u64) -> Result<OnChain, Failure> {
-        let out =
-            self.chain.call(self.contracts.channels, state_calldata(id)).await.map_err(Self::chain_unavailable)?;
+        let out = self
+            .chain
+            .call(self.terms.contracts.channels, state_calldata(id))
+            .await
+            .map_err(Self::chain_unavailable)?;
         decode_state(&out, withdraw_delay).map_err(Self::chain_unavailable)
     }
 
@@ -144,15 +174,21 @@ impl ChannelFacilitator {
     /// contract; `Ok(Err(reason))` when it would revert or reverted.
     async fn send(&self, input: Bytes) -> Result<Result<B256, String>, Failure> {
         if let Some(revert) =
-            self.chain.simulate(self.contracts.channels, input.clone()).await.map_err(Self::chain_unavailable)?
+            self.chain.simulate(self.terms.contracts.channels, input.clone()).await.map_err(Self::chain_unavailable)?
         {
             return Ok(Err(format!("the transaction would revert: {revert}")));
         }
         // The cost varies with the call: estimated for each transaction.
-        let gas =
-            self.chain.estimate_gas(self.contracts.channels, input.clone()).await.map_err(Self::chain_unavailable)?;
-        let tx =
-            self.chain.sign_call(self.contracts.channels, input, Some(gas)).await.map_err(Self::chain_unavailable)?;
+        let gas = self
+            .chain
+            .estimate_gas(self.terms.contracts.channels, input.clone())
+            .await
+            .map_err(Self::chain_unavailable)?;
+        let tx = self
+            .chain
+            .sign_call(self.terms.contracts.channels, input, Some(gas))
+            .await
+            .map_err(Self::chain_unavailable)?;
         let hash = tx.hash;
         crash_point!("channel::signed");
         send_new(&*self.chain, &tx).await.map_err(Self::chain_unavailable)?;
@@ -198,28 +234,17 @@ fn verified(
 ) -> Result<Result<VerifiedVoucher, Refusal>, Failure> {
     let (requirements, extra) = channel_requirements(&body.payment_requirements)?;
     let payload = crate::channels::decode_payload(&body.payment_payload, extra)?;
-    let (contracts, chains, min_deposit) = api.info.channels.as_ref().map_or_else(
-        || (ChannelContracts::default(), None, 0),
-        |c| (c.contracts, Some(vec![c.chain.chain_id()]), c.min_deposit),
-    );
-    let verified = VoucherVerifier::new(contracts).settling(chains).min_deposit(min_deposit).verify(
+    // Each chain on its terms, but for the receiver authorizer.
+    let chains =
+        api.info.channels.iter().map(|c| (c.chain.chain_id(), ChannelTerms { receiver_authorizer: None, ..c.terms }));
+    let verified = VoucherVerifier::new(ChannelContracts::default()).on_chains(Some(chains.collect())).verify(
         merchant,
         &requirements,
         payload,
     );
-    // A signature that does not recover to its signer would need an
-    // on-chain proof, which only the pipeline (gRPC) makes: refused here.
-    Ok(verified.and_then(|v| match &v.unproved {
-        None => Ok(v),
-        Some(why) => Err(Refusal::Rejected {
-            id: None,
-            payer: Some(v.config.payer),
-            rejection: crate::reason::Rejection::new(
-                Reason::VoucherSignature,
-                format!("voucher {why} (a contract signer's vouchers are proved over gRPC only)"),
-            ),
-        }),
-    }))
+    // A signature that does not recover to its signer is left to its
+    // signer's code ([`ChannelFacilitator::signed`]).
+    Ok(verified)
 }
 
 fn refused(refusal: Refusal) -> Result<VerifyResponse, Failure> {
@@ -241,19 +266,21 @@ pub(super) async fn verify(
     merchant: &Merchant,
     body: FacilitatorRequest,
 ) -> Result<VerifyResponse, Failure> {
-    let channels = api.info.channels.as_ref().ok_or_else(not_configured)?;
+    if api.info.channels.is_empty() {
+        return Err(not_configured());
+    }
     let v = match verified(api, merchant, &body)? {
         Ok(v) => v,
         Err(refusal) => return refused(refusal),
     };
-    let signer = crate::channels::voucher_signer(&v.config);
-    let (onchain, code) = futures::future::join(channels.onchain(&v), channels.chain.has_code(signer)).await;
-    let (onchain, code) = (onchain?, code.map_err(ChannelFacilitator::chain_unavailable)?);
+    let channels = on_chain(api, v.chain_id).ok_or_else(not_configured)?;
+    let (onchain, signed) = futures::future::join(channels.onchain(&v), channels.signed(&v)).await;
+    let (onchain, signed) = (onchain?, signed?);
     let delay = v.config.withdrawDelay.to::<u64>();
     let deposit = v.deposit.as_ref().map_or(0, |d| d.amount);
     let balance = onchain.balance.saturating_add(deposit);
-    let failure = if code {
-        Some((Reason::VoucherSignature, crate::channels::ReadFailure::signer_has_code(signer)))
+    let failure = if let Err(why) = signed {
+        Some((Reason::VoucherSignature, format!("voucher {why}")))
     } else if balance == 0 {
         Some((Reason::ChannelNotFound, "the channel has no balance".to_owned()))
     } else if v.max_claimable > balance {
@@ -280,6 +307,11 @@ pub(super) async fn verify(
     })
 }
 
+/// The channels of `chain_id`, if this node serves them.
+fn on_chain(api: &Api, chain_id: u64) -> Option<&ChannelFacilitator> {
+    api.info.channels.iter().find(|c| c.chain.chain_id() == chain_id)
+}
+
 fn not_configured() -> Failure {
     Failure(
         axum::http::StatusCode::NOT_IMPLEMENTED,
@@ -293,7 +325,9 @@ pub(super) async fn settle(
     merchant: &Merchant,
     body: FacilitatorRequest,
 ) -> Result<SettleResponse, Failure> {
-    let channels = api.info.channels.as_ref().ok_or_else(not_configured)?;
+    if api.info.channels.is_empty() {
+        return Err(not_configured());
+    }
     let network = channel_requirements(&body.payment_requirements)?.0.network;
     let kind: PayloadType = payload(&body)?;
     let base = SettleResponse { network: network.clone(), ..SettleResponse::default() };
@@ -301,6 +335,14 @@ pub(super) async fn settle(
         error_reason: Some(reason.into()),
         error_message: Some(message),
         ..base.clone()
+    };
+    // Claims, settles and refunds go to the chain the requirements name.
+    let Some(channels) = crate::domain::Network::parse(&network).and_then(|n| on_chain(api, n.chain_id())) else {
+        let served: Vec<String> = api.info.channels.iter().map(|c| format!("eip155:{}", c.chain.chain_id())).collect();
+        return Ok(failed(
+            Reason::InvalidNetwork.code(),
+            format!("this node serves no batch-settlement channel on {network:?}: it serves them on {served:?}"),
+        ));
     };
     match kind.kind.as_str() {
         "claim" => {
@@ -324,7 +366,7 @@ pub(super) async fn settle(
             refund(api, channels, merchant, payload, base).await
         }
         "voucher" | "deposit" => {
-            let v = match verified(api, merchant, &body)? {
+            let mut v = match verified(api, merchant, &body)? {
                 Ok(v) => v,
                 Err(refusal) => {
                     let r = refused(refusal)?;
@@ -336,6 +378,14 @@ pub(super) async fn settle(
             };
             let delay = v.config.withdrawDelay.to::<u64>();
             let payer = Some(v.config.payer.to_string());
+            // Nothing goes on chain for a voucher its signer did not sign.
+            match channels.signed(&v).await? {
+                Ok(proved) => v.proved = proved,
+                Err(why) => {
+                    let message = format!("voucher {why}");
+                    return Ok(SettleResponse { payer, ..failed(Reason::VoucherSignature.code(), message) });
+                }
+            }
             let Some(deposit) = v.deposit.clone() else {
                 // A voucher needs nothing on chain: the server claims it later.
                 let onchain = channels.onchain(&v).await?;
@@ -480,7 +530,7 @@ async fn claim(
     payload: ClaimPayloadJson,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
-    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
+    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.terms.contracts.channels);
     let rows = claim_rows(&domain, &payload.claims)?;
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
@@ -518,7 +568,7 @@ async fn refund(
     payload: RefundPayloadJson,
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
-    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.contracts.channels);
+    let domain = ChannelDomain::new(channels.chain.chain_id(), channels.terms.contracts.channels);
     let config = payload.channel_config.clone();
     let id = domain.channel_id(&config);
     let (amount, nonce) = (payload.amount, payload.refund_nonce);

@@ -31,7 +31,10 @@ pub mod status;
 
 use std::{sync::Arc, time::Duration};
 
-use alloy::primitives::{Address, U256};
+use alloy::{
+    primitives::{Address, U256},
+    signers::local::PrivateKeySigner,
+};
 use axum::{
     Extension, Json, Router,
     extract::{State, rejection::JsonRejection},
@@ -42,6 +45,7 @@ use axum::{
 use base64::Engine as _;
 use serde::Deserialize;
 use tokio::time::Instant;
+use x402_chain::Chain as _;
 use x402_wire::{SettleResponse, SupportedKind, SupportedResponse, VerifyResponse, X402_VERSION};
 
 use crate::{
@@ -58,14 +62,11 @@ pub struct FacilitatorInfo {
     pub networks: Vec<String>,
     /// Settlement signer addresses.
     pub signers: Vec<Address>,
-    /// The receiver authorizer of `batch-settlement` channels, if channels
-    /// are claimed.
-    pub receiver_authorizer: Option<Address>,
     /// How long `/settle` waits for a settlement before answering
     /// `settlement_pending`.
     pub settle_wait: Duration,
-    /// `batch-settlement` on chain, when a `[chain]` is configured.
-    pub channels: Option<ChannelFacilitator>,
+    /// `batch-settlement` on each chain settled (none on a record-only node).
+    pub channels: Vec<ChannelFacilitator>,
     /// `/verify` and `/settle` requests served at once; past it, 503.
     pub max_concurrent: usize,
     /// Of those, the most one merchant may have at once.
@@ -499,7 +500,9 @@ async fn supported(State(api): State<Api>) -> Json<SupportedResponse> {
             extra,
         };
         kinds.push(kind("exact", None));
-        if let Some(authorizer) = info.receiver_authorizer {
+        // Channels where x402d claims them, with the key it claims with.
+        let claimed = info.channels.iter().find(|c| format!("eip155:{}", c.chain.chain_id()) == *network);
+        if let Some(authorizer) = claimed.and_then(|c| c.authorizer.as_ref()).map(PrivateKeySigner::address) {
             kinds.push(kind(
                 "batch-settlement",
                 Some(serde_json::json!({ "receiverAuthorizer": authorizer.to_string() })),

@@ -692,7 +692,7 @@ impl Committer {
         };
         if result.is_ok() {
             self.changed_channels.add(batch.writes().iter().filter_map(|write| match write {
-                Write::Channel(record) => Some(record.channel.id),
+                Write::Channel(record) => Some((record.chain_id, record.channel.id)),
                 _ => None,
             }));
             self.payment_waiters.wake(batch.writes().iter().filter_map(|write| match write {

@@ -25,6 +25,7 @@ mod waiters;
 pub use self::waiters::{PaymentWaiters, Waiter};
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     thread::{self, JoinHandle},
 };
@@ -43,7 +44,7 @@ use self::{
 use crate::{
     Error, Result,
     balance::BalanceSource,
-    channels::{ChannelContracts, ChannelSource, ChannelView, NoChannels, VoucherVerifier},
+    channels::{ChannelContracts, ChannelSource, ChannelTerms, ChannelView, NoChannels, VoucherVerifier},
     domain::{Clock, Merchant, PaymentId, PaymentStatus, Submission},
     ledger::Ledger,
     reason::{InvalidField, Rejection},
@@ -71,15 +72,17 @@ pub struct PipelineConfig {
     /// verified payment can wait for its shard; the window's size is
     /// rate × (validity + retention).
     pub replay_retention_secs: u64,
-    /// The `batch-settlement` contracts vouchers and deposits are signed for.
+    /// The `batch-settlement` contracts vouchers and deposits are signed
+    /// for, on any chain, when `channel_chains` is `None`.
     pub channel_contracts: ChannelContracts,
-    /// Where unknown channels' on-chain state is read from.
+    /// The chains `batch-settlement` channels are served on, each with its
+    /// contracts, least deposit and the receiver authorizer x402d claims
+    /// with (vouchers of channels naming another are refused); a voucher on
+    /// another chain is refused. `None`: any chain, on `channel_contracts`.
+    pub channel_chains: Option<Vec<(u64, ChannelTerms)>>,
+    /// Where unknown channels' on-chain state is read from (and deposits
+    /// are put on chain), for every chain.
     pub channels: Arc<dyn ChannelSource>,
-    /// Channel deposits below this are refused before anything goes on chain.
-    pub min_deposit: u128,
-    /// The receiver authorizer x402d claims channels with, if it holds one:
-    /// vouchers of channels naming another are refused.
-    pub receiver_authorizer: Option<Address>,
     /// Per shard: most payments waiting for a balance read, and most
     /// vouchers waiting for a channel read or deposit; beyond, submits are
     /// answered UNAVAILABLE.
@@ -105,9 +108,8 @@ impl Default for PipelineConfig {
             min_validity: MinValidity::default(),
             replay_retention_secs: 300,
             channel_contracts: ChannelContracts::default(),
+            channel_chains: None,
             channels: Arc::new(NoChannels),
-            min_deposit: 0,
-            receiver_authorizer: None,
             max_parked: 65_536,
             settled_chains: None,
             signatures: Arc::new(crate::signature::NoSignatures),
@@ -230,29 +232,34 @@ pub(crate) struct VerifyJob {
 pub(crate) type MerchantWrite = (Merchant, oneshot::Sender<Result<()>>);
 
 /// The channels whose records changed on disk since the last
-/// [`ChangedChannels::take`]: the committer adds a group's channel ids once
-/// it is durable, so a reader of those records sees what was committed and
-/// nothing that a failed commit left in a shard. The claims keep their view
-/// of the channels current with it instead of reading them all each round.
-/// A set, so it stays as large as the channels at most, however long nobody
-/// takes it; one lock per group commit, not per voucher.
+/// [`ChangedChannels::take`] of their chain: the committer adds a group's
+/// channel ids once it is durable, so a reader of those records sees what
+/// was committed and nothing that a failed commit left in a shard. Each
+/// chain's claims keep their view of its channels current with it instead
+/// of reading them all each round; one chain's take leaves the others'
+/// channels for them. Sets, so they stay as large as the channels at most,
+/// however long nobody takes them; one lock per group commit, not per
+/// voucher.
 #[derive(Debug, Default)]
 pub struct ChangedChannels {
-    ids: std::sync::Mutex<std::collections::HashSet<alloy::primitives::B256>>,
+    ids: std::sync::Mutex<HashMap<u64, std::collections::HashSet<alloy::primitives::B256>>>,
 }
 
 impl ChangedChannels {
-    /// Adds `ids` (after they are durable).
-    pub fn add(&self, ids: impl IntoIterator<Item = alloy::primitives::B256>) {
+    /// Adds `ids` (after they are durable), each with its chain.
+    pub fn add(&self, ids: impl IntoIterator<Item = (u64, alloy::primitives::B256)>) {
         let mut ids = ids.into_iter().peekable();
         if ids.peek().is_some() {
-            self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(ids);
+            let mut changed = self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (chain_id, id) in ids {
+                changed.entry(chain_id).or_default().insert(id);
+            }
         }
     }
 
-    /// The ids changed since the last call.
-    pub fn take(&self) -> std::collections::HashSet<alloy::primitives::B256> {
-        std::mem::take(&mut *self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    /// The ids of `chain_id`'s channels changed since its last call.
+    pub fn take(&self, chain_id: u64) -> std::collections::HashSet<alloy::primitives::B256> {
+        self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&chain_id).unwrap_or_default()
     }
 }
 
@@ -390,12 +397,9 @@ impl Pipeline {
             let mut verifier = Verifier::new(config.min_validity)
                 .settling(config.settled_chains.clone())
                 .with_factories(config.erc6492_factories.clone());
-            // Channels are served on the first chain settled only.
-            let channel_chains = config.settled_chains.as_ref().map(|chains| chains.iter().take(1).copied().collect());
             let mut vouchers = VoucherVerifier::new(config.channel_contracts)
-                .settling(channel_chains)
-                .min_deposit(config.min_deposit)
-                .claiming_with(config.receiver_authorizer);
+                .settling(config.settled_chains.clone())
+                .on_chains(config.channel_chains.clone());
             pipeline.verifier_threads.push(spawn(format!("x402d-verify-{i}"), &died, move || {
                 run_verifier(&mut verifier, &mut vouchers, &rx, &shard_txs, &clock);
             })?);

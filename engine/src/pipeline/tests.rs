@@ -379,17 +379,20 @@ fn only_durable_channel_writes_are_reported_changed() {
     ledger.commit(&batch).unwrap();
     let pipeline = start(&ledger, &Payer::random(), 0);
     let changed = pipeline.changed_channels();
-    assert!(changed.take().is_empty(), "restored, not changed");
+    let chain = record.chain_id;
+    assert!(changed.take(chain).is_empty(), "restored, not changed");
 
     let mut onchain = record.channel.onchain;
     onchain.total_claimed += 1;
     ledger.failing.store(true, Ordering::SeqCst);
     assert!(pipeline.sync_channel(id, onchain, None).unwrap().blocking_recv().unwrap().is_err());
-    assert!(changed.take().is_empty(), "a failed commit changed nothing on disk");
+    assert!(changed.take(chain).is_empty(), "a failed commit changed nothing on disk");
     ledger.failing.store(false, Ordering::SeqCst);
     pipeline.sync_channel(id, onchain, None).unwrap().blocking_recv().unwrap().unwrap();
-    assert_eq!(changed.take(), std::collections::HashSet::from([id]));
-    assert!(changed.take().is_empty(), "taken once");
+    // Another chain's claims take theirs, not this chain's.
+    assert!(changed.take(chain + 1).is_empty(), "another chain's");
+    assert_eq!(changed.take(chain), std::collections::HashSet::from([id]));
+    assert!(changed.take(chain).is_empty(), "taken once");
     assert_eq!(ledger.channel(&id).unwrap().unwrap().channel.onchain.total_claimed, onchain.total_claimed);
 }
 

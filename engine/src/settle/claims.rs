@@ -278,12 +278,12 @@ impl<C: Chain> Settler<C> {
         let changed = self.engine.changed_channels();
         match book {
             Some(channels) => {
-                let ids = changed.take();
+                let ids = changed.take(chain_id);
                 if !ids.is_empty() {
                     match self.engine.channels_by_id(ids.iter().copied().collect()).await {
                         Ok(records) => channels.extend(records.into_iter().filter(mine).map(|r| (r.channel.id, r))),
                         Err(err) => {
-                            changed.add(ids);
+                            changed.add(ids.into_iter().map(|id| (chain_id, id)));
                             return Err(err);
                         }
                     }
@@ -291,7 +291,7 @@ impl<C: Chain> Settler<C> {
             }
             None => {
                 // Whatever changed until now is in the whole read.
-                changed.take();
+                changed.take(chain_id);
                 let records = self.engine.channels().await?;
                 *book = Some(records.into_iter().filter(mine).map(|r| (r.channel.id, r)).collect());
             }

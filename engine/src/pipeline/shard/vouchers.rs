@@ -393,17 +393,19 @@ impl Shard {
                 return true;
             }
             Err(ReadFailure::SignerHasCode(signer)) => {
-                let channel = self.channels.get(&id).map(|r| ChannelView::from(&r.channel));
-                for ParkedVoucher { verified, reply, .. } in queue {
-                    crate::metrics::rejected(crate::reason::Reason::VoucherSignature);
-                    let _ = reply.send(SubmitOutcome::VoucherRejected {
-                        payer: Some(verified.config.payer),
-                        rejection: Rejection::new(
-                            crate::reason::Reason::VoucherSignature,
-                            ReadFailure::signer_has_code(signer),
-                        ),
-                        channel: channel.clone(),
-                    });
+                // A signer with code (an EIP-7702 delegated EOA whose
+                // signature recovers) is asked by the contract, not
+                // recovered: its vouchers are proved as a contract's are.
+                // One already proved reads the channel again, which no
+                // longer asks for code.
+                for parked in queue {
+                    if parked.verified.proved {
+                        if !self.voucher(parked.merchant, parked.verified, parked.reply) {
+                            return false;
+                        }
+                    } else {
+                        self.prove_voucher(parked, &format!("its signer {signer} holds code, which decides"));
+                    }
                 }
                 return true;
             }
