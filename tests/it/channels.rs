@@ -289,8 +289,13 @@ pub(crate) fn refund_voucher(
 /// The requirements of a channel-paid request as the reference server
 /// writes them, with `extra`.
 pub(crate) fn requirements_json(config: &ChannelConfig, amount: u128) -> serde_json::Value {
+    requirements_json_on(31337, config, amount)
+}
+
+/// [`requirements_json`] on chain `chain_id`.
+pub(crate) fn requirements_json_on(chain_id: u64, config: &ChannelConfig, amount: u128) -> serde_json::Value {
     serde_json::json!({
-        "scheme": "batch-settlement", "network": NETWORK, "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
+        "scheme": "batch-settlement", "network": format!("eip155:{chain_id}"), "asset": TOKEN.to_string(), "payTo": RECEIVER.to_string(),
         "amount": amount.to_string(), "maxTimeoutSeconds": 60,
         "extra": { "receiverAuthorizer": config.receiverAuthorizer.to_string(), "withdrawDelay": WITHDRAW_DELAY,
                    "name": "USD Coin", "version": "2" },
@@ -313,7 +318,18 @@ pub(crate) fn payload_json(
     max: u128,
     deposit: Option<u128>,
 ) -> serde_json::Value {
-    let domain = Setup::domain();
+    payload_json_on(31337, payer, config, max, deposit)
+}
+
+/// [`payload_json`] for a channel on chain `chain_id`.
+pub(crate) fn payload_json_on(
+    chain_id: u64,
+    payer: &Payer,
+    config: &ChannelConfig,
+    max: u128,
+    deposit: Option<u128>,
+) -> serde_json::Value {
+    let domain = ChannelDomain::new(chain_id, BATCH_SETTLEMENT_ADDRESS);
     let id = domain.channel_id(config);
     let voucher = serde_json::json!({
         "channelId": id.to_string(),
@@ -324,7 +340,7 @@ pub(crate) fn payload_json(
         serde_json::json!({ "type": "voucher", "channelConfig": config_json(config), "voucher": voucher });
     if let Some(amount) = deposit {
         let d = payer.sign_deposit(
-            &requirements(RECEIVER),
+            &Requirements { network: format!("eip155:{chain_id}"), ..requirements(RECEIVER) },
             ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
             id,
             amount,
@@ -340,7 +356,7 @@ pub(crate) fn payload_json(
             }},
         });
     }
-    serde_json::json!({ "x402Version": 2, "accepted": requirements_json(config, PRICE), "payload": payload })
+    serde_json::json!({ "x402Version": 2, "accepted": requirements_json_on(chain_id, config, PRICE), "payload": payload })
 }
 
 /// A voucher as the reference client sends it: the raw `PAYMENT-SIGNATURE`

@@ -151,11 +151,14 @@ async fn the_reference_client_pays_on_either_chain() {
 /// A channel on each chain, opened by a deposit x402d puts on that chain,
 /// paid by vouchers over gRPC and claimed there by that chain's settler
 /// with that chain's receiver authorizer; a channel naming the other
-/// chain's authorizer is refused before anything goes on chain, and
-/// `/supported` lists `batch-settlement` on each with its own.
+/// chain's authorizer is refused before anything goes on chain; a deposit
+/// over HTTP goes on the chain its requirements name; and `/supported`
+/// lists `batch-settlement` on each with its own authorizer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
-    use crate::channels::{PRICE, WITHDRAW_DELAY, deposit_voucher_on, eventually, priced_voucher_on};
+    use crate::channels::{
+        PRICE, WITHDRAW_DELAY, deposit_voucher_on, eventually, payload_json_on, priced_voucher_on, requirements_json_on,
+    };
 
     let t = TwoChains::start().await;
     let mut client = payments(t.node.endpoints().grpc, MC_KEY).await;
@@ -192,14 +195,30 @@ async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
         assert_eq!(contract.channels(foreign_id).call().await.unwrap().balance, 0, "nothing deposited");
     }
 
-    let supported: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/supported", t.node.endpoints().http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Over HTTP, the chain the requirements name: a deposit into another
+    // channel of the payer on the second chain goes on that chain.
+    let http = reqwest::Client::new();
+    let config = t.payer.channel_config(RECEIVER, t.authorizers[1].address(), TOKEN, WITHDRAW_DELAY, B256::ZERO);
+    let config = x402_channel::ChannelConfig { salt: B256::repeat_byte(1), ..config };
+    let body = serde_json::json!({
+        "x402Version": 2,
+        "paymentPayload": payload_json_on(OTHER, &t.payer, &config, PRICE, Some(500)),
+        "paymentRequirements": requirements_json_on(OTHER, &config, PRICE),
+    });
+    let url = format!("http://{}/settle", t.node.endpoints().http);
+    let settled: serde_json::Value =
+        http.post(url).bearer_auth(MC_KEY).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(settled["success"], true, "{settled}");
+    assert_eq!(settled["network"], "eip155:31338");
+    let tx = settled["transaction"].as_str().unwrap().parse().unwrap();
+    let provider = ProviderBuilder::new().connect_http(t.anvils[1].endpoint().parse().unwrap());
+    assert!(provider.get_transaction_receipt(tx).await.unwrap().unwrap().status(), "the deposit is on chain two");
+    let id = x402_channel::ChannelDomain::new(OTHER, BATCH_SETTLEMENT_ADDRESS).channel_id(&config);
+    let onchain = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &provider).channels(id).call().await.unwrap();
+    assert_eq!(onchain.balance, 500);
+
+    let supported: serde_json::Value =
+        http.get(format!("http://{}/supported", t.node.endpoints().http)).send().await.unwrap().json().await.unwrap();
     for (network, authorizer) in ["eip155:31337", "eip155:31338"].into_iter().zip(&t.authorizers) {
         let kinds = supported["kinds"].as_array().unwrap();
         let channel = kinds.iter().find(|k| k["network"] == network && k["scheme"] == "batch-settlement");
