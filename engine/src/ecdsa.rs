@@ -123,6 +123,16 @@ pub(crate) fn claimable(signature: &[u8], digest: B256, signer: Address) -> Opti
     Some(signed.to_rsv())
 }
 
+/// A voucher's signature as a claim sends it: [`claimable`] when it is
+/// `signer`'s (ECDSA), else as it is, for the contract to ask the signer's
+/// code (ERC-1271). A proof asks the chain about these very bytes.
+pub(crate) fn as_claimed(signature: &[u8], digest: B256, signer: Address) -> alloy::primitives::Bytes {
+    match claimable(signature, digest, signer) {
+        Some(signature) => alloy::primitives::Bytes::copy_from_slice(&signature),
+        None => alloy::primitives::Bytes::copy_from_slice(signature),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use alloy::signers::{SignerSync, local::PrivateKeySigner};

@@ -50,7 +50,8 @@ impl TwoChains {
         config.chains = anvils
             .iter()
             .zip(&authorizers)
-            .map(|(anvil, authorizer)| {
+            .enumerate()
+            .map(|(i, (anvil, authorizer))| {
                 let mut chain = ChainConfig::with_keys(
                     anvil.endpoint(),
                     vec![signer.to_bytes().to_string()],
@@ -58,6 +59,8 @@ impl TwoChains {
                 );
                 chain.receipt_poll_ms = 50;
                 chain.channel_poll_ms = 200;
+                // Each chain's own least deposit: none, then 800.
+                chain.min_deposit = (i == 1).then(|| "800".into());
                 chain
             })
             .collect();
@@ -174,6 +177,19 @@ async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
         assert_eq!(answer.reason, "invalid_batch_settlement_evm_receiver_authorizer_mismatch", "{}", answer.message);
 
         let config = config_for(&t.authorizers[chain]);
+        // 700 is below the second chain's least deposit only.
+        let small = config_for(&t.authorizers[chain]);
+        let small = x402_channel::ChannelConfig { salt: B256::repeat_byte(7), ..small };
+        let answer = client.submit(deposit_voucher_on(chain_id, 9, &t.payer, &small, PRICE, 700)).await;
+        let answer = answer.unwrap().into_inner();
+        match chain {
+            0 => assert_eq!(outcome(&answer), pb::Outcome::Accepted, "{}", answer.message),
+            _ => assert_eq!(
+                answer.reason, "invalid_batch_settlement_evm_deposit_transaction_failed",
+                "{}",
+                answer.message
+            ),
+        }
         let answer = client.submit(deposit_voucher_on(chain_id, 2, &t.payer, &config, PRICE, 1_000)).await;
         let answer = answer.unwrap().into_inner();
         assert_eq!(outcome(&answer), pb::Outcome::Accepted, "chain {chain_id}: {}", answer.message);
@@ -202,7 +218,7 @@ async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
     let config = x402_channel::ChannelConfig { salt: B256::repeat_byte(1), ..config };
     let body = serde_json::json!({
         "x402Version": 2,
-        "paymentPayload": payload_json_on(OTHER, &t.payer, &config, PRICE, Some(500)),
+        "paymentPayload": payload_json_on(OTHER, &t.payer, &config, PRICE, Some(900)),
         "paymentRequirements": requirements_json_on(OTHER, &config, PRICE),
     });
     let url = format!("http://{}/settle", t.node.endpoints().http);
@@ -215,7 +231,7 @@ async fn channels_are_served_and_claimed_on_each_chain_on_its_own_terms() {
     assert!(provider.get_transaction_receipt(tx).await.unwrap().unwrap().status(), "the deposit is on chain two");
     let id = x402_channel::ChannelDomain::new(OTHER, BATCH_SETTLEMENT_ADDRESS).channel_id(&config);
     let onchain = X402BatchSettlement::new(BATCH_SETTLEMENT_ADDRESS, &provider).channels(id).call().await.unwrap();
-    assert_eq!(onchain.balance, 500);
+    assert_eq!(onchain.balance, 900);
 
     let supported: serde_json::Value =
         http.get(format!("http://{}/supported", t.node.endpoints().http)).send().await.unwrap().json().await.unwrap();

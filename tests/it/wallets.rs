@@ -295,7 +295,7 @@ async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
     use x402_chain::contracts::BATCH_SETTLEMENT_ADDRESS;
     use x402_engine::config::PolicyConfig;
 
-    use crate::channels::{MC_KEY, PRICE, eventually, priced_voucher};
+    use crate::channels::{MC_KEY, PRICE, config_json, eventually, payload_json, priced_voucher, requirements_json};
 
     let s = Setup::new(1).await;
     let owner = Payer::random();
@@ -326,6 +326,39 @@ async fn vouchers_of_a_contract_payer_authorizer_are_proved_and_claimed() {
         bsc.channels(id).call().await.unwrap().totalClaimed == 3 * PRICE
     })
     .await;
+
+    // The reference server's way, over HTTP, on another channel of the
+    // wallet's: the voucher verifies (proved on chain) and the server's
+    // claim of it goes through with its signature as it is.
+    let mut other = s.salted_config(payer, B256::repeat_byte(1));
+    other.payerAuthorizer = authorizer;
+    s.deposit_into(payer, other.clone(), 1_000).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, payload: serde_json::Value, amount: u128| {
+        let body = serde_json::json!({
+            "x402Version": 2, "paymentPayload": payload, "paymentRequirements": requirements_json(&other, amount),
+        });
+        let request = http.post(format!("http://{}{path}", e.node.endpoints().http)).bearer_auth(MC_KEY).json(&body);
+        async move { request.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let verified = post("/verify", payload_json(&owner, &other, PRICE, None), PRICE).await;
+    assert_eq!(verified["isValid"], true, "{verified}");
+    let forged = post("/verify", payload_json(payer, &other, PRICE, None), PRICE).await;
+    assert_eq!(forged["invalidReason"], "invalid_batch_settlement_evm_voucher_signature", "{forged}");
+    let domain = x402_channel::ChannelDomain::new(31337, BATCH_SETTLEMENT_ADDRESS);
+    let other_id = domain.channel_id(&other);
+    let claim = serde_json::json!({
+        "x402Version": 2,
+        "accepted": requirements_json(&other, 0),
+        "payload": { "type": "claim", "claims": [{
+            "voucher": { "channel": config_json(&other), "maxClaimableAmount": PRICE.to_string() },
+            "signature": owner.sign_voucher(&domain, other_id, PRICE).to_string(),
+            "totalClaimed": PRICE.to_string(),
+        }]},
+    });
+    let claimed = post("/settle", claim, 0).await;
+    assert_eq!(claimed["success"], true, "{claimed}");
+    assert_eq!(bsc.channels(other_id).call().await.unwrap().totalClaimed, PRICE);
 }
 
 /// A payer delegated by EIP-7702 signs its own channel's vouchers: they

@@ -148,7 +148,8 @@ impl ChannelFacilitator {
             (Some(why), false) => return Ok(Err(why.clone())),
             _ => {}
         }
-        let check = Check::Erc1271 { digest: v.digest, signature: v.signature.clone() };
+        let check =
+            Check::Erc1271 { digest: v.digest, signature: crate::ecdsa::as_claimed(&v.signature, v.digest, signer) };
         let request = SignatureRequest { signer, check, deploy: None };
         match crate::signature::prove(&*self.signatures, v.chain_id, request).await {
             Ok(Proof::Valid) => Ok(Ok(true)),
@@ -453,27 +454,20 @@ async fn not_kept(api: &Api, ids: Vec<B256>) -> Result<(), Failure> {
 }
 
 /// The rows of server-authored claims.
-fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Result<Vec<ClaimRow>, InvalidField> {
+fn claim_rows(domain: &ChannelDomain, claims: &[ClaimJson]) -> Vec<ClaimRow> {
     claims
         .iter()
-        .enumerate()
-        .map(|(i, c)| {
+        .map(|c| {
             let config = c.voucher.channel.clone();
             let channel_id = domain.channel_id(&config);
             let max_claimable = c.voucher.max_claimable_amount;
-            // With the `v` the chain needs (x402d's /verify accepts either).
+            // With the `v` the chain needs (x402d's /verify accepts either);
+            // one that recovers to no one goes as it is, for the contract to
+            // ask the signer's code (the simulation before sending says
+            // whether it approves).
             let digest = domain.voucher_digest(&Voucher { channelId: channel_id, maxClaimableAmount: max_claimable });
-            let signature =
-                crate::ecdsa::claimable(&c.signature, digest, voucher_signer(&config)).ok_or_else(|| {
-                    invalid(&format!("claims[{i}].signature"), "is not the voucher signer's signature of the voucher")
-                })?;
-            Ok(ClaimRow {
-                channel_id,
-                config,
-                max_claimable,
-                signature: Bytes::copy_from_slice(&signature),
-                total_claimed: c.total_claimed,
-            })
+            let signature = crate::ecdsa::as_claimed(&c.signature, digest, voucher_signer(&config));
+            ClaimRow { channel_id, config, max_claimable, signature, total_claimed: c.total_claimed }
         })
         .collect()
 }
@@ -531,7 +525,7 @@ async fn claim(
     base: SettleResponse,
 ) -> Result<SettleResponse, Failure> {
     let domain = ChannelDomain::new(channels.chain.chain_id(), channels.terms.contracts.channels);
-    let rows = claim_rows(&domain, &payload.claims)?;
+    let rows = claim_rows(&domain, &payload.claims);
     if rows.is_empty() {
         return Err(invalid("claims", "is empty").into());
     }
@@ -572,7 +566,7 @@ async fn refund(
     let config = payload.channel_config.clone();
     let id = domain.channel_id(&config);
     let (amount, nonce) = (payload.amount, payload.refund_nonce);
-    let rows = claim_rows(&domain, &payload.claims)?;
+    let rows = claim_rows(&domain, &payload.claims);
     if let Err(message) =
         owned(api, merchant, std::iter::once(config.receiver).chain(rows.iter().map(|r| r.config.receiver)))
     {

@@ -1138,3 +1138,77 @@ fn a_contract_signer_stays_one_across_a_restart() {
     signatures.answer(&asked[0], Ok(Proof::Valid));
     assert!(matches!(second.blocking_recv().unwrap(), SubmitOutcome::VoucherAccepted { .. }));
 }
+
+/// A channel whose signer holds code, its reads of proved vouchers held
+/// until the test lets them go.
+#[derive(Default)]
+struct DelegatedChannels {
+    held: std::sync::Mutex<Vec<(B256, crate::channels::ChannelNotifier)>>,
+}
+
+impl std::fmt::Debug for DelegatedChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DelegatedChannels")
+    }
+}
+
+impl ChannelSource for DelegatedChannels {
+    fn fetch(&self, v: &crate::channels::VerifiedVoucher, notify: crate::channels::ChannelNotifier) {
+        if v.proved {
+            self.held.lock().unwrap().push((v.channel_id, notify));
+        } else {
+            notify(v.channel_id, Err(crate::channels::ReadFailure::SignerHasCode(v.config.payer)));
+        }
+    }
+    fn deposit(&self, _: &crate::channels::VerifiedVoucher, _: crate::channels::DepositNotifier) {}
+}
+
+/// An EIP-7702 delegated payer's first voucher is proved (its read found
+/// code); a voucher that recovers and arrives while the channel is read
+/// again is proved too before it counts, not accepted on the key alone.
+#[test]
+fn a_voucher_queued_behind_a_delegated_signers_read_is_proved() {
+    use crate::signature::Proof;
+    use x402_channel::ChannelDomain;
+
+    let ledger: Arc<dyn Ledger> = Arc::new(FlakyLedger::default());
+    let balances: Arc<dyn BalanceSource> = Arc::new(ConfiguredBalances::new(None));
+    let (channels, signatures) =
+        (Arc::new(DelegatedChannels::default()), Arc::new(crate::testing::ManualSignatures::default()));
+    let config = PipelineConfig {
+        channels: channels.clone(),
+        shards: 1,
+        signatures: signatures.clone(),
+        ..PipelineConfig::default()
+    };
+    let pipeline = Pipeline::start(&config, &ledger, &balances).unwrap();
+    let payer = Payer::random();
+    let authorizer = Address::repeat_byte(0xaa);
+    let domain = ChannelDomain::new(31337, config.channel_contracts.channels);
+    let channel = payer.channel_config(PAY_TO, authorizer, TOKEN, 900, B256::ZERO);
+    let requirements = crate::testing::channel_requirements(TOKEN, PAY_TO);
+    let voucher = |max: u128| {
+        let payload = voucher_payload(&payer, &domain, &channel, authorizer, max);
+        Submission::new(requirements.clone(), PaymentInput::Voucher(Box::new(payload)))
+    };
+
+    let first = pipeline.try_submit(merchant(), voucher(10)).unwrap();
+    let asked = signatures.wait_for(1);
+    signatures.answer(&asked[0], Ok(Proof::Valid));
+    // Proved: its channel is read again, and held there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while channels.held.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the proved voucher's channel was not read");
+        thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let second = pipeline.try_submit(merchant(), voucher(20)).unwrap();
+    thread::sleep(std::time::Duration::from_millis(50));
+    let (id, notify) = channels.held.lock().unwrap().pop().unwrap();
+    notify(id, Ok(x402_channel::OnChain { balance: 1_000, total_claimed: 0, withdrawal: None, refund_nonce: 0 }));
+    assert!(matches!(first.blocking_recv().unwrap(), SubmitOutcome::VoucherAccepted { .. }));
+
+    let asked = signatures.wait_for(1);
+    assert_eq!(asked.len(), 1, "the second voucher is proved");
+    signatures.answer(&asked[0], Ok(Proof::Valid));
+    assert!(matches!(second.blocking_recv().unwrap(), SubmitOutcome::VoucherAccepted { .. }));
+}

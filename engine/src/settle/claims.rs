@@ -345,10 +345,7 @@ impl<C: Chain> Settler<C> {
                 // proved on chain when accepted: it goes as it is, for the
                 // contract to ask the signer (the simulation before sending
                 // finds it if the signer has changed its mind).
-                let signature = match crate::ecdsa::claimable(&signature, digest, voucher_signer(&channel.config)) {
-                    Some(signature) => Bytes::copy_from_slice(&signature),
-                    None => Bytes::copy_from_slice(&signature),
-                };
+                let signature = crate::ecdsa::as_claimed(&signature, digest, voucher_signer(&channel.config));
                 ClaimRow {
                     config: channel.config.clone(),
                     channel_id: channel.id,

@@ -99,9 +99,12 @@ impl Shard {
         }
         *self.proving_per_channel.entry(channel).or_default() += 1;
         let v = &parked.verified;
+        let signer = crate::channels::voucher_signer(&v.config);
+        // The bytes its claim will send.
+        let signature = crate::ecdsa::as_claimed(&v.signature, v.digest, signer);
         let request = crate::signature::SignatureRequest {
-            signer: crate::channels::voucher_signer(&v.config),
-            check: crate::signature::Check::Erc1271 { digest: v.digest, signature: v.signature.clone() },
+            signer,
+            check: crate::signature::Check::Erc1271 { digest: v.digest, signature },
             deploy: None,
         };
         let (ticket, chain_id) = (self.next_ticket, v.chain_id);
@@ -309,6 +312,14 @@ impl Shard {
     fn resume_vouchers(&mut self, queue: Vec<ParkedVoucher>) -> bool {
         let mut queue = queue.into_iter();
         while let Some(parked) = queue.next() {
+            // Queued before its channel was known to have a contract signer
+            // (a voucher recovered while another's proof or read was out):
+            // proved before it counts, as every voucher of the channel is.
+            let contract_signer = self.channels.get(&parked.verified.channel_id).is_some_and(|r| r.contract_signer);
+            if contract_signer && !parked.verified.proved {
+                self.prove_voucher(parked, "its channel's signer is a contract, which decides");
+                continue;
+            }
             if parked.verified.deposit.is_some() && !parked.verified.dry_run {
                 if let Some(parked) = self.deposit_allowed(parked) {
                     self.start_deposit(parked, queue.collect());
