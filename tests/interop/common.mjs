@@ -40,6 +40,20 @@ export function reporter(key) {
   return (name, fields) => console.log(JSON.stringify({ [key]: name, ...fields }));
 }
 
+/// Sends `headers` (a paid request's payment header) to `url` ten times one
+/// after another and ten times at once; what each answer was and whether it
+/// served the resource.
+export async function replayed(url, headers) {
+  const replay = async () => {
+    const r = await fetch(url, { headers });
+    return { status: r.status, served: (await r.text()).includes("sunny") };
+  };
+  const sequential = [];
+  for (let i = 0; i < 10; i++) sequential.push(await replay());
+  const concurrent = await Promise.all(Array.from({ length: 10 }, replay));
+  return { sequential, concurrent };
+}
+
 export function expect(condition, message) {
   if (!condition) {
     console.error(`interop: ${message}`);

@@ -8,7 +8,7 @@
 import { ExactEvmScheme as ExactEvmServer } from "@x402/evm/exact/server";
 import { ExactEvmScheme as ExactEvmClient } from "@x402/evm/exact/client";
 import { wrapFetchWithPaymentFromConfig, decodePaymentResponseHeader } from "@x402/fetch";
-import { NETWORK, PRICE, account, expect, reporter, serveWeather, token } from "./common.mjs";
+import { NETWORK, PRICE, account, expect, replayed, reporter, serveWeather, token } from "./common.mjs";
 
 const report = reporter("scenario");
 const { server, url } = await serveWeather("exact", new ExactEvmServer(), "The weather, paid per request");
@@ -45,15 +45,7 @@ try {
   // 3. The same PAYMENT-SIGNATURE again, ten times one after another and ten
   // times at once: each a 402, never the resource (x402d refuses a payment
   // it has recorded, as the reference refuses a spent nonce).
-  const replay = async () => {
-    const r = await fetch(url, { headers: { "PAYMENT-SIGNATURE": signature } });
-    const body = await r.text();
-    return { status: r.status, served: body.includes("sunny") };
-  };
-  const sequential = [];
-  for (let i = 0; i < 10; i++) sequential.push(await replay());
-  const concurrent = await Promise.all(Array.from({ length: 10 }, replay));
-  report("replayed", { sequential, concurrent });
+  report("replayed", await replayed(url, { "PAYMENT-SIGNATURE": signature }));
 
   // 3b. A fresh payment whose PAYMENT-SIGNATURE is sent ten times at once
   // before any of them is recorded: exactly one is served.

@@ -14,7 +14,7 @@ import { decodeXPaymentResponse, wrapFetchWithPayment } from "x402-fetch";
 import { createWalletClient, http } from "viem";
 import { privateKeyToAccount } from "viem/accounts";
 import { baseSepolia } from "viem/chains";
-import { env, expect, reporter } from "../common.mjs";
+import { env, expect, replayed, reporter } from "../common.mjs";
 
 const report = reporter("scenario");
 const [payTo, token] = [env("PAY_TO"), env("TOKEN")];
@@ -80,14 +80,7 @@ try {
 
   // 3. The same X-PAYMENT again, ten times one after another and ten times
   // at once: each a 402, never the resource.
-  const replay = async () => {
-    const r = await fetch(url, { headers: { "X-PAYMENT": header } });
-    return { status: r.status, served: (await r.text()).includes("sunny") };
-  };
-  const sequential = [];
-  for (let i = 0; i < 10; i++) sequential.push(await replay());
-  const concurrent = await Promise.all(Array.from({ length: 10 }, replay));
-  report("replayed", { sequential, concurrent });
+  report("replayed", await replayed(url, { "X-PAYMENT": header }));
 
   // 4. A fresh payment whose X-PAYMENT is sent ten times at once before any
   // of them is recorded: exactly one is served.

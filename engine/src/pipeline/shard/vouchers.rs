@@ -24,7 +24,17 @@ pub(super) struct ParkedVoucher {
     pub(super) reply: oneshot::Sender<SubmitOutcome>,
 }
 
+/// Why a voucher of a contract signer's channel is proved.
+const CONTRACT_SIGNER: &str = "its channel's signer is a contract, which decides";
+
 impl Shard {
+    /// Whether `v` is of a channel whose record says (durably) that its
+    /// signer is a contract, and is not proved yet: every voucher of such a
+    /// channel is proved before it counts, even one that recovers.
+    fn signed_by_contract_unproved(&self, v: &VerifiedVoucher) -> bool {
+        !v.proved && self.channels.get(&v.channel_id).is_some_and(|r| r.contract_signer)
+    }
+
     /// A voucher for one of this shard's channels: checked now, or parked
     /// behind a read of the channel's on-chain state (or behind the deposit
     /// it carries). False when the committer is gone.
@@ -35,13 +45,10 @@ impl Shard {
         reply: oneshot::Sender<SubmitOutcome>,
     ) -> bool {
         let id = verified.channel_id;
-        // A channel's record says (durably) whether its signer is a
-        // contract: then every voucher of it is proved.
-        let contract_signer = self.channels.get(&id).is_some_and(|r| r.contract_signer);
-        let unproved = verified.unproved.take().or_else(|| {
-            (!verified.proved && contract_signer)
-                .then(|| "its channel's signer is a contract, which decides".to_owned())
-        });
+        let unproved = verified
+            .unproved
+            .take()
+            .or_else(|| self.signed_by_contract_unproved(&verified).then(|| CONTRACT_SIGNER.to_owned()));
         if let Some(why) = unproved {
             self.prove_voucher(ParkedVoucher { merchant, verified, reply }, &why);
             return true;
@@ -313,11 +320,9 @@ impl Shard {
         let mut queue = queue.into_iter();
         while let Some(parked) = queue.next() {
             // Queued before its channel was known to have a contract signer
-            // (a voucher recovered while another's proof or read was out):
-            // proved before it counts, as every voucher of the channel is.
-            let contract_signer = self.channels.get(&parked.verified.channel_id).is_some_and(|r| r.contract_signer);
-            if contract_signer && !parked.verified.proved {
-                self.prove_voucher(parked, "its channel's signer is a contract, which decides");
+            // (a voucher recovered while another's proof or read was out).
+            if self.signed_by_contract_unproved(&parked.verified) {
+                self.prove_voucher(parked, CONTRACT_SIGNER);
                 continue;
             }
             if parked.verified.deposit.is_some() && !parked.verified.dry_run {
